@@ -1,0 +1,1 @@
+"""DICOMweb (PS3.18): codecs, services, index repository, blob stores."""

@@ -1,0 +1,1 @@
+"""The PostgreSQL index: named queries and the repository that runs them."""

@@ -1,0 +1,48 @@
+-- Named queries for ingest (STOW-RS, import, later DIMSE C-STORE). Loaded once by dicomweb/index/repository.py.
+
+-- name: find_instance
+SELECT instance_pk, sha256, blob_key, study_pk, series_pk
+FROM instances WHERE sop_instance_uid = $1;
+
+-- name: upsert_study
+-- The first instance of a study sets its attributes; later ones only touch updated_at (the row lock this takes
+-- also serializes concurrent first inserts of one study's series).
+INSERT INTO studies (
+    study_uid, patient_id, issuer_of_patient_id, patient_name, patient_name_search, patient_birth_date,
+    patient_sex, study_date, study_time, accession_number, study_id, study_description,
+    referring_physician_name, referring_physician_search, attrs)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb)
+ON CONFLICT (study_uid) DO UPDATE SET updated_at = now()
+RETURNING study_pk;
+
+-- name: upsert_series
+INSERT INTO series (
+    study_pk, series_uid, modality, series_number, series_description, body_part_examined, series_date,
+    series_time, pps_start_date, pps_start_time, attrs)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)
+ON CONFLICT (series_uid) DO UPDATE SET updated_at = now()
+RETURNING series_pk, study_pk;
+
+-- name: insert_instance
+INSERT INTO instances (
+    series_pk, study_pk, sop_instance_uid, sop_class_uid, instance_number, transfer_syntax_uid, rows, columns,
+    number_of_frames, bits_allocated, blob_key, size_bytes, sha256, metadata, bulk, pixel)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb, $16::jsonb)
+ON CONFLICT (sop_instance_uid) DO NOTHING
+RETURNING instance_pk;
+
+-- name: replace_instance
+-- Overwrite (when configured): the row points at the new blob; the old blob is deleted by a job queued in the
+-- same transaction, after the commit makes the new one visible.
+UPDATE instances SET
+    series_pk = $1, study_pk = $2, sop_class_uid = $4, instance_number = $5, transfer_syntax_uid = $6,
+    rows = $7, columns = $8, number_of_frames = $9, bits_allocated = $10, blob_key = $11, size_bytes = $12,
+    sha256 = $13, metadata = $14, bulk = $15::jsonb, pixel = $16::jsonb, updated_at = now()
+WHERE sop_instance_uid = $3
+RETURNING instance_pk;
+
+-- name: lock_instance
+SELECT instance_pk, sha256, blob_key, series_pk, study_pk FROM instances WHERE sop_instance_uid = $1 FOR UPDATE;
+
+-- name: blob_keys_present
+SELECT blob_key FROM instances WHERE blob_key = ANY($1::text[]);

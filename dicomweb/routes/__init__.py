@@ -1,0 +1,1 @@
+"""HTTP edge for DICOMweb: thin Litestar handlers that parse requests into domain calls."""

@@ -1,0 +1,33 @@
+"""Helpers shared by the DICOMweb route handlers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from litestar import Request
+
+from server.resources import Resources
+
+DICOMWEB_ROOT = "/dicom-web"
+
+
+def base_url(request: Request[Any, Any, Any], resources: Resources) -> str:
+    """The DICOMweb root URL for RetrieveURL and BulkDataURI: configured, or from the request's Host."""
+    if resources.settings.public_url:
+        return resources.settings.public_url + DICOMWEB_ROOT
+    host = request.headers.get("host")
+    if not host:
+        server = request.scope.get("server") or ("127.0.0.1", 80)
+        host = f"{server[0]}:{server[1]}"
+    root = request.scope.get("root_path", "").rstrip("/")
+    return f"{request.url.scheme}://{host}{root}{DICOMWEB_ROOT}"
+
+
+def resources_of(request: Request[Any, Any, Any]) -> Resources:
+    res: Resources = request.app.state.resources
+    return res
+
+
+def dicom_json(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

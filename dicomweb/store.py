@@ -1,0 +1,289 @@
+"""STOW-RS and every other ingest path (PS3.18 10.5): validate, make durable, index, queue derived work.
+
+Order of durability: the bytes are written to the blob store (fsync/rename or S3 PUT) before the index
+transaction commits, so an index row never points at missing bytes. A crash between the two leaves a blob
+without a row; the orphan collector (`blob.gc` job) removes those after a grace period.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import asyncpg
+
+from dicomweb.blobs import BlobStore, BlobStoreError
+from dicomweb.index import repository
+from dicomweb.ingest import (
+    DATASET_MISMATCH,
+    DUPLICATE_REJECTED,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    InstanceRejected,
+    ParsedInstance,
+    parse_instance,
+)
+from server import jobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StoredInstance:
+    """What hooks see after an instance is indexed (inside the ingest transaction)."""
+
+    instance_pk: int
+    study_pk: int
+    series_pk: int
+    parsed: ParsedInstance
+    replaced: bool
+
+
+IngestHook = Callable[[asyncpg.Connection, StoredInstance], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One instance's result, as the Store Instances Response Module reports it."""
+
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    failure: int | None = None
+    warnings: list[tuple[int, str]] = field(default_factory=list)
+    comment: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+class Spool:
+    """A part being received: written to a local file while its SHA-256 and size are computed."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{uuid.uuid4().hex}.part"
+        self._fh = open(self.path, "wb")  # noqa: SIM115 - closed in finish()/discard()
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.max_bytes = max_bytes
+        self.too_large = False
+
+    def write(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            self.too_large = True
+            return
+        self._hash.update(data)
+        self._fh.write(data)
+
+    def finish(self) -> str:
+        self._fh.close()
+        return self._hash.hexdigest()
+
+    def discard(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def blob_key(p: ParsedInstance, sha256: str) -> str:
+    """Content-addressed per instance: a replaced instance never overwrites bytes a committed row names."""
+    return f"{p.study_uid}/{p.series_uid}/{p.sop_instance_uid}/{sha256[:32]}.dcm"
+
+
+class StoreService:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        blobs: BlobStore,
+        *,
+        overwrite: bool,
+        bulk_threshold: int,
+        hooks: Sequence[IngestHook] = (),
+    ) -> None:
+        self.pool = pool
+        self.blobs = blobs
+        self.overwrite = overwrite
+        self.bulk_threshold = bulk_threshold
+        self.hooks = list(hooks)
+
+    async def store_file(
+        self, path: Path, size: int, sha256: str, expected_study: str | None = None
+    ) -> Outcome:
+        """Ingest one spooled file. The file is consumed (moved into the store or deleted)."""
+        try:
+            return await self._store(path, size, sha256, expected_study)
+        finally:
+            if path.exists():
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+
+    async def _store(self, path: Path, size: int, sha256: str, expected_study: str | None) -> Outcome:
+        try:
+            parsed = await anyio.to_thread.run_sync(lambda: parse_instance(path, bulk_threshold=self.bulk_threshold))
+        except InstanceRejected as exc:
+            return Outcome(exc.sop_class, exc.sop_instance, failure=exc.reason, comment=exc.comment)
+        outcome = Outcome(
+            parsed.sop_class_uid, parsed.sop_instance_uid, parsed.study_uid, parsed.series_uid,
+            warnings=list(parsed.warnings),
+        )
+        if expected_study is not None and parsed.study_uid != expected_study:
+            outcome.failure = DATASET_MISMATCH
+            outcome.comment = (
+                f"StudyInstanceUID {parsed.study_uid} differs from the study {expected_study} in the request URL"
+            )
+            return outcome
+        async with self.pool.acquire() as conn:
+            existing = await repository.find_instance(conn, parsed.sop_instance_uid)
+        if existing is not None and existing["sha256"] == sha256:
+            return outcome  # idempotent: the same bytes are already stored
+        if existing is not None and not self.overwrite:
+            return self._duplicate(outcome)
+        key = blob_key(parsed, sha256)
+        try:
+            await self.blobs.put_file(key, path)
+        except BlobStoreError as exc:
+            log.error("blob store failed for an instance: %s", exc)
+            outcome.failure = OUT_OF_RESOURCES
+            outcome.comment = "the blob store could not store the instance; nothing was stored"
+            return outcome
+        try:
+            return await self._index(parsed, key, size, sha256, outcome)
+        except BaseException:
+            await self._forget_blob(key)
+            raise
+
+    def _duplicate(self, outcome: Outcome) -> Outcome:
+        outcome.failure = DUPLICATE_REJECTED
+        outcome.comment = (
+            "an instance with this SOPInstanceUID and different content is already stored "
+            "(the server is configured not to overwrite)"
+        )
+        return outcome
+
+    async def _forget_blob(self, key: str) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                if await repository.blob_keys_present(conn, [key]):
+                    return
+            await self.blobs.delete(key)
+        except Exception:  # the orphan collector will get it
+            log.warning("could not remove an unindexed blob; the collector will", exc_info=True)
+
+    async def _index(
+        self, parsed: ParsedInstance, key: str, size: int, sha256: str, outcome: Outcome
+    ) -> Outcome:
+        class _Rollback(Exception):
+            pass
+
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                try:
+                    study_pk, series_pk = await repository.upsert_study_series(conn, parsed)
+                except repository.SeriesInOtherStudy:
+                    outcome.failure = DATASET_MISMATCH
+                    outcome.comment = f"SeriesInstanceUID {parsed.series_uid} already belongs to another study"
+                    raise _Rollback from None
+                instance_pk = await repository.insert_instance(conn, parsed, study_pk, series_pk, key, size, sha256)
+                replaced = False
+                if instance_pk is None:
+                    current = await repository.find_instance(conn, parsed.sop_instance_uid, lock=True)
+                    assert current is not None
+                    if current["sha256"] == sha256:
+                        raise _Rollback  # a concurrent store of the same bytes won; ours is identical
+                    if not self.overwrite:
+                        self._duplicate(outcome)
+                        raise _Rollback
+                    instance_pk = await repository.replace_instance(
+                        conn, parsed, study_pk, series_pk, key, size, sha256
+                    )
+                    replaced = True
+                    if current["blob_key"] != key:
+                        await jobs.enqueue(conn, "blob.delete", {"key": current["blob_key"]})
+                stored = StoredInstance(instance_pk, study_pk, series_pk, parsed, replaced)
+                for hook in self.hooks:
+                    await hook(conn, stored)
+        except _Rollback:
+            await self._forget_blob(key)  # kept if a committed row names the same (identical) blob
+            return outcome
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.error("index transaction failed: %s", exc)
+            await self._forget_blob(key)
+            outcome.failure = PROCESSING_FAILURE
+            outcome.comment = "the index could not record the instance; nothing was stored"
+            return outcome
+        return outcome
+
+
+def gc_handler(pool: asyncpg.Pool, blobs: BlobStore, grace_seconds: int, interval_seconds: int) -> jobs.Handler:
+    """`blob.gc`: delete blobs that no index row names and that are older than the grace period, then schedule
+    the next sweep."""
+    import datetime as dt
+
+    async def run(job: jobs.Job) -> None:
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=grace_seconds)
+        batch: list[str] = []
+        removed = 0
+
+        async def flush() -> int:
+            async with pool.acquire() as conn:
+                present = await repository.blob_keys_present(conn, batch)
+            gone = [k for k in batch if k not in present]
+            for k in gone:
+                await blobs.delete(k)
+            batch.clear()
+            return len(gone)
+
+        async for info in blobs.list():
+            if info.modified < cutoff:
+                batch.append(info.key)
+                if len(batch) >= 500:
+                    removed += await flush()
+        if batch:
+            removed += await flush()
+        if removed:
+            log.info("orphan collector removed %d blobs", removed)
+        if job.payload.get("periodic"):
+            async with pool.acquire() as conn:
+                await jobs.enqueue(
+                    conn, "blob.gc", {"periodic": True}, dedupe_key="periodic", delay_seconds=interval_seconds
+                )
+
+    return run
+
+
+def blob_delete_handler(pool: asyncpg.Pool, blobs: BlobStore) -> jobs.Handler:
+    """`blob.delete`: remove a blob replaced by an overwrite, unless a row names it again."""
+
+    async def run(job: jobs.Job) -> None:
+        key = str(job.payload["key"])
+        async with pool.acquire() as conn:
+            if await repository.blob_keys_present(conn, [key]):
+                return
+        await blobs.delete(key)
+
+    return run
+
+
+def outcome_summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    return {
+        "stored": sum(1 for o in outcomes if o.ok),
+        "failed": sum(1 for o in outcomes if not o.ok),
+    }

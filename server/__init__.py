@@ -1,0 +1,1 @@
+"""Hounsfield server: settings, app factory, lifespan, CLI, error mapping, job queue."""

@@ -1,0 +1,82 @@
+"""The app factory: routes, dependency injection, error mapping, CORS, compression, OpenAPI.
+
+`create_app(settings)` is what `hounsfield serve` runs; tests pass overrides (a blob store, a DSN) so that
+they use the same code with their own real parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Litestar, Router
+from litestar.config.compression import CompressionConfig
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from dicomweb.blobs import BlobStore
+from dicomweb.routes import stow
+from server import health
+from server.errors import EXCEPTION_HANDLERS
+from server.resources import Resources, open_resources
+from server.settings import Settings
+
+EXPOSED_HEADERS = ["Warning", "ETag", "Content-Range", "Accept-Ranges", "Content-Length", "Content-Location"]
+
+
+def _resources(state: State) -> Resources:
+    res: Resources = state.resources
+    return res
+
+
+def dicomweb_routes() -> list[Any]:
+    routes: list[Any] = [*stow.ROUTES]
+    return routes
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    blobs: BlobStore | None = None,
+    dsn: str | None = None,
+) -> Litestar:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with open_resources(settings, blobs=blobs, dsn=dsn) as resources:
+            app.state.resources = resources
+            yield
+
+    cors = None
+    if settings.cors_origins:
+        cors = CORSConfig(
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS", "HEAD"],
+            allow_headers=["*"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
+    dicomweb = Router(path="/dicom-web", route_handlers=dicomweb_routes(), tags=["DICOMweb"])
+    return Litestar(
+        route_handlers=[dicomweb, *health.ROUTES],
+        dependencies={"resources": Provide(_resources, sync_to_thread=False)},
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        cors_config=cors,
+        compression_config=CompressionConfig(
+            backend="gzip", minimum_size=1024, gzip_compress_level=5, exclude_opt_key="no_compression"
+        ),
+        openapi_config=OpenAPIConfig(
+            title="Hounsfield",
+            version="0.1.0",
+            description="DICOMweb (PS3.18) imaging archive",
+            path="/openapi",
+            render_plugins=[SwaggerRenderPlugin()],
+        ),
+        debug=False,
+    )

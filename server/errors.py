@@ -1,0 +1,81 @@
+"""The one place where domain errors become HTTP responses (house style 3).
+
+DICOMweb errors get their status, a JSON body `{"error": ..., "status": ...}` and a `Warning: 299` header
+(PS3.18 8.6.3 asks for a Warning header explaining failures). Anything unexpected is a 500 with no detail
+in the body (details go to the log, never PHI).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException
+
+from dicomweb.errors import (
+    BadRequest,
+    DicomWebError,
+    InvalidParameter,
+    NotAcceptable,
+    NotFound,
+    PayloadTooLarge,
+    RangeNotSatisfiable,
+    StorageUnavailable,
+    UnsupportedMediaType,
+)
+
+log = logging.getLogger(__name__)
+
+_STATUS: list[tuple[type[DicomWebError], int]] = [
+    (InvalidParameter, 400),
+    (BadRequest, 400),
+    (UnsupportedMediaType, 415),
+    (NotAcceptable, 406),
+    (NotFound, 404),
+    (PayloadTooLarge, 413),
+    (RangeNotSatisfiable, 416),
+    (StorageUnavailable, 503),
+]
+
+
+def warning_header(text: str) -> str:
+    cleaned = text.replace("\\", "\\\\").replace('"', "'").replace("\r", " ").replace("\n", " ")
+    return f'299 hounsfield "{cleaned[:500]}"'
+
+
+def status_for(exc: DicomWebError) -> int:
+    for kind, status in _STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 500
+
+
+def dicomweb_error(_request: Request, exc: Exception) -> Response[dict[str, object]]:
+    assert isinstance(exc, DicomWebError)
+    status = status_for(exc)
+    headers = {"Warning": warning_header(exc.detail)}
+    if isinstance(exc, RangeNotSatisfiable):
+        headers["Content-Range"] = f"bytes */{exc.total}"
+    return Response({"error": exc.detail, "status": status}, status_code=status, headers=headers,
+                    media_type=MediaType.JSON)
+
+
+def http_error(_request: Request, exc: Exception) -> Response[dict[str, object]]:
+    assert isinstance(exc, HTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else "error"
+    headers = dict(exc.headers or {})
+    headers.setdefault("Warning", warning_header(detail))
+    return Response({"error": detail, "status": exc.status_code}, status_code=exc.status_code, headers=headers,
+                    media_type=MediaType.JSON)
+
+
+def internal_error(request: Request, exc: Exception) -> Response[dict[str, object]]:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Response({"error": "internal server error", "status": 500}, status_code=500, media_type=MediaType.JSON)
+
+
+EXCEPTION_HANDLERS = {
+    DicomWebError: dicomweb_error,
+    HTTPException: http_error,
+    Exception: internal_error,
+}

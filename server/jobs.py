@@ -1,0 +1,158 @@
+"""A PostgreSQL job queue for derived work (house style 4 and 8).
+
+Jobs are enqueued with the connection of the transaction that needs them, so a job exists exactly when its
+cause committed. Workers take them with `FOR UPDATE SKIP LOCKED`, wake on `LISTEN hounsfield_jobs` (a trigger
+sends NOTIFY on insert) or after a poll interval, retry failures with exponential backoff, and re-queue jobs
+whose worker died (lease expiry). Handlers must be idempotent: a job can run more than once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from server.db import Queries
+
+log = logging.getLogger(__name__)
+SQL = Queries(Path(__file__).with_name("jobs.sql"))
+CHANNEL = "hounsfield_jobs"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    kind: str
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+
+
+Handler = Callable[[Job], Awaitable[None]]
+
+
+class PermanentJobError(Exception):
+    """Raised by a handler when retrying cannot help; the job fails at once."""
+
+
+async def enqueue(
+    conn: asyncpg.Connection,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    dedupe_key: str | None = None,
+    delay_seconds: float = 0.0,
+    max_attempts: int = 8,
+) -> int | None:
+    """Queue a job on `conn` (inside the caller's transaction). Returns its id, or None when a queued job
+    with the same dedupe key already exists."""
+    value = await conn.fetchval(
+        SQL["enqueue"], kind, json.dumps(payload), dedupe_key, float(delay_seconds), max_attempts
+    )
+    return int(value) if value is not None else None
+
+
+def backoff_seconds(attempt: int) -> float:
+    """2, 4, 8 ... seconds, capped at 10 minutes."""
+    return float(min(600, 2**attempt))
+
+
+class Worker:
+    """Runs registered handlers for queued jobs until stopped."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        handlers: dict[str, Handler],
+        *,
+        poll_seconds: float = 5.0,
+        lease_seconds: float = 600.0,
+        batch: int = 8,
+        name: str | None = None,
+    ) -> None:
+        self.pool = pool
+        self.handlers = dict(handlers)
+        self.poll_seconds = poll_seconds
+        self.lease_seconds = lease_seconds
+        self.batch = batch
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._listener: asyncpg.Connection | None = None
+
+    def _notified(self, *_args: object) -> None:
+        self._wake.set()
+
+    async def run_once(self) -> int:
+        """Take and run one batch of ready jobs; returns how many ran."""
+        if not self.handlers:
+            return 0
+        async with self.pool.acquire() as conn:
+            await conn.execute(SQL["reclaim_expired"], float(self.lease_seconds))
+            rows = await conn.fetch(SQL["take"], self.name, self.batch, list(self.handlers))
+        for row in rows:
+            payload = row["payload"]
+            job = Job(
+                id=row["id"],
+                kind=row["kind"],
+                payload=json.loads(payload) if isinstance(payload, str) else dict(payload),
+                attempts=row["attempts"],
+                max_attempts=row["max_attempts"],
+            )
+            await self._run(job)
+        return len(rows)
+
+    async def _run(self, job: Job) -> None:
+        handler = self.handlers[job.kind]
+        try:
+            await handler(job)
+        except Exception as exc:  # a failing handler must not stop the worker
+            message = f"{type(exc).__name__}: {exc}"[:2000]
+            async with self.pool.acquire() as conn:
+                if isinstance(exc, PermanentJobError) or job.attempts >= job.max_attempts:
+                    log.warning("job %s (%s) failed for good: %s", job.id, job.kind, message)
+                    await conn.execute(SQL["fail"], job.id, message)
+                else:
+                    delay = backoff_seconds(job.attempts)
+                    log.info("job %s (%s) failed, retry in %.0fs: %s", job.id, job.kind, delay, message)
+                    await conn.execute(SQL["retry"], job.id, message, delay)
+            return
+        async with self.pool.acquire() as conn:
+            await conn.execute(SQL["finish"], job.id)
+
+    async def run(self) -> None:
+        """Loop until `stop()`: drain ready jobs, then wait for a NOTIFY or the poll interval."""
+        self._listener = await self.pool.acquire()
+        try:
+            await self._listener.add_listener(CHANNEL, self._notified)
+            while not self._stopping:
+                self._wake.clear()
+                try:
+                    ran = await self.run_once()
+                except (OSError, asyncpg.PostgresError) as exc:
+                    log.warning("job worker: database error: %s", exc)
+                    ran = 0
+                if ran:
+                    continue
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+                except TimeoutError:
+                    pass
+        finally:
+            listener, self._listener = self._listener, None
+            try:
+                await listener.remove_listener(CHANNEL, self._notified)
+            finally:
+                await self.pool.release(listener)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()

@@ -1,0 +1,50 @@
+-- Named queries for the job queue (see migrations/0002_jobs.sql).
+
+-- name: enqueue
+-- A queued job with the same (kind, dedupe_key) absorbs the new one (its payload is kept).
+INSERT INTO jobs (kind, payload, dedupe_key, run_at, max_attempts)
+VALUES ($1, $2::jsonb, $3, now() + make_interval(secs => $4), $5)
+ON CONFLICT (kind, dedupe_key) WHERE state = 'queued' AND dedupe_key IS NOT NULL DO NOTHING
+RETURNING id;
+
+-- name: take
+-- Take up to $2 ready jobs of the kinds this worker knows; SKIP LOCKED lets many workers share the queue.
+UPDATE jobs SET state = 'running', locked_at = now(), worker = $1, attempts = attempts + 1
+WHERE id IN (
+    SELECT id FROM jobs
+    WHERE state = 'queued' AND run_at <= now() AND kind = ANY($3::text[])
+    ORDER BY run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, kind, payload, attempts, max_attempts;
+
+-- name: finish
+UPDATE jobs SET state = 'done', finished_at = now(), locked_at = NULL, last_error = NULL
+WHERE id = $1 AND state = 'running';
+
+-- name: retry
+UPDATE jobs SET state = 'queued', locked_at = NULL, worker = NULL, last_error = $2,
+    run_at = now() + make_interval(secs => $3)
+WHERE id = $1 AND state = 'running';
+
+-- name: fail
+UPDATE jobs SET state = 'failed', finished_at = now(), locked_at = NULL, last_error = $2
+WHERE id = $1 AND state = 'running';
+
+-- name: reclaim_expired
+-- A worker that died leaves its jobs running; after the lease they are queued again.
+UPDATE jobs SET state = 'queued', locked_at = NULL, worker = NULL,
+    last_error = coalesce(last_error, '') || ' [lease expired]'
+WHERE state = 'running' AND locked_at < now() - make_interval(secs => $1)
+RETURNING id;
+
+-- name: get
+SELECT id, kind, payload, state, attempts, max_attempts, run_at, last_error, created_at, finished_at
+FROM jobs WHERE id = $1;
+
+-- name: counts
+SELECT kind, state, count(*) AS n FROM jobs GROUP BY kind, state ORDER BY kind, state;
+
+-- name: purge_done
+DELETE FROM jobs WHERE state = 'done' AND finished_at < now() - make_interval(secs => $1);

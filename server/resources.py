@@ -1,0 +1,99 @@
+"""Resources have one owner (house style 6): the lifespan opens them here and closes them in reverse order;
+route handlers get them by dependency injection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+import asyncpg
+
+from dicomweb.blobs import BlobStore
+from dicomweb.blobs.fs import FileSystemBlobStore
+from dicomweb.store import StoreService, blob_delete_handler, gc_handler
+from server import db, jobs
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    pool: asyncpg.Pool
+    blobs: BlobStore
+    store: StoreService
+    worker: jobs.Worker | None = None
+    handlers: dict[str, jobs.Handler] = field(default_factory=dict)
+
+
+async def open_blob_store(settings: Settings) -> BlobStore:
+    if settings.s3 is not None:
+        from dicomweb.blobs.s3 import S3BlobStore
+
+        s3 = S3BlobStore(settings.s3)
+        await s3.open()
+        return s3
+    return FileSystemBlobStore(settings.blob_dir)
+
+
+async def database_url(settings: Settings) -> str:
+    if settings.database_url:
+        return settings.database_url
+    pgdata = settings.data_dir / "pg"
+    return await anyio.to_thread.run_sync(db.start_embedded, pgdata)
+
+
+@contextlib.asynccontextmanager
+async def open_resources(
+    settings: Settings, *, blobs: BlobStore | None = None, dsn: str | None = None
+) -> AsyncIterator[Resources]:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    dsn = dsn or await database_url(settings)
+    pool = await db.create_pool(dsn, settings.db_pool_min, settings.db_pool_max)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(pool.close)
+        async with pool.acquire() as conn:
+            await db.migrate(conn)
+        if blobs is None:
+            blobs = await open_blob_store(settings)
+            stack.push_async_callback(blobs.close)
+        store = StoreService(
+            pool, blobs, overwrite=settings.overwrite, bulk_threshold=settings.bulkdata_threshold
+        )
+        handlers: dict[str, jobs.Handler] = {
+            "blob.gc": gc_handler(pool, blobs, settings.gc_grace_seconds, settings.gc_interval_seconds),
+            "blob.delete": blob_delete_handler(pool, blobs),
+        }
+        resources = Resources(settings, pool, blobs, store, handlers=handlers)
+        if settings.worker_enabled:
+            async with pool.acquire() as conn:
+                await jobs.enqueue(
+                    conn, "blob.gc", {"periodic": True}, dedupe_key="periodic",
+                    delay_seconds=settings.gc_interval_seconds,
+                )
+            worker = jobs.Worker(pool, handlers, poll_seconds=settings.worker_poll_seconds)
+            resources.worker = worker
+            task = asyncio.create_task(worker.run(), name="hounsfield-worker")
+
+            async def _stop_worker() -> None:
+                worker.stop()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(task, timeout=10)
+
+            stack.push_async_callback(_stop_worker)
+        yield resources
+
+
+def _dependency_alias() -> object:
+    from litestar.di import NamedDependency
+
+    return NamedDependency[Resources]
+
+
+ResourcesDep = _dependency_alias()
+"""Route handlers declare `resources: ResourcesDep` (Litestar named dependency)."""

@@ -1,0 +1,193 @@
+"""Typed, frozen settings built once at start from the environment.
+
+Every field is documented here and in the README; `Settings.from_env` validates values and raises
+`SettingsError` with a message naming the variable, so a misconfigured server refuses to start instead of
+failing on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed; the message names the environment variable."""
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    low = raw.strip().lower()
+    if low in {"1", "true", "yes", "on"}:
+        return True
+    if low in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name}: expected a boolean (true/false), got {raw!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int = 2**63) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: expected an integer, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise SettingsError(f"{name}: {value} is outside {minimum}..{maximum}")
+    return value
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = env.get(name, "")
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class S3Settings:
+    """Where blobs live when the storage URL is `s3://bucket/prefix`."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    """`HOUNSFIELD_S3_ENDPOINT`: an S3-compatible endpoint (MinIO, Ceph, moto); AWS when unset."""
+    region: str = "us-east-1"
+    """`HOUNSFIELD_S3_REGION` (or `AWS_DEFAULT_REGION`)."""
+    access_key_id: str | None = None
+    """`AWS_ACCESS_KEY_ID`; when unset botocore's default credential chain is used."""
+    secret_access_key: str | None = field(default=None, repr=False)
+    """`AWS_SECRET_ACCESS_KEY`; never logged."""
+    multipart_threshold: int = 16 * 1024 * 1024
+    """`HOUNSFIELD_S3_MULTIPART_THRESHOLD`: objects at least this large are sent as multipart uploads."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server reads from its environment, validated once."""
+
+    data_dir: Path = Path("var")
+    """`HOUNSFIELD_DATA` (or `hounsfield serve --data`): embedded PostgreSQL, blobs and spool files live here."""
+    host: str = "127.0.0.1"
+    """`HOUNSFIELD_HOST`: the address to bind; loopback unless told otherwise."""
+    port: int = 8080
+    """`HOUNSFIELD_PORT`."""
+    database_url: str | None = None
+    """`DATABASE_URL`: an external PostgreSQL; when unset an embedded one runs in `<data>/pg`."""
+    db_pool_min: int = 2
+    """`HOUNSFIELD_DB_POOL_MIN`."""
+    db_pool_max: int = 10
+    """`HOUNSFIELD_DB_POOL_MAX`."""
+    storage_url: str | None = None
+    """`HOUNSFIELD_STORAGE_URL`: `s3://bucket/prefix` or a folder path; default `<data>/blobs`."""
+    s3: S3Settings | None = None
+    public_url: str | None = None
+    """`HOUNSFIELD_PUBLIC_URL`: base URL written into RetrieveURL/BulkDataURI (behind a proxy); default: taken
+    from each request's Host header."""
+    overwrite: bool = False
+    """`HOUNSFIELD_OVERWRITE`: a STOW of an existing SOP Instance UID with different bytes replaces it (true) or
+    fails with a reason (false, the default). Identical bytes are always an idempotent success."""
+    cors_origins: tuple[str, ...] = ()
+    """`HOUNSFIELD_CORS_ORIGINS`: comma-separated origins allowed to call the API from a browser."""
+    max_instance_bytes: int = 8 * 1024**3
+    """`HOUNSFIELD_MAX_INSTANCE_BYTES`: a single part larger than this is rejected (default 8 GiB)."""
+    max_part_header_bytes: int = 16 * 1024
+    """`HOUNSFIELD_MAX_PART_HEADER_BYTES`: larger multipart part headers get 400."""
+    bulkdata_threshold: int = 1024
+    """`HOUNSFIELD_BULKDATA_THRESHOLD`: binary attributes longer than this become BulkDataURI in metadata."""
+    worker_enabled: bool = True
+    """`HOUNSFIELD_WORKER`: run the job worker inside the server process."""
+    worker_poll_seconds: float = 5.0
+    """How long an idle worker waits for a NOTIFY before polling the queue again."""
+    gc_grace_seconds: int = 3600
+    """`HOUNSFIELD_GC_GRACE_SECONDS`: blobs without an index row younger than this are left alone (they may
+    belong to a store in flight)."""
+    gc_interval_seconds: int = 3600
+    """`HOUNSFIELD_GC_INTERVAL_SECONDS`: how often the orphan-blob sweep is scheduled."""
+    otel_exporter: str = "none"
+    """`HOUNSFIELD_OTEL_EXPORTER`: `none` (default), `console` or `otlp` (then the standard
+    `OTEL_EXPORTER_OTLP_ENDPOINT` applies)."""
+    log_level: str = "info"
+    """`HOUNSFIELD_LOG_LEVEL`."""
+
+    @property
+    def blob_dir(self) -> Path:
+        if self.storage_url and not self.storage_url.startswith("s3://"):
+            return Path(self.storage_url.removeprefix("file://"))
+        return self.data_dir / "blobs"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Incoming parts are spooled here before validation; same file system as `blob_dir` by default so
+        that the filesystem blob store can rename instead of copy."""
+        if self.s3 is None:
+            return self.blob_dir / ".spool"
+        return self.data_dir / "spool"
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if env is None else env
+        data_dir = Path(env.get("HOUNSFIELD_DATA") or "var")
+        storage_url = env.get("HOUNSFIELD_STORAGE_URL") or None
+        s3 = None
+        if storage_url and storage_url.startswith("s3://"):
+            parsed = urlparse(storage_url)
+            if not parsed.netloc:
+                raise SettingsError(f"HOUNSFIELD_STORAGE_URL: no bucket in {storage_url!r}")
+            s3 = S3Settings(
+                bucket=parsed.netloc,
+                prefix=parsed.path.strip("/"),
+                endpoint_url=env.get("HOUNSFIELD_S3_ENDPOINT") or None,
+                region=env.get("HOUNSFIELD_S3_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+                access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+                secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+                multipart_threshold=_int(
+                    env, "HOUNSFIELD_S3_MULTIPART_THRESHOLD", 16 * 1024 * 1024, minimum=5 * 1024 * 1024
+                ),
+            )
+        elif storage_url and "://" in storage_url and not storage_url.startswith("file://"):
+            raise SettingsError(
+                f"HOUNSFIELD_STORAGE_URL: expected s3://bucket/prefix or a folder, got {storage_url!r}"
+            )
+        database_url = env.get("DATABASE_URL") or None
+        if database_url and not database_url.startswith(("postgres://", "postgresql://")):
+            raise SettingsError("DATABASE_URL: expected a postgresql:// URL")
+        exporter = (env.get("HOUNSFIELD_OTEL_EXPORTER") or "none").lower()
+        if exporter not in {"none", "console", "otlp"}:
+            raise SettingsError(f"HOUNSFIELD_OTEL_EXPORTER: expected none, console or otlp, got {exporter!r}")
+        public_url = (env.get("HOUNSFIELD_PUBLIC_URL") or "").rstrip("/") or None
+        if public_url and not public_url.startswith(("http://", "https://")):
+            raise SettingsError("HOUNSFIELD_PUBLIC_URL: expected an http(s):// URL")
+        pool_min = _int(env, "HOUNSFIELD_DB_POOL_MIN", 2, minimum=1, maximum=1000)
+        pool_max = _int(env, "HOUNSFIELD_DB_POOL_MAX", 10, minimum=1, maximum=1000)
+        if pool_max < pool_min:
+            raise SettingsError("HOUNSFIELD_DB_POOL_MAX must be at least HOUNSFIELD_DB_POOL_MIN")
+        settings = cls(
+            data_dir=data_dir,
+            host=env.get("HOUNSFIELD_HOST") or "127.0.0.1",
+            port=_int(env, "HOUNSFIELD_PORT", 8080, minimum=0, maximum=65535),
+            database_url=database_url,
+            db_pool_min=pool_min,
+            db_pool_max=pool_max,
+            storage_url=storage_url,
+            s3=s3,
+            public_url=public_url,
+            overwrite=_bool(env, "HOUNSFIELD_OVERWRITE", False),
+            cors_origins=_list(env, "HOUNSFIELD_CORS_ORIGINS"),
+            max_instance_bytes=_int(env, "HOUNSFIELD_MAX_INSTANCE_BYTES", 8 * 1024**3, minimum=1024),
+            max_part_header_bytes=_int(env, "HOUNSFIELD_MAX_PART_HEADER_BYTES", 16 * 1024, minimum=256),
+            bulkdata_threshold=_int(env, "HOUNSFIELD_BULKDATA_THRESHOLD", 1024, minimum=0),
+            worker_enabled=_bool(env, "HOUNSFIELD_WORKER", True),
+            gc_grace_seconds=_int(env, "HOUNSFIELD_GC_GRACE_SECONDS", 3600, minimum=0),
+            gc_interval_seconds=_int(env, "HOUNSFIELD_GC_INTERVAL_SECONDS", 3600, minimum=1),
+            otel_exporter=exporter,
+            log_level=(env.get("HOUNSFIELD_LOG_LEVEL") or "info").lower(),
+        )
+        return settings.with_overrides(**overrides) if overrides else settings

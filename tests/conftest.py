@@ -1,0 +1,165 @@
+"""Real parts for every test: an embedded PostgreSQL (one migrated template database, cloned per test),
+servers on 127.0.0.1 and free ports, dicomweb-client as the DICOMweb peer."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from dicomweb_client.api import DICOMwebClient
+
+from server import db
+from server.app import create_app
+from server.settings import Settings
+
+TEMPLATE = "hounsfield_template"
+_counter = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _with_db(uri: str, name: str) -> str:
+    # embedded URIs look like postgresql://postgres:@/postgres?host=/socket/dir
+    head, _, query = uri.partition("?")
+    base = head.rsplit("/", 1)[0]
+    return f"{base}/{name}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="session")
+def pg_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    external = os.environ.get("HOUNSFIELD_TEST_DATABASE_URL")
+    if external:
+        return external
+    folder = tmp_path_factory.mktemp("pg")
+    return db.start_embedded(folder / "data")
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_uri: str) -> str:
+    async def setup() -> None:
+        conn = await asyncpg.connect(pg_uri)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
+            await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+        finally:
+            await conn.close()
+        conn = await asyncpg.connect(_with_db(pg_uri, TEMPLATE))
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(setup())
+    return TEMPLATE
+
+
+@pytest.fixture
+def dsn(pg_uri: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test (cloned from the template: milliseconds)."""
+    name = f"t_{os.getpid()}_{next(_counter)}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(pg_uri)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f"CREATE DATABASE {name} TEMPLATE {template_db}"))
+    yield _with_db(pg_uri, name)
+    asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@dataclass
+class LiveServer:
+    url: str
+    settings: Settings
+    dsn: str
+    app: Any
+
+    @property
+    def dicomweb(self) -> str:
+        return self.url + "/dicom-web"
+
+    @property
+    def resources(self) -> Any:
+        return self.app.state.resources
+
+
+class _Thread:
+    def __init__(self, app: Any, port: int) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def make_server(dsn: str, tmp_path: Path) -> Iterator[Any]:
+    """Start a server on the per-test database; keyword arguments override settings."""
+    started: list[_Thread] = []
+
+    def start(blobs: Any = None, **overrides: Any) -> LiveServer:
+        port = free_port()
+        base = dict(
+            data_dir=tmp_path / "data",
+            port=port,
+            worker_poll_seconds=0.2,
+            db_pool_min=1,
+            db_pool_max=4,
+        )
+        base.update(overrides)
+        settings = Settings.from_env({}).with_overrides(**base)
+        app = create_app(settings, blobs=blobs, dsn=dsn)
+        runner = _Thread(app, port)
+        runner.start()
+        started.append(runner)
+        return LiveServer(f"http://127.0.0.1:{port}", settings, dsn, app)
+
+    yield start
+    for runner in started:
+        runner.stop()
+
+
+@pytest.fixture
+def server(make_server: Any) -> LiveServer:
+    result: LiveServer = make_server()
+    return result
+
+
+@pytest.fixture
+def client(server: LiveServer) -> DICOMwebClient:
+    return DICOMwebClient(server.dicomweb)
+
+
+@pytest.fixture
+def http(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
