@@ -19,7 +19,7 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from dicomweb.blobs import BlobStore
-from dicomweb.routes import stow
+from dicomweb.routes import qido, stow, wado, wadouri
 from server import health
 from server.errors import EXCEPTION_HANDLERS
 from server.resources import Resources, open_resources
@@ -34,7 +34,7 @@ def _resources(state: State) -> Resources:
 
 
 def dicomweb_routes() -> list[Any]:
-    routes: list[Any] = [*stow.ROUTES]
+    routes: list[Any] = [*stow.ROUTES, *qido.ROUTES, *wado.ROUTES]
     return routes
 
 
@@ -63,7 +63,7 @@ def create_app(
         )
     dicomweb = Router(path="/dicom-web", route_handlers=dicomweb_routes(), tags=["DICOMweb"])
     return Litestar(
-        route_handlers=[dicomweb, *health.ROUTES],
+        route_handlers=[dicomweb, *wadouri.ROUTES, *health.ROUTES],
         dependencies={"resources": Provide(_resources, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
