@@ -45,7 +45,9 @@ _TS_TAG = "00083002"  # Available Transfer Syntax UID, added to metadata so clie
 class InstanceRejected(Exception):
     """The part is not an instance we can store; carries the DICOM failure reason and a readable comment."""
 
-    def __init__(self, reason: int, comment: str, sop_class: str | None = None, sop_instance: str | None = None):
+    def __init__(
+        self, reason: int, comment: str, sop_class: str | None = None, sop_instance: str | None = None
+    ):
         super().__init__(comment)
         self.reason = reason
         self.comment = comment
@@ -174,7 +176,9 @@ def parse_instance(path: Path, *, bulk_threshold: int) -> ParsedInstance:
             _check_identity(ds, sop_class, sop_uid)
             parsed = _build(ds, fp, size, ts, bulk_threshold)
             for w in caught:
-                parsed.warnings.append((WARNING_COERCION, f"value coerced for indexing: {str(w.message)[:200]}"))
+                parsed.warnings.append(
+                    (WARNING_COERCION, f"value coerced for indexing: {str(w.message)[:200]}")
+                )
     return parsed
 
 
@@ -221,7 +225,9 @@ def _build(ds: Dataset, fp: Any, size: int, ts: str, bulk_threshold: int) -> Par
 
     if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         # A deflated data set has no stable byte offsets: frames are served by inflating the whole file.
-        pixel: dict[str, object] | None = {"deflated": _int(ds, "NumberOfFrames") or 1} if _int(ds, "Rows") else None
+        pixel: dict[str, object] | None = (
+            {"deflated": _int(ds, "NumberOfFrames") or 1} if _int(ds, "Rows") else None
+        )
     else:
         pixel = _pixel_layout(ds, fp, elements, tsu, sop_class, sop_uid)
     base = f"{BULK_PREFIX}{study_uid}/series/{series_uid}/instances/{sop_uid}/bulk/"
@@ -235,7 +241,12 @@ def _build(ds: Dataset, fp: Any, size: int, ts: str, bulk_threshold: int) -> Par
         where = elements.get(tag)
         vr = raw.VR if raw is not None and raw.VR else (where.vr if where else None)
         key = f"{tag:08X}"
-        if where is not None and vr in BULK_VRS and where.length != 0xFFFFFFFF and where.length > bulk_threshold:
+        if (
+            where is not None
+            and vr in BULK_VRS
+            and where.length != 0xFFFFFFFF
+            and where.length > bulk_threshold
+        ):
             bulk[key] = [where.value_offset, where.length]
             extra[key] = {"vr": vr, "BulkDataURI": base + key}
             continue
@@ -254,8 +265,9 @@ def _build(ds: Dataset, fp: Any, size: int, ts: str, bulk_threshold: int) -> Par
     try:
         doc = json_ds.to_json_dict(bulk_data_threshold=2**31)
     except Exception as exc:  # pydicom raises a variety of errors for values it cannot represent
-        raise InstanceRejected(CANNOT_UNDERSTAND, f"cannot represent data set as DICOM JSON: {exc}",
-                               sop_class, sop_uid) from None
+        raise InstanceRejected(
+            CANNOT_UNDERSTAND, f"cannot represent data set as DICOM JSON: {exc}", sop_class, sop_uid
+        ) from None
     doc.update(extra)
     doc[_TS_TAG] = {"vr": "UI", "Value": [ts]}
     ordered = {k: doc[k] for k in sorted(doc)}
@@ -344,8 +356,12 @@ def _pixel_layout(
     samples = _int(ds, "SamplesPerPixel") or 1
     frames = _int(ds, "NumberOfFrames") or 1
     if rows <= 0 or cols <= 0 or bits <= 0 or frames <= 0 or samples <= 0:
-        raise InstanceRejected(DATASET_MISMATCH, "Rows, Columns, BitsAllocated, NumberOfFrames must be positive",
-                               sop_class, sop_uid)
+        raise InstanceRejected(
+            DATASET_MISMATCH,
+            "Rows, Columns, BitsAllocated, NumberOfFrames must be positive",
+            sop_class,
+            sop_uid,
+        )
     try:
         if element.length == 0xFFFFFFFF:
             extended = None
@@ -357,13 +373,17 @@ def _pixel_layout(
                 raise layout.LayoutError("Pixel Data has a defined length in a compressed transfer syntax")
             photometric = _text(ds, "PhotometricInterpretation") or ""
             if photometric.startswith("YBR") and photometric.endswith("_422"):
-                samples = 2  # two samples per pixel on average after horizontal subsampling (PS3.3 C.7.6.3.1.2)
+                samples = (
+                    2  # two samples per pixel on average after horizontal subsampling (PS3.3 C.7.6.3.1.2)
+                )
             pixel_bits = rows * cols * samples * bits
             if bits == 1 and pixel_bits % 8:
                 # 1-bit frames that do not end on a byte boundary (PS3.5 8.1.1): served by unpacking bits.
                 expected = (pixel_bits * frames + 7) // 8
                 if element.length < expected:
-                    raise InstanceRejected(DATASET_MISMATCH, _short(element.length, expected), sop_class, sop_uid)
+                    raise InstanceRejected(
+                        DATASET_MISMATCH, _short(element.length, expected), sop_class, sop_uid
+                    )
                 return {"bits": [element.value_offset, pixel_bits, frames]}
             frame_bytes = pixel_bits // 8
             expected = frame_bytes * frames

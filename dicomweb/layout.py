@@ -221,7 +221,9 @@ def encapsulated_frames(
     elif element.basic_offset_table:
         bot = element.basic_offset_table
         if len(bot) != number_of_frames:
-            raise LayoutError(f"Basic Offset Table lists {len(bot)} frames, NumberOfFrames is {number_of_frames}")
+            raise LayoutError(
+                f"Basic Offset Table lists {len(bot)} frames, NumberOfFrames is {number_of_frames}"
+            )
         try:
             starts = [by_start[o] for o in bot]
         except KeyError:

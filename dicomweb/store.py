@@ -31,6 +31,7 @@ from dicomweb.ingest import (
     parse_instance,
 )
 from server import jobs
+from server.db import Connection
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class StoredInstance:
     replaced: bool
 
 
-IngestHook = Callable[[asyncpg.Connection, StoredInstance], Awaitable[None]]
+IngestHook = Callable[[Connection, StoredInstance], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -72,7 +73,7 @@ class Spool:
     def __init__(self, folder: Path, max_bytes: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{uuid.uuid4().hex}.part"
-        self._fh = open(self.path, "wb")  # noqa: SIM115 - closed in finish()/discard()
+        self._fh = open(self.path, "wb")
         self._hash = hashlib.sha256()
         self.size = 0
         self.max_bytes = max_bytes
@@ -129,19 +130,23 @@ class StoreService:
         try:
             return await self._store(path, size, sha256, expected_study)
         finally:
-            if path.exists():
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
+            try:
+                os.unlink(path)  # still here when it was rejected before reaching the blob store
+            except FileNotFoundError:
+                pass
 
     async def _store(self, path: Path, size: int, sha256: str, expected_study: str | None) -> Outcome:
         try:
-            parsed = await anyio.to_thread.run_sync(lambda: parse_instance(path, bulk_threshold=self.bulk_threshold))
+            parsed = await anyio.to_thread.run_sync(
+                lambda: parse_instance(path, bulk_threshold=self.bulk_threshold)
+            )
         except InstanceRejected as exc:
             return Outcome(exc.sop_class, exc.sop_instance, failure=exc.reason, comment=exc.comment)
         outcome = Outcome(
-            parsed.sop_class_uid, parsed.sop_instance_uid, parsed.study_uid, parsed.series_uid,
+            parsed.sop_class_uid,
+            parsed.sop_instance_uid,
+            parsed.study_uid,
+            parsed.series_uid,
             warnings=list(parsed.warnings),
         )
         if expected_study is not None and parsed.study_uid != expected_study:
@@ -199,9 +204,13 @@ class StoreService:
                     study_pk, series_pk = await repository.upsert_study_series(conn, parsed)
                 except repository.SeriesInOtherStudy:
                     outcome.failure = DATASET_MISMATCH
-                    outcome.comment = f"SeriesInstanceUID {parsed.series_uid} already belongs to another study"
+                    outcome.comment = (
+                        f"SeriesInstanceUID {parsed.series_uid} already belongs to another study"
+                    )
                     raise _Rollback from None
-                instance_pk = await repository.insert_instance(conn, parsed, study_pk, series_pk, key, size, sha256)
+                instance_pk = await repository.insert_instance(
+                    conn, parsed, study_pk, series_pk, key, size, sha256
+                )
                 replaced = False
                 if instance_pk is None:
                     current = await repository.find_instance(conn, parsed.sop_instance_uid, lock=True)
@@ -232,7 +241,9 @@ class StoreService:
         return outcome
 
 
-def gc_handler(pool: asyncpg.Pool, blobs: BlobStore, grace_seconds: int, interval_seconds: int) -> jobs.Handler:
+def gc_handler(
+    pool: asyncpg.Pool, blobs: BlobStore, grace_seconds: int, interval_seconds: int
+) -> jobs.Handler:
     """`blob.gc`: delete blobs that no index row names and that are older than the grace period, then schedule
     the next sweep."""
     import datetime as dt

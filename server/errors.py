@@ -8,6 +8,7 @@ in the body (details go to the log, never PHI).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
@@ -50,28 +51,38 @@ def status_for(exc: DicomWebError) -> int:
     return 500
 
 
-def dicomweb_error(_request: Request, exc: Exception) -> Response[dict[str, object]]:
+def dicomweb_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
     assert isinstance(exc, DicomWebError)
     status = status_for(exc)
     headers = {"Warning": warning_header(exc.detail)}
     if isinstance(exc, RangeNotSatisfiable):
         headers["Content-Range"] = f"bytes */{exc.total}"
-    return Response({"error": exc.detail, "status": status}, status_code=status, headers=headers,
-                    media_type=MediaType.JSON)
+    return Response(
+        {"error": exc.detail, "status": status},
+        status_code=status,
+        headers=headers,
+        media_type=MediaType.JSON,
+    )
 
 
-def http_error(_request: Request, exc: Exception) -> Response[dict[str, object]]:
+def http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
     assert isinstance(exc, HTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else "error"
     headers = dict(exc.headers or {})
     headers.setdefault("Warning", warning_header(detail))
-    return Response({"error": detail, "status": exc.status_code}, status_code=exc.status_code, headers=headers,
-                    media_type=MediaType.JSON)
+    return Response(
+        {"error": detail, "status": exc.status_code},
+        status_code=exc.status_code,
+        headers=headers,
+        media_type=MediaType.JSON,
+    )
 
 
-def internal_error(request: Request, exc: Exception) -> Response[dict[str, object]]:
+def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return Response({"error": "internal server error", "status": 500}, status_code=500, media_type=MediaType.JSON)
+    return Response(
+        {"error": "internal server error", "status": 500}, status_code=500, media_type=MediaType.JSON
+    )
 
 
 EXCEPTION_HANDLERS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from litestar import Response, get
 
-from server.resources import Resources, ResourcesDep
+from server.resources import ResourcesDep
 
 
 @get("/healthz", include_in_schema=True, sync_to_thread=False)

@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from server.db import Queries
+from server.db import Connection, Queries
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("jobs.sql"))
@@ -44,7 +44,7 @@ class PermanentJobError(Exception):
 
 
 async def enqueue(
-    conn: asyncpg.Connection,
+    conn: Connection,
     kind: str,
     payload: dict[str, Any],
     *,
@@ -86,7 +86,6 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._wake = asyncio.Event()
         self._stopping = False
-        self._listener: asyncpg.Connection | None = None
 
     def _notified(self, *_args: object) -> None:
         self._wake.set()
@@ -130,9 +129,9 @@ class Worker:
 
     async def run(self) -> None:
         """Loop until `stop()`: drain ready jobs, then wait for a NOTIFY or the poll interval."""
-        self._listener = await self.pool.acquire()
+        listener = await self.pool.acquire()
         try:
-            await self._listener.add_listener(CHANNEL, self._notified)
+            await listener.add_listener(CHANNEL, self._notified)
             while not self._stopping:
                 self._wake.clear()
                 try:
@@ -147,7 +146,6 @@ class Worker:
                 except TimeoutError:
                     pass
         finally:
-            listener, self._listener = self._listener, None
             try:
                 await listener.remove_listener(CHANNEL, self._notified)
             finally:

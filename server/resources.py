@@ -8,9 +8,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import anyio.to_thread
 import asyncpg
+from litestar.di import NamedDependency
 
 from dicomweb.blobs import BlobStore
 from dicomweb.blobs.fs import FileSystemBlobStore
@@ -73,7 +75,10 @@ async def open_resources(
         if settings.worker_enabled:
             async with pool.acquire() as conn:
                 await jobs.enqueue(
-                    conn, "blob.gc", {"periodic": True}, dedupe_key="periodic",
+                    conn,
+                    "blob.gc",
+                    {"periodic": True},
+                    dedupe_key="periodic",
                     delay_seconds=settings.gc_interval_seconds,
                 )
             worker = jobs.Worker(pool, handlers, poll_seconds=settings.worker_poll_seconds)
@@ -89,11 +94,5 @@ async def open_resources(
         yield resources
 
 
-def _dependency_alias() -> object:
-    from litestar.di import NamedDependency
-
-    return NamedDependency[Resources]
-
-
-ResourcesDep = _dependency_alias()
-"""Route handlers declare `resources: ResourcesDep` (Litestar named dependency)."""
+ResourcesDep: TypeAlias = NamedDependency[Resources]
+"""Route handlers declare `resources: ResourcesDep` (a Litestar named dependency)."""

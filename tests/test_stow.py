@@ -16,7 +16,7 @@ def test_store_with_dicomweb_client(client, server) -> None:
     refs = result.ReferencedSOPSequence
     assert {r.ReferencedSOPInstanceUID for r in refs} == {d.SOPInstanceUID for d in datasets}
     # dicomweb-client sends a Host header without the port; RetrieveURL follows the Host header.
-    assert all("/dicom-web/studies/" + d.StudyInstanceUID in r.RetrieveURL for r, d in zip(refs, datasets))
+    assert all("/dicom-web/studies/" + d.StudyInstanceUID in r.RetrieveURL for r, d in zip(refs, datasets, strict=True))
     assert "FailedSOPSequence" not in result
 
 

@@ -41,13 +41,13 @@ class BlobStore(Protocol):
         """Exactly `length` bytes from `offset`."""
         ...
 
-    def stream(self, key: str, offset: int = 0, length: int | None = None,
-               chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+    def stream(
+        self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = 1024 * 1024
+    ) -> AsyncIterator[bytes]:
         """The bytes from `offset` (to the end, or `length` of them), in chunks."""
         ...
 
-    async def size(self, key: str) -> int:
-        ...
+    async def size(self, key: str) -> int: ...
 
     async def delete(self, key: str) -> None:
         """Remove `key`; removing a missing key is not an error."""
@@ -57,8 +57,7 @@ class BlobStore(Protocol):
         """Every blob under `prefix` (used by the orphan collector)."""
         ...
 
-    async def close(self) -> None:
-        ...
+    async def close(self) -> None: ...
 
 
 def check_key(key: str) -> str:

@@ -80,6 +80,10 @@ class S3BlobStore:
     """A `BlobStore` over one bucket (and optional key prefix). Call `open()` before use and `close()` at the
     end; the lifespan owns both (house style 6)."""
 
+    max_attempts: int = 5
+    """Attempts per S3 call, retried by botocore's standard mode (throttling, 5xx, dropped connections):
+    transient faults of a remote store should not fail a STOW."""
+
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
         prefix = settings.prefix.strip("/")
@@ -96,9 +100,8 @@ class S3BlobStore:
         if self._client is not None:
             return
         stack = AsyncExitStack()
-        config = AioConfig(
-            retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60
-        )
+        retries = {"max_attempts": self.max_attempts, "mode": "standard"}
+        config = AioConfig(retries=retries, connect_timeout=10, read_timeout=60)
         kwargs: dict[str, Any] = {"region_name": self.settings.region, "config": config}
         if self.settings.endpoint_url:
             kwargs["endpoint_url"] = self.settings.endpoint_url
@@ -151,7 +154,10 @@ class S3BlobStore:
         except OSError as exc:
             raise BlobStoreError(f"cannot read {path.name} to store {key}: {exc.strerror}") from exc
         if size < self.settings.multipart_threshold:
-            body = await anyio.to_thread.run_sync(_read_part, path, 0, size)
+            try:
+                body = await anyio.to_thread.run_sync(_read_part, path, 0, size)
+            except OSError as exc:
+                raise BlobStoreError(f"cannot read {path.name} to store {key}: {exc.strerror}") from exc
             if len(body) != size:
                 raise BlobStoreError(f"{path.name} changed while storing {key}")
             try:
@@ -169,7 +175,8 @@ class S3BlobStore:
         s3 = self._s3
         bucket = self.settings.bucket
         try:
-            created = await s3.create_multipart_upload(Bucket=bucket, Key=full)
+            # CRC32 per part, as boto3's own transfer manager does: S3 checks each part's bytes on arrival.
+            created = await s3.create_multipart_upload(Bucket=bucket, Key=full, ChecksumAlgorithm="CRC32")
         except (ClientError, *_TRANSPORT_ERRORS) as exc:
             _raise_store_error(exc, "multipart upload", key)
         upload_id = created["UploadId"]
@@ -184,14 +191,11 @@ class S3BlobStore:
                     raise BlobStoreError(f"{path.name} shrank while storing {key}")
                 answer = await s3.upload_part(
                     Bucket=bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=chunk,
-                    ContentLength=len(chunk),
+                    ContentLength=len(chunk), ChecksumAlgorithm="CRC32",
                 )
                 part: dict[str, Any] = {"PartNumber": number, "ETag": answer["ETag"]}
-                # With default request checksums botocore sends one per part; S3 wants them echoed back.
-                for name in ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1",
-                             "ChecksumSHA256"):
-                    if answer.get(name):
-                        part[name] = answer[name]
+                if answer.get("ChecksumCRC32"):  # S3 wants each part's checksum echoed on completion
+                    part["ChecksumCRC32"] = answer["ChecksumCRC32"]
                 parts.append(part)
                 offset += len(chunk)
                 number += 1

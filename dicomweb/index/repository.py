@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 
 from dicomweb.ingest import ParsedInstance
-from server.db import Queries
+from server.db import Connection, Queries
 
 STORE = Queries(Path(__file__).with_name("store.sql"))
 RETRIEVE = Queries(Path(__file__).with_name("retrieve.sql"))
@@ -18,22 +18,42 @@ class SeriesInOtherStudy(Exception):
     """The Series Instance UID is already indexed under a different study."""
 
 
-async def upsert_study_series(conn: asyncpg.Connection, p: ParsedInstance) -> tuple[int, int]:
+async def upsert_study_series(conn: Connection, p: ParsedInstance) -> tuple[int, int]:
     s = p.study
     study_pk = await conn.fetchval(
         STORE["upsert_study"],
-        s["study_uid"], s["patient_id"], s["issuer_of_patient_id"], s["patient_name"], s["patient_name_search"],
-        s["patient_birth_date"], s["patient_sex"], s["study_date"], s["study_time"], s["accession_number"],
-        s["study_id"], s["study_description"], s["referring_physician_name"], s["referring_physician_search"],
+        s["study_uid"],
+        s["patient_id"],
+        s["issuer_of_patient_id"],
+        s["patient_name"],
+        s["patient_name_search"],
+        s["patient_birth_date"],
+        s["patient_sex"],
+        s["study_date"],
+        s["study_time"],
+        s["accession_number"],
+        s["study_id"],
+        s["study_description"],
+        s["referring_physician_name"],
+        s["referring_physician_search"],
         json.dumps(p.study_attrs, ensure_ascii=False),
     )
     r = p.series
     row = await conn.fetchrow(
         STORE["upsert_series"],
-        study_pk, r["series_uid"], r["modality"], r["series_number"], r["series_description"],
-        r["body_part_examined"], r["series_date"], r["series_time"], r["pps_start_date"], r["pps_start_time"],
+        study_pk,
+        r["series_uid"],
+        r["modality"],
+        r["series_number"],
+        r["series_description"],
+        r["body_part_examined"],
+        r["series_date"],
+        r["series_time"],
+        r["pps_start_date"],
+        r["pps_start_time"],
         json.dumps(p.series_attrs, ensure_ascii=False),
     )
+    assert row is not None  # an upsert always returns its row
     if row["study_pk"] != study_pk:
         raise SeriesInOtherStudy(r["series_uid"])
     return int(study_pk), int(row["series_pk"])
@@ -44,15 +64,32 @@ def _instance_args(
 ) -> list[object]:
     i = p.instance
     return [
-        series_pk, study_pk, i["sop_instance_uid"], i["sop_class_uid"], i["instance_number"],
-        i["transfer_syntax_uid"], i["rows"], i["columns"], i["number_of_frames"], i["bits_allocated"],
-        blob_key, size, sha256, p.metadata, json.dumps(p.bulk),
+        series_pk,
+        study_pk,
+        i["sop_instance_uid"],
+        i["sop_class_uid"],
+        i["instance_number"],
+        i["transfer_syntax_uid"],
+        i["rows"],
+        i["columns"],
+        i["number_of_frames"],
+        i["bits_allocated"],
+        blob_key,
+        size,
+        sha256,
+        p.metadata,
+        json.dumps(p.bulk),
         json.dumps(p.pixel) if p.pixel is not None else None,
     ]
 
 
 async def insert_instance(
-    conn: asyncpg.Connection, p: ParsedInstance, study_pk: int, series_pk: int, blob_key: str, size: int,
+    conn: Connection,
+    p: ParsedInstance,
+    study_pk: int,
+    series_pk: int,
+    blob_key: str,
+    size: int,
     sha256: str,
 ) -> int | None:
     value = await conn.fetchval(
@@ -62,7 +99,12 @@ async def insert_instance(
 
 
 async def replace_instance(
-    conn: asyncpg.Connection, p: ParsedInstance, study_pk: int, series_pk: int, blob_key: str, size: int,
+    conn: Connection,
+    p: ParsedInstance,
+    study_pk: int,
+    series_pk: int,
+    blob_key: str,
+    size: int,
     sha256: str,
 ) -> int:
     value = await conn.fetchval(
@@ -71,13 +113,15 @@ async def replace_instance(
     return int(value)
 
 
-async def find_instance(conn: asyncpg.Connection, sop_uid: str, *, lock: bool = False) -> asyncpg.Record | None:
+async def find_instance(
+    conn: Connection, sop_uid: str, *, lock: bool = False
+) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
         STORE["lock_instance" if lock else "find_instance"], sop_uid
     )
     return row
 
 
-async def blob_keys_present(conn: asyncpg.Connection, keys: list[str]) -> set[str]:
+async def blob_keys_present(conn: Connection, keys: list[str]) -> set[str]:
     rows = await conn.fetch(STORE["blob_keys_present"], keys)
     return {r["blob_key"] for r in rows}

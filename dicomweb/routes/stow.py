@@ -34,8 +34,11 @@ async def _receive(
                 if isinstance(event, multipart.PartStart):
                     skip_part = not stow.part_is_dicom(event.headers)
                     if skip_part:
-                        outcomes.append(Outcome(None, None, failure=CANNOT_UNDERSTAND,
-                                                comment="part is not application/dicom"))
+                        outcomes.append(
+                            Outcome(
+                                None, None, failure=CANNOT_UNDERSTAND, comment="part is not application/dicom"
+                            )
+                        )
                     else:
                         spool = Spool(settings.spool_dir, settings.max_instance_bytes)
                 elif isinstance(event, multipart.PartData):
@@ -52,8 +55,14 @@ async def _receive(
         if not outcomes:
             raise
         # Parts before the damage were complete and are stored; report the broken tail as a failure.
-        outcomes.append(Outcome(None, None, failure=CANNOT_UNDERSTAND,
-                                comment="multipart body ended before its closing boundary"))
+        outcomes.append(
+            Outcome(
+                None,
+                None,
+                failure=CANNOT_UNDERSTAND,
+                comment="multipart body ended before its closing boundary",
+            )
+        )
     finally:
         if spool is not None:
             spool.discard()
@@ -62,15 +71,21 @@ async def _receive(
     reasons = stow.readable_reasons(outcomes)
     if reasons:
         headers["Warning"] = ", ".join(warning_header(r) for r in reasons[:20])
-    return Response(dicom_json(body), status_code=status, media_type="application/dicom+json", headers=headers)
+    return Response(
+        dicom_json(body), status_code=status, media_type="application/dicom+json", headers=headers
+    )
 
 
 async def _finish(resources: Resources, spool: Spool, study: str | None) -> Outcome:
     sha = spool.finish()
     if spool.too_large:
         spool.discard()
-        return Outcome(None, None, failure=0xA700,
-                       comment=f"instance larger than the limit of {resources.settings.max_instance_bytes} bytes")
+        return Outcome(
+            None,
+            None,
+            failure=0xA700,
+            comment=f"instance larger than the limit of {resources.settings.max_instance_bytes} bytes",
+        )
     return await resources.store.store_file(spool.path, spool.size, sha, study)
 
 

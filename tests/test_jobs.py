@@ -1,0 +1,173 @@
+"""The PostgreSQL job queue and the orphan-blob collector, on the real database."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from dicomweb.blobs.fs import FileSystemBlobStore
+from dicomweb.store import gc_handler
+from server import db, jobs
+
+
+async def _pool(dsn: str) -> asyncpg.Pool:
+    return await db.create_pool(dsn, 1, 4)
+
+
+def test_enqueue_is_transactional_and_deduplicated(dsn: str) -> None:
+    async def run() -> None:
+        pool = await _pool(dsn)
+        try:
+            async with pool.acquire() as conn:
+                with pytest.raises(RuntimeError):
+                    async with conn.transaction():
+                        await jobs.enqueue(conn, "x", {"a": 1})
+                        raise RuntimeError("rollback")
+                assert await conn.fetchval("SELECT count(*) FROM jobs") == 0
+                first = await jobs.enqueue(conn, "x", {"n": 1}, dedupe_key="series-1")
+                second = await jobs.enqueue(conn, "x", {"n": 2}, dedupe_key="series-1")
+                assert first is not None and second is None
+                assert await conn.fetchval("SELECT count(*) FROM jobs") == 1
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
+def test_worker_runs_retries_and_fails(dsn: str) -> None:
+    async def run() -> None:
+        pool = await _pool(dsn)
+        seen: list[tuple[str, int]] = []
+
+        async def ok(job: jobs.Job) -> None:
+            seen.append(("ok", job.payload["n"]))
+
+        async def flaky(job: jobs.Job) -> None:
+            seen.append(("flaky", job.attempts))
+            if job.attempts < 2:
+                raise RuntimeError("transient")
+
+        async def broken(job: jobs.Job) -> None:
+            raise jobs.PermanentJobError("cannot ever work")
+
+        try:
+            async with pool.acquire() as conn:
+                a = await jobs.enqueue(conn, "ok", {"n": 1})
+                b = await jobs.enqueue(conn, "flaky", {})
+                c = await jobs.enqueue(conn, "broken", {})
+                d = await jobs.enqueue(conn, "unknown", {})
+            worker = jobs.Worker(pool, {"ok": ok, "flaky": flaky, "broken": broken}, poll_seconds=0.05)
+            assert await worker.run_once() == 3
+            async with pool.acquire() as conn:
+                states = {r["id"]: r["state"] for r in await conn.fetch("SELECT id, state FROM jobs")}
+                assert states == {a: "done", b: "queued", c: "failed", d: "queued"}
+                row = await conn.fetchrow(
+                    "SELECT last_error, run_at > now() AS later FROM jobs WHERE id=$1", b
+                )
+                assert "transient" in row["last_error"] and row["later"]
+                await conn.execute("UPDATE jobs SET run_at = now() WHERE id = $1", b)  # skip the backoff
+            assert await worker.run_once() == 1
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SELECT state FROM jobs WHERE id=$1", b) == "done"
+            assert seen == [("ok", 1), ("flaky", 1), ("flaky", 2)]
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
+def test_listen_notify_wakes_the_worker(dsn: str) -> None:
+    async def run() -> None:
+        pool = await _pool(dsn)
+        done = asyncio.Event()
+
+        async def handler(job: jobs.Job) -> None:
+            done.set()
+
+        worker = jobs.Worker(pool, {"wake": handler}, poll_seconds=60)  # polling alone would take a minute
+        task = asyncio.create_task(worker.run())
+        try:
+            await asyncio.sleep(0.3)
+            async with pool.acquire() as conn:
+                await jobs.enqueue(conn, "wake", {})
+            await asyncio.wait_for(done.wait(), timeout=5)
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 5)
+            await pool.close()
+
+    asyncio.run(run())
+
+
+def test_expired_lease_is_reclaimed_and_illegal_transitions_refused(dsn: str) -> None:
+    async def run() -> None:
+        pool = await _pool(dsn)
+        try:
+            async with pool.acquire() as conn:
+                job_id = await jobs.enqueue(conn, "k", {})
+                await conn.execute(
+                    "UPDATE jobs SET state='running', locked_at = now() - interval '1 hour' WHERE id=$1",
+                    job_id,
+                )
+            ran: list[int] = []
+
+            async def handler(job: jobs.Job) -> None:
+                ran.append(job.id)
+
+            worker = jobs.Worker(pool, {"k": handler}, lease_seconds=60)
+            assert await worker.run_once() == 1
+            assert ran == [job_id]
+            async with pool.acquire() as conn:
+                with pytest.raises(asyncpg.RaiseError, match="not allowed"):
+                    await conn.execute("UPDATE jobs SET state='queued' WHERE id=$1", job_id)  # done -> queued
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
+def test_orphan_collector_removes_only_unindexed_old_blobs(dsn: str, tmp_path: Path) -> None:
+    async def run() -> None:
+        pool = await _pool(dsn)
+        store = FileSystemBlobStore(tmp_path / "blobs")
+        try:
+            for name in ("orphan-old", "orphan-new", "indexed-old"):
+                src = tmp_path / name
+                src.write_bytes(b"x" * 10)
+                await store.put_file(f"a/{name}.dcm", src)
+            old = (dt.datetime.now() - dt.timedelta(hours=2)).timestamp()
+            for name in ("orphan-old", "indexed-old"):
+                os.utime(store.root / f"a/{name}.dcm", (old, old))
+            async with pool.acquire() as conn:
+                study = await conn.fetchval(
+                    "INSERT INTO studies(study_uid, attrs) VALUES ('1.2', '{}') RETURNING study_pk"
+                )
+                series = await conn.fetchval(
+                    "INSERT INTO series(study_pk, series_uid, attrs) VALUES ($1, '1.3', '{}') RETURNING series_pk",
+                    study,
+                )
+                await conn.execute(
+                    "INSERT INTO instances(series_pk, study_pk, sop_instance_uid, sop_class_uid,"
+                    " transfer_syntax_uid, blob_key, size_bytes, sha256, metadata)"
+                    " VALUES ($1, $2, '1.4', '1.5', '1.2.840.10008.1.2.1', 'a/indexed-old.dcm', 10, 'x', '{}')",
+                    series,
+                    study,
+                )
+            handler = gc_handler(pool, store, grace_seconds=3600, interval_seconds=60)
+            await handler(jobs.Job(1, "blob.gc", {"periodic": True}, 1, 8))
+            remaining = sorted([info.key async for info in store.list()])
+            assert remaining == ["a/indexed-old.dcm", "a/orphan-new.dcm"]
+            async with pool.acquire() as conn:  # the periodic sweep scheduled its successor
+                assert (
+                    await conn.fetchval("SELECT count(*) FROM jobs WHERE kind='blob.gc' AND state='queued'")
+                    == 1
+                )
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
