@@ -1,0 +1,55 @@
+"""The same server on S3 (moto's server): STOW-RS bytes land in the bucket under the prefix, the index names
+them, and a rejected duplicate leaves nothing behind."""
+
+from __future__ import annotations
+
+import httpx
+import pydicom
+
+from server.settings import S3Settings
+from tests.data import sample
+from tests.factory import ct, multipart, part10, stow_headers
+from tests.s3util import ACCESS_KEY, REGION, SECRET_KEY, Moto
+
+
+def s3_server(make_server, moto: Moto, tmp_path):
+    bucket = moto.new_bucket()
+    s3 = S3Settings(
+        bucket=bucket,
+        prefix="archive",
+        endpoint_url=moto.endpoint,
+        region=REGION,
+        access_key_id=ACCESS_KEY,
+        secret_access_key=SECRET_KEY,
+        multipart_threshold=5 * 1024 * 1024,
+    )
+    return make_server(storage_url=f"s3://{bucket}/archive", s3=s3), bucket
+
+
+def keys(moto: Moto, bucket: str) -> list[str]:
+    listing = moto.client.list_objects_v2(Bucket=bucket)
+    return sorted(o["Key"] for o in listing.get("Contents", []))
+
+
+def test_stow_to_s3(make_server, moto: Moto, tmp_path) -> None:
+    srv, bucket = s3_server(make_server, moto, tmp_path)
+    ds = ct(rows=1024, columns=1024, frames=4)  # 8 MiB: a multipart upload at the 5 MiB threshold
+    original = part10(ds)
+    with httpx.Client(base_url=srv.url, timeout=120) as http:
+        resp = http.post(
+            "/dicom-web/studies",
+            content=multipart([original, sample("CT_small.dcm").read_bytes()]),
+            headers=stow_headers(),
+        )
+        assert resp.status_code == 200, resp.text
+        stored = keys(moto, bucket)
+        assert len(stored) == 2 and all(k.startswith("archive/") for k in stored)
+        ours = next(k for k in stored if ds.SOPInstanceUID in k)
+        body = moto.client.get_object(Bucket=bucket, Key=ours)["Body"].read()
+        assert body == original
+        # A different file under the same SOP Instance UID is refused and leaves no object behind.
+        changed = ct(study=ds.StudyInstanceUID, series=ds.SeriesInstanceUID, sop=ds.SOPInstanceUID, seed=9)
+        resp = http.post("/dicom-web/studies", content=multipart([part10(changed)]), headers=stow_headers())
+        assert resp.status_code == 409
+        assert keys(moto, bucket) == stored
+    assert pydicom.dcmread(sample("CT_small.dcm")).SOPInstanceUID in " ".join(stored)
