@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -123,9 +124,7 @@ class StoreService:
         self.bulk_threshold = bulk_threshold
         self.hooks = list(hooks)
 
-    async def store_file(
-        self, path: Path, size: int, sha256: str, expected_study: str | None = None
-    ) -> Outcome:
+    async def store_file(self, path: Path, size: int, sha256: str, expected_study: str | None = None) -> Outcome:
         """Ingest one spooled file. The file is consumed (moved into the store or deleted)."""
         try:
             return await self._store(path, size, sha256, expected_study)
@@ -137,9 +136,7 @@ class StoreService:
 
     async def _store(self, path: Path, size: int, sha256: str, expected_study: str | None) -> Outcome:
         try:
-            parsed = await anyio.to_thread.run_sync(
-                lambda: parse_instance(path, bulk_threshold=self.bulk_threshold)
-            )
+            parsed = await anyio.to_thread.run_sync(lambda: parse_instance(path, bulk_threshold=self.bulk_threshold))
         except InstanceRejected as exc:
             return Outcome(exc.sop_class, exc.sop_instance, failure=exc.reason, comment=exc.comment)
         outcome = Outcome(
@@ -192,9 +189,7 @@ class StoreService:
         except Exception:  # the orphan collector will get it
             log.warning("could not remove an unindexed blob; the collector will", exc_info=True)
 
-    async def _index(
-        self, parsed: ParsedInstance, key: str, size: int, sha256: str, outcome: Outcome
-    ) -> Outcome:
+    async def _index(self, parsed: ParsedInstance, key: str, size: int, sha256: str, outcome: Outcome) -> Outcome:
         class _Rollback(Exception):
             pass
 
@@ -204,13 +199,9 @@ class StoreService:
                     study_pk, series_pk = await repository.upsert_study_series(conn, parsed)
                 except repository.SeriesInOtherStudy:
                     outcome.failure = DATASET_MISMATCH
-                    outcome.comment = (
-                        f"SeriesInstanceUID {parsed.series_uid} already belongs to another study"
-                    )
+                    outcome.comment = f"SeriesInstanceUID {parsed.series_uid} already belongs to another study"
                     raise _Rollback from None
-                instance_pk = await repository.insert_instance(
-                    conn, parsed, study_pk, series_pk, key, size, sha256
-                )
+                instance_pk = await repository.insert_instance(conn, parsed, study_pk, series_pk, key, size, sha256)
                 replaced = False
                 if instance_pk is None:
                     current = await repository.find_instance(conn, parsed.sop_instance_uid, lock=True)
@@ -241,14 +232,36 @@ class StoreService:
         return outcome
 
 
+def sweep_spool(folder: Path, grace_seconds: int) -> int:
+    """Delete spool files older than the grace period: parts of uploads cut off by a crash."""
+    removed = 0
+    cutoff = time.time() - grace_seconds
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file() and entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
 def gc_handler(
-    pool: asyncpg.Pool, blobs: BlobStore, grace_seconds: int, interval_seconds: int
+    pool: asyncpg.Pool, blobs: BlobStore, grace_seconds: int, interval_seconds: int, spool_dir: Path | None = None
 ) -> jobs.Handler:
-    """`blob.gc`: delete blobs that no index row names and that are older than the grace period, then schedule
-    the next sweep."""
+    """`blob.gc`: delete blobs that no index row names and that are older than the grace period (and stale spool
+    files), then schedule the next sweep."""
     import datetime as dt
 
     async def run(job: jobs.Job) -> None:
+        if spool_dir is not None:
+            swept = await anyio.to_thread.run_sync(sweep_spool, spool_dir, grace_seconds)
+            if swept:
+                log.info("orphan collector removed %d stale spool files", swept)
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=grace_seconds)
         batch: list[str] = []
         removed = 0

@@ -60,6 +60,14 @@ async def enqueue(
     return int(value) if value is not None else None
 
 
+async def schedule(
+    conn: Connection, kind: str, payload: dict[str, Any], *, dedupe_key: str, delay_seconds: float
+) -> int:
+    """Queue a keyed job to run after `delay_seconds`, or move the queued one with that key earlier."""
+    value = await conn.fetchval(SQL["schedule"], kind, json.dumps(payload), dedupe_key, float(delay_seconds), 8)
+    return int(value)
+
+
 def backoff_seconds(attempt: int) -> float:
     """2, 4, 8 ... seconds, capped at 10 minutes."""
     return float(min(600, 2**attempt))

@@ -48,3 +48,12 @@ SELECT kind, state, count(*) AS n FROM jobs GROUP BY kind, state ORDER BY kind, 
 
 -- name: purge_done
 DELETE FROM jobs WHERE state = 'done' AND finished_at < now() - make_interval(secs => $1);
+
+-- name: schedule
+-- Like enqueue, but a queued job with the same key is moved earlier when the new run time is sooner (a restart
+-- with a shorter interval takes effect at once).
+INSERT INTO jobs (kind, payload, dedupe_key, run_at, max_attempts)
+VALUES ($1, $2::jsonb, $3, now() + make_interval(secs => $4), $5)
+ON CONFLICT (kind, dedupe_key) WHERE state = 'queued' AND dedupe_key IS NOT NULL
+DO UPDATE SET run_at = LEAST(jobs.run_at, EXCLUDED.run_at)
+RETURNING id;

@@ -64,17 +64,17 @@ async def open_resources(
         if blobs is None:
             blobs = await open_blob_store(settings)
             stack.push_async_callback(blobs.close)
-        store = StoreService(
-            pool, blobs, overwrite=settings.overwrite, bulk_threshold=settings.bulkdata_threshold
-        )
+        store = StoreService(pool, blobs, overwrite=settings.overwrite, bulk_threshold=settings.bulkdata_threshold)
         handlers: dict[str, jobs.Handler] = {
-            "blob.gc": gc_handler(pool, blobs, settings.gc_grace_seconds, settings.gc_interval_seconds),
+            "blob.gc": gc_handler(
+                pool, blobs, settings.gc_grace_seconds, settings.gc_interval_seconds, settings.spool_dir
+            ),
             "blob.delete": blob_delete_handler(pool, blobs),
         }
         resources = Resources(settings, pool, blobs, store, handlers=handlers)
         if settings.worker_enabled:
             async with pool.acquire() as conn:
-                await jobs.enqueue(
+                await jobs.schedule(
                     conn,
                     "blob.gc",
                     {"periodic": True},

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pydicom
 
-from tests.conftest import free_port
 from tests.factory import ct
+from tests.procs import serve
 
 FRAMES = 800
 ROWS = COLS = 512
@@ -50,45 +46,16 @@ def body(head: bytes, boundary: str, digest: hashlib._Hash) -> Iterator[bytes]:
     yield f"\r\n--{boundary}--\r\n".encode()
 
 
-def peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 def test_large_upload_streams_in_constant_memory(dsn: str, tmp_path: Path) -> None:
-    port = free_port()
-    env = dict(
-        os.environ,
-        DATABASE_URL=dsn,
-        HOUNSFIELD_DATA=str(tmp_path / "data"),
-        HOUNSFIELD_PORT=str(port),
-        HOUNSFIELD_LOG_LEVEL="warning",
-    )
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=log
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+    with serve(dsn, tmp_path / "data") as srv:
+        url = srv.url
         # Warm up the code paths (imports, pool) with a small store before taking the baseline.
         small = io.BytesIO()
         pydicom.dcmwrite(small, ct(), enforce_file_format=True)
         warm = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + small.getvalue() + b"\r\n--b--\r\n"
         headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
         assert httpx.post(url + "/dicom-web/studies", content=warm, headers=headers).status_code == 200
-        baseline = peak_rss_kib(proc.pid)
+        baseline = srv.peak_rss_kib()
 
         head, ds = header_bytes()
         digest = hashlib.sha256()
@@ -100,7 +67,7 @@ def test_large_upload_streams_in_constant_memory(dsn: str, tmp_path: Path) -> No
         )
         assert resp.status_code == 200, resp.text
         upload_mib = (len(head) + FRAMES * FRAME_BYTES) / 2**20
-        growth_mib = (peak_rss_kib(proc.pid) - baseline) / 1024
+        growth_mib = (srv.peak_rss_kib() - baseline) / 1024
         print(f"uploaded {upload_mib:.0f} MiB; server peak RSS grew {growth_mib:.1f} MiB")
         assert growth_mib < 64, f"peak RSS grew {growth_mib:.0f} MiB during a {upload_mib:.0f} MiB upload"
 
@@ -112,7 +79,3 @@ def test_large_upload_streams_in_constant_memory(dsn: str, tmp_path: Path) -> No
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         assert h.hexdigest() == digest.hexdigest()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
