@@ -31,7 +31,7 @@ from dicomweb.ingest import (
     ParsedInstance,
     parse_instance,
 )
-from server import jobs
+from server import jobs, telemetry
 from server.db import Connection
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,8 @@ class StoreService:
             return self._duplicate(outcome)
         key = blob_key(parsed, sha256)
         try:
-            await self.blobs.put_file(key, path)
+            with telemetry.blob_span("put", key):
+                await self.blobs.put_file(key, path)
         except BlobStoreError as exc:
             log.error("blob store failed for an instance: %s", exc)
             outcome.failure = OUT_OF_RESOURCES

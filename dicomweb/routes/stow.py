@@ -15,6 +15,7 @@ from dicomweb.errors import BadRequest
 from dicomweb.ingest import CANNOT_UNDERSTAND
 from dicomweb.routes.common import base_url, dicom_json
 from dicomweb.store import Outcome, Spool
+from server import telemetry
 from server.errors import warning_header
 from server.resources import Resources, ResourcesDep
 
@@ -86,7 +87,11 @@ async def _finish(resources: Resources, spool: Spool, study: str | None) -> Outc
             failure=0xA700,
             comment=f"instance larger than the limit of {resources.settings.max_instance_bytes} bytes",
         )
-    return await resources.store.store_file(spool.path, spool.size, sha, study)
+    telemetry.record_part_size(spool.size)
+    outcome = await resources.store.store_file(spool.path, spool.size, sha, study)
+    if outcome.ok:
+        telemetry.record_stored(1)
+    return outcome
 
 
 @post("/studies", request_max_body_size=None, status_code=200)

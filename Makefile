@@ -1,0 +1,62 @@
+# Hounsfield: developer and CI entry points. `make run` and `make test` work on a fresh clone with no
+# configuration (embedded PostgreSQL and blobs in ./var). Every target is idempotent and quiet when there is
+# nothing to do.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+MAKEFLAGS += --no-print-directory
+
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+# Debian packages the tests need (none yet; dcmtk will be). Installed only when missing.
+APT_PACKAGES ?=
+# Extra arguments: `make run ARGS="--port 18080 --data /tmp/hf"`, `make test ARGS="tests/test_stow.py -x"`.
+ARGS ?=
+
+.PHONY: venv run test lint system-deps
+
+venv: $(STAMP)
+	@:
+
+$(VENV)/bin/python:
+	@echo "creating $(VENV) with $(PYTHON)"
+	@$(PYTHON) -m venv $(VENV)
+
+# Re-install only when pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	@echo "installing hounsfield and its test dependencies into $(VENV)"
+	@$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+run: venv
+	@exec $(VENV)/bin/hounsfield serve $(ARGS)
+
+test: venv system-deps
+	@RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/python -m pytest -q -p no:cacheprovider $(ARGS)
+
+lint: venv
+	@$(VENV)/bin/ruff check server dicomweb tests conformance
+	@$(VENV)/bin/mypy
+	@$(VENV)/bin/mypy conformance
+
+# Installs the missing packages of APT_PACKAGES with apt-get, as root or through sudo. With CI=true a package
+# that cannot be installed is an error; elsewhere it is a warning (tests needing it then fail or skip).
+system-deps:
+	@missing=""; \
+	for pkg in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else \
+		echo "system-deps: cannot install$$missing (not root, no sudo)" >&2; \
+		if [ "$${CI:-}" = true ]; then exit 1; fi; exit 0; \
+	fi; \
+	echo "system-deps: installing$$missing"; \
+	if ! { $$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; then \
+		echo "system-deps: apt-get could not install$$missing" >&2; \
+		if [ "$${CI:-}" = true ]; then exit 1; fi; \
+	fi

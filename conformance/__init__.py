@@ -1,0 +1,1 @@
+"""Conformance documents (DICOM Conformance Statement) and the checks that keep them true."""

@@ -1,0 +1,106 @@
+"""Keep the DICOM Conformance Statement true: its machine-readable tables against the running code.
+
+`python -m conformance.check` prints the differences and exits 1 when there are any; `tests/test_conformance.py`
+runs the same checks.
+
+- Endpoints: every (method, path) in the statement's endpoint table is a route of the app, and every route
+  under `/dicom-web` and `/wado` is in the table (PS3.2 asks a statement to list every service offered).
+- Failure reasons: every code in the reasons table is one the ingest defines, and the other way round.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+STATEMENT = Path(__file__).with_name("dicom-conformance-statement.md")
+DOCUMENTED_PREFIXES = ("/dicom-web", "/wado")
+"""Routes under these prefixes must all be documented; others (OpenAPI, health) only when listed."""
+_IGNORED_METHODS = frozenset({"OPTIONS", "HEAD"})
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[^}]*)?\}")
+
+Endpoint = tuple[str, str]
+
+
+def _table(text: str, name: str) -> list[list[str]]:
+    match = re.search(rf"<!-- {name}:begin -->(.*?)<!-- {name}:end -->", text, re.DOTALL)
+    if match is None:
+        raise ValueError(f"{STATEMENT.name}: no '{name}' table")
+    rows = []
+    for line in match.group(1).strip().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not cells or set(cells[0]) <= {"-", " ", ":"}:
+            continue
+        rows.append(cells)
+    return rows[1:]  # without the header row
+
+
+def normalize(path: str) -> str:
+    """`/studies/{study:str}` and `/studies/{study}` compare equal: only the parameter names count."""
+    return _PARAM.sub(lambda m: "{" + m.group(1) + "}", path.rstrip("/") or "/")
+
+
+def documented_endpoints(statement: Path = STATEMENT) -> set[Endpoint]:
+    rows = _table(statement.read_text(encoding="utf-8"), "endpoints")
+    return {(row[0].upper(), normalize(row[1].strip("`"))) for row in rows}
+
+
+def documented_reasons(statement: Path = STATEMENT) -> set[int]:
+    rows = _table(statement.read_text(encoding="utf-8"), "reasons")
+    return {int(row[0].rstrip("H"), 16) for row in rows}
+
+
+def app_endpoints(app: Any) -> set[Endpoint]:
+    """(method, path) of every HTTP route of a Litestar app."""
+    found: set[Endpoint] = set()
+    for route in app.routes:
+        for method in getattr(route, "methods", ()):
+            if method not in _IGNORED_METHODS:
+                found.add((str(method), normalize(route.path)))
+    return found
+
+
+def ingest_reasons() -> set[int]:
+    """Failure and warning codes the ingest can report (constants of `dicomweb.ingest` and the STOW route)."""
+    from dicomweb import ingest
+
+    names = ("PROCESSING_FAILURE", "DUPLICATE_REJECTED", "OUT_OF_RESOURCES", "DATASET_MISMATCH",
+             "CANNOT_UNDERSTAND", "TRANSFER_SYNTAX_NOT_SUPPORTED", "WARNING_COERCION")
+    return {int(getattr(ingest, n)) for n in names}
+
+
+def endpoint_problems(app: Any, statement: Path = STATEMENT) -> list[str]:
+    documented = documented_endpoints(statement)
+    served = app_endpoints(app)
+    problems = [f"documented but not served: {m} {p}" for m, p in sorted(documented - served)]
+    problems += [
+        f"served but not documented: {m} {p}" for m, p in sorted(served - documented)
+        if p.startswith(DOCUMENTED_PREFIXES)
+    ]
+    return problems
+
+
+def reason_problems(statement: Path = STATEMENT) -> list[str]:
+    documented = documented_reasons(statement)
+    defined = ingest_reasons()
+    problems = [f"reason {c:04X}H documented but not defined by the ingest" for c in sorted(documented - defined)]
+    problems += [f"reason {c:04X}H used by the ingest but not documented" for c in sorted(defined - documented)]
+    return problems
+
+
+def main() -> int:
+    from server.app import create_app
+    from server.settings import Settings
+
+    problems = endpoint_problems(create_app(Settings.from_env({}))) + reason_problems()
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"{STATEMENT.name}: endpoints and failure reasons match the code")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

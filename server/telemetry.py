@@ -1,0 +1,262 @@
+"""OpenTelemetry: traces and metrics, configured once per process from `Settings.otel_exporter`.
+
+- `none` (the default): real SDK providers with no exporter, so instrumentation stays cheap and working;
+- `console`: spans and metrics printed to stdout (for a quick look);
+- `otlp`: OTLP/HTTP to `OTEL_EXPORTER_OTLP_ENDPOINT` (the standard OTEL_* variables apply).
+
+What is instrumented: every HTTP request (Litestar's OpenTelemetry plugin around the ASGI app; one server span
+per request, no per-chunk receive/send spans, so large STOW-RS uploads cost one span); every asyncpg query
+(statement text only: our SQL is static and parameters are never recorded); blob store operations where callers
+wrap them in `blob_span`; and two STOW-RS metrics (`record_stored`, `record_part_size`).
+
+No PHI in telemetry: QIDO-RS and WADO-URI carry patient names and UIDs in the query string, so the query string
+is hidden from the instrumentation (it never sees it; the application still does) and span names use the route
+template (`GET /dicom-web/studies/{study}`), not the concrete path. Request and response headers (tokens) are
+not captured.
+
+OpenTelemetry's global providers can be set once per process; `configure` therefore builds the providers on
+its first call and returns the same `Telemetry` afterwards (tests create many apps in one process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from litestar.enums import ScopeType
+from litestar.middleware.base import DefineMiddleware
+from litestar.plugins.opentelemetry import (
+    OpenTelemetryConfig,
+    OpenTelemetryInstrumentationMiddleware,
+)
+from litestar.plugins.opentelemetry import OpenTelemetryPlugin as _LitestarPlugin
+from litestar.types import ASGIApp, Receive, Scope, Send
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import Counter, Histogram
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "hounsfield"
+INSTRUMENTATION_NAME = "hounsfield"
+_SAVED_QUERY = "hounsfield.query_string"
+_PARAM_TYPE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*):[^}]*\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """The process's providers and the instruments Hounsfield records itself."""
+
+    exporter: str
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    tracer: trace.Tracer
+    instances_stored: Counter
+    stow_part_size: Histogram
+
+    @classmethod
+    def build(
+        cls,
+        exporter: str = "none",
+        *,
+        span_exporter: SpanExporter | None = None,
+        metric_readers: tuple[MetricReader, ...] = (),
+    ) -> Telemetry:
+        """Providers for `exporter` (`none`, `console`, `otlp`); extra exporters/readers are for tests."""
+        resource = Resource.create({"service.name": SERVICE_NAME})
+        readers = list(metric_readers)
+        exporters: list[SpanExporter] = [span_exporter] if span_exporter is not None else []
+        if exporter == "console":
+            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            exporters.append(ConsoleSpanExporter())
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+        elif exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporters.append(OTLPSpanExporter())
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        elif exporter != "none":
+            raise ValueError(f"unknown OpenTelemetry exporter {exporter!r}")
+        tracer_provider = TracerProvider(resource=resource)
+        for span_out in exporters:
+            tracer_provider.add_span_processor(BatchSpanProcessor(span_out))
+        meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        meter = meter_provider.get_meter(INSTRUMENTATION_NAME)
+        return cls(
+            exporter=exporter,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            tracer=tracer_provider.get_tracer(INSTRUMENTATION_NAME),
+            instances_stored=meter.create_counter(
+                "hounsfield.instances.stored", unit="{instance}",
+                description="SOP instances newly stored or replaced (STOW-RS and other ingest paths)",
+            ),
+            stow_part_size=meter.create_histogram(
+                "hounsfield.stow.part.size", unit="By", description="Size of each STOW-RS multipart part",
+            ),
+        )
+
+    def record_stored(self, n: int = 1) -> None:
+        if n:
+            self.instances_stored.add(n)
+
+    def record_part_size(self, size: int) -> None:
+        self.stow_part_size.record(size)
+
+    @contextlib.contextmanager
+    def blob_span(self, op: str, key: str) -> Iterator[trace.Span]:
+        """A client span around one blob store operation. `key` is a blob key (UIDs and a hash, no PHI)."""
+        with self.tracer.start_as_current_span(
+            f"blob.{op}", kind=trace.SpanKind.CLIENT,
+            attributes={"hounsfield.blob.operation": op, "hounsfield.blob.key": key},
+        ) as span:
+            yield span
+
+
+_lock = threading.Lock()
+_current: Telemetry | None = None
+
+
+def configure(settings: Settings) -> Telemetry:
+    """Set up telemetry for this process (first call) and return it; later calls return the same object.
+
+    The first call also installs the providers as OpenTelemetry's global ones and instruments asyncpg."""
+    global _current
+    with _lock:
+        if _current is not None:
+            if settings.otel_exporter != _current.exporter:
+                log.warning("OpenTelemetry is already configured with exporter %r; %r ignored",
+                            _current.exporter, settings.otel_exporter)
+            return _current
+        tel = Telemetry.build(settings.otel_exporter)
+        trace.set_tracer_provider(tel.tracer_provider)
+        metrics.set_meter_provider(tel.meter_provider)
+        _instrument_asyncpg(tel.tracer_provider)
+        _current = tel
+        return tel
+
+
+def current() -> Telemetry | None:
+    return _current
+
+
+def _instrument_asyncpg(provider: TracerProvider) -> None:
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
+    instrumentor = AsyncPGInstrumentor(capture_parameters=False)  # type: ignore[no-untyped-call]
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(tracer_provider=provider)
+
+
+def record_stored(n: int = 1) -> None:
+    """Count instances newly stored (call once per stored instance or with a batch count)."""
+    if _current is not None:
+        _current.record_stored(n)
+
+
+def record_part_size(size: int) -> None:
+    """Record the size in bytes of one STOW-RS part."""
+    if _current is not None:
+        _current.record_part_size(size)
+
+
+@contextlib.contextmanager
+def blob_span(op: str, key: str) -> Iterator[trace.Span]:
+    """`with blob_span("put", key): ...` around a blob store call; a no-op span before `configure`."""
+    if _current is None:
+        yield trace.INVALID_SPAN
+        return
+    with _current.blob_span(op, key) as span:
+        yield span
+
+
+# --- HTTP requests -------------------------------------------------------------------------------------------
+
+def _span_details(scope: Scope) -> tuple[str, dict[str, Any]]:
+    """The initial span name: the method only. The route template is known after routing (see `_Routed`)."""
+    method = str(scope.get("method") or scope.get("type", "")).strip()
+    return method or "HTTP", {}
+
+
+def route_template(path_template: str) -> str:
+    """`/studies/{study:str}` -> `/studies/{study}` (the http.route form)."""
+    return _PARAM_TYPE.sub(r"{\1}", path_template)
+
+
+class _Routed:
+    """Inside the OpenTelemetry middleware: gives the application its query string back and, when the response
+    starts, names the server span after the matched route template."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw: MutableMapping[str, Any] = scope  # type: ignore[assignment]
+        if _SAVED_QUERY in raw:
+            raw["query_string"] = raw.pop(_SAVED_QUERY)
+        span = trace.get_current_span()
+        if not span.is_recording() or scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
+
+        async def named_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                template = raw.get("path_template")
+                if template:
+                    route = route_template(str(template))
+                    span.update_name(f"{scope.get('method', '')} {route}".strip())
+                    span.set_attribute("http.route", route)
+            await send(message)
+
+        await self.app(scope, receive, named_send)
+
+
+class PrivacyMiddleware(OpenTelemetryInstrumentationMiddleware):
+    """Litestar's OpenTelemetry middleware, with the query string hidden from the instrumentation."""
+
+    def __init__(self, app: ASGIApp, config: OpenTelemetryConfig) -> None:
+        super().__init__(app=_Routed(app), config=config)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw: MutableMapping[str, Any] = scope  # type: ignore[assignment]
+        raw[_SAVED_QUERY] = raw.get("query_string", b"")
+        raw["query_string"] = b""
+        await self.open_telemetry_middleware(scope, receive, send)  # type: ignore[arg-type]
+
+
+class OpenTelemetryPlugin(_LitestarPlugin):
+    """Litestar's plugin, applying our middleware to the whole app (404s included).
+
+    The class name matters: Litestar finds this plugin by the name `OpenTelemetryPlugin`."""
+
+    @property
+    def middleware(self) -> DefineMiddleware:
+        return self.config.middleware
+
+
+def litestar_plugin(settings: Settings) -> _LitestarPlugin:
+    """The plugin `create_app` registers: request spans and HTTP server metrics on this process's providers."""
+    tel = configure(settings)
+    config = OpenTelemetryConfig(
+        tracer_provider=tel.tracer_provider,
+        meter_provider=tel.meter_provider,
+        scope_span_details_extractor=_span_details,
+        exclude_spans=["receive", "send"],
+        scopes={ScopeType.HTTP},
+        middleware_class=PrivacyMiddleware,
+    )
+    return OpenTelemetryPlugin(config)

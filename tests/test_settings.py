@@ -1,0 +1,101 @@
+"""Settings.from_env: defaults, parsing, and validation errors that name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.settings import Settings, SettingsError
+
+
+def test_defaults_need_no_configuration() -> None:
+    s = Settings.from_env({})
+    assert s.host == "127.0.0.1" and s.port == 8080
+    assert s.data_dir == Path("var") and s.database_url is None and s.s3 is None
+    assert s.blob_dir == Path("var/blobs") and s.spool_dir == Path("var/blobs/.spool")
+    assert (s.db_pool_min, s.db_pool_max) == (2, 10)
+    assert s.overwrite is False and s.worker_enabled is True
+    assert s.otel_exporter == "none" and s.public_url is None and s.cors_origins == ()
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"HOUNSFIELD_PORT": "abc"}, "HOUNSFIELD_PORT"),
+        ({"HOUNSFIELD_PORT": "70000"}, "HOUNSFIELD_PORT"),
+        ({"HOUNSFIELD_PORT": "-1"}, "HOUNSFIELD_PORT"),
+        ({"HOUNSFIELD_OVERWRITE": "maybe"}, "HOUNSFIELD_OVERWRITE"),
+        ({"HOUNSFIELD_WORKER": "2"}, "HOUNSFIELD_WORKER"),
+        ({"HOUNSFIELD_DB_POOL_MIN": "0"}, "HOUNSFIELD_DB_POOL_MIN"),
+        ({"HOUNSFIELD_DB_POOL_MIN": "5", "HOUNSFIELD_DB_POOL_MAX": "4"}, "HOUNSFIELD_DB_POOL_MAX"),
+        ({"HOUNSFIELD_OTEL_EXPORTER": "zipkin"}, "HOUNSFIELD_OTEL_EXPORTER"),
+        ({"HOUNSFIELD_PUBLIC_URL": "ftp://example.org"}, "HOUNSFIELD_PUBLIC_URL"),
+        ({"HOUNSFIELD_PUBLIC_URL": "example.org/dicom"}, "HOUNSFIELD_PUBLIC_URL"),
+        ({"HOUNSFIELD_STORAGE_URL": "s3://"}, "HOUNSFIELD_STORAGE_URL"),
+        ({"HOUNSFIELD_STORAGE_URL": "gs://bucket/x"}, "HOUNSFIELD_STORAGE_URL"),
+        ({"HOUNSFIELD_STORAGE_URL": "s3://b", "HOUNSFIELD_S3_MULTIPART_THRESHOLD": "1024"},
+         "HOUNSFIELD_S3_MULTIPART_THRESHOLD"),
+        ({"DATABASE_URL": "mysql://db/x"}, "DATABASE_URL"),
+        ({"HOUNSFIELD_MAX_INSTANCE_BYTES": "12"}, "HOUNSFIELD_MAX_INSTANCE_BYTES"),
+        ({"HOUNSFIELD_GC_INTERVAL_SECONDS": "0"}, "HOUNSFIELD_GC_INTERVAL_SECONDS"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert str(info.value).startswith(variable)
+
+
+def test_bool_spellings() -> None:
+    for raw, expected in [("true", True), ("1", True), ("YES", True), ("on", True), ("false", False),
+                          ("0", False), ("no", False), ("Off", False), ("", False)]:
+        assert Settings.from_env({"HOUNSFIELD_OVERWRITE": raw}).overwrite is expected
+
+
+def test_s3_storage_url() -> None:
+    s = Settings.from_env({
+        "HOUNSFIELD_STORAGE_URL": "s3://my-bucket/some/prefix/",
+        "HOUNSFIELD_S3_ENDPOINT": "http://127.0.0.1:9000",
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "very-secret",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "HOUNSFIELD_DATA": "/srv/hf",
+    })
+    assert s.s3 is not None
+    assert (s.s3.bucket, s.s3.prefix, s.s3.endpoint_url) == ("my-bucket", "some/prefix", "http://127.0.0.1:9000")
+    assert (s.s3.region, s.s3.access_key_id, s.s3.secret_access_key) == ("eu-west-1", "AKIAEXAMPLE", "very-secret")
+    assert "very-secret" not in repr(s)  # the secret is never shown
+    assert s.spool_dir == Path("/srv/hf/spool")  # spooling stays local when blobs go to S3
+    region = Settings.from_env({"HOUNSFIELD_STORAGE_URL": "s3://b", "HOUNSFIELD_S3_REGION": "us-west-2",
+                                "AWS_DEFAULT_REGION": "eu-west-1"})
+    assert region.s3 is not None and region.s3.region == "us-west-2" and region.s3.prefix == ""
+
+
+def test_folder_storage_url() -> None:
+    s = Settings.from_env({"HOUNSFIELD_STORAGE_URL": "file:///mnt/blobs"})
+    assert s.s3 is None and s.blob_dir == Path("/mnt/blobs") and s.spool_dir == Path("/mnt/blobs/.spool")
+    assert Settings.from_env({"HOUNSFIELD_STORAGE_URL": "/data/b"}).blob_dir == Path("/data/b")
+
+
+def test_other_values() -> None:
+    s = Settings.from_env({
+        "HOUNSFIELD_PUBLIC_URL": "https://pacs.example.org/archive/",
+        "HOUNSFIELD_CORS_ORIGINS": "https://a.example, https://b.example,,",
+        "HOUNSFIELD_OTEL_EXPORTER": "OTLP",
+        "HOUNSFIELD_LOG_LEVEL": "DEBUG",
+        "DATABASE_URL": "postgresql://u:p@db/hf",
+        "HOUNSFIELD_DB_POOL_MIN": "3",
+        "HOUNSFIELD_DB_POOL_MAX": "3",
+    })
+    assert s.public_url == "https://pacs.example.org/archive"
+    assert s.cors_origins == ("https://a.example", "https://b.example")
+    assert s.otel_exporter == "otlp" and s.log_level == "debug"
+    assert s.database_url == "postgresql://u:p@db/hf" and (s.db_pool_min, s.db_pool_max) == (3, 3)
+
+
+def test_overrides_and_frozen() -> None:
+    s = Settings.from_env({}, port=9999)
+    assert s.port == 9999
+    with pytest.raises(AttributeError):
+        s.port = 1  # type: ignore[misc]
