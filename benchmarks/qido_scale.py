@@ -57,7 +57,8 @@ SELECT se.series_pk, se.study_pk, '2.25.3' || se.series_pk || '0' || i, '1.2.840
        '1.2.840.10008.1.2.1', 512, 512, 1, 16, 'bench/' || se.series_pk || '/' || i, 524288, md5(i::text),
        '{"00080018":{"vr":"UI","Value":["2.25.3' || se.series_pk || '0' || i || '"]}}'
 FROM series se, generate_series(1, $3) i;
-ANALYZE;
+
+VACUUM ANALYZE;
 """
 
 

@@ -41,6 +41,7 @@ _STATUS: list[tuple[type[DicomWebError], int]] = [
 
 def warning_header(text: str) -> str:
     cleaned = text.replace("\\", "\\\\").replace('"', "'").replace("\r", " ").replace("\n", " ")
+    cleaned = cleaned.encode("ascii", "backslashreplace").decode("ascii")  # header values are Latin-1 at most
     return f'299 hounsfield "{cleaned[:500]}"'
 
 

@@ -1,7 +1,105 @@
-"""Placeholder: filled in by the qido work."""
+"""QIDO-RS: search for studies, series and instances (PS3.18 10.6).
+
+Six resources (Table 10.6.1-1); each parses its path UIDs and query into a `dicomweb.query.Query`, runs it
+through `dicomweb.search`, and answers `application/dicom+json` (or `application/json` when that is what the
+client asks for): a JSON array, `[]` when nothing matches (PS3.18 10.6.3.2 allows 200 with an empty
+array). Keys the server ignores, and results cut at the server's maximum, are reported in `Warning: 299`
+headers (PS3.18 8.3.4.1, 8.3.4.4).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-ROUTES: list[Any] = []
+import msgspec
+from litestar import Request, Response, get
+from litestar.params import FromPath
+
+from dicomweb import mediatypes, uids
+from dicomweb.errors import NotAcceptable
+from dicomweb.query import Level, parse_query
+from dicomweb.routes.common import base_url
+from dicomweb.search import search
+from dicomweb.uids import UID
+from server.errors import warning_header
+from server.resources import ResourcesDep
+
+
+def response_type(request: Request[Any, Any, Any]) -> str:
+    """The media type to answer with: the `accept` query parameter, else the Accept header (PS3.18 8.7.5)."""
+    ranges = mediatypes.accept_from_request(
+        request.query_params.getall("accept", []), request.headers.getall("accept", [])
+    )
+    for candidate in ranges:
+        if candidate.essence == mediatypes.JSON:
+            return mediatypes.JSON
+        if candidate.matches(mediatypes.DICOM_JSON):
+            return mediatypes.DICOM_JSON
+    raise NotAcceptable(
+        "search results are available as application/dicom+json or application/json",
+        offered=(mediatypes.DICOM_JSON, mediatypes.JSON),
+    )
+
+
+async def _search(
+    request: Request[Any, Any, Any],
+    resources: ResourcesDep,
+    level: Level,
+    study: UID | None = None,
+    series: UID | None = None,
+) -> Response[bytes]:
+    media_type = response_type(request)
+    query = parse_query(level, list(request.query_params.multi_items()), study_uid=study, series_uid=series)
+    result = await search(resources.pool, query, base_url(request, resources))
+    headers = {}
+    if result.warnings:
+        headers["Warning"] = ", ".join(warning_header(w) for w in result.warnings[:20])
+    # msgspec writes the same compact UTF-8 JSON as routes.common.dicom_json, about ten times faster.
+    body = msgspec.json.encode(result.matches)
+    return Response(body, status_code=200, media_type=media_type, headers=headers)
+
+
+@get("/studies")
+async def search_studies(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
+    return await _search(request, resources, Level.STUDY)
+
+
+@get("/series")
+async def search_all_series(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
+    return await _search(request, resources, Level.SERIES)
+
+
+@get("/studies/{study:str}/series")
+async def search_series(
+    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str]
+) -> Response[bytes]:
+    return await _search(request, resources, Level.SERIES, uids.study_uid(study))
+
+
+@get("/instances")
+async def search_all_instances(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
+    return await _search(request, resources, Level.INSTANCE)
+
+
+@get("/studies/{study:str}/instances")
+async def search_study_instances(
+    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str]
+) -> Response[bytes]:
+    return await _search(request, resources, Level.INSTANCE, uids.study_uid(study))
+
+
+@get("/studies/{study:str}/series/{series:str}/instances")
+async def search_series_instances(
+    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str]
+) -> Response[bytes]:
+    return await _search(request, resources, Level.INSTANCE, uids.study_uid(study), uids.series_uid(series))
+
+
+ROUTES = [
+    search_studies,
+    search_all_series,
+    search_series,
+    search_all_instances,
+    search_study_instances,
+    search_series_instances,
+]
