@@ -76,11 +76,14 @@ def test_kill_during_upload(dsn: str, tmp_path: Path) -> None:
         thread = threading.Thread(target=upload)
         thread.start()
         assert started.wait(30)
+        spool = data / "blobs" / ".spool"
+        deadline = time.monotonic() + 30
+        while not list(spool.glob("*.part")) and time.monotonic() < deadline:
+            time.sleep(0.01)  # kill only once the server is writing the part
         srv.kill()
         thread.join(60)
         assert errors, "the upload should have been cut off"
 
-    spool = data / "blobs" / ".spool"
     assert list(spool.glob("*.part")), "the interrupted part should still be in the spool"
     rows = index_state(dsn)
     assert [uid for uid, _ in rows] == [acknowledged.SOPInstanceUID]

@@ -59,3 +59,14 @@ WHERE st.study_uid = $1 AND se.series_uid = $2;
 SELECT 1 AS n, i.sha256 AS etag, '[' || i.metadata || ']' AS body
 FROM instances i JOIN series se USING (series_pk) JOIN studies st ON st.study_pk = i.study_pk
 WHERE st.study_uid = $1 AND se.series_uid = $2 AND i.sop_instance_uid = $3;
+
+-- name: instance_attributes
+-- The Image Pixel module values a frame decoder needs (PS3.3 C.7.6.3) and one top-level element's VR ($2, e.g.
+-- '7FE00010'), from the stored metadata. Parsed only by the requests that decode or byte-swap.
+SELECT m -> '00280002' -> 'Value' ->> 0 AS samples_per_pixel,
+       m -> '00280101' -> 'Value' ->> 0 AS bits_stored,
+       m -> '00280103' -> 'Value' ->> 0 AS pixel_representation,
+       m -> '00280004' -> 'Value' ->> 0 AS photometric_interpretation,
+       m -> '00280006' -> 'Value' ->> 0 AS planar_configuration,
+       m -> $2::text ->> 'vr' AS vr
+FROM (SELECT metadata::jsonb AS m FROM instances WHERE sop_instance_uid = $1) AS i;

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import msgspec
 from litestar import Request
 
 from server.resources import Resources
@@ -30,4 +30,5 @@ def resources_of(request: Request[Any, Any, Any]) -> Resources:
 
 
 def dicom_json(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact UTF-8 JSON (msgspec: Litestar's own encoder, about ten times faster than the json module)."""
+    return msgspec.json.encode(body)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from litestar import Request, Response, get
 from litestar.params import FromPath
 
 from dicomweb import mediatypes, uids
 from dicomweb.errors import NotAcceptable
 from dicomweb.query import Level, parse_query
-from dicomweb.routes.common import base_url
+from dicomweb.routes.common import base_url, dicom_json
 from dicomweb.search import search
 from dicomweb.uids import UID
 from server.errors import warning_header
@@ -54,8 +53,7 @@ async def _search(
     headers = {}
     if result.warnings:
         headers["Warning"] = ", ".join(warning_header(w) for w in result.warnings[:20])
-    # msgspec writes the same compact UTF-8 JSON as routes.common.dicom_json, about ten times faster.
-    body = msgspec.json.encode(result.matches)
+    body = dicom_json(result.matches)
     return Response(body, status_code=200, media_type=media_type, headers=headers)
 
 

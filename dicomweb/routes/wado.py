@@ -1,7 +1,188 @@
-"""Placeholder: filled in by the wado work."""
+"""WADO-RS: the Retrieve transaction of the Studies service (PS3.18 10.4) as thin Litestar handlers.
+
+Instances, frames and bulk data are binary and already compressed where it matters: their routes opt out of
+the app's gzip middleware (`no_compression`); metadata (JSON) is gzip-encoded for clients that accept it.
+Every response carries an entity tag; `If-None-Match` with a current tag gets 304 and no body (RFC 9110 13.1.2).
+"""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-ROUTES: list[Any] = []
+from litestar import Request, Response, get
+from litestar.params import FromPath, FromQuery
+from litestar.response import Stream
+
+from dicomweb import mediatypes, negotiate, uids
+from dicomweb.retrieve import Plan, RetrieveService, bulk_tag, parse_frame_list
+from dicomweb.routes.common import base_url
+from server.resources import Resources, ResourcesDep
+
+BINARY: dict[str, Any] = {"no_compression": True}
+"""Route opt that keeps the gzip middleware off binary DICOM payloads."""
+
+
+def accept_ranges(request: Request[Any, Any, Any], accept: list[str] | None) -> list[mediatypes.MediaType]:
+    """The `accept` query parameter replaces the Accept header (PS3.18 8.3.3.1)."""
+    return mediatypes.accept_from_request(accept or [], request.headers.getall("accept", []))
+
+
+def not_modified(request: Request[Any, Any, Any], etag: str) -> bool:
+    """If-None-Match with weak comparison, as RFC 9110 13.1.2 asks for GET."""
+    header = request.headers.get("if-none-match")
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    ours = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == ours for tag in header.split(","))
+
+
+def cache_headers(etag: str, max_age: int) -> dict[str, str]:
+    return {"ETag": etag, "Cache-Control": f"private, max-age={max_age}", "Vary": "Accept"}
+
+
+async def send(request: Request[Any, Any, Any], plan: Plan) -> Response[Any]:
+    """304 when the client's copy is current, otherwise the planned body streamed (with its length if known)."""
+    headers = cache_headers(plan.etag, plan.max_age)
+    if not_modified(request, plan.etag):
+        return Response(b"", status_code=304, headers=headers)
+    body = await plan.build()
+    boundary = uuid.uuid4().hex
+    length = body.length(boundary)
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    return Stream(body.chunks(boundary), media_type=body.content_type(boundary), headers=headers)
+
+
+def service(resources: Resources) -> RetrieveService:
+    return RetrieveService(resources.pool, resources.blobs)
+
+
+# ---------------------------------------------------------------------------------------------- instances
+
+
+async def _instances(
+    request: Request[Any, Any, Any], resources: Resources, accept: list[str] | None,
+    study: str, series: str | None = None, instance: str | None = None,
+) -> Response[Any]:
+    study_uid = uids.study_uid(study)
+    series_uid = uids.series_uid(series) if series is not None else None
+    instance_uid = uids.instance_uid(instance) if instance is not None else None
+    offers = negotiate.offers(accept_ranges(request, accept), mediatypes.DICOM)
+    plan = await service(resources).plan_instances(
+        offers, base_url(request, resources), study_uid, series_uid, instance_uid,
+        single_part_ok=instance_uid is not None,
+    )
+    return await send(request, plan)
+
+
+@get("/studies/{study:str}", opt=BINARY)
+async def retrieve_study(
+    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str],
+    accept: FromQuery[list[str] | None] = None,
+) -> Response[Any]:
+    return await _instances(request, resources, accept, study)
+
+
+@get("/studies/{study:str}/series/{series:str}", opt=BINARY)
+async def retrieve_series(
+    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str],
+    accept: FromQuery[list[str] | None] = None,
+) -> Response[Any]:
+    return await _instances(request, resources, accept, study, series)
+
+
+@get("/studies/{study:str}/series/{series:str}/instances/{instance:str}", opt=BINARY)
+async def retrieve_instance(
+    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str],
+    instance: FromPath[str], accept: FromQuery[list[str] | None] = None,
+) -> Response[Any]:
+    return await _instances(request, resources, accept, study, series, instance)
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+
+
+async def _metadata(
+    request: Request[Any, Any, Any], resources: Resources, accept: list[str] | None,
+    study: str, series: str | None = None, instance: str | None = None,
+) -> Response[Any]:
+    study_uid = uids.study_uid(study)
+    series_uid = uids.series_uid(series) if series is not None else None
+    instance_uid = uids.instance_uid(instance) if instance is not None else None
+    media_type = negotiate.choose_metadata(accept_ranges(request, accept))
+    meta = await service(resources).metadata(base_url(request, resources), study_uid, series_uid, instance_uid)
+    # Weak: the gzip middleware may change the bytes (content coding) under the same tag.
+    etag = "W/" + meta.etag
+    headers = cache_headers(etag, meta.max_age)  # the gzip middleware adds Accept-Encoding to Vary
+    if not_modified(request, etag):
+        return Response(b"", status_code=304, headers=headers)
+    return Response(meta.body.encode("utf-8"), media_type=media_type, headers=headers)
+
+
+@get("/studies/{study:str}/metadata")
+async def study_metadata(
+    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str],
+    accept: FromQuery[list[str] | None] = None,
+) -> Response[Any]:
+    return await _metadata(request, resources, accept, study)
+
+
+@get("/studies/{study:str}/series/{series:str}/metadata")
+async def series_metadata(
+    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str],
+    accept: FromQuery[list[str] | None] = None,
+) -> Response[Any]:
+    return await _metadata(request, resources, accept, study, series)
+
+
+@get("/studies/{study:str}/series/{series:str}/instances/{instance:str}/metadata")
+async def instance_metadata(
+    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str],
+    instance: FromPath[str], accept: FromQuery[list[str] | None] = None,
+) -> Response[Any]:
+    return await _metadata(request, resources, accept, study, series, instance)
+
+
+# ---------------------------------------------------------------------------------------------- frames, bulk
+
+
+@get("/studies/{study:str}/series/{series:str}/instances/{instance:str}/frames/{frames:str}", opt=BINARY)
+async def retrieve_frames(
+    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str],
+    instance: FromPath[str], frames: FromPath[str], accept: FromQuery[list[str] | None] = None,
+) -> Response[Any]:
+    study_uid, series_uid, instance_uid = uids.study_uid(study), uids.series_uid(series), uids.instance_uid(instance)
+    numbers = parse_frame_list(frames)
+    offers = negotiate.offers(accept_ranges(request, accept), mediatypes.OCTET_STREAM)
+    plan = await service(resources).plan_frames(
+        offers, base_url(request, resources), study_uid, series_uid, instance_uid, numbers
+    )
+    return await send(request, plan)
+
+
+@get("/studies/{study:str}/series/{series:str}/instances/{instance:str}/bulk/{tag:str}", opt=BINARY)
+async def retrieve_bulk(
+    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str],
+    instance: FromPath[str], tag: FromPath[str], accept: FromQuery[list[str] | None] = None,
+) -> Response[Any]:
+    study_uid, series_uid, instance_uid = uids.study_uid(study), uids.series_uid(series), uids.instance_uid(instance)
+    offers = negotiate.offers(accept_ranges(request, accept), mediatypes.OCTET_STREAM)
+    plan = await service(resources).plan_bulk(
+        offers, base_url(request, resources), study_uid, series_uid, instance_uid, bulk_tag(tag)
+    )
+    return await send(request, plan)
+
+
+ROUTES = [
+    retrieve_study,
+    retrieve_series,
+    retrieve_instance,
+    study_metadata,
+    series_metadata,
+    instance_metadata,
+    retrieve_frames,
+    retrieve_bulk,
+]

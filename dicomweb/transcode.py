@@ -1,0 +1,261 @@
+"""Decoding to native (uncompressed) encodings: whole instances and single frames (PS3.18 8.7.3.4).
+
+Every origin server must be able to return a data set in Explicit VR Little Endian whatever form it was stored
+in (PS3.18 8.7.3.4 Note 2). This module does that and the cheaper conversions between the uncompressed transfer
+syntaxes (Implicit/Explicit VR Little Endian, Explicit VR Big Endian, Deflated Explicit VR Little Endian).
+Encoding into compressed transfer syntaxes is not done here.
+
+Pure and blocking (house style 1): bytes in, bytes out, no I/O; callers run these in a worker thread
+(`anyio.to_thread`), because decoding a large multi-frame image takes seconds of CPU.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import UID as PydicomUID
+
+from dicomweb.uids import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
+
+UNCOMPRESSED = frozenset(
+    {
+        IMPLICIT_VR_LITTLE_ENDIAN,
+        EXPLICIT_VR_LITTLE_ENDIAN,
+        EXPLICIT_VR_BIG_ENDIAN,
+        DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    }
+)
+"""Transfer syntaxes whose Pixel Data is native: we can write any of them from any data set we can read."""
+
+# Value widths of the binary VRs whose bytes follow the data set's byte order (PS3.5 7.3).
+_SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+
+
+class TranscodeError(Exception):
+    """The stored data cannot be turned into the requested transfer syntax (no decoder, corrupt codestream)."""
+
+
+def is_compressed(transfer_syntax: str) -> bool:
+    """Encapsulated Pixel Data (PS3.5 A.4): any known syntax that is not one of the native ones."""
+    return transfer_syntax not in UNCOMPRESSED
+
+
+def can_decode(transfer_syntax: str) -> bool:
+    """Is there a pydicom decoder with an installed plugin for this (compressed) transfer syntax?"""
+    if not is_compressed(transfer_syntax):
+        return True
+    try:
+        decoder = get_decoder(PydicomUID(transfer_syntax))
+    except NotImplementedError:
+        return False
+    return bool(decoder.is_available)
+
+
+def can_transcode(stored: str, target: str) -> bool:
+    """Can a stored instance be returned in `target`? Same syntax: always; into a native syntax: when the stored
+    one is native or we can decode it; into a compressed syntax: never (not implemented)."""
+    if stored == target:
+        return True
+    if target not in UNCOMPRESSED:
+        return False
+    return can_decode(stored)
+
+
+# ---------------------------------------------------------------------------------------------- whole instances
+
+
+def transcode_instance(data: bytes, target: str) -> bytes:
+    """A Part 10 file re-encoded in the native transfer syntax `target` (decoding Pixel Data when needed)."""
+    if target not in UNCOMPRESSED:
+        raise TranscodeError(f"encoding into {target} is not supported")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        source = str(ds.file_meta.get("TransferSyntaxUID") or "")
+        if source == target:
+            return data
+        if is_compressed(source):
+            if not can_decode(source):
+                raise TranscodeError(f"no decoder is installed for {source}")
+            ds.decompress(generate_instance_uid=False)  # -> Explicit VR Little Endian
+            source = EXPLICIT_VR_LITTLE_ENDIAN
+        target_uid = PydicomUID(target)
+        if PydicomUID(source).is_little_endian != target_uid.is_little_endian:
+            _swap_byte_order(ds)
+        ds.file_meta.TransferSyntaxUID = target_uid
+        out = io.BytesIO()
+        pydicom.dcmwrite(
+            out, ds, implicit_vr=target_uid.is_implicit_VR, little_endian=target_uid.is_little_endian,
+            enforce_file_format=True,
+        )
+        return out.getvalue()
+    except TranscodeError:
+        raise
+    except Exception as exc:  # pydicom and the codec plugins raise many kinds of errors for bad input
+        raise TranscodeError(f"cannot convert the instance to {target}: {exc}") from exc
+
+
+def _swap_byte_order(ds: Dataset) -> None:
+    """Byte-swap the values pydicom keeps as raw bytes (OW, OF, OL, OD, OV) for a change of endianness.
+
+    pydicom re-encodes numbers (US, SS, UL, FL, ...) in the target byte order itself but leaves these alone
+    (see `pydicom.filewriter.dcmwrite`). Pixel Data swaps by Bits Allocated (its VR says OW for any width)."""
+    bits = int(ds.get("BitsAllocated") or 16)
+
+    def visit(dataset: Dataset, elem: Any) -> None:
+        if not isinstance(elem.value, (bytes, bytearray)) or not elem.value:
+            return
+        if elem.tag in _PIXEL_TAGS and dataset is ds:
+            width = pixel_swap_width(bits, str(elem.VR))
+        else:
+            width = _SWAP_WIDTH.get(str(elem.VR), 1)
+        if width > 1 and len(elem.value) % width == 0:
+            elem.value = swap_bytes(bytes(elem.value), width)
+
+    ds.walk(visit)
+
+
+def pixel_swap_width(bits_allocated: int, vr: str) -> int:
+    """How native Pixel Data changes between byte orders: by Bits Allocated for wider pixels; 8-bit (and 1-bit)
+    data written as OW swap in 16-bit words (PS3.5 A.3; pydicom reads them so)."""
+    if bits_allocated > 8:
+        return bits_allocated // 8
+    return 2 if vr == "OW" else 1
+
+
+def swap_bytes(data: bytes, width: int) -> bytes:
+    """Reverse the byte order of each `width`-byte word of `data` (a trailing partial word is kept as is)."""
+    if width <= 1 or len(data) < width:
+        return data
+    whole = len(data) - len(data) % width
+    arr = np.frombuffer(data, dtype=np.uint8, count=whole).reshape(-1, width)[:, ::-1]
+    return arr.tobytes() + data[whole:]
+
+
+# ---------------------------------------------------------------------------------------------- single frames
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """The Image Pixel module values a decoder needs (PS3.3 C.7.6.3), taken from the index."""
+
+    rows: int
+    columns: int
+    samples_per_pixel: int = 1
+    bits_allocated: int = 16
+    bits_stored: int = 16
+    pixel_representation: int = 0
+    photometric_interpretation: str = "MONOCHROME2"
+    planar_configuration: int = 0
+
+
+def decode_frame(encoded: bytes, transfer_syntax: str, image: ImageInfo) -> bytes:
+    """One compressed frame (its fragments concatenated) as native little-endian pixel bytes.
+
+    The result is what `pydicom.dcmread(...).pixel_array[frame]` holds: color is interleaved (Planar
+    Configuration 0), and YBR_FULL/YBR_FULL_422 JPEG data are converted to RGB the way pydicom's `decompress()`
+    converts them when it writes an Explicit VR Little Endian instance."""
+    try:
+        decoder = get_decoder(PydicomUID(transfer_syntax))
+    except NotImplementedError:
+        raise TranscodeError(f"no decoder for {transfer_syntax}") from None
+    if not decoder.is_available:
+        raise TranscodeError(f"no decoder plugin is installed for {transfer_syntax}")
+    options: dict[str, Any] = {
+        "rows": image.rows,
+        "columns": image.columns,
+        "samples_per_pixel": image.samples_per_pixel,
+        "bits_allocated": image.bits_allocated,
+        "bits_stored": image.bits_stored,
+        "pixel_representation": image.pixel_representation,
+        "photometric_interpretation": image.photometric_interpretation,
+        "planar_configuration": image.planar_configuration,
+        "number_of_frames": 1,
+    }
+    try:
+        arr, _props = decoder.as_array(encapsulate([encoded]), **options)
+    except Exception as exc:  # plugins raise RuntimeError, ValueError, their own errors
+        raise TranscodeError(f"cannot decode a {transfer_syntax} frame: {exc}") from exc
+    return _little_endian_bytes(arr)
+
+
+def _little_endian_bytes(arr: np.ndarray[Any, Any]) -> bytes:
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
+        arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
+    return arr.tobytes()
+
+
+def aligned_range(offset: int, length: int, value_offset: int, width: int) -> tuple[int, int]:
+    """The byte range to read so that a frame at `offset` of a big-endian value starting at `value_offset` can
+    be swapped word by word: widened to whole `width`-byte words of the value."""
+    if width <= 1:
+        return offset, length
+    rel = offset - value_offset
+    start = rel - rel % width
+    end = rel + length
+    end += (-end) % width
+    return value_offset + start, end - start
+
+
+def native_frame(data: bytes, offset: int, read_offset: int, length: int, width: int) -> bytes:
+    """A frame read (as `aligned_range` said) from big-endian native Pixel Data, as little-endian bytes."""
+    if width <= 1:
+        return data
+    skip = offset - read_offset
+    return swap_bytes(data, width)[skip : skip + length]
+
+
+def extract_bits(data: bytes, first_bit: int, bit_count: int) -> bytes:
+    """Bits [first_bit, first_bit + bit_count) of bit-packed data (least significant bit first, PS3.5 8.1.1),
+    re-packed from bit 0 and zero-padded to whole bytes: one frame of 1-bit Pixel Data whose frames do not
+    start on byte boundaries, in the form a single-frame native Pixel Data value has."""
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    frame = bits[first_bit : first_bit + bit_count]
+    if len(frame) != bit_count:
+        raise TranscodeError("1-bit Pixel Data is shorter than the frame asked for")
+    return np.packbits(frame, bitorder="little").tobytes()
+
+
+def frames_of_file(data: bytes, frames: list[int]) -> list[bytes]:
+    """Native little-endian bytes of 1-based `frames` read from a whole Part 10 file: used where frames have no
+    byte offsets in the stored file (Deflated Explicit VR Little Endian)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        source = str(ds.file_meta.get("TransferSyntaxUID") or "")
+        if is_compressed(source):
+            ds.decompress(generate_instance_uid=False)
+        pixel = bytes(ds.PixelData)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.BitsAllocated)
+        count = int(ds.get("NumberOfFrames") or 1)
+        if str(ds.get("PhotometricInterpretation", "")).endswith("_422"):
+            samples = 2  # horizontally subsampled native YBR: two samples per pixel on average (PS3.3 C.7.6.3.1.2)
+        if not is_compressed(source) and not PydicomUID(source).is_little_endian:
+            pixel = swap_bytes(pixel, pixel_swap_width(bits, str(ds["PixelData"].VR)))
+    except Exception as exc:
+        raise TranscodeError(f"cannot read the instance's Pixel Data: {exc}") from exc
+    frame_bits = rows * cols * samples * bits
+    out: list[bytes] = []
+    for number in frames:
+        if not 1 <= number <= count:
+            raise TranscodeError(f"frame {number} does not exist")
+        if frame_bits % 8:
+            out.append(extract_bits(pixel, (number - 1) * frame_bits, frame_bits))
+            continue
+        size = frame_bits // 8
+        out.append(pixel[(number - 1) * size : number * size])
+    return out
+
