@@ -66,8 +66,15 @@ def ingest_reasons() -> set[int]:
     """Failure and warning codes the ingest can report (constants of `dicomweb.ingest` and the STOW route)."""
     from dicomweb import ingest
 
-    names = ("PROCESSING_FAILURE", "DUPLICATE_REJECTED", "OUT_OF_RESOURCES", "DATASET_MISMATCH",
-             "CANNOT_UNDERSTAND", "TRANSFER_SYNTAX_NOT_SUPPORTED", "WARNING_COERCION")
+    names = (
+        "PROCESSING_FAILURE",
+        "DUPLICATE_REJECTED",
+        "OUT_OF_RESOURCES",
+        "DATASET_MISMATCH",
+        "CANNOT_UNDERSTAND",
+        "TRANSFER_SYNTAX_NOT_SUPPORTED",
+        "WARNING_COERCION",
+    )
     return {int(getattr(ingest, n)) for n in names}
 
 
@@ -76,7 +83,8 @@ def endpoint_problems(app: Any, statement: Path = STATEMENT) -> list[str]:
     served = app_endpoints(app)
     problems = [f"documented but not served: {m} {p}" for m, p in sorted(documented - served)]
     problems += [
-        f"served but not documented: {m} {p}" for m, p in sorted(served - documented)
+        f"served but not documented: {m} {p}"
+        for m, p in sorted(served - documented)
         if p.startswith(DOCUMENTED_PREFIXES)
     ]
     return problems

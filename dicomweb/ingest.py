@@ -45,9 +45,7 @@ _TS_TAG = "00083002"  # Available Transfer Syntax UID, added to metadata so clie
 class InstanceRejected(Exception):
     """The part is not an instance we can store; carries the DICOM failure reason and a readable comment."""
 
-    def __init__(
-        self, reason: int, comment: str, sop_class: str | None = None, sop_instance: str | None = None
-    ):
+    def __init__(self, reason: int, comment: str, sop_class: str | None = None, sop_instance: str | None = None):
         super().__init__(comment)
         self.reason = reason
         self.comment = comment
@@ -176,9 +174,7 @@ def parse_instance(path: Path, *, bulk_threshold: int) -> ParsedInstance:
             _check_identity(ds, sop_class, sop_uid)
             parsed = _build(ds, fp, size, ts, bulk_threshold)
             for w in caught:
-                parsed.warnings.append(
-                    (WARNING_COERCION, f"value coerced for indexing: {str(w.message)[:200]}")
-                )
+                parsed.warnings.append((WARNING_COERCION, f"value coerced for indexing: {str(w.message)[:200]}"))
     return parsed
 
 
@@ -197,9 +193,7 @@ def _check_identity(ds: Dataset, sop_class: str, sop_uid: str) -> None:
             DATASET_MISMATCH, "MediaStorageSOPInstanceUID differs from SOPInstanceUID", sop_class, sop_uid
         )
     if meta.get("MediaStorageSOPClassUID") and str(meta.MediaStorageSOPClassUID) != str(ds.SOPClassUID):
-        raise InstanceRejected(
-            DATASET_MISMATCH, "MediaStorageSOPClassUID differs from SOPClassUID", sop_class, sop_uid
-        )
+        raise InstanceRejected(DATASET_MISMATCH, "MediaStorageSOPClassUID differs from SOPClassUID", sop_class, sop_uid)
 
 
 def _build(ds: Dataset, fp: Any, size: int, ts: str, bulk_threshold: int) -> ParsedInstance:
@@ -217,17 +211,13 @@ def _build(ds: Dataset, fp: Any, size: int, ts: str, bulk_threshold: int) -> Par
             # Some writers encode implicit VR under an explicit transfer syntax (or the reverse); pydicom reads
             # such files by detection, and so do we.
             try:
-                elements = layout.walk(
-                    fp, start, size, implicit=not tsu.is_implicit_VR, little=tsu.is_little_endian
-                )
+                elements = layout.walk(fp, start, size, implicit=not tsu.is_implicit_VR, little=tsu.is_little_endian)
             except layout.LayoutError:
                 raise InstanceRejected(CANNOT_UNDERSTAND, str(exc), sop_class, sop_uid) from None
 
     if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         # A deflated data set has no stable byte offsets: frames are served by inflating the whole file.
-        pixel: dict[str, object] | None = (
-            {"deflated": _int(ds, "NumberOfFrames") or 1} if _int(ds, "Rows") else None
-        )
+        pixel: dict[str, object] | None = {"deflated": _int(ds, "NumberOfFrames") or 1} if _int(ds, "Rows") else None
     else:
         pixel = _pixel_layout(ds, fp, elements, tsu, sop_class, sop_uid)
     base = f"{BULK_PREFIX}{study_uid}/series/{series_uid}/instances/{sop_uid}/bulk/"
@@ -241,12 +231,7 @@ def _build(ds: Dataset, fp: Any, size: int, ts: str, bulk_threshold: int) -> Par
         where = elements.get(tag)
         vr = raw.VR if raw is not None and raw.VR else (where.vr if where else None)
         key = f"{tag:08X}"
-        if (
-            where is not None
-            and vr in BULK_VRS
-            and where.length != 0xFFFFFFFF
-            and where.length > bulk_threshold
-        ):
+        if where is not None and vr in BULK_VRS and where.length != 0xFFFFFFFF and where.length > bulk_threshold:
             bulk[key] = [where.value_offset, where.length]
             extra[key] = {"vr": vr, "BulkDataURI": base + key}
             continue
@@ -349,9 +334,7 @@ def _pixel_layout(
         return None
     missing = [k for k in ("Rows", "Columns", "BitsAllocated") if _int(ds, k) is None]
     if missing:
-        raise InstanceRejected(
-            DATASET_MISMATCH, f"Pixel Data without {', '.join(missing)}", sop_class, sop_uid
-        )
+        raise InstanceRejected(DATASET_MISMATCH, f"Pixel Data without {', '.join(missing)}", sop_class, sop_uid)
     rows, cols, bits = _int(ds, "Rows") or 0, _int(ds, "Columns") or 0, _int(ds, "BitsAllocated") or 0
     samples = _int(ds, "SamplesPerPixel") or 1
     frames = _int(ds, "NumberOfFrames") or 1
@@ -373,17 +356,13 @@ def _pixel_layout(
                 raise layout.LayoutError("Pixel Data has a defined length in a compressed transfer syntax")
             photometric = _text(ds, "PhotometricInterpretation") or ""
             if photometric.startswith("YBR") and photometric.endswith("_422"):
-                samples = (
-                    2  # two samples per pixel on average after horizontal subsampling (PS3.3 C.7.6.3.1.2)
-                )
+                samples = 2  # two samples per pixel on average after horizontal subsampling (PS3.3 C.7.6.3.1.2)
             pixel_bits = rows * cols * samples * bits
             if bits == 1 and pixel_bits % 8:
                 # 1-bit frames that do not end on a byte boundary (PS3.5 8.1.1): served by unpacking bits.
                 expected = (pixel_bits * frames + 7) // 8
                 if element.length < expected:
-                    raise InstanceRejected(
-                        DATASET_MISMATCH, _short(element.length, expected), sop_class, sop_uid
-                    )
+                    raise InstanceRejected(DATASET_MISMATCH, _short(element.length, expected), sop_class, sop_uid)
                 return {"bits": [element.value_offset, pixel_bits, frames]}
             frame_bytes = pixel_bits // 8
             expected = frame_bytes * frames

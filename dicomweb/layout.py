@@ -221,9 +221,7 @@ def encapsulated_frames(
     elif element.basic_offset_table:
         bot = element.basic_offset_table
         if len(bot) != number_of_frames:
-            raise LayoutError(
-                f"Basic Offset Table lists {len(bot)} frames, NumberOfFrames is {number_of_frames}"
-            )
+            raise LayoutError(f"Basic Offset Table lists {len(bot)} frames, NumberOfFrames is {number_of_frames}")
         try:
             starts = [by_start[o] for o in bot]
         except KeyError:
@@ -243,9 +241,7 @@ def encapsulated_frames(
         if len(marked) == number_of_frames and marked[0] == 0:
             starts = marked
     if starts is None or len(starts) != number_of_frames or sorted(starts) != starts:
-        raise LayoutError(
-            f"cannot tell which of {len(frags)} fragments belong to each of {number_of_frames} frames"
-        )
+        raise LayoutError(f"cannot tell which of {len(frags)} fragments belong to each of {number_of_frames} frames")
     bounds = [*starts, len(frags)]
     frames = tuple(tuple(frags[bounds[i] : bounds[i + 1]]) for i in range(number_of_frames))
     if any(not f for f in frames):

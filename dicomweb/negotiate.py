@@ -42,8 +42,12 @@ _NATIVE_LITTLE = frozenset({EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 
 # Media types of compressed pixel data and the transfer syntaxes each carries (PS3.18 8.7.3.3.2, Table 8.7.3-5).
 _COMPRESSED_MEDIA: dict[str, tuple[str, ...]] = {
-    "image/jpeg": ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
-                   "1.2.840.10008.1.2.4.70"),
+    "image/jpeg": (
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+    ),
     "image/jls": ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"),
     "image/x-jls": ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"),
     "image/jp2": ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"),
@@ -53,8 +57,13 @@ _COMPRESSED_MEDIA: dict[str, tuple[str, ...]] = {
     "image/dicom-rle": ("1.2.840.10008.1.2.5",),
     "image/x-dicom-rle": ("1.2.840.10008.1.2.5",),
     "video/mpeg2": ("1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.101"),
-    "video/mp4": ("1.2.840.10008.1.2.4.102", "1.2.840.10008.1.2.4.103", "1.2.840.10008.1.2.4.104",
-                  "1.2.840.10008.1.2.4.105", "1.2.840.10008.1.2.4.106"),
+    "video/mp4": (
+        "1.2.840.10008.1.2.4.102",
+        "1.2.840.10008.1.2.4.103",
+        "1.2.840.10008.1.2.4.104",
+        "1.2.840.10008.1.2.4.105",
+        "1.2.840.10008.1.2.4.106",
+    ),
     "video/h265": ("1.2.840.10008.1.2.4.107", "1.2.840.10008.1.2.4.108"),
 }
 
@@ -178,7 +187,7 @@ def choose_instances(
     instance cannot be sent in an acceptable syntax. All choices share the multipart flag of the first."""
     if not any(o.media_type == DICOM for o in choices):
         raise NotAcceptable(
-            "this resource is available as multipart/related; type=\"application/dicom\" only",
+            'this resource is available as multipart/related; type="application/dicom" only',
             offered=(f'{MULTIPART_RELATED}; type="{DICOM}"',),
         )
     out: list[Choice] = []
@@ -248,9 +257,7 @@ def choose_pixels(
     offered = [f'{MULTIPART_RELATED}; type="{OCTET_STREAM}"; transfer-syntax={DEFAULT_SYNTAX}']
     if own:
         offered.append(f'{MULTIPART_RELATED}; type="{own}"; transfer-syntax={stored}')
-    raise NotAcceptable(
-        f"pixel data stored as {stored} can be sent as: " + ", ".join(offered), offered=tuple(offered)
-    )
+    raise NotAcceptable(f"pixel data stored as {stored} can be sent as: " + ", ".join(offered), offered=tuple(offered))
 
 
 def choose_bulk(choices: list[Offer], stored: str) -> Choice:

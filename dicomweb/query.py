@@ -108,16 +108,41 @@ def _tags(*keywords: str) -> tuple[str, ...]:
 # Keys with an index column (migrations/0001_index.sql), by the level whose rows they filter.
 _INDEXED_KEYWORDS: dict[Level, tuple[str, ...]] = {
     Level.STUDY: (
-        "StudyInstanceUID", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-        "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName",
-        "ModalitiesInStudy", "SOPClassesInStudy",
+        "StudyInstanceUID",
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDescription",
+        "ReferringPhysicianName",
+        "ModalitiesInStudy",
+        "SOPClassesInStudy",
     ),
     Level.SERIES: (
-        "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined", "SeriesDate",
-        "SeriesTime", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "BodyPartExamined",
+        "SeriesDate",
+        "SeriesTime",
+        "PerformedProcedureStepStartDate",
+        "PerformedProcedureStepStartTime",
     ),
-    Level.INSTANCE: ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames",
-                     "BitsAllocated"),
+    Level.INSTANCE: (
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "BitsAllocated",
+    ),
 }
 INDEXED: dict[str, Level] = {tag_of(k): level for level, kws in _INDEXED_KEYWORDS.items() for k in kws}
 
@@ -251,9 +276,7 @@ def _label(name: str) -> str:
     return ascii(name[:64])[1:-1]
 
 
-def _key(
-    name: str, label: str, value: str, seen: dict[str, Filter], unsupported: list[str]
-) -> Filter | None:
+def _key(name: str, label: str, value: str, seen: dict[str, Filter], unsupported: list[str]) -> Filter | None:
     tag, keyword, vr = resolve(name, parameter=label)
     name = label  # from here on only for messages
     if vr is None:
@@ -344,7 +367,7 @@ def _date_time(name: str, vr: str, value: str) -> tuple[Match, tuple[str, ...]]:
     for i, ch in enumerate(value):
         if ch != "-":
             continue
-        low, high = value[:i], value[i + 1:]
+        low, high = value[:i], value[i + 1 :]
         if (low or high) and (not low or check(low)) and (not high or check(high)):
             if low and high and low > high:
                 raise InvalidParameter(name, f"range starts after it ends: {value[:40]!a}")
@@ -381,8 +404,10 @@ def _scope_instance_keys(
 ) -> list[Filter]:
     """Instance metadata is not indexed: its attributes are matched only inside a named study or series, so
     that one request never parses every instance of the archive."""
-    scoped = study_uid is not None or series_uid is not None or any(
-        k.tag in _SCOPING_KEYS and k.match in (Match.SINGLE, Match.LIST) for k in keys
+    scoped = (
+        study_uid is not None
+        or series_uid is not None
+        or any(k.tag in _SCOPING_KEYS and k.match in (Match.SINGLE, Match.LIST) for k in keys)
     )
     out = []
     for k in keys:

@@ -183,8 +183,12 @@ class RetrieveService:
         choices = negotiate.choose_instances(
             offers, [r["transfer_syntax_uid"] for r in rows], transcode.can_transcode, single_part_ok=single_part_ok
         )
-        etag = _etag("instances", *(f"{r['sha256']}:{c.transfer_syntax}" for r, c in zip(rows, choices, strict=True)),
-                     choices[0].multipart, base)
+        etag = _etag(
+            "instances",
+            *(f"{r['sha256']}:{c.transfer_syntax}" for r, c in zip(rows, choices, strict=True)),
+            choices[0].multipart,
+            base,
+        )
 
         async def build() -> Body:
             parts = [self._instance_part(r, c, base) for r, c in zip(rows, choices, strict=True)]
@@ -216,9 +220,7 @@ class RetrieveService:
 
     # ------------------------------------------------------------------------------------------ metadata
 
-    async def metadata(
-        self, base: str, study: UID, series: UID | None = None, instance: UID | None = None
-    ) -> Metadata:
+    async def metadata(self, base: str, study: UID, series: UID | None = None, instance: UID | None = None) -> Metadata:
         """The DICOM JSON array of the target's instances (PS3.18 10.4.1.1.2), concatenated by the database."""
         async with self.pool.acquire() as conn:
             if instance is not None:
@@ -273,9 +275,7 @@ class RetrieveService:
 
         return Plan(etag, INSTANCE_MAX_AGE, build)
 
-    async def plan_bulk(
-        self, offers: list[Offer], base: str, study: UID, series: UID, instance: UID, tag: str
-    ) -> Plan:
+    async def plan_bulk(self, offers: list[Offer], base: str, study: UID, series: UID, instance: UID, tag: str) -> Plan:
         """One bulk data element by its BulkDataURI (PS3.18 10.4.1.1.5). Encapsulated Pixel Data is sent as its
         frames, one part each, like the frames resource."""
         row = await self._layout(study, series, instance)
@@ -435,9 +435,7 @@ class _FrameReader:
             data = await self._read_all()
             count = int(self.pixel["deflated"])
             try:
-                self.whole = await anyio.to_thread.run_sync(
-                    transcode.frames_of_file, data, list(range(1, count + 1))
-                )
+                self.whole = await anyio.to_thread.run_sync(transcode.frames_of_file, data, list(range(1, count + 1)))
             except transcode.TranscodeError as exc:
                 raise NotAcceptable(str(exc), offered=(self.stored,)) from exc
         return self.whole[number - 1]

@@ -23,9 +23,7 @@ from pydicom.datadict import dictionary_VR
 from dicomweb.index import search as index
 from dicomweb.query import Level, Query, level_of, tag_of
 
-TRUNCATED = (
-    "The number of results exceeded the maximum supported by the server. Additional results can be requested."
-)
+TRUNCATED = "The number of results exceeded the maximum supported by the server. Additional results can be requested."
 
 
 def _tags(*keywords: str) -> frozenset[str]:
@@ -37,18 +35,44 @@ TIMEZONE = tag_of("TimezoneOffsetFromUTC")
 _OWN_LEVEL = frozenset({CHARSET, TIMEZONE})  # taken from the result's own level, which has them too
 
 STUDY_REQUIRED = _tags(
-    "SpecificCharacterSet", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
-    "TimezoneOffsetFromUTC", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-    "StudyID", "StudyDescription",
+    "SpecificCharacterSet",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "TimezoneOffsetFromUTC",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyID",
+    "StudyDescription",
 )
 SERIES_REQUIRED = _tags(
-    "SpecificCharacterSet", "Modality", "TimezoneOffsetFromUTC", "SeriesDescription", "SeriesInstanceUID",
-    "SeriesNumber", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
-    "RequestAttributesSequence", "StudyInstanceUID",
+    "SpecificCharacterSet",
+    "Modality",
+    "TimezoneOffsetFromUTC",
+    "SeriesDescription",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "RequestAttributesSequence",
+    "StudyInstanceUID",
 )
 INSTANCE_REQUIRED = _tags(
-    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "TimezoneOffsetFromUTC", "InstanceNumber", "Rows",
-    "Columns", "BitsAllocated", "NumberOfFrames", "StudyInstanceUID", "SeriesInstanceUID",
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "TimezoneOffsetFromUTC",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "NumberOfFrames",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
 )
 _REQUIRED = {Level.STUDY: STUDY_REQUIRED, Level.SERIES: SERIES_REQUIRED, Level.INSTANCE: INSTANCE_REQUIRED}
 
@@ -59,8 +83,17 @@ STUDY_INSTANCES = tag_of("NumberOfStudyRelatedInstances")
 SERIES_INSTANCES = tag_of("NumberOfSeriesRelatedInstances")
 RETRIEVE_URL = tag_of("RetrieveURL")
 AVAILABILITY = tag_of("InstanceAvailability")
-_COMPUTED = frozenset({MODALITIES_IN_STUDY, SOP_CLASSES_IN_STUDY, STUDY_SERIES, STUDY_INSTANCES,
-                       SERIES_INSTANCES, RETRIEVE_URL, AVAILABILITY})
+_COMPUTED = frozenset(
+    {
+        MODALITIES_IN_STUDY,
+        SOP_CLASSES_IN_STUDY,
+        STUDY_SERIES,
+        STUDY_INSTANCES,
+        SERIES_INSTANCES,
+        RETRIEVE_URL,
+        AVAILABILITY,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +135,11 @@ async def search(pool: asyncpg.Pool, query: Query, base_url: str) -> SearchResul
         more = len(rows) > query.limit
         rows = rows[: query.limit]
         studies = await index.study_stats(
-            conn, sorted({int(r["study_pk"]) for r in rows}) if Level.STUDY in plan.levels else [])
+            conn, sorted({int(r["study_pk"]) for r in rows}) if Level.STUDY in plan.levels else []
+        )
         series = await index.series_stats(
-            conn, sorted({int(r["series_pk"]) for r in rows}) if Level.SERIES in plan.levels else [])
+            conn, sorted({int(r["series_pk"]) for r in rows}) if Level.SERIES in plan.levels else []
+        )
     warnings = list(query.unsupported)
     if more and (query.limit_requested is None or query.limit_requested > query.limit):
         warnings.append(TRUNCATED)

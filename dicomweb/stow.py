@@ -24,9 +24,7 @@ def check_request_type(content_type: str | None) -> bytes:
     """Validate a STOW-RS Content-Type and return its boundary. 415 for anything but multipart/related with
     application/dicom parts; 400 when the multipart header itself is unusable."""
     if not content_type:
-        raise UnsupportedMediaType(
-            'STOW-RS needs Content-Type: multipart/related; type="application/dicom"', None
-        )
+        raise UnsupportedMediaType('STOW-RS needs Content-Type: multipart/related; type="application/dicom"', None)
     media = mediatypes.parse_media_type(content_type)
     if media.essence != mediatypes.MULTIPART_RELATED:
         raise UnsupportedMediaType(
@@ -71,9 +69,7 @@ def _item(outcome: Outcome, base_url: str) -> dict[str, Any]:
     return item
 
 
-def store_response(
-    outcomes: Sequence[Outcome], base_url: str, study_uid: str | None
-) -> tuple[int, dict[str, Any]]:
+def store_response(outcomes: Sequence[Outcome], base_url: str, study_uid: str | None) -> tuple[int, dict[str, Any]]:
     """HTTP status and body: 200 all stored, 202 some failed or warnings, 409 none stored (PS3.18 10.5.3)."""
     body: dict[str, Any] = {}
     referenced: list[dict[str, Any]] = []
@@ -87,9 +83,7 @@ def store_response(
         if o.ok:
             item[RETRIEVE_URL] = {
                 "vr": "UR",
-                "Value": [
-                    f"{base_url}/studies/{o.study_uid}/series/{o.series_uid}/instances/{o.sop_instance_uid}"
-                ],
+                "Value": [f"{base_url}/studies/{o.study_uid}/series/{o.series_uid}/instances/{o.sop_instance_uid}"],
             }
             if o.warnings:
                 item[WARNING_REASON] = {"vr": "US", "Value": [o.warnings[0][0]]}

@@ -97,7 +97,10 @@ def transcode_instance(data: bytes, target: str) -> bytes:
         ds.file_meta.TransferSyntaxUID = target_uid
         out = io.BytesIO()
         pydicom.dcmwrite(
-            out, ds, implicit_vr=target_uid.is_implicit_VR, little_endian=target_uid.is_little_endian,
+            out,
+            ds,
+            implicit_vr=target_uid.is_implicit_VR,
+            little_endian=target_uid.is_little_endian,
             enforce_file_format=True,
         )
         return out.getvalue()
@@ -258,4 +261,3 @@ def frames_of_file(data: bytes, frames: list[int]) -> list[bytes]:
         size = frame_bits // 8
         out.append(pixel[(number - 1) * size : number * size])
     return out
-

@@ -29,9 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     settings = _settings(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     # uvicorn re-raises SIGTERM after its graceful shutdown, which would skip atexit handlers (the embedded
     # PostgreSQL is stopped by one): turn SIGTERM into a normal exit instead.

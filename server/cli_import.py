@@ -196,9 +196,7 @@ class Importer:
 
     async def run(self) -> int:
         directory = self.directory
-        exclude = tuple(
-            p.resolve() for p in (self.settings.data_dir, self.settings.blob_dir, self.settings.spool_dir)
-        )
+        exclude = tuple(p.resolve() for p in (self.settings.data_dir, self.settings.blob_dir, self.settings.spool_dir))
         files = await anyio.to_thread.run_sync(lambda: list(walk(directory, exclude)))
         state = ImportState(self.settings.data_dir, directory, resume=self.resume)
         todo: list[SourceFile] = []
@@ -210,8 +208,14 @@ class Importer:
             else:
                 todo.append(source)
         self.summary.total = len(files)
-        bar = tqdm(total=len(todo), unit="file", file=sys.stderr, disable=not sys.stderr.isatty(),
-                   desc="importing", dynamic_ncols=True)
+        bar = tqdm(
+            total=len(todo),
+            unit="file",
+            file=sys.stderr,
+            disable=not sys.stderr.isatty(),
+            desc="importing",
+            dynamic_ncols=True,
+        )
         try:
             if todo:
                 async with open_resources(self.settings) as resources:
@@ -224,8 +228,9 @@ class Importer:
                             if ok:
                                 state.record(source)
                             bar.update(1)
-                            bar.set_postfix(stored=self.summary.stored, failed=len(self.summary.failures),
-                                            refresh=False)
+                            bar.set_postfix(
+                                stored=self.summary.stored, failed=len(self.summary.failures), refresh=False
+                            )
 
                     await asyncio.gather(*(worker() for _ in range(min(self.workers, len(todo)))))
         finally:
@@ -236,8 +241,9 @@ class Importer:
     async def _one(self, store: StoreService, source: SourceFile) -> bool:
         settings = self.settings
         if source.size > settings.max_instance_bytes:
-            self._fail(source, OUT_OF_RESOURCES,
-                       f"instance larger than the limit of {settings.max_instance_bytes} bytes")
+            self._fail(
+                source, OUT_OF_RESOURCES, f"instance larger than the limit of {settings.max_instance_bytes} bytes"
+            )
             return False
         try:
             spooled, size, sha256 = await anyio.to_thread.run_sync(copy_to_spool, source.path, settings.spool_dir)
@@ -311,13 +317,15 @@ def _positive(text: str) -> int:
 def register(subparsers: Any) -> None:
     """Add `hounsfield import DIR [--data DIR] [--workers N] [--no-resume]`."""
     parser = subparsers.add_parser(
-        "import", help="ingest every file under a folder (recursively), as STOW-RS would",
+        "import",
+        help="ingest every file under a folder (recursively), as STOW-RS would",
         description="Ingest every file under DIR through the STOW-RS ingest path. Resumable: a re-run skips "
         "files already imported. Exit status 0 when every file was stored or already present, 1 otherwise.",
     )
     parser.add_argument("directory", type=Path, metavar="DIR", help="folder to import (recursively)")
     parser.add_argument("--data", type=Path, help="data folder (default ./var, or HOUNSFIELD_DATA)")
     parser.add_argument("--workers", type=_positive, default=4, help="concurrent ingests (default 4)")
-    parser.add_argument("--no-resume", action="store_true",
-                        help="ignore the record of an earlier run and look at every file again")
+    parser.add_argument(
+        "--no-resume", action="store_true", help="ignore the record of an earlier run and look at every file again"
+    )
     parser.set_defaults(func=cmd_import)

@@ -81,9 +81,7 @@ def http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dic
 
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return Response(
-        {"error": "internal server error", "status": 500}, status_code=500, media_type=MediaType.JSON
-    )
+    return Response({"error": "internal server error", "status": 500}, status_code=500, media_type=MediaType.JSON)
 
 
 EXCEPTION_HANDLERS = {

@@ -153,9 +153,7 @@ class Settings:
                 ),
             )
         elif storage_url and "://" in storage_url and not storage_url.startswith("file://"):
-            raise SettingsError(
-                f"HOUNSFIELD_STORAGE_URL: expected s3://bucket/prefix or a folder, got {storage_url!r}"
-            )
+            raise SettingsError(f"HOUNSFIELD_STORAGE_URL: expected s3://bucket/prefix or a folder, got {storage_url!r}")
         database_url = env.get("DATABASE_URL") or None
         if database_url and not database_url.startswith(("postgres://", "postgresql://")):
             raise SettingsError("DATABASE_URL: expected a postgresql:// URL")

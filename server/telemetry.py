@@ -102,11 +102,14 @@ class Telemetry:
             meter_provider=meter_provider,
             tracer=tracer_provider.get_tracer(INSTRUMENTATION_NAME),
             instances_stored=meter.create_counter(
-                "hounsfield.instances.stored", unit="{instance}",
+                "hounsfield.instances.stored",
+                unit="{instance}",
                 description="SOP instances newly stored or replaced (STOW-RS and other ingest paths)",
             ),
             stow_part_size=meter.create_histogram(
-                "hounsfield.stow.part.size", unit="By", description="Size of each STOW-RS multipart part",
+                "hounsfield.stow.part.size",
+                unit="By",
+                description="Size of each STOW-RS multipart part",
             ),
         )
 
@@ -121,7 +124,8 @@ class Telemetry:
     def blob_span(self, op: str, key: str) -> Iterator[trace.Span]:
         """A client span around one blob store operation. `key` is a blob key (UIDs and a hash, no PHI)."""
         with self.tracer.start_as_current_span(
-            f"blob.{op}", kind=trace.SpanKind.CLIENT,
+            f"blob.{op}",
+            kind=trace.SpanKind.CLIENT,
             attributes={"hounsfield.blob.operation": op, "hounsfield.blob.key": key},
         ) as span:
             yield span
@@ -139,8 +143,11 @@ def configure(settings: Settings) -> Telemetry:
     with _lock:
         if _current is not None:
             if settings.otel_exporter != _current.exporter:
-                log.warning("OpenTelemetry is already configured with exporter %r; %r ignored",
-                            _current.exporter, settings.otel_exporter)
+                log.warning(
+                    "OpenTelemetry is already configured with exporter %r; %r ignored",
+                    _current.exporter,
+                    settings.otel_exporter,
+                )
             return _current
         tel = Telemetry.build(settings.otel_exporter)
         trace.set_tracer_provider(tel.tracer_provider)
@@ -185,6 +192,7 @@ def blob_span(op: str, key: str) -> Iterator[trace.Span]:
 
 
 # --- HTTP requests -------------------------------------------------------------------------------------------
+
 
 def _span_details(scope: Scope) -> tuple[str, dict[str, Any]]:
     """The initial span name: the method only. The route template is known after routing (see `_Routed`)."""

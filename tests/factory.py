@@ -61,9 +61,7 @@ def part10(ds: Dataset, *, enforce: bool = True) -> bytes:
     return buf.getvalue()
 
 
-def multipart(
-    parts: list[bytes], boundary: str = "hfboundary", content_type: str = "application/dicom"
-) -> bytes:
+def multipart(parts: list[bytes], boundary: str = "hfboundary", content_type: str = "application/dicom") -> bytes:
     out = b""
     for p in parts:
         out += f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode() + p + b"\r\n"

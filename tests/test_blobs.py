@@ -224,8 +224,11 @@ async def test_large_file_round_trip(backend: Backend, spool: Path) -> None:
 
     if backend.bucket is not None:  # S3: a multipart ETag is "<md5 of part md5s>-<part count>"
         moto_client = boto3.client(
-            "s3", endpoint_url=backend.store.settings.endpoint_url,  # type: ignore[attr-defined]
-            region_name=REGION, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+            "s3",
+            endpoint_url=backend.store.settings.endpoint_url,  # type: ignore[attr-defined]
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
         )
         try:
             key = f"{backend.prefix}/big/one" if backend.prefix else "big/one"
@@ -294,8 +297,12 @@ async def test_upload_memory_is_bounded(backend: Backend, spool: Path, tmp_path:
     if isinstance(backend.store, S3BlobStore):
         s = backend.store.settings
         cfg["s3"] = {
-            "bucket": s.bucket, "prefix": s.prefix, "endpoint_url": s.endpoint_url, "region": s.region,
-            "access_key_id": s.access_key_id, "secret_access_key": s.secret_access_key,
+            "bucket": s.bucket,
+            "prefix": s.prefix,
+            "endpoint_url": s.endpoint_url,
+            "region": s.region,
+            "access_key_id": s.access_key_id,
+            "secret_access_key": s.secret_access_key,
             "multipart_threshold": s.multipart_threshold,
         }
     with anyio.fail_after(240):

@@ -66,9 +66,7 @@ def test_worker_runs_retries_and_fails(dsn: str) -> None:
             async with pool.acquire() as conn:
                 states = {r["id"]: r["state"] for r in await conn.fetch("SELECT id, state FROM jobs")}
                 assert states == {a: "done", b: "queued", c: "failed", d: "queued"}
-                row = await conn.fetchrow(
-                    "SELECT last_error, run_at > now() AS later FROM jobs WHERE id=$1", b
-                )
+                row = await conn.fetchrow("SELECT last_error, run_at > now() AS later FROM jobs WHERE id=$1", b)
                 assert "transient" in row["last_error"] and row["later"]
                 await conn.execute("UPDATE jobs SET run_at = now() WHERE id = $1", b)  # skip the backoff
             assert await worker.run_once() == 1
@@ -163,10 +161,7 @@ def test_orphan_collector_removes_only_unindexed_old_blobs(dsn: str, tmp_path: P
             remaining = sorted([info.key async for info in store.list()])
             assert remaining == ["a/indexed-old.dcm", "a/orphan-new.dcm"]
             async with pool.acquire() as conn:  # the periodic sweep scheduled its successor
-                assert (
-                    await conn.fetchval("SELECT count(*) FROM jobs WHERE kind='blob.gc' AND state='queued'")
-                    == 1
-                )
+                assert await conn.fetchval("SELECT count(*) FROM jobs WHERE kind='blob.gc' AND state='queued'") == 1
         finally:
             await pool.close()
 

@@ -18,9 +18,7 @@ def body(parts: list[bytes], boundary: str = "b0und", preamble: bytes = b"", epi
     return out + f"--{boundary}--\r\n".encode() + epilogue
 
 
-def parse(
-    data: bytes, boundary: bytes = b"b0und", chunk: int | None = None
-) -> list[tuple[dict[str, str], bytes]]:
+def parse(data: bytes, boundary: bytes = b"b0und", chunk: int | None = None) -> list[tuple[dict[str, str], bytes]]:
     parser = MultipartParser(boundary)
     parts: list[tuple[dict[str, str], bytes]] = []
     current = b""

@@ -76,8 +76,10 @@ def test_q_values_order_the_offers_and_unsatisfiable_ones_are_skipped() -> None:
 
 
 def test_each_instance_gets_its_own_syntax() -> None:
-    accept = (f"multipart/related; type=application/dicom; transfer-syntax={J2K}, "
-              "multipart/related; type=application/dicom; q=0.5")
+    accept = (
+        f"multipart/related; type=application/dicom; transfer-syntax={J2K}, "
+        "multipart/related; type=application/dicom; q=0.5"
+    )
     choices = negotiate.choose_instances(instance_offers(accept), [J2K, ELE, RLE], can_transcode)
     assert [c.transfer_syntax for c in choices] == [J2K, ELE, ELE]
 

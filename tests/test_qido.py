@@ -47,25 +47,68 @@ def _instance(base: str, study: str, series: str, number: int, attrs: dict[str, 
 
 
 STUDIES: dict[str, dict[str, Any]] = {
-    "A": dict(PatientName="Doe^John", PatientID="PID-A", PatientBirthDate="19700101", PatientSex="M",
-              PatientAge="050Y", StudyDate="20200115", StudyTime="093000", AccessionNumber="ACC-1",
-              StudyID="S1", StudyDescription="Chest CT", ReferringPhysicianName="Welby^Marcus"),
-    "B": dict(PatientName="SMITH^jane", PatientID="PID-B", PatientBirthDate="19851224", PatientSex="F",
-              StudyDate="20210610", StudyTime="141500", AccessionNumber="ACC-2", StudyID="S2",
-              StudyDescription="Brain MRI", ReferringPhysicianName="House^Gregory"),
-    "C": dict(PatientName="van Dyke^Anna", PatientID="PID-C", PatientSex="F", StudyDate=None, StudyTime=None,
-              AccessionNumber="ACC-3", StudyDescription="chest x-ray"),
+    "A": dict(
+        PatientName="Doe^John",
+        PatientID="PID-A",
+        PatientBirthDate="19700101",
+        PatientSex="M",
+        PatientAge="050Y",
+        StudyDate="20200115",
+        StudyTime="093000",
+        AccessionNumber="ACC-1",
+        StudyID="S1",
+        StudyDescription="Chest CT",
+        ReferringPhysicianName="Welby^Marcus",
+    ),
+    "B": dict(
+        PatientName="SMITH^jane",
+        PatientID="PID-B",
+        PatientBirthDate="19851224",
+        PatientSex="F",
+        StudyDate="20210610",
+        StudyTime="141500",
+        AccessionNumber="ACC-2",
+        StudyID="S2",
+        StudyDescription="Brain MRI",
+        ReferringPhysicianName="House^Gregory",
+    ),
+    "C": dict(
+        PatientName="van Dyke^Anna",
+        PatientID="PID-C",
+        PatientSex="F",
+        StudyDate=None,
+        StudyTime=None,
+        AccessionNumber="ACC-3",
+        StudyDescription="chest x-ray",
+    ),
 }
 # series name -> (study, base file, instance numbers in storing order, series attributes)
 SERIES: dict[str, tuple[str, str, list[int], dict[str, Any]]] = {
-    "A1": ("A", "CT_small.dcm", [3, 1, 2], dict(Modality="CT", SeriesNumber=1, SeriesDescription="Axial 5mm",
-                                                 BodyPartExamined="CHEST",
-                                                 PerformedProcedureStepStartDate="20200115",
-                                                 PerformedProcedureStepStartTime="093500")),
-    "A2": ("A", "CT_small.dcm", [1], dict(Modality="OT", SeriesNumber=2, SeriesDescription="Screenshots",
-                                          SOPClassUID=SECONDARY_CAPTURE)),
-    "B1": ("B", "MR_small.dcm", [2, 1], dict(Modality="MR", SeriesNumber=1, SeriesDescription="T1 axial",
-                                             BodyPartExamined="HEAD")),
+    "A1": (
+        "A",
+        "CT_small.dcm",
+        [3, 1, 2],
+        dict(
+            Modality="CT",
+            SeriesNumber=1,
+            SeriesDescription="Axial 5mm",
+            BodyPartExamined="CHEST",
+            PerformedProcedureStepStartDate="20200115",
+            PerformedProcedureStepStartTime="093500",
+        ),
+    ),
+    "A2": (
+        "A",
+        "CT_small.dcm",
+        [1],
+        dict(Modality="OT", SeriesNumber=2, SeriesDescription="Screenshots", SOPClassUID=SECONDARY_CAPTURE),
+    ),
+    "B1": (
+        "B",
+        "MR_small.dcm",
+        [2, 1],
+        dict(Modality="MR", SeriesNumber=1, SeriesDescription="T1 axial", BodyPartExamined="HEAD"),
+    ),
     "C1": ("C", "CT_small.dcm", [1], dict(Modality="CR", SeriesNumber=1)),
 }
 
@@ -78,8 +121,7 @@ def store_corpus(client: Any) -> Corpus:
         corpus.series[name] = generate_uid()
         corpus.instances[name] = []
         for number in numbers:
-            ds = _instance(base, corpus.studies[study], corpus.series[name], number,
-                           {**STUDIES[study], **attrs})
+            ds = _instance(base, corpus.studies[study], corpus.series[name], number, {**STUDIES[study], **attrs})
             corpus.instances[name].append(ds.SOPInstanceUID)
             datasets.append(ds)
     result = client.store_instances(datasets)
@@ -207,9 +249,16 @@ def test_study_attributes(client: Any, http: Any, server: Any) -> None:
     [r] = http.get(f"/dicom-web/studies?StudyInstanceUID={A}&includefield=all").json()
     assert value(r, "00101010") == "050Y" and value(r, "00201208") == 4 and value(r, "00100040") == "M"
     # OHIF's study list request.
-    r = http.get("/dicom-web/studies", params={
-        "PatientName": "*doe*", "limit": "101", "offset": "0", "fuzzymatching": "false",
-        "includefield": "00081030,00080060"})
+    r = http.get(
+        "/dicom-web/studies",
+        params={
+            "PatientName": "*doe*",
+            "limit": "101",
+            "offset": "0",
+            "fuzzymatching": "false",
+            "includefield": "00081030,00080060",
+        },
+    )
     assert r.status_code == 200 and study_uids(r.json()) == [A]
 
 
@@ -371,11 +420,45 @@ def test_bad_requests_are_400(http: Any) -> None:
 def test_odd_values_never_500(client: Any, http: Any) -> None:
     """Every key kind against awkward values: a result or a 400, never a server error."""
     store_corpus(client)
-    keys = ["PatientName", "PatientID", "StudyDate", "StudyTime", "StudyInstanceUID", "ModalitiesInStudy",
-            "SeriesNumber", "StudyDescription", "ReferringPhysicianName", "PatientAge", "Manufacturer",
-            "SliceThickness", "ImageType", "00091001", "AcquisitionDateTime"]
-    values = ["", "*", "**", "?", "a*b?", "\\", "%", "_", "'", "1-2", "-", "20200101-", "x" * 300, "é^ü*",
-              "1.2.3", "CT,MR", "=", "^", "5", "1e400"]
+    keys = [
+        "PatientName",
+        "PatientID",
+        "StudyDate",
+        "StudyTime",
+        "StudyInstanceUID",
+        "ModalitiesInStudy",
+        "SeriesNumber",
+        "StudyDescription",
+        "ReferringPhysicianName",
+        "PatientAge",
+        "Manufacturer",
+        "SliceThickness",
+        "ImageType",
+        "00091001",
+        "AcquisitionDateTime",
+    ]
+    values = [
+        "",
+        "*",
+        "**",
+        "?",
+        "a*b?",
+        "\\",
+        "%",
+        "_",
+        "'",
+        "1-2",
+        "-",
+        "20200101-",
+        "x" * 300,
+        "é^ü*",
+        "1.2.3",
+        "CT,MR",
+        "=",
+        "^",
+        "5",
+        "1e400",
+    ]
     for resource in ("studies", "series", "instances"):
         for key in keys:
             for v in values:
@@ -406,7 +489,7 @@ def test_accept(client: Any, http: Any) -> None:
         ("application/*", DICOM_JSON),
         ("application/dicom+json, application/json;q=0.5", DICOM_JSON),
         ("application/json, application/dicom+json;q=0.5", "application/json"),
-        ("multipart/related; type=\"application/dicom+xml\", application/dicom+json;q=0.1", DICOM_JSON),
+        ('multipart/related; type="application/dicom+xml", application/dicom+json;q=0.1', DICOM_JSON),
     ]:
         r = http.get("/dicom-web/studies", headers={"Accept": accept})
         assert r.status_code == 200 and r.headers["content-type"].startswith(expected), accept

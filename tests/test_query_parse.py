@@ -65,8 +65,7 @@ def test_matching_kinds(name: str, value: str, match: Match, values: tuple[str, 
 
 
 def test_datetime_range_with_offsets() -> None:
-    q = parse_query(Level.INSTANCE, [("AcquisitionDateTime", "2020-0500-2021+0100")],
-                    study_uid=study_uid("1.2"))
+    q = parse_query(Level.INSTANCE, [("AcquisitionDateTime", "2020-0500-2021+0100")], study_uid=study_uid("1.2"))
     f = q.filters[0]
     # A valid range, but ranges are served on indexed keys only: returned, not matched, and reported.
     assert f.match is Match.UNIVERSAL and not f.indexed and f.level is Level.INSTANCE
@@ -127,8 +126,10 @@ def test_repeated_keys() -> None:
 
 
 def test_includefield_forms() -> None:
-    q = parse_query(Level.STUDY, [("includefield", "00081030,Modality"), ("includefield", "PatientAge"),
-                                  ("includefield", " 00100040 ")])
+    q = parse_query(
+        Level.STUDY,
+        [("includefield", "00081030,Modality"), ("includefield", "PatientAge"), ("includefield", " 00100040 ")],
+    )
     assert q.include == {"00081030", "00080060", "00101010", "00100040"}
     assert not q.include_all
     q = parse_query(Level.STUDY, [("includefield", "all")])
@@ -140,8 +141,7 @@ def test_includefield_forms() -> None:
 
 
 def test_return_tags_include_keys() -> None:
-    q = parse_query(Level.STUDY, [("PatientAge", ""), ("includefield", "StudyDescription"),
-                                  ("PatientID", "x")])
+    q = parse_query(Level.STUDY, [("PatientAge", ""), ("includefield", "StudyDescription"), ("PatientID", "x")])
     assert q.return_tags == {"00101010", "00081030", "00100020"}
 
 

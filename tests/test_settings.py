@@ -34,8 +34,10 @@ def test_defaults_need_no_configuration() -> None:
         ({"HOUNSFIELD_PUBLIC_URL": "example.org/dicom"}, "HOUNSFIELD_PUBLIC_URL"),
         ({"HOUNSFIELD_STORAGE_URL": "s3://"}, "HOUNSFIELD_STORAGE_URL"),
         ({"HOUNSFIELD_STORAGE_URL": "gs://bucket/x"}, "HOUNSFIELD_STORAGE_URL"),
-        ({"HOUNSFIELD_STORAGE_URL": "s3://b", "HOUNSFIELD_S3_MULTIPART_THRESHOLD": "1024"},
-         "HOUNSFIELD_S3_MULTIPART_THRESHOLD"),
+        (
+            {"HOUNSFIELD_STORAGE_URL": "s3://b", "HOUNSFIELD_S3_MULTIPART_THRESHOLD": "1024"},
+            "HOUNSFIELD_S3_MULTIPART_THRESHOLD",
+        ),
         ({"DATABASE_URL": "mysql://db/x"}, "DATABASE_URL"),
         ({"HOUNSFIELD_MAX_INSTANCE_BYTES": "12"}, "HOUNSFIELD_MAX_INSTANCE_BYTES"),
         ({"HOUNSFIELD_GC_INTERVAL_SECONDS": "0"}, "HOUNSFIELD_GC_INTERVAL_SECONDS"),
@@ -48,27 +50,39 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> Non
 
 
 def test_bool_spellings() -> None:
-    for raw, expected in [("true", True), ("1", True), ("YES", True), ("on", True), ("false", False),
-                          ("0", False), ("no", False), ("Off", False), ("", False)]:
+    for raw, expected in [
+        ("true", True),
+        ("1", True),
+        ("YES", True),
+        ("on", True),
+        ("false", False),
+        ("0", False),
+        ("no", False),
+        ("Off", False),
+        ("", False),
+    ]:
         assert Settings.from_env({"HOUNSFIELD_OVERWRITE": raw}).overwrite is expected
 
 
 def test_s3_storage_url() -> None:
-    s = Settings.from_env({
-        "HOUNSFIELD_STORAGE_URL": "s3://my-bucket/some/prefix/",
-        "HOUNSFIELD_S3_ENDPOINT": "http://127.0.0.1:9000",
-        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
-        "AWS_SECRET_ACCESS_KEY": "very-secret",
-        "AWS_DEFAULT_REGION": "eu-west-1",
-        "HOUNSFIELD_DATA": "/srv/hf",
-    })
+    s = Settings.from_env(
+        {
+            "HOUNSFIELD_STORAGE_URL": "s3://my-bucket/some/prefix/",
+            "HOUNSFIELD_S3_ENDPOINT": "http://127.0.0.1:9000",
+            "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+            "AWS_SECRET_ACCESS_KEY": "very-secret",
+            "AWS_DEFAULT_REGION": "eu-west-1",
+            "HOUNSFIELD_DATA": "/srv/hf",
+        }
+    )
     assert s.s3 is not None
     assert (s.s3.bucket, s.s3.prefix, s.s3.endpoint_url) == ("my-bucket", "some/prefix", "http://127.0.0.1:9000")
     assert (s.s3.region, s.s3.access_key_id, s.s3.secret_access_key) == ("eu-west-1", "AKIAEXAMPLE", "very-secret")
     assert "very-secret" not in repr(s)  # the secret is never shown
     assert s.spool_dir == Path("/srv/hf/spool")  # spooling stays local when blobs go to S3
-    region = Settings.from_env({"HOUNSFIELD_STORAGE_URL": "s3://b", "HOUNSFIELD_S3_REGION": "us-west-2",
-                                "AWS_DEFAULT_REGION": "eu-west-1"})
+    region = Settings.from_env(
+        {"HOUNSFIELD_STORAGE_URL": "s3://b", "HOUNSFIELD_S3_REGION": "us-west-2", "AWS_DEFAULT_REGION": "eu-west-1"}
+    )
     assert region.s3 is not None and region.s3.region == "us-west-2" and region.s3.prefix == ""
 
 
@@ -79,15 +93,17 @@ def test_folder_storage_url() -> None:
 
 
 def test_other_values() -> None:
-    s = Settings.from_env({
-        "HOUNSFIELD_PUBLIC_URL": "https://pacs.example.org/archive/",
-        "HOUNSFIELD_CORS_ORIGINS": "https://a.example, https://b.example,,",
-        "HOUNSFIELD_OTEL_EXPORTER": "OTLP",
-        "HOUNSFIELD_LOG_LEVEL": "DEBUG",
-        "DATABASE_URL": "postgresql://u:p@db/hf",
-        "HOUNSFIELD_DB_POOL_MIN": "3",
-        "HOUNSFIELD_DB_POOL_MAX": "3",
-    })
+    s = Settings.from_env(
+        {
+            "HOUNSFIELD_PUBLIC_URL": "https://pacs.example.org/archive/",
+            "HOUNSFIELD_CORS_ORIGINS": "https://a.example, https://b.example,,",
+            "HOUNSFIELD_OTEL_EXPORTER": "OTLP",
+            "HOUNSFIELD_LOG_LEVEL": "DEBUG",
+            "DATABASE_URL": "postgresql://u:p@db/hf",
+            "HOUNSFIELD_DB_POOL_MIN": "3",
+            "HOUNSFIELD_DB_POOL_MAX": "3",
+        }
+    )
     assert s.public_url == "https://pacs.example.org/archive"
     assert s.cors_origins == ("https://a.example", "https://b.example")
     assert s.otel_exporter == "otlp" and s.log_level == "debug"

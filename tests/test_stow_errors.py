@@ -36,14 +36,10 @@ def counts(dsn: str) -> tuple[int, int, int]:
 
 def blob_files(server) -> list[Path]:
     root = server.settings.blob_dir
-    return [
-        p for p in root.rglob("*.dcm") if not any(part.startswith(".") for part in p.relative_to(root).parts)
-    ]
+    return [p for p in root.rglob("*.dcm") if not any(part.startswith(".") for part in p.relative_to(root).parts)]
 
 
-def post(
-    http: httpx.Client, body: bytes, headers: dict[str, str] | None = None, path: str = "/dicom-web/studies"
-):
+def post(http: httpx.Client, body: bytes, headers: dict[str, str] | None = None, path: str = "/dicom-web/studies"):
     return http.post(path, content=body, headers=headers if headers is not None else stow_headers())
 
 
@@ -102,9 +98,7 @@ def test_truncated_request_body(http, server) -> None:
 
 
 def test_huge_part_headers(http, server) -> None:
-    body = (
-        b"--hfboundary\r\nX-Junk: " + b"x" * 100_000 + b"\r\n\r\n" + part10(ct()) + b"\r\n--hfboundary--\r\n"
-    )
+    body = b"--hfboundary\r\nX-Junk: " + b"x" * 100_000 + b"\r\n\r\n" + part10(ct()) + b"\r\n--hfboundary--\r\n"
     resp = post(http, body)
     assert resp.status_code == 413
     assert counts(server.dsn) == (0, 0, 0)
@@ -139,9 +133,7 @@ def test_missing_meta_and_inconsistent_uids(http, server) -> None:
 
 def test_study_targeted_store_rejects_other_study(http, server) -> None:
     mine, other = ct(study="1.2.826.0.1.3680043.8.498.1"), ct(study="1.2.826.0.1.3680043.8.498.2")
-    resp = post(
-        http, multipart([part10(mine), part10(other)]), path="/dicom-web/studies/1.2.826.0.1.3680043.8.498.1"
-    )
+    resp = post(http, multipart([part10(mine), part10(other)]), path="/dicom-web/studies/1.2.826.0.1.3680043.8.498.1")
     assert resp.status_code == 202
     assert reasons(resp) == [0xA900]
     body = resp.json()

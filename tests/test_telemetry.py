@@ -109,8 +109,10 @@ def test_route_template_names_the_span(spans: InMemorySpanExporter, make_server:
 
 def test_database_spans_record_statements_without_parameters(spans: InMemorySpanExporter, http: httpx.Client) -> None:
     assert http.get("/readyz").status_code == 200
-    db = _wait_for(spans, lambda s: s.kind == SpanKind.CLIENT and (s.attributes or {}).get("db.system")
-                   in {"postgresql", "postgres"})
+    db = _wait_for(
+        spans,
+        lambda s: s.kind == SpanKind.CLIENT and (s.attributes or {}).get("db.system") in {"postgresql", "postgres"},
+    )
     assert db, [s.name for s in spans.get_finished_spans()]
     assert all("db.statement.parameters" not in (s.attributes or {}) for s in db)
 

@@ -50,7 +50,8 @@ def stow_bytes(http: httpx.Client, files: list[bytes]) -> None:
         body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
     body += f"--{boundary}--\r\n".encode()
     response = http.post(
-        "/dicom-web/studies", content=body,
+        "/dicom-web/studies",
+        content=body,
         headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
     )
     assert response.status_code == 200, response.text
@@ -58,8 +59,9 @@ def stow_bytes(http: httpx.Client, files: list[bytes]) -> None:
 
 
 def path(ds: Dataset, suffix: str = "") -> str:
-    return (f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-            f"/instances/{ds.SOPInstanceUID}{suffix}")
+    return (
+        f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}{suffix}"
+    )
 
 
 def parts(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
@@ -131,8 +133,9 @@ def test_explicit_transfer_syntax_and_not_acceptable(http: httpx.Client) -> None
     got = pydicom.dcmread(io.BytesIO(body))
     assert got.file_meta.TransferSyntaxUID == ILE
     assert np.array_equal(got.pixel_array, pixels("CT_small.dcm"))
-    response = http.get(path(j2k), headers={
-        "Accept": f'multipart/related; type="application/dicom"; transfer-syntax={JPEG_LS}'})
+    response = http.get(
+        path(j2k), headers={"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={JPEG_LS}'}
+    )
     assert response.status_code == 406
     assert "warning" in response.headers and JPEG_LS in response.json()["error"]
 
@@ -140,9 +143,11 @@ def test_explicit_transfer_syntax_and_not_acceptable(http: httpx.Client) -> None
 def test_q_values_quoting_and_the_accept_query_parameter(http: httpx.Client) -> None:
     [j2k] = stow_files(http, ["JPEG2000.dcm"])
     stored = str(j2k.file_meta.TransferSyntaxUID)
-    accept = (f"multipart/related; type=application/dicom; transfer-syntax={JPEG_LS}, "
-              f'multipart/related; type="application/dicom"; transfer-syntax="*"; q=0.8, '
-              "multipart/related; type=application/dicom; q=0.5")
+    accept = (
+        f"multipart/related; type=application/dicom; transfer-syntax={JPEG_LS}, "
+        f'multipart/related; type="application/dicom"; transfer-syntax="*"; q=0.8, '
+        "multipart/related; type=application/dicom; q=0.5"
+    )
     [(head, _body)] = parts(http.get(path(j2k), headers={"Accept": accept}))
     assert head["content-type"] == f"application/dicom; transfer-syntax={stored}"
     [(head, _body)] = parts(http.get(path(j2k), headers={"Accept": "*/*"}))
@@ -264,8 +269,12 @@ def test_metadata_is_gzipped_and_dicom_is_not(http: httpx.Client) -> None:
 
 def test_entity_tags_and_not_modified(http: httpx.Client) -> None:
     [ds] = stow_files(http, ["emri_small_jpeg_2k_lossless.dcm"])
-    for suffix, accept in (("", ANY), ("/frames/1,2", OHIF_FRAMES), ("/metadata", "application/dicom+json"),
-                           ("/bulk/7FE00010", OHIF_FRAMES)):
+    for suffix, accept in (
+        ("", ANY),
+        ("/frames/1,2", OHIF_FRAMES),
+        ("/metadata", "application/dicom+json"),
+        ("/bulk/7FE00010", OHIF_FRAMES),
+    ):
         first = http.get(path(ds, suffix), headers={"Accept": accept})
         etag = first.headers["etag"]
         assert first.headers["cache-control"].startswith("private, max-age=")
@@ -283,8 +292,12 @@ def test_entity_tags_and_not_modified(http: httpx.Client) -> None:
     frames_13 = http.get(path(ds, "/frames/1,3"), headers={"Accept": OHIF_FRAMES}).headers["etag"]
     assert frames_12 != frames_13
     study = http.get(f"/dicom-web/studies/{ds.StudyInstanceUID}/metadata")
-    assert http.get(f"/dicom-web/studies/{ds.StudyInstanceUID}/metadata",
-                    headers={"If-None-Match": study.headers["etag"]}).status_code == 304
+    assert (
+        http.get(
+            f"/dicom-web/studies/{ds.StudyInstanceUID}/metadata", headers={"If-None-Match": study.headers["etag"]}
+        ).status_code
+        == 304
+    )
 
 
 def test_study_etag_changes_when_an_instance_is_added(client: Any, http: httpx.Client) -> None:
@@ -344,9 +357,13 @@ def test_bad_frame_lists_and_tags_are_400(http: httpx.Client, suffix: str) -> No
 
 
 def test_invalid_uids_and_accept_headers_are_400(http: httpx.Client) -> None:
-    for url in ("/dicom-web/studies/1.2.abc", "/dicom-web/studies/1.02.3/metadata",
-                "/dicom-web/studies/1.2/series/x/instances/1.2", "/dicom-web/studies/1.2/series/1.2/instances/1..2",
-                "/dicom-web/studies/" + "1" * 65):
+    for url in (
+        "/dicom-web/studies/1.2.abc",
+        "/dicom-web/studies/1.02.3/metadata",
+        "/dicom-web/studies/1.2/series/x/instances/1.2",
+        "/dicom-web/studies/1.2/series/1.2/instances/1..2",
+        "/dicom-web/studies/" + "1" * 65,
+    ):
         response = http.get(url)
         assert response.status_code == 400, url
     response = http.get("/dicom-web/studies/1.2.3", headers={"Accept": 'multipart/related; type="application/dicom'})
@@ -378,7 +395,10 @@ DECODED = [
 def test_frames_decoded_to_native_little_endian(http: httpx.Client, client: Any, name: str, numbers: list[int]) -> None:
     [ds] = stow_files(http, [name])
     got = client.retrieve_instance_frames(
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, numbers,
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.SOPInstanceUID,
+        numbers,
         media_types=(("application/octet-stream", ELE),),
     )
     assert [len(f) for f in got] == [len(frame_bytes(name, n - 1)) for n in numbers], name
@@ -400,7 +420,8 @@ def test_ohif_frames_header_gets_stored_fragments(http: httpx.Client) -> None:
     got = parts(response)
     assert [body for _h, body in got] == [stored[0], stored[2], stored[4]]
     assert {h["content-type"] for h, _b in got} == {
-        f"application/octet-stream; transfer-syntax={original.file_meta.TransferSyntaxUID}"}
+        f"application/octet-stream; transfer-syntax={original.file_meta.TransferSyntaxUID}"
+    }
     assert got[1][0]["content-location"].endswith(path(j2k, "/frames/3"))
     [(head, body)] = parts(http.get(path(ct, "/frames/1"), headers={"Accept": OHIF_FRAMES}))
     assert head["content-type"] == f"application/octet-stream; transfer-syntax={ELE}"
@@ -422,8 +443,9 @@ def test_frames_in_their_compressed_media_type(http: httpx.Client) -> None:
     response = http.get(path(j2k, "/frames/2"), headers={"Accept": 'multipart/related; type="image/jp2"'})
     [(head, _body)] = parts(response)
     assert head["content-type"] == f"image/jp2; transfer-syntax={j2k.file_meta.TransferSyntaxUID}"
-    [(head, _body), _second] = parts(http.get(path(rle, "/frames/1,2"),
-                                              headers={"Accept": 'multipart/related; type="image/*"'}))
+    [(head, _body), _second] = parts(
+        http.get(path(rle, "/frames/1,2"), headers={"Accept": 'multipart/related; type="image/*"'})
+    )
     assert head["content-type"].startswith("image/dicom-rle")
     refused = http.get(path(ct, "/frames/1"), headers={"Accept": 'multipart/related; type="image/jp2"'})
     assert refused.status_code == 406
@@ -480,8 +502,10 @@ def test_bulk_pixel_data(http: httpx.Client, client: Any) -> None:
     response = http.get(path(big, "/bulk/7FE00010"), headers={"Accept": "application/octet-stream"})
     assert response.headers["content-type"] == f"application/octet-stream; transfer-syntax={ELE}"
     assert response.content == swapped
-    as_stored = http.get(path(big, "/bulk/7FE00010"), headers={
-        "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=1.2.840.10008.1.2.2"})
+    as_stored = http.get(
+        path(big, "/bulk/7FE00010"),
+        headers={"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=1.2.840.10008.1.2.2"},
+    )
     [(_head, body)] = parts(as_stored)
     assert body == pydicom.dcmread(sample("MR_small_bigendian.dcm")).PixelData
 

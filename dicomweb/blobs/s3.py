@@ -190,8 +190,13 @@ class S3BlobStore:
                 if not chunk:
                     raise BlobStoreError(f"{path.name} shrank while storing {key}")
                 answer = await s3.upload_part(
-                    Bucket=bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=chunk,
-                    ContentLength=len(chunk), ChecksumAlgorithm="CRC32",
+                    Bucket=bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=chunk,
+                    ContentLength=len(chunk),
+                    ChecksumAlgorithm="CRC32",
                 )
                 part: dict[str, Any] = {"PartNumber": number, "ETag": answer["ETag"]}
                 if answer.get("ChecksumCRC32"):  # S3 wants each part's checksum echoed on completion
@@ -213,12 +218,14 @@ class S3BlobStore:
         """Abort even when the upload was cancelled (shielded), or S3 keeps the orphaned parts."""
         with anyio.CancelScope(shield=True):
             try:
-                await self._s3.abort_multipart_upload(
-                    Bucket=self.settings.bucket, Key=full, UploadId=upload_id
-                )
+                await self._s3.abort_multipart_upload(Bucket=self.settings.bucket, Key=full, UploadId=upload_id)
             except (ClientError, *_TRANSPORT_ERRORS) as exc:
-                log.warning("could not abort the multipart upload of %s (%s); a bucket lifecycle rule "
-                            "should expire incomplete uploads", key, type(exc).__name__)
+                log.warning(
+                    "could not abort the multipart upload of %s (%s); a bucket lifecycle rule "
+                    "should expire incomplete uploads",
+                    key,
+                    type(exc).__name__,
+                )
 
     async def delete(self, key: str) -> None:
         """DeleteObject succeeds on a missing key already; a 404 from a compatible store is ignored too."""
@@ -320,4 +327,4 @@ class S3BlobStore:
                 modified = item["LastModified"]
                 if isinstance(modified, datetime) and modified.tzinfo is None:
                     modified = modified.replace(tzinfo=UTC)
-                yield BlobInfo(item["Key"][len(self._prefix):], int(item["Size"]), modified)
+                yield BlobInfo(item["Key"][len(self._prefix) :], int(item["Size"]), modified)

@@ -113,12 +113,8 @@ async def replace_instance(
     return int(value)
 
 
-async def find_instance(
-    conn: Connection, sop_uid: str, *, lock: bool = False
-) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(
-        STORE["lock_instance" if lock else "find_instance"], sop_uid
-    )
+async def find_instance(conn: Connection, sop_uid: str, *, lock: bool = False) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(STORE["lock_instance" if lock else "find_instance"], sop_uid)
     return row
 
 

@@ -97,7 +97,7 @@ def time_upper_bound(value: str) -> str:
     head, _, fraction = value.partition(".")
     if fraction:
         return f"{head}.{fraction.ljust(6, '9')}"
-    return head + "5959"[len(head) - 2:] + ".999999"
+    return head + "5959"[len(head) - 2 :] + ".999999"
 
 
 def like_pattern(value: str, *, person_name: bool) -> str:
@@ -168,8 +168,13 @@ def _like(column: Column, pattern: str, params: _Params) -> str:
         return _sql("match_folded_like", column=column.expr, p=params.add(pattern))
     bounds = _prefix_bounds(pattern) if column.pattern_index else None
     if bounds is not None:
-        return _sql("match_like_prefix", column=column.expr, p=params.add(pattern),
-                    low=params.add(bounds[0]), high=params.add(bounds[1]))
+        return _sql(
+            "match_like_prefix",
+            column=column.expr,
+            p=params.add(pattern),
+            low=params.add(bounds[0]),
+            high=params.add(bounds[1]),
+        )
     return _sql("match_like", column=column.expr, p=params.add(pattern))
 
 
@@ -224,8 +229,7 @@ def _condition(key: Filter, query: Query, params: _Params) -> str | None:
         return None
     if not key.indexed:
         document = {key.tag: {"Value": [json_value(key.vr, key.values[0])]}}
-        return _sql("match_contains", column=_ATTRS[key.level],
-                    p=params.add(json.dumps(document, ensure_ascii=False)))
+        return _sql("match_contains", column=_ATTRS[key.level], p=params.add(json.dumps(document, ensure_ascii=False)))
     column = COLUMNS[key.tag]
     condition = _indexed(column, key, query.fuzzy, params)
     if column.wrapper is not None:
@@ -247,8 +251,7 @@ def build(query: Query, *, instance_keys: Sequence[str] | None = None, extra: in
     if query.study_uid is not None:
         by_level[Level.STUDY].append(_sql("match_equal", column="st.study_uid", p=params.add(str(query.study_uid))))
     if query.series_uid is not None:
-        by_level[Level.SERIES].append(
-            _sql("match_equal", column="se.series_uid", p=params.add(str(query.series_uid))))
+        by_level[Level.SERIES].append(_sql("match_equal", column="se.series_uid", p=params.add(str(query.series_uid))))
     for key in query.filters:
         condition = _condition(key, query, params)
         if condition is None:
@@ -261,8 +264,11 @@ def build(query: Query, *, instance_keys: Sequence[str] | None = None, extra: in
     offset = params.add(query.offset)
     metadata = ""
     if query.level is Level.INSTANCE:
-        metadata = _sql("metadata_all") if instance_keys is None else _sql(
-            "metadata_pick", keys=params.add(list(instance_keys)))
+        metadata = (
+            _sql("metadata_all")
+            if instance_keys is None
+            else _sql("metadata_pick", keys=params.add(list(instance_keys)))
+        )
     sql = _sql(name, where=_and(where), joins=" ".join(joins), limit=limit, offset=offset, metadata=metadata)
     return sql, params.values
 

@@ -20,9 +20,7 @@ from server.errors import warning_header
 from server.resources import Resources, ResourcesDep
 
 
-async def _receive(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: str | None
-) -> Response[bytes]:
+async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, study: str | None) -> Response[bytes]:
     settings = resources.settings
     boundary = stow.check_request_type(request.headers.get("content-type"))
     parser = multipart.MultipartParser(boundary, max_header_bytes=settings.max_part_header_bytes)
@@ -36,9 +34,7 @@ async def _receive(
                     skip_part = not stow.part_is_dicom(event.headers)
                     if skip_part:
                         outcomes.append(
-                            Outcome(
-                                None, None, failure=CANNOT_UNDERSTAND, comment="part is not application/dicom"
-                            )
+                            Outcome(None, None, failure=CANNOT_UNDERSTAND, comment="part is not application/dicom")
                         )
                     else:
                         spool = Spool(settings.spool_dir, settings.max_instance_bytes)
@@ -72,9 +68,7 @@ async def _receive(
     reasons = stow.readable_reasons(outcomes)
     if reasons:
         headers["Warning"] = ", ".join(warning_header(r) for r in reasons[:20])
-    return Response(
-        dicom_json(body), status_code=status, media_type="application/dicom+json", headers=headers
-    )
+    return Response(dicom_json(body), status_code=status, media_type="application/dicom+json", headers=headers)
 
 
 async def _finish(resources: Resources, spool: Spool, study: str | None) -> Outcome:

@@ -64,15 +64,23 @@ def service(resources: Resources) -> RetrieveService:
 
 
 async def _instances(
-    request: Request[Any, Any, Any], resources: Resources, accept: list[str] | None,
-    study: str, series: str | None = None, instance: str | None = None,
+    request: Request[Any, Any, Any],
+    resources: Resources,
+    accept: list[str] | None,
+    study: str,
+    series: str | None = None,
+    instance: str | None = None,
 ) -> Response[Any]:
     study_uid = uids.study_uid(study)
     series_uid = uids.series_uid(series) if series is not None else None
     instance_uid = uids.instance_uid(instance) if instance is not None else None
     offers = negotiate.offers(accept_ranges(request, accept), mediatypes.DICOM)
     plan = await service(resources).plan_instances(
-        offers, base_url(request, resources), study_uid, series_uid, instance_uid,
+        offers,
+        base_url(request, resources),
+        study_uid,
+        series_uid,
+        instance_uid,
         single_part_ok=instance_uid is not None,
     )
     return await send(request, plan)
@@ -80,7 +88,9 @@ async def _instances(
 
 @get("/studies/{study:str}", opt=BINARY)
 async def retrieve_study(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str],
+    request: Request[Any, Any, Any],
+    resources: ResourcesDep,
+    study: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
     return await _instances(request, resources, accept, study)
@@ -88,7 +98,10 @@ async def retrieve_study(
 
 @get("/studies/{study:str}/series/{series:str}", opt=BINARY)
 async def retrieve_series(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str],
+    request: Request[Any, Any, Any],
+    resources: ResourcesDep,
+    study: FromPath[str],
+    series: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
     return await _instances(request, resources, accept, study, series)
@@ -96,8 +109,12 @@ async def retrieve_series(
 
 @get("/studies/{study:str}/series/{series:str}/instances/{instance:str}", opt=BINARY)
 async def retrieve_instance(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str],
-    instance: FromPath[str], accept: FromQuery[list[str] | None] = None,
+    request: Request[Any, Any, Any],
+    resources: ResourcesDep,
+    study: FromPath[str],
+    series: FromPath[str],
+    instance: FromPath[str],
+    accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
     return await _instances(request, resources, accept, study, series, instance)
 
@@ -106,8 +123,12 @@ async def retrieve_instance(
 
 
 async def _metadata(
-    request: Request[Any, Any, Any], resources: Resources, accept: list[str] | None,
-    study: str, series: str | None = None, instance: str | None = None,
+    request: Request[Any, Any, Any],
+    resources: Resources,
+    accept: list[str] | None,
+    study: str,
+    series: str | None = None,
+    instance: str | None = None,
 ) -> Response[Any]:
     study_uid = uids.study_uid(study)
     series_uid = uids.series_uid(series) if series is not None else None
@@ -124,7 +145,9 @@ async def _metadata(
 
 @get("/studies/{study:str}/metadata")
 async def study_metadata(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str],
+    request: Request[Any, Any, Any],
+    resources: ResourcesDep,
+    study: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
     return await _metadata(request, resources, accept, study)
@@ -132,7 +155,10 @@ async def study_metadata(
 
 @get("/studies/{study:str}/series/{series:str}/metadata")
 async def series_metadata(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str],
+    request: Request[Any, Any, Any],
+    resources: ResourcesDep,
+    study: FromPath[str],
+    series: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
     return await _metadata(request, resources, accept, study, series)
@@ -140,8 +166,12 @@ async def series_metadata(
 
 @get("/studies/{study:str}/series/{series:str}/instances/{instance:str}/metadata")
 async def instance_metadata(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str],
-    instance: FromPath[str], accept: FromQuery[list[str] | None] = None,
+    request: Request[Any, Any, Any],
+    resources: ResourcesDep,
+    study: FromPath[str],
+    series: FromPath[str],
+    instance: FromPath[str],
+    accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
     return await _metadata(request, resources, accept, study, series, instance)
 
@@ -151,8 +181,13 @@ async def instance_metadata(
 
 @get("/studies/{study:str}/series/{series:str}/instances/{instance:str}/frames/{frames:str}", opt=BINARY)
 async def retrieve_frames(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str],
-    instance: FromPath[str], frames: FromPath[str], accept: FromQuery[list[str] | None] = None,
+    request: Request[Any, Any, Any],
+    resources: ResourcesDep,
+    study: FromPath[str],
+    series: FromPath[str],
+    instance: FromPath[str],
+    frames: FromPath[str],
+    accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
     study_uid, series_uid, instance_uid = uids.study_uid(study), uids.series_uid(series), uids.instance_uid(instance)
     numbers = parse_frame_list(frames)
@@ -165,8 +200,13 @@ async def retrieve_frames(
 
 @get("/studies/{study:str}/series/{series:str}/instances/{instance:str}/bulk/{tag:str}", opt=BINARY)
 async def retrieve_bulk(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str],
-    instance: FromPath[str], tag: FromPath[str], accept: FromQuery[list[str] | None] = None,
+    request: Request[Any, Any, Any],
+    resources: ResourcesDep,
+    study: FromPath[str],
+    series: FromPath[str],
+    instance: FromPath[str],
+    tag: FromPath[str],
+    accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
     study_uid, series_uid, instance_uid = uids.study_uid(study), uids.series_uid(series), uids.instance_uid(instance)
     offers = negotiate.offers(accept_ranges(request, accept), mediatypes.OCTET_STREAM)
