@@ -22,6 +22,7 @@ from dicomweb.blobs import BlobStore
 from dicomweb.routes import qido, stow, wado, wadouri
 from server import health, telemetry
 from server.errors import EXCEPTION_HANDLERS
+from server.limits import header_limit
 from server.resources import Resources, open_resources
 from server.settings import Settings
 
@@ -79,5 +80,6 @@ def create_app(
             render_plugins=[SwaggerRenderPlugin()],
         ),
         plugins=[telemetry.litestar_plugin(settings)],
+        middleware=[header_limit(settings.max_request_header_bytes)],
         debug=False,
     )

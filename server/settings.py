@@ -96,7 +96,9 @@ class Settings:
     max_instance_bytes: int = 8 * 1024**3
     """`HOUNSFIELD_MAX_INSTANCE_BYTES`: a single part larger than this is rejected (default 8 GiB)."""
     max_part_header_bytes: int = 16 * 1024
-    """`HOUNSFIELD_MAX_PART_HEADER_BYTES`: larger multipart part headers get 400."""
+    """`HOUNSFIELD_MAX_PART_HEADER_BYTES`: larger multipart part headers get 413."""
+    max_request_header_bytes: int = 64 * 1024
+    """`HOUNSFIELD_MAX_REQUEST_HEADER_BYTES`: requests with larger HTTP headers in all get 431."""
     bulkdata_threshold: int = 1024
     """`HOUNSFIELD_BULKDATA_THRESHOLD`: binary attributes longer than this become BulkDataURI in metadata."""
     worker_enabled: bool = True
@@ -181,6 +183,7 @@ class Settings:
             cors_origins=_list(env, "HOUNSFIELD_CORS_ORIGINS"),
             max_instance_bytes=_int(env, "HOUNSFIELD_MAX_INSTANCE_BYTES", 8 * 1024**3, minimum=1024),
             max_part_header_bytes=_int(env, "HOUNSFIELD_MAX_PART_HEADER_BYTES", 16 * 1024, minimum=256),
+            max_request_header_bytes=_int(env, "HOUNSFIELD_MAX_REQUEST_HEADER_BYTES", 64 * 1024, minimum=4096),
             bulkdata_threshold=_int(env, "HOUNSFIELD_BULKDATA_THRESHOLD", 1024, minimum=0),
             worker_enabled=_bool(env, "HOUNSFIELD_WORKER", True),
             gc_grace_seconds=_int(env, "HOUNSFIELD_GC_GRACE_SECONDS", 3600, minimum=0),

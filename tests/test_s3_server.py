@@ -47,6 +47,14 @@ def test_stow_to_s3(make_server, moto: Moto, tmp_path) -> None:
         ours = next(k for k in stored if ds.SOPInstanceUID in k)
         body = moto.client.get_object(Bucket=bucket, Key=ours)["Body"].read()
         assert body == original
+        # WADO-RS reads the bytes back from S3: the whole instance, and one frame by ranged GET.
+        base = f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        whole = http.get(base, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert whole.status_code == 200
+        assert original in whole.content
+        frame = http.get(base + "/frames/3", headers={"Accept": "application/octet-stream; transfer-syntax=*"})
+        assert frame.status_code == 200
+        assert frame.content == ds.PixelData[2 * 1024 * 1024 * 2 : 3 * 1024 * 1024 * 2]
         # A different file under the same SOP Instance UID is refused and leaves no object behind.
         changed = ct(study=ds.StudyInstanceUID, series=ds.SeriesInstanceUID, sop=ds.SOPInstanceUID, seed=9)
         resp = http.post("/dicom-web/studies", content=multipart([part10(changed)]), headers=stow_headers())

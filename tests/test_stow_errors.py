@@ -205,3 +205,12 @@ def test_concurrent_stores_into_one_new_study(server) -> None:
 
     assert asyncio.run(run()) == [200] * 8
     assert counts(server.dsn) == (1, 1, 8)
+
+
+def test_huge_request_headers_get_431(http, server) -> None:
+    resp = http.get("/dicom-web/studies", headers={"X-Big": "a" * 200_000})
+    assert resp.status_code == 431
+    assert "Warning" in resp.headers
+    resp = post(http, multipart([part10(ct())]), headers={**stow_headers(), "X-Big": "a" * 200_000})
+    assert resp.status_code == 431
+    assert counts(server.dsn) == (0, 0, 0)
