@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -59,12 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (default 8080, or HOUNSFIELD_PORT)")
     serve.add_argument("--data", type=Path, help="data folder (default ./var, or HOUNSFIELD_DATA)")
     serve.set_defaults(func=cmd_serve)
-    try:
-        from server import cli_import  # type: ignore[attr-defined,unused-ignore]
-
-        cli_import.register(sub)
-    except ImportError:
-        pass
+    for name in ("cli_import", "cli_token", "cli_audit"):  # each subcommand module adds its parsers
+        try:
+            module = importlib.import_module(f"server.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"server.{name}":
+                raise
+            continue
+        module.register(sub)
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)

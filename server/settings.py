@@ -48,6 +48,29 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def _url(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name) or None
+    if raw is not None and not raw.startswith(("http://", "https://")):
+        raise SettingsError(f"{name}: expected an http(s):// URL")
+    return raw
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name) or None
+    return Path(raw) if raw else None
+
+
+_ASYMMETRIC = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
+
+
+def _algorithms(env: Mapping[str, str]) -> tuple[str, ...]:
+    names = _list(env, "HOUNSFIELD_AUTH_ALGORITHMS") or ("RS256", "ES256", "PS256")
+    bad = [n for n in names if n not in _ASYMMETRIC]
+    if bad:
+        raise SettingsError(f"HOUNSFIELD_AUTH_ALGORITHMS: only asymmetric algorithms are allowed, not {', '.join(bad)}")
+    return names
+
+
 @dataclass(frozen=True, slots=True)
 class S3Settings:
     """Where blobs live when the storage URL is `s3://bucket/prefix`."""
@@ -115,6 +138,44 @@ class Settings:
     `OTEL_EXPORTER_OTLP_ENDPOINT` applies)."""
     log_level: str = "info"
     """`HOUNSFIELD_LOG_LEVEL`."""
+
+    # --- authentication (bearer JWTs) ---
+    auth_issuer: str = "hounsfield"
+    """`HOUNSFIELD_AUTH_ISSUER`: the expected `iss`. The embedded issuer (default) signs with a key made in
+    `<data>/keys/` on first start; `hounsfield token` issues its tokens."""
+    auth_audience: str = "hounsfield"
+    """`HOUNSFIELD_AUTH_AUDIENCE`: the expected `aud`."""
+    auth_jwks_url: str | None = None
+    """`HOUNSFIELD_AUTH_JWKS_URL`: an identity provider's JWKS (cached; refreshed on an unknown `kid`). When
+    unset, the keys are the embedded key plus `HOUNSFIELD_AUTH_KEYS_FILE`."""
+    auth_keys_file: Path | None = None
+    """`HOUNSFIELD_AUTH_KEYS_FILE`: a JWKS JSON file of trusted public keys (in addition to the embedded key)."""
+    auth_algorithms: tuple[str, ...] = ("RS256", "ES256", "PS256")
+    """`HOUNSFIELD_AUTH_ALGORITHMS`: the allow-list; `none` and HMAC algorithms are never accepted."""
+    auth_clock_skew_seconds: int = 60
+    """`HOUNSFIELD_AUTH_CLOCK_SKEW_SECONDS`: leeway for `exp`/`nbf`/`iat`."""
+    auth_public_paths: tuple[str, ...] = ("/healthz", "/readyz")
+    """`HOUNSFIELD_AUTH_PUBLIC_PATHS`: paths answered without a token (health checks for load balancers)."""
+
+    # --- authorization (OPA / Rego) ---
+    policy_dir: Path | None = None
+    """`HOUNSFIELD_POLICY_DIR`: Rego policies (default: the shipped `authz/policies`)."""
+    policy_data_file: Path | None = None
+    """`HOUNSFIELD_POLICY_DATA`: JSON policy data (care lists, consents); default: the shipped example data."""
+    opa_url: str | None = None
+    """`HOUNSFIELD_OPA_URL`: evaluate on an OPA server (Data API) instead of in-process with regopy."""
+    opa_timeout_seconds: float = 2.0
+    """`HOUNSFIELD_OPA_TIMEOUT_MS` (milliseconds): a decision that takes longer fails closed (503)."""
+
+    # --- break-glass and audit ---
+    break_glass_minutes: int = 60
+    """`HOUNSFIELD_BREAK_GLASS_MINUTES`: how long an emergency access window lasts."""
+    break_glass_webhook: str | None = None
+    """`HOUNSFIELD_BREAK_GLASS_WEBHOOK`: URL that receives a JSON alert when someone breaks the glass."""
+    audit_checkpoint_seconds: int = 300
+    """`HOUNSFIELD_AUDIT_CHECKPOINT_SECONDS`: how often the audit chain head is signed (a checkpoint)."""
+    audit_syslog: str | None = None
+    """`HOUNSFIELD_AUDIT_SYSLOG`: `udp://host:port` or `tcp://host:port` to forward audit records (RFC 5424)."""
 
     @property
     def blob_dir(self) -> Path:
@@ -190,5 +251,20 @@ class Settings:
             gc_interval_seconds=_int(env, "HOUNSFIELD_GC_INTERVAL_SECONDS", 3600, minimum=1),
             otel_exporter=exporter,
             log_level=(env.get("HOUNSFIELD_LOG_LEVEL") or "info").lower(),
+            auth_issuer=env.get("HOUNSFIELD_AUTH_ISSUER") or "hounsfield",
+            auth_audience=env.get("HOUNSFIELD_AUTH_AUDIENCE") or "hounsfield",
+            auth_jwks_url=_url(env, "HOUNSFIELD_AUTH_JWKS_URL"),
+            auth_keys_file=_path(env, "HOUNSFIELD_AUTH_KEYS_FILE"),
+            auth_algorithms=_algorithms(env),
+            auth_clock_skew_seconds=_int(env, "HOUNSFIELD_AUTH_CLOCK_SKEW_SECONDS", 60, minimum=0, maximum=600),
+            auth_public_paths=_list(env, "HOUNSFIELD_AUTH_PUBLIC_PATHS") or ("/healthz", "/readyz"),
+            policy_dir=_path(env, "HOUNSFIELD_POLICY_DIR"),
+            policy_data_file=_path(env, "HOUNSFIELD_POLICY_DATA"),
+            opa_url=_url(env, "HOUNSFIELD_OPA_URL"),
+            opa_timeout_seconds=float(_int(env, "HOUNSFIELD_OPA_TIMEOUT_MS", 2000, minimum=10, maximum=60000)) / 1000,
+            break_glass_minutes=_int(env, "HOUNSFIELD_BREAK_GLASS_MINUTES", 60, minimum=1, maximum=24 * 60),
+            break_glass_webhook=_url(env, "HOUNSFIELD_BREAK_GLASS_WEBHOOK"),
+            audit_checkpoint_seconds=_int(env, "HOUNSFIELD_AUDIT_CHECKPOINT_SECONDS", 300, minimum=1),
+            audit_syslog=env.get("HOUNSFIELD_AUDIT_SYSLOG") or None,
         )
         return settings.with_overrides(**overrides) if overrides else settings
