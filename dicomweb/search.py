@@ -20,6 +20,7 @@ import asyncpg
 import msgspec
 from pydicom.datadict import dictionary_VR
 
+from dicomweb.access import UNRESTRICTED, AccessConstraints
 from dicomweb.index import search as index
 from dicomweb.query import Level, Query, level_of, tag_of
 
@@ -126,12 +127,16 @@ class _Plan:
         return sorted(t for t in self.tags if level_of(t) is Level.INSTANCE or t in _OWN_LEVEL)
 
 
-async def search(pool: asyncpg.Pool, query: Query, base_url: str) -> SearchResult:
-    """Run `query`; `base_url` is the DICOMweb root that Retrieve URLs and Bulk Data URIs start with."""
+async def search(
+    pool: asyncpg.Pool, query: Query, base_url: str, access: AccessConstraints = UNRESTRICTED
+) -> SearchResult:
+    """Run `query`; `base_url` is the DICOMweb root that Retrieve URLs and Bulk Data URIs start with; `access`
+    limits the rows to those the policy permits (counts of permitted studies are whole: a study is permitted
+    or withheld entirely)."""
     plan = _Plan.of(query)
     instance_keys = None if query.include_all else plan.instance_keys()
     async with pool.acquire() as conn:
-        rows = await index.fetch_page(conn, query, instance_keys=instance_keys)
+        rows = await index.fetch_page(conn, query, instance_keys=instance_keys, access=access)
         more = len(rows) > query.limit
         rows = rows[: query.limit]
         studies = await index.study_stats(

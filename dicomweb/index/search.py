@@ -20,6 +20,7 @@ from pathlib import Path
 
 import asyncpg
 
+from dicomweb.access import UNRESTRICTED, AccessConstraints
 from dicomweb.ingest import name_search
 from dicomweb.query import FLOAT_VRS, INDEXED, INT_VRS, Filter, Level, Match, Query, tag_of
 from server.db import Connection, Queries
@@ -241,13 +242,41 @@ def _and(conditions: list[str]) -> str:
     return " AND ".join(conditions) if conditions else _sql("match_all")
 
 
-def build(query: Query, *, instance_keys: Sequence[str] | None = None, extra: int = 1) -> tuple[str, list[object]]:
+def _restrict(access: AccessConstraints, level: Level, params: _Params) -> tuple[list[str], list[str]]:
+    """Policy constraints as (study-table conditions, conditions on the resource row)."""
+    study: list[str] = []
+    own: list[str] = []
+    if access.patient_ids is not None:
+        study.append(_sql("restrict_patients", p=params.add(list(access.patient_ids))))
+    if access.patient_ids_excluded:
+        study.append(_sql("restrict_patients_excluded", p=params.add(list(access.patient_ids_excluded))))
+    if access.modalities_excluded:
+        own.append(
+            _sql(
+                "restrict_modalities_excluded",
+                study_pk=_STUDY_PK[level],
+                p=params.add(list(access.modalities_excluded)),
+            )
+        )
+    return study, own
+
+
+def build(
+    query: Query,
+    *,
+    instance_keys: Sequence[str] | None = None,
+    extra: int = 1,
+    access: AccessConstraints = UNRESTRICTED,
+) -> tuple[str, list[object]]:
     """The page query for `query` and its parameters. It returns up to `query.limit + extra` rows (the extra
     row tells whether more results exist). At instance level, `instance_keys` are the metadata elements to
-    return (None: all of them)."""
+    return (None: all of them). `access` narrows the rows to what the policy permits."""
     params = _Params()
     own: list[str] = []  # conditions that only need the resource row
     by_level: dict[Level, list[str]] = {level: [] for level in Level}
+    restrict_study, restrict_own = _restrict(access, query.level, params)
+    by_level[Level.STUDY].extend(restrict_study)
+    own.extend(restrict_own)
     if query.study_uid is not None:
         by_level[Level.STUDY].append(_sql("match_equal", column="st.study_uid", p=params.add(str(query.study_uid))))
     if query.series_uid is not None:
@@ -302,9 +331,14 @@ def _compose(level: Level, own: list[str], by_level: dict[Level, list[str]]) -> 
 
 
 async def fetch_page(
-    conn: Connection, query: Query, *, instance_keys: Sequence[str] | None = None, extra: int = 1
+    conn: Connection,
+    query: Query,
+    *,
+    instance_keys: Sequence[str] | None = None,
+    extra: int = 1,
+    access: AccessConstraints = UNRESTRICTED,
 ) -> list[asyncpg.Record]:
-    sql, args = build(query, instance_keys=instance_keys, extra=extra)
+    sql, args = build(query, instance_keys=instance_keys, extra=extra, access=access)
     rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
     return rows
 

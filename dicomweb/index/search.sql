@@ -131,3 +131,14 @@ upper({column}) LIKE upper({p});
 
 -- name: match_contains
 {column} @> {p}::jsonb;
+
+-- name: restrict_patients
+-- Access constraints from the policy (issue 3): searches only ever see permitted rows, so paging and counts do too.
+st.patient_id = ANY({p});
+
+-- name: restrict_patients_excluded
+(st.patient_id IS NULL OR st.patient_id <> ALL({p}));
+
+-- name: restrict_modalities_excluded
+-- A study holding any series of a restricted modality is withheld whole (its counts would reveal the rest).
+NOT EXISTS (SELECT 1 FROM series rx WHERE rx.study_pk = {study_pk} AND rx.modality = ANY({p}));

@@ -1,0 +1,84 @@
+"""Policy constraints narrow QIDO-RS in SQL: results, paging and computed counts only ever see permitted rows."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dicomweb.access import AccessConstraints, UnknownConstraint
+from dicomweb.query import Level, parse_query
+from dicomweb.search import search
+from server import db
+from tests.factory import ct, multipart, part10, stow_headers
+
+
+def store_cohort(http) -> None:
+    parts = []
+    for patient, modality, n_series in (("P1", "CT", 2), ("P1", "MR", 1), ("P2", "CT", 1), ("P3", "MG", 1)):
+        study = ct(PatientID=patient, Modality=modality).StudyInstanceUID
+        for s in range(n_series):
+            series = ct().SeriesInstanceUID
+            for i in range(2):
+                parts.append(
+                    part10(
+                        ct(
+                            study=study,
+                            series=series,
+                            PatientID=patient,
+                            Modality=modality,
+                            InstanceNumber=i + 1,
+                            SeriesNumber=s + 1,
+                        )
+                    )
+                )
+    resp = http.post("/dicom-web/studies", content=multipart(parts), headers=stow_headers())
+    assert resp.status_code == 200, resp.text
+
+
+def run_search(dsn: str, level: Level, access: AccessConstraints, pairs=()) -> list[dict]:
+    async def go() -> list[dict]:
+        pool = await db.create_pool(dsn, 1, 2)
+        try:
+            result = await search(pool, parse_query(level, list(pairs)), "http://x/dicom-web", access)
+            return result.matches
+        finally:
+            await pool.close()
+
+    return asyncio.run(go())
+
+
+def patients(matches: list[dict]) -> list[str]:
+    return sorted(m["00100020"]["Value"][0] for m in matches)
+
+
+def test_constraints_filter_rows_counts_and_pages(http, server) -> None:
+    store_cohort(http)
+    everything = run_search(server.dsn, Level.STUDY, AccessConstraints())
+    assert patients(everything) == ["P1", "P1", "P2", "P3"]
+
+    only_p1 = run_search(server.dsn, Level.STUDY, AccessConstraints(patient_ids=("P1",)))
+    assert patients(only_p1) == ["P1", "P1"]
+    assert sorted(m["00201206"]["Value"][0] for m in only_p1) == [1, 2]  # NumberOfStudyRelatedSeries
+
+    page = run_search(
+        server.dsn, Level.STUDY, AccessConstraints(patient_ids=("P1",)), [("limit", "1"), ("offset", "1")]
+    )
+    assert patients(page) == ["P1"]
+    beyond = run_search(server.dsn, Level.STUDY, AccessConstraints(patient_ids=("P1",)), [("offset", "2")])
+    assert beyond == []
+
+    no_mg = run_search(server.dsn, Level.SERIES, AccessConstraints(modalities_excluded=("MG",)))
+    assert sorted({m["00080060"]["Value"][0] for m in no_mg}) == ["CT", "MR"]
+    not_p1 = run_search(server.dsn, Level.INSTANCE, AccessConstraints(patient_ids_excluded=("P1",)))
+    assert len(not_p1) == 4  # P2 and P3: one series of two instances each
+    nothing = run_search(server.dsn, Level.STUDY, AccessConstraints(patient_ids=()))
+    assert nothing == []
+
+
+def test_unknown_constraints_are_refused() -> None:
+    with pytest.raises(UnknownConstraint):
+        AccessConstraints.from_policy({"sites": ["A"]})
+    with pytest.raises(UnknownConstraint):
+        AccessConstraints.from_policy({"patient_ids": "P1"})
+    assert AccessConstraints.from_policy({"patient_ids": ["P2", "P1"]}).patient_ids == ("P1", "P2")
