@@ -14,6 +14,7 @@ from typing import Any
 from litestar import Request, Response, get
 from litestar.params import FromPath
 
+from authz.guard import authz_opt
 from dicomweb import mediatypes, uids
 from dicomweb.errors import NotAcceptable
 from dicomweb.query import Level, parse_query
@@ -57,36 +58,36 @@ async def _search(
     return Response(body, status_code=200, media_type=media_type, headers=headers)
 
 
-@get("/studies")
+@get("/studies", opt=authz_opt("search", "study"))
 async def search_studies(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
     return await _search(request, resources, Level.STUDY)
 
 
-@get("/series")
+@get("/series", opt=authz_opt("search", "series"))
 async def search_all_series(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
     return await _search(request, resources, Level.SERIES)
 
 
-@get("/studies/{study:str}/series")
+@get("/studies/{study:str}/series", opt=authz_opt("search", "series"))
 async def search_series(
     request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str]
 ) -> Response[bytes]:
     return await _search(request, resources, Level.SERIES, uids.study_uid(study))
 
 
-@get("/instances")
+@get("/instances", opt=authz_opt("search", "instance"))
 async def search_all_instances(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
     return await _search(request, resources, Level.INSTANCE)
 
 
-@get("/studies/{study:str}/instances")
+@get("/studies/{study:str}/instances", opt=authz_opt("search", "instance"))
 async def search_study_instances(
     request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str]
 ) -> Response[bytes]:
     return await _search(request, resources, Level.INSTANCE, uids.study_uid(study))
 
 
-@get("/studies/{study:str}/series/{series:str}/instances")
+@get("/studies/{study:str}/series/{series:str}/instances", opt=authz_opt("search", "instance"))
 async def search_series_instances(
     request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str]
 ) -> Response[bytes]:

@@ -10,6 +10,7 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.params import FromPath
 
+from authz.guard import authz_opt
 from dicomweb import multipart, stow, uids
 from dicomweb.errors import BadRequest
 from dicomweb.ingest import CANNOT_UNDERSTAND
@@ -88,12 +89,12 @@ async def _finish(resources: Resources, spool: Spool, study: str | None) -> Outc
     return outcome
 
 
-@post("/studies", request_max_body_size=None, status_code=200)
+@post("/studies", request_max_body_size=None, status_code=200, opt=authz_opt("create", "study"))
 async def store_instances(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
     return await _receive(request, resources, None)
 
 
-@post("/studies/{study:str}", request_max_body_size=None, status_code=200)
+@post("/studies/{study:str}", request_max_body_size=None, status_code=200, opt=authz_opt("create", "study"))
 async def store_study_instances(
     request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str]
 ) -> Response[bytes]:

@@ -14,6 +14,7 @@ from litestar import Request, Response, get
 from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 
+from authz.guard import authz_opt
 from dicomweb import mediatypes, negotiate, uids
 from dicomweb.retrieve import Plan, RetrieveService, bulk_tag, parse_frame_list
 from dicomweb.routes.common import base_url
@@ -86,7 +87,7 @@ async def _instances(
     return await send(request, plan)
 
 
-@get("/studies/{study:str}", opt=BINARY)
+@get("/studies/{study:str}", opt={**BINARY, **authz_opt("read", "study")})
 async def retrieve_study(
     request: Request[Any, Any, Any],
     resources: ResourcesDep,
@@ -96,7 +97,7 @@ async def retrieve_study(
     return await _instances(request, resources, accept, study)
 
 
-@get("/studies/{study:str}/series/{series:str}", opt=BINARY)
+@get("/studies/{study:str}/series/{series:str}", opt={**BINARY, **authz_opt("read", "series")})
 async def retrieve_series(
     request: Request[Any, Any, Any],
     resources: ResourcesDep,
@@ -107,7 +108,9 @@ async def retrieve_series(
     return await _instances(request, resources, accept, study, series)
 
 
-@get("/studies/{study:str}/series/{series:str}/instances/{instance:str}", opt=BINARY)
+@get(
+    "/studies/{study:str}/series/{series:str}/instances/{instance:str}", opt={**BINARY, **authz_opt("read", "instance")}
+)
 async def retrieve_instance(
     request: Request[Any, Any, Any],
     resources: ResourcesDep,
@@ -143,7 +146,7 @@ async def _metadata(
     return Response(meta.body.encode("utf-8"), media_type=media_type, headers=headers)
 
 
-@get("/studies/{study:str}/metadata")
+@get("/studies/{study:str}/metadata", opt=authz_opt("read", "metadata"))
 async def study_metadata(
     request: Request[Any, Any, Any],
     resources: ResourcesDep,
@@ -153,7 +156,7 @@ async def study_metadata(
     return await _metadata(request, resources, accept, study)
 
 
-@get("/studies/{study:str}/series/{series:str}/metadata")
+@get("/studies/{study:str}/series/{series:str}/metadata", opt=authz_opt("read", "metadata"))
 async def series_metadata(
     request: Request[Any, Any, Any],
     resources: ResourcesDep,
@@ -164,7 +167,7 @@ async def series_metadata(
     return await _metadata(request, resources, accept, study, series)
 
 
-@get("/studies/{study:str}/series/{series:str}/instances/{instance:str}/metadata")
+@get("/studies/{study:str}/series/{series:str}/instances/{instance:str}/metadata", opt=authz_opt("read", "metadata"))
 async def instance_metadata(
     request: Request[Any, Any, Any],
     resources: ResourcesDep,
@@ -179,7 +182,10 @@ async def instance_metadata(
 # ---------------------------------------------------------------------------------------------- frames, bulk
 
 
-@get("/studies/{study:str}/series/{series:str}/instances/{instance:str}/frames/{frames:str}", opt=BINARY)
+@get(
+    "/studies/{study:str}/series/{series:str}/instances/{instance:str}/frames/{frames:str}",
+    opt={**BINARY, **authz_opt("read", "frames")},
+)
 async def retrieve_frames(
     request: Request[Any, Any, Any],
     resources: ResourcesDep,
@@ -198,7 +204,10 @@ async def retrieve_frames(
     return await send(request, plan)
 
 
-@get("/studies/{study:str}/series/{series:str}/instances/{instance:str}/bulk/{tag:str}", opt=BINARY)
+@get(
+    "/studies/{study:str}/series/{series:str}/instances/{instance:str}/bulk/{tag:str}",
+    opt={**BINARY, **authz_opt("read", "bulkdata")},
+)
 async def retrieve_bulk(
     request: Request[Any, Any, Any],
     resources: ResourcesDep,

@@ -16,6 +16,7 @@ from litestar import Request, Response, get
 from litestar.params import QueryParameter
 from litestar.response import Stream
 
+from authz.guard import authz_opt
 from dicomweb import mediatypes, uids
 from dicomweb.errors import BadRequest, InvalidParameter, NotAcceptable
 from dicomweb.negotiate import Offer
@@ -44,7 +45,7 @@ def _wants_dicom(content_type: str | None) -> bool:
     return any(r.essence == mediatypes.DICOM for r in ranges)
 
 
-@get("/wado", opt=BINARY)
+@get("/wado", opt={**BINARY, **authz_opt("read", "instance")})
 async def wado_uri(
     request: Request[Any, Any, Any],
     resources: ResourcesDep,
