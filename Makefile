@@ -36,7 +36,7 @@ test: venv system-deps
 	@RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/python -m pytest -q -p no:cacheprovider $(ARGS)
 
 lint: venv
-	@$(VENV)/bin/ruff check server dicomweb tests conformance
+	@$(VENV)/bin/ruff check server dicomweb authz tests conformance benchmarks
 	@$(VENV)/bin/mypy
 	@$(VENV)/bin/mypy conformance
 

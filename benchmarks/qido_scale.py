@@ -104,9 +104,9 @@ QUERIES = {
 }
 
 
-def run_queries(base: str, repeat: int) -> dict[str, dict[str, float]]:
+def run_queries(base: str, repeat: int, token: str) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
-    with httpx.Client(base_url=base, timeout=60) as client:
+    with httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {token}"}) as client:
         series = client.get("/dicom-web/studies/2.25.112345/series").json()[0]["0020000E"]["Value"][0]
         for name, path in QUERIES.items():
             path = path.replace("{series}", series)
@@ -168,7 +168,16 @@ def main() -> int:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise SystemExit("server did not start")
                 time.sleep(0.2)
-            results = run_queries(base, args.repeat)
+            # An admin token from the embedded issuer, signed with the server's data folder key.
+            token = subprocess.run(
+                [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
+                cwd=ROOT,
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            results = run_queries(base, args.repeat, token)
         finally:
             proc.terminate()
             proc.wait(30)

@@ -18,6 +18,7 @@ from litestar.di import Provide
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
+from authz.authn import authenticate
 from dicomweb.blobs import BlobStore
 from dicomweb.routes import qido, stow, wado, wadouri
 from server import health, telemetry
@@ -80,6 +81,6 @@ def create_app(
             render_plugins=[SwaggerRenderPlugin()],
         ),
         plugins=[telemetry.litestar_plugin(settings)],
-        middleware=[header_limit(settings.max_request_header_bytes)],
+        middleware=[header_limit(settings.max_request_header_bytes), authenticate(settings)],
         debug=False,
     )

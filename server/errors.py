@@ -7,12 +7,14 @@ in the body (details go to the log, never PHI).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 
+from authz.errors import AuthzError, Forbidden, PolicyUnavailable, Unauthenticated
 from dicomweb.errors import (
     BadRequest,
     DicomWebError,
@@ -79,6 +81,40 @@ def http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dic
     )
 
 
+def _auth_param(text: str) -> str:
+    """An RFC 6750 3 attribute value: printable ASCII without `"` and `\\`."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "'" if c == '"' else "?" for c in text)[:300]
+
+
+def authz_error_parts(exc: AuthzError) -> tuple[int, bytes, dict[str, str]]:
+    """Status, JSON body and headers for the authz family: `Unauthenticated` 401 with `WWW-Authenticate: Bearer`
+    (RFC 6750 3; no `error` attribute when the request had no token, 3.1), `Forbidden` 403, `PolicyUnavailable`
+    503 (fail closed). Shared by the authentication middleware (pure ASGI: it answers without raising) and the
+    exception handler below (for guards and handlers)."""
+    if isinstance(exc, Unauthenticated):
+        status = 401
+    elif isinstance(exc, Forbidden):
+        status = 403
+    elif isinstance(exc, PolicyUnavailable):
+        status = 503
+    else:
+        status = 500
+    headers = {"Warning": warning_header(exc.detail)}
+    if isinstance(exc, Unauthenticated):
+        challenge = 'Bearer realm="hounsfield"'
+        if exc.error:
+            challenge += f', error="{_auth_param(exc.error)}", error_description="{_auth_param(exc.detail)}"'
+        headers["WWW-Authenticate"] = challenge
+    body = json.dumps({"error": exc.detail, "status": status}).encode()
+    return status, body, headers
+
+
+def authz_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    assert isinstance(exc, AuthzError)
+    status, body, headers = authz_error_parts(exc)
+    return Response(body, status_code=status, headers=headers, media_type=MediaType.JSON)
+
+
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return Response({"error": "internal server error", "status": 500}, status_code=500, media_type=MediaType.JSON)
@@ -86,6 +122,7 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
 
 EXCEPTION_HANDLERS = {
     DicomWebError: dicomweb_error,
+    AuthzError: authz_error,
     HTTPException: http_error,
     Exception: internal_error,
 }

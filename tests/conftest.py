@@ -22,12 +22,15 @@ import pytest
 import uvicorn
 from dicomweb_client.api import DICOMwebClient
 
+from authz.tokens import issue_token
 from server import db
 from server.app import create_app
 from server.settings import Settings
 from tests.s3util import moto  # noqa: F401 - the moto S3 server fixture, shared by S3 tests
 
 TEMPLATE = "hounsfield_template"
+ADMIN_ROLES = ("admin",)
+ADMIN_SCOPES = ("system/*.cruds", "user/*.cruds")
 _counter = itertools.count()
 
 
@@ -99,6 +102,18 @@ def dsn(pg_uri: str, template_db: str) -> Iterator[str]:
     asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
+def admin_token(settings: Settings, **overrides: Any) -> str:
+    """A token the server started with `settings` accepts: signed with its data folder's key, roles ["admin"],
+    scopes system/*.cruds and user/*.cruds. Keyword arguments are `issue_token`'s."""
+    claims: dict[str, Any] = dict(sub="test-admin", roles=ADMIN_ROLES, scopes=ADMIN_SCOPES)
+    claims.update(overrides)
+    return issue_token(settings, **claims)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 @dataclass
 class LiveServer:
     url: str
@@ -109,6 +124,15 @@ class LiveServer:
     @property
     def dicomweb(self) -> str:
         return self.url + "/dicom-web"
+
+    def token(self, **claims: Any) -> str:
+        """A token for this server; defaults to the admin identity, keyword arguments as `issue_token`'s."""
+        return admin_token(self.settings, **claims)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """`Authorization: Bearer <admin token>`, for clients a test builds itself."""
+        return bearer(self.token())
 
     @property
     def resources(self) -> Any:
@@ -169,10 +193,20 @@ def server(make_server: Any) -> LiveServer:
 
 @pytest.fixture
 def client(server: LiveServer) -> DICOMwebClient:
-    return DICOMwebClient(server.dicomweb)
+    """dicomweb-client on the test server, with an admin token."""
+    return DICOMwebClient(server.dicomweb, headers=server.headers)
 
 
 @pytest.fixture
 def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+    """httpx on the test server's root, with an admin token."""
+    with httpx.Client(base_url=server.url, timeout=60, headers=server.headers) as c:
         yield c
+
+
+@pytest.fixture
+def token(server: LiveServer) -> Any:
+    """`token(sub=..., roles=[...], scopes=[...], patient=..., purpose_of_use=[...], client_id=...,
+    ttl_seconds=..., extra_claims={...})`: a token for the `server` fixture's server with another identity
+    (defaults: the admin's)."""
+    return server.token

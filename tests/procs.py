@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port
+from server.settings import Settings
+from tests.conftest import admin_token, bearer, free_port
 
 
 @dataclass
@@ -22,6 +23,12 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     url: str
     log: Path
+    data: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """`Authorization: Bearer <admin token>` signed with the server's data folder key."""
+        return bearer(admin_token(Settings.from_env({}).with_overrides(data_dir=self.data)))
 
     def peak_rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -49,7 +56,7 @@ def serve(dsn: str, data: Path, **env: str) -> Iterator[ServerProcess]:
     )
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=environ, stdout=log, stderr=log)
-        server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
+        server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path, data)
         try:
             deadline = time.monotonic() + 60
             while True:

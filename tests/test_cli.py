@@ -118,7 +118,9 @@ def test_import_summary_resume_and_server_sees_it(folder: Path, tmp_path: Path, 
     assert all((data / "blobs" / key).is_file() for key in keys)
     from dicomweb_client.api import DICOMwebClient
 
-    result = DICOMwebClient(server.dicomweb).store_instances([pydicom.dcmread(sample(FILES[0]))])
+    result = DICOMwebClient(server.dicomweb, headers=server.headers).store_instances(
+        [pydicom.dcmread(sample(FILES[0]))]
+    )
     assert "FailedSOPSequence" not in result  # identical bytes: an idempotent success
     assert _count(dsn, "SELECT count(*) FROM instances") == 3
 

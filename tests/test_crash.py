@@ -56,7 +56,9 @@ def test_kill_during_upload(dsn: str, tmp_path: Path) -> None:
 
     with serve(dsn, data) as srv:
         resp = httpx.post(
-            srv.url + "/dicom-web/studies", content=multipart([part10(acknowledged)]), headers=stow_headers()
+            srv.url + "/dicom-web/studies",
+            content=multipart([part10(acknowledged)]),
+            headers=stow_headers() | srv.headers,
         )
         assert resp.status_code == 200
         started = threading.Event()
@@ -67,7 +69,7 @@ def test_kill_during_upload(dsn: str, tmp_path: Path) -> None:
                 httpx.post(
                     srv.url + "/dicom-web/studies",
                     content=slow_body(head, total, started),
-                    headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+                    headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'} | srv.headers,
                     timeout=60,
                 )
             except BaseException as exc:  # the connection dies with the server
@@ -97,7 +99,9 @@ def test_kill_during_upload(dsn: str, tmp_path: Path) -> None:
             time.sleep(0.2)
         assert not list(spool.glob("*.part"))
         again = httpx.post(
-            srv.url + "/dicom-web/studies", content=multipart([part10(acknowledged)]), headers=stow_headers()
+            srv.url + "/dicom-web/studies",
+            content=multipart([part10(acknowledged)]),
+            headers=stow_headers() | srv.headers,
         )
         assert again.status_code == 200  # identical bytes: idempotent
     assert index_state(dsn) == rows

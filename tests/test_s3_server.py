@@ -35,7 +35,7 @@ def test_stow_to_s3(make_server, moto: Moto, tmp_path) -> None:
     srv, bucket = s3_server(make_server, moto, tmp_path)
     ds = ct(rows=1024, columns=1024, frames=4)  # 8 MiB: a multipart upload at the 5 MiB threshold
     original = part10(ds)
-    with httpx.Client(base_url=srv.url, timeout=120) as http:
+    with httpx.Client(base_url=srv.url, timeout=120, headers=srv.headers) as http:
         resp = http.post(
             "/dicom-web/studies",
             content=multipart([original, sample("CT_small.dcm").read_bytes()]),

@@ -33,7 +33,7 @@ def test_different_content_same_uid(make_server, overwrite: bool) -> None:
     from requests import HTTPError
 
     srv = make_server(overwrite=overwrite)
-    client = DICOMwebClient(srv.dicomweb)
+    client = DICOMwebClient(srv.dicomweb, headers=srv.headers)
     ds = pydicom.dcmread(sample("CT_small.dcm"))
     client.store_instances([ds])
     ds.PatientName = "Changed^Name"

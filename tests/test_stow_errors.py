@@ -174,7 +174,7 @@ def test_duplicate_with_different_content_keeps_the_first(http, server) -> None:
 
 def test_overwrite_replaces_and_old_blob_is_collected(make_server) -> None:
     srv = make_server(overwrite=True)
-    with httpx.Client(base_url=srv.url) as http:
+    with httpx.Client(base_url=srv.url, headers=srv.headers) as http:
         ds = ct(seed=1)
         assert post(http, multipart([part10(ds)])).status_code == 200
         changed = ct(study=ds.StudyInstanceUID, series=ds.SeriesInstanceUID, sop=ds.SOPInstanceUID, seed=2)
@@ -196,7 +196,7 @@ def test_concurrent_stores_into_one_new_study(server) -> None:
     series = "1.2.826.0.1.3680043.8.498.501"
 
     async def run() -> list[int]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, headers=server.headers) as client:
             bodies = [multipart([part10(ct(study=study, series=series, seed=i))]) for i in range(8)]
             responses = await asyncio.gather(
                 *(client.post("/dicom-web/studies", content=b, headers=stow_headers()) for b in bodies)

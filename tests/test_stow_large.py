@@ -53,7 +53,7 @@ def test_large_upload_streams_in_constant_memory(dsn: str, tmp_path: Path) -> No
         small = io.BytesIO()
         pydicom.dcmwrite(small, ct(), enforce_file_format=True)
         warm = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + small.getvalue() + b"\r\n--b--\r\n"
-        headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
+        headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'} | srv.headers
         assert httpx.post(url + "/dicom-web/studies", content=warm, headers=headers).status_code == 200
         baseline = srv.peak_rss_kib()
 
@@ -63,7 +63,7 @@ def test_large_upload_streams_in_constant_memory(dsn: str, tmp_path: Path) -> No
             url + "/dicom-web/studies",
             content=body(head, "big", digest),
             timeout=600,
-            headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=big'},
+            headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=big'} | srv.headers,
         )
         assert resp.status_code == 200, resp.text
         upload_mib = (len(head) + FRAMES * FRAME_BYTES) / 2**20

@@ -515,7 +515,7 @@ def test_bulk_pixel_data(http: httpx.Client, client: Any) -> None:
 
 def test_cors_exposes_headers(make_server: Any) -> None:
     srv = make_server(cors_origins=("http://viewer.example",))
-    with httpx.Client(base_url=srv.url, timeout=60) as http:
+    with httpx.Client(base_url=srv.url, timeout=60, headers=srv.headers) as http:
         [ct] = stow_files(http, ["CT_small.dcm"])
         response = http.get(path(ct, "/metadata"), headers={"Origin": "http://viewer.example"})
         assert response.status_code == 200

@@ -1,0 +1,342 @@
+"""The tamper-evident audit trail: records (`authz.auditrecord`) appended to a hash chain in PostgreSQL, signed
+at checkpoints, verified end to end (`authz.auditverify`).
+
+Chain (migrations/0004_audit.sql): `hash(seq) = sha256(prev_hash || canonical JSON || seq as 8-byte big-endian)`,
+prev_hash of seq 1 = 32 zero bytes. Canonical JSON = `json.dumps(sort_keys=True, separators=(",", ":"),
+ensure_ascii=True)` of `AuditRecord.to_json()` (no floats, no NUL): a fixed point of a round trip through jsonb, so
+anyone can re-hash a record read back from the database. The SQL function `audit_append` locks the one-row chain
+head, hashes, inserts and moves the head in one statement: appends from any number of connections and processes
+form one chain with gapless seq numbers. Within a process, concurrent appends are coalesced into one call (group
+commit, `AuditTrail.append`): a record costs about one round trip and a share of one WAL flush, and `append`
+returns only after the commit, so a response sent after it cannot lose its record on a crash.
+
+Checkpoints: the periodic `audit.checkpoint` job checks the records since the last checkpoint, then signs the
+head (`checkpoint_message`) with the server's EC P-256 key (`authz.keys`). A verifier holding the public key then
+detects even a chain that was altered and consistently re-hashed up to the head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from authz.auditrecord import (
+    Agent,
+    AuditRecord,
+    Code,
+    EventSubtype,
+    EventType,
+    break_glass_record,
+    canonical_json,
+    encode_query,
+    outcome_for_status,
+    request_record,
+)
+from server import jobs
+from server.db import Queries
+
+__all__ = [
+    "CHECKPOINT_JOB",
+    "GENESIS",
+    "Agent",
+    "AuditRecord",
+    "AuditTrail",
+    "Checkpoint",
+    "Code",
+    "EventSubtype",
+    "EventType",
+    "Signer",
+    "Verifier",
+    "break_glass_record",
+    "canonical_json",
+    "chain_hash",
+    "checkpoint_handler",
+    "checkpoint_message",
+    "encode_query",
+    "key_signer",
+    "key_verifier",
+    "make_checkpoint",
+    "outcome_for_status",
+    "records_of",
+    "request_record",
+]
+
+if TYPE_CHECKING:
+    from authz.auditverify import VerifyResult
+
+log = logging.getLogger(__name__)
+SQL = Queries(Path(__file__).with_name("audit.sql"))
+
+GENESIS = bytes(32)
+"""prev_hash of the first record."""
+
+
+def chain_hash(prev_hash: bytes, canonical: str, seq: int) -> bytes:
+    """sha256(prev_hash || canonical JSON (UTF-8) || seq as 8-byte big-endian): what audit_append computes."""
+    return hashlib.sha256(prev_hash + canonical.encode("utf-8") + seq.to_bytes(8, "big", signed=True)).digest()
+
+
+# --- appending -----------------------------------------------------------------------------------------------
+
+Forwarder = Callable[[AuditRecord, int], None]
+"""Called after a record committed, with its seq (e.g. syslog forwarding); must not block."""
+
+
+@dataclass(slots=True)
+class _Batch:
+    texts: list[str] = field(default_factory=list)
+    records: list[AuditRecord] = field(default_factory=list)
+    futures: list[asyncio.Future[int]] = field(default_factory=list)
+
+
+class AuditTrail:
+    """Appends records to the chain. `append` returns once the record is committed (so a response sent after it
+    cannot lose its record on a crash). Concurrent appends of one process share a transaction (group commit):
+    while one batch is being written the next one gathers, up to `max_batch` records."""
+
+    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 256, forwarder: Forwarder | None = None) -> None:
+        self.pool = pool
+        self.max_batch = max_batch
+        self.forwarder = forwarder
+        self._pending = _Batch()
+        self._accepting = False
+        """True while a writer task will still take pending records."""
+        self._writers: set[asyncio.Task[None]] = set()
+
+    async def append(self, record: AuditRecord) -> int:
+        """Write one record; returns its seq once committed. Raises what the database raised."""
+        (seq,) = await self.append_many((record,))
+        return seq
+
+    async def append_many(self, records: Sequence[AuditRecord]) -> list[int]:
+        """Write records (consecutive in the chain when no other process appends meanwhile); their seqs."""
+        if not records:
+            return []
+        texts = [canonical_json(record.to_json()) for record in records]  # a bad record raises here, alone
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[int]] = [loop.create_future() for _ in records]
+        self._pending.texts.extend(texts)
+        self._pending.records.extend(records)
+        self._pending.futures.extend(futures)
+        if not self._accepting:
+            self._accepting = True
+            writer = asyncio.create_task(self._write_pending(), name="hounsfield-audit-append")
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
+        # shield: a caller that is cancelled (client gone) does not cancel the write its record is part of.
+        return list(await asyncio.shield(asyncio.gather(*futures)))
+
+    async def close(self) -> None:
+        """Wait for the writes in flight (call before closing the pool on shutdown)."""
+        while self._writers:
+            await asyncio.gather(*self._writers, return_exceptions=True)
+
+    async def _write_pending(self) -> None:
+        """Write batches until none is pending, on one connection; each batch's callers are answered as soon as
+        its statement committed. Once nothing is pending the writer stops accepting (a later append starts a new
+        writer at once instead of waiting for this one to hand its connection back). A failed batch raises in each
+        of its callers (its records may or may not be committed when the connection broke mid-call)."""
+        while self._pending.texts:
+            batch: _Batch | None = None
+            connected = False
+            try:
+                async with self.pool.acquire() as conn:
+                    connected = True
+                    while self._pending.texts:
+                        batch = self._take()
+                        first = int(await conn.fetchval(SQL["append"], batch.texts))
+                        self._settle(batch, first)
+                        batch = None
+                    self._accepting = False
+                return
+            except BaseException as exc:
+                failed = batch if connected else self._take()  # the batch in flight, or the next one
+                if failed is not None:
+                    self._settle(failed, exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                if not isinstance(exc, Exception):
+                    self._accepting = False
+                    raise
+                log.warning("audit append failed: %s", exc)
+                if not self._accepting:
+                    return
+        self._accepting = False
+
+    def _settle(self, batch: _Batch, outcome: int | Exception) -> None:
+        for i, future in enumerate(batch.futures):
+            if future.done():
+                continue
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome + i)
+        if self.forwarder is not None and not isinstance(outcome, Exception):
+            for i, record in enumerate(batch.records):
+                try:
+                    self.forwarder(record, outcome + i)
+                except Exception:  # forwarding is best effort; the database holds the record
+                    log.exception("audit forwarding failed for seq %d", outcome + i)
+
+    def _take(self) -> _Batch:
+        pending = self._pending
+        if len(pending.texts) <= self.max_batch:
+            self._pending = _Batch()
+            return pending
+        n = self.max_batch
+        self._pending = _Batch(pending.texts[n:], pending.records[n:], pending.futures[n:])
+        return _Batch(pending.texts[:n], pending.records[:n], pending.futures[:n])
+
+    async def checkpoint(self, signer: Signer) -> Checkpoint | None:
+        return await make_checkpoint(self.pool, signer)
+
+    async def verify(self, verifier: Verifier) -> VerifyResult:
+        from authz.auditverify import verify
+
+        return await verify(self.pool, verifier)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+Signer = Callable[[bytes], tuple[bytes, str]]
+"""sign(message) -> (signature, key_id)."""
+Verifier = Callable[[bytes, bytes, str], bool]
+"""verify(message, signature, key_id) -> valid."""
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_CHECKPOINT_TAG = b"hounsfield-audit-checkpoint/1\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    seq: int
+    hash: bytes
+    signed_at: dt.datetime
+    signature: bytes
+    key_id: str
+
+
+def checkpoint_message(seq: int, head_hash: bytes, signed_at: dt.datetime) -> bytes:
+    """What a checkpoint signs: a tag, seq (8 bytes big-endian), the chain hash at seq (32 bytes) and the signing
+    time in microseconds since 1970 (8 bytes big-endian)."""
+    micros = (signed_at - _EPOCH) // dt.timedelta(microseconds=1)
+    return _CHECKPOINT_TAG + seq.to_bytes(8, "big", signed=True) + head_hash + micros.to_bytes(8, "big", signed=True)
+
+
+def key_signer(private_pem: bytes, key_id: str) -> Signer:
+    """ECDSA P-256 / SHA-256 (DER signature) with the server's key, e.g. `authz.keys.load_or_create(data)`:
+    `key_signer(key.private_pem, key.kid)`."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = serialization.load_pem_private_key(private_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("checkpoint signing needs an EC private key")
+
+    def sign(message: bytes) -> tuple[bytes, str]:
+        return key.sign(message, ec.ECDSA(hashes.SHA256())), key_id
+
+    return sign
+
+
+def key_verifier(public_keys: Mapping[str, Any]) -> Verifier:
+    """Verifies with the public key named by the checkpoint's key id: `public_keys` maps key id to an EC public
+    key, a PEM (private or public) or a public JWK (keys retired by rotation stay verifiable)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    keys = {kid: _public_key(value) for kid, value in public_keys.items()}
+
+    def verify(message: bytes, signature: bytes, key_id: str) -> bool:
+        key = keys.get(key_id)
+        if key is None:
+            return False
+        try:
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+    return verify
+
+
+def _public_key(value: Any) -> Any:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if isinstance(value, ec.EllipticCurvePublicKey):
+        return value
+    if isinstance(value, bytes):
+        if b"PRIVATE KEY" in value:
+            private = serialization.load_pem_private_key(value, password=None)
+            assert isinstance(private, ec.EllipticCurvePrivateKey)
+            return private.public_key()
+        return serialization.load_pem_public_key(value)
+    if isinstance(value, Mapping) and value.get("kty") == "EC" and value.get("crv") == "P-256":
+        x, y = (int.from_bytes(base64.urlsafe_b64decode(value[c] + "=" * (-len(value[c]) % 4)), "big") for c in "xy")
+        return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
+    raise ValueError("unsupported checkpoint verification key")
+
+
+async def make_checkpoint(pool: asyncpg.Pool, signer: Signer) -> Checkpoint | None:
+    """Sign the chain head if records were added since the last checkpoint, after checking those records (a
+    tampered segment is never signed: it is logged and left for `hounsfield audit verify`)."""
+    from authz.auditverify import verify_segment
+
+    async with pool.acquire() as conn:
+        last = await conn.fetchrow(SQL["last_checkpoint"])
+        head = await conn.fetchrow(SQL["last_record"])
+    if head is None or (last is not None and last["seq"] >= head["seq"]):
+        return None
+    start_seq, start_hash = (0, GENESIS) if last is None else (int(last["seq"]), bytes(last["hash"]))
+    problems = await verify_segment(pool, start_seq, start_hash, int(head["seq"]))
+    if problems:
+        log.error("audit chain: not signing a checkpoint at seq %d: %s", head["seq"], "; ".join(map(str, problems[:5])))
+        return None
+    signed_at = dt.datetime.now(dt.UTC)
+    signature, key_id = signer(checkpoint_message(int(head["seq"]), bytes(head["hash"]), signed_at))
+    checkpoint = Checkpoint(int(head["seq"]), bytes(head["hash"]), signed_at, signature, key_id)
+    async with pool.acquire() as conn:
+        await conn.execute(SQL["insert_checkpoint"], checkpoint.seq, checkpoint.hash, signed_at, signature, key_id)
+    return checkpoint
+
+
+CHECKPOINT_JOB = "audit.checkpoint"
+
+
+def checkpoint_handler(pool: asyncpg.Pool, signer: Signer, interval: int) -> jobs.Handler:
+    """The `audit.checkpoint` job (server/jobs.py): sign the head, then schedule the next run in `interval`
+    seconds when the job is the periodic one. Start it with `jobs.schedule(conn, CHECKPOINT_JOB, {"periodic":
+    True}, dedupe_key="periodic", delay_seconds=interval)`."""
+
+    async def run(job: jobs.Job) -> None:
+        try:
+            checkpoint = await make_checkpoint(pool, signer)
+            if checkpoint is not None:
+                log.info("audit checkpoint signed at seq %d (key %s)", checkpoint.seq, checkpoint.key_id)
+        finally:
+            if job.payload.get("periodic"):
+                async with pool.acquire() as conn:
+                    await jobs.enqueue(
+                        conn, CHECKPOINT_JOB, {"periodic": True}, dedupe_key="periodic", delay_seconds=interval
+                    )
+
+    return run
+
+
+def records_of(rows: Iterable[Mapping[str, Any]]) -> Iterable[tuple[int, AuditRecord]]:
+    """(seq, record) from rows with `seq` and `record` (jsonb text); malformed records are skipped and logged."""
+    for row in rows:
+        try:
+            yield int(row["seq"]), AuditRecord.from_json(json.loads(row["record"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("audit record %s is malformed: %s", row["seq"], exc)

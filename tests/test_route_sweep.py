@@ -1,0 +1,82 @@
+"""No route answers without a valid token: every method of every path in the application's route table, with
+path parameters filled with valid-looking values, gets 401 without a token (and not 401 with an admin token).
+Only `HOUNSFIELD_AUTH_PUBLIC_PATHS` (health checks) and CORS preflight (`OPTIONS`) are open. A route added
+later is swept without changing this test."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import httpx
+from litestar.routes import HTTPRoute
+
+from tests.conftest import LiveServer
+
+VALUES = {
+    "study": "1.2.826.0.1.3680043.8.498.1",
+    "series": "1.2.826.0.1.3680043.8.498.2",
+    "instance": "1.2.826.0.1.3680043.8.498.3",
+    "frames": "1",
+    "tag": "7FE00010",
+    "path": "openapi.yaml",
+}
+QUERIES = {"/wado": "?requestType=WADO&studyUID=1.2.3&seriesUID=1.2.4&objectUID=1.2.5"}
+
+
+def concrete(route: HTTPRoute) -> str:
+    def fill(match: re.Match[str]) -> str:
+        name, _, kind = match.group(1).partition(":")
+        if name in VALUES:
+            return VALUES[name]
+        return str(uuid.uuid4()) if kind == "uuid" else "1"
+
+    return re.sub(r"\{([^}]+)\}", fill, route.path) + QUERIES.get(route.path, "")
+
+
+def requests(server: LiveServer) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    for route in server.app.routes:
+        assert isinstance(route, HTTPRoute), f"{route.path}: not an HTTP route; teach this sweep about it"
+        found.extend((method, concrete(route)) for method in sorted(route.methods) if method != "OPTIONS")
+    return found
+
+
+def test_every_route_needs_a_token(server: LiveServer) -> None:
+    public = set(server.settings.auth_public_paths)
+    swept = requests(server)
+    assert len(swept) >= 20 and any(m == "POST" for m, _ in swept)
+    admin = server.headers
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for method, url in swept:
+            path = url.split("?", 1)[0]
+            anonymous = http.request(method, url)
+            if path in public:
+                assert anonymous.status_code != 401, (method, url)
+                continue
+            assert anonymous.status_code == 401, (method, url, anonymous.status_code, anonymous.text[:200])
+            assert anonymous.headers["www-authenticate"] == 'Bearer realm="hounsfield"', (method, url)
+            assert anonymous.json()["status"] == 401
+            bad = http.request(method, url, headers={"Authorization": "Bearer not.a.token"})
+            assert bad.status_code == 401 and 'error="invalid_token"' in bad.headers["www-authenticate"]
+            allowed = http.request(method, url, headers=admin)
+            assert allowed.status_code != 401, (method, url, allowed.text[:200])
+    swept_paths = {url.split("?", 1)[0] for _, url in swept}
+    assert public <= swept_paths, "a public path is not a route"
+
+
+def test_preflight_options_carry_no_data(server: LiveServer) -> None:
+    """OPTIONS is answered without a token (browsers send none on preflight); it only lists methods."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for route in server.app.routes:
+            response = http.options(concrete(route))
+            assert response.status_code == 204, (route.path, response.status_code)
+            assert response.content == b""
+
+
+def test_unknown_paths_reveal_nothing(server: LiveServer) -> None:
+    """Litestar answers 404 for a path with no route before any route middleware runs; the answer carries
+    nothing but the status."""
+    response = httpx.get(server.url + "/no/such/route", timeout=30)
+    assert response.status_code == 404
+    assert response.json() == {"error": "Not Found", "status": 404}
