@@ -27,6 +27,7 @@ OPT_KEY = "authz"
 PRINCIPAL = "hounsfield.principal"
 DECISION = "hounsfield.decision"
 RESOURCE = "hounsfield.resource"
+OPENAPI_PATH = "/openapi"
 
 
 def authz_opt(action: Action, kind: str, **extra: Any) -> dict[str, Any]:
@@ -75,10 +76,14 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     resources = connection.app.state.resources
     if connection.scope["path"] in resources.settings.auth_public_paths:
         return
+    if connection.scope.get("method") == "OPTIONS":
+        return  # Litestar's automatic OPTIONS answers carry no data (CORS preflight sends no token)
     principal = principal_of(connection.scope)
     if principal is None:
         raise Unauthenticated("a bearer token is required", error="")
     spec = handler.opt.get(OPT_KEY)
+    if spec is None and connection.scope["path"].startswith(OPENAPI_PATH):
+        spec = ("read", "system")  # the API description (Litestar's own routes)
     if spec is None:
         raise Forbidden("this route declares no authorization rule")
     action, kind = spec

@@ -19,6 +19,8 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from authz.authn import authenticate
+from authz.guard import authorize
+from authz.recording import audit_requests
 from dicomweb.blobs import BlobStore
 from dicomweb.routes import qido, stow, wado, wadouri
 from server import health, telemetry
@@ -81,6 +83,11 @@ def create_app(
             render_plugins=[SwaggerRenderPlugin()],
         ),
         plugins=[telemetry.litestar_plugin(settings)],
-        middleware=[header_limit(settings.max_request_header_bytes), authenticate(settings)],
+        middleware=[
+            header_limit(settings.max_request_header_bytes),
+            audit_requests(settings.auth_public_paths),
+            authenticate(settings),
+        ],
+        guards=[authorize],
         debug=False,
     )

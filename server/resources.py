@@ -14,6 +14,11 @@ import anyio.to_thread
 import asyncpg
 from litestar.di import NamedDependency
 
+from authz import keys
+from authz.audit import CHECKPOINT_JOB, AuditTrail, checkpoint_handler, key_signer
+from authz.auditsyslog import SyslogForwarder
+from authz.decision import PolicyEngine
+from authz.engines import open_engine
 from dicomweb.blobs import BlobStore
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.store import StoreService, blob_delete_handler, gc_handler
@@ -29,6 +34,8 @@ class Resources:
     pool: asyncpg.Pool
     blobs: BlobStore
     store: StoreService
+    audit: AuditTrail
+    policy: PolicyEngine
     worker: jobs.Worker | None = None
     handlers: dict[str, jobs.Handler] = field(default_factory=dict)
 
@@ -71,9 +78,27 @@ async def open_resources(
             ),
             "blob.delete": blob_delete_handler(pool, blobs),
         }
-        resources = Resources(settings, pool, blobs, store, handlers=handlers)
+        forwarder = SyslogForwarder(settings.audit_syslog) if settings.audit_syslog else None
+        if forwarder is not None:
+            stack.push_async_callback(forwarder.close)
+        audit = AuditTrail(pool, forwarder=forwarder)
+        stack.push_async_callback(audit.close)  # runs before the pool closes: records in flight are written
+        policy = open_engine(settings)
+        stack.push_async_callback(policy.close)
+        signing_key = await anyio.to_thread.run_sync(keys.load_or_create, settings.data_dir)
+        handlers[CHECKPOINT_JOB] = checkpoint_handler(
+            pool, key_signer(signing_key.private_pem, signing_key.kid), settings.audit_checkpoint_seconds
+        )
+        resources = Resources(settings, pool, blobs, store, audit, policy, handlers=handlers)
         if settings.worker_enabled:
             async with pool.acquire() as conn:
+                await jobs.schedule(
+                    conn,
+                    CHECKPOINT_JOB,
+                    {"periodic": True},
+                    dedupe_key="periodic",
+                    delay_seconds=settings.audit_checkpoint_seconds,
+                )
                 await jobs.schedule(
                     conn,
                     "blob.gc",

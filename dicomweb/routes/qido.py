@@ -14,8 +14,10 @@ from typing import Any
 from litestar import Request, Response, get
 from litestar.params import FromPath
 
-from authz.guard import authz_opt
+from authz.errors import Forbidden
+from authz.guard import authz_opt, decision_of
 from dicomweb import mediatypes, uids
+from dicomweb.access import AccessConstraints
 from dicomweb.errors import NotAcceptable
 from dicomweb.query import Level, parse_query
 from dicomweb.routes.common import base_url, dicom_json
@@ -50,7 +52,11 @@ async def _search(
 ) -> Response[bytes]:
     media_type = response_type(request)
     query = parse_query(level, list(request.query_params.multi_items()), study_uid=study, series_uid=series)
-    result = await search(resources.pool, query, base_url(request, resources))
+    decision = decision_of(request.scope)
+    if decision is None:  # the guard decides every non-public route; never search unconstrained without it
+        raise Forbidden("no policy decision for this search")
+    access = AccessConstraints.from_policy(decision.constraints)
+    result = await search(resources.pool, query, base_url(request, resources), access)
     headers = {}
     if result.warnings:
         headers["Warning"] = ", ".join(warning_header(w) for w in result.warnings[:20])

@@ -1,0 +1,103 @@
+"""Every HTTP access, allowed or denied, writes one audit record before its response starts.
+
+A Litestar middleware placed outside authentication (so 401s are recorded too): when the response's status
+is known (`http.response.start`) it builds the record from what authentication and the guard left in the
+request state and awaits `AuditTrail.append`, which returns only after the record is committed. Only then does
+the response go out, so no record can be lost after a response was sent. If the record cannot be written, the
+client gets 503 instead of the data (fail closed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
+
+from authz.auditrecord import request_record
+from authz.decision import Action, Resource
+from authz.guard import DECISION, OPT_KEY, PRINCIPAL, RESOURCE
+
+log = logging.getLogger(__name__)
+
+
+def _resource(scope: Scope, kind: str) -> Resource:
+    state = scope.get("state", {})
+    resource = state.get(RESOURCE)
+    if isinstance(resource, Resource):
+        return resource
+    params = scope.get("path_params") or {}
+    return Resource(
+        kind=kind,
+        study_uid=params.get("study"),
+        series_uid=params.get("series"),
+        instance_uid=params.get("instance"),
+    )
+
+
+def record_for(scope: Scope, status: int) -> Any:
+    handler = scope.get("route_handler")
+    spec = handler.opt.get(OPT_KEY) if handler is not None else None
+    action: Action = spec[0] if spec else "read"
+    kind: str = spec[1] if spec else "system"
+    state = scope.get("state", {})
+    client = scope.get("client")
+    query = scope.get("query_string") or b""
+    return request_record(
+        state.get(PRINCIPAL),
+        state.get(DECISION),
+        action=action,
+        resource=_resource(scope, kind),
+        status=status,
+        method=str(scope.get("method", "")),
+        path=str(scope.get("path", "")),
+        query_string=query if action == "search" else None,
+        client_ip=client[0] if client else None,
+    )
+
+
+def audit_requests(public_paths: tuple[str, ...]) -> Callable[[ASGIApp], ASGIApp]:
+    """Middleware factory: record each request to a route (public health checks excepted)."""
+
+    def factory(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != ScopeType.HTTP or scope["path"] in public_paths or scope.get("method") == "OPTIONS":
+                await app(scope, receive, send)
+                return
+            trail = scope["litestar_app"].state.resources.audit
+            failed = False
+
+            async def recording_send(message: Message) -> None:
+                nonlocal failed
+                if failed:
+                    return
+                if message["type"] == "http.response.start":
+                    try:
+                        await trail.append(record_for(scope, int(message["status"])))
+                    except Exception:
+                        log.exception("audit record could not be written; refusing the response")
+                        failed = True
+                        await _unavailable(send)
+                        return
+                await send(message)
+
+            await app(scope, receive, recording_send)
+
+        return middleware
+
+    return factory
+
+
+async def _unavailable(send: Send) -> None:
+    body = json.dumps({"error": "audit trail unavailable", "status": 503}).encode()
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": 503,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+    }
+    await send(start)
+    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
+    await send(end)
