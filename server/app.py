@@ -19,7 +19,9 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from authz.authn import authenticate
+from authz import routes_breakglass as breakglass
 from authz.guard import authorize
+from fhir import routes_audit as fhir_audit
 from authz.recording import audit_requests
 from dicomweb.blobs import BlobStore
 from dicomweb.routes import qido, stow, wado, wadouri
@@ -67,7 +69,13 @@ def create_app(
         )
     dicomweb = Router(path="/dicom-web", route_handlers=dicomweb_routes(), tags=["DICOMweb"])
     return Litestar(
-        route_handlers=[dicomweb, *wadouri.ROUTES, *health.ROUTES],
+        route_handlers=[
+            dicomweb,
+            *wadouri.ROUTES,
+            *health.ROUTES,
+            Router(path="/fhir", route_handlers=fhir_audit.ROUTES, tags=["FHIR"]),
+            *breakglass.ROUTES,
+        ],
         dependencies={"resources": Provide(_resources, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
