@@ -25,6 +25,7 @@ import logging
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -90,6 +91,11 @@ def _verifier(key: TrustedKey, alg: str) -> Any:
     return found
 
 
+CACHE_SECONDS = 60.0
+"""How long a validated token is answered from the cache (never past its `exp`)."""
+CACHE_ENTRIES = 4096
+
+
 class TokenValidator:
     """Made once per application; `validate` is safe to call concurrently."""
 
@@ -113,6 +119,7 @@ class TokenValidator:
         self._tried_at = float("-inf")  # last JWKS fetch attempt
         self._kid_refresh_at = float("-inf")  # last fetch for an unknown kid
         self._lock = asyncio.Lock()
+        self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
         self._file_keys: dict[str, TrustedKey] = {}
         if settings.auth_keys_file is not None and not settings.auth_jwks_url:
             try:  # read now: a bad keys file stops the server from starting (SettingsError)
@@ -136,10 +143,29 @@ class TokenValidator:
         self._keys = parse_jwks(embedded.jwks, "embedded key") | self._file_keys
 
     async def validate(self, token: str) -> Principal:
+        """The principal of a valid token. A token validated in the last `CACHE_SECONDS` (and not yet past its
+        `exp`) is answered from a bounded cache: a viewer sends the same token with every frame request, and
+        a signature check costs far more than a dictionary lookup. A key withdrawn from the JWKS stops
+        validating new tokens at once and cached ones within `CACHE_SECONDS`."""
+        now = time.time()
+        cached = self._cache.get(token)
+        if cached is not None:
+            principal, until = cached
+            if now < until:
+                self._cache.move_to_end(token)
+                return principal
+            del self._cache[token]
         alg, kid = self._header(token)
         candidates = await self._candidates(kid, alg)
         claims = self._decode(token, candidates, alg)
-        return principal_from_claims(claims)
+        principal = principal_from_claims(claims)
+        until = now + CACHE_SECONDS
+        if principal.expires_at is not None:
+            until = min(until, float(principal.expires_at))
+        self._cache[token] = (principal, until)
+        if len(self._cache) > CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+        return principal
 
     # --- header ---
     def _header(self, token: str) -> tuple[str, str | None]:

@@ -18,6 +18,7 @@ from authz import keys
 from authz.audit import CHECKPOINT_JOB, AuditTrail, checkpoint_handler, key_signer
 from authz.auditsyslog import SyslogForwarder
 from authz.decision import PolicyEngine
+from authz.decision_cache import CachingEngine
 from authz.engines import open_engine
 from dicomweb.blobs import BlobStore
 from dicomweb.blobs.fs import FileSystemBlobStore
@@ -83,7 +84,7 @@ async def open_resources(
             stack.push_async_callback(forwarder.close)
         audit = AuditTrail(pool, forwarder=forwarder)
         stack.push_async_callback(audit.close)  # runs before the pool closes: records in flight are written
-        policy = open_engine(settings)
+        policy = CachingEngine(open_engine(settings), ttl=settings.policy_cache_seconds)
         stack.push_async_callback(policy.close)
         signing_key = await anyio.to_thread.run_sync(keys.load_or_create, settings.data_dir)
         handlers[CHECKPOINT_JOB] = checkpoint_handler(

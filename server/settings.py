@@ -164,6 +164,9 @@ class Settings:
     """`HOUNSFIELD_POLICY_DATA`: JSON policy data (care lists, consents); default: the shipped example data."""
     opa_url: str | None = None
     """`HOUNSFIELD_OPA_URL`: evaluate on an OPA server (Data API) instead of in-process with regopy."""
+    policy_cache_seconds: float = 5.0
+    """`HOUNSFIELD_POLICY_CACHE_SECONDS`: identical questions (same subject, action, resource, context but the
+    time) are answered from a cache this long; 0 turns the cache off."""
     opa_timeout_seconds: float = 2.0
     """`HOUNSFIELD_OPA_TIMEOUT_MS` (milliseconds): a decision that takes longer fails closed (503)."""
 
@@ -261,6 +264,7 @@ class Settings:
             policy_dir=_path(env, "HOUNSFIELD_POLICY_DIR"),
             policy_data_file=_path(env, "HOUNSFIELD_POLICY_DATA"),
             opa_url=_url(env, "HOUNSFIELD_OPA_URL"),
+            policy_cache_seconds=float(_int(env, "HOUNSFIELD_POLICY_CACHE_SECONDS", 5, minimum=0, maximum=3600)),
             opa_timeout_seconds=float(_int(env, "HOUNSFIELD_OPA_TIMEOUT_MS", 2000, minimum=10, maximum=60000)) / 1000,
             break_glass_minutes=_int(env, "HOUNSFIELD_BREAK_GLASS_MINUTES", 60, minimum=1, maximum=24 * 60),
             break_glass_webhook=_url(env, "HOUNSFIELD_BREAK_GLASS_WEBHOOK"),

@@ -1,0 +1,71 @@
+"""The decision cache in front of the real Rego engine: repeated questions are answered once per TTL, the
+time of the request is not part of the question, and a changed policy revision asks again."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+from authz.decision import Decision, PolicyInput, Resource
+from authz.decision_cache import CachingEngine
+from authz.engine_rego import RegoEngine
+from authz.engines import SHIPPED_POLICIES
+from authz.policy_input import policy_input
+from authz.principal import Principal
+
+
+class Counting:
+    """Counts the questions that reach the real engine."""
+
+    def __init__(self, engine: RegoEngine) -> None:
+        self.engine = engine
+        self.calls = 0
+
+    @property
+    def revision(self) -> str:
+        return self.engine.revision
+
+    async def decide(self, policy_input: PolicyInput) -> Decision:
+        self.calls += 1
+        return await self.engine.decide(policy_input)
+
+    async def reload(self) -> None:
+        await self.engine.reload()
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+
+def test_cache(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies)
+    data_file = policies / "data.json"
+    counting = Counting(RegoEngine(policies, data_file, check_interval=0))
+    engine = CachingEngine(counting, ttl=60)
+    who = Principal(sub="dr-who", issuer="hounsfield", roles=("referring",))
+    study = Resource(kind="study", patient_id="P4", study_uid="1.2.3")
+
+    def ask(minute: int) -> PolicyInput:
+        return policy_input(who, "read", study, "127.0.0.1", now=dt.datetime(2026, 1, 1, 12, minute, tzinfo=dt.UTC))
+
+    async def run() -> None:
+        first = await engine.decide(ask(0))
+        again = await engine.decide(ask(1))  # another time: the same question
+        assert not first.allow and again is first
+        assert counting.calls == 1
+        # Put P4 on dr-who's care list: a new revision, so the cache asks the engine again.
+        data = json.loads(data_file.read_text())
+        data["care_lists"]["dr-who"].append("P4")
+        data_file.write_text(json.dumps(data))
+        await engine.reload()
+        allowed = await engine.decide(ask(2))
+        assert allowed.allow and counting.calls == 2
+        short = CachingEngine(counting, ttl=0)
+        await short.decide(ask(3))
+        assert counting.calls == 3
+        await engine.close()
+
+    asyncio.run(run())
