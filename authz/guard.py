@@ -6,33 +6,55 @@ Every request reaching a handler has been authenticated (`authz.authn`), and thi
 about the action on the resource, with facts about the resource (its patient and modalities) looked up in the
 index. A route without an `authz` declaration is refused (fail closed). The decision is kept in the request
 state for the handler (search constraints) and for the audit record.
+
+Break-glass (`authz.breakglass`): every request looks up the subject's open session (one index probe) and passes
+it to the policy as `context.break_glass`. A request whose token carries purpose of use `BTG` (HL7 v3 ActReason)
+and the header `X-Break-Glass-Reason: <free text>` starts a session first when the subject has none open (the
+policy decides, as for `POST /break-glass`); the session is bound to the token's subject and issuer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from litestar.connection import ASGIConnection
+from litestar.exceptions import ValidationException
 from litestar.handlers.base import BaseRouteHandler
 
-from authz.decision import Action, Context, Decision, PolicyInput, Resource
+from authz.breakglass import BreakGlassService, InvalidRequest, StartRequest, check_reason, open_session_context
+from authz.decision import Action, Decision, Resource
 from authz.errors import Forbidden, Unauthenticated
+from authz.policy_input import break_glass_session, policy_input
 from authz.principal import Principal
-from server.db import Queries
+from server.db import Connection, Queries
 
 FACTS = Queries(Path(__file__).with_name("facts.sql"))
 OPT_KEY = "authz"
 PRINCIPAL = "hounsfield.principal"
 DECISION = "hounsfield.decision"
 RESOURCE = "hounsfield.resource"
+BREAK_GLASS = "hounsfield.break_glass"
+"""The subject's open break-glass session as passed to the policy ({"id", "reason", "expires"}), when it has one."""
+RESOURCE_HOOK_KEY = "authz_resource"
 OPENAPI_PATH = "/openapi"
+BTG = "BTG"
+"""HL7 v3 ActReason "break the glass"."""
+BREAK_GLASS_HEADER = "x-break-glass-reason"
+
+ResourceHook = Callable[[ASGIConnection[Any, Any, Any, Any], Resource], Awaitable[Resource]]
+"""Completes the resource of a request from the request itself (e.g. the reason in a body); may raise an HTTP
+error (400) for a malformed request, which then never reaches the policy."""
 
 
-def authz_opt(action: Action, kind: str, **extra: Any) -> dict[str, Any]:
-    """Route metadata declaring what a route does: `opt=authz_opt("read", "frames")`."""
-    return {OPT_KEY: (action, kind), **extra}
+def authz_opt(action: Action, kind: str, *, resource: ResourceHook | None = None, **extra: Any) -> dict[str, Any]:
+    """Route metadata declaring what a route does: `opt=authz_opt("read", "frames")`. `resource` completes the
+    resource the policy sees from the request (e.g. `resource.attributes.reason` of a break-glass start)."""
+    hook = {RESOURCE_HOOK_KEY: resource} if resource is not None else {}
+    return {OPT_KEY: (action, kind), **hook, **extra}
 
 
 def principal_of(scope: Any) -> Principal | None:
@@ -45,7 +67,7 @@ def decision_of(scope: Any) -> Decision | None:
     return value if isinstance(value, Decision) else None
 
 
-async def _resource(connection: ASGIConnection[Any, Any, Any, Any], kind: str) -> Resource:
+async def _resource(conn: Connection, connection: ASGIConnection[Any, Any, Any, Any], kind: str) -> Resource:
     params = connection.path_params
     study = params.get("study")
     series = params.get("series")
@@ -56,9 +78,7 @@ async def _resource(connection: ASGIConnection[Any, Any, Any, Any], kind: str) -
         instance = connection.query_params.get("objectUID")
     if study is None:
         return Resource(kind=kind)
-    resources = connection.app.state.resources
-    async with resources.pool.acquire() as conn:
-        row = await conn.fetchrow(FACTS["study_facts"], str(study))
+    row = await conn.fetchrow(FACTS["study_facts"], str(study))
     if row is None:
         return Resource(kind=kind, study_uid=str(study), series_uid=series, instance_uid=instance)
     return Resource(
@@ -69,6 +89,46 @@ async def _resource(connection: ASGIConnection[Any, Any, Any, Any], kind: str) -
         instance_uid=instance,
         modalities=tuple(row["modalities"]),
     )
+
+
+def _header_text(raw: str) -> str:
+    """Header values arrive as Latin-1; a client that sent UTF-8 gets its text back."""
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return raw
+
+
+async def _break_glass_by_header(
+    connection: ASGIConnection[Any, Any, Any, Any],
+    principal: Principal,
+    resource: Resource,
+    client_ip: str | None,
+    now: dt.datetime,
+) -> dict[str, Any] | None:
+    """Start a session for a `BTG` token that sends `X-Break-Glass-Reason` (the subject has none open).
+    A reason that is too short is a 400; a subject the policy does not let break the glass gets 403."""
+    raw = connection.headers.get(BREAK_GLASS_HEADER)
+    if raw is None or BTG not in principal.purpose_of_use:
+        return None
+    try:
+        reason = check_reason(_header_text(raw), "X-Break-Glass-Reason")
+    except InvalidRequest as exc:
+        raise ValidationException(exc.detail) from None
+    resources = connection.app.state.resources
+    known = resource.patient_id is not None  # the study exists: its UID is a stored one
+    start = StartRequest(reason, resource.patient_id, resource.study_uid if known else None)
+    target = Resource(
+        kind="BreakGlass", patient_id=start.patient_id, study_uid=start.study_uid, attributes={"reason": reason}
+    )
+    decision = await resources.policy.decide(policy_input(principal, "create", target, client_ip, now=now))
+    if not decision.allow:
+        connection.scope.setdefault("state", {})[DECISION] = decision
+        raise Forbidden("break-glass refused: " + ("; ".join(decision.reasons) or "denied by policy"), decision)
+    session = await BreakGlassService.of(resources).start(
+        principal, start, decision=decision, client_ip=client_ip, now=now
+    )
+    return break_glass_session(str(session.id), session.reason, session.expires_at)
 
 
 async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
@@ -87,21 +147,33 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     if spec is None:
         raise Forbidden("this route declares no authorization rule")
     action, kind = spec
-    resource = await _resource(connection, kind)
+    now = dt.datetime.now(dt.UTC)
     client = connection.scope.get("client")
-    policy_input = PolicyInput(
-        subject=principal.to_input(),
-        action=action,
-        resource=resource,
-        context=Context(
-            time=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            client_ip=client[0] if client else None,
-            break_glass=None,
-        ),
-    )
-    decision = await resources.policy.decide(policy_input)
+    client_ip = client[0] if client else None
     state = connection.scope.setdefault("state", {})
-    state[DECISION] = decision
+    async with resources.pool.acquire() as conn:
+        resource = await _resource(conn, connection, kind)
+        session = await open_session_context(conn, principal, now)
+    hook = handler.opt.get(RESOURCE_HOOK_KEY)
+    if hook is not None:
+        resource = await hook(connection, resource)
     state[RESOURCE] = resource
+    if session is None and kind != "BreakGlass":
+        session = await _break_glass_by_header(connection, principal, resource, client_ip, now)
+    if session is not None:
+        state[BREAK_GLASS] = session
+    decision = await resources.policy.decide(policy_input(principal, action, resource, client_ip, session, now=now))
+    state[DECISION] = decision
     if not decision.allow:
         raise Forbidden("; ".join(decision.reasons) or "denied by policy", decision)
+
+
+def break_glass_of(scope: Any) -> dict[str, Any] | None:
+    """The open break-glass session the guard passed to the policy for this request, if any."""
+    value = scope.get("state", {}).get(BREAK_GLASS)
+    return value if isinstance(value, dict) else None
+
+
+def with_attributes(resource: Resource, **attributes: Any) -> Resource:
+    """The resource with more `attributes` (for resource hooks)."""
+    return dataclasses.replace(resource, attributes={**resource.attributes, **attributes})

@@ -4,7 +4,8 @@ A Litestar middleware placed outside authentication (so 401s are recorded too): 
 is known (`http.response.start`) it builds the record from what authentication and the guard left in the
 request state and awaits `AuditTrail.append`, which returns only after the record is committed. Only then does
 the response go out, so no record can be lost after a response was sent. If the record cannot be written, the
-client gets 503 instead of the data (fail closed).
+client gets 503 instead of the data (fail closed). An access inside a break-glass window (the decision's
+`obligations.break_glass`) is flagged, with the session's reason and id.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
 
 from authz.auditrecord import request_record
-from authz.decision import Action, Resource
-from authz.guard import DECISION, OPT_KEY, PRINCIPAL, RESOURCE
+from authz.decision import Action, Decision, Resource
+from authz.guard import DECISION, OPT_KEY, PRINCIPAL, RESOURCE, break_glass_of
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,13 @@ def record_for(scope: Scope, status: int) -> Any:
     state = scope.get("state", {})
     client = scope.get("client")
     query = scope.get("query_string") or b""
+    decision = state.get(DECISION)
+    # An access the policy allowed only because of a break-glass session is flagged, with the session's reason.
+    flagged = isinstance(decision, Decision) and bool(decision.obligations.get("break_glass"))
+    session = break_glass_of(scope) if flagged else None
     return request_record(
         state.get(PRINCIPAL),
-        state.get(DECISION),
+        decision,
         action=action,
         resource=_resource(scope, kind),
         status=status,
@@ -56,6 +61,9 @@ def record_for(scope: Scope, status: int) -> Any:
         path=str(scope.get("path", "")),
         query_string=query if action == "search" else None,
         client_ip=client[0] if client else None,
+        break_glass=flagged,
+        reason=str(session["reason"]) if session else None,
+        outcome_desc=f"break-glass session {session['id']}" if session and status < 400 else None,
     )
 
 

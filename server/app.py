@@ -18,13 +18,13 @@ from litestar.di import Provide
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from authz.authn import authenticate
 from authz import routes_breakglass as breakglass
+from authz.authn import authenticate
 from authz.guard import authorize
-from fhir import routes_audit as fhir_audit
 from authz.recording import audit_requests
 from dicomweb.blobs import BlobStore
 from dicomweb.routes import qido, stow, wado, wadouri
+from fhir import routes_audit as fhir_audit
 from server import health, telemetry
 from server.errors import EXCEPTION_HANDLERS
 from server.limits import header_limit

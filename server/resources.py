@@ -17,6 +17,7 @@ from litestar.di import NamedDependency
 from authz import keys
 from authz.audit import CHECKPOINT_JOB, AuditTrail, checkpoint_handler, key_signer
 from authz.auditsyslog import SyslogForwarder
+from authz.breakglass import ALERT_JOB, alert_handler
 from authz.decision import PolicyEngine
 from authz.decision_cache import CachingEngine
 from authz.engines import open_engine
@@ -90,6 +91,7 @@ async def open_resources(
         handlers[CHECKPOINT_JOB] = checkpoint_handler(
             pool, key_signer(signing_key.private_pem, signing_key.kid), settings.audit_checkpoint_seconds
         )
+        handlers[ALERT_JOB] = alert_handler(pool, settings)  # break-glass webhook alerts
         resources = Resources(settings, pool, blobs, store, audit, policy, handlers=handlers)
         if settings.worker_enabled:
             async with pool.acquire() as conn:
