@@ -1,0 +1,129 @@
+"""Errors on the FHIR API as OperationOutcome resources (https://hl7.org/fhir/R4/operationoutcome.html; R4 HTTP
+"Handling errors": a 4xx/5xx answer SHOULD carry an OperationOutcome).
+
+The FHIR routes declare `exception_handlers=EXCEPTION_HANDLERS`, which take precedence over the application's
+(server/errors.py) for those routes only, guards included: a policy denial on /fhir is a 403 OperationOutcome
+with the same headers as elsewhere. (A missing or invalid token is answered by the authentication middleware
+before any route, with its RFC 6750 401 JSON, the same for every path.)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+from litestar.types import ExceptionHandlersMap
+
+from authz.errors import AuthzError, Forbidden, PolicyUnavailable, Unauthenticated
+from fhir.auditsearch import SearchError
+from server.errors import authz_error_parts, warning_header
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+FHIR_NDJSON = "application/fhir+ndjson"
+
+
+class FhirError(Exception):
+    """The FHIR API's own errors: HTTP `status`, OperationOutcome issue `code` (R4 IssueType)."""
+
+    status = 400
+    code = "invalid"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ResourceNotFound(FhirError):
+    status = 404
+    code = "not-found"
+
+
+class RecordDamaged(FhirError):
+    """A stored audit record that cannot be read back (altered outside the application)."""
+
+    status = 500
+    code = "exception"
+
+
+def issue(code: str, diagnostics: str, severity: str = "error") -> dict[str, Any]:
+    """An OperationOutcome.issue: `code` from the R4 IssueType value set (invalid, not-found, forbidden, ...)."""
+    return {"severity": severity, "code": code, "diagnostics": diagnostics}
+
+
+def operation_outcome(*issues: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": list(issues)}
+
+
+def outcome_response(
+    status: int, code: str, diagnostics: str, headers: dict[str, str] | None = None
+) -> Response[dict[str, Any]]:
+    headers = dict(headers or {})
+    headers.setdefault("Warning", warning_header(diagnostics))
+    return Response(
+        operation_outcome(issue(code, diagnostics)), status_code=status, headers=headers, media_type=FHIR_JSON
+    )
+
+
+def _fhir_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    assert isinstance(exc, FhirError)
+    return outcome_response(exc.status, exc.code, exc.detail)
+
+
+def _search_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    assert isinstance(exc, SearchError)
+    return outcome_response(400, exc.code, exc.detail)
+
+
+_AUTHZ_CODES: list[tuple[type[AuthzError], str]] = [
+    (Unauthenticated, "login"),
+    (Forbidden, "forbidden"),
+    (PolicyUnavailable, "transient"),
+]
+
+
+def _authz_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    assert isinstance(exc, AuthzError)
+    status, _body, headers = authz_error_parts(exc)
+    code = next((c for kind, c in _AUTHZ_CODES if isinstance(exc, kind)), "exception")
+    return outcome_response(status, code, exc.detail, headers)
+
+
+_HTTP_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported"}
+
+
+def _http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    assert isinstance(exc, HTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else "error"
+    code = _HTTP_CODES.get(exc.status_code, "processing" if exc.status_code < 500 else "exception")
+    return outcome_response(exc.status_code, code, detail, dict(exc.headers or {}))
+
+
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return outcome_response(500, "exception", "internal server error")
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    FhirError: _fhir_error,
+    SearchError: _search_error,
+    AuthzError: _authz_error,
+    HTTPException: _http_error,
+    Exception: _internal_error,
+}
+"""Route-level handlers for the FHIR routes (`@get(..., exception_handlers=EXCEPTION_HANDLERS)`)."""
+
+__all__ = [
+    "EXCEPTION_HANDLERS",
+    "FHIR_JSON",
+    "FHIR_NDJSON",
+    "FhirError",
+    "RecordDamaged",
+    "ResourceNotFound",
+    "issue",
+    "operation_outcome",
+    "outcome_response",
+]
