@@ -33,7 +33,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 PRINCIPAL = "hounsfield.principal"
-"""The key of the authenticated `Principal` in `scope["state"]` (the same as `authz.guard.PRINCIPAL`)."""
+"""The key of the authenticated `Principal` in `scope["state"]` (read through `principal_of`)."""
 
 
 def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str:

@@ -25,16 +25,16 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import ValidationException
 from litestar.handlers.base import BaseRouteHandler
 
+from authz.authn import principal_of
 from authz.breakglass import BreakGlassService, InvalidRequest, StartRequest, check_reason, open_session_context
 from authz.decision import Action, Decision, Resource
-from authz.errors import Forbidden, Unauthenticated
+from authz.errors import Forbidden
 from authz.policy_input import break_glass_session, policy_input
 from authz.principal import Principal
 from server.db import Connection, Queries
 
 FACTS = Queries(Path(__file__).with_name("facts.sql"))
 OPT_KEY = "authz"
-PRINCIPAL = "hounsfield.principal"
 DECISION = "hounsfield.decision"
 RESOURCE = "hounsfield.resource"
 BREAK_GLASS = "hounsfield.break_glass"
@@ -55,11 +55,6 @@ def authz_opt(action: Action, kind: str, *, resource: ResourceHook | None = None
     resource the policy sees from the request (e.g. `resource.attributes.reason` of a break-glass start)."""
     hook = {RESOURCE_HOOK_KEY: resource} if resource is not None else {}
     return {OPT_KEY: (action, kind), **hook, **extra}
-
-
-def principal_of(scope: Any) -> Principal | None:
-    value = scope.get("state", {}).get(PRINCIPAL)
-    return value if isinstance(value, Principal) else None
 
 
 def decision_of(scope: Any) -> Decision | None:
@@ -138,9 +133,7 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
         return
     if connection.scope.get("method") == "OPTIONS":
         return  # Litestar's automatic OPTIONS answers carry no data (CORS preflight sends no token)
-    principal = principal_of(connection.scope)
-    if principal is None:
-        raise Unauthenticated("a bearer token is required", error="")
+    principal = principal_of(connection)  # set by authz.authn; 401 when missing
     spec = handler.opt.get(OPT_KEY)
     if spec is None and connection.scope["path"].startswith(OPENAPI_PATH):
         spec = ("read", "system")  # the API description (Litestar's own routes)

@@ -19,8 +19,9 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
 
 from authz.auditrecord import request_record
+from authz.authn import PRINCIPAL
 from authz.decision import Action, Decision, Resource
-from authz.guard import DECISION, OPT_KEY, PRINCIPAL, RESOURCE, break_glass_of
+from authz.guard import DECISION, OPT_KEY, RESOURCE, break_glass_of
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio.to_thread
 import asyncpg
@@ -305,10 +304,3 @@ def blob_delete_handler(pool: asyncpg.Pool, blobs: BlobStore) -> jobs.Handler:
         await blobs.delete(key)
 
     return run
-
-
-def outcome_summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    return {
-        "stored": sum(1 for o in outcomes if o.ok),
-        "failed": sum(1 for o in outcomes if not o.ok),
-    }

@@ -56,7 +56,7 @@ def part_is_dicom(headers: dict[str, str]) -> bool:
         return False
 
 
-def _item(outcome: Outcome, base_url: str) -> dict[str, Any]:
+def _item(outcome: Outcome) -> dict[str, Any]:
     item: dict[str, Any] = {}
     if outcome.sop_class_uid:
         item[REFERENCED_SOP_CLASS] = {"vr": "UI", "Value": [outcome.sop_class_uid]}
@@ -79,7 +79,7 @@ def store_response(outcomes: Sequence[Outcome], base_url: str, study_uid: str | 
     if target:
         body[RETRIEVE_URL] = {"vr": "UR", "Value": [f"{base_url}/studies/{target}"]}
     for o in outcomes:
-        item = _item(o, base_url)
+        item = _item(o)
         if o.ok:
             item[RETRIEVE_URL] = {
                 "vr": "UR",

@@ -10,7 +10,7 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -134,7 +134,3 @@ async def migrate(conn: Connection, directory: Path = MIGRATIONS_DIR) -> list[st
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
     return applied
-
-
-def record_to_dict(record: Any) -> dict[str, Any]:
-    return dict(record.items())

@@ -24,11 +24,6 @@ def base_url(request: Request[Any, Any, Any], resources: Resources) -> str:
     return f"{request.url.scheme}://{host}{root}{DICOMWEB_ROOT}"
 
 
-def resources_of(request: Request[Any, Any, Any]) -> Resources:
-    res: Resources = request.app.state.resources
-    return res
-
-
 def dicom_json(body: Any) -> bytes:
     """Compact UTF-8 JSON (msgspec: Litestar's own encoder, about ten times faster than the json module)."""
     return msgspec.json.encode(body)
