@@ -18,6 +18,7 @@ from litestar.types import ExceptionHandlersMap
 
 from authz.errors import AuthzError, Forbidden, PolicyUnavailable, Unauthenticated
 from fhir.auditsearch import SearchError
+from fhir.errors import FhirError, RecordDamaged, ResourceNotFound
 from server.errors import authz_error_parts, warning_header
 
 log = logging.getLogger(__name__)
@@ -26,32 +27,13 @@ FHIR_JSON = "application/fhir+json"
 FHIR_NDJSON = "application/fhir+ndjson"
 
 
-class FhirError(Exception):
-    """The FHIR API's own errors: HTTP `status`, OperationOutcome issue `code` (R4 IssueType)."""
-
-    status = 400
-    code = "invalid"
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-
-
-class ResourceNotFound(FhirError):
-    status = 404
-    code = "not-found"
-
-
-class RecordDamaged(FhirError):
-    """A stored audit record that cannot be read back (altered outside the application)."""
-
-    status = 500
-    code = "exception"
-
-
-def issue(code: str, diagnostics: str, severity: str = "error") -> dict[str, Any]:
-    """An OperationOutcome.issue: `code` from the R4 IssueType value set (invalid, not-found, forbidden, ...)."""
-    return {"severity": severity, "code": code, "diagnostics": diagnostics}
+def issue(code: str, diagnostics: str, severity: str = "error", expression: str | None = None) -> dict[str, Any]:
+    """An OperationOutcome.issue: `code` from the R4 IssueType value set (invalid, not-found, forbidden, ...);
+    `expression` the FHIRPath of the element at fault."""
+    out: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": diagnostics}
+    if expression:
+        out["expression"] = [expression]
+    return out
 
 
 def operation_outcome(*issues: dict[str, Any]) -> dict[str, Any]:
@@ -59,18 +41,26 @@ def operation_outcome(*issues: dict[str, Any]) -> dict[str, Any]:
 
 
 def outcome_response(
-    status: int, code: str, diagnostics: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    diagnostics: str,
+    headers: dict[str, str] | None = None,
+    *,
+    expression: str | None = None,
 ) -> Response[dict[str, Any]]:
     headers = dict(headers or {})
     headers.setdefault("Warning", warning_header(diagnostics))
     return Response(
-        operation_outcome(issue(code, diagnostics)), status_code=status, headers=headers, media_type=FHIR_JSON
+        operation_outcome(issue(code, diagnostics, expression=expression)),
+        status_code=status,
+        headers=headers,
+        media_type=FHIR_JSON,
     )
 
 
 def _fhir_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     assert isinstance(exc, FhirError)
-    return outcome_response(exc.status, exc.code, exc.detail)
+    return outcome_response(exc.status, exc.code, exc.detail, expression=exc.expression)
 
 
 def _search_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:

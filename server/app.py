@@ -24,7 +24,7 @@ from authz.guard import authorize
 from authz.recording import audit_requests
 from dicomweb.blobs import BlobStore
 from dicomweb.routes import qido, stow, wado, wadouri
-from fhir import routes_audit as fhir_audit
+from fhir.routes import fhir_routes
 from server import health, telemetry
 from server.errors import EXCEPTION_HANDLERS
 from server.limits import header_limit
@@ -62,7 +62,7 @@ def create_app(
     if settings.cors_origins:
         cors = CORSConfig(
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "OPTIONS", "HEAD"],
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD"],
             allow_headers=["*"],
             expose_headers=EXPOSED_HEADERS,
             max_age=600,
@@ -73,7 +73,7 @@ def create_app(
             dicomweb,
             *wadouri.ROUTES,
             *health.ROUTES,
-            Router(path="/fhir", route_handlers=fhir_audit.ROUTES, tags=["FHIR"]),
+            Router(path="/fhir", route_handlers=fhir_routes(), tags=["FHIR"]),
             *breakglass.ROUTES,
         ],
         dependencies={"resources": Provide(_resources, sync_to_thread=False)},

@@ -24,6 +24,7 @@ from authz.engines import open_engine
 from dicomweb.blobs import BlobStore
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.store import StoreService, blob_delete_handler, gc_handler
+from fhir.repository import FhirRepository
 from server import db, jobs
 from server.settings import Settings
 
@@ -38,6 +39,8 @@ class Resources:
     store: StoreService
     audit: AuditTrail
     policy: PolicyEngine
+    fhir: FhirRepository = field(default_factory=FhirRepository)
+    """Versioned FHIR resources (write hooks: Subscription notifications)."""
     worker: jobs.Worker | None = None
     handlers: dict[str, jobs.Handler] = field(default_factory=dict)
 
@@ -92,7 +95,8 @@ async def open_resources(
             pool, key_signer(signing_key.private_pem, signing_key.kid), settings.audit_checkpoint_seconds
         )
         handlers[ALERT_JOB] = alert_handler(pool, settings)  # break-glass webhook alerts
-        resources = Resources(settings, pool, blobs, store, audit, policy, handlers=handlers)
+        fhir = FhirRepository()
+        resources = Resources(settings, pool, blobs, store, audit, policy, fhir, handlers=handlers)
         if settings.worker_enabled:
             async with pool.acquire() as conn:
                 await jobs.schedule(
