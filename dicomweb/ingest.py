@@ -171,8 +171,11 @@ def parse_instance(path: Path, *, bulk_threshold: int) -> ParsedInstance:
                 raise InstanceRejected(
                     TRANSFER_SYNTAX_NOT_SUPPORTED, f"unknown transfer syntax {ts[:64]}", sop_class, sop_uid
                 )
-            _check_identity(ds, sop_class, sop_uid)
-            parsed = _build(ds, fp, size, ts, bulk_threshold)
+            try:
+                _check_identity(ds, sop_class, sop_uid)
+                parsed = _build(ds, fp, size, ts, bulk_threshold)
+            except NotImplementedError as exc:  # pydicom, on reading an element of an unknown VR
+                raise InstanceRejected(CANNOT_UNDERSTAND, f"unreadable DICOM: {exc}", sop_class, sop_uid) from None
             for w in caught:
                 parsed.warnings.append((WARNING_COERCION, f"value coerced for indexing: {str(w.message)[:200]}"))
     return parsed

@@ -152,6 +152,16 @@ def test_series_uid_reused_in_another_study_is_rejected(http, server) -> None:
     assert len(blob_files(server)) == 1
 
 
+def test_unknown_vr_is_rejected_not_a_server_error(http, server) -> None:
+    data = bytearray(part10(ct()))
+    at = data.find(b"\x10\x00\x10\x00PN")  # PatientName, explicit VR
+    data[at + 4 : at + 6] = b"ZZ"
+    response = http.post("/dicom-web/studies", content=multipart([bytes(data)]), headers=stow_headers())
+    assert response.status_code == 409, response.text
+    assert "Unknown Value Representation" in response.text
+    assert http.get("/dicom-web/studies").json() == []
+
+
 def test_short_pixel_data_is_rejected(http, server) -> None:
     ds = ct()
     ds.PixelData = ds.PixelData[:-2]
