@@ -9,8 +9,9 @@ MAKEFLAGS += --no-print-directory
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
-# Debian packages the tests need (none yet; dcmtk will be). Installed only when missing.
-APT_PACKAGES ?=
+# Debian packages the tests need (dcmtk: the DIMSE peers echoscu, storescu, findscu, movescu, getscu, storescp).
+# Installed only when missing.
+APT_PACKAGES ?= dcmtk
 # Extra arguments: `make run ARGS="--port 18080 --data /tmp/hf"`, `make test ARGS="tests/test_stow.py -x"`.
 ARGS ?=
 

@@ -12,11 +12,13 @@ returns it and raises `Unauthenticated` when it is missing) and `scope["user"]` 
 `request.user`).
 On failure the answer is 401 with `WWW-Authenticate: Bearer realm="hounsfield", error="invalid_token",
 error_description="..."` (RFC 6750 3; no error code when there was no token at all, 3.1), the JSON body
-`{"error", "status"}` and a `Warning` header, as for every other error (`server/errors.py` builds it).
+`{"error", "status"}` and a `Warning` header, as for every other error (`server/errors.py` builds it); under
+`/fhir` the body is an OperationOutcome (`application/fhir+json`) instead.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -64,13 +66,25 @@ def principal_of(connection: Any) -> Principal:
     return principal
 
 
-async def _answer(send: Send, exc: AuthzError) -> None:
+FHIR_PREFIX = "/fhir"
+
+
+def _fhir_outcome(exc: AuthzError) -> bytes:
+    """Under /fhir the 401 body is an OperationOutcome (R4 "Handling errors"), issue code `login`."""
+    issue = {"severity": "error", "code": "login", "diagnostics": exc.detail}
+    return json.dumps({"resourceType": "OperationOutcome", "issue": [issue]}).encode()
+
+
+async def _answer(send: Send, exc: AuthzError, path: str) -> None:
     status, body, headers = authz_error_parts(exc)
+    content_type = b"application/json"
+    if path == FHIR_PREFIX or path.startswith(FHIR_PREFIX + "/"):
+        body, content_type = _fhir_outcome(exc), b"application/fhir+json"
     start: HTTPResponseStartEvent = {
         "type": "http.response.start",
         "status": status,
         "headers": [
-            (b"content-type", b"application/json"),
+            (b"content-type", content_type),
             (b"content-length", str(len(body)).encode()),
             *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
         ],
@@ -99,7 +113,7 @@ def authenticate(settings: Settings, validator: TokenValidator | None = None) ->
                     if kind == ScopeType.WEBSOCKET:
                         await send({"type": "websocket.close", "code": 1008, "reason": ""})  # policy violation
                     else:
-                        await _answer(send, exc)
+                        await _answer(send, exc, scope["path"])
                     return
                 state = scope.get("state")
                 if state is None:

@@ -22,6 +22,8 @@ RESOURCE_KINDS = (
     "Patient",
     "Endpoint",
     "AuditEvent",
+    "Subscription",
+    "Bundle",
     "BreakGlass",
     "system",
 )

@@ -58,9 +58,21 @@ def outcome_response(
     )
 
 
+def error_outcome(exc: FhirError) -> dict[str, Any]:
+    """The OperationOutcome of a FHIR error: one issue, or one per problem of an error that lists several
+    (`problems`: [(diagnostics, FHIRPath)], e.g. every invalid element of a resource)."""
+    problems = getattr(exc, "problems", None) or [(exc.detail, exc.expression)]
+    return operation_outcome(*(issue(exc.code, detail, expression=path) for detail, path in problems))
+
+
 def _fhir_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     assert isinstance(exc, FhirError)
-    return outcome_response(exc.status, exc.code, exc.detail, expression=exc.expression)
+    return Response(
+        error_outcome(exc),
+        status_code=exc.status,
+        headers={"Warning": warning_header(exc.detail)},
+        media_type=FHIR_JSON,
+    )
 
 
 def _search_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -113,6 +125,7 @@ __all__ = [
     "FhirError",
     "RecordDamaged",
     "ResourceNotFound",
+    "error_outcome",
     "issue",
     "operation_outcome",
     "outcome_response",

@@ -198,17 +198,17 @@ async def verify_audit_trail(resources: ResourcesDep) -> Response[bytes]:
 
 
 @get(
-    "/AuditEvent/{event_id:str}",
+    "/AuditEvent/{rid:str}",
     opt=authz_opt("read", "AuditEvent"),
     exception_handlers=EXCEPTION_HANDLERS,
     media_type=FHIR_JSON,
     summary="Read one AuditEvent (its id is its position in the audit chain)",
 )
-async def read_audit_event(event_id: FromPath[str], resources: ResourcesDep) -> Response[bytes]:
-    seq = int(event_id) if event_id.isascii() and event_id.isdigit() and len(event_id) <= 18 else None
+async def read_audit_event(rid: FromPath[str], resources: ResourcesDep) -> Response[bytes]:
+    seq = int(rid) if rid.isascii() and rid.isdigit() and len(rid) <= 18 else None
     row = await auditquery.read(resources.pool, seq) if seq is not None else None
     if row is None:
-        raise ResourceNotFound(f"AuditEvent/{event_id} is not known")
+        raise ResourceNotFound(f"AuditEvent/{rid} is not known")
     record = _record(row)
     if record is None:
         raise RecordDamaged(damaged_detail(row.seq))

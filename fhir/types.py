@@ -7,12 +7,21 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from authz.principal import Principal
+from fhir.reports import prepare_report
 from fhir.repository import FhirRepository, Filing
+from fhir.subscriptions import prepare_subscription, transform_subscription
 from server.db import Connection
+from server.settings import Settings
 
 Prepare = Callable[[Connection, FhirRepository, dict[str, Any]], Awaitable[Filing]]
 """For a writable type: checks a client's resource beyond its model (references resolve, values the server
 requires) and returns where it is filed for the policy. Raises a `fhir.errors.FhirError` (422 usually)."""
+
+Transform = Callable[[dict[str, Any], Principal, Settings], dict[str, Any]]
+"""For a writable type whose stored content the server completes (Subscription: the endpoint checked against the
+configured allow-list, `requested` made `active`, the writer recorded as owner): called on create and update
+after `prepare`, with the writer and the settings; returns the content to store; may raise a `FhirError`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,15 +32,22 @@ class ResourceType:
     writable: bool
     """Clients may create, update and delete (others are derived from the archive: read-only)."""
     prepare: Prepare | None = None
+    transform: Transform | None = None
 
 
 def _types() -> Mapping[str, ResourceType]:
-    # PLACEHOLDER: the REST helper fills in DiagnosticReport's `prepare`; the Subscription helper adds Subscription.
     return {
         "ImagingStudy": ResourceType("ImagingStudy", "ImagingStudy", writable=False),
         "Patient": ResourceType("Patient", "Patient", writable=False),
         "Endpoint": ResourceType("Endpoint", "Endpoint", writable=False),
-        "DiagnosticReport": ResourceType("DiagnosticReport", "DiagnosticReport", writable=True),
+        "DiagnosticReport": ResourceType("DiagnosticReport", "DiagnosticReport", writable=True, prepare=prepare_report),
+        "Subscription": ResourceType(
+            "Subscription",
+            "Subscription",
+            writable=True,
+            prepare=prepare_subscription,
+            transform=transform_subscription,
+        ),
     }
 
 

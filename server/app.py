@@ -23,7 +23,9 @@ from authz.authn import authenticate
 from authz.guard import authorize
 from authz.recording import audit_requests
 from dicomweb.blobs import BlobStore
+from dicomweb.dimse import routes as dimse_routes
 from dicomweb.routes import qido, stow, wado, wadouri
+from fhir import routes_meta
 from fhir.routes import fhir_routes
 from server import health, telemetry
 from server.errors import EXCEPTION_HANDLERS
@@ -75,6 +77,8 @@ def create_app(
             *health.ROUTES,
             Router(path="/fhir", route_handlers=fhir_routes(), tags=["FHIR"]),
             *breakglass.ROUTES,
+            *routes_meta.ROOT_ROUTES,
+            *dimse_routes.ROUTES,
         ],
         dependencies={"resources": Provide(_resources, sync_to_thread=False)},
         lifespan=[lifespan],

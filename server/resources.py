@@ -23,7 +23,12 @@ from authz.decision_cache import CachingEngine
 from authz.engines import open_engine
 from dicomweb.blobs import BlobStore
 from dicomweb.blobs.fs import FileSystemBlobStore
+from dicomweb.dimse import routing
+from dicomweb.dimse.service import DimseService, open_dimse
 from dicomweb.store import StoreService, blob_delete_handler, gc_handler
+from fhir import subscriptions
+from fhir import sync as fhir_sync
+from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
 from server import db, jobs
 from server.settings import Settings
@@ -43,6 +48,8 @@ class Resources:
     """Versioned FHIR resources (write hooks: Subscription notifications)."""
     worker: jobs.Worker | None = None
     handlers: dict[str, jobs.Handler] = field(default_factory=dict)
+    dimse: DimseService | None = None
+    """The DICOM Application Entity, when `HOUNSFIELD_DIMSE` is on."""
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:
@@ -76,7 +83,13 @@ async def open_resources(
         if blobs is None:
             blobs = await open_blob_store(settings)
             stack.push_async_callback(blobs.close)
-        store = StoreService(pool, blobs, overwrite=settings.overwrite, bulk_threshold=settings.bulkdata_threshold)
+        store = StoreService(
+            pool,
+            blobs,
+            overwrite=settings.overwrite,
+            bulk_threshold=settings.bulkdata_threshold,
+            hooks=[fhir_sync.ingest_hook(settings.fhir_sync_delay_seconds)],  # ImagingStudy follows the index
+        )
         handlers: dict[str, jobs.Handler] = {
             "blob.gc": gc_handler(
                 pool, blobs, settings.gc_grace_seconds, settings.gc_interval_seconds, settings.spool_dir
@@ -95,8 +108,20 @@ async def open_resources(
             pool, key_signer(signing_key.private_pem, signing_key.kid), settings.audit_checkpoint_seconds
         )
         handlers[ALERT_JOB] = alert_handler(pool, settings)  # break-glass webhook alerts
-        fhir = FhirRepository()
+        fhir = FhirRepository(hooks=[subscriptions.queue_notifications])
+        handlers[fhir_sync.SYNC_JOB] = fhir_sync.sync_handler(
+            pool, fhir, dicomweb_address(settings.public_url, settings.host, settings.port)
+        )
         resources = Resources(settings, pool, blobs, store, audit, policy, fhir, handlers=handlers)
+        handlers.update(subscriptions.handlers(resources))  # fhir.notify, fhir.deliver
+        store.hooks.append(routing.routing_hook(settings.dimse))  # DIMSE auto-routing rules
+        handlers[routing.ROUTE_JOB] = routing.route_handler(
+            pool, blobs, audit, settings.dimse, settings.dimse_ae_title, float(settings.dimse_timeout_seconds)
+        )
+        if settings.dimse_enabled:
+            resources.dimse = await open_dimse(resources)  # None without configured peers
+            if resources.dimse is not None:
+                stack.push_async_callback(resources.dimse.stop)  # before the audit trail and pool close
         if settings.worker_enabled:
             async with pool.acquire() as conn:
                 await jobs.schedule(
@@ -113,6 +138,7 @@ async def open_resources(
                     dedupe_key="periodic",
                     delay_seconds=settings.gc_interval_seconds,
                 )
+                await fhir_sync.enqueue_backfill(conn)  # studies stored before FHIR sync existed
             worker = jobs.Worker(pool, handlers, poll_seconds=settings.worker_poll_seconds)
             resources.worker = worker
             task = asyncio.create_task(worker.run(), name="hounsfield-worker")

@@ -13,6 +13,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
+from dicomweb.dimse.config import DimseConfig, DimseConfigError, ae_title, parse_destinations, parse_peers, parse_routes
+from dicomweb.dimse.config import check as check_dimse
+
+PUBLIC_PATHS = (
+    "/healthz",
+    "/readyz",
+    "/fhir/metadata",
+    "/fhir/.well-known/smart-configuration",
+    "/.well-known/smart-configuration",
+    "/fhir/SearchParameter/DiagnosticReport-imaging-study",
+)
+"""Paths answered without a token by default (`HOUNSFIELD_AUTH_PUBLIC_PATHS` replaces the list)."""
+
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed; the message names the environment variable."""
@@ -55,6 +68,18 @@ def _url(env: Mapping[str, str], name: str) -> str | None:
     return raw
 
 
+def _url_prefixes(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated http(s) URL prefixes, each with a host and neither credentials, query nor fragment."""
+    prefixes = _list(env, name)
+    for prefix in prefixes:
+        parts = urlparse(prefix)
+        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+            raise SettingsError(f"{name}: {prefix!r} is not an http(s)://host/... URL prefix")
+        if parts.query or parts.fragment:
+            raise SettingsError(f"{name}: {prefix!r} must not have a query or fragment")
+    return prefixes
+
+
 def _path(env: Mapping[str, str], name: str) -> Path | None:
     raw = env.get(name) or None
     return Path(raw) if raw else None
@@ -69,6 +94,27 @@ def _algorithms(env: Mapping[str, str]) -> tuple[str, ...]:
     if bad:
         raise SettingsError(f"HOUNSFIELD_AUTH_ALGORITHMS: only asymmetric algorithms are allowed, not {', '.join(bad)}")
     return names
+
+
+def _dimse_title(env: Mapping[str, str]) -> str:
+    try:
+        return ae_title(env.get("HOUNSFIELD_DIMSE_AE_TITLE") or "HOUNSFIELD")
+    except DimseConfigError as exc:
+        raise SettingsError(f"HOUNSFIELD_DIMSE_AE_TITLE: {exc}") from None
+
+
+def _dimse(env: Mapping[str, str]) -> DimseConfig:
+    name = "HOUNSFIELD_DIMSE_PEERS"
+    try:
+        peers = parse_peers(env.get(name, ""))
+        name = "HOUNSFIELD_DIMSE_DESTINATIONS"
+        destinations = parse_destinations(env.get(name, ""))
+        name = "HOUNSFIELD_DIMSE_ROUTES"
+        config = DimseConfig(peers, destinations, parse_routes(env.get(name, "")))
+        check_dimse(config)
+    except DimseConfigError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+    return config
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +170,16 @@ class Settings:
     """`HOUNSFIELD_MAX_REQUEST_HEADER_BYTES`: requests with larger HTTP headers in all get 431."""
     bulkdata_threshold: int = 1024
     """`HOUNSFIELD_BULKDATA_THRESHOLD`: binary attributes longer than this become BulkDataURI in metadata."""
+    fhir_max_bundle_entries: int = 1000
+    """`HOUNSFIELD_FHIR_MAX_BUNDLE_ENTRIES`: a batch or transaction Bundle with more entries gets 413 (request
+    bodies are also limited to 10 MB)."""
     worker_enabled: bool = True
     """`HOUNSFIELD_WORKER`: run the job worker inside the server process."""
     worker_poll_seconds: float = 5.0
     """How long an idle worker waits for a NOTIFY before polling the queue again."""
+    fhir_sync_delay_seconds: float = 1.0
+    """`HOUNSFIELD_FHIR_SYNC_DELAY_MS` (milliseconds, default 1000): a stored instance's ImagingStudy is brought up
+    to date this long after it arrives, so that a burst of instances of one study makes one new version."""
     gc_grace_seconds: int = 3600
     """`HOUNSFIELD_GC_GRACE_SECONDS`: blobs without an index row younger than this are left alone (they may
     belong to a store in flight)."""
@@ -154,8 +206,15 @@ class Settings:
     """`HOUNSFIELD_AUTH_ALGORITHMS`: the allow-list; `none` and HMAC algorithms are never accepted."""
     auth_clock_skew_seconds: int = 60
     """`HOUNSFIELD_AUTH_CLOCK_SKEW_SECONDS`: leeway for `exp`/`nbf`/`iat`."""
-    auth_public_paths: tuple[str, ...] = ("/healthz", "/readyz")
-    """`HOUNSFIELD_AUTH_PUBLIC_PATHS`: paths answered without a token (health checks for load balancers)."""
+    auth_public_paths: tuple[str, ...] = PUBLIC_PATHS
+    """`HOUNSFIELD_AUTH_PUBLIC_PATHS`: paths answered without a token: health checks for load balancers, and the
+    FHIR discovery documents (CapabilityStatement, SMART configuration), which SMART clients read before they
+    have a token and which carry no patient data."""
+    smart_authorization_url: str | None = None
+    """`HOUNSFIELD_SMART_AUTHORIZE_URL`: the authorization server's authorize endpoint, advertised in the SMART
+    configuration and the CapabilityStatement (none by default: the embedded issuer has no OAuth endpoints)."""
+    smart_token_url: str | None = None
+    """`HOUNSFIELD_SMART_TOKEN_URL`: the authorization server's token endpoint (advertised likewise)."""
 
     # --- authorization (OPA / Rego) ---
     policy_dir: Path | None = None
@@ -179,6 +238,32 @@ class Settings:
     """`HOUNSFIELD_AUDIT_CHECKPOINT_SECONDS`: how often the audit chain head is signed (a checkpoint)."""
     audit_syslog: str | None = None
     """`HOUNSFIELD_AUDIT_SYSLOG`: `udp://host:port` or `tcp://host:port` to forward audit records (RFC 5424)."""
+
+    # --- FHIR Subscriptions (fhir/subscriptions.py) ---
+    fhir_subscription_endpoints: tuple[str, ...] = ()
+    """`HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS`: comma-separated URL prefixes (`https://ehr.example.org/hooks/`)
+    that a Subscription's rest-hook endpoint must start with (same scheme, host and port; whole path segments).
+    Empty (the default): no Subscription can be created. The server calls only these (no request forgery)."""
+    fhir_subscription_attempts: int = 8
+    """`HOUNSFIELD_FHIR_SUBSCRIPTION_ATTEMPTS`: delivery attempts of one notification (retried after 2, 4, 8 ...
+    seconds) before the Subscription is set to `error`."""
+
+    # --- classic DICOM networking (DIMSE; dicomweb/dimse) ---
+    dimse_enabled: bool = True
+    """`HOUNSFIELD_DIMSE`: run the DICOM Application Entity (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET)."""
+    dimse_port: int = 11112
+    """`HOUNSFIELD_DIMSE_PORT`: the DIMSE port (bound on `HOUNSFIELD_HOST`)."""
+    dimse_ae_title: str = "HOUNSFIELD"
+    """`HOUNSFIELD_DIMSE_AE_TITLE`: this server's AE title (also the calling AE of C-MOVE and routing)."""
+    dimse: DimseConfig = field(default_factory=DimseConfig)
+    """`HOUNSFIELD_DIMSE_PEERS` (`TITLE=role[+role][:sub],...`: the only calling AE titles accepted, and their
+    identities), `HOUNSFIELD_DIMSE_DESTINATIONS` (`TITLE@host:port,...`: C-MOVE and routing targets),
+    `HOUNSFIELD_DIMSE_ROUTES` (auto-routing rules: a JSON array or a JSON file); see dicomweb/dimse/config.py."""
+    dimse_max_associations: int = 32
+    """`HOUNSFIELD_DIMSE_MAX_ASSOCIATIONS`: concurrent associations; more are rejected (transient)."""
+    dimse_timeout_seconds: int = 30
+    """`HOUNSFIELD_DIMSE_TIMEOUT_SECONDS`: ACSE/DIMSE timeouts, and the longest one operation may wait on the
+    server (index, blob store, policy)."""
 
     @property
     def blob_dir(self) -> Path:
@@ -249,7 +334,9 @@ class Settings:
             max_part_header_bytes=_int(env, "HOUNSFIELD_MAX_PART_HEADER_BYTES", 16 * 1024, minimum=256),
             max_request_header_bytes=_int(env, "HOUNSFIELD_MAX_REQUEST_HEADER_BYTES", 64 * 1024, minimum=4096),
             bulkdata_threshold=_int(env, "HOUNSFIELD_BULKDATA_THRESHOLD", 1024, minimum=0),
+            fhir_max_bundle_entries=_int(env, "HOUNSFIELD_FHIR_MAX_BUNDLE_ENTRIES", 1000, minimum=1, maximum=100_000),
             worker_enabled=_bool(env, "HOUNSFIELD_WORKER", True),
+            fhir_sync_delay_seconds=_int(env, "HOUNSFIELD_FHIR_SYNC_DELAY_MS", 1000, minimum=0, maximum=600_000) / 1000,
             gc_grace_seconds=_int(env, "HOUNSFIELD_GC_GRACE_SECONDS", 3600, minimum=0),
             gc_interval_seconds=_int(env, "HOUNSFIELD_GC_INTERVAL_SECONDS", 3600, minimum=1),
             otel_exporter=exporter,
@@ -260,7 +347,9 @@ class Settings:
             auth_keys_file=_path(env, "HOUNSFIELD_AUTH_KEYS_FILE"),
             auth_algorithms=_algorithms(env),
             auth_clock_skew_seconds=_int(env, "HOUNSFIELD_AUTH_CLOCK_SKEW_SECONDS", 60, minimum=0, maximum=600),
-            auth_public_paths=_list(env, "HOUNSFIELD_AUTH_PUBLIC_PATHS") or ("/healthz", "/readyz"),
+            auth_public_paths=_list(env, "HOUNSFIELD_AUTH_PUBLIC_PATHS") or PUBLIC_PATHS,
+            smart_authorization_url=_url(env, "HOUNSFIELD_SMART_AUTHORIZE_URL"),
+            smart_token_url=_url(env, "HOUNSFIELD_SMART_TOKEN_URL"),
             policy_dir=_path(env, "HOUNSFIELD_POLICY_DIR"),
             policy_data_file=_path(env, "HOUNSFIELD_POLICY_DATA"),
             opa_url=_url(env, "HOUNSFIELD_OPA_URL"),
@@ -270,5 +359,13 @@ class Settings:
             break_glass_webhook=_url(env, "HOUNSFIELD_BREAK_GLASS_WEBHOOK"),
             audit_checkpoint_seconds=_int(env, "HOUNSFIELD_AUDIT_CHECKPOINT_SECONDS", 300, minimum=1),
             audit_syslog=env.get("HOUNSFIELD_AUDIT_SYSLOG") or None,
+            fhir_subscription_endpoints=_url_prefixes(env, "HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS"),
+            fhir_subscription_attempts=_int(env, "HOUNSFIELD_FHIR_SUBSCRIPTION_ATTEMPTS", 8, minimum=1, maximum=20),
+            dimse_enabled=_bool(env, "HOUNSFIELD_DIMSE", True),
+            dimse_port=_int(env, "HOUNSFIELD_DIMSE_PORT", 11112, minimum=0, maximum=65535),
+            dimse_ae_title=_dimse_title(env),
+            dimse=_dimse(env),
+            dimse_max_associations=_int(env, "HOUNSFIELD_DIMSE_MAX_ASSOCIATIONS", 32, minimum=1, maximum=1000),
+            dimse_timeout_seconds=_int(env, "HOUNSFIELD_DIMSE_TIMEOUT_SECONDS", 30, minimum=1, maximum=3600),
         )
         return settings.with_overrides(**overrides) if overrides else settings

@@ -171,6 +171,7 @@ def make_server(dsn: str, tmp_path: Path) -> Iterator[Any]:
             worker_poll_seconds=0.2,
             db_pool_min=1,
             db_pool_max=4,
+            dimse_enabled=False,  # tests that need the DICOM AE ask for it, on a free port
         )
         base.update(overrides)
         settings = Settings.from_env({}).with_overrides(**base)

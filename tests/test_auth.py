@@ -128,6 +128,15 @@ def test_no_token_gets_a_challenge_without_an_error_code(server: LiveServer) -> 
     assert response.headers["www-authenticate"] == 'Bearer realm="hounsfield"'
 
 
+def test_fhir_401_is_an_operation_outcome(server: LiveServer) -> None:
+    answer = httpx.get(server.url + "/fhir/DiagnosticReport", headers={"Authorization": "Bearer x.y.z"})
+    assert answer.status_code == 401 and answer.headers["content-type"] == "application/fhir+json"
+    assert answer.headers["www-authenticate"].startswith('Bearer realm="hounsfield", error="invalid_token"')
+    body = answer.json()
+    assert body["resourceType"] == "OperationOutcome" and body["issue"][0]["code"] == "login"
+    assert httpx.get(server.url + "/fhirish").headers["content-type"] == "application/json"
+
+
 def test_tokens_in_the_query_string_are_not_accepted(server: LiveServer) -> None:
     token = server.token()
     refused(server, None, path=f"{STUDIES}?access_token={token}")

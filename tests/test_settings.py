@@ -115,3 +115,75 @@ def test_overrides_and_frozen() -> None:
     assert s.port == 9999
     with pytest.raises(AttributeError):
         s.port = 1  # type: ignore[misc]
+
+
+def test_smart_endpoints_and_public_discovery_paths() -> None:
+    s = Settings.from_env({})
+    assert "/fhir/metadata" in s.auth_public_paths and "/.well-known/smart-configuration" in s.auth_public_paths
+    assert s.smart_token_url is None and s.smart_authorization_url is None
+    s = Settings.from_env(
+        {"HOUNSFIELD_SMART_TOKEN_URL": "https://idp/token", "HOUNSFIELD_SMART_AUTHORIZE_URL": "https://idp/auth"}
+    )
+    assert (s.smart_token_url, s.smart_authorization_url) == ("https://idp/token", "https://idp/auth")
+    with pytest.raises(SettingsError, match="HOUNSFIELD_SMART_TOKEN_URL"):
+        Settings.from_env({"HOUNSFIELD_SMART_TOKEN_URL": "idp/token"})
+
+
+def test_fhir_subscription_endpoints_and_attempts() -> None:
+    s = Settings.from_env({})
+    assert s.fhir_subscription_endpoints == () and s.fhir_subscription_attempts == 8
+    s = Settings.from_env(
+        {
+            "HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS": "https://ehr.example.org/hooks/, http://127.0.0.1:9000",
+            "HOUNSFIELD_FHIR_SUBSCRIPTION_ATTEMPTS": "3",
+        }
+    )
+    assert s.fhir_subscription_endpoints == ("https://ehr.example.org/hooks/", "http://127.0.0.1:9000")
+    assert s.fhir_subscription_attempts == 3
+    for bad in ("ftp://ehr/x", "ehr.example.org/hooks", "https://user:pw@ehr/x", "https://ehr/x?k=1", "https://"):
+        with pytest.raises(SettingsError, match=r"^HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS"):
+            Settings.from_env({"HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS": bad})
+    with pytest.raises(SettingsError, match=r"^HOUNSFIELD_FHIR_SUBSCRIPTION_ATTEMPTS"):
+        Settings.from_env({"HOUNSFIELD_FHIR_SUBSCRIPTION_ATTEMPTS": "0"})
+
+
+def test_dimse_settings() -> None:
+    s = Settings.from_env({})
+    assert (s.dimse_enabled, s.dimse_port, s.dimse_ae_title) == (True, 11112, "HOUNSFIELD")
+    assert s.dimse.peers == () and s.dimse.destinations == () and s.dimse.routes == ()
+    rules = '[{"destination": "PACS", "modality": ["CT", "MR"], "attributes": {"PatientID": "P*"}}]'
+    s = Settings.from_env(
+        {
+            "HOUNSFIELD_DIMSE": "off",
+            "HOUNSFIELD_DIMSE_PORT": "104",
+            "HOUNSFIELD_DIMSE_AE_TITLE": " ARCHIVE ",
+            "HOUNSFIELD_DIMSE_PEERS": "CT1=technologist, WS1=referring+radiologist:dr-who",
+            "HOUNSFIELD_DIMSE_DESTINATIONS": "PACS@10.0.0.2:104,VIEW@[::1]:11113",
+            "HOUNSFIELD_DIMSE_ROUTES": rules,
+        }
+    )
+    assert not s.dimse_enabled and s.dimse_port == 104 and s.dimse_ae_title == "ARCHIVE"
+    ws1 = s.dimse.peer("WS1")
+    assert ws1 is not None and (ws1.sub, ws1.roles) == ("dr-who", ("referring", "radiologist"))
+    ct1, view = s.dimse.peer("CT1"), s.dimse.destination("VIEW")
+    assert ct1 is not None and ct1.sub == "CT1" and view is not None and (view.host, view.port) == ("::1", 11113)
+    (rule,) = s.dimse.routes
+    assert rule.matches(None, "MR", "1.2", {"00100020": "P12"}) and not rule.matches(None, "MR", "1.2", {})
+    assert not rule.matches(None, "US", "1.2", {"00100020": "P12"})
+    bad = {
+        "HOUNSFIELD_DIMSE_AE_TITLE": "A_TITLE_THAT_IS_TOO_LONG",
+        "HOUNSFIELD_DIMSE_PEERS": "CT1",
+        "HOUNSFIELD_DIMSE_DESTINATIONS": "PACS@host",
+        "HOUNSFIELD_DIMSE_ROUTES": '[{"destination": "NOWHERE"}]',
+        "HOUNSFIELD_DIMSE_PORT": "70000",
+    }
+    for variable, value in bad.items():
+        with pytest.raises(SettingsError, match=rf"^{variable}"):
+            Settings.from_env({variable: value})
+    with pytest.raises(SettingsError, match="HOUNSFIELD_DIMSE_ROUTES: routing rule 0: 'Nonsense'"):
+        Settings.from_env(
+            {
+                "HOUNSFIELD_DIMSE_DESTINATIONS": "PACS@h:104",
+                "HOUNSFIELD_DIMSE_ROUTES": '[{"destination": "PACS", "attributes": {"Nonsense": "x"}}]',
+            }
+        )

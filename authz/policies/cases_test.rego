@@ -297,6 +297,37 @@ cases := {
 		"input": attributes(req(["admin"], "create", "BreakGlass", null), {"reason": "x"}),
 		"allow": false,
 	},
+	# --- FHIR Subscriptions (kind Subscription: no patient; admin and ehr manage them) ---
+	"ehr_creates_subscription": {
+		"input": req(["ehr"], "create", "Subscription", null),
+		"allow": true, "reasons": ["granted to role ehr"],
+	},
+	"ehr_searches_subscriptions_unconstrained": {
+		"input": req(["ehr"], "search", "Subscription", null),
+		"allow": true, "constraints": {},
+	},
+	"ehr_reads_any_report": {"input": req(["ehr"], "read", "DiagnosticReport", "P3"), "allow": true},
+	"ehr_does_not_write_reports": {"input": req(["ehr"], "create", "DiagnosticReport", "P1"), "allow": false},
+	"radiologist_does_not_subscribe": {
+		"input": req(["radiologist"], "create", "Subscription", null),
+		"allow": false, "reasons": ["no role of radiologist may create Subscription"],
+	},
+	"admin_subscribes_with_system_scope": {
+		"input": scoped(req(["admin"], "create", "Subscription", null), ["system/Subscription.cruds"], null),
+		"allow": true,
+	},
+	"subscription_needs_its_scope": {
+		"input": scoped(req(["ehr"], "create", "Subscription", null), ["system/DiagnosticReport.rs"], null),
+		"allow": false, "reasons": ["token scopes do not permit create on Subscription"],
+	},
+	# --- FHIR batch/transaction Bundles: the envelope is open to every role; each entry is decided alone ---
+	"referring_sends_a_bundle": {"input": req(["referring"], "create", "Bundle", null), "allow": true},
+	"scoped_app_sends_a_bundle": {
+		"input": scoped(req(["radiologist"], "create", "Bundle", null), ["patient/DiagnosticReport.rs"], "P1"),
+		"allow": true,
+	},
+	"bundle_is_only_created": {"input": req(["radiologist"], "read", "Bundle", null), "allow": false},
+	"bundle_needs_a_role": {"input": req([], "create", "Bundle", null), "allow": false},
 	# --- fail closed, always a reason ---
 	"no_roles": {"input": req([], "read", "study", "P1"), "allow": false, "reasons": ["the subject has no role"]},
 	"unknown_role": {"input": req(["nobody"], "read", "study", "P1"), "allow": false},
@@ -324,7 +355,7 @@ test_dicomweb_kinds_are_imaging_studies if {
 
 test_every_role_is_documented if {
 	every role, _ in data.hounsfield.tables.role_permissions {
-		role in {"radiologist", "referring", "technologist", "ai-service", "auditor", "researcher"}
+		role in {"radiologist", "referring", "technologist", "ai-service", "auditor", "researcher", "ehr"}
 	}
 }
 

@@ -93,6 +93,8 @@ scope_ok if not smart_mode
 
 scope_ok if broad_cover
 
+scope_ok if bundle_envelope
+
 scope_ok if {
 	patient_bound
 	patient_reach_ok
@@ -100,6 +102,7 @@ scope_ok if {
 
 scope_denials contains msg if {
 	smart_mode
+	not bundle_envelope
 	not broad_cover
 	not patient_cover
 	msg := sprintf("token scopes do not permit %s on %s", [action, scope_type])
@@ -107,6 +110,7 @@ scope_denials contains msg if {
 
 scope_denials contains "patient scopes need a patient context" if {
 	smart_mode
+	not bundle_envelope
 	not broad_cover
 	patient_cover
 	not has_patient_context

@@ -10,6 +10,8 @@
 #   ai-service    reads its inputs, creates results (DICOM SR/SEG and DiagnosticReports)
 #   auditor       the audit trail and break-glass review only: never images or reports
 #   researcher    search/read imaging and reports, except patients who opted out (data.research_opt_out)
+#   ehr           an EHR or integration engine (a system client): search/read imaging, reports, patients and
+#                 endpoints, and manage FHIR Subscriptions (whose notifications then need its read permission)
 #   admin         everything (except breaking the glass, which only data.break_glass_roles may)
 #
 # A subject with several roles gets the union of what they grant: a read is allowed when any granting role's
@@ -48,6 +50,13 @@ role_permissions := {
 		"report": ["search", "read"],
 		"endpoint": ["search", "read"],
 	},
+	"ehr": {
+		"imaging": ["search", "read"],
+		"report": ["search", "read"],
+		"patient": ["search", "read"],
+		"endpoint": ["search", "read"],
+		"subscription": ["search", "read", "create", "update", "delete"],
+	},
 }
 
 # DICOMweb resources (and their FHIR face, ImagingStudy) are the `imaging` group; SMART scopes name them
@@ -64,6 +73,8 @@ kind_group := {
 	"DiagnosticReport": "report",
 	"Patient": "patient",
 	"Endpoint": "endpoint",
+	"Subscription": "subscription",
+	"Bundle": "bundle",
 	"AuditEvent": "audit",
 	"BreakGlass": "break_glass",
 	"system": "system",

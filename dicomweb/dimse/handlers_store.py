@@ -1,0 +1,126 @@
+"""C-STORE SCP (PS3.4 Annex B) through exactly the ingest path of STOW-RS (`StoreService.store_file`).
+
+The received data set is written, with the File Meta Information pynetdicom builds from the presentation
+context and the request (PS3.10 7.1), as a Part 10 file into the spool folder while it is hashed; then the
+same validation, blob write, index transaction and ingest hooks (jobs, auto-routing) run as for a STOW-RS part.
+The Store Instances Response Module's failure and warning reasons are PS3.4 Annex B codes already, so they
+are the C-STORE-RSP status: A700 out of resources, A900 data set does not match SOP class, C000 cannot
+understand, 0111 duplicate SOP instance (overwrite off), 0110 processing failure, B000 coercion; a policy
+denial is 0124 Refused: Not Authorized (a PS3.7 Annex C general status).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from authz.auditrecord import AuditRecord
+from authz.decision import Resource
+from authz.policy_input import dicomweb_resource
+from authz.principal import Principal
+from dicomweb.dimse.audit import operation_record
+from dicomweb.dimse.node import Node, OperationTimeout
+from dicomweb.dimse.routing import CALLING_AE
+from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+
+log = logging.getLogger(__name__)
+
+NOT_AUTHORIZED = 0x0124
+SUCCESS = 0x0000
+
+
+def _response(status: int, comment: str | None = None) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = status
+    if comment and status not in (SUCCESS,):
+        rsp.ErrorComment = comment[:64]
+    return rsp
+
+
+def _spool(folder: Path, data: bytes) -> tuple[Path, int, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{uuid.uuid4().hex}.part"
+    with open(path, "wb") as fh:
+        fh.write(data)
+    return path, len(data), hashlib.sha256(data).hexdigest()
+
+
+def _resource(ds: Dataset) -> Resource:
+    """The study the instance goes into, as the policy sees it; the instance itself is in the audit record.
+    (Leaving the series and instance out lets the decision cache answer the rest of a study's instances.)"""
+    return dicomweb_resource(
+        "instance",
+        patient_id=str(ds.get("PatientID") or "") or None,
+        study_uid=str(ds.get("StudyInstanceUID") or "") or None,
+        modalities_in_study=[str(ds.get("Modality") or "")],
+    )
+
+
+async def _store(node: Node, principal: Principal, address: str | None, ds: Dataset, data: bytes) -> Dataset:
+    resource = _resource(ds)
+    decision = await node.decide(principal, "create", resource, address)
+    instance = Resource(
+        kind="instance",
+        patient_id=resource.patient_id,
+        study_uid=resource.study_uid,
+        series_uid=str(ds.get("SeriesInstanceUID") or "") or None,
+        instance_uid=str(ds.get("SOPInstanceUID") or "") or None,
+    )
+
+    def record(status: int, desc: str | None) -> AuditRecord:
+        return operation_record(
+            principal,
+            decision,
+            action="create",
+            command="C-STORE",
+            resource=instance,
+            status=status,
+            address=address,
+            outcome_desc=desc,
+        )
+
+    if not decision.allow:
+        reason = "; ".join(decision.reasons) or "denied by policy"
+        await node.audit.append(record(NOT_AUTHORIZED, reason))
+        return _response(NOT_AUTHORIZED, reason)
+    path, size, sha256 = _spool(node.settings.spool_dir, data)
+    token = CALLING_AE.set(principal.client_id)
+    try:
+        outcome = await node.store.store_file(path, size, sha256)
+    finally:
+        CALLING_AE.reset(token)
+    if outcome.failure is not None:
+        status, comment = outcome.failure, outcome.comment
+    elif outcome.warnings:
+        status, comment = outcome.warnings[0][0], outcome.warnings[0][1]
+    else:
+        status, comment = SUCCESS, None
+    await node.audit.append(record(status, comment))
+    return _response(status, comment)
+
+
+def handle_store(event: Any, node: Node) -> Dataset:
+    """EVT_C_STORE: runs in the association's thread."""
+    assoc = event.assoc
+    principal = node.principal(assoc.requestor.ae_title)
+    if principal is None:  # associations are accepted only for configured peers; never store for others
+        return _response(NOT_AUTHORIZED, "calling AE title not recognized")
+    try:
+        ds = event.dataset
+        ds.get("PatientID")  # pynetdicom decodes lazily: make a corrupt data set fail here
+        data = event.encoded_dataset(include_meta=True)
+    except Exception as exc:  # pydicom raises many kinds for malformed input
+        log.info("C-STORE from %s: undecodable data set: %s", principal.client_id, type(exc).__name__)
+        return _response(CANNOT_UNDERSTAND, "the data set cannot be decoded")
+    try:
+        return node.run(_store(node, principal, assoc.requestor.address, ds, data))
+    except OperationTimeout:
+        return _response(OUT_OF_RESOURCES, "the server did not store the instance in time")
+    except Exception:
+        log.exception("C-STORE failed")
+        return _response(OUT_OF_RESOURCES, "the server could not store the instance")

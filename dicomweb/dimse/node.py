@@ -1,0 +1,78 @@
+"""What every DIMSE handler needs, in one value: the server's parts, the identities, and the bridge from
+pynetdicom's association threads to the server's event loop.
+
+pynetdicom runs each association in its own thread and calls the event handlers there; the server's parts
+(asyncpg pool, blob store, policy engine, audit trail) belong to the asyncio loop. `Node.run` submits a
+coroutine to that loop with `asyncio.run_coroutine_threadsafe` and waits for its result in the association
+thread, so the loop never blocks and many associations proceed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from authz.decision import Action, Decision, PolicyEngine, Resource
+from authz.policy_input import policy_input
+from authz.principal import Principal
+from dicomweb.dimse.config import DimseConfig
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from authz.audit import AuditTrail
+    from dicomweb.blobs import BlobStore
+    from dicomweb.store import StoreService
+    from server.settings import Settings
+
+T = TypeVar("T")
+ISSUER = "dimse"
+"""The `issuer` of DIMSE identities: they come from the peer table, not from a token."""
+
+
+class OperationTimeout(Exception):
+    """The server did not finish an operation within the DIMSE timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    loop: asyncio.AbstractEventLoop
+    settings: Settings
+    pool: asyncpg.Pool
+    store: StoreService
+    blobs: BlobStore
+    audit: AuditTrail
+    policy: PolicyEngine
+
+    @property
+    def config(self) -> DimseConfig:
+        return self.settings.dimse
+
+    @property
+    def timeout(self) -> float:
+        return float(self.settings.dimse_timeout_seconds)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the server's loop from an association thread and return its result."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(self.timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise OperationTimeout(f"no result within {self.timeout:.0f} s") from None
+
+    def principal(self, calling_ae: str) -> Principal | None:
+        """The identity of a configured calling AE title (PS3.8 7.1.1.4: the Calling AE Title)."""
+        peer = self.config.peer(calling_ae)
+        if peer is None:
+            return None
+        return Principal(sub=peer.sub, issuer=ISSUER, roles=peer.roles, client_id=peer.ae_title)
+
+    async def decide(self, principal: Principal, action: Action, resource: Resource, address: str | None) -> Decision:
+        """The same policy as HTTP decides, with `context.channel = "dimse"`."""
+        now = dt.datetime.now(dt.UTC)
+        return await self.policy.decide(policy_input(principal, action, resource, address, now=now, channel="dimse"))

@@ -1,0 +1,68 @@
+"""A C-STORE SCU (PS3.4 B.2) for auto-routing: one association to a configured destination, the instances sent
+in their stored transfer syntax (with Explicit and Implicit VR Little Endian also proposed, which pynetdicom
+can convert uncompressed data sets to). Blocking: run it in a worker thread."""
+
+from __future__ import annotations
+
+import io
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context
+from pynetdicom.presentation import PresentationContext
+
+from dicomweb.dimse.config import Destination
+
+
+class SendFailed(Exception):
+    """The destination could not be reached or refused an instance."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    data: bytes
+    """A Part 10 file."""
+
+
+def contexts_for(items: Sequence[tuple[str, str]]) -> list[PresentationContext]:
+    """One presentation context per (SOP class, stored transfer syntax) pair: at most 128 (PS3.8 9.3.2.2)."""
+    out: dict[tuple[str, str], PresentationContext] = {}
+    for sop_class, ts in items:
+        key = (sop_class, ts)
+        if key not in out:
+            syntaxes = list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+            out[key] = build_context(sop_class, syntaxes)
+        if len(out) == 128:
+            break
+    return list(out.values())
+
+
+def send(destination: Destination, calling_title: str, items: Sequence[Outgoing], timeout: float) -> list[int]:
+    """C-STORE each item; returns the statuses. Raises SendFailed when no association can be made."""
+    try:  # pynetdicom 3.0 leaks its socket when the connection is refused: find out first
+        socket.create_connection((destination.host, destination.port), timeout=timeout).close()
+    except OSError as exc:
+        raise SendFailed(
+            f"no association with {destination.ae_title} at {destination.host}:{destination.port}: {exc}"
+        ) from None
+    ae = AE(ae_title=calling_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    contexts = contexts_for([(i.sop_class_uid, i.transfer_syntax_uid) for i in items])
+    assoc = ae.associate(destination.host, destination.port, contexts=contexts, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        raise SendFailed(f"no association with {destination.ae_title} at {destination.host}:{destination.port}")
+    statuses = []
+    try:
+        for item in items:
+            ds = pydicom.dcmread(io.BytesIO(item.data))
+            rsp = assoc.send_c_store(ds)
+            statuses.append(int(rsp.Status) if "Status" in rsp else 0xA700)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return statuses

@@ -1,0 +1,281 @@
+"""The FHIR REST interactions on one resource without HTTP (R4 https://hl7.org/fhir/R4/http.html): what
+`fhir.routes_rest` answers for one request and `fhir.routes_bundle` runs for each entry of a batch or
+transaction Bundle, on a connection the caller owns (writes run inside the caller's transaction).
+
+- create (R4 3.1.0.7) and conditional create (`If-None-Exist`, 3.1.0.8: no match creates, one match is that
+  resource unchanged, several are 412), update and update as create (3.1.0.4; `If-Match` 412), delete (3.1.0.6:
+  deleting what is absent or deleted succeeds), vread (3.1.0.3: a deleted version is 410) and the `history`
+  Bundle of one resource (3.1.0.10: newest first, `_count`, `_since`, `_offset`).
+- A write is checked (`fhir.validation.check_resource`, then the type's `prepare` in `fhir.types`) and filed
+  under the patient its content names. When that is not the patient the policy already decided on (an update
+  that moves a report, an update that creates, a bundle entry), `Caller.require` asks the policy again for the
+  new one: a resource is never written into a patient the user may not see.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+from dataclasses import dataclass, field
+from typing import Any
+
+from authz.decision import Action, Decision, PolicyEngine, Resource
+from authz.errors import Forbidden
+from authz.guard import DECISION, RESOURCE
+from authz.policy_input import policy_input
+from authz.principal import Principal
+from dicomweb.access import AccessConstraints, UnknownConstraint
+from fhir.errors import FhirError, NotSupported, ResourceGone, ResourceNotFound, VersionConflict
+from fhir.repository import Filing, Stored, parse_etag
+from fhir.types import TYPES, ResourceType
+from fhir.validation import check_resource, localize
+from server.db import Connection
+from server.resources import Resources
+
+HISTORY_COUNT = 100
+MAX_COUNT = 1000
+
+
+# --- who asks: decisions after the guard's ----------------------------------------------------------------------
+
+
+@dataclass
+class Caller:
+    """The requester, for decisions the guard could not make alone (a write's new patient, bundle entries). A
+    denial is recorded in `state` (the request's audit record names it) when given."""
+
+    principal: Principal
+    policy: PolicyEngine
+    client_ip: str | None = None
+    break_glass: dict[str, Any] | None = None
+    state: dict[str, Any] | None = None
+    decided: list[tuple[Action, Resource, Decision]] = field(default_factory=list)
+
+    async def decide(self, action: Action, resource: Resource) -> Decision:
+        now = dt.datetime.now(dt.UTC)
+        decision = await self.policy.decide(
+            policy_input(self.principal, action, resource, self.client_ip, self.break_glass, now=now)
+        )
+        self.decided.append((action, resource, decision))
+        return decision
+
+    async def require(self, action: Action, resource: Resource) -> Decision:
+        decision = await self.decide(action, resource)
+        if not decision.allow:
+            if self.state is not None:
+                self.state[DECISION], self.state[RESOURCE] = decision, resource
+            raise Forbidden("; ".join(decision.reasons) or "denied by policy", decision)
+        return decision
+
+    async def constraints(self, kind: str) -> AccessConstraints:
+        """What a search of `kind` may see (403 when the subject may not search it at all)."""
+        decision = await self.require("search", Resource(kind=kind))
+        try:
+            return AccessConstraints.from_policy(decision.constraints)
+        except UnknownConstraint as exc:
+            raise Forbidden(str(exc), decision) from None
+
+
+def filed(kind: str, rid: str | None, filing: Filing) -> Resource:
+    """The resource the policy sees for a resource filed under `filing`."""
+    return Resource(
+        kind=kind,
+        patient_id=filing.patient_key,
+        modalities=filing.modalities,
+        attributes={"id": rid} if rid else {},
+    )
+
+
+async def _authorize_filing(
+    caller: Caller, action: Action, spec: ResourceType, rid: str | None, filing: Filing, decided: Resource | None
+) -> None:
+    """The policy has allowed `action` on the patient this resource is filed under (asked again unless
+    `decided`, the resource already allowed, is of that patient)."""
+    if decided is not None and decided.patient_id == filing.patient_key:
+        return
+    await caller.require(action, filed(spec.kind, rid, filing))
+
+
+# --- the interaction core (no HTTP) -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    status: int
+    """201 created, 200 updated (or an existing match of a conditional create), 204 nothing was deleted."""
+    stored: Stored | None
+
+
+def writable(resource_type: str) -> ResourceType:
+    spec = TYPES.get(resource_type)
+    if spec is None:
+        raise ResourceNotFound(f"this server does not serve {resource_type}")
+    if not spec.writable:
+        raise NotSupported(f"{resource_type} is derived from the archive and read-only here")
+    return spec
+
+
+async def prepared(
+    conn: Connection,
+    resources: Resources,
+    caller: Caller,
+    spec: ResourceType,
+    body: Any,
+    base: str,
+    url_id: str | None = None,
+) -> tuple[dict[str, Any], Filing]:
+    """A client's resource checked (model, then the type's rules), filed, and completed by the type's
+    `transform` (e.g. a Subscription's owner) when it has one."""
+    content = localize(check_resource(spec.name, body, url_id=url_id), base)
+    filing = await spec.prepare(conn, resources.fhir, content) if spec.prepare is not None else Filing()
+    if spec.transform is not None:
+        content = spec.transform(content, caller.principal, resources.settings)
+    return content, filing
+
+
+async def conditional_matches(conn: Connection, caller: Caller, spec: ResourceType, query: str) -> list[str]:
+    """Up to two ids matching an `If-None-Exist` query, among what the caller may search (a conditional create
+    cannot probe for resources the caller may not see)."""
+    from fhir.search import matching_ids
+
+    constraints = await caller.constraints(spec.kind)
+    return await matching_ids(conn, spec.name, query.removeprefix("?"), constraints=constraints, limit=2)
+
+
+async def create(
+    conn: Connection,
+    resources: Resources,
+    caller: Caller,
+    resource_type: str,
+    body: Any,
+    *,
+    base: str,
+    decided: Resource | None = None,
+    if_none_exist: str | None = None,
+    rid: str | None = None,
+) -> Written:
+    """Create (R4 3.1.0.7) or conditionally create (3.1.0.8). Run inside a transaction."""
+    spec = writable(resource_type)
+    content, filing = await prepared(conn, resources, caller, spec, body, base)
+    if if_none_exist is not None and if_none_exist.strip():
+        ids = await conditional_matches(conn, caller, spec, if_none_exist)
+        if len(ids) > 1:
+            raise VersionConflict(f"If-None-Exist {if_none_exist!r} matches more than one {resource_type}")
+        if ids:
+            existing = await resources.fhir.read(conn, resource_type, ids[0])
+            await _authorize_filing(caller, "read", spec, existing.id, existing.filing, None)
+            return Written(200, existing)
+    await _authorize_filing(caller, "create", spec, None, filing, decided)
+    return Written(201, await resources.fhir.create(conn, resource_type, content, filing, rid=rid))
+
+
+async def update(
+    conn: Connection,
+    resources: Resources,
+    caller: Caller,
+    resource_type: str,
+    rid: str,
+    body: Any,
+    *,
+    base: str,
+    decided: Resource | None = None,
+    if_match: str | None = None,
+) -> Written:
+    """Update, or update as create (R4 3.1.0.4). `decided`: the stored resource the policy allowed to update.
+    Run inside a transaction."""
+    spec = writable(resource_type)
+    expected = parse_etag(if_match) if if_match else None
+    content, filing = await prepared(conn, resources, caller, spec, body, base, url_id=rid)
+    await _authorize_filing(caller, "update", spec, rid, filing, decided)
+    stored, created = await resources.fhir.update(conn, resource_type, rid, content, filing, expected_version=expected)
+    return Written(201 if created else 200, stored)
+
+
+async def remove(
+    conn: Connection, resources: Resources, resource_type: str, rid: str, *, if_match: str | None = None
+) -> Written:
+    """Delete (R4 3.1.0.6); the policy decided on the stored resource. Run inside a transaction."""
+    writable(resource_type)
+    expected = parse_etag(if_match) if if_match else None
+    stored = await resources.fhir.delete(conn, resource_type, rid, expected_version=expected)
+    return Written(200 if stored is not None else 204, stored)
+
+
+async def vread(conn: Connection, resources: Resources, resource_type: str, rid: str, vid: str) -> Stored:
+    if not vid.isdigit() or len(vid) > 9:
+        raise ResourceNotFound(f"{resource_type}/{rid} has no version {vid!r}")
+    stored = await resources.fhir.vread(conn, resource_type, rid, int(vid))
+    if stored.deleted:
+        raise ResourceGone(f"{resource_type}/{rid} version {vid} is a deletion")
+    return stored
+
+
+def instant(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def http_date(moment: dt.datetime) -> str:
+    return email.utils.format_datetime(moment.astimezone(dt.UTC), usegmt=True)
+
+
+def location(base: str, stored: Stored) -> str:
+    return f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.version}"
+
+
+_STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}
+
+
+def status_text(status: int) -> str:
+    return _STATUS_TEXT.get(status, str(status))
+
+
+def _history_params(items: list[tuple[str, str]]) -> tuple[int, dt.datetime | None, int]:
+    values = dict(items)
+    try:
+        count = int(values.get("_count", HISTORY_COUNT))
+        offset = int(values.get("_offset", 0))
+    except ValueError:
+        raise FhirError("_count and _offset must be integers") from None
+    if count < 1 or offset < 0:
+        raise FhirError("_count must be positive and _offset not negative")
+    since = None
+    if "_since" in values:
+        try:
+            since = dt.datetime.fromisoformat(values["_since"].replace("Z", "+00:00").replace(" ", "+"))
+        except ValueError:
+            raise FhirError(f"_since {values['_since']!r} is not an instant", "_since") from None
+        if since.tzinfo is None:
+            raise FhirError("_since must be an instant with a time zone (e.g. 2024-01-02T03:04:05Z)", "_since")
+    return min(count, MAX_COUNT), since, offset
+
+
+async def history_bundle(
+    conn: Connection, resources: Resources, resource_type: str, rid: str, items: list[tuple[str, str]], base: str
+) -> dict[str, Any]:
+    """The `history` Bundle of one resource, newest first (R4 3.1.0.10)."""
+    count, since, offset = _history_params(items)
+    versions = await resources.fhir.history(conn, resource_type, rid, since=since, limit=offset + count + 1)
+    page, more = versions[offset : offset + count], len(versions) > offset + count
+    url = f"{base}/{resource_type}/{rid}"
+    entries: list[dict[str, Any]] = []
+    for stored in page:
+        entry: dict[str, Any] = {"fullUrl": url}
+        if stored.content is not None:
+            entry["resource"] = stored.content
+        method = stored.method or "PUT"
+        status = {"POST": 201, "PUT": 200, "DELETE": 204}.get(method, 200)
+        entry["request"] = {"method": method, "url": resource_type if method == "POST" else f"{resource_type}/{rid}"}
+        entry["response"] = {
+            "status": status_text(status),
+            "etag": stored.etag,
+            "lastModified": instant(stored.last_updated),
+        }
+        entries.append(entry)
+    query = f"_count={count}" + (f"&_since={instant(since)}" if since is not None else "")
+    links = [{"relation": "self", "url": f"{url}/_history?{query}" + (f"&_offset={offset}" if offset else "")}]
+    if more:
+        links.append({"relation": "next", "url": f"{url}/_history?{query}&_offset={offset + count}"})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history", "link": links}
+    if entries:
+        bundle["entry"] = entries
+    return bundle

@@ -1,0 +1,69 @@
+"""Helpers for the DIMSE tests: a server with its AE on a free port and known peers, dcmtk runs, audit reads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from dicomweb.dimse.config import dimse_config
+from tests.conftest import free_port
+
+TITLE = "HOUNSFIELD"
+PEERS = "CT1=technologist,RAD=radiologist,REF=referring:dr-who,ADMIN=admin,AUD=auditor"
+
+
+def require_dcmtk() -> None:
+    """dcmtk is a test dependency (`make test` installs it): missing is an error, never a skip."""
+    missing = [t for t in ("echoscu", "storescu", "findscu", "movescu", "getscu", "storescp") if not shutil.which(t)]
+    if missing:
+        pytest.fail(f"dcmtk tools missing: {', '.join(missing)} (apt-get install dcmtk, or `make test`)")
+
+
+def start(make_server: Any, *, destinations: str = "", routes: str = "", **overrides: Any) -> Any:
+    port = free_port()
+    return make_server(
+        dimse_enabled=True,
+        dimse_port=port,
+        dimse=dimse_config(PEERS, destinations, routes),
+        dimse_timeout_seconds=10,
+        **overrides,
+    )
+
+
+def dimse_port(server: Any) -> int:
+    return int(server.settings.dimse_port)
+
+
+def dcmtk(
+    tool: str, *args: str | Path, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
+    )
+
+
+def audit_records(dsn: str) -> list[dict[str, Any]]:
+    async def read() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch("SELECT record::text AS record FROM audit_log ORDER BY seq")
+        finally:
+            await conn.close()
+        return [json.loads(r["record"]) for r in rows]
+
+    return asyncio.run(read())
+
+
+def dimse_audit(dsn: str, method: str | None = None) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in audit_records(dsn)
+        if r.get("channel") == "dimse" and (method is None or r.get("http", {}).get("method") == method)
+    ]
