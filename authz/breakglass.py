@@ -37,6 +37,7 @@ from authz.decision import Decision
 from authz.errors import AuthzError
 from authz.policy_input import break_glass_session, rfc3339
 from authz.principal import Principal
+from authz.sessioncache import OpenSession, SessionCache
 from dicomweb.uids import is_valid_uid
 from server import jobs
 from server.db import Connection, Queries
@@ -216,23 +217,38 @@ def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-async def open_session_context(conn: Connection, principal: Principal, now: dt.datetime) -> dict[str, Any] | None:
-    """`context.break_glass` for the subject's open session ({"id", "reason", "expires"}), or None: one probe of
-    the partial index of sessions not closed (the guard asks on every request)."""
+async def open_session(conn: Connection, principal: Principal, now: dt.datetime) -> OpenSession | None:
+    """The subject's open session that lasts longest, or None: one probe of the partial index of sessions not
+    closed (the guard asks on every request its cache, `authz.sessioncache`, cannot answer)."""
     row = await conn.fetchrow(SQL["open_session"], principal.issuer, principal.sub, now)
     if row is None:
         return None
-    return break_glass_session(str(row["id"]), row["reason"], row["expires_at"])
+    return OpenSession(break_glass_session(str(row["id"]), row["reason"], row["expires_at"]), row["expires_at"])
 
 
 class BreakGlassService:
     """Starts, lists and closes sessions. Cheap to make: it holds references to the resources it uses."""
 
-    def __init__(self, pool: asyncpg.Pool, audit: AuditTrail, *, minutes: int, webhook: str | None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        audit: AuditTrail,
+        *,
+        minutes: int,
+        webhook: str | None,
+        sessions: SessionCache | None = None,
+    ) -> None:
         self.pool = pool
         self.audit = audit
         self.minutes = minutes
         self.webhook = webhook
+        self.cache = sessions
+        """This process's cache of open sessions: cleared at once after a change commits (other processes clear
+        theirs on the trigger's notification)."""
+
+    def _changed(self) -> None:
+        if self.cache is not None:
+            self.cache.clear()
 
     @classmethod
     def of(cls, resources: Any) -> BreakGlassService:
@@ -243,6 +259,7 @@ class BreakGlassService:
             resources.audit,
             minutes=settings.break_glass_minutes,
             webhook=settings.break_glass_webhook,
+            sessions=resources.sessions,
         )
 
     async def start(
@@ -289,6 +306,7 @@ class BreakGlassService:
             if self.webhook:
                 await jobs.enqueue(conn, ALERT_JOB, {"session_id": str(session_id)}, dedupe_key=str(session_id))
             await self.audit.append(record)
+        self._changed()
         session = Session.from_row(row)
         log.warning(
             "BREAK-GLASS session %s started by sub=%s issuer=%s roles=%s patient_id=%s study_uid=%s, expires %s",
@@ -354,6 +372,7 @@ class BreakGlassService:
             )
             await self.audit.append(record)
             row = await conn.fetchrow(SQL["close_session"], session_id, closed, reviewer.sub, comment)
+        self._changed()
         log.warning("BREAK-GLASS session %s of sub=%s closed by sub=%s", session_id, session.sub, reviewer.sub)
         return Session.from_row(row)
 

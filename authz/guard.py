@@ -7,10 +7,11 @@ about the action on the resource, with facts about the resource (its patient and
 index. A route without an `authz` declaration is refused (fail closed). The decision is kept in the request
 state for the handler (search constraints) and for the audit record.
 
-Break-glass (`authz.breakglass`): every request looks up the subject's open session (one index probe) and passes
-it to the policy as `context.break_glass`. A request whose token carries purpose of use `BTG` (HL7 v3 ActReason)
-and the header `X-Break-Glass-Reason: <free text>` starts a session first when the subject has none open (the
-policy decides, as for `POST /break-glass`); the session is bound to the token's subject and issuer.
+Break-glass (`authz.breakglass`): every request passes the subject's open session to the policy as
+`context.break_glass` (from the process's cache of open sessions, `authz.sessioncache`, or one index probe).
+A request whose token carries purpose of use `BTG` (HL7 v3 ActReason) and the header `X-Break-Glass-Reason:
+<free text>` starts a session first when the subject has none open (the policy decides, as for
+`POST /break-glass`); the session is bound to the token's subject and issuer.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from litestar.exceptions import ValidationException
 from litestar.handlers.base import BaseRouteHandler
 
 from authz.authn import principal_of
-from authz.breakglass import BreakGlassService, InvalidRequest, StartRequest, check_reason, open_session_context
+from authz.breakglass import BreakGlassService, InvalidRequest, StartRequest, check_reason, open_session
 from authz.decision import Action, Decision, Resource
 from authz.errors import Forbidden
 from authz.policy_input import break_glass_session, policy_input
 from authz.principal import Principal
+from authz.sessioncache import OpenSession
 from server.db import Connection, Queries
 
 FACTS = Queries(Path(__file__).with_name("facts.sql"))
@@ -62,28 +64,58 @@ def decision_of(scope: Any) -> Decision | None:
     return value if isinstance(value, Decision) else None
 
 
-async def _resource(conn: Connection, connection: ASGIConnection[Any, Any, Any, Any], kind: str) -> Resource:
+def _target(connection: ASGIConnection[Any, Any, Any, Any], kind: str) -> tuple[str | None, str | None, str | None]:
+    """The (study, series, instance) UIDs a request names: path parameters, or WADO-URI's query."""
     params = connection.path_params
-    study = params.get("study")
-    series = params.get("series")
-    instance = params.get("instance")
+    study, series, instance = params.get("study"), params.get("series"), params.get("instance")
     if study is None and kind == "instance" and "objectUID" in connection.query_params:  # WADO-URI
-        study = connection.query_params.get("studyUID")
-        series = connection.query_params.get("seriesUID")
-        instance = connection.query_params.get("objectUID")
+        query = connection.query_params
+        return query.get("studyUID"), query.get("seriesUID"), query.get("objectUID")
+    return (str(study) if study is not None else None), series, instance
+
+
+async def _resource(conn: Connection, kind: str, target: tuple[str | None, str | None, str | None]) -> Resource:
+    study, series, instance = target
     if study is None:
         return Resource(kind=kind)
-    row = await conn.fetchrow(FACTS["study_facts"], str(study))
+    row = await conn.fetchrow(FACTS["study_facts"], study)
     if row is None:
-        return Resource(kind=kind, study_uid=str(study), series_uid=series, instance_uid=instance)
+        return Resource(kind=kind, study_uid=study, series_uid=series, instance_uid=instance)
     return Resource(
         kind=kind,
         patient_id=row["patient_id"],
-        study_uid=str(study),
+        study_uid=study,
         series_uid=series,
         instance_uid=instance,
         modalities=tuple(row["modalities"]),
     )
+
+
+async def _facts(
+    connection: ASGIConnection[Any, Any, Any, Any], kind: str, principal: Principal, now: dt.datetime
+) -> tuple[Resource, dict[str, Any] | None]:
+    """The resource with its facts from the index, and the subject's open break-glass session. A request that
+    names no study, from a subject whose session state is cached, needs no database round trip at all."""
+    resources = connection.app.state.resources
+    sessions = resources.sessions
+    key = (principal.issuer, principal.sub)
+    known, context = sessions.get(key, now) if sessions is not None else (False, None)
+    target = _target(connection, kind)
+    if target[0] is None and known:
+        return Resource(kind=kind), context
+    async with resources.pool.acquire() as conn:
+        resource = await _resource(conn, kind, target)
+        if not known:
+
+            async def fetch() -> OpenSession | None:
+                return await open_session(conn, principal, now)
+
+            if sessions is not None:
+                context = await sessions.lookup(key, fetch)
+            else:
+                session = await fetch()
+                context = session.context if session is not None else None
+    return resource, context
 
 
 def _header_text(raw: str) -> str:
@@ -144,9 +176,7 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     client = connection.scope.get("client")
     client_ip = client[0] if client else None
     state = connection.scope.setdefault("state", {})
-    async with resources.pool.acquire() as conn:
-        resource = await _resource(conn, connection, kind)
-        session = await open_session_context(conn, principal, now)
+    resource, session = await _facts(connection, kind, principal, now)
     hook = handler.opt.get(RESOURCE_HOOK_KEY)
     if hook is not None:
         resource = await hook(connection, resource)

@@ -21,6 +21,7 @@ from authz.breakglass import ALERT_JOB, alert_handler
 from authz.decision import PolicyEngine
 from authz.decision_cache import CachingEngine
 from authz.engines import open_engine
+from authz.sessioncache import SessionCache
 from dicomweb.blobs import BlobStore
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.dimse import routing
@@ -50,6 +51,8 @@ class Resources:
     handlers: dict[str, jobs.Handler] = field(default_factory=dict)
     dimse: DimseService | None = None
     """The DICOM Application Entity, when `HOUNSFIELD_DIMSE` is on."""
+    sessions: SessionCache | None = None
+    """Open break-glass sessions by subject, for the guard (`authz.sessioncache`)."""
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:
@@ -112,7 +115,10 @@ async def open_resources(
         handlers[fhir_sync.SYNC_JOB] = fhir_sync.sync_handler(
             pool, fhir, dicomweb_address(settings.public_url, settings.host, settings.port)
         )
-        resources = Resources(settings, pool, blobs, store, audit, policy, fhir, handlers=handlers)
+        sessions = SessionCache(pool)
+        await sessions.start()
+        stack.push_async_callback(sessions.close)
+        resources = Resources(settings, pool, blobs, store, audit, policy, fhir, handlers=handlers, sessions=sessions)
         handlers.update(subscriptions.handlers(resources))  # fhir.notify, fhir.deliver
         store.hooks.append(routing.routing_hook(settings.dimse))  # DIMSE auto-routing rules
         handlers[routing.ROUTE_JOB] = routing.route_handler(
