@@ -35,6 +35,7 @@ from dicomweb.dimse.audit import BEGIN_TRANSFERRING, operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import SQL
 from dicomweb.dimse.sender import contexts_for
+from dicomweb.dimse.tcp import NODELAY_HANDLERS
 from dicomweb.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def handle_move(event: Any, node: Node) -> Iterator[Any]:
         yield None, None  # pynetdicom answers A801 Move Destination Unknown
         return
     op.prepare()
-    yield destination.host, destination.port, {"contexts": op.contexts()}
+    yield destination.host, destination.port, {"contexts": op.contexts(), "evt_handlers": NODELAY_HANDLERS}
     yield len(op.plan.rows) if op.failure is None else 1
     yield from op.sub_operations()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,27 @@ def _response(status: int, comment: str | None = None) -> Dataset:
     return rsp
 
 
-def _spool(folder: Path, data: bytes) -> tuple[Path, int, str]:
-    folder.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """A received data set written to the spool folder as a Part 10 file, with its size and SHA-256."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+def _spool(folder: Path, data: bytes) -> Spooled:
+    """Write the Part 10 bytes to the spool folder (blocking: called in the association's thread, so the event
+    loop only awaits the ingest itself)."""
     path = folder / f"{uuid.uuid4().hex}.part"
-    with open(path, "wb") as fh:
+    try:
+        fh = open(path, "wb")
+    except FileNotFoundError:  # the first store (or the folder was removed): make it once, not per instance
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "wb")
+    with fh:
         fh.write(data)
-    return path, len(data), hashlib.sha256(data).hexdigest()
+    return Spooled(path, len(data), hashlib.sha256(data).hexdigest())
 
 
 def _resource(ds: Dataset) -> Resource:
@@ -61,7 +77,7 @@ def _resource(ds: Dataset) -> Resource:
     )
 
 
-async def _store(node: Node, principal: Principal, address: str | None, ds: Dataset, data: bytes) -> Dataset:
+async def _store(node: Node, principal: Principal, address: str | None, ds: Dataset, spooled: Spooled) -> Dataset:
     resource = _resource(ds)
     decision = await node.decide(principal, "create", resource, address)
     instance = Resource(
@@ -88,10 +104,9 @@ async def _store(node: Node, principal: Principal, address: str | None, ds: Data
         reason = "; ".join(decision.reasons) or "denied by policy"
         await node.audit.append(record(NOT_AUTHORIZED, reason))
         return _response(NOT_AUTHORIZED, reason)
-    path, size, sha256 = _spool(node.settings.spool_dir, data)
     token = CALLING_AE.set(principal.client_id)
     try:
-        outcome = await node.store.store_file(path, size, sha256)
+        outcome = await node.store.store_file(spooled.path, spooled.size, spooled.sha256)
     finally:
         CALLING_AE.reset(token)
     if outcome.failure is not None:
@@ -118,9 +133,16 @@ def handle_store(event: Any, node: Node) -> Dataset:
         log.info("C-STORE from %s: undecodable data set: %s", principal.client_id, type(exc).__name__)
         return _response(CANNOT_UNDERSTAND, "the data set cannot be decoded")
     try:
-        return node.run(_store(node, principal, assoc.requestor.address, ds, data))
+        spooled = _spool(node.settings.spool_dir, data)
+    except OSError as exc:
+        log.error("C-STORE from %s: cannot spool: %s", principal.client_id, exc.strerror)
+        return _response(OUT_OF_RESOURCES, "the server could not store the instance")
+    try:
+        return node.run(_store(node, principal, assoc.requestor.address, ds, spooled))
     except OperationTimeout:
         return _response(OUT_OF_RESOURCES, "the server did not store the instance in time")
     except Exception:
         log.exception("C-STORE failed")
         return _response(OUT_OF_RESOURCES, "the server could not store the instance")
+    finally:
+        spooled.path.unlink(missing_ok=True)  # consumed by the ingest, unless it was refused or failed before

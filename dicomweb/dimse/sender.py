@@ -15,6 +15,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.presentation import PresentationContext
 
 from dicomweb.dimse.config import Destination
+from dicomweb.dimse.tcp import NODELAY_HANDLERS
 
 
 class SendFailed(Exception):
@@ -53,7 +54,13 @@ def send(destination: Destination, calling_title: str, items: Sequence[Outgoing]
     ae = AE(ae_title=calling_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     contexts = contexts_for([(i.sop_class_uid, i.transfer_syntax_uid) for i in items])
-    assoc = ae.associate(destination.host, destination.port, contexts=contexts, ae_title=destination.ae_title)
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        contexts=contexts,
+        ae_title=destination.ae_title,
+        evt_handlers=NODELAY_HANDLERS,
+    )
     if not assoc.is_established:
         raise SendFailed(f"no association with {destination.ae_title} at {destination.host}:{destination.port}")
     statuses = []
