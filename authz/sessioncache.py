@@ -47,8 +47,10 @@ class _Entry:
 class SessionCache:
     """Open sessions by subject. `get` answers from memory when it can; `lookup` asks the index and remembers."""
 
-    def __init__(self, pool: asyncpg.Pool, *, ttl_seconds: float = 60.0, retry_seconds: float = 5.0) -> None:
-        self.pool = pool
+    def __init__(self, dsn: str, *, ttl_seconds: float = 60.0, retry_seconds: float = 5.0) -> None:
+        self.dsn = dsn
+        """Its own connection, outside the pool: a listener held for the process's life would otherwise keep
+        the pool from closing and take a pooled connection away from requests."""
         self.ttl = ttl_seconds
         """A backstop: entries are refreshed at least this often even without notifications."""
         self.retry_seconds = retry_seconds
@@ -100,11 +102,14 @@ class SessionCache:
                 await self._task
 
     async def _listen(self) -> None:
-        """Hold a pooled connection listening on the channel; on loss, turn the cache off and reconnect."""
+        """Hold a connection listening on the channel; on loss, turn the cache off and reconnect."""
         while not self._stop.is_set():
             try:
-                async with self.pool.acquire() as conn:
+                conn = await asyncpg.connect(self.dsn)
+                try:
                     await self._listen_on(conn)
+                finally:
+                    await conn.close()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("break-glass session cache off (listener: %s); retrying", exc)
             if not self._stop.is_set():

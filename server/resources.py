@@ -115,7 +115,7 @@ async def open_resources(
         handlers[fhir_sync.SYNC_JOB] = fhir_sync.sync_handler(
             pool, fhir, dicomweb_address(settings.public_url, settings.host, settings.port)
         )
-        sessions = SessionCache(pool)
+        sessions = SessionCache(dsn)
         await sessions.start()
         stack.push_async_callback(sessions.close)
         resources = Resources(settings, pool, blobs, store, audit, policy, fhir, handlers=handlers, sessions=sessions)

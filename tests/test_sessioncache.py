@@ -43,8 +43,7 @@ def fetching(value: OpenSession | None, during: Callable[[], Awaitable[None]] | 
 
 
 async def test_cache_follows_notifications_and_listener_loss(dsn: str) -> None:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=3)
-    cache = SessionCache(pool, retry_seconds=0.05)
+    cache = SessionCache(dsn, retry_seconds=0.05)
     other = await asyncpg.connect(dsn)
     try:
         now = dt.datetime.now(dt.UTC)
@@ -86,7 +85,6 @@ async def test_cache_follows_notifications_and_listener_loss(dsn: str) -> None:
     finally:
         await cache.close()
         await other.close()
-        await pool.close()
 
 
 @pytest.mark.timeout(120)
