@@ -9,13 +9,16 @@ MAKEFLAGS += --no-print-directory
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
-# Debian packages the tests need (dcmtk: the DIMSE peers echoscu, storescu, findscu, movescu, getscu, storescp).
-# Installed only when missing.
-APT_PACKAGES ?= dcmtk
+# Debian packages the tests need (dcmtk: the DIMSE peers echoscu, storescu, findscu, movescu, getscu, storescp;
+# chromium: the headless browser that runs OHIF in tests/test_ohif*.py). Installed only when missing.
+APT_PACKAGES ?= dcmtk chromium
+# The npm project of the browser tests (OHIF's prebuilt viewer and playwright-core, pinned in package-lock.json).
+BROWSER_DIR := tests/browser
+BROWSER_STAMP := $(BROWSER_DIR)/node_modules/.package-lock.json
 # Extra arguments: `make run ARGS="--port 18080 --data /tmp/hf"`, `make test ARGS="tests/test_stow.py -x"`.
 ARGS ?=
 
-.PHONY: venv run test lint system-deps
+.PHONY: venv run test lint system-deps browser-deps
 
 venv: $(STAMP)
 	@:
@@ -27,17 +30,17 @@ $(VENV)/bin/python:
 # Re-install only when pyproject.toml is newer than the stamp.
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	@echo "installing hounsfield and its test dependencies into $(VENV)"
-	@$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,models]'
 	@touch $@
 
 run: venv
 	@exec $(VENV)/bin/hounsfield serve $(ARGS)
 
-test: venv system-deps
+test: venv system-deps browser-deps
 	@RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/python -m pytest -q -p no:cacheprovider $(ARGS)
 
 lint: venv
-	@$(VENV)/bin/ruff check server dicomweb authz tests conformance benchmarks
+	@$(VENV)/bin/ruff check server dicomweb authz fhir inference tests conformance benchmarks
 	@$(VENV)/bin/mypy
 	@$(VENV)/bin/mypy conformance
 
@@ -61,3 +64,17 @@ system-deps:
 		echo "system-deps: apt-get could not install$$missing" >&2; \
 		if [ "$${CI:-}" = true ]; then exit 1; fi; \
 	fi
+
+# `npm ci` for the browser tests, only when package-lock.json or package.json is newer than node_modules (npm
+# writes the stamp). Install scripts are off: nothing runs at install time and nothing is downloaded later (no
+# `playwright install`; the browser is Debian's chromium). Missing npm is an error with CI=true, else a warning.
+browser-deps: $(BROWSER_STAMP)
+	@:
+
+$(BROWSER_STAMP): $(BROWSER_DIR)/package-lock.json $(BROWSER_DIR)/package.json
+	@if ! command -v npm >/dev/null 2>&1; then \
+		echo "browser-deps: npm not found (Node.js 20 is needed for tests/test_ohif*.py)" >&2; \
+		if [ "$${CI:-}" = true ]; then exit 1; fi; exit 0; \
+	fi; \
+	echo "browser-deps: npm ci in $(BROWSER_DIR)"; \
+	cd $(BROWSER_DIR) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null && touch node_modules/.package-lock.json

@@ -26,6 +26,8 @@ RESOURCE_KINDS = (
     "Bundle",
     "BreakGlass",
     "system",
+    "Model",
+    "InferenceRequest",
 )
 
 

@@ -12,10 +12,14 @@ Rules, in the order of the client's preference (q-values, then order; PS3.18 8.7
 * `*/*` (and `application/*`, `multipart/*`) matches the resource's default media type (PS3.18 8.7.7).
 * Ranges, parameters and values we do not understand are ignored (PS3.18 8.7.7); if nothing is left we
   answer 406 Not Acceptable.
-* Instances can be sent in the stored syntax, in any native syntax (by decoding when needed), never encoded
-  into a compressed syntax (not implemented). Frames and pixel bulk data can be sent as stored (their
-  compressed media type, or `application/octet-stream` with the stored syntax) or decoded to native
-  little-endian bytes.
+* Instances can be sent in the stored syntax, in any native syntax (by decoding when needed), or encoded into
+  a compressed syntax that has an encoder (`dicomweb.encode`). Frames and pixel bulk data can be sent as stored
+  (their compressed media type, or `application/octet-stream` with the stored syntax), decoded to native
+  little-endian bytes, or encoded: a compressed media type without a `transfer-syntax` parameter means the
+  stored syntax when it carries it, otherwise its default below (`_MEDIA_DEFAULT`).
+* `image/jhc` is taken as `image/jphc` (Cornerstone3D/OHIF send it); both mean HTJ2K, and when encoding we send
+  the RPCL form (1.2.840.10008.1.2.4.202, a conforming HTJ2K lossless stream whose prefixes decode to lower
+  resolutions). The media type asked for is echoed in Content-Type, with the `transfer-syntax` sent.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ _COMPRESSED_MEDIA: dict[str, tuple[str, ...]] = {
     "image/jp2": ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"),
     "image/jpx": ("1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"),
     "image/jphc": ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"),
+    "image/jhc": ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"),
     "image/jxl": ("1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.111", "1.2.840.10008.1.2.4.112"),
     "image/dicom-rle": ("1.2.840.10008.1.2.5",),
     "image/x-dicom-rle": ("1.2.840.10008.1.2.5",),
@@ -67,11 +72,25 @@ _COMPRESSED_MEDIA: dict[str, tuple[str, ...]] = {
     "video/h265": ("1.2.840.10008.1.2.4.107", "1.2.840.10008.1.2.4.108"),
 }
 
+_ALIASES = {"image/x-jls": "image/jls", "image/x-dicom-rle": "image/dicom-rle", "image/jhc": "image/jphc"}
+"""Media types clients send for the registered ones (PS3.18 8.7.4 legacy `x-` names; Cornerstone's `jhc`)."""
+
+_MEDIA_DEFAULT = {
+    "image/jpeg": "1.2.840.10008.1.2.4.50",
+    "image/jls": "1.2.840.10008.1.2.4.80",
+    "image/jp2": "1.2.840.10008.1.2.4.90",
+    "image/jpx": "1.2.840.10008.1.2.4.92",
+    "image/jphc": "1.2.840.10008.1.2.4.202",
+    "image/dicom-rle": "1.2.840.10008.1.2.5",
+}
+"""The syntax we encode into for a compressed media type asked without `transfer-syntax` when the stored syntax is
+another (PS3.18 Table 8.7.3-5 defaults; HTJ2K: the RPCL form, see the module docstring)."""
+
 
 def media_type_of_syntax(transfer_syntax: str) -> str | None:
     """The single-frame media type that carries frames of a compressed transfer syntax, if there is one."""
     for media, syntaxes in _COMPRESSED_MEDIA.items():
-        if transfer_syntax in syntaxes and not media.startswith(("image/x-",)):
+        if transfer_syntax in syntaxes and media not in _ALIASES:
             return media
     return None
 
@@ -88,6 +107,8 @@ class Offer:
     media_type: str
     transfer_syntax: str | None
     multipart: bool
+    wildcard: bool = False
+    """Expanded from `image/*`: satisfied by the stored form only (a wildcard never asks us to encode)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +149,11 @@ def offers(ranges: list[MediaType], default_media_type: str) -> list[Offer]:
             kind, slash, sub = part.partition("/")
             if not slash or not kind or not sub:
                 continue
-            out.extend(Offer(m, syntax, True) for m in _expand(MediaType(kind, sub), default_media_type))
+            wild = sub == "*" and kind != "*"
+            out.extend(Offer(m, syntax, True, wild) for m in _expand(MediaType(kind, sub), default_media_type))
         elif rng.type == "*" or rng.subtype == "*":
-            out.extend(Offer(m, syntax, True) for m in _expand(rng, default_media_type))
+            wild = rng.type != "*"
+            out.extend(Offer(m, syntax, True, wild) for m in _expand(rng, default_media_type))
         else:
             out.append(Offer(rng.essence, syntax, False))
     return out
@@ -144,7 +167,7 @@ def _expand(rng: MediaType, default_media_type: str) -> list[str]:
         return [rng.essence]
     if rng.matches(default_media_type):
         return [default_media_type]
-    return [m for m in _COMPRESSED_MEDIA if rng.matches(m) and not m.startswith(("image/x-",))]
+    return [m for m in _COMPRESSED_MEDIA if rng.matches(m) and m not in _ALIASES]
 
 
 # ---------------------------------------------------------------------------------------------- instances
@@ -182,22 +205,26 @@ def choose_instances(
     can_transcode: Callable[[str, str], bool],
     *,
     single_part_ok: bool = False,
+    per_instance: list[Callable[[str, str], bool]] | None = None,
 ) -> list[Choice]:
     """One choice per instance (PS3.18 8.7.8.2 Note 1: the syntax may differ from part to part); 406 when any
-    instance cannot be sent in an acceptable syntax. All choices share the multipart flag of the first."""
+    instance cannot be sent in an acceptable syntax. All choices share the multipart flag of the first.
+    `per_instance`, when given, replaces `can_transcode` instance by instance (e.g. JPEG baseline only for
+    8-bit images)."""
     if not any(o.media_type == DICOM for o in choices):
         raise NotAcceptable(
             'this resource is available as multipart/related; type="application/dicom" only',
             offered=(f'{MULTIPART_RELATED}; type="{DICOM}"',),
         )
     out: list[Choice] = []
-    for syntax in stored:
-        choice = choose_instance(choices, syntax, can_transcode, single_part_ok=single_part_ok and len(stored) == 1)
+    for i, syntax in enumerate(stored):
+        check = per_instance[i] if per_instance is not None else can_transcode
+        choice = choose_instance(choices, syntax, check, single_part_ok=single_part_ok and len(stored) == 1)
         if choice is None:
             asked = ", ".join(sorted({o.transfer_syntax or DEFAULT_SYNTAX for o in choices if o.media_type == DICOM}))
             raise NotAcceptable(
-                f"an instance stored as {syntax} cannot be sent in the transfer syntaxes asked for ({asked}); "
-                "encoding into compressed transfer syntaxes is not supported",
+                f"an instance stored as {syntax} cannot be sent in the transfer syntaxes asked for ({asked}): "
+                "no encoder for that syntax, or not for this image",
                 offered=(syntax, DEFAULT_SYNTAX),
             )
         out.append(choice)
@@ -207,14 +234,18 @@ def choose_instances(
 # ---------------------------------------------------------------------------------------------- frames, bulk
 
 
-def pixel_syntax(offer: Offer, stored: str, can_decode: Callable[[str], bool]) -> Choice | None:
+def pixel_syntax(
+    offer: Offer, stored: str, can_decode: Callable[[str], bool], can_encode: Callable[[str], bool] = lambda _: False
+) -> Choice | None:
     """How to send frames (or pixel bulk data) stored in `stored` for one offer, or None.
 
     `application/octet-stream`: `*` sends compressed frames as stored and native frames as little-endian bytes;
     no parameter means Explicit VR Little Endian (decoding compressed frames); a UID is honoured when it is the
-    stored syntax or a little-endian native one we can produce. A compressed media type (`image/jp2`) is
-    satisfied by stored frames of a syntax it carries."""
+    stored syntax, a little-endian native one we can produce, or a compressed one we can encode into. A
+    compressed media type (`image/jp2`) is satisfied by stored frames of a syntax it carries, or by encoding
+    into the syntax its `transfer-syntax` parameter names (default: `_MEDIA_DEFAULT`)."""
     syntax = offer.transfer_syntax
+    decodable = not is_encapsulated(stored) or can_decode(stored)
     if offer.media_type == OCTET_STREAM:
         if syntax == ANY_SYNTAX:
             chosen = stored if is_encapsulated(stored) else DEFAULT_SYNTAX
@@ -224,17 +255,25 @@ def pixel_syntax(offer: Offer, stored: str, can_decode: Callable[[str], bool]) -
             chosen = stored
         elif syntax in _NATIVE_LITTLE:
             chosen = syntax
+        elif syntax not in NATIVE and decodable and can_encode(syntax):
+            chosen = syntax
         else:
             return None
-        if chosen in _NATIVE_LITTLE and is_encapsulated(stored) and not can_decode(stored):
+        if chosen in _NATIVE_LITTLE and not decodable:
             return None
         return Choice(OCTET_STREAM, chosen, offer.multipart)
-    carried = _COMPRESSED_MEDIA.get(offer.media_type)
-    if carried is None or stored not in carried:
+    media = _ALIASES.get(offer.media_type, offer.media_type)
+    carried = _COMPRESSED_MEDIA.get(media)
+    if carried is None:
         return None
-    if syntax not in (None, ANY_SYNTAX, stored):
+    if stored in carried and syntax in (None, ANY_SYNTAX, stored):
+        return Choice(offer.media_type, stored, offer.multipart)
+    if offer.wildcard:
         return None
-    return Choice(offer.media_type, stored, offer.multipart)
+    target = syntax if syntax in carried else _MEDIA_DEFAULT.get(media) if syntax in (None, ANY_SYNTAX) else None
+    if target is None or not decodable or not can_encode(target):
+        return None
+    return Choice(offer.media_type, target, offer.multipart)
 
 
 def choose_pixels(
@@ -243,12 +282,13 @@ def choose_pixels(
     can_decode: Callable[[str], bool],
     *,
     single_part_ok: bool,
+    can_encode: Callable[[str], bool] = lambda _: False,
 ) -> Choice:
     """The representation for frames or pixel bulk data: the first offer we can satisfy. A single-part media
     type is honoured only where one item is asked for (`single_part_ok`); otherwise it means the multipart
     form. 406 when nothing fits."""
     for offer in choices:
-        choice = pixel_syntax(offer, stored, can_decode)
+        choice = pixel_syntax(offer, stored, can_decode, can_encode)
         if choice is not None:
             if not choice.multipart and not single_part_ok:
                 choice = Choice(choice.media_type, choice.transfer_syntax, True)
@@ -257,6 +297,12 @@ def choose_pixels(
     offered = [f'{MULTIPART_RELATED}; type="{OCTET_STREAM}"; transfer-syntax={DEFAULT_SYNTAX}']
     if own:
         offered.append(f'{MULTIPART_RELATED}; type="{own}"; transfer-syntax={stored}')
+    if not is_encapsulated(stored) or can_decode(stored):
+        offered += [
+            f'{MULTIPART_RELATED}; type="{media}"; transfer-syntax={ts}'
+            for media, ts in _MEDIA_DEFAULT.items()
+            if media != own and can_encode(ts)
+        ]
     raise NotAcceptable(f"pixel data stored as {stored} can be sent as: " + ", ".join(offered), offered=tuple(offered))
 
 

@@ -12,7 +12,7 @@ Decoding (compressed to native) runs in a worker thread (`dicomweb.transcode`).
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,16 +21,21 @@ from typing import Any
 import anyio.to_thread
 import asyncpg
 
-from dicomweb import negotiate, transcode
-from dicomweb.blobs import BlobStore
+from dicomweb import encode, negotiate, renditions, transcode
+from dicomweb.blobs import BlobStore, BlobStoreError
+from dicomweb.bodies import Body, Part, in_memory, one
 from dicomweb.errors import InvalidParameter, NotAcceptable, NotFound
+from dicomweb.frames import FrameReader, frame_count, load_json, native_reader
 from dicomweb.index.repository import RETRIEVE
-from dicomweb.layout import FrameLayout
 from dicomweb.mediatypes import DICOM
-from dicomweb.multipart import closing_delimiter, encode_part_head, part_separator
 from dicomweb.negotiate import Choice, Offer
+from dicomweb.renditions import Renditions
 from dicomweb.uids import EXPLICIT_VR_BIG_ENDIAN, UID
+from server import jobs
 
+__all__ = ["Body", "Metadata", "Part", "Plan", "RetrieveService"]
+
+log = logging.getLogger(__name__)
 STUDY_MAX_AGE = 60
 """Study and series resources gain instances: clients revalidate them often (their ETag changes when they do)."""
 INSTANCE_MAX_AGE = 3600
@@ -39,65 +44,15 @@ _STREAM_THRESHOLD = 1024 * 1024
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _MAX_FRAMES_IN_LIST = 10_000
 
-Chunks = Callable[[], AsyncIterator[bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class Part:
-    """One body part: its Content-Type, length when known without producing it, and its bytes on demand."""
-
-    content_type: str
-    length: int | None
-    chunks: Chunks
-    location: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Body:
-    parts: list[Part]
-    multipart: bool
-    part_type: str
-    """The multipart/related `type` parameter (the media type of the parts)."""
-
-    def content_type(self, boundary: str) -> str:
-        if not self.multipart:
-            return self.parts[0].content_type
-        return f'multipart/related; type="{self.part_type}"; boundary={boundary}'
-
-    def length(self, boundary: str) -> int | None:
-        """The exact body length when every part's is known (so that Content-Length can be sent)."""
-        if any(p.length is None for p in self.parts):
-            return None
-        if not self.multipart:
-            return self.parts[0].length
-        total = len(closing_delimiter(boundary))
-        for part in self.parts:
-            total += len(_head(boundary, part)) + int(part.length or 0) + len(part_separator())
-        return total
-
-    async def chunks(self, boundary: str) -> AsyncIterator[bytes]:
-        if not self.multipart:
-            async for chunk in self.parts[0].chunks():
-                yield chunk
-            return
-        for part in self.parts:
-            yield _head(boundary, part)
-            async for chunk in part.chunks():
-                yield chunk
-            yield part_separator()
-        yield closing_delimiter(boundary)
-
-
-def _head(boundary: str, part: Part) -> bytes:
-    extra = {"Content-Location": part.location} if part.location else None
-    return encode_part_head(boundary, part.content_type, extra)
-
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     etag: str
     max_age: int
     build: Callable[[], Awaitable[Body]] = field(repr=False)
+    rangeable: bool = True
+    """A Range may be answered even when the body's length is only known once produced (one instance, frames,
+    bulk data: small enough to produce in memory); studies and series answer a Range only when it is known."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +65,6 @@ class Metadata:
 def _etag(*pieces: object) -> str:
     digest = hashlib.sha256("\x1f".join(str(p) for p in pieces).encode("utf-8")).hexdigest()[:40]
     return f'"{digest}"'
-
-
-def _one(data: bytes) -> Chunks:
-    async def gen() -> AsyncIterator[bytes]:
-        yield data
-
-    return gen
 
 
 def parse_frame_list(text: str) -> list[int]:
@@ -153,9 +101,10 @@ def absolute_bulk_uris(body: str, base: str) -> str:
 
 
 class RetrieveService:
-    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore) -> None:
+    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore, renditions: Renditions | None = None) -> None:
         self.pool = pool
         self.blobs = blobs
+        self.renditions = renditions or Renditions(pool, blobs)
 
     # ------------------------------------------------------------------------------------------ instances
 
@@ -181,24 +130,28 @@ class RetrieveService:
         if not rows:
             raise NotFound("instance" if instance else "series" if series else "study")
         choices = negotiate.choose_instances(
-            offers, [r["transfer_syntax_uid"] for r in rows], transcode.can_transcode, single_part_ok=single_part_ok
+            offers,
+            [r["transfer_syntax_uid"] for r in rows],
+            transcode.can_transcode,
+            single_part_ok=single_part_ok,
+            per_instance=[_can_transcode(r["bits_allocated"]) for r in rows],
         )
         etag = _etag(
             "instances",
             *(f"{r['sha256']}:{c.transfer_syntax}" for r, c in zip(rows, choices, strict=True)),
             choices[0].multipart,
             base,
+            *({encode.CODEC_VERSION} if any(encode.is_lossy(c.transfer_syntax) for c in choices) else ()),
         )
 
         async def build() -> Body:
             parts = [self._instance_part(r, c, base) for r, c in zip(rows, choices, strict=True)]
             if len(parts) == 1 and parts[0].length is None:
                 # One instance to convert: do it now so that a failure is a 406, not a broken stream.
-                data = b"".join([chunk async for chunk in parts[0].chunks()])
-                parts[0] = Part(parts[0].content_type, len(data), _one(data), parts[0].location)
+                parts[0] = in_memory(parts[0], b"".join([chunk async for chunk in parts[0].chunks()]))
             return Body(parts, choices[0].multipart, DICOM)
 
-        return Plan(etag, INSTANCE_MAX_AGE if instance else STUDY_MAX_AGE, build)
+        return Plan(etag, INSTANCE_MAX_AGE if instance else STUDY_MAX_AGE, build, rangeable=instance is not None)
 
     def _instance_part(self, row: asyncpg.Record, choice: Choice, base: str) -> Part:
         location = _instance_url(base, row["study_uid"], row["series_uid"], row["sop_instance_uid"])
@@ -248,46 +201,123 @@ class RetrieveService:
     ) -> Plan:
         """Frames of an image (PS3.18 10.4.1.1.4): stored fragments, or decoded to native little endian."""
         row = await self._layout(study, series, instance)
-        pixel = _json(row["pixel"])
+        pixel = load_json(row["pixel"])
         if not pixel:
             raise NotFound("frames", "the instance has no Pixel Data")
-        count = _frame_count(pixel)
+        count = frame_count(pixel)
         missing = [n for n in frames if n > count]
         if missing:
             raise NotFound("frame", f"frame {missing[0]} does not exist: the instance has {count} frame(s)")
         stored = str(row["transfer_syntax_uid"])
-        choice = negotiate.choose_pixels(offers, stored, transcode.can_decode, single_part_ok=len(frames) == 1)
+        bits = row["bits_allocated"]
+        choice = negotiate.choose_pixels(
+            offers,
+            stored,
+            transcode.can_decode,
+            single_part_ok=len(frames) == 1,
+            can_encode=lambda ts: encode.fits(ts, bits),
+        )
         return self._frames_plan(row, pixel, choice, frames, _instance_url(base, study, series, instance))
 
     def _frames_plan(
         self, row: asyncpg.Record, pixel: dict[str, Any], choice: Choice, frames: list[int], url: str
     ) -> Plan:
+        stored = str(row["transfer_syntax_uid"])
+        if negotiate.is_encapsulated(choice.transfer_syntax) and choice.transfer_syntax != stored:
+            return self._encoded_plan(row, pixel, choice, frames, url)
         etag = _etag("frames", row["sha256"], choice.content_type, choice.multipart, ",".join(map(str, frames)), url)
-        reader = _FrameReader(self, row, pixel, choice)
+        reader = FrameReader(self.pool, self.blobs, row, pixel, choice.transfer_syntax)
+
+        def part(number: int) -> Part:
+            async def gen() -> AsyncIterator[bytes]:
+                yield await reader.frame(number)
+
+            return Part(choice.content_type, reader.length(number), gen, f"{url}/frames/{number}")
 
         async def build() -> Body:
             await reader.prepare()
-            parts = [reader.part(n, f"{url}/frames/{n}") for n in frames]
+            parts = [part(n) for n in frames]
             if parts and parts[0].length is None:  # decoding: the first frame now, so that failure is a 406
-                data = await reader.frame(frames[0])
-                parts[0] = Part(parts[0].content_type, len(data), _one(data), parts[0].location)
+                parts[0] = in_memory(parts[0], await reader.frame(frames[0]))
             return Body(parts, choice.multipart, choice.media_type)
 
         return Plan(etag, INSTANCE_MAX_AGE, build)
+
+    def _encoded_plan(
+        self, row: asyncpg.Record, pixel: dict[str, Any], choice: Choice, frames: list[int], url: str
+    ) -> Plan:
+        """Frames in a compressed syntax other than the stored one: from the stored rendition by byte range, or
+        encoded now (and kept as the rendition when the request covers every frame; otherwise a `rendition`
+        job makes it). The ETag names the encoder builds, so it is the same before and after a rendition is
+        kept (encoding is deterministic)."""
+        syntax = choice.transfer_syntax
+        rendition = renditions.of_layout(row["renditions"]).get(syntax)
+        codec = rendition.codec if rendition is not None else encode.CODEC_VERSION
+        etag = _etag("frames", row["sha256"], choice.content_type, choice.multipart, ",".join(map(str, frames)), url)
+        etag = _etag(etag, codec)
+
+        async def build() -> Body:
+            if rendition is not None:
+                return Body(
+                    [self._rendition_part(rendition, n, choice, url) for n in frames],
+                    choice.multipart,
+                    choice.media_type,
+                )
+            everything = sorted(frames) == list(range(1, frame_count(pixel) + 1))
+            numbers = sorted(frames) if everything else frames
+            encoded = await self.renditions.encode(native_reader(self.pool, self.blobs, row, pixel), numbers, syntax)
+            if everything:
+                await self._keep(row, syntax, encoded)
+            else:
+                await self._queue_rendition(row, syntax)
+            by_number = dict(zip(numbers, encoded, strict=True))
+            parts = [
+                Part(choice.content_type, len(by_number[n]), one(by_number[n]), f"{url}/frames/{n}") for n in frames
+            ]
+            return Body(parts, choice.multipart, choice.media_type)
+
+        return Plan(etag, INSTANCE_MAX_AGE, build)
+
+    def _rendition_part(self, rendition: renditions.Rendition, number: int, choice: Choice, url: str) -> Part:
+        offset, length = rendition.frames[number - 1]
+        key = rendition.blob_key
+
+        async def gen() -> AsyncIterator[bytes]:
+            yield await self.blobs.read_range(key, offset, length)
+
+        async def read(start: int, size: int) -> bytes:
+            return await self.blobs.read_range(key, offset + start, size)
+
+        return Part(choice.content_type, length, gen, f"{url}/frames/{number}", read)
+
+    async def _keep(self, row: asyncpg.Record, syntax: str, encoded: list[bytes]) -> None:
+        try:
+            await self.renditions.store(row, syntax, encoded)
+        except (BlobStoreError, OSError, asyncpg.PostgresError) as exc:  # the answer does not depend on keeping it
+            log.warning("could not keep a %s rendition: %s", syntax, exc)
+
+    async def _queue_rendition(self, row: asyncpg.Record, syntax: str) -> None:
+        async with self.pool.acquire() as conn:
+            await jobs.enqueue(
+                conn,
+                renditions.RENDITION_JOB,
+                {"instance_pk": int(row["instance_pk"]), "syntaxes": [syntax]},
+                dedupe_key=f"{row['instance_pk']}:{syntax}",
+            )
 
     async def plan_bulk(self, offers: list[Offer], base: str, study: UID, series: UID, instance: UID, tag: str) -> Plan:
         """One bulk data element by its BulkDataURI (PS3.18 10.4.1.1.5). Encapsulated Pixel Data is sent as its
         frames, one part each, like the frames resource."""
         row = await self._layout(study, series, instance)
-        bulk = _json(row["bulk"]) or {}
+        bulk = load_json(row["bulk"]) or {}
         where = bulk.get(tag)
         if not isinstance(where, list) or len(where) != 2:
             raise NotFound("bulk data", f"the instance has no bulk data element {tag}")
         stored = str(row["transfer_syntax_uid"])
-        pixel = _json(row["pixel"])
+        pixel = load_json(row["pixel"])
         if tag == "7FE00010" and pixel and negotiate.is_encapsulated(stored):
             choice = negotiate.choose_pixels(offers, stored, transcode.can_decode, single_part_ok=False)
-            frames = list(range(1, _frame_count(pixel) + 1))
+            frames = list(range(1, frame_count(pixel) + 1))
             return self._frames_plan(row, pixel, choice, frames, _instance_url(base, study, series, instance))
         choice = negotiate.choose_bulk(offers, stored)
         offset, length = int(where[0]), int(where[1])
@@ -307,138 +337,22 @@ class RetrieveService:
                     width = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}.get(vr, 1)
             if width > 1:
                 data = transcode.swap_bytes(await self.blobs.read_range(key, offset, length), width)
-                part = Part(choice.content_type, length, _one(data))
+                part = Part(choice.content_type, length, one(data))
             elif length > _STREAM_THRESHOLD:
                 part = Part(choice.content_type, length, lambda: self.blobs.stream(key, offset, length))
             else:
-                part = Part(choice.content_type, length, _one(await self.blobs.read_range(key, offset, length)))
+                part = Part(choice.content_type, length, one(await self.blobs.read_range(key, offset, length)))
             return Body([part], choice.multipart, choice.media_type)
 
         return Plan(etag, INSTANCE_MAX_AGE, build)
 
 
+def _can_transcode(bits_allocated: int | None) -> Callable[[str, str], bool]:
+    """`transcode.can_transcode`, and for compressed targets an encoder that takes the image's bit depth."""
+    return lambda stored, target: (
+        transcode.can_transcode(stored, target) and (stored == target or encode.fits(target, bits_allocated))
+    )
+
+
 def _instance_url(base: str, study: str, series: str, instance: str) -> str:
     return f"{base}/studies/{study}/series/{series}/instances/{instance}"
-
-
-def _json(value: Any) -> Any:
-    if isinstance(value, str):
-        return json.loads(value)
-    return value
-
-
-def _frame_count(pixel: dict[str, Any]) -> int:
-    if "bits" in pixel:
-        return int(pixel["bits"][2])
-    if "deflated" in pixel:
-        return int(pixel["deflated"])
-    return FrameLayout.count_from_json(pixel)
-
-
-class _FrameReader:
-    """Produces frames of one instance in the chosen representation, reading only their byte ranges."""
-
-    def __init__(self, service: RetrieveService, row: asyncpg.Record, pixel: dict[str, Any], choice: Choice):
-        self.blobs = service.blobs
-        self.pool = service.pool
-        self.row = row
-        self.pixel = pixel
-        self.choice = choice
-        self.key = str(row["blob_key"])
-        self.stored = str(row["transfer_syntax_uid"])
-        self.image: transcode.ImageInfo | None = None
-        self.swap_width = 1
-        self.whole: list[bytes] | None = None
-
-    @property
-    def as_stored(self) -> bool:
-        """Stored bytes go out untouched: the encapsulated syntax itself, or native little endian data."""
-        if "bits" in self.pixel or "deflated" in self.pixel:
-            return False
-        if self.choice.transfer_syntax == self.stored:
-            return True
-        return not negotiate.is_encapsulated(self.stored) and self.stored != EXPLICIT_VR_BIG_ENDIAN
-
-    async def prepare(self) -> None:
-        """Fetch what decoding or byte swapping needs (image attributes, the Pixel Data VR)."""
-        if self.as_stored:
-            return
-        async with self.pool.acquire() as conn:
-            attrs = await conn.fetchrow(RETRIEVE["instance_attributes"], self.row["sop_instance_uid"], "7FE00010")
-        bits = int(self.row["bits_allocated"] or 8)
-        a: dict[str, Any] = dict(attrs.items()) if attrs is not None else {}
-        self.image = transcode.ImageInfo(
-            rows=int(self.row["rows"] or 0),
-            columns=int(self.row["columns"] or 0),
-            samples_per_pixel=int(a.get("samples_per_pixel") or 1),
-            bits_allocated=bits,
-            bits_stored=int(a.get("bits_stored") or bits),
-            pixel_representation=int(a.get("pixel_representation") or 0),
-            photometric_interpretation=str(a.get("photometric_interpretation") or "MONOCHROME2"),
-            planar_configuration=int(a.get("planar_configuration") or 0),
-        )
-        if self.stored == EXPLICIT_VR_BIG_ENDIAN and self.choice.transfer_syntax != EXPLICIT_VR_BIG_ENDIAN:
-            self.swap_width = transcode.pixel_swap_width(bits, str(a.get("vr") or "OW"))
-
-    def _stored_length(self, number: int) -> int | None:
-        ranges = FrameLayout.ranges_from_json(self.pixel, number)
-        return sum(length for _off, length in ranges) if ranges is not None else None
-
-    def part(self, number: int, location: str) -> Part:
-        length = self._stored_length(number) if self.as_stored else None
-        if length is None and not negotiate.is_encapsulated(self.stored) and "native" in self.pixel:
-            length = self._stored_length(number)  # byte swapping keeps the length
-
-        async def gen() -> AsyncIterator[bytes]:
-            yield await self.frame(number)
-
-        return Part(self.choice.content_type, length, gen, location)
-
-    async def frame(self, number: int) -> bytes:
-        if "deflated" in self.pixel:
-            return await self._from_whole_file(number)
-        if "bits" in self.pixel:
-            return await self._bits_frame(number)
-        ranges = FrameLayout.ranges_from_json(self.pixel, number)
-        if ranges is None:
-            raise NotFound("frame", f"frame {number} does not exist")
-        start = ranges[0][0]
-        end = ranges[-1][0] + ranges[-1][1]
-        if self.swap_width > 1:
-            value_offset = int(self.pixel["native"][0])
-            read_at, read_len = transcode.aligned_range(start, end - start, value_offset, self.swap_width)
-            data = await self.blobs.read_range(self.key, read_at, read_len)
-            return transcode.native_frame(data, start, read_at, end - start, self.swap_width)
-        data = await self.blobs.read_range(self.key, start, end - start)
-        encoded = data if len(ranges) == 1 else b"".join(data[o - start : o - start + n] for o, n in ranges)
-        if self.as_stored or not negotiate.is_encapsulated(self.stored):
-            return encoded
-        assert self.image is not None
-        try:
-            return await anyio.to_thread.run_sync(transcode.decode_frame, encoded, self.stored, self.image)
-        except transcode.TranscodeError as exc:
-            raise NotAcceptable(str(exc), offered=(self.stored,)) from exc
-
-    async def _bits_frame(self, number: int) -> bytes:
-        offset, frame_bits, _count = (int(v) for v in self.pixel["bits"])
-        first = (number - 1) * frame_bits
-        start = offset + first // 8
-        end = offset + (first + frame_bits + 7) // 8
-        read_at, read_len = transcode.aligned_range(start, end - start, offset, self.swap_width)
-        data = await self.blobs.read_range(self.key, read_at, read_len)
-        if self.swap_width > 1:
-            data = transcode.swap_bytes(data, self.swap_width)
-        return transcode.extract_bits(data, (start - read_at) * 8 + first % 8, frame_bits)
-
-    async def _from_whole_file(self, number: int) -> bytes:
-        if self.whole is None:
-            data = await self._read_all()
-            count = int(self.pixel["deflated"])
-            try:
-                self.whole = await anyio.to_thread.run_sync(transcode.frames_of_file, data, list(range(1, count + 1)))
-            except transcode.TranscodeError as exc:
-                raise NotAcceptable(str(exc), offered=(self.stored,)) from exc
-        return self.whole[number - 1]
-
-    async def _read_all(self) -> bytes:
-        return b"".join([chunk async for chunk in self.blobs.stream(self.key)])

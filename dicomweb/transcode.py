@@ -3,7 +3,7 @@
 Every origin server must be able to return a data set in Explicit VR Little Endian whatever form it was stored
 in (PS3.18 8.7.3.4 Note 2). This module does that and the cheaper conversions between the uncompressed transfer
 syntaxes (Implicit/Explicit VR Little Endian, Explicit VR Big Endian, Deflated Explicit VR Little Endian).
-Encoding into compressed transfer syntaxes is not done here.
+Encoding into compressed transfer syntaxes is `dicomweb.encode`'s; `transcode_instance` hands it those targets.
 
 Pure and blocking (house style 1): bytes in, bytes out, no I/O; callers run these in a worker thread
 (`anyio.to_thread`), because decoding a large multi-frame image takes seconds of CPU.
@@ -65,12 +65,16 @@ def can_decode(transfer_syntax: str) -> bool:
 
 
 def can_transcode(stored: str, target: str) -> bool:
-    """Can a stored instance be returned in `target`? Same syntax: always; into a native syntax: when the stored
-    one is native or we can decode it; into a compressed syntax: never (not implemented)."""
+    """Can a stored instance be returned in `target`? Same syntax: always; otherwise when the stored one is native
+    or we can decode it, and the target is native or has an encoder (`dicomweb.encode`; whether the image suits
+    the encoder, e.g. JPEG baseline for 8-bit data only, is found when encoding)."""
     if stored == target:
         return True
     if target not in UNCOMPRESSED:
-        return False
+        from dicomweb import encode
+
+        if not encode.can_encode(target):
+            return False
     return can_decode(stored)
 
 
@@ -78,9 +82,14 @@ def can_transcode(stored: str, target: str) -> bool:
 
 
 def transcode_instance(data: bytes, target: str) -> bytes:
-    """A Part 10 file re-encoded in the native transfer syntax `target` (decoding Pixel Data when needed)."""
+    """A Part 10 file re-encoded in the transfer syntax `target` (decoding Pixel Data when needed; compressed
+    targets are encoded by `dicomweb.encode`)."""
     if target not in UNCOMPRESSED:
-        raise TranscodeError(f"encoding into {target} is not supported")
+        from dicomweb import encode
+
+        if not encode.can_encode(target):
+            raise TranscodeError(f"encoding into {target} is not supported")
+        return encode.encode_instance(data, target)
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         source = str(ds.file_meta.get("TransferSyntaxUID") or "")

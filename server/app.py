@@ -25,8 +25,10 @@ from authz.recording import audit_requests
 from dicomweb.blobs import BlobStore
 from dicomweb.dimse import routes as dimse_routes
 from dicomweb.routes import qido, stow, wado, wadouri
+from dicomweb.routes import rendered as rendered_routes
 from fhir import routes_meta
 from fhir.routes import fhir_routes
+from inference.routes import inference_router
 from server import health, telemetry
 from server.errors import EXCEPTION_HANDLERS
 from server.limits import header_limit
@@ -43,6 +45,7 @@ def _resources(state: State) -> Resources:
 
 def dicomweb_routes() -> list[Any]:
     routes: list[Any] = [*stow.ROUTES, *qido.ROUTES, *wado.ROUTES]
+    routes += rendered_routes.ROUTES  # rendered and thumbnail resources (PS3.18 10.4)
     return routes
 
 
@@ -79,6 +82,7 @@ def create_app(
             *breakglass.ROUTES,
             *routes_meta.ROOT_ROUTES,
             *dimse_routes.ROUTES,
+            inference_router(),  # /models, /inference-requests, /inference-results
         ],
         dependencies={"resources": Provide(_resources, sync_to_thread=False)},
         lifespan=[lifespan],

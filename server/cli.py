@@ -1,4 +1,4 @@
-"""The `hounsfield` command: `serve`, `import DIR`, `gc`."""
+"""The `hounsfield` command: `serve`, `import DIR`, `gc`, `models ...`."""
 
 from __future__ import annotations
 
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             continue
         module.register(sub)
+    from inference import cli as models_cli  # `hounsfield models register|list|promote|shadow|retire`
+
+    models_cli.register(sub)
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)

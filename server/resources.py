@@ -22,6 +22,7 @@ from authz.decision import PolicyEngine
 from authz.decision_cache import CachingEngine
 from authz.engines import open_engine
 from authz.sessioncache import SessionCache
+from dicomweb import renditions
 from dicomweb.blobs import BlobStore
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.dimse import routing
@@ -31,6 +32,7 @@ from fhir import subscriptions
 from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
+from inference.service import InferenceService, open_inference
 from server import db, jobs
 from server.settings import Settings
 
@@ -51,6 +53,8 @@ class Resources:
     handlers: dict[str, jobs.Handler] = field(default_factory=dict)
     dimse: DimseService | None = None
     """The DICOM Application Entity, when `HOUNSFIELD_DIMSE` is on."""
+    inference: InferenceService | None = None
+    """The AI dispatch, backend and model runs (`inference.service`), when `HOUNSFIELD_INFERENCE` is on."""
     sessions: SessionCache | None = None
     """Open break-glass sessions by subject, for the guard (`authz.sessioncache`)."""
 
@@ -123,6 +127,15 @@ async def open_resources(
         store.hooks.append(routing.routing_hook(settings.dimse))  # DIMSE auto-routing rules
         handlers[routing.ROUTE_JOB] = routing.route_handler(
             pool, blobs, audit, settings.dimse, settings.dimse_ae_title, float(settings.dimse_timeout_seconds)
+        )
+        if settings.inference_enabled:  # AI on ingest: quiet-period dispatch, model runs as the AI service
+            resources.inference = open_inference(settings, pool, blobs, store, fhir, policy, audit)
+            stack.push_async_callback(resources.inference.close)
+            store.hooks.append(resources.inference.hook())
+            handlers.update(resources.inference.handlers(pool))
+        store.hooks.append(renditions.ingest_hook(settings.renditions))  # frames encoded ahead of requests
+        handlers[renditions.RENDITION_JOB] = renditions.job_handler(
+            pool, blobs, settings.renditions, settings.spool_dir
         )
         if settings.dimse_enabled:
             resources.dimse = await open_dimse(resources)  # None without configured peers

@@ -135,6 +135,10 @@ class S3Settings:
     """`HOUNSFIELD_S3_MULTIPART_THRESHOLD`: objects at least this large are sent as multipart uploads."""
 
 
+DEFAULT_RENDITIONS = ("1.2.840.10008.1.2.4.202",)
+"""HTJ2K lossless RPCL: what progressive viewers (OHIF/Cornerstone3D) ask frames in."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the server reads from its environment, validated once."""
@@ -265,6 +269,29 @@ class Settings:
     """`HOUNSFIELD_DIMSE_TIMEOUT_SECONDS`: ACSE/DIMSE timeouts, and the longest one operation may wait on the
     server (index, blob store, policy)."""
 
+    # --- AI on ingest (inference/) ---
+    inference_enabled: bool = True
+    """`HOUNSFIELD_INFERENCE`: dispatch new series to the registered models (the ingest hook and job handlers)."""
+    inference_quiet_seconds: float = 30.0
+    """`HOUNSFIELD_INFERENCE_QUIET_SECONDS`: a series counts as complete when no instance of it arrived for this
+    long; then the matching models run."""
+    inference_workers: int = 2
+    """`HOUNSFIELD_INFERENCE_WORKERS`: threads of the in-process backend (models running at once)."""
+    inference_max_attempts: int = 5
+    """`HOUNSFIELD_INFERENCE_MAX_ATTEMPTS`: attempts of one model run (retried after 2, 4, 8 ... seconds) before
+    its result is `failed`."""
+    inference_plugins: tuple[str, ...] = ()
+    """`HOUNSFIELD_INFERENCE_PLUGINS`: comma-separated Python modules with more model adapters (`ADAPTERS`)."""
+    inference_subject: str = "hounsfield-ai"
+    """`HOUNSFIELD_INFERENCE_SUBJECT`: the `sub` of the AI service identity (role `ai-service`) in policy
+    decisions and audit records."""
+
+    # --- renditions (dicomweb/renditions.py) ---
+    renditions: tuple[str, ...] = DEFAULT_RENDITIONS
+    """`HOUNSFIELD_RENDITIONS`: comma-separated transfer syntax UIDs each new image's frames are encoded in at
+    ingest (a `rendition` job), so that frame requests in them never wait for an encoder. Default HTJ2K lossless
+    RPCL (progressive loading by byte range); empty: none ahead of time (still made and kept on first demand)."""
+
     @property
     def blob_dir(self) -> Path:
         if self.storage_url and not self.storage_url.startswith("s3://"):
@@ -367,5 +394,25 @@ class Settings:
             dimse=_dimse(env),
             dimse_max_associations=_int(env, "HOUNSFIELD_DIMSE_MAX_ASSOCIATIONS", 32, minimum=1, maximum=1000),
             dimse_timeout_seconds=_int(env, "HOUNSFIELD_DIMSE_TIMEOUT_SECONDS", 30, minimum=1, maximum=3600),
+            inference_enabled=_bool(env, "HOUNSFIELD_INFERENCE", True),
+            inference_quiet_seconds=float(_int(env, "HOUNSFIELD_INFERENCE_QUIET_SECONDS", 30, minimum=0)),
+            inference_workers=_int(env, "HOUNSFIELD_INFERENCE_WORKERS", 2, minimum=1, maximum=256),
+            inference_max_attempts=_int(env, "HOUNSFIELD_INFERENCE_MAX_ATTEMPTS", 5, minimum=1, maximum=20),
+            inference_plugins=_list(env, "HOUNSFIELD_INFERENCE_PLUGINS"),
+            inference_subject=env.get("HOUNSFIELD_INFERENCE_SUBJECT") or "hounsfield-ai",
+            renditions=_renditions(env),
         )
         return settings.with_overrides(**overrides) if overrides else settings
+
+
+def _renditions(env: Mapping[str, str]) -> tuple[str, ...]:
+    """`HOUNSFIELD_RENDITIONS`: unset means the default (HTJ2K RPCL); each value must be a syntax we encode."""
+    if "HOUNSFIELD_RENDITIONS" not in env:
+        return DEFAULT_RENDITIONS
+    from dicomweb.encode import CODECS  # the encoders' table; imported only when the variable is set
+
+    values = _list(env, "HOUNSFIELD_RENDITIONS")
+    unknown = [v for v in values if v not in CODECS]
+    if unknown:
+        raise SettingsError(f"HOUNSFIELD_RENDITIONS: no encoder for {unknown[0]!r}; one of {', '.join(CODECS)}")
+    return values

@@ -27,7 +27,7 @@ def test_statement_lists_the_core_services() -> None:
     assert ("GET", "/dicom-web/studies") in documented
     assert ("GET", "/dicom-web/studies/{study}/series/{series}/instances/{instance}/metadata") in documented
     assert ("GET", "/wado") in documented
-    assert len(documented) == 19
+    assert len(documented) == 19 + 8  # + rendered and thumbnail resources (4 + 4)
 
 
 def test_the_check_catches_differences(tmp_path: Path) -> None:

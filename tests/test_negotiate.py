@@ -18,6 +18,7 @@ J2K_LOSSY = "1.2.840.10008.1.2.4.91"
 JPEG_LS = "1.2.840.10008.1.2.4.80"
 RLE = "1.2.840.10008.1.2.5"
 HTJ2K = "1.2.840.10008.1.2.4.201"
+HTJ2K_RPCL = "1.2.840.10008.1.2.4.202"
 NATIVE = {ELE, ILE, EBE, DEFLATED}
 
 
@@ -164,6 +165,66 @@ def test_compressed_media_types_match_the_stored_syntax() -> None:
         pixels('multipart/related; type="image/jp2"', RLE)
     with pytest.raises(NotAcceptable):
         pixels(f'multipart/related; type="image/jp2"; transfer-syntax={J2K_LOSSY}', J2K)
+
+
+def encoded(
+    accept: str, stored: str, *, encodable: frozenset[str] = frozenset({J2K, J2K_LOSSY, RLE, HTJ2K, HTJ2K_RPCL})
+) -> Choice:
+    """Like `pixels` with encoders for `encodable` (the frames route asks dicomweb.encode)."""
+    return negotiate.choose_pixels(
+        pixel_offers(accept), stored, lambda _ts: True, single_part_ok=True, can_encode=lambda ts: ts in encodable
+    )
+
+
+def test_compressed_media_types_are_encoded_into_when_stored_otherwise() -> None:
+    assert encoded("image/jp2", ELE) == Choice("image/jp2", J2K, False)
+    assert encoded(f"image/jp2; transfer-syntax={J2K_LOSSY}", RLE) == Choice("image/jp2", J2K_LOSSY, False)
+    # HTJ2K: the RPCL form unless a syntax is named; image/jhc (Cornerstone) is image/jphc.
+    assert encoded("image/jphc", ELE) == Choice("image/jphc", HTJ2K_RPCL, False)
+    assert encoded("image/jhc", J2K) == Choice("image/jhc", HTJ2K_RPCL, False)
+    assert encoded(f"image/jphc; transfer-syntax={HTJ2K}", ELE).transfer_syntax == HTJ2K
+    assert encoded("image/jhc", HTJ2K) == Choice("image/jhc", HTJ2K, False)  # stored HTJ2K as is
+    assert encoded('multipart/related; type="image/dicom-rle"', ELE) == Choice("image/dicom-rle", RLE, True)
+    assert encoded(f"application/octet-stream; transfer-syntax={HTJ2K_RPCL}", ELE).transfer_syntax == HTJ2K_RPCL
+    # No encoder (JPEG-LS, JPEG baseline here), a syntax the media type does not carry, or nothing to decode: 406.
+    for accept, stored in [
+        ("image/jls", ELE),
+        ("image/jpeg", ELE),
+        (f"image/jp2; transfer-syntax={HTJ2K}", ELE),
+        ("image/jpx", ELE),
+    ]:
+        with pytest.raises(NotAcceptable):
+            encoded(accept, stored)
+    with pytest.raises(NotAcceptable, match="image/jphc"):
+        negotiate.choose_pixels(
+            pixel_offers("image/jls"),
+            ELE,
+            lambda _ts: True,
+            single_part_ok=True,
+            can_encode=lambda ts: ts == HTJ2K_RPCL,
+        )
+    with pytest.raises(NotAcceptable):
+        negotiate.choose_pixels(
+            pixel_offers("image/jphc"), J2K, lambda _ts: False, single_part_ok=True, can_encode=lambda ts: True
+        )
+
+
+def test_ohif_progressive_request_query_parameter_wins() -> None:
+    """OHIF 3.13: `?accept=image/jhc` while its Accept header still asks for octet-stream with any syntax."""
+    ranges = accept_from_request(["image/jhc"], ["multipart/related; type=application/octet-stream; transfer-syntax=*"])
+    got = negotiate.choose_pixels(
+        negotiate.offers(ranges, OCTET_STREAM), ELE, lambda _ts: True, single_part_ok=True, can_encode=lambda _: True
+    )
+    assert got == Choice("image/jhc", HTJ2K_RPCL, False)
+
+
+def test_instances_per_instance_checks() -> None:
+    offers = instance_offers(f"multipart/related; type=application/dicom; transfer-syntax={HTJ2K_RPCL}")
+    checks = [lambda s, t: True, lambda s, t: s == t]
+    with pytest.raises(NotAcceptable, match="no encoder"):
+        negotiate.choose_instances(offers, [ELE, ELE], can_transcode, per_instance=checks)
+    got = negotiate.choose_instances(offers, [ELE, HTJ2K_RPCL], can_transcode, per_instance=checks)
+    assert [c.transfer_syntax for c in got] == [HTJ2K_RPCL, HTJ2K_RPCL]
 
 
 def test_single_part_only_where_one_item_is_asked_for() -> None:

@@ -83,17 +83,21 @@ def test_unknown_or_mismatched_objects_are_404(http: httpx.Client) -> None:
     assert http.get("/wado", params=params(ct, seriesUID=str(mr.SeriesInstanceUID))).status_code == 404
 
 
-def test_rendered_content_types_are_not_acceptable_yet(http: httpx.Client) -> None:
+def test_rendered_content_types(http: httpx.Client) -> None:
+    """Rendered responses in detail: tests/test_rendered.py."""
     [ct] = stow_files(http, ["CT_small.dcm"])
-    for content_type in ("", "image/jpeg", "image/png", "text/html"):
+    for content_type, expected in (("", "image/jpeg"), ("image/jpeg", "image/jpeg"), ("image/png", "image/png")):
         response = http.get("/wado", params=params(ct, contentType=content_type))
-        assert response.status_code == 406, content_type
-        assert "rendered" in response.json()["error"]
+        assert response.status_code == 200, content_type
+        assert response.headers["content-type"] == expected
+    response = http.get("/wado", params=params(ct, contentType="text/html"))
+    assert response.status_code == 406
+    assert "rendered" in response.json()["error"]
 
 
 def test_unsupported_transfer_syntax_or_anonymize_is_406(http: httpx.Client) -> None:
     [ct] = stow_files(http, ["CT_small.dcm"])
-    assert http.get("/wado", params=params(ct, transferSyntax="1.2.840.10008.1.2.4.80")).status_code == 406
+    assert http.get("/wado", params=params(ct, transferSyntax="1.2.840.10008.1.2.4.100")).status_code == 406
     assert http.get("/wado", params=params(ct, anonymize="yes")).status_code == 406
 
 

@@ -117,6 +117,17 @@ cases := {
 	"ai_service_stores_results": {"input": req(["ai-service"], "create", "study", "P1"), "allow": true},
 	"ai_service_creates_reports": {"input": req(["ai-service"], "create", "DiagnosticReport", "P1"), "allow": true},
 	"ai_service_cannot_update_reports": {"input": req(["ai-service"], "update", "DiagnosticReport", "P1"), "allow": false},
+	# --- the AI model registry and inference requests (inference/) ---
+	"admin_registers_models": {"input": req(["admin"], "create", "Model", null), "allow": true},
+	"admin_promotes_models": {"input": req(["admin"], "update", "Model", null), "allow": true},
+	"referring_cannot_register_models": {"input": req(["referring"], "create", "Model", null), "allow": false},
+	"referring_cannot_list_models": {"input": req(["referring"], "search", "Model", null), "allow": false},
+	"radiologist_lists_models": {"input": req(["radiologist"], "search", "Model", null), "allow": true},
+	"radiologist_cannot_promote_models": {"input": req(["radiologist"], "update", "Model", null), "allow": false},
+	"radiologist_requests_inference": {"input": req(["radiologist"], "create", "InferenceRequest", null), "allow": true},
+	"ai_service_reads_models": {"input": req(["ai-service"], "read", "Model", null), "allow": true},
+	"ai_service_cannot_register_models": {"input": req(["ai-service"], "create", "Model", null), "allow": false},
+	"technologist_cannot_request_inference": {"input": req(["technologist"], "create", "InferenceRequest", null), "allow": false},
 	# --- auditor ---
 	"auditor_searches_audit_events": {
 		"input": req(["auditor"], "search", "AuditEvent", null),

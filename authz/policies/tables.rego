@@ -12,6 +12,8 @@
 #   researcher    search/read imaging and reports, except patients who opted out (data.research_opt_out)
 #   ehr           an EHR or integration engine (a system client): search/read imaging, reports, patients and
 #                 endpoints, and manage FHIR Subscriptions (whose notifications then need its read permission)
+#   (AI models: the registry (`Model`) is read by radiologists and the AI service and changed by admins only;
+#   radiologists request on-demand runs (`InferenceRequest`) and read their status)
 #   admin         everything (except breaking the glass, which only data.break_glass_roles may)
 #
 # A subject with several roles gets the union of what they grant: a read is allowed when any granting role's
@@ -24,6 +26,8 @@ role_permissions := {
 		"report": ["search", "read", "create", "update"],
 		"patient": ["search", "read"],
 		"endpoint": ["search", "read"],
+		"model": ["search", "read"],
+		"inference": ["search", "read", "create"],
 	},
 	"referring": {
 		"imaging": ["search", "read"],
@@ -40,6 +44,8 @@ role_permissions := {
 		"imaging": ["search", "read", "create"],
 		"report": ["create"],
 		"endpoint": ["search", "read"],
+		"model": ["search", "read"],
+		"inference": ["search", "read"],
 	},
 	"auditor": {
 		"audit": ["search", "read", "export"],
@@ -78,6 +84,8 @@ kind_group := {
 	"AuditEvent": "audit",
 	"BreakGlass": "break_glass",
 	"system": "system",
+	"Model": "model",
+	"InferenceRequest": "inference",
 }
 
 # Groups whose resources belong to one patient: patient limits (care lists, consent, patient-context tokens)

@@ -9,34 +9,40 @@ WHERE st.study_uid = $1 AND se.series_uid = $2;
 
 -- name: instances_of_study
 SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.blob_key, i.size_bytes, i.sha256,
-       se.series_uid, st.study_uid
+       i.bits_allocated, se.series_uid, st.study_uid
 FROM instances i JOIN series se USING (series_pk) JOIN studies st ON st.study_pk = i.study_pk
 WHERE st.study_uid = $1
 ORDER BY se.series_number NULLS LAST, se.series_pk, i.instance_number NULLS LAST, i.instance_pk;
 
 -- name: instances_of_series
 SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.blob_key, i.size_bytes, i.sha256,
-       se.series_uid, st.study_uid
+       i.bits_allocated, se.series_uid, st.study_uid
 FROM instances i JOIN series se USING (series_pk) JOIN studies st ON st.study_pk = i.study_pk
 WHERE st.study_uid = $1 AND se.series_uid = $2
 ORDER BY i.instance_number NULLS LAST, i.instance_pk;
 
 -- name: instance
 SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.blob_key, i.size_bytes, i.sha256,
-       se.series_uid, st.study_uid
+       i.bits_allocated, se.series_uid, st.study_uid
 FROM instances i JOIN series se USING (series_pk) JOIN studies st ON st.study_pk = i.study_pk
 WHERE st.study_uid = $1 AND se.series_uid = $2 AND i.sop_instance_uid = $3;
 
 -- name: instance_by_uid
 -- WADO-URI names all three UIDs but a lookup by the unique SOP Instance UID is enough; callers compare the rest.
 SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.blob_key, i.size_bytes, i.sha256,
-       se.series_uid, st.study_uid
+       i.bits_allocated, se.series_uid, st.study_uid
 FROM instances i JOIN series se USING (series_pk) JOIN studies st ON st.study_pk = i.study_pk
 WHERE i.sop_instance_uid = $1;
 
 -- name: instance_layout
-SELECT i.sop_instance_uid, i.transfer_syntax_uid, i.blob_key, i.size_bytes, i.sha256, i.pixel, i.bulk,
-       i.number_of_frames, i.rows, i.columns, i.bits_allocated
+-- With the instance's current renditions (migrations/0008_renditions.sql) as {syntax: {key, frames, codec}}, so
+-- that a frame request served from a rendition costs this one query.
+SELECT i.instance_pk, i.sop_instance_uid, i.transfer_syntax_uid, i.blob_key, i.size_bytes, i.sha256, i.pixel,
+       i.bulk, i.number_of_frames, i.rows, i.columns, i.bits_allocated, se.series_uid, st.study_uid,
+       (SELECT jsonb_object_agg(r.transfer_syntax_uid,
+                                jsonb_build_object('key', r.blob_key, 'frames', r.frames, 'codec', r.codec))
+        FROM renditions r
+        WHERE r.instance_pk = i.instance_pk AND r.source_sha256 = i.sha256) AS renditions
 FROM instances i JOIN series se USING (series_pk) JOIN studies st ON st.study_pk = i.study_pk
 WHERE st.study_uid = $1 AND se.series_uid = $2 AND i.sop_instance_uid = $3;
 

@@ -45,4 +45,7 @@ RETURNING instance_pk;
 SELECT instance_pk, sha256, blob_key, series_pk, study_pk FROM instances WHERE sop_instance_uid = $1 FOR UPDATE;
 
 -- name: blob_keys_present
-SELECT blob_key FROM instances WHERE blob_key = ANY($1::text[]);
+-- Blobs in use: instances' and renditions' (migrations/0008_renditions.sql); the orphan sweep keeps both.
+SELECT blob_key FROM instances WHERE blob_key = ANY($1::text[])
+UNION ALL
+SELECT blob_key FROM renditions WHERE blob_key = ANY($1::text[]);

@@ -3,11 +3,13 @@
 Instances, frames and bulk data are binary and already compressed where it matters: their routes opt out of
 the app's gzip middleware (`no_compression`); metadata (JSON) is gzip-encoded for clients that accept it.
 Every response carries an entity tag; `If-None-Match` with a current tag gets 304 and no body (RFC 9110 13.1.2).
+Bodies of known length advertise `Accept-Ranges: bytes` and answer `Range` (206/416, `If-Range`; RFC 9110 14):
+progressive HTJ2K viewers fetch the first bytes of a frame, then the rest.
 """
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 from typing import Any
 
 from litestar import Request, Response, get
@@ -15,7 +17,8 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 
 from authz.guard import authz_opt
-from dicomweb import mediatypes, negotiate, uids
+from dicomweb import mediatypes, negotiate, ranges, uids
+from dicomweb.renditions import Renditions
 from dicomweb.retrieve import Plan, RetrieveService, bulk_tag, parse_frame_list
 from dicomweb.routes.common import base_url
 from server.resources import Resources, ResourcesDep
@@ -45,20 +48,43 @@ def cache_headers(etag: str, max_age: int) -> dict[str, str]:
 
 
 async def send(request: Request[Any, Any, Any], plan: Plan) -> Response[Any]:
-    """304 when the client's copy is current, otherwise the planned body streamed (with its length if known)."""
+    """304 when the client's copy is current, otherwise the planned body streamed (with its length if known),
+    or the byte range asked for (RFC 9110 14; `dicomweb.ranges` says what is answered when).
+
+    The multipart boundary is derived from the entity tag, so the same representation has the same bytes on
+    every request: byte ranges of a multipart body fit together (a random boundary would break them)."""
     headers = cache_headers(plan.etag, plan.max_age)
     if not_modified(request, plan.etag):
         return Response(b"", status_code=304, headers=headers)
     body = await plan.build()
-    boundary = uuid.uuid4().hex
+    boundary = hashlib.sha256(plan.etag.encode("ascii")).hexdigest()[:32]
+    asked = request.headers.get("range")
+    if asked and ranges.if_range_allows(request.headers.get("if-range"), plan.etag):
+        if body.length(boundary) is None and plan.rangeable:
+            body = await body.materialized()
+        complete = body.length(boundary)
+        if complete is not None:
+            headers["Accept-Ranges"] = "bytes"
+            try:
+                span = ranges.parse_range(asked, complete)
+            except ranges.Unsatisfiable as exc:
+                headers["Content-Range"] = exc.content_range
+                return Response(b"", status_code=416, headers=headers)
+            if span is not None:
+                headers["Content-Range"] = span.content_range
+                headers["Content-Length"] = str(span.length)
+                chunks = body.range_chunks(boundary, span.start, span.stop)
+                return Stream(chunks, status_code=206, media_type=body.content_type(boundary), headers=headers)
     length = body.length(boundary)
     if length is not None:
         headers["Content-Length"] = str(length)
+        headers["Accept-Ranges"] = "bytes"
     return Stream(body.chunks(boundary), media_type=body.content_type(boundary), headers=headers)
 
 
 def service(resources: Resources) -> RetrieveService:
-    return RetrieveService(resources.pool, resources.blobs)
+    renditions = Renditions(resources.pool, resources.blobs, resources.settings.spool_dir)
+    return RetrieveService(resources.pool, resources.blobs, renditions)
 
 
 # ---------------------------------------------------------------------------------------------- instances

@@ -1,10 +1,11 @@
 """WADO-URI (PS3.18 9): `GET /wado?requestType=WADO&studyUID=..&seriesUID=..&objectUID=..&contentType=..`.
 
-Only the DICOM representation (`contentType=application/dicom`, PS3.18 9.4) is served; rendered media types
-(image/jpeg, the default when contentType is absent, PS3.18 9.5) are answered 406 with a reason rather than
-with something else. The response is a single `application/dicom` part with no media type parameters
-(transfer-syntax parameters are forbidden in the URI service, PS3.18 8.7.3.5.2); the Part 10 file's own
-Transfer Syntax UID says how it is encoded.
+With `contentType=application/dicom` the response is a single `application/dicom` part with no media type
+parameters (transfer-syntax parameters are forbidden in the URI service, PS3.18 8.7.3.5.2); the Part 10 file's
+own Transfer Syntax UID says how it is encoded. Otherwise the object is rendered (PS3.18 9): image/jpeg
+(the default when contentType is absent), image/png or image/gif, with `windowCenter`/`windowWidth`, `rows`,
+`columns`, `region`, `frameNumber` (default: the first frame) and `imageQuality`, through the same pipeline as
+the WADO-RS rendered resources (`dicomweb.render`); other contentType values are 406.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from authz.guard import authz_opt
 from dicomweb import mediatypes, uids
 from dicomweb.errors import BadRequest, InvalidParameter, NotAcceptable
 from dicomweb.negotiate import Offer
+from dicomweb.render_params import UriRendering, uri_media_type, uri_options
+from dicomweb.rendering import RenderService
 from dicomweb.retrieve import RetrieveService
 from dicomweb.routes.common import base_url
 from dicomweb.routes.wado import BINARY, cache_headers, not_modified
-from server.resources import ResourcesDep
-
-_RENDERED_DEFAULT = "image/jpeg"
+from server.errors import warning_header
+from server.resources import Resources, ResourcesDep
 
 
 def _required_uid(value: str | None, name: str) -> uids.UID:
@@ -56,6 +58,14 @@ async def wado_uri(
     content_type: Annotated[str | None, QueryParameter(name="contentType")] = None,
     transfer_syntax: Annotated[str | None, QueryParameter(name="transferSyntax")] = None,
     anonymize: Annotated[str | None, QueryParameter(name="anonymize")] = None,
+    window_center: Annotated[str | None, QueryParameter(name="windowCenter")] = None,
+    window_width: Annotated[str | None, QueryParameter(name="windowWidth")] = None,
+    rows: Annotated[str | None, QueryParameter(name="rows")] = None,
+    columns: Annotated[str | None, QueryParameter(name="columns")] = None,
+    region: Annotated[str | None, QueryParameter(name="region")] = None,
+    frame_number: Annotated[str | None, QueryParameter(name="frameNumber")] = None,
+    image_quality: Annotated[str | None, QueryParameter(name="imageQuality")] = None,
+    annotation: Annotated[str | None, QueryParameter(name="annotation")] = None,
 ) -> Response[Any]:
     if request_type != "WADO":
         raise InvalidParameter("requestType", "must be WADO (PS3.18 9.2.1)")
@@ -68,14 +78,21 @@ async def wado_uri(
             raise InvalidParameter("transferSyntax", "only allowed with contentType=application/dicom (PS3.18 9.4.2)")
         if not uids.is_valid_uid(transfer_syntax):
             raise InvalidParameter("transferSyntax", f"not a valid Transfer Syntax UID: {transfer_syntax[:70]!r}")
-    if not wants_dicom:
-        raise NotAcceptable(
-            f"rendered WADO-URI responses ({content_type or _RENDERED_DEFAULT}) are not implemented yet; "
-            "ask for contentType=application/dicom",
-            offered=(mediatypes.DICOM,),
-        )
     if anonymize is not None and anonymize.lower() != "no":
         raise NotAcceptable("de-identified copies (anonymize=yes) are not supported", offered=(mediatypes.DICOM,))
+    if not wants_dicom:
+        rendering = uri_options(
+            uri_media_type(content_type),
+            window_center=window_center,
+            window_width=window_width,
+            rows=rows,
+            columns=columns,
+            region=region,
+            frame_number=frame_number,
+            image_quality=image_quality,
+            annotation=annotation,
+        )
+        return await _rendered(request, resources, (study_uid, series_uid, instance_uid), rendering)
     offers = [Offer(mediatypes.DICOM, transfer_syntax, False)]
     plan = await RetrieveService(resources.pool, resources.blobs).plan_instances(
         offers, base_url(request, resources), study_uid, series_uid, instance_uid, single_part_ok=True
@@ -91,6 +108,29 @@ async def wado_uri(
         headers["Content-Length"] = str(length)
     headers["Content-Disposition"] = f'attachment; filename="{instance_uid}.dcm"'
     return Stream(part.chunks(), media_type=mediatypes.DICOM, headers=headers)
+
+
+async def _rendered(
+    request: Request[Any, Any, Any],
+    resources: Resources,
+    target: tuple[uids.UID, uids.UID, uids.UID],
+    rendering: UriRendering,
+) -> Response[Any]:
+    """The object rendered (PS3.18 9): one frame as a single image; the query string names the
+    representation, so there is no Vary."""
+    options = rendering.parsed.options
+    plan = await RenderService(resources.pool, resources.blobs).plan_frames(
+        base_url(request, resources), *target, [rendering.frame], options
+    )
+    headers = cache_headers(plan.etag, plan.max_age)
+    del headers["Vary"]
+    if not_modified(request, plan.etag):
+        return Response(b"", status_code=304, headers=headers)
+    body = await plan.build()
+    if rendering.parsed.warnings:
+        headers["Warning"] = ", ".join(warning_header(text) for text in rendering.parsed.warnings)
+    data = b"".join([chunk async for chunk in body.parts[0].chunks()])
+    return Response(data, media_type=options.media_type, headers=headers)
 
 
 ROUTES = [wado_uri]

@@ -1,0 +1,168 @@
+"""Frames (issue 5): OHIF's full-frame request, the first progressive HTJ2K stage by byte range vs the whole
+frame, and encoder throughput. STOWs a synthetic 512 x 512 16-bit CT series (smooth phantom + noise), lets the
+`rendition` jobs run (one warm pass asks every frame once, which also makes any missing rendition), then times
+sequential requests on loopback with authentication, policy and audit on.
+
+    .venv/bin/python benchmarks/frames_bench.py [--slices 40] [--repeat 200]
+
+Rows:
+* OHIF full frame: `multipart/related; type=application/octet-stream; transfer-syntax=*` (native bytes here);
+* progressive stage 1: `?accept=image/jhc` + `Range: bytes=0-65535` (206) vs the whole image/jhc frame;
+* transcode: frames/s of each encoder on one 512 x 512 frame, in-process, one thread;
+* lossless size: HTJ2K RPCL bytes vs native bytes (what storage compression would save on this series).
+
+Run on demand (not part of `make test`); uses its own embedded PostgreSQL in a temporary folder. Orthanc numbers
+come from benchmarks/orthanc.py where it exists (not required here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dicomweb import encode  # noqa: E402
+from tests.factory import multipart, part10, stow_headers  # noqa: E402
+from tests.test_ranges import phantom  # noqa: E402
+
+OHIF = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def timed(repeat: int, call: Callable[[int], httpx.Response]) -> dict[str, float]:
+    samples = []
+    size = 0
+    for i in range(repeat):
+        start = time.perf_counter()
+        answer = call(i)
+        samples.append((time.perf_counter() - start) * 1000)
+        if answer.status_code >= 300:
+            raise SystemExit(f"{answer.status_code}: {answer.text[:300]}")
+        size = len(answer.content)
+    samples.sort()
+    return {
+        "p50_ms": round(statistics.median(samples), 2),
+        "p95_ms": round(samples[max(0, int(len(samples) * 0.95) - 1)], 2),
+        "per_s": round(1000 * len(samples) / sum(samples), 1),
+        "bytes": size,
+    }
+
+
+def encoders(repeat: int) -> dict[str, dict[str, float]]:
+    ds = phantom(512, 512)
+    native = bytes(ds.PixelData)
+    image = encode.image_of(ds)
+    out: dict[str, dict[str, float]] = {}
+    for syntax, codec in encode.CODECS.items():
+        if not encode.can_encode(syntax) or encode.unsupported(syntax, image):
+            continue
+        stream = encode.encode_frame(native, syntax, image)
+        start = time.perf_counter()
+        for _ in range(repeat):
+            encode.encode_frame(native, syntax, image)
+        seconds = time.perf_counter() - start
+        out[syntax] = {
+            "frames_per_s": round(repeat / seconds, 1),
+            "ratio": round(len(native) / len(stream), 2),
+            "lossy": codec.lossy,
+        }
+    return out
+
+
+def serve(folder: Path) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+    port = free_port()
+    env = dict(os.environ, HOUNSFIELD_DATA=str(folder / "data"), HOUNSFIELD_PORT=str(port))
+    env.update(HOUNSFIELD_LOG_LEVEL="warning", HOUNSFIELD_DIMSE="false", HOUNSFIELD_INFERENCE="false")
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(base + "/readyz").status_code == 200:
+                return proc, base, env
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit("server did not start")
+        time.sleep(0.3)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--slices", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--encode-repeat", type=int, default=20)
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "frames.json")
+    args = parser.parse_args()
+    results: dict[str, object] = {"transcode": encoders(args.encode_repeat)}
+    proc, base, env = serve(Path(tempfile.mkdtemp(prefix="hounsfield-frames-bench-")))
+    try:
+        token = subprocess.run(
+            [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        http = httpx.Client(base_url=base, timeout=120, headers={"Authorization": f"Bearer {token}"})
+        series = [phantom(512, 512, seed=s) for s in range(args.slices)]
+        for ds in series[1:]:
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = series[0].StudyInstanceUID, series[0].SeriesInstanceUID
+        for i in range(0, len(series), 10):
+            answer = http.post(
+                "/dicom-web/studies", content=multipart([part10(d) for d in series[i : i + 10]]), headers=stow_headers()
+            )
+            if answer.status_code != 200:
+                raise SystemExit(f"STOW failed: {answer.status_code} {answer.text[:300]}")
+        urls = [
+            f"/dicom-web/studies/{d.StudyInstanceUID}/series/{d.SeriesInstanceUID}/instances/{d.SOPInstanceUID}"
+            "/frames/1"
+            for d in series
+        ]
+        jhc = {"accept": "image/jhc"}
+        start = time.perf_counter()
+        sizes = [len(http.get(u, params=jhc, headers={"Accept": OHIF}).content) for u in urls]  # warm pass
+        results["warm_pass_s"] = round(time.perf_counter() - start, 2)
+        native_bytes = 512 * 512 * 2
+        results["htj2k_rpcl_vs_native"] = {
+            "mean_bytes": round(statistics.mean(sizes)),
+            "native_bytes": native_bytes,
+            "saved_percent": round(100 * (1 - statistics.mean(sizes) / native_bytes), 1),
+        }
+        n = len(urls)
+        results["ohif_full_frame"] = timed(args.repeat, lambda i: http.get(urls[i % n], headers={"Accept": OHIF}))
+        results["jhc_stage1_range_0_65535"] = timed(
+            args.repeat,
+            lambda i: http.get(urls[i % n], params=jhc, headers={"Accept": OHIF, "Range": "bytes=0-65535"}),
+        )
+        results["jhc_full_frame"] = timed(args.repeat, lambda i: http.get(urls[i % n], params=jhc))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""`hounsfield models register|list|promote|shadow|retire`: the model registry from the command line, for the
+operator of the server's data folder (or `DATABASE_URL`); the same checks as `POST /models`.
+
+- `register FILE` (a JSON registration document, `-` for standard input; see `inference.registry.parse_model`)
+- `list [--name N] [--status S] [--json]`
+- `promote NAME VERSION` (active; the version that was active is retired), `shadow NAME VERSION`,
+  `retire NAME VERSION`.
+Exit status 0 on success, 1 when the registry refuses (unknown model, duplicate version, invalid document).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from inference import registry
+from inference.errors import InferenceError
+from inference.models import catalog
+from server import db
+from server.settings import Settings
+
+STATUS_OF = {"promote": "active", "shadow": "shadow", "retire": "retired"}
+
+
+@asynccontextmanager
+async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    from server.resources import database_url
+
+    pool = await db.create_pool(await database_url(settings), 1, 2)
+    try:
+        async with pool.acquire() as conn:
+            await db.migrate(conn)
+        yield pool
+    finally:
+        await pool.close()
+
+
+def _read(path: str) -> Any:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InferenceError(f"{path}: not JSON: {exc}") from None
+
+
+async def _run(settings: Settings, args: argparse.Namespace) -> int:
+    command = args.models_command
+    if command == "register":
+        model = registry.parse_model(_read(args.file), catalog(settings.inference_plugins))
+    async with _pool(settings) as pool, pool.acquire() as conn:
+        if command == "register":
+            stored = await registry.register(conn, model)
+            print(f"registered {stored.key} ({stored.status})")
+        elif command == "list":
+            models = await registry.list_models(conn, args.name, args.status)
+            if args.json:
+                print(json.dumps([m.to_json() for m in models]))
+            for m in [] if args.json else models:
+                print(f"{m.name}\t{m.version}\t{m.status}\t{m.adapter}\t{m.task}")
+        else:
+            changed = await registry.set_status(conn, args.name, args.version, STATUS_OF[command])  # type: ignore[arg-type]
+            print(f"{changed.key} is {changed.status}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from server.cli import _settings
+
+    try:
+        return asyncio.run(_run(_settings(args), args))
+    except (InferenceError, OSError) as exc:
+        print(f"error: {getattr(exc, 'detail', exc)}", file=sys.stderr)
+        return 1
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("models", help="register, list, promote, shadow or retire AI models")
+    sub = parser.add_subparsers(dest="models_command", required=True)
+    reg = sub.add_parser("register", help="register a model version from a JSON document")
+    reg.add_argument("file", help="the registration document (JSON), or - for standard input")
+    listing = sub.add_parser("list", help="list registered model versions")
+    listing.add_argument("--name", help="only this model")
+    listing.add_argument("--status", choices=registry.STATUSES, help="only versions with this status")
+    listing.add_argument("--json", action="store_true", help="print one JSON array")
+    commands = [reg, listing]
+    for name, text in (("promote", "make active"), ("shadow", "run in shadow"), ("retire", "stop running")):
+        each = sub.add_parser(name, help=f"{text} a model version")
+        each.add_argument("name")
+        each.add_argument("version")
+        commands.append(each)
+    for each in commands:
+        each.add_argument("--data", help="data folder (default ./var, or HOUNSFIELD_DATA)")
+        each.set_defaults(func=cmd_models)

@@ -1,0 +1,79 @@
+"""The AI service acts under its own identity (issue 7): role `ai-service`, decided by the same policy as any
+user (authz/policies: it reads imaging, creates imaging and DiagnosticReports, nothing else) and recorded in the
+same tamper-evident audit trail. No bypass: every read of a source series and every write of a result goes
+through `ServiceActor.require` and `ServiceActor.record`.
+
+Its accesses carry `context.channel = "ai"` in the policy input and the audit record (DICOM PS3.15 A.5.3 event
+types as for the DIMSE channel: reading a series is DICOM Instances Accessed, storing a result DICOM Instances
+Transferred; a DiagnosticReport create is a RESTful create).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass
+
+from authz.audit import AuditTrail
+from authz.auditrecord import EventSubtype, EventType, request_record
+from authz.decision import Action, Decision, PolicyEngine, Resource
+from authz.policy_input import policy_input
+from authz.principal import Principal
+from inference.errors import InferenceError
+
+CHANNEL = "ai"
+ISSUER = "hounsfield-inference"
+"""The `issuer` of the AI service identity: it is the server's own, not a token's."""
+
+
+class NotPermitted(InferenceError):
+    """The policy refused the AI service an access (the run fails and says why)."""
+
+
+def service_principal(subject: str) -> Principal:
+    return Principal(sub=subject, issuer=ISSUER, roles=("ai-service",), client_id="hounsfield-inference")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceActor:
+    principal: Principal
+    policy: PolicyEngine
+    audit: AuditTrail
+
+    async def decide(self, action: Action, resource: Resource) -> Decision:
+        now = dt.datetime.now(dt.UTC)
+        return await self.policy.decide(policy_input(self.principal, action, resource, None, now=now, channel=CHANNEL))
+
+    async def require(self, action: Action, resource: Resource, *, method: str) -> Decision:
+        """The policy's decision, or `NotPermitted` after the denial is audited."""
+        decision = await self.decide(action, resource)
+        if not decision.allow:
+            await self.record(action, resource, decision, method=method, status=403)
+            raise NotPermitted(f"the AI service may not {action} {resource.kind}: " + "; ".join(decision.reasons))
+        return decision
+
+    async def record(
+        self,
+        action: Action,
+        resource: Resource,
+        decision: Decision | None,
+        *,
+        method: str,
+        status: int = 200,
+        detail: str | None = None,
+    ) -> None:
+        record = request_record(
+            self.principal,
+            decision,
+            action=action,
+            resource=resource,
+            status=status,
+            method=method,
+            channel=CHANNEL,
+            outcome_desc=detail,
+        )
+        if resource.kind == "DiagnosticReport":
+            record = dataclasses.replace(
+                record, type=EventType.REST, subtype=(EventSubtype.CREATE,) if action == "create" else ()
+            )
+        await self.audit.append(record)

@@ -1,0 +1,176 @@
+"""The inference API (issue 7), JSON over HTTP; every route declares its policy kind (authz/policies/tables.rego:
+`Model` is the `model` group, `InferenceRequest` the `inference` group; admins register and change models).
+
+- `GET /models?name=&status=`, `POST /models` (a registration document, see `inference.registry.parse_model`),
+  `GET /models/{name}/{version}`, `POST /models/{name}/{version}/promote|shadow|retire`,
+  `GET /models/{name}/{version}/summary` (monitoring: `inference.monitoring`).
+- `POST /inference-requests` `{"study", "series", "model", "version"?}` -> 202 Accepted with `Location:
+  /inference-requests/{id}`; `GET /inference-requests/{id}`: its state (queued, running, retrying, succeeded,
+  failed), error, latency, measurements and outputs (SEG series, DiagnosticReport).
+- `GET /inference-results?series=&model=&version=&limit=`: result rows, newest first (failures are visible here).
+
+Errors of the `inference.errors` family become `{"error", "status"}` JSON with a `Warning: 299` header.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import MediaType, Request, Response, Router, get, post
+from litestar.params import FromPath, JSONBody, QueryParameter
+
+from authz.authn import principal_of
+from authz.guard import authz_opt
+from inference import dispatch, monitoring, registry
+from inference.errors import InferenceError, InputNotFound, InvalidModel, ModelExists, ModelNotFound, RequestNotFound
+from server.errors import warning_header
+from server.resources import Resources, ResourcesDep
+
+_STATUS: list[tuple[type[InferenceError], int]] = [
+    (ModelNotFound, 404),
+    (RequestNotFound, 404),
+    (InputNotFound, 404),
+    (ModelExists, 409),
+    (InvalidModel, 400),
+]
+
+
+def inference_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
+    assert isinstance(exc, InferenceError)
+    status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 400)
+    return Response(
+        {"error": exc.detail, "status": status},
+        status_code=status,
+        headers={"Warning": warning_header(exc.detail)},
+        media_type=MediaType.JSON,
+    )
+
+
+def _adapters(resources: Resources) -> list[str]:
+    return sorted(resources.inference.adapters) if resources.inference is not None else []
+
+
+def _max_attempts(resources: Resources) -> int:
+    return resources.settings.inference_max_attempts
+
+
+@get("/models", opt=authz_opt("search", "Model"))
+async def list_models(
+    resources: ResourcesDep,
+    name: Annotated[str | None, QueryParameter(max_length=64)] = None,
+    status: Annotated[str | None, QueryParameter(max_length=16)] = None,
+) -> dict[str, Any]:
+    async with resources.pool.acquire() as conn:
+        models = await registry.list_models(conn, name, status)
+    return {"models": [m.to_json() for m in models], "adapters": _adapters(resources)}
+
+
+@post("/models", status_code=201, opt=authz_opt("create", "Model"))
+async def register_model(resources: ResourcesDep, data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
+    model = registry.parse_model(data, _adapters(resources))
+    async with resources.pool.acquire() as conn:
+        stored = await registry.register(conn, model)
+    return stored.to_json()
+
+
+@get("/models/{name:str}/{version:str}", opt=authz_opt("read", "Model"))
+async def read_model(resources: ResourcesDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
+    async with resources.pool.acquire() as conn:
+        return (await registry.get(conn, name, version)).to_json()
+
+
+@get("/models/{name:str}/{version:str}/summary", opt=authz_opt("read", "Model"))
+async def model_summary(resources: ResourcesDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
+    """Monitoring: counts, failures, latency, throughput, output distributions, feedback, version comparison."""
+    async with resources.pool.acquire() as conn:
+        await registry.get(conn, name, version)  # 404 for an unknown version
+        return await monitoring.summary(conn, name, version)
+
+
+async def _set(resources: Resources, name: str, version: str, status: registry.Status) -> dict[str, Any]:
+    async with resources.pool.acquire() as conn:
+        return (await registry.set_status(conn, name, version, status)).to_json()
+
+
+@post("/models/{name:str}/{version:str}/promote", status_code=200, opt=authz_opt("update", "Model"))
+async def promote(resources: ResourcesDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
+    return await _set(resources, name, version, "active")
+
+
+@post("/models/{name:str}/{version:str}/shadow", status_code=200, opt=authz_opt("update", "Model"))
+async def shadow(resources: ResourcesDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
+    return await _set(resources, name, version, "shadow")
+
+
+@post("/models/{name:str}/{version:str}/retire", status_code=200, opt=authz_opt("update", "Model"))
+async def retire(resources: ResourcesDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
+    return await _set(resources, name, version, "retired")
+
+
+def _field(data: JSONBody[dict[str, Any]], key: str, *, required: bool = True) -> str | None:
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 64:
+        raise InvalidModel(f"{key}: expected a string of 1..64 characters")
+    return value
+
+
+@post("/inference-requests", status_code=202, opt=authz_opt("create", "InferenceRequest"))
+async def request_inference(
+    request: Request[Any, Any, Any], resources: ResourcesDep, data: JSONBody[dict[str, Any]]
+) -> Response[dict[str, Any]]:
+    study, series, model = _field(data, "study"), _field(data, "series"), _field(data, "model")
+    version = _field(data, "version", required=False)
+    assert study is not None and series is not None and model is not None
+    async with resources.pool.acquire() as conn:
+        request_id = await dispatch.request_inference(
+            conn,
+            study_uid=study,
+            series_uid=series,
+            name=model,
+            version=version,
+            requested_by=principal_of(request).sub,
+            max_attempts=_max_attempts(resources),
+        )
+        body = await dispatch.request_status(conn, str(request_id))
+    return Response(body, status_code=202, headers={"Location": f"/inference-requests/{request_id}"})
+
+
+@get("/inference-requests/{rid:str}", opt=authz_opt("read", "InferenceRequest"))
+async def request_status(resources: ResourcesDep, rid: FromPath[str]) -> dict[str, Any]:
+    async with resources.pool.acquire() as conn:
+        return await dispatch.request_status(conn, rid)
+
+
+@get("/inference-results", opt=authz_opt("search", "InferenceRequest"))
+async def list_results(
+    resources: ResourcesDep,
+    series: Annotated[str | None, QueryParameter(max_length=64)] = None,
+    model: Annotated[str | None, QueryParameter(max_length=64)] = None,
+    version: Annotated[str | None, QueryParameter(max_length=64)] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    async with resources.pool.acquire() as conn:
+        found = await dispatch.results(conn, series=series, model=model, version=version, limit=limit)
+    return {"results": found}
+
+
+def inference_router() -> Router:
+    return Router(
+        path="/",
+        route_handlers=[
+            list_models,
+            register_model,
+            read_model,
+            model_summary,
+            promote,
+            shadow,
+            retire,
+            request_inference,
+            request_status,
+            list_results,
+        ],
+        tags=["AI"],
+        exception_handlers={InferenceError: inference_error},
+    )

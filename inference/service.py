@@ -1,0 +1,68 @@
+"""The inference service as the server's lifespan owns it (house style 6): the adapter catalog, the backend,
+the AI service identity, and the job handlers and ingest hook that `server.resources` registers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from authz.audit import AuditTrail
+from authz.decision import PolicyEngine
+from dicomweb.blobs import BlobStore
+from dicomweb.store import IngestHook, StoreService
+from fhir.imagingstudy import dicomweb_address
+from fhir.repository import FhirRepository
+from inference import dispatch, monitoring
+from inference.backends import InferenceBackend, InProcessBackend
+from inference.identity import ServiceActor, service_principal
+from inference.models import AdapterFactory, catalog
+from inference.runner import Runner
+from server import jobs
+from server.settings import Settings
+
+
+@dataclass
+class InferenceService:
+    settings: Settings
+    adapters: dict[str, AdapterFactory]
+    backend: InferenceBackend
+    runner: Runner
+
+    def hook(self) -> IngestHook:
+        return dispatch.ingest_hook(self.settings.inference_quiet_seconds)
+
+    def handlers(self, pool: asyncpg.Pool) -> dict[str, jobs.Handler]:
+        return {
+            dispatch.QUIET_JOB: dispatch.quiet_handler(pool, self.settings.inference_max_attempts),
+            dispatch.RUN_JOB: self.runner.handle,
+        }
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+
+def open_inference(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    blobs: BlobStore,
+    store: StoreService,
+    fhir: FhirRepository,
+    policy: PolicyEngine,
+    audit: AuditTrail,
+) -> InferenceService:
+    fhir.hooks.append(monitoring.feedback_hook())  # radiologists' verdicts on AI reports, per model version
+    adapters = catalog(settings.inference_plugins)
+    backend = InProcessBackend(adapters, settings.inference_workers)
+    actor = ServiceActor(service_principal(settings.inference_subject), policy, audit)
+    runner = Runner(
+        pool,
+        blobs,
+        store,
+        fhir,
+        backend,
+        actor,
+        dicomweb_address(settings.public_url, settings.host, settings.port),
+        settings.spool_dir,
+    )
+    return InferenceService(settings, adapters, backend, runner)
