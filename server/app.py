@@ -15,6 +15,7 @@ from litestar.config.compression import CompressionConfig
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.logging.config import LoggingConfig
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
@@ -47,6 +48,16 @@ def dicomweb_routes() -> list[Any]:
     routes: list[Any] = [*stow.ROUTES, *qido.ROUTES, *wado.ROUTES]
     routes += rendered_routes.ROUTES  # rendered and thumbnail resources (PS3.18 10.4)
     return routes
+
+
+def logging_config(settings: Settings) -> LoggingConfig:
+    """Litestar's default logging config resets the root logger to INFO, which silently overrode
+    `HOUNSFIELD_LOG_LEVEL` for every logger but Litestar's own: leave the root logger to `hounsfield serve`
+    (`logging.basicConfig` at the configured level) and send Litestar's records there too."""
+    return LoggingConfig(
+        configure_root_logger=False,
+        loggers={"litestar": {"level": settings.log_level.upper(), "handlers": [], "propagate": True}},
+    )
 
 
 def create_app(
@@ -88,6 +99,7 @@ def create_app(
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         cors_config=cors,
+        logging_config=logging_config(settings),
         compression_config=CompressionConfig(
             backend="gzip", minimum_size=1024, gzip_compress_level=5, exclude_opt_key="no_compression"
         ),

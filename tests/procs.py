@@ -46,14 +46,14 @@ def serve(dsn: str, data: Path, **env: str) -> Iterator[ServerProcess]:
     port = free_port()
     data.mkdir(parents=True, exist_ok=True)
     log_path = data.parent / f"server-{port}.log"
-    environ = dict(
-        os.environ,
-        DATABASE_URL=dsn,
-        HOUNSFIELD_DATA=str(data),
-        HOUNSFIELD_PORT=str(port),
-        HOUNSFIELD_LOG_LEVEL="warning",
+    environ = {
+        **os.environ,
+        "DATABASE_URL": dsn,
+        "HOUNSFIELD_DATA": str(data),
+        "HOUNSFIELD_PORT": str(port),
+        "HOUNSFIELD_LOG_LEVEL": "warning",
         **env,
-    )
+    }
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=environ, stdout=log, stderr=log)
         server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path, data)
