@@ -25,6 +25,9 @@ from server.db import Connection, Queries
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("jobs.sql"))
 CHANNEL = "hounsfield_jobs"
+SETTLE_SECONDS = 0.05
+"""After a NOTIFY, the worker waits this long before taking jobs, so that the jobs of a burst of ingest
+transactions are taken (and marked done) as one batch rather than one round trip pair each."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._wake = asyncio.Event()
         self._stopping = False
+        self._reclaim_at = 0.0  # loop time of the next lease check; the first batch always checks
 
     def _notified(self, *_args: object) -> None:
         self._wake.set()
@@ -102,9 +106,13 @@ class Worker:
         """Take and run one batch of ready jobs; returns how many ran."""
         if not self.handlers:
             return 0
+        now = asyncio.get_running_loop().time()
         async with self.pool.acquire() as conn:
-            await conn.execute(SQL["reclaim_expired"], float(self.lease_seconds))
+            if now >= self._reclaim_at:  # a dead worker's lease is minutes long: no need to look on every batch
+                await conn.execute(SQL["reclaim_expired"], float(self.lease_seconds))
+                self._reclaim_at = now + min(self.poll_seconds, self.lease_seconds / 4)
             rows = await conn.fetch(SQL["take"], self.name, self.batch, list(self.handlers))
+        finished: list[int] = []
         for row in rows:
             payload = row["payload"]
             job = Job(
@@ -114,10 +122,15 @@ class Worker:
                 attempts=row["attempts"],
                 max_attempts=row["max_attempts"],
             )
-            await self._run(job)
+            if await self._run(job):
+                finished.append(job.id)
+        if finished:  # one statement for the batch (a job run again after a crash here is allowed: idempotent)
+            async with self.pool.acquire() as conn:
+                await conn.execute(SQL["finish_many"], finished)
         return len(rows)
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job) -> bool:
+        """Run one job; True when it succeeded (the caller marks it done), False when it was retried or failed."""
         handler = self.handlers[job.kind]
         try:
             await handler(job)
@@ -131,9 +144,8 @@ class Worker:
                     delay = backoff_seconds(job.attempts)
                     log.info("job %s (%s) failed, retry in %.0fs: %s", job.id, job.kind, delay, message)
                     await conn.execute(SQL["retry"], job.id, message, delay)
-            return
-        async with self.pool.acquire() as conn:
-            await conn.execute(SQL["finish"], job.id)
+            return False
+        return True
 
     async def run(self) -> None:
         """Loop until `stop()`: drain ready jobs, then wait for a NOTIFY or the poll interval."""
@@ -151,6 +163,7 @@ class Worker:
                     continue
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+                    await asyncio.sleep(SETTLE_SECONDS)  # let a burst of commits (an ingest) queue a batch
                 except TimeoutError:
                     pass
         finally:

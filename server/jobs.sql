@@ -23,6 +23,11 @@ RETURNING id, kind, payload, attempts, max_attempts;
 UPDATE jobs SET state = 'done', finished_at = now(), locked_at = NULL, last_error = NULL
 WHERE id = $1 AND state = 'running';
 
+-- name: finish_many
+-- The jobs of one batch that succeeded.
+UPDATE jobs SET state = 'done', finished_at = now(), locked_at = NULL, last_error = NULL
+WHERE id = ANY($1::bigint[]) AND state = 'running';
+
 -- name: retry
 UPDATE jobs SET state = 'queued', locked_at = NULL, worker = NULL, last_error = $2,
     run_at = now() + make_interval(secs => $3)

@@ -1,0 +1,167 @@
+"""What ingest costs (issue 8, part 2): STOW-RS (10 instances a request, 4 at once) and C-STORE (storescu, one
+association) of benchmarks/compare.py's data set into one Hounsfield server (authentication, policy and audit
+on), reporting instances/s and the CPU milliseconds per instance spent by the server process and by PostgreSQL
+(from /proc, user + system). With `--py-spy FILE` the server is profiled under the STOW load (speedscope JSON).
+
+    .venv/bin/python benchmarks/ingest_cost.py [--instances 400] [--cstore 200] [--py-spy var/ingest.json]
+
+No Orthanc here, so no network namespace; run on demand (not part of `make test`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.compare import Target, hounsfield_port, stow  # noqa: E402
+from benchmarks.compare_data import generate  # noqa: E402
+from benchmarks.cstore import start_hounsfield, store  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) of the processes."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError):
+            pass
+    return total / TICK
+
+
+def postgres_pids(folder: Path) -> list[int]:
+    """The embedded PostgreSQL of this run (the postmaster whose command line names its data folder) and its
+    backends."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(folder) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                if (proc / "comm").read_text().strip().startswith("postgres"):
+                    pid = int(proc.name)
+                    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                    return [pid, *map(int, children)]
+        except OSError:
+            continue
+    return []
+
+
+async def drain(dsn: str) -> None:
+    """Wait until the jobs the ingest queued (renditions, FHIR sync) have run."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        pending = "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running') AND run_at <= now() + interval '5 s'"
+        while await conn.fetchval(pending):  # noqa: ASYNC110 - polling work done by another process
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+
+
+def measured(label: str, count: int, server: int, pg: list[int], dsn: str, work: Any) -> dict[str, float]:
+    """Rate of `work`; CPU per instance of the server and PostgreSQL during it (+1 s), and of the server until
+    the jobs it queued have run."""
+    s0, p0, t0 = cpu([server]), cpu(pg), time.perf_counter()
+    rate = work()
+    time.sleep(1.0)  # hooks and group commits that finish just after the last answer
+    s1, p1 = cpu([server]), cpu(pg)
+    asyncio.run(drain(dsn))
+    s2 = cpu([server])
+    row = {
+        "per_s": round(rate, 1),
+        "server_cpu_ms": round(1000 * (s1 - s0) / count, 2),
+        "postgres_cpu_ms": round(1000 * (p1 - p0) / count, 2),
+        "server_cpu_ms_with_jobs": round(1000 * (s2 - s0) / count, 2),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    print(f"{label:10} {row}")
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--instances", type=int, default=400)
+    parser.add_argument("--cstore", type=int, default=200)
+    parser.add_argument("--py-spy", type=Path, help="record the server under the load into this file")
+    parser.add_argument("--spy-on", choices=("stow", "cstore"), default="stow", help="which load --py-spy records")
+    args = parser.parse_args()
+    os.environ.setdefault("HOUNSFIELD_INFERENCE", "false")
+    os.environ["TCP_NODELAY"] = "1"
+    data = generate(ROOT / "var" / "bench-cache", args.instances, args.cstore)
+    folder = Path(tempfile.mkdtemp(prefix="hounsfield-ingest-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    embedded = None
+    spy = None
+    try:
+        dimse, embedded = start_hounsfield(folder, procs)
+        server = procs[-1].pid
+        dsn = os.environ.get("DATABASE_URL") or embedded.get_uri()
+        env = dict(os.environ, HOUNSFIELD_DATA=str(folder / "data"))
+        token = subprocess.run(
+            [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
+            cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        base = f"http://127.0.0.1:{hounsfield_port(server)}/dicom-web"
+        httpx.get(base.replace("/dicom-web", "/readyz"))
+        asyncio.run(drain(dsn))  # start-up jobs
+
+        def spy_start() -> subprocess.Popen[bytes]:
+            spy_cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-o", str(args.py_spy), "-f",
+                       "speedscope", "-r", "200", "-p", str(server)]  # fmt: skip
+            started = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+            return started
+
+        def spy_stop() -> None:
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(60)
+
+        async def stow_all() -> float:
+            target = Target("hounsfield", base, {"Authorization": f"Bearer {token}"}, dimse, "HOUNSFIELD", server)
+            try:
+                return await stow(target, data.stow)
+            finally:
+                target.memory.stop()
+                await target.http.aclose()
+
+        spy = spy_start() if args.py_spy and args.spy_on == "stow" else None
+        measured("STOW-RS", len(data.stow), server, postgres_pids(folder / "pg"), dsn, lambda: asyncio.run(stow_all()))
+        spy_stop()
+        spy = spy_start() if args.py_spy and args.spy_on == "cstore" else None
+        measured(
+            "C-STORE",
+            len(data.cstore),
+            server,
+            postgres_pids(folder / "pg"),
+            dsn,
+            lambda: store(dimse, "HOUNSFIELD", data.cstore),
+        )
+        spy_stop()
+        return 0
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(30)
+        if embedded is not None:
+            embedded.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
