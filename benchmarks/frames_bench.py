@@ -11,8 +11,10 @@ Rows:
 * transcode: frames/s of each encoder on one 512 x 512 frame, in-process, one thread;
 * lossless size: HTJ2K RPCL bytes vs native bytes (what storage compression would save on this series).
 
-Run on demand (not part of `make test`); uses its own embedded PostgreSQL in a temporary folder. Orthanc numbers
-come from benchmarks/orthanc.py where it exists (not required here).
+Run on demand (not part of `make test`); uses its own embedded PostgreSQL in a temporary folder. Orthanc rows
+(benchmarks/orthanc.py, Debian's Orthanc + DICOMweb plugin, HTTP basic authentication on, in a loopback-only network
+namespace) on the same files where Orthanc has the feature: the OHIF full-frame request; Orthanc has no byte-range
+progressive HTJ2K (n/a). `--no-orthanc` times Hounsfield only.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
 from dicomweb import encode  # noqa: E402
 from tests.factory import multipart, part10, stow_headers  # noqa: E402
 from tests.test_ranges import phantom  # noqa: E402
@@ -111,8 +114,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--encode-repeat", type=int, default=20)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "frames.json")
+    parser.add_argument("--no-orthanc", action="store_true", help="time Hounsfield only")
     args = parser.parse_args()
+    if not args.no_orthanc:
+        in_loopback_namespace()  # Orthanc binds every interface: run everything on a private loopback
     results: dict[str, object] = {"transcode": encoders(args.encode_repeat)}
+    parts: list[bytes] = []
     proc, base, env = serve(Path(tempfile.mkdtemp(prefix="hounsfield-frames-bench-")))
     try:
         token = subprocess.run(
@@ -128,9 +135,9 @@ def main() -> int:
         for ds in series[1:]:
             ds.StudyInstanceUID, ds.SeriesInstanceUID = series[0].StudyInstanceUID, series[0].SeriesInstanceUID
         for i in range(0, len(series), 10):
-            answer = http.post(
-                "/dicom-web/studies", content=multipart([part10(d) for d in series[i : i + 10]]), headers=stow_headers()
-            )
+            batch = [part10(d) for d in series[i : i + 10]]
+            parts.extend(batch)
+            answer = http.post("/dicom-web/studies", content=multipart(batch), headers=stow_headers())
             if answer.status_code != 200:
                 raise SystemExit(f"STOW failed: {answer.status_code} {answer.text[:300]}")
         urls = [
@@ -158,10 +165,48 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(30)
+    if not args.no_orthanc:
+        results["orthanc"] = bench_orthanc(parts, urls, args.repeat)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+    print_table(results)
     return 0
+
+
+def bench_orthanc(parts: list[bytes], urls: list[str], repeat: int) -> dict[str, object]:
+    """The same files in Orthanc (DICOMweb plugin), the same OHIF full-frame request; a warm pass first."""
+    folder = Path(tempfile.mkdtemp(prefix="hounsfield-frames-bench-orthanc-"))
+    with Orthanc(folder, users={"bench": "bench-password"}) as orthanc:
+        with httpx.Client(base_url=orthanc.url, timeout=120, auth=("bench", "bench-password")) as http:
+            for data in parts:
+                if http.post("/instances", content=data).status_code != 200:
+                    raise SystemExit("Orthanc did not store a file")
+            web = list(urls)  # the same paths: both serve DICOMweb under /dicom-web
+            for u in web:
+                http.get(u, headers={"Accept": OHIF})
+            n = len(web)
+            return {
+                "ohif_full_frame": timed(repeat, lambda i: http.get(web[i % n], headers={"Accept": OHIF})),
+                "jhc_stage1_range_0_65535": "n/a",
+                "jhc_full_frame": "n/a",
+            }
+
+
+def print_table(results: dict[str, object]) -> None:
+    """Hounsfield beside Orthanc: frames/s, p50 and the ratio (Hounsfield / Orthanc frames/s)."""
+    orthanc = results.get("orthanc")
+    print(f"\n{'request':28} {'hounsfield f/s':>15} {'p50 ms':>8} {'orthanc f/s':>12} {'p50 ms':>8} {'ratio':>7}")
+    for name in ("ohif_full_frame", "jhc_stage1_range_0_65535", "jhc_full_frame"):
+        ours = results[name]
+        assert isinstance(ours, dict)
+        theirs = orthanc.get(name, "n/a") if isinstance(orthanc, dict) else "n/a"
+        if isinstance(theirs, dict):
+            ratio = f"{ours['per_s'] / theirs['per_s']:.2f}x"
+            other = f"{theirs['per_s']:12.1f} {theirs['p50_ms']:8.2f}"
+        else:
+            ratio, other = "n/a", f"{'n/a':>12} {'n/a':>8}"
+        print(f"{name:28} {ours['per_s']:15.1f} {ours['p50_ms']:8.2f} {other} {ratio:>7}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,12 @@ directly, through the in-process backend (thread pool; arrays passed by referenc
 concurrent calls, and the cost of building its DICOM SEG (highdicom). Prints images per second and p50/p95 per
 stage as JSON; the backend's overhead over the direct call is reported as a percentage.
 
-    .venv/bin/python benchmarks/inference_bench.py [--repeat 20] [--workers 2]
+With `--ray`, the same through Ray Serve on a local Ray instance (`--ray-cpus` CPUs, dashboard off, no usage
+stats): one request at a time without batching (`ray_1`; `ray_overhead_pct` is Ray's cost over the direct call:
+object-store transfer of the pixel array and the mask, the handle's routing), then `--at-once` concurrent requests
+with `@serve.batch` (max_batch_size = `--at-once`, 50 ms window; `ray_batched`, with the batch sizes seen).
+
+    .venv/bin/python benchmarks/inference_bench.py [--repeat 20] [--workers 2] [--ray [--at-once 4]]
 
 Run on demand (not part of `make test`); no server, no database: the model and output builders only.
 """
@@ -17,6 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +75,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--ray", action="store_true", help="also through Ray Serve on a local Ray instance")
+    parser.add_argument("--ray-cpus", type=int, default=2)
+    parser.add_argument("--at-once", type=int, default=4, help="concurrent requests (and batch size) through Ray")
+    parser.add_argument("--step", type=int, default=1, help="take every STEP-th row and column (smaller images)")
     args = parser.parse_args()
     ds = pydicom.dcmread(sample("RG1_UNCR.dcm"))
-    inputs = ModelInput((outputs.image_input(ds),))
+    image = outputs.image_input(ds)
+    inputs = ModelInput((replace(image, pixels=image.pixels[:: args.step, :: args.step]),))
     adapters = catalog()
     model = parse_model({**DOC, "status": "active"}, adapters)
     adapter = adapters[model.adapter](model.backend)
@@ -81,19 +92,74 @@ def main() -> int:
     concurrent = asyncio.run(through_backend(backend, model, inputs, args.repeat, args.workers))
     asyncio.run(backend.close())
     prediction = adapter.predict(inputs)
-    seg = timed(
-        max(3, args.repeat // 4), lambda: outputs.segmentation([ds], prediction, adapter.algorithm, model, "1.2.3")
+    seg = (  # the SEG of the full image only (a smaller image's mask does not fit its source)
+        timed(max(3, args.repeat // 4), lambda: outputs.segmentation([ds], prediction, adapter.algorithm, model, "1"))
+        if args.step == 1
+        else []
     )
-    report = {
-        "image": f"{ds.Rows}x{ds.Columns} CR",
+    report: dict[str, Any] = {
+        "image": "x".join(map(str, inputs.images[0].pixels.shape)) + " CR",
         "direct": stats(direct),
         "backend_1": stats(single),
         f"backend_{args.workers}_concurrent": stats(concurrent, args.workers),
         "backend_overhead_pct": round(100 * (statistics.median(single) / statistics.median(direct) - 1), 1),
-        "seg_build": stats(seg),
     }
+    if seg:
+        report["seg_build"] = stats(seg)
+    if args.ray:
+        report.update(through_ray(model, inputs, args, statistics.median(direct)))
     print(json.dumps(report, indent=2))
     return 0
+
+
+async def ray_calls(
+    backend: Any, model: Any, inputs: ModelInput, repeat: int, at_once: int
+) -> tuple[list[float], list[int]]:
+    """`repeat` rounds of `at_once` concurrent calls; the seconds per round and the batch sizes the answers report."""
+    await backend.predict(model, inputs)  # warm up (the replica's first call)
+    times, sizes = [], []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(backend.call(model, inputs) for _ in range(at_once)))
+        times.append(time.perf_counter() - started)
+        sizes.extend(a.batch_size for a in answers)
+    return times, sizes
+
+
+def through_ray(model: Any, inputs: ModelInput, args: argparse.Namespace, direct_p50: float) -> dict[str, Any]:
+    """Ray Serve on a local instance: unbatched one at a time, then concurrent requests with batching."""
+    import os
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+    from ray import serve
+
+    from inference import deploy
+    from inference.backend_ray import RayServeBackend
+    from server.settings import Settings
+
+    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    settings = Settings.from_env({}).with_overrides(inference_backend="ray", inference_ray_address="local")
+    deploy.connect(settings, False)
+    out: dict[str, Any] = {}
+    try:
+        for label, batch, wait, at_once in (("ray_1", 1, 0.0, 1), ("ray_batched", args.at_once, 0.05, args.at_once)):
+            served = parse_model(
+                {
+                    **DOC,
+                    "status": "active",
+                    "backend": {**DOC["backend"], "max_batch_size": batch, "batch_wait_timeout_s": wait, "num_cpus": 1},
+                },
+                catalog(),
+            )
+            deploy.deploy([served], settings)
+            samples, sizes = asyncio.run(ray_calls(RayServeBackend(settings), served, inputs, args.repeat, at_once))
+            out[label] = {**stats(samples, at_once), "batch_sizes": sorted(set(sizes))}
+        out["ray_overhead_pct"] = round(100 * (out["ray_1"]["p50_ms"] / (1000 * direct_p50) - 1), 1)
+    finally:
+        serve.shutdown()  # type: ignore[no-untyped-call]
+        ray.shutdown()
+    return out
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import anyio.to_thread
 import asyncpg
 
 from dicomweb.blobs import BlobStore, BlobStoreError
+from dicomweb.compress import Compressor, original_sha256
 from dicomweb.index import repository
 from dicomweb.ingest import (
     DATASET_MISMATCH,
@@ -116,12 +117,14 @@ class StoreService:
         overwrite: bool,
         bulk_threshold: int,
         hooks: Sequence[IngestHook] = (),
+        compression: str = "none",
     ) -> None:
         self.pool = pool
         self.blobs = blobs
         self.overwrite = overwrite
         self.bulk_threshold = bulk_threshold
         self.hooks = list(hooks)
+        self.compressor = Compressor.of_mode(compression, bulk_threshold)  # HOUNSFIELD_STORE_COMPRESSION
 
     async def store_file(self, path: Path, size: int, sha256: str, expected_study: str | None = None) -> Outcome:
         """Ingest one spooled file. The file is consumed (moved into the store or deleted)."""
@@ -153,10 +156,12 @@ class StoreService:
             return outcome
         async with self.pool.acquire() as conn:
             existing = await repository.find_instance(conn, parsed.sop_instance_uid)
-        if existing is not None and existing["sha256"] == sha256:
+        if existing is not None and original_sha256(existing) == sha256:
             return outcome  # idempotent: the same bytes are already stored
         if existing is not None and not self.overwrite:
             return self._duplicate(outcome)
+        stored = await self.compressor.apply(path, parsed, size, sha256)  # dicomweb/compress.py (off: as is)
+        original, (parsed, size, sha256) = sha256, (stored.parsed, stored.size, stored.sha256)
         key = blob_key(parsed, sha256)
         try:
             with telemetry.blob_span("put", key):
@@ -167,7 +172,7 @@ class StoreService:
             outcome.comment = "the blob store could not store the instance; nothing was stored"
             return outcome
         try:
-            return await self._index(parsed, key, size, sha256, outcome)
+            return await self._index(parsed, key, size, sha256, outcome, original)
         except BaseException:
             await self._forget_blob(key)
             raise
@@ -189,7 +194,9 @@ class StoreService:
         except Exception:  # the orphan collector will get it
             log.warning("could not remove an unindexed blob; the collector will", exc_info=True)
 
-    async def _index(self, parsed: ParsedInstance, key: str, size: int, sha256: str, outcome: Outcome) -> Outcome:
+    async def _index(
+        self, parsed: ParsedInstance, key: str, size: int, sha256: str, outcome: Outcome, original: str
+    ) -> Outcome:
         class _Rollback(Exception):
             pass
 
@@ -206,7 +213,7 @@ class StoreService:
                 if instance_pk is None:
                     current = await repository.find_instance(conn, parsed.sop_instance_uid, lock=True)
                     assert current is not None
-                    if current["sha256"] == sha256:
+                    if original_sha256(current) == original:
                         raise _Rollback  # a concurrent store of the same bytes won; ours is identical
                     if not self.overwrite:
                         self._duplicate(outcome)

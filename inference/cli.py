@@ -5,6 +5,8 @@ operator of the server's data folder (or `DATABASE_URL`); the same checks as `PO
 - `list [--name N] [--status S] [--json]`
 - `promote NAME VERSION` (active; the version that was active is retired), `shadow NAME VERSION`,
   `retire NAME VERSION`.
+- `deploy`: create or update the Ray Serve application of the active and shadow models on the cluster at
+  `HOUNSFIELD_RAY_ADDRESS` / `RAY_ADDRESS` (see `inference.deploy`); prints one deployment per line.
 Exit status 0 on success, 1 when the registry refuses (unknown model, duplicate version, invalid document).
 """
 
@@ -55,6 +57,8 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
     command = args.models_command
     if command == "register":
         model = registry.parse_model(_read(args.file), catalog(settings.inference_plugins))
+    if command == "deploy":
+        return await _deploy(settings)
     async with _pool(settings) as pool, pool.acquire() as conn:
         if command == "register":
             stored = await registry.register(conn, model)
@@ -68,6 +72,24 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         else:
             changed = await registry.set_status(conn, args.name, args.version, STATUS_OF[command])  # type: ignore[arg-type]
             print(f"{changed.key} is {changed.status}")
+    return 0
+
+
+async def _deploy(settings: Settings) -> int:
+    """`models deploy`: the registry's active and shadow versions onto the configured Ray cluster."""
+    if settings.inference_ray_address is None:
+        raise InferenceError("models deploy: set HOUNSFIELD_RAY_ADDRESS or RAY_ADDRESS (e.g. auto) to a Ray cluster")
+    from inference import deploy
+
+    async with _pool(settings) as pool, pool.acquire() as conn:
+        models = [m for m in await registry.list_models(conn, None, None) if m.status != "retired"]
+    await asyncio.to_thread(deploy.connect, settings, False)
+    try:
+        names = await asyncio.to_thread(deploy.deploy, models, settings)
+    finally:
+        await asyncio.to_thread(deploy.disconnect, False)
+    for name in names:
+        print(f"deployed {name} in {settings.inference_ray_app}")
     return 0
 
 
@@ -90,7 +112,8 @@ def register(subparsers: Any) -> None:
     listing.add_argument("--name", help="only this model")
     listing.add_argument("--status", choices=registry.STATUSES, help="only versions with this status")
     listing.add_argument("--json", action="store_true", help="print one JSON array")
-    commands = [reg, listing]
+    deploy = sub.add_parser("deploy", help="create or update the Ray Serve deployments of active/shadow models")
+    commands = [reg, listing, deploy]
     for name, text in (("promote", "make active"), ("shadow", "run in shadow"), ("retire", "stop running")):
         each = sub.add_parser(name, help=f"{text} a model version")
         each.add_argument("name")

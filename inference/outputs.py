@@ -64,13 +64,34 @@ def valid_spacing(ds: Dataset) -> tuple[float, float] | None:
     return None
 
 
+def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+    """A multi-valued decimal attribute of `count` finite values, else None (absent or malformed)."""
+    try:
+        values = tuple(float(v) for v in ds.get(keyword) or ())
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == count and all(math.isfinite(v) for v in values) else None
+
+
 def image_input(ds: Dataset) -> ImageInput:
     return ImageInput(
         sop_instance_uid=str(ds.SOPInstanceUID),
         pixels=ds.pixel_array,
         photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
         pixel_spacing=valid_spacing(ds),
+        position=_position(ds),
+        orientation=_orientation(ds),
     )
+
+
+def _position(ds: Dataset) -> tuple[float, float, float] | None:
+    found = _floats(ds, "ImagePositionPatient", 3)
+    return None if found is None else (found[0], found[1], found[2])
+
+
+def _orientation(ds: Dataset) -> tuple[float, float, float, float, float, float] | None:
+    found = _floats(ds, "ImageOrientationPatient", 6)
+    return None if found is None else (found[0], found[1], found[2], found[3], found[4], found[5])
 
 
 def _source(ds: Dataset) -> Dataset:

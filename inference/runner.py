@@ -40,7 +40,7 @@ from fhir import sync as fhir_sync
 from fhir.reports import prepare_report
 from fhir.repository import FhirRepository
 from fhir.validation import check_resource
-from inference import monitoring, outputs, registry
+from inference import monitoring, outputs, registry, sr
 from inference.backends import InferenceBackend
 from inference.dispatch import SQL, series_facts
 from inference.errors import InferenceError, ModelFailed
@@ -151,8 +151,38 @@ class Runner:
                 await self._store(facts, modalities, out_series, out_instance, data)
             async with self.pool.acquire() as conn:
                 await conn.execute(SQL["record_outputs"], result_id, out_series, [out_instance])
+        if "SR" in model.outputs and (prediction.measurements or prediction.findings):
+            await self._publish_sr(result_id, model, facts, modalities, datasets, prediction, algorithm)
         if "DiagnosticReport" in model.outputs:
             await self._report(result_id, model, facts, prediction, algorithm)
+
+    async def _publish_sr(
+        self,
+        result_id: int,
+        model: Model,
+        facts: SeriesFacts,
+        modalities: tuple[str, ...],
+        datasets: list[Dataset],
+        prediction: Prediction,
+        algorithm: Any,
+    ) -> None:
+        """The TID 1500 Measurement Report (inference.sr), stored like the SEG. The result row names the SEG's
+        series when there is one (else the SR's) and lists every output instance."""
+        sr_series, sr_instance = sr.sr_uids(facts.series_uid, model)
+        async with self.pool.acquire() as conn:
+            exists = await conn.fetchval(SQL["instance_exists"], sr_instance)
+        if not exists:
+            data = await anyio.to_thread.run_sync(
+                sr.measurement_report, datasets, prediction, algorithm, model, facts.series_uid
+            )
+            await self._store(facts, modalities, sr_series, sr_instance, data)
+        outputs_so_far = [sr_instance]
+        series = sr_series
+        if "SEG" in model.outputs and prediction.segments:
+            series, seg_instance = outputs.result_uids(facts.series_uid, model)
+            outputs_so_far.insert(0, seg_instance)
+        async with self.pool.acquire() as conn:
+            await conn.execute(SQL["record_outputs"], result_id, series, outputs_so_far)
 
     async def _store(
         self, facts: SeriesFacts, modalities: tuple[str, ...], series_uid: str, instance_uid: str, data: bytes

@@ -53,7 +53,7 @@ def open_inference(
 ) -> InferenceService:
     fhir.hooks.append(monitoring.feedback_hook())  # radiologists' verdicts on AI reports, per model version
     adapters = catalog(settings.inference_plugins)
-    backend = InProcessBackend(adapters, settings.inference_workers)
+    backend = _backend(settings, adapters, pool)
     actor = ServiceActor(service_principal(settings.inference_subject), policy, audit)
     runner = Runner(
         pool,
@@ -66,3 +66,17 @@ def open_inference(
         settings.spool_dir,
     )
     return InferenceService(settings, adapters, backend, runner)
+
+
+def _backend(settings: Settings, adapters: dict[str, AdapterFactory], pool: asyncpg.Pool) -> InferenceBackend:
+    """`HOUNSFIELD_INFERENCE_BACKEND`: the in-process thread pool, or Ray Serve (imported only when chosen)."""
+    if settings.inference_backend != "ray":
+        return InProcessBackend(adapters, settings.inference_workers)
+    from inference import registry
+    from inference.backend_ray import RayServeBackend
+
+    async def models() -> list[registry.Model]:
+        async with pool.acquire() as conn:
+            return [m for m in await registry.list_models(conn) if m.status != "retired"]
+
+    return RayServeBackend(settings, models)

@@ -96,6 +96,7 @@ async def open_resources(
             overwrite=settings.overwrite,
             bulk_threshold=settings.bulkdata_threshold,
             hooks=[fhir_sync.ingest_hook(settings.fhir_sync_delay_seconds)],  # ImagingStudy follows the index
+            compression=settings.store_compression,  # HOUNSFIELD_STORE_COMPRESSION (dicomweb/compress.py)
         )
         handlers: dict[str, jobs.Handler] = {
             "blob.gc": gc_handler(

@@ -285,12 +285,30 @@ class Settings:
     inference_subject: str = "hounsfield-ai"
     """`HOUNSFIELD_INFERENCE_SUBJECT`: the `sub` of the AI service identity (role `ai-service`) in policy
     decisions and audit records."""
+    inference_backend: str = "inprocess"
+    """`HOUNSFIELD_INFERENCE_BACKEND`: `inprocess` (the thread pool, the embedded default) or `ray` (Ray Serve
+    deployments made by `hounsfield models deploy`, called through DeploymentHandles; inference/backend_ray.py)."""
+    inference_ray_address: str | None = None
+    """`HOUNSFIELD_RAY_ADDRESS` (else `RAY_ADDRESS`): the Ray cluster of the `ray` backend. Unset: a local Ray
+    instance is started in this process (dashboard off, no usage stats) and models are deployed on first use."""
+    inference_ray_app: str = "hounsfield"
+    """`HOUNSFIELD_RAY_APP`: the Serve application that holds one deployment per active or shadow model."""
+    inference_ray_min_replicas: int = 1
+    """`HOUNSFIELD_RAY_MIN_REPLICAS`: Serve autoscaling lower bound, per model deployment."""
+    inference_ray_max_replicas: int = 1
+    """`HOUNSFIELD_RAY_MAX_REPLICAS`: Serve autoscaling upper bound, per model deployment."""
 
     # --- renditions (dicomweb/renditions.py) ---
     renditions: tuple[str, ...] = DEFAULT_RENDITIONS
     """`HOUNSFIELD_RENDITIONS`: comma-separated transfer syntax UIDs each new image's frames are encoded in at
     ingest (a `rendition` job), so that frame requests in them never wait for an encoder. Default HTJ2K lossless
     RPCL (progressive loading by byte range); empty: none ahead of time (still made and kept on first demand)."""
+
+    # --- storage compression (dicomweb/compress.py) ---
+    store_compression: str = "none"
+    """`HOUNSFIELD_STORE_COMPRESSION`: `none` (default: store as received), `htj2k` (HTJ2K lossless RPCL,
+    1.2.840.10008.1.2.4.202, its own progressive rendition) or `j2k` (JPEG 2000 lossless, .4.90). Uncompressed
+    images are stored compressed and verified bit-exact; every retrieve still returns exact pixels in any syntax."""
 
     @property
     def blob_dir(self) -> Path:
@@ -400,7 +418,13 @@ class Settings:
             inference_max_attempts=_int(env, "HOUNSFIELD_INFERENCE_MAX_ATTEMPTS", 5, minimum=1, maximum=20),
             inference_plugins=_list(env, "HOUNSFIELD_INFERENCE_PLUGINS"),
             inference_subject=env.get("HOUNSFIELD_INFERENCE_SUBJECT") or "hounsfield-ai",
+            inference_backend=_inference_backend(env),
+            inference_ray_address=env.get("HOUNSFIELD_RAY_ADDRESS") or env.get("RAY_ADDRESS") or None,
+            inference_ray_app=env.get("HOUNSFIELD_RAY_APP") or "hounsfield",
+            inference_ray_min_replicas=_int(env, "HOUNSFIELD_RAY_MIN_REPLICAS", 1, minimum=0, maximum=1000),
+            inference_ray_max_replicas=_int(env, "HOUNSFIELD_RAY_MAX_REPLICAS", 1, minimum=1, maximum=1000),
             renditions=_renditions(env),
+            store_compression=_store_compression(env),
         )
         return settings.with_overrides(**overrides) if overrides else settings
 
@@ -416,3 +440,19 @@ def _renditions(env: Mapping[str, str]) -> tuple[str, ...]:
     if unknown:
         raise SettingsError(f"HOUNSFIELD_RENDITIONS: no encoder for {unknown[0]!r}; one of {', '.join(CODECS)}")
     return values
+
+
+def _inference_backend(env: Mapping[str, str]) -> str:
+    """`HOUNSFIELD_INFERENCE_BACKEND`: `inprocess` (default) or `ray`."""
+    value = (env.get("HOUNSFIELD_INFERENCE_BACKEND") or "inprocess").strip().lower()
+    if value not in ("inprocess", "ray"):
+        raise SettingsError(f"HOUNSFIELD_INFERENCE_BACKEND: expected inprocess or ray, got {value!r}")
+    return value
+
+
+def _store_compression(env: Mapping[str, str]) -> str:
+    """`HOUNSFIELD_STORE_COMPRESSION`: `none` (default), `htj2k` or `j2k`."""
+    value = (env.get("HOUNSFIELD_STORE_COMPRESSION") or "none").strip().lower()
+    if value not in ("none", "htj2k", "j2k"):
+        raise SettingsError(f"HOUNSFIELD_STORE_COMPRESSION: expected none, htj2k or j2k, got {value!r}")
+    return value

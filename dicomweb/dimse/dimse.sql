@@ -3,8 +3,9 @@
 -- name: retrieve_instances
 -- The instances a C-MOVE/C-GET identifier names (PS3.4 C.4.2.2.1: unique keys, lists allowed); a NULL
 -- argument does not restrict.
-SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.blob_key, i.size_bytes,
-       se.series_uid, st.study_uid, st.patient_id
+-- transfer_syntax_uid: as received (storage compression keeps it in pixel.original_syntax; dicomweb/compress.py).
+SELECT i.sop_instance_uid, i.sop_class_uid, COALESCE(i.pixel ->> 'original_syntax', i.transfer_syntax_uid)
+       AS transfer_syntax_uid, i.blob_key, i.size_bytes, se.series_uid, st.study_uid, st.patient_id
 FROM instances i JOIN series se USING (series_pk) JOIN studies st ON st.study_pk = i.study_pk
 WHERE ($1::text[] IS NULL OR st.study_uid = ANY($1::text[]))
   AND ($2::text[] IS NULL OR se.series_uid = ANY($2::text[]))
@@ -14,7 +15,8 @@ ORDER BY st.study_pk, se.series_number NULLS LAST, se.series_pk, i.instance_numb
 LIMIT 65536;
 
 -- name: routed_instance
-SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.blob_key, i.size_bytes
+SELECT i.sop_instance_uid, i.sop_class_uid,
+       COALESCE(i.pixel ->> 'original_syntax', i.transfer_syntax_uid) AS transfer_syntax_uid, i.blob_key, i.size_bytes
 FROM instances i WHERE i.sop_instance_uid = $1;
 
 -- name: routing_status

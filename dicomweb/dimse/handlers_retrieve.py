@@ -15,7 +15,6 @@ association.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +30,7 @@ from authz.decision import Decision, Resource
 from authz.guard import FACTS
 from authz.policy_input import dicomweb_resource
 from authz.principal import Principal
+from dicomweb.compress import as_received
 from dicomweb.dimse.audit import BEGIN_TRANSFERRING, operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import SQL
@@ -124,7 +124,7 @@ async def _plan(node: Node, principal: Principal, keys: Keys, address: str | Non
 
 def _dataset(node: Node, row: asyncpg.Record) -> Dataset:
     data = node.run(node.blobs.read_range(row["blob_key"], 0, int(row["size_bytes"])))
-    return pydicom.dcmread(io.BytesIO(data))
+    return as_received(data, str(row["transfer_syntax_uid"]))  # decoded when storage compression encoded it
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -4,16 +4,15 @@ can convert uncompressed data sets to). Blocking: run it in a worker thread."""
 
 from __future__ import annotations
 
-import io
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.presentation import PresentationContext
 
+from dicomweb.compress import as_received
 from dicomweb.dimse.config import Destination
 from dicomweb.dimse.tcp import NODELAY_HANDLERS
 
@@ -66,7 +65,7 @@ def send(destination: Destination, calling_title: str, items: Sequence[Outgoing]
     statuses = []
     try:
         for item in items:
-            ds = pydicom.dcmread(io.BytesIO(item.data))
+            ds = as_received(item.data, item.transfer_syntax_uid)  # decoded when storage compression encoded it
             rsp = assoc.send_c_store(ds)
             statuses.append(int(rsp.Status) if "Status" in rsp else 0xA700)
     finally:

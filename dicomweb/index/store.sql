@@ -1,7 +1,8 @@
 -- Named queries for ingest (STOW-RS, import, later DIMSE C-STORE). Loaded once by dicomweb/index/repository.py.
 
 -- name: find_instance
-SELECT instance_pk, sha256, blob_key, study_pk, series_pk
+-- original_sha256: the client's bytes when storage compression re-encoded them (dicomweb/compress.py).
+SELECT instance_pk, sha256, blob_key, study_pk, series_pk, pixel ->> 'original_sha256' AS original_sha256
 FROM instances WHERE sop_instance_uid = $1;
 
 -- name: upsert_study
@@ -42,7 +43,8 @@ WHERE sop_instance_uid = $3
 RETURNING instance_pk;
 
 -- name: lock_instance
-SELECT instance_pk, sha256, blob_key, series_pk, study_pk FROM instances WHERE sop_instance_uid = $1 FOR UPDATE;
+SELECT instance_pk, sha256, blob_key, series_pk, study_pk, pixel ->> 'original_sha256' AS original_sha256
+FROM instances WHERE sop_instance_uid = $1 FOR UPDATE;
 
 -- name: blob_keys_present
 -- Blobs in use: instances' and renditions' (migrations/0008_renditions.sql); the orphan sweep keeps both.

