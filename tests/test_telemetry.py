@@ -161,3 +161,22 @@ def test_exporter_choices() -> None:
         tel.tracer_provider.shutdown()
     with pytest.raises(ValueError):
         telemetry.Telemetry.build("zipkin")
+
+
+def test_spans_are_not_recorded_until_something_consumes_them() -> None:
+    """With no exporter (the default) spans are dropped at the sampler: no cost per request and query."""
+    tel = telemetry.Telemetry.build("none")
+    with tel.tracer.start_as_current_span("unheard") as span:
+        assert not span.is_recording()
+    exporter = InMemorySpanExporter()
+    tel.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with tel.tracer.start_as_current_span("heard") as span:
+        assert span.is_recording()
+        with tel.tracer.start_as_current_span("child") as child:
+            assert child.is_recording()
+    assert [s.name for s in exporter.get_finished_spans()] == ["child", "heard"]
+    built = telemetry.Telemetry.build("console")  # a configured exporter is listened to from the start
+    with built.tracer.start_as_current_span("exported") as span:
+        assert span.is_recording()
+    built.tracer_provider.shutdown()
+    built.meter_provider.shutdown()
