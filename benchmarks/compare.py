@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare_data import DataSet, generate  # noqa: E402
 from benchmarks.cstore import CALLING, start_hounsfield, store  # noqa: E402
-from benchmarks.orthanc import Orthanc, free_port, in_loopback_namespace  # noqa: E402
+from benchmarks.harness import free_port  # noqa: E402
+from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
 
 OHIF_FRAME = "multipart/related; type=application/octet-stream; transfer-syntax=*"
 DICOM = 'multipart/related; type="application/dicom"'

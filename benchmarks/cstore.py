@@ -41,7 +41,8 @@ from pydicom.uid import generate_uid  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]  # noqa: E402
 
-from benchmarks.orthanc import Orthanc, free_port, in_loopback_namespace  # noqa: E402
+from benchmarks.harness import free_port  # noqa: E402
+from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
 from dicomweb.dimse.tcp import NODELAY_HANDLERS  # noqa: E402
 from tests.factory import ct, part10  # noqa: E402
 

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,13 +27,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import admin_token, free_port  # noqa: E402
 from tests.factory import ct, multipart, part10, stow_headers  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def timed(repeat: int, call: Callable[[int], httpx.Response]) -> dict[str, float]:
@@ -80,14 +74,7 @@ def main() -> int:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise SystemExit("server did not start")
             time.sleep(0.3)
-        token = subprocess.run(
-            [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        token = admin_token(env)
         http = httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {token}"})
         studies = args.patients * args.studies_per_patient
         for p in range(args.patients):

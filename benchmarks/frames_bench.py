@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,18 +35,13 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import admin_token, free_port  # noqa: E402
 from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
 from dicomweb import encode  # noqa: E402
 from tests.factory import multipart, part10, stow_headers  # noqa: E402
 from tests.test_ranges import phantom  # noqa: E402
 
 OHIF = "multipart/related; type=application/octet-stream; transfer-syntax=*"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def timed(repeat: int, call: Callable[[int], httpx.Response]) -> dict[str, float]:
@@ -122,14 +116,7 @@ def main() -> int:
     parts: list[bytes] = []
     proc, base, env = serve(Path(tempfile.mkdtemp(prefix="hounsfield-frames-bench-")))
     try:
-        token = subprocess.run(
-            [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        token = admin_token(env)
         http = httpx.Client(base_url=base, timeout=120, headers={"Authorization": f"Bearer {token}"})
         series = [phantom(512, 512, seed=s) for s in range(args.slices)]
         for ds in series[1:]:

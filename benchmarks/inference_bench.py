@@ -37,7 +37,8 @@ from inference.models import ModelInput, catalog  # noqa: E402
 from inference.registry import parse_model  # noqa: E402
 from tests.data import sample  # noqa: E402
 
-DOC = {"name": "lungs", "version": "1", "task": "bench", "backend": {"adapter": "chest-xray-lung-fields"}}
+BACKEND: dict[str, Any] = {"adapter": "chest-xray-lung-fields"}
+DOC: dict[str, Any] = {"name": "lungs", "version": "1", "task": "bench", "backend": BACKEND}
 
 
 def stats(samples: list[float], images: int = 1) -> dict[str, float]:
@@ -117,7 +118,8 @@ async def ray_calls(
 ) -> tuple[list[float], list[int]]:
     """`repeat` rounds of `at_once` concurrent calls; the seconds per round and the batch sizes the answers report."""
     await backend.predict(model, inputs)  # warm up (the replica's first call)
-    times, sizes = [], []
+    times: list[float] = []
+    sizes: list[int] = []
     for _ in range(repeat):
         started = time.perf_counter()
         answers = await asyncio.gather(*(backend.call(model, inputs) for _ in range(at_once)))
@@ -148,7 +150,12 @@ def through_ray(model: Any, inputs: ModelInput, args: argparse.Namespace, direct
                 {
                     **DOC,
                     "status": "active",
-                    "backend": {**DOC["backend"], "max_batch_size": batch, "batch_wait_timeout_s": wait, "num_cpus": 1},
+                    "backend": {
+                        **dict(DOC["backend"]),
+                        "max_batch_size": batch,
+                        "batch_wait_timeout_s": wait,
+                        "num_cpus": 1,
+                    },
                 },
                 catalog(),
             )

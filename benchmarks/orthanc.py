@@ -30,15 +30,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import free_port
+
 BINARY = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 NETNS_MARK = "HOUNSFIELD_BENCH_NETNS"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def in_loopback_namespace(argv: list[str] | None = None) -> None:

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import admin_token, free_port  # noqa: E402
 from server import db  # noqa: E402
 
 LOAD_SQL = """
@@ -60,12 +60,6 @@ FROM series se, generate_series(1, $3) i;
 
 VACUUM ANALYZE;
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def load(dsn: str, studies: int, series: int, instances: int) -> None:
@@ -169,14 +163,7 @@ def main() -> int:
                     raise SystemExit("server did not start")
                 time.sleep(0.2)
             # An admin token from the embedded issuer, signed with the server's data folder key.
-            token = subprocess.run(
-                [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
-                cwd=ROOT,
-                env=env,
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
+            token = admin_token(env)
             results = run_queries(base, args.repeat, token)
         finally:
             proc.terminate()

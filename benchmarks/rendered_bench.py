@@ -31,7 +31,8 @@ import pydicom
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.orthanc import Orthanc, free_port, in_loopback_namespace  # noqa: E402
+from benchmarks.harness import admin_token, free_port  # noqa: E402
+from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
 from tests.data import sample  # noqa: E402
 from tests.factory import multipart, stow_headers  # noqa: E402
 
@@ -92,14 +93,7 @@ def start_hounsfield(folder: Path) -> tuple[subprocess.Popen[bytes], str, dict[s
             proc.terminate()
             raise SystemExit("Hounsfield did not start")
         time.sleep(0.3)
-    token = subprocess.run(
-        [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    token = admin_token(env)
     return proc, base, {"Authorization": f"Bearer {token}"}
 
 

@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from qido_scale import QUERIES, free_port, load  # noqa: E402
 
+from benchmarks.harness import admin_token, wait_ready  # noqa: E402
+
 LAYERS = ("authn", "guard", "audit")
 VARIANTS = {"off": (), "authn": ("authn",), "authn+guard": ("authn", "guard"), "on": LAYERS}
 """Which security layers each server keeps: `on` is the shipped application; the others exist only here."""
@@ -58,26 +60,13 @@ def serve_variant(port: int, keep: tuple[str, ...]) -> None:
         connection.scope.setdefault("state", {})[DECISION] = Decision(True)
 
     if "authn" not in keep:
-        app_module.authenticate = passthrough  # type: ignore[assignment]
+        setattr(app_module, "authenticate", passthrough)  # noqa: B010 - replacing a module attribute on purpose
     if "audit" not in keep:
-        app_module.audit_requests = passthrough  # type: ignore[assignment]
+        setattr(app_module, "audit_requests", passthrough)  # noqa: B010
     if "guard" not in keep:
-        app_module.authorize = allow_all  # type: ignore[assignment]
+        setattr(app_module, "authorize", allow_all)  # noqa: B010
     app = app_module.create_app(Settings.from_env())
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
-def wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(base + "/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"server at {base} did not start")
-        time.sleep(0.2)
 
 
 async def drain(dsn: str) -> None:
@@ -168,14 +157,7 @@ def main() -> int:
         t0 = time.perf_counter()
         asyncio.run(drain(dsn))
         print(f"start-up jobs done in {time.perf_counter() - t0:.0f} s")
-        token = subprocess.run(
-            [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        token = admin_token(env)
         results = measure(bases, token, args.repeat)
         total = args.studies * args.series_per_study * args.instances_per_series
         print(f"\nQIDO-RS p50 (ms) by security layers kept, {total:,} instances, {args.repeat} runs each, alternating")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.frames_bench import serve  # noqa: E402
+from benchmarks.harness import admin_token  # noqa: E402
 from tests.factory import ct, multipart, part10, stow_headers  # noqa: E402
 from tests.test_ranges import phantom  # noqa: E402
 
@@ -49,14 +49,7 @@ def run_mode(mode: str, parts: list[bytes]) -> dict[str, Any]:
     os.environ["HOUNSFIELD_STORE_COMPRESSION"] = mode
     proc, base, env = serve(folder)
     try:
-        token = subprocess.run(
-            [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        token = admin_token(env)
         http = httpx.Client(base_url=base, timeout=300, headers={"Authorization": f"Bearer {token}"})
         start = time.perf_counter()
         for i in range(0, len(parts), 10):
