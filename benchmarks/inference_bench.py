@@ -34,6 +34,7 @@ import pydicom  # noqa: E402
 from inference import outputs  # noqa: E402
 from inference.backends import InProcessBackend  # noqa: E402
 from inference.models import ModelInput, catalog  # noqa: E402
+from inference.ray_wire import unpack_prediction  # noqa: E402
 from inference.registry import parse_model  # noqa: E402
 from tests.data import sample  # noqa: E402
 
@@ -123,6 +124,8 @@ async def ray_calls(
     for _ in range(repeat):
         started = time.perf_counter()
         answers = await asyncio.gather(*(backend.call(model, inputs) for _ in range(at_once)))
+        for answer in answers:  # the server's side of the trip: the masks unpacked, as `predict` does
+            unpack_prediction(answer.prediction)
         times.append(time.perf_counter() - started)
         sizes.extend(a.batch_size for a in answers)
     return times, sizes

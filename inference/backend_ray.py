@@ -1,13 +1,15 @@
 """The Ray Serve backend (issue 7, the scale-out path): the server calls each model version's Serve deployment
 through a `DeploymentHandle`, behind the same `InferenceBackend` Protocol as the in-process thread pool.
 
-- Pixel data travels as numpy arrays inside `ModelInput`: Ray serializes them with pickle protocol 5 out-of-band
-  buffers into its shared-memory object store (zero-copy on the same node), never as JSON lists.
+- Pixel data travels as numpy arrays (`inference.ray_wire`): Ray serializes them with pickle protocol 5 out-of-band
+  buffers into its shared-memory object store (zero-copy on the same node), never as JSON lists; pixels as the
+  smallest integer dtype that holds them, masks bit-packed (1/8 of a bool mask), both restored exactly.
 - One replica batches concurrent requests with `@serve.batch` (dynamic batching: up to `max_batch_size` inputs or
-  `batch_wait_timeout_s`, both from the model's backend settings); an adapter with a `predict_batch` method gets
-  the whole batch at once, any other is called once per input. Every answer carries the size of the batch it ran
-  in and the algorithm identification, so batching is observable and the outputs are identified without loading
-  the model in the server.
+  `batch_wait_timeout_s`, both from the model's backend settings); an adapter with a `predict_batch` method
+  (`BatchModelAdapter`) gets the whole batch at once (should it raise, each input is run alone so that one bad
+  input fails only its own request), any other is called once per input. Every answer carries the size of the
+  batch it ran in and the algorithm identification, so batching is observable and the outputs are identified
+  without loading the model in the server.
 - A failure inside the deployment (the adapter raised, the replica died, the deployment is missing) becomes
   `ModelFailed`: the job queue retries it and the result shows it.
 - The cluster: `HOUNSFIELD_RAY_ADDRESS` / `RAY_ADDRESS` (an existing cluster, models deployed by
@@ -28,6 +30,7 @@ from ray import serve
 
 from inference.errors import InvalidModel, ModelFailed
 from inference.models import Algorithm, ModelAdapter, ModelInput, Prediction, catalog
+from inference.ray_wire import WireInput, WirePrediction, pack_input, pack_prediction, unpack_input, unpack_prediction
 from inference.registry import Model
 from server.settings import Settings
 
@@ -39,7 +42,8 @@ ModelLister = Callable[[], Awaitable[list[Model]]]
 class Served:
     """One answer of a model deployment: the prediction or the error, and how it ran."""
 
-    prediction: Prediction | None
+    prediction: WirePrediction | None
+    """The prediction with its masks packed for the trip (`inference.ray_wire.unpack_prediction`)."""
     error: str | None
     batch_size: int
     algorithm: Algorithm
@@ -64,26 +68,30 @@ class ModelReplica:
         self.predict_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
 
-    async def __call__(self, inputs: ModelInput) -> Served:
+    async def __call__(self, inputs: WireInput | ModelInput) -> Served:
         served: Served = await self.predict_batch(inputs)
         return served
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, batch: list[ModelInput]) -> list[Served]:
+    async def predict_batch(self, batch: list[WireInput | ModelInput]) -> list[Served]:
         return await asyncio.to_thread(self._run, batch)
 
-    def _run(self, batch: list[ModelInput]) -> list[Served]:
-        algorithm, size = self.adapter.algorithm, len(batch)
+    def _run(self, wired: list[WireInput | ModelInput]) -> list[Served]:
+        algorithm, size = self.adapter.algorithm, len(wired)
+        batch = [unpack_input(w) for w in wired]
         whole = getattr(self.adapter, "predict_batch", None)
-        if whole is not None:
+        if whole is not None and size > 1:
             try:
-                return [Served(p, None, size, algorithm) for p in whole(batch)]
-            except Exception as exc:
-                return [Served(None, _describe(exc), size, algorithm)] * size
+                predictions = list(whole(batch))
+            except Exception:
+                pass  # run each input alone below: only the bad one fails
+            else:
+                if len(predictions) == size:
+                    return [Served(pack_prediction(p), None, size, algorithm) for p in predictions]
         out = []
         for inputs in batch:
             try:
-                out.append(Served(self.adapter.predict(inputs), None, size, algorithm))
+                out.append(Served(pack_prediction(self.adapter.predict(inputs)), None, size, algorithm))
             except Exception as exc:
                 out.append(Served(None, _describe(exc), size, algorithm))
         return out
@@ -124,13 +132,13 @@ class RayServeBackend:
         served = await self.call(model, inputs)
         if served.error is not None or served.prediction is None:
             raise ModelFailed(served.error or "the deployment returned no prediction")
-        return served.prediction
+        return unpack_prediction(served.prediction)
 
     async def call(self, model: Model, inputs: ModelInput) -> Served:
         """The deployment's whole answer (with its batch size), or `ModelFailed` when Ray could not run it."""
         handle = await self._handle(model)
         try:
-            served: Served = await handle.remote(inputs)
+            served: Served = await handle.remote(pack_input(inputs))
         except Exception as exc:  # RayTaskError, RayServeException, a dead replica: all retried by the job
             self._handles.pop(model.key, None)  # look the deployment up again next time (redeployed, moved)
             raise ModelFailed(f"Ray Serve {model.key}: {type(exc).__name__}: {exc}"[:2000]) from None

@@ -10,7 +10,7 @@ its adapter in `backend.adapter`; the factory gets the model's backend settings.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +79,15 @@ class ModelAdapter(Protocol):
 
     def predict(self, inputs: ModelInput) -> Prediction:
         """Blocking CPU work: called in a worker of the backend's pool, never on the event loop."""
+        ...
+
+
+class BatchModelAdapter(ModelAdapter, Protocol):
+    """An adapter that can also take several inputs at once (optional): the Ray Serve deployment's `@serve.batch`
+    hands it the whole batch; adapters without it are called once per input."""
+
+    def predict_batch(self, batch: Sequence[ModelInput]) -> list[Prediction]:
+        """One prediction per input, in order; blocking CPU work like `predict`."""
         ...
 
 
