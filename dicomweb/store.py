@@ -32,7 +32,7 @@ from dicomweb.ingest import (
     parse_instance,
 )
 from server import jobs, telemetry
-from server.db import Connection
+from server.db import Connection, vouch_stateless
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class StoredInstance:
 
 
 IngestHook = Callable[[Connection, StoredInstance], Awaitable[None]]
+"""Runs inside the ingest transaction. A hook may only run statements that leave no session state (plain DML and
+SELECTs; `SET LOCAL`, `pg_advisory_xact_lock`), because the connection is released without asyncpg's reset query
+(`server.db.vouch_stateless`)."""
 
 
 @dataclass(slots=True)
@@ -108,6 +111,10 @@ def blob_key(p: ParsedInstance, sha256: str) -> str:
     return f"{p.study_uid}/{p.series_uid}/{p.sop_instance_uid}/{sha256[:32]}.dcm"
 
 
+class _Rollback(Exception):
+    """Ends the index transaction without storing; the outcome already says why (or that it is a no-op)."""
+
+
 class StoreService:
     def __init__(
         self,
@@ -156,6 +163,7 @@ class StoreService:
             return outcome
         async with self.pool.acquire() as conn:
             existing = await repository.find_instance(conn, parsed.sop_instance_uid)
+            vouch_stateless(conn)  # one SELECT: its release needs no reset query
         if existing is not None and original_sha256(existing) == sha256:
             return outcome  # idempotent: the same bytes are already stored
         if existing is not None and not self.overwrite:
@@ -197,36 +205,12 @@ class StoreService:
     async def _index(
         self, parsed: ParsedInstance, key: str, size: int, sha256: str, outcome: Outcome, original: str
     ) -> Outcome:
-        class _Rollback(Exception):
-            pass
-
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                try:
-                    study_pk, series_pk = await repository.upsert_study_series(conn, parsed)
-                except repository.SeriesInOtherStudy:
-                    outcome.failure = DATASET_MISMATCH
-                    outcome.comment = f"SeriesInstanceUID {parsed.series_uid} already belongs to another study"
-                    raise _Rollback from None
-                instance_pk = await repository.insert_instance(conn, parsed, study_pk, series_pk, key, size, sha256)
-                replaced = False
-                if instance_pk is None:
-                    current = await repository.find_instance(conn, parsed.sop_instance_uid, lock=True)
-                    assert current is not None
-                    if original_sha256(current) == original:
-                        raise _Rollback  # a concurrent store of the same bytes won; ours is identical
-                    if not self.overwrite:
-                        self._duplicate(outcome)
-                        raise _Rollback
-                    instance_pk = await repository.replace_instance(
-                        conn, parsed, study_pk, series_pk, key, size, sha256
-                    )
-                    replaced = True
-                    if current["blob_key"] != key:
-                        await jobs.enqueue(conn, "blob.delete", {"key": current["blob_key"]})
-                stored = StoredInstance(instance_pk, study_pk, series_pk, parsed, replaced)
-                for hook in self.hooks:
-                    await hook(conn, stored)
+            async with self.pool.acquire() as conn:
+                async with conn.transaction():
+                    await self._index_in(conn, parsed, key, size, sha256, outcome, original)
+                # Only DML ran, in a transaction that has ended (hooks keep to that too: see IngestHook).
+                vouch_stateless(conn)
         except _Rollback:
             await self._forget_blob(key)  # kept if a committed row names the same (identical) blob
             return outcome
@@ -237,6 +221,41 @@ class StoreService:
             outcome.comment = "the index could not record the instance; nothing was stored"
             return outcome
         return outcome
+
+    async def _index_in(
+        self,
+        conn: Connection,
+        parsed: ParsedInstance,
+        key: str,
+        size: int,
+        sha256: str,
+        outcome: Outcome,
+        original: str,
+    ) -> None:
+        """The index transaction's statements: one for the study, series and instance rows, then the overwrite
+        or duplicate handling when the instance exists, then the hooks. Raises `_Rollback` to store nothing."""
+        try:
+            study_pk, series_pk, instance_pk = await repository.index_instance(conn, parsed, key, size, sha256)
+        except repository.SeriesInOtherStudy:
+            outcome.failure = DATASET_MISMATCH
+            outcome.comment = f"SeriesInstanceUID {parsed.series_uid} already belongs to another study"
+            raise _Rollback from None
+        replaced = False
+        if instance_pk is None:
+            current = await repository.find_instance(conn, parsed.sop_instance_uid, lock=True)
+            assert current is not None
+            if original_sha256(current) == original:
+                raise _Rollback  # a concurrent store of the same bytes won; ours is identical
+            if not self.overwrite:
+                self._duplicate(outcome)
+                raise _Rollback
+            instance_pk = await repository.replace_instance(conn, parsed, study_pk, series_pk, key, size, sha256)
+            replaced = True
+            if current["blob_key"] != key:
+                await jobs.enqueue(conn, "blob.delete", {"key": current["blob_key"]})
+        stored = StoredInstance(instance_pk, study_pk, series_pk, parsed, replaced)
+        for hook in self.hooks:
+            await hook(conn, stored)
 
 
 def sweep_spool(folder: Path, grace_seconds: int) -> int:

@@ -10,7 +10,7 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -101,8 +101,47 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=lambda v: v, decoder=lambda v: v, schema="pg_catalog")
 
 
+class PooledConnection(asyncpg.Connection):
+    """A pool connection whose current user may vouch that it left no session state behind (`vouch_stateless`),
+    so that its release skips the reset query (one round trip per checkout on the ingest path, issue 8)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stateless = False
+
+    def vouch_stateless(self) -> None:
+        self.stateless = True
+
+
+def vouch_stateless(conn: Connection) -> None:
+    """Declare that this checkout ran only statements that leave no session state: no LISTEN, no session-level
+    advisory lock, no SET without LOCAL, no open cursor (plain DML and SELECTs, in transactions that ended). Its
+    release then skips `Connection.get_reset_query()`; an open transaction is still rolled back and listeners
+    dropped by asyncpg. Call it last in the `async with pool.acquire()` block, only on the success path."""
+    vouch = getattr(conn, "vouch_stateless", None)  # a pool proxy forwards to the PooledConnection
+    if vouch is not None:
+        vouch()
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """The pool's reset: the default query unless the checkout vouched that it is not needed."""
+    if isinstance(conn, PooledConnection) and conn.stateless:
+        conn.stateless = False
+        return
+    query = conn.get_reset_query()
+    if query:
+        await conn.execute(query)
+
+
 async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection)
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        connection_class=PooledConnection,
+        reset=_reset,
+    )
     assert pool is not None
     return pool
 

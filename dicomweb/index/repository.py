@@ -98,6 +98,49 @@ async def insert_instance(
     return int(value) if value is not None else None
 
 
+async def index_instance(
+    conn: Connection, p: ParsedInstance, blob_key: str, size: int, sha256: str
+) -> tuple[int, int, int | None]:
+    """Study, series and instance rows in one round trip (`index_instance` in store.sql): returns the study and
+    series keys and the new instance's key, or None when the SOP Instance UID is already indexed. Raises
+    `SeriesInOtherStudy` (the caller rolls back: the statement may have inserted the instance)."""
+    s, r = p.study, p.series
+    row = await conn.fetchrow(
+        STORE["index_instance"],
+        s["study_uid"],
+        s["patient_id"],
+        s["issuer_of_patient_id"],
+        s["patient_name"],
+        s["patient_name_search"],
+        s["patient_birth_date"],
+        s["patient_sex"],
+        s["study_date"],
+        s["study_time"],
+        s["accession_number"],
+        s["study_id"],
+        s["study_description"],
+        s["referring_physician_name"],
+        s["referring_physician_search"],
+        json.dumps(p.study_attrs, ensure_ascii=False),
+        r["series_uid"],
+        r["modality"],
+        r["series_number"],
+        r["series_description"],
+        r["body_part_examined"],
+        r["series_date"],
+        r["series_time"],
+        r["pps_start_date"],
+        r["pps_start_time"],
+        json.dumps(p.series_attrs, ensure_ascii=False),
+        *_instance_args(p, 0, 0, blob_key, size, sha256)[2:],
+    )
+    assert row is not None  # the upserts always return their rows
+    if row["series_study_pk"] != row["study_pk"]:
+        raise SeriesInOtherStudy(r["series_uid"])
+    instance_pk = row["instance_pk"]
+    return int(row["study_pk"]), int(row["series_pk"]), int(instance_pk) if instance_pk is not None else None
+
+
 async def replace_instance(
     conn: Connection,
     p: ParsedInstance,

@@ -32,6 +32,37 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb,
 ON CONFLICT (sop_instance_uid) DO NOTHING
 RETURNING instance_pk;
 
+-- name: index_instance
+-- upsert_study, upsert_series and insert_instance in one round trip (issue 8). series_study_pk differs from
+-- study_pk when the series already belongs to another study: the caller rolls the transaction back. instance_pk
+-- is NULL when the SOP Instance UID is already indexed (ON CONFLICT DO NOTHING).
+WITH st AS (
+    INSERT INTO studies (
+        study_uid, patient_id, issuer_of_patient_id, patient_name, patient_name_search, patient_birth_date,
+        patient_sex, study_date, study_time, accession_number, study_id, study_description,
+        referring_physician_name, referring_physician_search, attrs)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb)
+    ON CONFLICT (study_uid) DO UPDATE SET updated_at = now()
+    RETURNING study_pk
+), se AS (
+    INSERT INTO series (
+        study_pk, series_uid, modality, series_number, series_description, body_part_examined, series_date,
+        series_time, pps_start_date, pps_start_time, attrs)
+    VALUES ((SELECT study_pk FROM st), $16, $17, $18, $19, $20, $21, $22, $23, $24, $25::jsonb)
+    ON CONFLICT (series_uid) DO UPDATE SET updated_at = now()
+    RETURNING series_pk, study_pk
+), ins AS (
+    INSERT INTO instances (
+        series_pk, study_pk, sop_instance_uid, sop_class_uid, instance_number, transfer_syntax_uid, rows, columns,
+        number_of_frames, bits_allocated, blob_key, size_bytes, sha256, metadata, bulk, pixel)
+    VALUES ((SELECT series_pk FROM se), (SELECT study_pk FROM st), $26, $27, $28, $29, $30, $31, $32, $33, $34,
+        $35, $36, $37, $38::jsonb, $39::jsonb)
+    ON CONFLICT (sop_instance_uid) DO NOTHING
+    RETURNING instance_pk
+)
+SELECT st.study_pk, se.series_pk, se.study_pk AS series_study_pk, (SELECT instance_pk FROM ins) AS instance_pk
+FROM st, se;
+
 -- name: replace_instance
 -- Overwrite (when configured): the row points at the new blob; the old blob is deleted by a job queued in the
 -- same transaction, after the commit makes the new one visible.
