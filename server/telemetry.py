@@ -1,8 +1,8 @@
 """OpenTelemetry: traces and metrics, configured once per process from `Settings.otel_exporter`.
 
 - `none` (the default): real SDK providers with no exporter; spans are not even recorded until a span processor is
-  attached (a sampler drops them: building spans for every query cost ~13% of ingest CPU for nothing), metrics
-  still count;
+  attached (a sampler drops them, and asyncpg is only instrumented from then on: per-query spans cost ~13% of
+  ingest CPU, and wrapping each query even with spans dropped still showed in profiles), metrics still count;
 - `console`: spans and metrics printed to stdout (for a quick look);
 - `otlp`: OTLP/HTTP to `OTEL_EXPORTER_OTLP_ENDPOINT` (the standard OTEL_* variables apply).
 
@@ -26,7 +26,7 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,13 +58,27 @@ _PARAM_TYPE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*):[^}]*\}")
 
 
 class _Provider(TracerProvider):
-    """A tracer provider that knows whether anything consumes its spans (a span processor was attached)."""
+    """A tracer provider that knows whether anything consumes its spans (a span processor was attached), and
+    runs `on_listened` callbacks then (asyncpg is instrumented only from that moment: wrapping every query costs
+    event-loop time even when the spans are dropped)."""
 
-    listened = False
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.listened = False
+        self.on_listened: list[Callable[[TracerProvider], None]] = []
 
     def add_span_processor(self, span_processor: SpanProcessor) -> None:
         super().add_span_processor(span_processor)
         self.listened = True
+        callbacks, self.on_listened = self.on_listened, []
+        for callback in callbacks:
+            callback(self)
+
+    def when_listened(self, callback: Callable[[TracerProvider], None]) -> None:
+        if self.listened:
+            callback(self)
+        else:
+            self.on_listened.append(callback)
 
 
 class _WhenListened(Sampler):
@@ -184,7 +198,8 @@ def configure(settings: Settings) -> Telemetry:
         tel = Telemetry.build(settings.otel_exporter)
         trace.set_tracer_provider(tel.tracer_provider)
         metrics.set_meter_provider(tel.meter_provider)
-        _instrument_asyncpg(tel.tracer_provider)
+        if isinstance(tel.tracer_provider, _Provider):
+            tel.tracer_provider.when_listened(_instrument_asyncpg)
         _current = tel
         return tel
 

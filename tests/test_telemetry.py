@@ -180,3 +180,24 @@ def test_spans_are_not_recorded_until_something_consumes_them() -> None:
         assert span.is_recording()
     built.tracer_provider.shutdown()
     built.meter_provider.shutdown()
+
+
+def test_asyncpg_is_instrumented_only_once_spans_are_consumed() -> None:
+    """In a fresh process (instrumentation is process-wide): not wrapped with no exporter, wrapped when a span
+    processor is attached."""
+    import subprocess
+    import sys
+
+    script = """
+from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from server import telemetry
+from server.settings import Settings
+tel = telemetry.configure(Settings.from_env({}))
+print(AsyncPGInstrumentor().is_instrumented_by_opentelemetry)
+tel.tracer_provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+print(AsyncPGInstrumentor().is_instrumented_by_opentelemetry)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
