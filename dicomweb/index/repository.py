@@ -18,47 +18,6 @@ class SeriesInOtherStudy(Exception):
     """The Series Instance UID is already indexed under a different study."""
 
 
-async def upsert_study_series(conn: Connection, p: ParsedInstance) -> tuple[int, int]:
-    s = p.study
-    study_pk = await conn.fetchval(
-        STORE["upsert_study"],
-        s["study_uid"],
-        s["patient_id"],
-        s["issuer_of_patient_id"],
-        s["patient_name"],
-        s["patient_name_search"],
-        s["patient_birth_date"],
-        s["patient_sex"],
-        s["study_date"],
-        s["study_time"],
-        s["accession_number"],
-        s["study_id"],
-        s["study_description"],
-        s["referring_physician_name"],
-        s["referring_physician_search"],
-        json.dumps(p.study_attrs, ensure_ascii=False),
-    )
-    r = p.series
-    row = await conn.fetchrow(
-        STORE["upsert_series"],
-        study_pk,
-        r["series_uid"],
-        r["modality"],
-        r["series_number"],
-        r["series_description"],
-        r["body_part_examined"],
-        r["series_date"],
-        r["series_time"],
-        r["pps_start_date"],
-        r["pps_start_time"],
-        json.dumps(p.series_attrs, ensure_ascii=False),
-    )
-    assert row is not None  # an upsert always returns its row
-    if row["study_pk"] != study_pk:
-        raise SeriesInOtherStudy(r["series_uid"])
-    return int(study_pk), int(row["series_pk"])
-
-
 def _instance_args(
     p: ParsedInstance, study_pk: int, series_pk: int, blob_key: str, size: int, sha256: str
 ) -> list[object]:
@@ -81,21 +40,6 @@ def _instance_args(
         json.dumps(p.bulk),
         json.dumps(p.pixel) if p.pixel is not None else None,
     ]
-
-
-async def insert_instance(
-    conn: Connection,
-    p: ParsedInstance,
-    study_pk: int,
-    series_pk: int,
-    blob_key: str,
-    size: int,
-    sha256: str,
-) -> int | None:
-    value = await conn.fetchval(
-        STORE["insert_instance"], *_instance_args(p, study_pk, series_pk, blob_key, size, sha256)
-    )
-    return int(value) if value is not None else None
 
 
 async def index_instance(

@@ -5,37 +5,12 @@
 SELECT instance_pk, sha256, blob_key, study_pk, series_pk, pixel ->> 'original_sha256' AS original_sha256
 FROM instances WHERE sop_instance_uid = $1;
 
--- name: upsert_study
--- The first instance of a study sets its attributes; later ones only touch updated_at (the row lock this takes
--- also serializes concurrent first inserts of one study's series).
-INSERT INTO studies (
-    study_uid, patient_id, issuer_of_patient_id, patient_name, patient_name_search, patient_birth_date,
-    patient_sex, study_date, study_time, accession_number, study_id, study_description,
-    referring_physician_name, referring_physician_search, attrs)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb)
-ON CONFLICT (study_uid) DO UPDATE SET updated_at = now()
-RETURNING study_pk;
-
--- name: upsert_series
-INSERT INTO series (
-    study_pk, series_uid, modality, series_number, series_description, body_part_examined, series_date,
-    series_time, pps_start_date, pps_start_time, attrs)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)
-ON CONFLICT (series_uid) DO UPDATE SET updated_at = now()
-RETURNING series_pk, study_pk;
-
--- name: insert_instance
-INSERT INTO instances (
-    series_pk, study_pk, sop_instance_uid, sop_class_uid, instance_number, transfer_syntax_uid, rows, columns,
-    number_of_frames, bits_allocated, blob_key, size_bytes, sha256, metadata, bulk, pixel)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb, $16::jsonb)
-ON CONFLICT (sop_instance_uid) DO NOTHING
-RETURNING instance_pk;
-
 -- name: index_instance
--- upsert_study, upsert_series and insert_instance in one round trip (issue 8). series_study_pk differs from
--- study_pk when the series already belongs to another study: the caller rolls the transaction back. instance_pk
--- is NULL when the SOP Instance UID is already indexed (ON CONFLICT DO NOTHING).
+-- Study and series upserts and the instance insert in one round trip (issue 8). The first instance of a study
+-- sets its attributes; later ones only touch updated_at (the row lock this takes also serializes concurrent first
+-- inserts of one study's series). series_study_pk differs from study_pk when the series already belongs to
+-- another study: the caller rolls the transaction back. instance_pk is NULL when the SOP Instance UID is already
+-- indexed (ON CONFLICT DO NOTHING).
 WITH st AS (
     INSERT INTO studies (
         study_uid, patient_id, issuer_of_patient_id, patient_name, patient_name_search, patient_birth_date,
