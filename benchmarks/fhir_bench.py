@@ -27,7 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import admin_token, free_port  # noqa: E402
+from benchmarks.harness import admin_token, free_port, wait_ready  # noqa: E402
 from tests.factory import ct, multipart, part10, stow_headers  # noqa: E402
 
 
@@ -64,16 +64,7 @@ def main() -> int:
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("server did not start")
-            time.sleep(0.3)
+        wait_ready(base, proc, 120)
         token = admin_token(env)
         http = httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {token}"})
         studies = args.patients * args.studies_per_patient

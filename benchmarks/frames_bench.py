@@ -35,7 +35,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import admin_token, free_port  # noqa: E402
+from benchmarks.harness import admin_token, free_port, wait_ready  # noqa: E402
 from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
 from dicomweb import encode  # noqa: E402
 from tests.factory import multipart, part10, stow_headers  # noqa: E402
@@ -90,16 +90,8 @@ def serve(folder: Path) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
     env.update(HOUNSFIELD_LOG_LEVEL="warning", HOUNSFIELD_DIMSE="false", HOUNSFIELD_INFERENCE="false")
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(base + "/readyz").status_code == 200:
-                return proc, base, env
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit("server did not start")
-        time.sleep(0.3)
+    wait_ready(base, proc, 120)
+    return proc, base, env
 
 
 def main() -> int:

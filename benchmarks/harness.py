@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 def wait_ready(base: str, proc: subprocess.Popen[bytes] | None = None, seconds: float = 90) -> None:
-    """Poll `base`/readyz until 200; exit when the server process died or the time is up."""
+    """Poll `base`/readyz until 200; exit (stopping the process) when it died or the time is up."""
     deadline = time.monotonic() + seconds
     while True:
         try:
@@ -31,6 +31,8 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes] | None = None, seconds: 
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
             raise SystemExit(f"server at {base} did not start")
         time.sleep(0.2)
 

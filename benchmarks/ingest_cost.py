@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare import Target, hounsfield_port, stow  # noqa: E402
 from benchmarks.compare_data import generate  # noqa: E402
 from benchmarks.cstore import start_hounsfield, store  # noqa: E402
+from benchmarks.harness import admin_token, wait_ready  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -112,12 +111,9 @@ def main() -> int:
         server = procs[-1].pid
         dsn = os.environ.get("DATABASE_URL") or embedded.get_uri()
         env = dict(os.environ, HOUNSFIELD_DATA=str(folder / "data"))
-        token = subprocess.run(
-            [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
-            cwd=ROOT, env=env, check=True, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
+        token = admin_token(env)
         base = f"http://127.0.0.1:{hounsfield_port(server)}/dicom-web"
-        httpx.get(base.replace("/dicom-web", "/readyz"))
+        wait_ready(base.removesuffix("/dicom-web"))
         asyncio.run(drain(dsn))  # start-up jobs
 
         def spy_start() -> subprocess.Popen[bytes]:

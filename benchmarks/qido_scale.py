@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import admin_token, free_port  # noqa: E402
+from benchmarks.harness import admin_token, free_port, wait_ready  # noqa: E402
 from server import db  # noqa: E402
 
 LOAD_SQL = """
@@ -152,16 +152,7 @@ def main() -> int:
         proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env)
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(base + "/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit("server did not start")
-                time.sleep(0.2)
+            wait_ready(base, proc, 60)
             # An admin token from the embedded issuer, signed with the server's data folder key.
             token = admin_token(env)
             results = run_queries(base, args.repeat, token)

@@ -31,7 +31,7 @@ import pydicom
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import admin_token, free_port  # noqa: E402
+from benchmarks.harness import admin_token, free_port, wait_ready  # noqa: E402
 from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
 from tests.data import sample  # noqa: E402
 from tests.factory import multipart, stow_headers  # noqa: E402
@@ -82,17 +82,7 @@ def start_hounsfield(folder: Path) -> tuple[subprocess.Popen[bytes], str, dict[s
     env["HOUNSFIELD_LOG_LEVEL"] = "warning"
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(base + "/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.terminate()
-            raise SystemExit("Hounsfield did not start")
-        time.sleep(0.3)
+    wait_ready(base, proc, 120)
     token = admin_token(env)
     return proc, base, {"Authorization": f"Bearer {token}"}
 
