@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,8 @@ class Served:
     error: str | None
     batch_size: int
     algorithm: Algorithm
+    model_seconds: float = 0.0
+    """The adapter's time in the replica for the whole batch (the rest of a call's latency is Ray's)."""
 
 
 class ModelReplica:
@@ -79,6 +82,7 @@ class ModelReplica:
     def _run(self, wired: list[WireInput | ModelInput]) -> list[Served]:
         algorithm, size = self.adapter.algorithm, len(wired)
         batch = [unpack_input(w) for w in wired]
+        started = time.perf_counter()
         whole = getattr(self.adapter, "predict_batch", None)
         if whole is not None and size > 1:
             try:
@@ -87,14 +91,21 @@ class ModelReplica:
                 pass  # run each input alone below: only the bad one fails
             else:
                 if len(predictions) == size:
-                    return [Served(pack_prediction(p), None, size, algorithm) for p in predictions]
-        out = []
+                    took = time.perf_counter() - started
+                    return [Served(pack_prediction(p), None, size, algorithm, took) for p in predictions]
+        results: list[Prediction | str] = []
         for inputs in batch:
             try:
-                out.append(Served(pack_prediction(self.adapter.predict(inputs)), None, size, algorithm))
+                results.append(self.adapter.predict(inputs))
             except Exception as exc:
-                out.append(Served(None, _describe(exc), size, algorithm))
-        return out
+                results.append(_describe(exc))
+        took = time.perf_counter() - started
+        return [
+            Served(None, r, size, algorithm, took)
+            if isinstance(r, str)
+            else Served(pack_prediction(r), None, size, algorithm, took)
+            for r in results
+        ]
 
 
 def _describe(exc: Exception) -> str:

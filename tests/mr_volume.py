@@ -25,6 +25,7 @@ def mni_volume(step: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The template as uint16 voxels (scaled to 0..4095) and its LPS affine; `step` > 1 keeps every step-th voxel
     along each axis (a coarser volume for faster tests)."""
     image = nib.load(MNI_T1)
+    assert isinstance(image, nib.Nifti1Image)
     data = np.asarray(image.get_fdata(dtype=np.float32))[::step, ::step, ::step]
     affine = RAS_TO_LPS @ np.asarray(image.affine, dtype=np.float64)
     affine[:3, :3] = affine[:3, :3] * step
