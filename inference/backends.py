@@ -1,15 +1,16 @@
 """Inference backends behind one Protocol (house style 10): the server hands a model and its input arrays to a
 backend and awaits a `Prediction`. The in-process backend (the embedded default) runs adapters in a pool of
 worker threads: numpy, scipy, ONNX Runtime and torch release the GIL in their kernels, arrays are passed by
-reference (never serialized), and the event loop never blocks. A Ray Serve backend (scale-out) is to come
-behind the same Protocol.
+reference (never serialized), and the event loop never blocks. The Ray Serve backend (scale-out,
+`inference.backend_ray`) sits behind the same Protocol; `ByModel` sends each model to the one its registration
+pins (`backend.backend`), or to the server's default.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -56,3 +57,36 @@ class InProcessBackend:
 
     async def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ByModel:
+    """Each model to the backend it runs in (`Model.runs_in`: its pinned `backend.backend`, else `default`);
+    a backend is made on first use (Ray is started or joined only when a model runs there)."""
+
+    def __init__(self, default: str, factories: Mapping[str, Callable[[], InferenceBackend]]) -> None:
+        self.default = default
+        self.factories = dict(factories)
+        self._made: dict[str, InferenceBackend] = {}
+        self._lock = threading.Lock()
+
+    def backend(self, model: Model) -> InferenceBackend:
+        kind = model.runs_in(self.default)
+        with self._lock:
+            found = self._made.get(kind)
+            if found is None:
+                factory = self.factories.get(kind)
+                if factory is None:
+                    raise InvalidModel(f"model {model.key}: no {kind} backend here")
+                found = self._made[kind] = factory()
+            return found
+
+    async def predict(self, model: Model, inputs: ModelInput) -> Prediction:
+        return await self.backend(model).predict(model, inputs)
+
+    def adapter(self, model: Model) -> ModelAdapter:
+        return self.backend(model).adapter(model)
+
+    async def close(self) -> None:
+        for made in list(self._made.values()):
+            await made.close()
+        self._made.clear()

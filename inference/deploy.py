@@ -1,11 +1,13 @@
 """`hounsfield models deploy`: one Ray Serve application (`HOUNSFIELD_RAY_APP`) with one deployment per active or
-shadow model version, made or updated in place (`serve.run` of the whole application is declarative: deployments
+shadow model version (except those whose registration pins them in process: `backend.backend: "in-process"`),
+made or updated in place (`serve.run` of the whole application is declarative: deployments
 of models no longer listed are removed, unchanged ones keep their replicas' configuration).
 
 Per model, from its registered backend settings (checked here, `InvalidModel` naming the field):
 - `max_batch_size` (1-256, default 8) and `batch_wait_timeout_s` (0-10, default 0.01): `@serve.batch`.
 - `num_gpus` (>= 0, fractional allowed: 0.25 shares one GPU between four replicas; default 0) and `num_cpus`
-  (> 0, default 1): the replica's Ray resources.
+  (> 0, default 1): the replica's Ray resources. Ray sizes a replica's torch and OpenMP thread pools by its
+  `num_cpus`: a torch model given 1 CPU computes on one thread (deepbet: 1.8 s per 2 mm volume on 2 threads).
 - `max_ongoing_requests` is twice the batch size, so that one batch fills while the previous one runs, and
   autoscaling (`HOUNSFIELD_RAY_MIN_REPLICAS`..`HOUNSFIELD_RAY_MAX_REPLICAS`) targets one full batch per replica.
 The ingress deployment (`Catalog`) only lists the models: the server calls each model deployment's own handle,
@@ -80,10 +82,11 @@ CATALOG_DEPLOYMENT: Any = serve.deployment(name=CATALOG, ray_actor_options={"num
 
 
 def application(models: Sequence[Model], settings: Settings) -> Any:
-    """The Serve application of `models` (active and shadow versions; retired ones are left out)."""
+    """The Serve application of `models`: active and shadow versions, except those whose registration pins them
+    in process (`backend.backend`); retired ones are left out."""
     bound: dict[str, Any] = {}
     for model in models:
-        if model.status == "retired":
+        if model.status == "retired" or model.runs_in("ray") != "ray":
             continue
         batch_wait = _number(model.backend, "batch_wait_timeout_s", 0.01, 0, 10)
         options = serve_options(model, settings)

@@ -26,6 +26,9 @@ SQL = Queries(Path(__file__).with_name("registry.sql"))
 Status = Literal["active", "shadow", "retired"]
 STATUSES: tuple[Status, ...] = ("active", "shadow", "retired")
 OUTPUTS = ("SEG", "SR", "DiagnosticReport")
+BACKENDS = ("in-process", "ray")
+"""`backend.backend` of a registration: pins where the model runs; absent, `HOUNSFIELD_INFERENCE_BACKEND` decides
+(a light classical model can stay in process, next to the server, while the heavy ones run in Ray Serve)."""
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -99,6 +102,14 @@ class Model:
     @property
     def adapter(self) -> str:
         return str(self.backend.get("adapter", ""))
+
+    def runs_in(self, default: str) -> str:
+        """Where this model runs: `backend.backend` when the registration pins it (`in-process` or `ray`), else
+        the server's `HOUNSFIELD_INFERENCE_BACKEND` (`default`: `inprocess` or `ray`); `inprocess` or `ray`."""
+        pinned = self.backend.get("backend")
+        if pinned == "in-process":
+            return "inprocess"
+        return "ray" if pinned == "ray" else default
 
     @property
     def key(self) -> str:
@@ -187,9 +198,9 @@ def parse_model(raw: Any, adapters: Collection[str]) -> Model:
     adapter = backend.get("adapter")
     if adapter not in adapters:
         raise InvalidModel(f"backend.adapter: expected one of {', '.join(sorted(adapters))}, got {adapter!r}")
-    kind = backend.get("backend", "in-process")
-    if kind != "in-process":
-        raise InvalidModel("backend.backend: only 'in-process' is available")
+    kind = backend.get("backend")
+    if kind is not None and kind not in BACKENDS:
+        raise InvalidModel(f"backend.backend: expected one of {', '.join(BACKENDS)} (or none: the server's default)")
     return Model(
         name=_text(raw, "name", NAME),
         version=_text(raw, "version", VERSION),
@@ -197,7 +208,7 @@ def parse_model(raw: Any, adapters: Collection[str]) -> Model:
         selector=parse_selector(raw.get("selector")),
         outputs=outputs,
         status=status,
-        backend={**dict(backend), "backend": kind},
+        backend=dict(backend),
     )
 
 

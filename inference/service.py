@@ -14,7 +14,7 @@ from dicomweb.store import IngestHook, StoreService
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
 from inference import dispatch, monitoring
-from inference.backends import InferenceBackend, InProcessBackend
+from inference.backends import ByModel, InferenceBackend, InProcessBackend
 from inference.identity import ServiceActor, service_principal
 from inference.models import AdapterFactory, catalog
 from inference.runner import Runner
@@ -69,14 +69,20 @@ def open_inference(
 
 
 def _backend(settings: Settings, adapters: dict[str, AdapterFactory], pool: asyncpg.Pool) -> InferenceBackend:
-    """`HOUNSFIELD_INFERENCE_BACKEND`: the in-process thread pool, or Ray Serve (imported only when chosen)."""
-    if settings.inference_backend != "ray":
+    """The in-process thread pool and Ray Serve (imported only when a model runs there), each model to the one
+    its registration pins, else to `HOUNSFIELD_INFERENCE_BACKEND`'s."""
+
+    def in_process() -> InferenceBackend:
         return InProcessBackend(adapters, settings.inference_workers)
-    from inference import registry
-    from inference.backend_ray import RayServeBackend
 
-    async def models() -> list[registry.Model]:
-        async with pool.acquire() as conn:
-            return [m for m in await registry.list_models(conn) if m.status != "retired"]
+    def ray_serve() -> InferenceBackend:
+        from inference import registry
+        from inference.backend_ray import RayServeBackend
 
-    return RayServeBackend(settings, models)
+        async def models() -> list[registry.Model]:
+            async with pool.acquire() as conn:
+                return [m for m in await registry.list_models(conn) if m.status != "retired"]
+
+        return RayServeBackend(settings, models)
+
+    return ByModel(settings.inference_backend, {"inprocess": in_process, "ray": ray_serve})

@@ -2,8 +2,9 @@
 include_dashboard=False)` with Serve (HTTP proxy disabled), shut down at the end of the session.
 
 - `hounsfield models deploy` (the CLI, in its own process, joining the cluster by address) deploys the registered
-  models; a server with `HOUNSFIELD_INFERENCE_BACKEND=ray` then turns a STOW of RG1 into the same lung fields SEG
-  and DiagnosticReport as the in-process backend, and a failing deployment is retried and reported.
+  models (not those pinned in process by `backend.backend`, which the server runs beside itself); a server with
+  `HOUNSFIELD_INFERENCE_BACKEND=ray` then turns a STOW of RG1 into the same lung fields SEG and DiagnosticReport
+  as the in-process backend, and a failing deployment is retried and reported.
 - Concurrent requests are batched by `@serve.batch` (each answer says the size of its batch).
 - Deployment options follow the model's backend settings; bad ones are refused.
 """
@@ -41,6 +42,12 @@ RAY_LUNGS = {
     **LUNGS,
     "backend": {**LUNGS["backend"], "num_cpus": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.5},
 }  # type: ignore[dict-item]
+LOCAL = {  # pinned in process: not deployed in Serve, run beside the server even though its default is Ray
+    **LUNGS,
+    "name": "lungs-local",
+    "outputs": ["DiagnosticReport"],
+    "backend": {"adapter": "chest-xray-lung-fields", "backend": "in-process"},
+}
 BROKEN = {
     **RAY_LUNGS,
     "name": "broken",
@@ -95,6 +102,7 @@ def test_deploy_cli_then_stow_makes_the_same_seg_and_report(ray_cluster: str, ma
     with httpx.Client(base_url=ai.url, timeout=60, headers=ai.headers) as api:
         assert api.post("/models", json=RAY_LUNGS).status_code == 201
         assert api.post("/models", json=BROKEN).status_code == 201
+        assert api.post("/models", json=LOCAL).status_code == 201
         assert api.post("/models", json={**RAY_LUNGS, "version": "0.1", "status": "retired"}).status_code == 201
         env = _env(RAY_ADDRESS=ray_cluster, DATABASE_URL=ai.dsn, HOUNSFIELD_INFERENCE_PLUGINS=",".join(PLUGINS))
         done = hounsfield("models", "deploy", env=env)
@@ -102,7 +110,8 @@ def test_deploy_cli_then_stow_makes_the_same_seg_and_report(ray_cluster: str, ma
         assert sorted(done.stdout.split()) == sorted(
             "deployed broken@1.0.0 in hounsfield deployed lungs@1.0.0 in hounsfield".split()
         )
-        assert deploy.deployed(ai.settings) == {"lungs@1.0.0", "broken@1.0.0"}  # not the retired version
+        # neither the retired version nor the model pinned in process
+        assert deploy.deployed(ai.settings) == {"lungs@1.0.0", "broken@1.0.0"}
 
         source = stow_chest(api)
         result = result_of(api, source.SeriesInstanceUID, "lungs", ("succeeded", "failed"))
@@ -123,6 +132,10 @@ def test_deploy_cli_then_stow_makes_the_same_seg_and_report(ray_cluster: str, ma
         assert result["stats"]["lung_area_fraction"] == pytest.approx(expected.measurements["lung_area_fraction"])
         report = api.get(f"/fhir/{result['report']}").json()
         assert report["status"] == "preliminary" and report["meta"]["security"][0]["code"] == "AIAST"
+        # the pinned model ran in process (through Ray it would fail: it has no deployment there)
+        local = result_of(api, source.SeriesInstanceUID, "lungs-local", ("succeeded", "failed"))
+        assert local["state"] == "succeeded" and local["report"] is not None, local
+        assert local["stats"]["lung_area_fraction"] == pytest.approx(expected.measurements["lung_area_fraction"])
 
         # the failing deployment: retried with backoff, then failed with the adapter's own message
         failed = result_of(api, source.SeriesInstanceUID, "broken", ("failed",))

@@ -54,7 +54,11 @@ def facts(**changes: Any) -> SeriesFacts:
 
 def test_registration_documents_are_checked() -> None:
     model = parse_model(DOC, ADAPTERS)
-    assert model.status == "shadow" and model.backend == {"adapter": "chest-xray-lung-fields", "backend": "in-process"}
+    assert model.status == "shadow" and model.backend == {"adapter": "chest-xray-lung-fields"}
+    assert model.runs_in("inprocess") == "inprocess" and model.runs_in("ray") == "ray"  # the server's default
+    for pinned, where in (("in-process", "inprocess"), ("ray", "ray")):
+        doc = {**DOC, "backend": {"adapter": ADAPTERS[0], "backend": pinned}}
+        assert parse_model(doc, ADAPTERS).runs_in("inprocess") == where == parse_model(doc, ADAPTERS).runs_in("ray")
     assert model.selector.modality == ("CR",) and model.selector.body_part == ("CHEST",)
     for bad, field in [
         ({**DOC, "name": "Bad Name"}, "name"),
@@ -62,7 +66,7 @@ def test_registration_documents_are_checked() -> None:
         ({**DOC, "outputs": ["PNG"]}, "outputs"),
         ({**DOC, "status": "live"}, "status"),
         ({**DOC, "backend": {"adapter": "x"}}, "backend.adapter"),
-        ({**DOC, "backend": {"adapter": ADAPTERS[0], "backend": "ray"}}, "backend.backend"),
+        ({**DOC, "backend": {"adapter": ADAPTERS[0], "backend": "gpu-farm"}}, "backend.backend"),
         ({**DOC, "selector": {"colour": "red"}}, "selector"),
         ({**DOC, "selector": {"min_instances": 0}}, "selector.min_instances"),
         ({**DOC, "selector": {"sop_class": ["1.2.x"]}}, "selector.sop_class"),
