@@ -43,7 +43,7 @@ from authz.auditrecord import (
     request_record,
 )
 from server import jobs
-from server.db import Queries
+from server.db import Queries, vouch_stateless
 
 __all__ = [
     "CHECKPOINT_JOB",
@@ -158,6 +158,7 @@ class AuditTrail:
                         self._settle(batch, first)
                         batch = None
                     self._accepting = False
+                    vouch_stateless(conn)  # autocommitted appends only: no reset query on release
                 return
             except BaseException as exc:
                 failed = batch if connected else self._take()  # the batch in flight, or the next one

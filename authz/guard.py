@@ -33,7 +33,7 @@ from authz.errors import Forbidden
 from authz.policy_input import break_glass_session, policy_input
 from authz.principal import Principal
 from authz.sessioncache import OpenSession
-from server.db import Connection, Queries
+from server.db import Connection, Queries, vouch_stateless
 
 FACTS = Queries(Path(__file__).with_name("facts.sql"))
 OPT_KEY = "authz"
@@ -115,6 +115,7 @@ async def _facts(
             else:
                 session = await fetch()
                 context = session.context if session is not None else None
+        vouch_stateless(conn)  # SELECTs only: the release needs no reset query
     return resource, context
 
 

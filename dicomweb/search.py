@@ -23,6 +23,7 @@ from pydicom.datadict import dictionary_VR
 from dicomweb.access import UNRESTRICTED, AccessConstraints
 from dicomweb.index import search as index
 from dicomweb.query import Level, Query, level_of, tag_of
+from server.db import vouch_stateless
 
 TRUNCATED = "The number of results exceeded the maximum supported by the server. Additional results can be requested."
 
@@ -145,6 +146,7 @@ async def search(
         series = await index.series_stats(
             conn, sorted({int(r["series_pk"]) for r in rows}) if Level.SERIES in plan.levels else []
         )
+        vouch_stateless(conn)  # SELECTs only: the release needs no reset query (a round trip per search)
     warnings = list(query.unsupported)
     if more and (query.limit_requested is None or query.limit_requested > query.limit):
         warnings.append(TRUNCATED)

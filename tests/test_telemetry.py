@@ -201,3 +201,17 @@ print(AsyncPGInstrumentor().is_instrumented_by_opentelemetry)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+def test_requests_bypass_the_instrumentation_only_while_nothing_observes() -> None:
+    """With the `none` exporter nothing consumes request spans or HTTP metrics, so requests skip the
+    instrumentation (`PrivacyMiddleware`); a span processor attached later, or a metric reader, turns it on."""
+    tel = telemetry.Telemetry.build("none")
+    assert not tel.observed
+    tel.tracer_provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    assert tel.observed
+    metered = telemetry.Telemetry.build("none", metric_readers=(InMemoryMetricReader(),))
+    assert metered.observed
+    for made in (tel, metered):
+        made.meter_provider.shutdown()
+        made.tracer_provider.shutdown()
