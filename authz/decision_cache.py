@@ -10,9 +10,10 @@ decision that was actually taken.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
+
+import msgspec
 
 from authz.decision import Decision, PolicyEngine, PolicyInput
 
@@ -22,18 +23,20 @@ class CachingEngine:
         self.engine = engine
         self.ttl = ttl
         self.entries = entries
-        self._cache: OrderedDict[str, tuple[Decision, float]] = OrderedDict()
+        self._cache: OrderedDict[bytes, tuple[Decision, float]] = OrderedDict()
 
     @property
     def revision(self) -> str:
         return self.engine.revision
 
-    def _key(self, policy_input: PolicyInput) -> str:
+    def _key(self, policy_input: PolicyInput) -> bytes:
+        """The input document without its time, as sorted JSON (msgspec: a tenth of `json.dumps`' cost, which
+        showed in QIDO-RS profiles), after the engine's revision."""
         document = policy_input.to_dict()
         context = dict(document["context"])
         context.pop("time", None)
         document["context"] = context
-        return self.engine.revision + "\0" + json.dumps(document, sort_keys=True, separators=(",", ":"))
+        return self.engine.revision.encode() + b"\0" + msgspec.json.encode(document, order="sorted")
 
     async def decide(self, policy_input: PolicyInput) -> Decision:
         if self.ttl <= 0:

@@ -140,9 +140,12 @@ async def search(
         rows = await index.fetch_page(conn, query, instance_keys=instance_keys, access=access)
         more = len(rows) > query.limit
         rows = rows[: query.limit]
-        studies = await index.study_stats(
-            conn, sorted({int(r["study_pk"]) for r in rows}) if Level.STUDY in plan.levels else []
-        )
+        if query.level is Level.STUDY:  # the page query computed them (one round trip)
+            studies = {int(r["study_pk"]): r for r in rows}
+        else:
+            studies = await index.study_stats(
+                conn, sorted({int(r["study_pk"]) for r in rows}) if Level.STUDY in plan.levels else []
+            )
         series = await index.series_stats(
             conn, sorted({int(r["series_pk"]) for r in rows}) if Level.SERIES in plan.levels else []
         )

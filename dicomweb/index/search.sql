@@ -7,11 +7,27 @@
 -- distinct studies and series.
 
 -- name: studies
-SELECT st.study_pk, st.study_uid, st.attrs::text AS study_attrs
-FROM studies st
-WHERE {where}
-ORDER BY st.study_date DESC NULLS LAST, st.study_time DESC NULLS LAST, st.study_pk DESC
-LIMIT {limit} OFFSET {offset};
+-- The page of studies with their computed attributes (as study_stats computes them), in one round trip.
+SELECT p.study_pk, p.study_uid, p.study_attrs, se.n AS series_count, se.modalities, i.n AS instance_count,
+       i.sop_classes
+FROM (
+    SELECT st.study_pk, st.study_uid, st.attrs::text AS study_attrs, st.study_date, st.study_time
+    FROM studies st
+    WHERE {where}
+    ORDER BY st.study_date DESC NULLS LAST, st.study_time DESC NULLS LAST, st.study_pk DESC
+    LIMIT {limit} OFFSET {offset}
+) p
+CROSS JOIN LATERAL (
+    SELECT count(*) AS n,
+           coalesce(array_agg(DISTINCT c.modality ORDER BY c.modality) FILTER (WHERE c.modality IS NOT NULL),
+                    '{{}}') AS modalities
+    FROM series c WHERE c.study_pk = p.study_pk
+) se
+CROSS JOIN LATERAL (
+    SELECT count(*) AS n, coalesce(array_agg(DISTINCT c.sop_class_uid ORDER BY c.sop_class_uid), '{{}}') AS sop_classes
+    FROM instances c WHERE c.study_pk = p.study_pk
+) i
+ORDER BY p.study_date DESC NULLS LAST, p.study_time DESC NULLS LAST, p.study_pk DESC;
 
 -- name: series
 SELECT p.series_pk, p.series_uid, p.series_attrs, st.study_pk, st.study_uid, st.attrs::text AS study_attrs
