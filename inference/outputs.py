@@ -17,7 +17,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -108,6 +107,8 @@ def segmentation(
     sources: Sequence[Dataset], prediction: Prediction, algorithm: Algorithm, model: Model, series_uid: str
 ) -> bytes:
     """The prediction's segments as one binary DICOM SEG instance (Part 10 bytes)."""
+    import highdicom as hd  # on first use: ~20 MiB a server that publishes no SEG never needs
+
     out_series, out_instance = result_uids(series_uid, model)
     identification = hd.AlgorithmIdentificationSequence(
         name=algorithm.name, family=algorithm.family, version=algorithm.version, source="Hounsfield"

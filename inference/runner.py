@@ -40,7 +40,7 @@ from fhir import sync as fhir_sync
 from fhir.reports import prepare_report
 from fhir.repository import FhirRepository
 from fhir.validation import check_resource
-from inference import monitoring, outputs, registry, sr
+from inference import monitoring, outputs, registry
 from inference.backends import InferenceBackend
 from inference.dispatch import SQL, series_facts
 from inference.errors import InferenceError, ModelFailed
@@ -168,6 +168,8 @@ class Runner:
     ) -> None:
         """The TID 1500 Measurement Report (inference.sr), stored like the SEG. The result row names the SEG's
         series when there is one (else the SR's) and lists every output instance."""
+        from inference import sr  # highdicom and pydicom's codes load with the first report, not with the server
+
         sr_series, sr_instance = sr.sr_uids(facts.series_uid, model)
         async with self.pool.acquire() as conn:
             exists = await conn.fetchval(SQL["instance_exists"], sr_instance)

@@ -9,26 +9,32 @@ Measurement Report (PS3.16) built with highdicom. Pure: datasets in, Part 10 byt
 - A new series of the source study (Series Number 9002), its description marking the result AI-generated and
   not for diagnostic use (IHE AI Results). UIDs derive from (series, model, version), so a retry re-finds them.
 
-Codes: measurement and finding names this module knows map to SNOMED CT / DCM / UCUM codes (`CONCEPTS`); any
+Codes: measurement and finding names this module knows map to SNOMED CT / DCM / UCUM codes (`concepts()`); any
 other name gets a code of the private coding scheme `99HOUNSFIELD` (PS3.16 8.2: "99" designates a private scheme)
 whose meaning is the name itself (its value a digest of the name), so a plugin model's measurements are reported too.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import highdicom as hd
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from inference.models import Algorithm, Prediction
 from inference.outputs import NOT_FOR_DIAGNOSIS
 from inference.registry import Model
+
+if TYPE_CHECKING:
+    import highdicom as hd
+
+# highdicom and pydicom's code dictionary are imported when a report is first built, not with the server (about
+# 20 MiB of resident memory that a server publishing no AI result never needs).
 
 SR_SERIES_NUMBER = 9002
 PRIVATE = "99HOUNSFIELD"
@@ -37,14 +43,27 @@ PROBABILITY_UNIT = Code("1", "UCUM", "no units")
 MR_BRAIN = Code("24590-2", "LN", "MR Brain")
 IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
 """Procedures reported: LOINC MR Brain for MR sources, else SNOMED CT's generic imaging procedure."""
-CONCEPTS: dict[str, tuple[Code, Code]] = {
-    "total_intracranial_volume_ml": (codes.SCT.Volume, MILLILITER),
-    "tumor_probability": (codes.DCM.Probability, PROBABILITY_UNIT),
-}
-"""Measurement name -> (concept name, unit)."""
 SUFFIX_UNITS = {"_ml": MILLILITER, "_mm2": Code("mm2", "UCUM", "square millimeter")}
 """Units of other measurements by the end of their names (as `inference.outputs` reads them); else no units."""
-FINDING_TYPES: dict[str, Code] = {"deepbet": codes.SCT.Brain, "detect-tumor": codes.SCT.Neoplasm}
+
+
+@functools.cache
+def concepts() -> dict[str, tuple[Code, Code]]:
+    """Measurement name -> (concept name, unit)."""
+    from pydicom.sr.codedict import codes
+
+    return {
+        "total_intracranial_volume_ml": (codes.SCT.Volume, MILLILITER),
+        "tumor_probability": (codes.DCM.Probability, PROBABILITY_UNIT),
+    }
+
+
+@functools.cache
+def finding_types() -> dict[str, Code]:
+    """Algorithm name -> the finding type of its measurement group (DCM Finding for the others)."""
+    from pydicom.sr.codedict import codes
+
+    return {"deepbet": codes.SCT.Brain, "detect-tumor": codes.SCT.Neoplasm, "": codes.DCM.Finding}
 
 
 def sr_uids(series_uid: str, model: Model) -> tuple[str, str]:
@@ -60,8 +79,11 @@ def private_code(name: str) -> Code:
 
 
 def _measurement(name: str, value: float, algorithm_id: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
-    if name in CONCEPTS:
-        concept, unit = CONCEPTS[name]
+    import highdicom as hd
+
+    known = concepts()
+    if name in known:
+        concept, unit = known[name]
     else:
         unit = next((u for suffix, u in SUFFIX_UNITS.items() if name.endswith(suffix)), PROBABILITY_UNIT)
         concept = private_code(name)
@@ -69,6 +91,9 @@ def _measurement(name: str, value: float, algorithm_id: hd.sr.AlgorithmIdentific
 
 
 def _device(algorithm: Algorithm, model: Model) -> hd.sr.ObservationContext:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -85,6 +110,8 @@ def measurement_report(
     sources: Sequence[Dataset], prediction: Prediction, algorithm: Algorithm, model: Model, series_uid: str
 ) -> bytes:
     """The prediction's measurements and findings as one Comprehensive 3D SR instance (Part 10 bytes)."""
+    import highdicom as hd
+
     out_series, out_instance = sr_uids(series_uid, model)
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name[:64], version=algorithm.version[:64])
     measurements = [_measurement(n, v, algorithm_id) for n, v in sorted(prediction.measurements.items())]
@@ -98,7 +125,7 @@ def measurement_report(
             uid=generate_uid(entropy_srcs=[series_uid, model.name, model.version, "tracking"]),
             identifier=f"{model.name} {model.version}"[:64],
         ),
-        finding_type=FINDING_TYPES.get(algorithm.name, codes.DCM.Finding),
+        finding_type=finding_types().get(algorithm.name, finding_types()[""]),
         algorithm_id=algorithm_id,
         measurements=measurements or None,
         qualitative_evaluations=evaluations or None,

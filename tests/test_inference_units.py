@@ -174,3 +174,20 @@ def test_models_cli(tmp_path: Path, dsn: str, monkeypatch: pytest.MonkeyPatch, c
     assert main(["models", "register", str(doc)]) == 1
     assert main(["models", "list"]) == 0
     assert "lungs\t2\tretired" in capsys.readouterr().out
+
+
+def test_the_server_loads_no_model_or_report_library_until_one_is_used() -> None:
+    """highdicom and pydicom's SR code dictionary (~20 MiB resident) load with the first SEG/SR or model run,
+    not with the app (issue 8: the server's memory)."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from server.app import create_app
+from server.settings import Settings
+create_app(Settings.from_env({}))
+print(sorted(m for m in ("highdicom", "pydicom.sr", "inference.models.lung_fields", "torch") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

