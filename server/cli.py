@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import logging
 import os
@@ -11,6 +12,9 @@ import sys
 from pathlib import Path
 
 from server.settings import Settings, SettingsError
+
+M_ARENA_MAX = -8
+"""glibc's mallopt parameter number for the arena limit (malloc.h)."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -31,6 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_malloc_arenas(settings.malloc_arenas)
     app = create_app(settings)
     # uvicorn re-raises SIGTERM after its graceful shutdown, which would skip atexit handlers (the embedded
     # PostgreSQL is stopped by one): turn SIGTERM into a normal exit instead.
@@ -50,6 +55,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,
     )
     return 0
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """glibc's `mallopt(M_ARENA_MAX, arenas)` before the server starts its threads (`HOUNSFIELD_MALLOC_ARENAS`);
+    False where there is nothing to do (0, or a C library that is not glibc)."""
+    if arenas <= 0:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_ARENA_MAX, arenas))
 
 
 def main(argv: list[str] | None = None) -> int:

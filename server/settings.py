@@ -194,6 +194,11 @@ class Settings:
     `OTEL_EXPORTER_OTLP_ENDPOINT` applies)."""
     log_level: str = "info"
     """`HOUNSFIELD_LOG_LEVEL`."""
+    malloc_arenas: int = 0
+    """`HOUNSFIELD_MALLOC_ARENAS`: glibc malloc arenas of `hounsfield serve` (default: one per CPU; 0 leaves
+    glibc's own limit, 8 per CPU). Worker threads that parse, encode and write each get an arena by default, and
+    freed memory stays resident in each: one per CPU keeps the server's resident size down (issue 8: peak RSS
+    under the benchmark load 184 -> 166 MiB on 2 CPUs) at no measured cost in throughput."""
 
     # --- authentication (bearer JWTs) ---
     auth_issuer: str = "hounsfield"
@@ -386,6 +391,7 @@ class Settings:
             gc_interval_seconds=_int(env, "HOUNSFIELD_GC_INTERVAL_SECONDS", 3600, minimum=1),
             otel_exporter=exporter,
             log_level=(env.get("HOUNSFIELD_LOG_LEVEL") or "info").lower(),
+            malloc_arenas=_int(env, "HOUNSFIELD_MALLOC_ARENAS", os.cpu_count() or 2, minimum=0, maximum=1024),
             auth_issuer=env.get("HOUNSFIELD_AUTH_ISSUER") or "hounsfield",
             auth_audience=env.get("HOUNSFIELD_AUTH_AUDIENCE") or "hounsfield",
             auth_jwks_url=_url(env, "HOUNSFIELD_AUTH_JWKS_URL"),

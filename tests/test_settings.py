@@ -41,6 +41,7 @@ def test_defaults_need_no_configuration() -> None:
         ({"DATABASE_URL": "mysql://db/x"}, "DATABASE_URL"),
         ({"HOUNSFIELD_MAX_INSTANCE_BYTES": "12"}, "HOUNSFIELD_MAX_INSTANCE_BYTES"),
         ({"HOUNSFIELD_GC_INTERVAL_SECONDS": "0"}, "HOUNSFIELD_GC_INTERVAL_SECONDS"),
+        ({"HOUNSFIELD_MALLOC_ARENAS": "-1"}, "HOUNSFIELD_MALLOC_ARENAS"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -187,3 +188,15 @@ def test_dimse_settings() -> None:
                 "HOUNSFIELD_DIMSE_ROUTES": '[{"destination": "PACS", "attributes": {"Nonsense": "x"}}]',
             }
         )
+
+
+def test_malloc_arenas() -> None:
+    """One glibc arena per CPU by default, applied by `hounsfield serve` before its threads start."""
+    import os
+
+    from server.cli import limit_malloc_arenas
+
+    assert Settings.from_env({}).malloc_arenas == (os.cpu_count() or 2)
+    assert Settings.from_env({"HOUNSFIELD_MALLOC_ARENAS": "0"}).malloc_arenas == 0
+    assert limit_malloc_arenas(0) is False  # glibc's own default stays
+    assert limit_malloc_arenas(os.cpu_count() or 2) is True  # these machines run glibc
