@@ -1,7 +1,8 @@
-"""OHIF v3 shows a DICOM SEG over its CT (issue 5: "once the AI issue lands, a SEG overlays"): a CT series and a
-SEG that references it (built with highdicom like the AI outputs, tests/ohif_seg_data.py) are stored with STOW-RS;
-OHIF opens the study, the SEG series is loaded from the study browser, and the viewport shows the segment's colour
-while the segmentation panel lists the segment. Same harness and fixtures as tests/test_ohif.py."""
+"""OHIF v3 shows a DICOM SEG over its CT (issue 5: "once the AI issue lands, a SEG overlays"; issue 7): a CT series
+and a SEG that references it (made by the AI results' SEG builder, inference.outputs.segmentation, as every
+model's SEG is: tests/ohif_seg_data.py) are stored with STOW-RS; OHIF opens the study, the SEG series is loaded
+from the study browser, and the viewport shows the segment's colour while the segmentation panel lists the
+segment. Same harness and fixtures as tests/test_ohif.py."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def test_seg_overlays_the_ct(api: Api, viewer: ohif.StaticViewer, browser: ohif.
     mark = len(api.log.seen)
     scenario = {"scenario": "seg", "url": url, "segmentLabel": SEGMENT_LABEL, "name": "seg"}
     report = ohif.drive(browser, scenario, tmp_path)
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == "phantom-bone"  # an AI result, identified as such
+    assert "not for diagnostic use" in seg.SeriesDescription.lower()
     assert report["colourBefore"] < 0.0005, "the CT alone is grey"
     assert report["colourAfter"] > 0.002 and SEGMENT_LABEL in report["text"]
     seg_reads = [s for s in api.log.since(mark) if seg.SOPInstanceUID in s.path and s.method == "GET"]
