@@ -80,8 +80,10 @@ def _backend(settings: Settings, adapters: dict[str, AdapterFactory], pool: asyn
         from inference.backend_ray import RayServeBackend
 
         async def models() -> list[registry.Model]:
+            """The models a local Ray instance deploys: those that run in Ray on this server."""
             async with pool.acquire() as conn:
-                return [m for m in await registry.list_models(conn) if m.status != "retired"]
+                found = await registry.list_models(conn)
+            return [m for m in found if m.status != "retired" and m.runs_in(settings.inference_backend) == "ray"]
 
         return RayServeBackend(settings, models)
 
