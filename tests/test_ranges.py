@@ -57,17 +57,17 @@ def original(ds: Dataset) -> np.ndarray[Any, Any]:
 
 
 def pylibjpeg_decode(stream: bytes, ds: Dataset, syntax: str = HTJ2K_RPCL) -> np.ndarray[Any, Any]:
-    arr, _ = get_decoder(UID(syntax)).as_array(
-        encapsulate([stream]),
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-        samples_per_pixel=1,
-        bits_allocated=16,
-        bits_stored=int(ds.BitsStored),
-        pixel_representation=int(ds.PixelRepresentation),
-        photometric_interpretation="MONOCHROME2",
-        number_of_frames=1,
-    )
+    options: dict[str, Any] = {  # pydicom's stubs type these keywords as DecodeOptions
+        "rows": int(ds.Rows),
+        "columns": int(ds.Columns),
+        "samples_per_pixel": 1,
+        "bits_allocated": 16,
+        "bits_stored": int(ds.BitsStored),
+        "pixel_representation": int(ds.PixelRepresentation),
+        "photometric_interpretation": "MONOCHROME2",
+        "number_of_frames": 1,
+    }
+    arr, _ = get_decoder(UID(syntax)).as_array(encapsulate([stream]), **options)
     return arr
 
 
