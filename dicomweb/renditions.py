@@ -2,7 +2,8 @@
 
 Why: a viewer asking for HTJ2K RPCL frames (progressive loading, PS3.18 8.7.3.5 / Cornerstone3D) must not wait
 for an encoder. At ingest, the hook (`ingest_hook`, run inside the index transaction like the FHIR sync hook)
-queues one `rendition` job per stored image; the job encodes every frame in each configured syntax
+queues one `rendition` job per stored image, which gives way to ingest (`server.jobs.Deferral`: taken once the
+server has stored nothing for `HOUNSFIELD_RENDITIONS_IDLE_MS`); the job encodes every frame in each configured syntax
 (`HOUNSFIELD_RENDITIONS`, default 1.2.840.10008.1.2.4.202) into one blob per instance and syntax, frames end to
 end, and records each frame's [offset, length] in the `renditions` table (migrations/0008_renditions.sql). A
 frame request for that syntax is then a byte-range read of the blob. A missing rendition is made on demand by

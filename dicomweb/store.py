@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 import uuid
@@ -132,12 +133,21 @@ class StoreService:
         self.bulk_threshold = bulk_threshold
         self.hooks = list(hooks)
         self.compressor = Compressor.of_mode(compression, bulk_threshold)  # HOUNSFIELD_STORE_COMPRESSION
+        self.last_activity = -math.inf
+        """`time.monotonic()` when an instance last started or finished its ingest in this process."""
+
+    def busy_for(self, quiet_seconds: float) -> float:
+        """Seconds until this process's ingest has been quiet for `quiet_seconds` (0: quiet now); what
+        `server.jobs.Deferral` asks before taking work that gives way to ingest."""
+        return max(0.0, self.last_activity + quiet_seconds - time.monotonic())
 
     async def store_file(self, path: Path, size: int, sha256: str, expected_study: str | None = None) -> Outcome:
         """Ingest one spooled file. The file is consumed (moved into the store or deleted)."""
+        self.last_activity = time.monotonic()
         try:
             return await self._store(path, size, sha256, expected_study)
         finally:
+            self.last_activity = time.monotonic()
             try:
                 os.unlink(path)  # still here when it was rejected before reaching the blob store
             except FileNotFoundError:

@@ -42,6 +42,19 @@ class Job:
 Handler = Callable[[Job], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    """Job kinds that give way to ingest: while `busy()` says the process stored an instance too recently (it
+    returns the seconds until it counts as idle; 0 when idle), the worker leaves them queued, unless they are
+    `max_seconds` overdue, so that a continuous ingest delays them by at most that much. Derived work that no
+    request waits for (renditions: a frame request encodes what it needs itself) then does not take CPU from
+    the instances arriving."""
+
+    kinds: frozenset[str]
+    busy: Callable[[], float]
+    max_seconds: float
+
+
 class PermanentJobError(Exception):
     """Raised by a handler when retrying cannot help; the job fails at once."""
 
@@ -88,8 +101,10 @@ class Worker:
         lease_seconds: float = 600.0,
         batch: int = 8,
         name: str | None = None,
+        deferral: Deferral | None = None,
     ) -> None:
         self.pool = pool
+        self.deferral = deferral
         self.handlers = dict(handlers)
         self.poll_seconds = poll_seconds
         self.lease_seconds = lease_seconds
@@ -111,7 +126,8 @@ class Worker:
             if now >= self._reclaim_at:  # a dead worker's lease is minutes long: no need to look on every batch
                 await conn.execute(SQL["reclaim_expired"], float(self.lease_seconds))
                 self._reclaim_at = now + min(self.poll_seconds, self.lease_seconds / 4)
-            rows = await conn.fetch(SQL["take"], self.name, self.batch, list(self.handlers))
+            deferred, overdue = self._deferred()
+            rows = await conn.fetch(SQL["take"], self.name, self.batch, list(self.handlers), deferred, overdue)
         finished: list[int] = []
         for row in rows:
             payload = row["payload"]
@@ -128,6 +144,19 @@ class Worker:
             async with self.pool.acquire() as conn:
                 await conn.execute(SQL["finish_many"], finished)
         return len(rows)
+
+    def _deferred(self) -> tuple[list[str], float]:
+        """The kinds to leave queued now, and how overdue they must be to run anyway."""
+        d = self.deferral
+        if d is None or d.busy() <= 0:
+            return [], 0.0
+        return sorted(d.kinds), d.max_seconds
+
+    def _wait_seconds(self) -> float:
+        """How long to wait for a NOTIFY: the poll interval, or less when deferred jobs may run once ingest has
+        been quiet long enough."""
+        busy = self.deferral.busy() if self.deferral is not None else 0.0
+        return min(self.poll_seconds, busy + 0.01) if busy > 0 else self.poll_seconds
 
     async def _run(self, job: Job) -> bool:
         """Run one job; True when it succeeded (the caller marks it done), False when it was retried or failed."""
@@ -162,7 +191,7 @@ class Worker:
                 if ran:
                     continue
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._wait_seconds())
                     await asyncio.sleep(SETTLE_SECONDS)  # let a burst of commits (an ingest) queue a batch
                 except TimeoutError:
                     pass

@@ -8,11 +8,13 @@ ON CONFLICT (kind, dedupe_key) WHERE state = 'queued' AND dedupe_key IS NOT NULL
 RETURNING id;
 
 -- name: take
--- Take up to $2 ready jobs of the kinds this worker knows; SKIP LOCKED lets many workers share the queue.
+-- Take up to $2 ready jobs of the kinds this worker knows; SKIP LOCKED lets many workers share the queue. Jobs of
+-- the kinds in $4 (deferred while the process is busy ingesting) are taken only once they are $5 seconds overdue.
 UPDATE jobs SET state = 'running', locked_at = now(), worker = $1, attempts = attempts + 1
 WHERE id IN (
     SELECT id FROM jobs
     WHERE state = 'queued' AND run_at <= now() AND kind = ANY($3::text[])
+      AND (kind <> ALL($4::text[]) OR run_at <= now() - make_interval(secs => $5))
     ORDER BY run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED

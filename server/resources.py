@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -67,6 +68,17 @@ async def open_blob_store(settings: Settings) -> BlobStore:
         await s3.open()
         return s3
     return FileSystemBlobStore(settings.blob_dir)
+
+
+def _deferral(settings: Settings, store: StoreService) -> jobs.Deferral | None:
+    """Rendition jobs give way to this process's ingest (`HOUNSFIELD_RENDITIONS_IDLE_MS`)."""
+    if settings.renditions_idle_seconds <= 0:
+        return None
+    return jobs.Deferral(
+        frozenset({renditions.RENDITION_JOB}),
+        functools.partial(store.busy_for, settings.renditions_idle_seconds),
+        settings.renditions_max_wait_seconds,
+    )
 
 
 async def database_url(settings: Settings) -> str:
@@ -159,7 +171,9 @@ async def open_resources(
                     delay_seconds=settings.gc_interval_seconds,
                 )
                 await fhir_sync.enqueue_backfill(conn)  # studies stored before FHIR sync existed
-            worker = jobs.Worker(pool, handlers, poll_seconds=settings.worker_poll_seconds)
+            worker = jobs.Worker(
+                pool, handlers, poll_seconds=settings.worker_poll_seconds, deferral=_deferral(settings, store)
+            )
             resources.worker = worker
             task = asyncio.create_task(worker.run(), name="hounsfield-worker")
 

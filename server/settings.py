@@ -308,6 +308,13 @@ class Settings:
     """`HOUNSFIELD_RENDITIONS`: comma-separated transfer syntax UIDs each new image's frames are encoded in at
     ingest (a `rendition` job), so that frame requests in them never wait for an encoder. Default HTJ2K lossless
     RPCL (progressive loading by byte range); empty: none ahead of time (still made and kept on first demand)."""
+    renditions_idle_seconds: float = 2.0
+    """`HOUNSFIELD_RENDITIONS_IDLE_MS` (milliseconds, default 2000): rendition jobs give way to ingest; this server's
+    worker takes them once it has stored no instance for this long (0: at once). A frame request during an
+    ingest encodes the frames it asks for itself, as for any image without a rendition."""
+    renditions_max_wait_seconds: float = 60.0
+    """`HOUNSFIELD_RENDITIONS_MAX_WAIT_S` (seconds, default 60): the most a rendition job waits for ingest to go quiet
+    (under a continuous ingest, renditions are made this late)."""
 
     # --- storage compression (dicomweb/compress.py) ---
     store_compression: str = "none"
@@ -430,6 +437,8 @@ class Settings:
             inference_ray_min_replicas=_int(env, "HOUNSFIELD_RAY_MIN_REPLICAS", 1, minimum=0, maximum=1000),
             inference_ray_max_replicas=_int(env, "HOUNSFIELD_RAY_MAX_REPLICAS", 1, minimum=1, maximum=1000),
             renditions=_renditions(env),
+            renditions_idle_seconds=_int(env, "HOUNSFIELD_RENDITIONS_IDLE_MS", 2000, maximum=3_600_000) / 1000,
+            renditions_max_wait_seconds=float(_int(env, "HOUNSFIELD_RENDITIONS_MAX_WAIT_S", 60, maximum=86_400)),
             store_compression=_store_compression(env),
         )
         return settings.with_overrides(**overrides) if overrides else settings

@@ -169,6 +169,7 @@ def make_server(dsn: str, tmp_path: Path) -> Iterator[Any]:
             data_dir=tmp_path / "data",
             port=port,
             worker_poll_seconds=0.2,
+            renditions_idle_seconds=0.2,
             db_pool_min=1,
             db_pool_max=4,
             dimse_enabled=False,  # tests that need the DICOM AE ask for it, on a free port

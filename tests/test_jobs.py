@@ -79,6 +79,48 @@ def test_worker_runs_retries_and_fails(dsn: str) -> None:
     asyncio.run(run())
 
 
+def test_deferred_kinds_wait_while_busy_unless_overdue(dsn: str) -> None:
+    """`jobs.Deferral`: while busy, deferred kinds stay queued (others run) until they are max_seconds overdue;
+    once idle they run, and the worker wakes for them when the busy time ends without a NOTIFY."""
+
+    async def run() -> None:
+        pool = await _pool(dsn)
+        ran: list[str] = []
+        idle_at = [asyncio.get_running_loop().time() + 3600.0]
+
+        def busy() -> float:
+            return max(0.0, idle_at[0] - asyncio.get_running_loop().time())
+
+        async def handler(job: jobs.Job) -> None:
+            ran.append(job.payload["name"])
+
+        deferral = jobs.Deferral(frozenset({"later"}), busy, max_seconds=60)
+        worker = jobs.Worker(pool, {"later": handler, "now": handler}, poll_seconds=60, deferral=deferral)
+        try:
+            async with pool.acquire() as conn:
+                await jobs.enqueue(conn, "later", {"name": "fresh"})
+                overdue = await jobs.enqueue(conn, "later", {"name": "overdue"})
+                await conn.execute("UPDATE jobs SET run_at = now() - interval '61 s' WHERE id = $1", overdue)
+                await jobs.enqueue(conn, "now", {"name": "urgent"})
+            assert await worker.run_once() == 2
+            assert sorted(ran) == ["overdue", "urgent"]
+            assert await worker.run_once() == 0  # still busy: the fresh one waits
+            idle_at[0] = asyncio.get_running_loop().time() + 0.5  # ingest stops; idle in half a second
+            task = asyncio.create_task(worker.run())  # polling alone would take a minute
+            try:
+                async with asyncio.timeout(10):
+                    while "fresh" not in ran:
+                        await asyncio.sleep(0.05)
+                assert busy() == 0
+            finally:
+                worker.stop()
+                await asyncio.wait_for(task, 5)
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
 def test_listen_notify_wakes_the_worker(dsn: str) -> None:
     async def run() -> None:
         pool = await _pool(dsn)

@@ -80,6 +80,26 @@ def test_ingest_makes_the_configured_rendition_and_frames_come_from_it(make_serv
         assert (partial.status_code, partial.content) == (206, blob[offset + 5 : offset + 105])
 
 
+def test_renditions_wait_until_ingest_is_quiet(make_server: Any) -> None:
+    """`HOUNSFIELD_RENDITIONS_IDLE_MS`: the rendition job waits while instances keep arriving, and runs once
+    the server has stored nothing for that long; a frame request meanwhile is served (encoded on demand)."""
+    server = make_server(renditions_idle_seconds=2.0)
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+        first, second = phantom(64, 64, seed=1), phantom(64, 64, seed=2)
+        store(http, first)
+        time.sleep(1.0)
+        store(http, second)  # restarts the quiet period
+        quiet_from = time.monotonic()
+        time.sleep(1.0)
+        assert rows_of(server.dsn, first.SOPInstanceUID) == [] or time.monotonic() - quiet_from >= 2.0
+        got = http.get(frames_url(first), params={"accept": "image/jhc"})  # not stored: encoded now
+        assert got.status_code == 200 and np.array_equal(pylibjpeg_decode(got.content, first), original(first))
+        wait_for(lambda: rows_of(server.dsn, second.SOPInstanceUID))
+        assert time.monotonic() - quiet_from >= 2.0
+        [row] = rows_of(server.dsn, first.SOPInstanceUID)
+        assert row["current"]
+
+
 def test_on_demand_rendition_is_kept_once_with_a_stable_etag(make_server: Any) -> None:
     server = make_server(renditions=())  # nothing ahead of time
     with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
