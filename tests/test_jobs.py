@@ -86,6 +86,7 @@ def test_deferred_kinds_wait_while_busy_unless_overdue(dsn: str) -> None:
     async def run() -> None:
         pool = await _pool(dsn)
         ran: list[str] = []
+        fresh_ran = asyncio.Event()
         idle_at = [asyncio.get_running_loop().time() + 3600.0]
 
         def busy() -> float:
@@ -93,6 +94,8 @@ def test_deferred_kinds_wait_while_busy_unless_overdue(dsn: str) -> None:
 
         async def handler(job: jobs.Job) -> None:
             ran.append(job.payload["name"])
+            if job.payload["name"] == "fresh":
+                fresh_ran.set()
 
         deferral = jobs.Deferral(frozenset({"later"}), busy, max_seconds=60)
         worker = jobs.Worker(pool, {"later": handler, "now": handler}, poll_seconds=60, deferral=deferral)
@@ -108,9 +111,7 @@ def test_deferred_kinds_wait_while_busy_unless_overdue(dsn: str) -> None:
             idle_at[0] = asyncio.get_running_loop().time() + 0.5  # ingest stops; idle in half a second
             task = asyncio.create_task(worker.run())  # polling alone would take a minute
             try:
-                async with asyncio.timeout(10):
-                    while "fresh" not in ran:
-                        await asyncio.sleep(0.05)
+                await asyncio.wait_for(fresh_ran.wait(), timeout=10)
                 assert busy() == 0
             finally:
                 worker.stop()
