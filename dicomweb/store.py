@@ -112,6 +112,46 @@ def blob_key(p: ParsedInstance, sha256: str) -> str:
     return f"{p.study_uid}/{p.series_uid}/{p.sop_instance_uid}/{sha256[:32]}.dcm"
 
 
+class IngestActivity:
+    """When the server last started or finished ingesting an instance, for work that gives way to ingest
+    (`server.jobs.Deferral`). With a `path`, the processes of one server share it through that file's
+    modification time (written at most every `WRITE_SECONDS`), so the process that runs the job worker also
+    sees the ingest of the others; without, it is this process's alone."""
+
+    WRITE_SECONDS = 0.2
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._last = -math.inf  # time.time() of the last ingest here
+        self._written = -math.inf
+
+    def touch(self) -> None:
+        now = time.time()
+        self._last = now
+        if self.path is not None and now - self._written >= self.WRITE_SECONDS:
+            self._written = now
+            try:
+                try:
+                    os.utime(self.path, (now, now))
+                except FileNotFoundError:
+                    self.path.touch()
+            except OSError as exc:  # the data folder's trouble shows elsewhere; this is only a hint
+                log.debug("ingest activity not recorded: %s", exc)
+
+    def last(self) -> float:
+        """`time.time()` of the latest ingest this process knows of (its own or, through the file, another's)."""
+        if self.path is None:
+            return self._last
+        try:
+            return max(self._last, self.path.stat().st_mtime)
+        except OSError:
+            return self._last
+
+    def busy_for(self, quiet_seconds: float) -> float:
+        """Seconds until ingest has been quiet for `quiet_seconds` (0: quiet now)."""
+        return max(0.0, self.last() + quiet_seconds - time.time())
+
+
 class _Rollback(Exception):
     """Ends the index transaction without storing; the outcome already says why (or that it is a no-op)."""
 
@@ -126,6 +166,7 @@ class StoreService:
         bulk_threshold: int,
         hooks: Sequence[IngestHook] = (),
         compression: str = "none",
+        activity: IngestActivity | None = None,
     ) -> None:
         self.pool = pool
         self.blobs = blobs
@@ -133,21 +174,15 @@ class StoreService:
         self.bulk_threshold = bulk_threshold
         self.hooks = list(hooks)
         self.compressor = Compressor.of_mode(compression, bulk_threshold)  # HOUNSFIELD_STORE_COMPRESSION
-        self.last_activity = -math.inf
-        """`time.monotonic()` when an instance last started or finished its ingest in this process."""
-
-    def busy_for(self, quiet_seconds: float) -> float:
-        """Seconds until this process's ingest has been quiet for `quiet_seconds` (0: quiet now); what
-        `server.jobs.Deferral` asks before taking work that gives way to ingest."""
-        return max(0.0, self.last_activity + quiet_seconds - time.monotonic())
+        self.activity = activity or IngestActivity()
 
     async def store_file(self, path: Path, size: int, sha256: str, expected_study: str | None = None) -> Outcome:
         """Ingest one spooled file. The file is consumed (moved into the store or deleted)."""
-        self.last_activity = time.monotonic()
+        self.activity.touch()
         try:
             return await self._store(path, size, sha256, expected_study)
         finally:
-            self.last_activity = time.monotonic()
+            self.activity.touch()
             try:
                 os.unlink(path)  # still here when it was rejected before reaching the blob store
             except FileNotFoundError:

@@ -28,7 +28,7 @@ from dicomweb.blobs import BlobStore
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.dimse import routing
 from dicomweb.dimse.service import DimseService, open_dimse
-from dicomweb.store import StoreService, blob_delete_handler, gc_handler
+from dicomweb.store import IngestActivity, StoreService, blob_delete_handler, gc_handler
 from fhir import subscriptions
 from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
@@ -71,12 +71,12 @@ async def open_blob_store(settings: Settings) -> BlobStore:
 
 
 def _deferral(settings: Settings, store: StoreService) -> jobs.Deferral | None:
-    """Rendition jobs give way to this process's ingest (`HOUNSFIELD_RENDITIONS_IDLE_MS`)."""
+    """Rendition jobs give way to the ingest of this server's processes (`HOUNSFIELD_RENDITIONS_IDLE_MS`)."""
     if settings.renditions_idle_seconds <= 0:
         return None
     return jobs.Deferral(
         frozenset({renditions.RENDITION_JOB}),
-        functools.partial(store.busy_for, settings.renditions_idle_seconds),
+        functools.partial(store.activity.busy_for, settings.renditions_idle_seconds),
         settings.renditions_max_wait_seconds,
     )
 
@@ -109,6 +109,7 @@ async def open_resources(
             bulk_threshold=settings.bulkdata_threshold,
             hooks=[fhir_sync.ingest_hook(settings.fhir_sync_delay_seconds)],  # ImagingStudy follows the index
             compression=settings.store_compression,  # HOUNSFIELD_STORE_COMPRESSION (dicomweb/compress.py)
+            activity=IngestActivity(settings.data_dir / "ingest.activity"),  # shared by the server's processes
         )
         handlers: dict[str, jobs.Handler] = {
             "blob.gc": gc_handler(

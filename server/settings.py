@@ -310,8 +310,9 @@ class Settings:
     RPCL (progressive loading by byte range); empty: none ahead of time (still made and kept on first demand)."""
     renditions_idle_seconds: float = 2.0
     """`HOUNSFIELD_RENDITIONS_IDLE_MS` (milliseconds, default 2000): rendition jobs give way to ingest; this server's
-    worker takes them once it has stored no instance for this long (0: at once). A frame request during an
-    ingest encodes the frames it asks for itself, as for any image without a rendition."""
+    worker takes them once it has stored no instance for this long (0: at once). Server processes that share the
+    data folder count together (`dicomweb.store.IngestActivity`). A frame request during an ingest encodes the
+    frames it asks for itself, as for any image without a rendition."""
     renditions_max_wait_seconds: float = 60.0
     """`HOUNSFIELD_RENDITIONS_MAX_WAIT_S` (seconds, default 60): the most a rendition job waits for ingest to go quiet
     (under a continuous ingest, renditions are made this late)."""

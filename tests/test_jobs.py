@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import time
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from dicomweb.blobs.fs import FileSystemBlobStore
-from dicomweb.store import gc_handler
+from dicomweb.store import IngestActivity, gc_handler
 from server import db, jobs
 
 
@@ -120,6 +121,18 @@ def test_deferred_kinds_wait_while_busy_unless_overdue(dsn: str) -> None:
             await pool.close()
 
     asyncio.run(run())
+
+
+def test_ingest_activity_is_shared_through_the_data_folder(tmp_path: Path) -> None:
+    """`IngestActivity`: a process that only runs the worker sees another process's ingest through the file."""
+    ingesting, working = IngestActivity(tmp_path / "ingest.activity"), IngestActivity(tmp_path / "ingest.activity")
+    alone = IngestActivity()
+    assert working.busy_for(5.0) == 0 and alone.busy_for(5.0) == 0  # nothing stored yet
+    ingesting.touch()
+    assert 4.0 < working.busy_for(5.0) <= 5.0
+    assert alone.busy_for(5.0) == 0
+    os.utime(tmp_path / "ingest.activity", (time.time() - 10, time.time() - 10))  # ten seconds ago
+    assert working.busy_for(5.0) == 0
 
 
 def test_listen_notify_wakes_the_worker(dsn: str) -> None:
