@@ -91,6 +91,25 @@ async def _resource(conn: Connection, kind: str, target: tuple[str | None, str |
     )
 
 
+async def with_study(
+    connection: ASGIConnection[Any, Any, Any, Any], resource: Resource, study: str | None, series: str | None = None
+) -> Resource:
+    """`resource` as the policy sees a request about `study` (its patient and modalities from the index), for the
+    resource hooks of routes that name a study elsewhere than in their path. An unknown study adds only its UID."""
+    if study is None:
+        return resource
+    async with connection.app.state.resources.pool.acquire() as conn:
+        found = await _resource(conn, resource.kind, (study, series, None))
+        vouch_stateless(conn)
+    return dataclasses.replace(
+        resource,
+        patient_id=found.patient_id,
+        study_uid=found.study_uid,
+        series_uid=found.series_uid,
+        modalities=found.modalities,
+    )
+
+
 async def _facts(
     connection: ASGIConnection[Any, Any, Any, Any], kind: str, principal: Principal, now: dt.datetime
 ) -> tuple[Resource, dict[str, Any] | None]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 
+from dicomweb.access import UNRESTRICTED, AccessConstraints
 from dicomweb.store import IngestHook, StoredInstance
 from inference import registry
 from inference.errors import InputNotFound, InvalidModel, RequestNotFound
@@ -205,6 +206,33 @@ async def request_status(conn: Connection, request_id: str) -> dict[str, Any]:
 
 
 async def results(
-    conn: Connection, *, series: str | None, model: str | None, version: str | None, limit: int
+    conn: Connection,
+    *,
+    series: str | None,
+    model: str | None,
+    version: str | None,
+    limit: int,
+    access: AccessConstraints = UNRESTRICTED,
 ) -> list[dict[str, Any]]:
-    return [result_json(r) for r in await conn.fetch(SQL["results"], series, model, version, limit)]
+    """Result rows, newest first, of the series the subject may see (`access`: the policy's search constraints)."""
+    rows = await conn.fetch(
+        SQL["results"],
+        series,
+        model,
+        version,
+        limit,
+        list(access.patient_ids) if access.patient_ids is not None else None,
+        list(access.patient_ids_excluded),
+        list(access.modalities_excluded),
+    )
+    return [result_json(r) for r in rows]
+
+
+async def request_study(conn: Connection, request_id: str) -> str | None:
+    """The study an inference request names (None: no such request)."""
+    try:
+        rid = uuid.UUID(request_id)
+    except ValueError:
+        return None
+    value = await conn.fetchval(SQL["request_study"], rid)
+    return str(value) if value is not None else None

@@ -83,12 +83,24 @@ LEFT JOIN inference_results r
 WHERE q.id = $1;
 
 -- name: results
-SELECT id, study_uid, series_uid, model_name, model_version, state, shadow, attempts, last_error, latency_ms,
-       stats, output_series_uid, output_instances, report_id, feedback, created_at, updated_at, finished_at
-FROM inference_results
-WHERE ($1::text IS NULL OR series_uid = $1) AND ($2::text IS NULL OR model_name = $2)
-  AND ($3::text IS NULL OR model_version = $3)
-ORDER BY id DESC LIMIT $4;
+-- $5..$7: the policy's constraints on the subject's search (`dicomweb.access.AccessConstraints`): only the studies
+-- of these patients (NULL: no such limit), none of these patients, no series of these modalities.
+SELECT r.id, r.study_uid, r.series_uid, r.model_name, r.model_version, r.state, r.shadow, r.attempts, r.last_error,
+       r.latency_ms, r.stats, r.output_series_uid, r.output_instances, r.report_id, r.feedback, r.created_at,
+       r.updated_at, r.finished_at
+FROM inference_results r
+WHERE ($1::text IS NULL OR r.series_uid = $1) AND ($2::text IS NULL OR r.model_name = $2)
+  AND ($3::text IS NULL OR r.model_version = $3)
+  AND ($5::text[] IS NULL OR EXISTS (
+      SELECT 1 FROM studies s WHERE s.study_uid = r.study_uid AND s.patient_id = ANY($5::text[])))
+  AND (cardinality($6::text[]) = 0 OR NOT EXISTS (
+      SELECT 1 FROM studies s WHERE s.study_uid = r.study_uid AND s.patient_id = ANY($6::text[])))
+  AND (cardinality($7::text[]) = 0 OR NOT EXISTS (
+      SELECT 1 FROM series se WHERE se.series_uid = r.series_uid AND se.modality = ANY($7::text[])))
+ORDER BY r.id DESC LIMIT $4;
+
+-- name: request_study
+SELECT study_uid FROM inference_requests WHERE id = $1;
 
 -- name: report_of
 SELECT report_id FROM inference_results WHERE id = $1 FOR UPDATE;

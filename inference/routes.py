@@ -9,18 +9,27 @@
   failed), error, latency, measurements and outputs (SEG series, DiagnosticReport).
 - `GET /inference-results?series=&model=&version=&limit=`: result rows, newest first (failures are visible here).
 
+Requests and results are patient data (`inference` is a patient group in tables.rego): the policy sees the
+study a request names, with its patient (resource hooks `_named_study`, `_requested_study`), and a search gets
+the policy's patient and modality constraints as SQL filters, so a token bound to one patient reaches only
+that patient's runs.
+
 Errors of the `inference.errors` family become `{"error", "status"}` JSON with a `Warning: 299` header.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from litestar import MediaType, Request, Response, Router, get, post
+from litestar.connection import ASGIConnection
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from authz.authn import principal_of
-from authz.guard import authz_opt
+from authz.decision import Resource
+from authz.guard import authz_opt, decision_of, with_study
+from dicomweb.access import UNRESTRICTED, AccessConstraints
 from inference import dispatch, monitoring, registry
 from inference.errors import InferenceError, InputNotFound, InvalidModel, ModelExists, ModelNotFound, RequestNotFound
 from server.errors import warning_header
@@ -116,7 +125,32 @@ def _field(data: JSONBody[dict[str, Any]], key: str, *, required: bool = True) -
     return value
 
 
-@post("/inference-requests", status_code=202, opt=authz_opt("create", "InferenceRequest"))
+async def _named_study(connection: ASGIConnection[Any, Any, Any, Any], resource: Resource) -> Resource:
+    """POST /inference-requests: the policy sees the study the body names, with its patient (a token bound to one
+    patient may ask only for that patient's studies). A body that cannot be read leaves the resource bare: the
+    handler then answers 400."""
+    if not isinstance(connection, Request):
+        return resource
+    try:
+        body = json.loads(await connection.body())
+    except (ValueError, RecursionError):
+        return resource
+    study = body.get("study") if isinstance(body, dict) else None
+    series = body.get("series") if isinstance(body, dict) else None
+    if not isinstance(study, str) or not 0 < len(study) <= 64:
+        return resource
+    return await with_study(connection, resource, study, series if isinstance(series, str) else None)
+
+
+async def _requested_study(connection: ASGIConnection[Any, Any, Any, Any], resource: Resource) -> Resource:
+    """GET /inference-requests/{rid}: the policy sees the study of the request (an unknown one: a bare resource,
+    then 404)."""
+    async with connection.app.state.resources.pool.acquire() as conn:
+        study = await dispatch.request_study(conn, str(connection.path_params.get("rid")))
+    return await with_study(connection, resource, study)
+
+
+@post("/inference-requests", status_code=202, opt=authz_opt("create", "InferenceRequest", resource=_named_study))
 async def request_inference(
     request: Request[Any, Any, Any], resources: ResourcesDep, data: JSONBody[dict[str, Any]]
 ) -> Response[dict[str, Any]]:
@@ -137,7 +171,7 @@ async def request_inference(
     return Response(body, status_code=202, headers={"Location": f"/inference-requests/{request_id}"})
 
 
-@get("/inference-requests/{rid:str}", opt=authz_opt("read", "InferenceRequest"))
+@get("/inference-requests/{rid:str}", opt=authz_opt("read", "InferenceRequest", resource=_requested_study))
 async def request_status(resources: ResourcesDep, rid: FromPath[str]) -> dict[str, Any]:
     async with resources.pool.acquire() as conn:
         return await dispatch.request_status(conn, rid)
@@ -145,6 +179,7 @@ async def request_status(resources: ResourcesDep, rid: FromPath[str]) -> dict[st
 
 @get("/inference-results", opt=authz_opt("search", "InferenceRequest"))
 async def list_results(
+    request: Request[Any, Any, Any],
     resources: ResourcesDep,
     series: Annotated[str | None, QueryParameter(max_length=64)] = None,
     model: Annotated[str | None, QueryParameter(max_length=64)] = None,
@@ -152,8 +187,16 @@ async def list_results(
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     async with resources.pool.acquire() as conn:
-        found = await dispatch.results(conn, series=series, model=model, version=version, limit=limit)
+        found = await dispatch.results(
+            conn, series=series, model=model, version=version, limit=limit, access=_access(request)
+        )
     return {"results": found}
+
+
+def _access(request: Request[Any, Any, Any]) -> AccessConstraints:
+    """The policy's constraints on this search (a patient-bound token sees its patient's results only)."""
+    decision = decision_of(request.scope)
+    return AccessConstraints.from_policy(decision.constraints) if decision is not None else UNRESTRICTED
 
 
 def inference_router() -> Router:

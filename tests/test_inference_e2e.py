@@ -240,3 +240,29 @@ def test_registry_api_and_policy(ai: LiveServer, api: httpx.Client) -> None:
     missing = api.post("/inference-requests", json={"study": "1.2.3", "series": "1.2.4", "model": "lungs"})
     assert missing.status_code == 404
     assert api.get("/inference-requests/not-a-uuid").status_code == 404
+
+
+def test_patient_bound_tokens_reach_only_their_patients_runs(ai: LiveServer, api: httpx.Client) -> None:
+    """A SMART token bound to one patient (`patient/` scopes and a `patient` claim) with a role that may request
+    runs: it may start one on its patient's study, read that request and see its results, but not start, read
+    or list runs on another patient's study."""
+    assert api.post("/models", json=LUNGS).status_code == 201
+    ds = stow_chest(api)
+    study, series, patient = ds.StudyInstanceUID, ds.SeriesInstanceUID, str(ds.PatientID)
+
+    def bound(to: str) -> dict[str, str]:
+        return bearer(ai.token(sub="app", roles=["radiologist"], scopes=["patient/*.cruds"], patient=to))
+
+    own, other = bound(patient), bound(patient + "-other")
+    body = {"study": study, "series": series, "model": "lungs"}
+    refused = api.post("/inference-requests", json=body, headers=other)
+    assert refused.status_code == 403, refused.text
+    accepted = api.post("/inference-requests", json=body, headers=own)
+    assert accepted.status_code == 202, accepted.text
+    location = accepted.headers["location"]
+    assert api.get(location, headers=other).status_code == 403
+    assert api.get(location, headers=own).json()["series"] == series
+    assert api.get("/inference-results", params={"series": series}, headers=other).json()["results"] == []
+    [mine] = api.get("/inference-results", params={"series": series}, headers=own).json()["results"]
+    assert mine["study"] == study
+    assert len(api.get("/inference-results", params={"series": series}).json()["results"]) == 1  # admin: all

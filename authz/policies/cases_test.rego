@@ -128,6 +128,26 @@ cases := {
 	"ai_service_reads_models": {"input": req(["ai-service"], "read", "Model", null), "allow": true},
 	"ai_service_cannot_register_models": {"input": req(["ai-service"], "create", "Model", null), "allow": false},
 	"technologist_cannot_request_inference": {"input": req(["technologist"], "create", "InferenceRequest", null), "allow": false},
+	"patient_token_requests_inference_on_its_patient": {
+		"input": scoped(req(["radiologist"], "create", "InferenceRequest", "P7"), ["patient/*.cruds"], "P7"),
+		"allow": true,
+	},
+	"patient_token_cannot_request_inference_on_another_patient": {
+		"input": scoped(req(["radiologist"], "create", "InferenceRequest", "P8"), ["patient/*.cruds"], "P7"),
+		"allow": false,
+	},
+	"patient_token_cannot_read_another_patients_inference_request": {
+		"input": scoped(req(["radiologist"], "read", "InferenceRequest", "P8"), ["patient/*.cruds"], "P7"),
+		"allow": false,
+	},
+	"patient_token_searches_inference_results_of_its_patient": {
+		"input": scoped(req(["radiologist"], "search", "InferenceRequest", null), ["patient/*.cruds"], "P7"),
+		"allow": true, "constraints": {"patient_ids": ["P7"]},
+	},
+	"user_token_searches_all_inference_results": {
+		"input": scoped(req(["radiologist"], "search", "InferenceRequest", null), ["user/*.cruds"], "P7"),
+		"allow": true, "constraints": {},
+	},
 	# --- auditor ---
 	"auditor_searches_audit_events": {
 		"input": req(["auditor"], "search", "AuditEvent", null),

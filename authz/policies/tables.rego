@@ -89,8 +89,9 @@ kind_group := {
 }
 
 # Groups whose resources belong to one patient: patient limits (care lists, consent, patient-context tokens)
-# apply to them.
-patient_groups := ["imaging", "report", "patient"]
+# apply to them. An inference request is a run on one patient's study (the request and result routes give the
+# policy that study's patient).
+patient_groups := ["imaging", "report", "patient", "inference"]
 
 # Actions on collections: limits become constraints instead of a yes/no on one resource.
 collection_actions := ["search", "export"]
