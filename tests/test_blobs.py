@@ -436,3 +436,35 @@ async def test_s3_cancelled_multipart_upload_is_aborted(moto: Moto, spool: Path)
     finally:
         client.upload_part = real_upload_part
         await store.close()
+
+
+# -- filesystem only ----------------------------------------------------------------------------------------
+
+
+def test_fs_new_folders_are_synced_into_their_parents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blob's new study/series/instance folders are entries in their parents: each parent is fsynced (as is
+    the blob's own folder after the rename), or a power cut could drop the path to an acknowledged blob."""
+    store = FileSystemBlobStore(tmp_path / "blobs")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    src = tmp_path / "part"
+    src.write_bytes(b"x" * 100)
+    asyncio.run(store.put_file("study/series/instance/blob.dcm", src))
+    root = str(store.root)
+    assert synced == [
+        root,  # holds the new study folder
+        f"{root}/study",
+        f"{root}/study/series",
+        str(src),  # the bytes, before the rename
+        f"{root}/study/series/instance",  # the rename
+    ]
+    synced.clear()
+    src.write_bytes(b"y" * 100)
+    asyncio.run(store.put_file("study/series/instance/other.dcm", src))  # no new folder: the blob and its folder
+    assert synced == [str(src), f"{root}/study/series/instance"]

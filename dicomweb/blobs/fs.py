@@ -23,6 +23,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_dirs(path: Path) -> None:
+    """`mkdir -p` that makes each new folder durable: a folder created for a blob (a new study, series or
+    instance) is an entry in its parent, which is fsynced like the blob's own folder is after the rename, so a
+    power cut cannot lose the path to an acknowledged blob."""
+    missing: list[Path] = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:  # a concurrent store made it (and may not have synced its entry yet)
+            pass
+        _fsync_dir(folder.parent)
+
+
 class FileSystemBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -35,8 +51,8 @@ class FileSystemBlobStore:
 
     def _put(self, key: str, src: Path) -> None:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         try:
+            _make_dirs(dest.parent)
             same_fs = os.stat(src).st_dev == os.stat(dest.parent).st_dev
             if same_fs:
                 with open(src, "rb+") as fh:
