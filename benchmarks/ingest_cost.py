@@ -1,7 +1,8 @@
 """What ingest costs (issue 8, part 2): STOW-RS (10 instances a request, 4 at once) and C-STORE (storescu, one
 association) of benchmarks/compare.py's data set into one Hounsfield server (authentication, policy and audit
-on), reporting instances/s and the CPU milliseconds per instance spent by the server process and by PostgreSQL
-(from /proc, user + system). With `--py-spy FILE` the server is profiled under the STOW load (speedscope JSON).
+on), reporting instances/s and the CPU milliseconds per instance spent by the server process (and, of that, its
+event-loop thread), by PostgreSQL and by this client (from /proc and os.times, user + system). A server whose
+total CPU is near one core while its loop is not busy is bound by the GIL, not the loop. With `--py-spy FILE` the server is profiled under the STOW load (speedscope JSON).
 
     .venv/bin/python benchmarks/ingest_cost.py [--instances 400] [--cstore 200] [--py-spy var/ingest.json]
 
@@ -32,20 +33,24 @@ from benchmarks.harness import admin_token, wait_ready  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu(pids: list[int]) -> float:
-    """CPU seconds (user + system) of the processes."""
+def cpu(pids: list[int], stat: str = "/proc/{pid}/stat") -> float:
+    """CPU seconds (user + system) of the processes (or, with `stat="/proc/{pid}/task/{pid}/stat"`, of their
+    main threads: the event loop's)."""
     total = 0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(stat.format(pid=pid)).read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
         except (OSError, IndexError):
             pass
     return total / TICK
 
 
+LOOP = "/proc/{pid}/task/{pid}/stat"
+
+
 def tree(pid: int) -> list[int]:
-    """The process and its descendants (a server with HOUNSFIELD_PROCESSES > 1 serves from child processes)."""
+    """The process and its descendants (whatever the server starts: its CPU counts too)."""
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
@@ -84,16 +89,21 @@ async def drain(dsn: str) -> None:
 def measured(label: str, count: int, server: int, pg: list[int], dsn: str, work: Any) -> dict[str, float]:
     """Rate of `work`; CPU per instance of the server and PostgreSQL during it (+1 s), and of the server until
     the jobs it queued have run."""
-    s0, p0, t0 = cpu(tree(server)), cpu(pg), time.perf_counter()
+    s0, p0, m0, t0 = cpu(tree(server)), cpu(pg), cpu(tree(server), LOOP), time.perf_counter()
+    c0 = time.process_time()  # this client's own CPU (with its child processes: storescu)
+    ch0 = os.times().children_user + os.times().children_system
     rate = work()
+    client = time.process_time() - c0 + os.times().children_user + os.times().children_system - ch0
     time.sleep(1.0)  # hooks and group commits that finish just after the last answer
-    s1, p1 = cpu(tree(server)), cpu(pg)
+    s1, p1, m1 = cpu(tree(server)), cpu(pg), cpu(tree(server), LOOP)
     asyncio.run(drain(dsn))
     s2 = cpu(tree(server))
     row = {
         "per_s": round(rate, 1),
         "server_cpu_ms": round(1000 * (s1 - s0) / count, 2),
+        "event_loop_cpu_ms": round(1000 * (m1 - m0) / count, 2),
         "postgres_cpu_ms": round(1000 * (p1 - p0) / count, 2),
+        "client_cpu_ms": round(1000 * client / count, 2),
         "server_cpu_ms_with_jobs": round(1000 * (s2 - s0) / count, 2),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
