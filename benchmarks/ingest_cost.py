@@ -2,7 +2,8 @@
 association) of benchmarks/compare.py's data set into one Hounsfield server (authentication, policy and audit
 on), reporting instances/s and the CPU milliseconds per instance spent by the server process (and, of that, its
 event-loop thread), by PostgreSQL and by this client (from /proc and os.times, user + system). A server whose
-total CPU is near one core while its loop is not busy is bound by the GIL, not the loop. With `--py-spy FILE` the server is profiled under the STOW load (speedscope JSON).
+total CPU is near one core while its loop is not busy is bound by the GIL, not the loop. With `--py-spy FILE`
+the server is profiled under the STOW load (speedscope JSON).
 
     .venv/bin/python benchmarks/ingest_cost.py [--instances 400] [--cstore 200] [--py-spy var/ingest.json]
 
