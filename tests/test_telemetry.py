@@ -3,8 +3,13 @@ blob spans and the STOW-RS metrics."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +22,8 @@ from opentelemetry.trace import SpanKind
 
 from server import telemetry
 from server.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SECRET = "SECRETPATIENT"
 
@@ -215,3 +222,51 @@ def test_requests_bypass_the_instrumentation_only_while_nothing_observes() -> No
     for made in (tel, metered):
         made.meter_provider.shutdown()
         made.tracer_provider.shutdown()
+
+
+def test_inference_metrics_reach_the_configured_exporter() -> None:
+    """`inference.monitoring` records on the process's meter provider once `configure` set it (the instruments are
+    made at import, through OpenTelemetry's global proxy): with the console exporter, a separate process's runs
+    come out as `hounsfield.inference.*` metrics with their attributes."""
+    code = textwrap.dedent(
+        """
+        from server import telemetry
+        from server.settings import Settings
+        tel = telemetry.configure(Settings.from_env({"HOUNSFIELD_OTEL_EXPORTER": "console"}))
+        from inference import monitoring
+        monitoring.record_run("lungs", "1.0.0", False, "succeeded", 12.5, {"lung_fraction": 0.25, "label": "x"})
+        monitoring.record_run("lungs", "1.0.0", False, "succeeded", 7.5, {"lung_fraction": 0.75})
+        monitoring.record_run("lungs", "2.0.0", True, "failed", None, {})
+        tel.meter_provider.shutdown()
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    points: dict[str, list[dict[str, Any]]] = {}
+    for doc in _json_documents(run.stdout):
+        for rm in doc["resource_metrics"]:
+            for sm in rm["scope_metrics"]:
+                for metric in sm["metrics"]:
+                    points.setdefault(metric["name"], []).extend(metric["data"]["data_points"])
+    runs = {(p["attributes"]["version"], p["attributes"]["outcome"], p["attributes"]["shadow"]): p["value"]
+            for p in points["hounsfield.inference.runs"]}  # fmt: skip
+    assert runs == {("1.0.0", "succeeded", False): 2, ("2.0.0", "failed", True): 1}
+    [latency] = points["hounsfield.inference.latency"]
+    assert (latency["count"], latency["sum"]) == (2, 20.0)
+    [output] = points["hounsfield.inference.output"]
+    assert output["attributes"]["measurement"] == "lung_fraction" and output["sum"] == 1.0
+
+
+def _json_documents(text: str) -> list[dict[str, Any]]:
+    """The console exporter's output: JSON documents one after another."""
+    decoder, docs, at = json.JSONDecoder(), [], 0
+    while (at := _skip_space(text, at)) < len(text):
+        doc, at = decoder.raw_decode(text, at)
+        docs.append(doc)
+    return docs
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at].isspace():
+        at += 1
+    return at
