@@ -273,6 +273,11 @@ class Settings:
     dimse_timeout_seconds: int = 30
     """`HOUNSFIELD_DIMSE_TIMEOUT_SECONDS`: ACSE/DIMSE timeouts, and the longest one operation may wait on the
     server (index, blob store, policy)."""
+    dimse_max_pdu: int = 1_048_576
+    """`HOUNSFIELD_DIMSE_MAX_PDU`: the Maximum Length Received this AE proposes (PS3.8 D.1.1; 0: no limit).
+    Peers cut data sets into P-DATA PDUs of at most this size, and each PDU costs pynetdicom's reactor a loop:
+    1 MiB instead of pynetdicom's 16 KiB default takes a 512x512 CT image's receive from ~32 PDUs to one
+    (a no-op pynetdicom SCP under storescu: 202 -> 250 images/s, 3.2 -> 2.2 ms CPU per image)."""
 
     # --- AI on ingest (inference/) ---
     inference_enabled: bool = True
@@ -426,6 +431,7 @@ class Settings:
             dimse=_dimse(env),
             dimse_max_associations=_int(env, "HOUNSFIELD_DIMSE_MAX_ASSOCIATIONS", 32, minimum=1, maximum=1000),
             dimse_timeout_seconds=_int(env, "HOUNSFIELD_DIMSE_TIMEOUT_SECONDS", 30, minimum=1, maximum=3600),
+            dimse_max_pdu=_dimse_max_pdu(env),
             inference_enabled=_bool(env, "HOUNSFIELD_INFERENCE", True),
             inference_quiet_seconds=float(_int(env, "HOUNSFIELD_INFERENCE_QUIET_SECONDS", 30, minimum=0)),
             inference_workers=_int(env, "HOUNSFIELD_INFERENCE_WORKERS", 2, minimum=1, maximum=256),
@@ -443,6 +449,14 @@ class Settings:
             store_compression=_store_compression(env),
         )
         return settings.with_overrides(**overrides) if overrides else settings
+
+
+def _dimse_max_pdu(env: Mapping[str, str]) -> int:
+    """`HOUNSFIELD_DIMSE_MAX_PDU`: 0 (no limit) or 4096 bytes to 64 MiB."""
+    value = _int(env, "HOUNSFIELD_DIMSE_MAX_PDU", 1_048_576, minimum=0, maximum=64 * 1_048_576)
+    if 0 < value < 4096:
+        raise SettingsError(f"HOUNSFIELD_DIMSE_MAX_PDU: {value} is below 4096 bytes (0 means no limit)")
+    return value
 
 
 def _renditions(env: Mapping[str, str]) -> tuple[str, ...]:

@@ -71,6 +71,10 @@ def test_echo_and_only_configured_calling_ae_titles(node: Any) -> None:
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
     # pynetdicom sees the A-ASSOCIATE-RJ fields: rejected-permanent (1), service-user (1), reason 3 (PS3.8 9.3.4)
+    accepted_assoc = _associate(node, "CT1", [build_context(Verification)])
+    assert accepted_assoc.is_established
+    assert accepted_assoc.acceptor.maximum_length == 1_048_576  # HOUNSFIELD_DIMSE_MAX_PDU's default (A-ASSOCIATE-AC)
+    accepted_assoc.release()
     assoc = _associate(node, "INTRUDER", [build_context(Verification)])
     assert assoc.is_rejected
     rj = assoc.acceptor.primitive

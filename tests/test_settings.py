@@ -152,6 +152,11 @@ def test_dimse_settings() -> None:
     s = Settings.from_env({})
     assert (s.dimse_enabled, s.dimse_port, s.dimse_ae_title) == (True, 11112, "HOUNSFIELD")
     assert s.dimse.peers == () and s.dimse.destinations == () and s.dimse.routes == ()
+    assert s.dimse_max_pdu == 1_048_576
+    assert Settings.from_env({"HOUNSFIELD_DIMSE_MAX_PDU": "0"}).dimse_max_pdu == 0  # no limit
+    for bad_pdu in ("1000", "-1", "big"):
+        with pytest.raises(SettingsError, match=r"^HOUNSFIELD_DIMSE_MAX_PDU"):
+            Settings.from_env({"HOUNSFIELD_DIMSE_MAX_PDU": bad_pdu})
     rules = '[{"destination": "PACS", "modality": ["CT", "MR"], "attributes": {"PatientID": "P*"}}]'
     s = Settings.from_env(
         {

@@ -60,6 +60,7 @@ def build_ae(node: Node) -> AE:
     settings = node.settings
     ae = AE(ae_title=settings.dimse_ae_title)
     ae.maximum_associations = settings.dimse_max_associations
+    ae.maximum_pdu_size = settings.dimse_max_pdu  # larger PDUs: fewer reactor loops per data set (settings)
     ae.acse_timeout = ae.dimse_timeout = float(settings.dimse_timeout_seconds)
     ae.network_timeout = float(max(60, settings.dimse_timeout_seconds))
     # pynetdicom lets everyone in when the list is empty: `open_dimse` never starts an AE without peers.
