@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -205,16 +206,21 @@ def test_concurrent_stores_into_one_new_study(server) -> None:
     study = "1.2.826.0.1.3680043.8.498.500"
     series = "1.2.826.0.1.3680043.8.498.501"
 
-    async def run() -> list[int]:
+    async def run(datasets: list[Any]) -> list[int]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60, headers=server.headers) as client:
-            bodies = [multipart([part10(ct(study=study, series=series, seed=i))]) for i in range(8)]
+            bodies = [multipart([part10(ds)]) for ds in datasets]
             responses = await asyncio.gather(
                 *(client.post("/dicom-web/studies", content=b, headers=stow_headers()) for b in bodies)
             )
             return [r.status_code for r in responses]
 
-    assert asyncio.run(run()) == [200] * 8
+    assert asyncio.run(run([ct(study=study, series=series, seed=i) for i in range(8)])) == [200] * 8
     assert counts(server.dsn) == (1, 1, 8)
+    # then two new series of the now existing study, and more of the first, all at once: each new series is made
+    # once, whichever of its instances comes first
+    later = [ct(study=study, series=f"{series}.{i % 3}" if i % 3 else series, seed=100 + i) for i in range(12)]
+    assert asyncio.run(run(later)) == [200] * 12
+    assert counts(server.dsn) == (1, 3, 20)
 
 
 def test_huge_request_headers_get_431(http, server) -> None:

@@ -6,26 +6,40 @@ SELECT instance_pk, sha256, blob_key, study_pk, series_pk, pixel ->> 'original_s
 FROM instances WHERE sop_instance_uid = $1;
 
 -- name: index_instance
--- Study and series upserts and the instance insert in one round trip (issue 8). The first instance of a study
--- sets its attributes; later ones only touch updated_at (the row lock this takes also serializes concurrent first
--- inserts of one study's series). series_study_pk differs from study_pk when the series already belongs to
--- another study: the caller rolls the transaction back. instance_pk is NULL when the SOP Instance UID is already
--- indexed (ON CONFLICT DO NOTHING).
-WITH st AS (
+-- Study and series rows and the instance insert in one round trip (issue 8). A study or series already indexed is
+-- only read: no row lock, so concurrent stores into one series do not queue behind each other's commits (they
+-- did while every instance touched the study's and series' updated_at: 50 ms per index transaction under
+-- STOW-RS load, benchmarks/ingest_cost.py). The first instance of a study or series inserts it with its
+-- attributes; two first instances at once meet in ON CONFLICT, where the second waits for the first to commit
+-- and takes its row (DO UPDATE returns it, which DO NOTHING would not). The instance's foreign keys hold the
+-- study and series rows (KEY SHARE, which inserts share) against a concurrent delete. series_study_pk differs
+-- from study_pk when the series already belongs to another study: the caller rolls the transaction back.
+-- instance_pk is NULL when the SOP Instance UID is already indexed (ON CONFLICT DO NOTHING).
+WITH st_found AS (
+    SELECT study_pk FROM studies WHERE study_uid = $1
+), st_new AS (
     INSERT INTO studies (
         study_uid, patient_id, issuer_of_patient_id, patient_name, patient_name_search, patient_birth_date,
         patient_sex, study_date, study_time, accession_number, study_id, study_description,
         referring_physician_name, referring_physician_search, attrs)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb
+    WHERE NOT EXISTS (SELECT 1 FROM st_found)
     ON CONFLICT (study_uid) DO UPDATE SET updated_at = now()
     RETURNING study_pk
-), se AS (
+), st AS (
+    SELECT study_pk FROM st_found UNION ALL SELECT study_pk FROM st_new
+), se_found AS (
+    SELECT series_pk, study_pk FROM series WHERE series_uid = $16
+), se_new AS (
     INSERT INTO series (
         study_pk, series_uid, modality, series_number, series_description, body_part_examined, series_date,
         series_time, pps_start_date, pps_start_time, attrs)
-    VALUES ((SELECT study_pk FROM st), $16, $17, $18, $19, $20, $21, $22, $23, $24, $25::jsonb)
+    SELECT (SELECT study_pk FROM st), $16, $17, $18::integer, $19, $20, $21, $22, $23, $24, $25::jsonb
+    WHERE NOT EXISTS (SELECT 1 FROM se_found)
     ON CONFLICT (series_uid) DO UPDATE SET updated_at = now()
     RETURNING series_pk, study_pk
+), se AS (
+    SELECT series_pk, study_pk FROM se_found UNION ALL SELECT series_pk, study_pk FROM se_new
 ), ins AS (
     INSERT INTO instances (
         series_pk, study_pk, sop_instance_uid, sop_class_uid, instance_number, transfer_syntax_uid, rows, columns,
