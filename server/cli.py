@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from server.settings import Settings, SettingsError
 
@@ -17,25 +18,36 @@ M_ARENA_MAX = -8
 """glibc's mallopt parameter number for the arena limit (malloc.h)."""
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    env = dict(os.environ)
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The command line's options as the environment variables they stand for."""
+    env = {}
     if getattr(args, "data", None):
         env["HOUNSFIELD_DATA"] = str(args.data)
     if getattr(args, "host", None):
         env["HOUNSFIELD_HOST"] = args.host
     if getattr(args, "port", None) is not None:
         env["HOUNSFIELD_PORT"] = str(args.port)
-    return Settings.from_env(env)
+    return env
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env({**os.environ, **_overrides(args)})
+
+
+def _start_process(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_malloc_arenas(settings.malloc_arenas)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _start_process(settings)
+    if settings.processes > 1:
+        return _serve_processes(settings, _overrides(args))
     import uvicorn
 
     from server.app import create_app
 
-    settings = _settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    limit_malloc_arenas(settings.malloc_arenas)
     app = create_app(settings)
     # uvicorn re-raises SIGTERM after its graceful shutdown, which would skip atexit handlers (the embedded
     # PostgreSQL is stopped by one): turn SIGTERM into a normal exit instead.
@@ -57,6 +69,68 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_processes(settings: Settings, overrides: dict[str, str]) -> int:
+    """`HOUNSFIELD_PROCESSES` > 1: uvicorn's supervisor runs that many processes (`process_app`) on one listening
+    socket and replaces one that dies. This parent owns the embedded PostgreSQL (started here and stopped when it
+    exits), so the processes, which get its URL, can come and go."""
+    import uvicorn
+
+    from server import db
+
+    os.environ.update(overrides)  # the processes read their settings from the environment
+    if not settings.database_url:
+        os.environ["DATABASE_URL"] = db.start_embedded(settings.data_dir / "pg")
+    print(
+        f"Hounsfield on http://{settings.host}:{settings.port}/dicom-web, {settings.processes} processes "
+        f"(data: {settings.data_dir})",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        "server.cli:process_app",
+        factory=True,
+        workers=settings.processes,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+    return 0  # the supervisor stopped its processes (SIGINT, SIGTERM) and returned: exit handlers run now
+
+
+def process_app() -> Any:
+    """The app of one of `_serve_processes`' processes. The first to lock the data folder's `primary.lock` (held
+    while the process lives; the replacement of a primary that died takes it over) also runs the DICOM AE, which
+    needs the one port, and the job worker; the others serve HTTP only."""
+    from server.app import create_app
+
+    settings = Settings.from_env()
+    _start_process(settings)
+    lock = claim_primary(settings.data_dir)
+    if lock is None:
+        settings = settings.with_overrides(dimse_enabled=False, worker_enabled=False)
+    app = create_app(settings)
+    app.state.primary_lock = lock  # the descriptor lives as long as the app
+    return app
+
+
+def claim_primary(folder: Path) -> int | None:
+    """An open descriptor holding an exclusive lock on `folder/primary.lock`, or None when another process of this
+    server holds it. The kernel releases the lock with the process."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / "primary.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def limit_malloc_arenas(arenas: int) -> bool:
     """glibc's `mallopt(M_ARENA_MAX, arenas)` before the server starts its threads (`HOUNSFIELD_MALLOC_ARENAS`);
     False where there is nothing to do (0, or a C library that is not glibc)."""
@@ -70,14 +144,7 @@ def limit_malloc_arenas(arenas: int) -> bool:
     return bool(mallopt(M_ARENA_MAX, arenas))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hounsfield", description="Hounsfield imaging server")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the server")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1, or HOUNSFIELD_HOST)")
-    serve.add_argument("--port", type=int, help="port (default 8080, or HOUNSFIELD_PORT)")
-    serve.add_argument("--data", type=Path, help="data folder (default ./var, or HOUNSFIELD_DATA)")
-    serve.set_defaults(func=cmd_serve)
+def _register_commands(sub: Any) -> None:
     for name in ("cli_import", "cli_token", "cli_audit"):  # each subcommand module adds its parsers
         try:
             module = importlib.import_module(f"server.{name}")
@@ -89,6 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     from inference import cli as models_cli  # `hounsfield models register|list|promote|shadow|retire`
 
     models_cli.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hounsfield", description="Hounsfield imaging server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1, or HOUNSFIELD_HOST)")
+    serve.add_argument("--port", type=int, help="port (default 8080, or HOUNSFIELD_PORT)")
+    serve.add_argument("--data", type=Path, help="data folder (default ./var, or HOUNSFIELD_DATA)")
+    serve.set_defaults(func=cmd_serve)
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] != ["serve"]:  # the other commands' modules import the whole server: `serve`'s parent needs none
+        _register_commands(sub)
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)

@@ -179,6 +179,12 @@ class Settings:
     bodies are also limited to 10 MB)."""
     worker_enabled: bool = True
     """`HOUNSFIELD_WORKER`: run the job worker inside the server process."""
+    processes: int = 1
+    """`HOUNSFIELD_PROCESSES` (default 1): `hounsfield serve` runs this many server processes on one port, each
+    with its own event loop and interpreter lock (one process is bound by its GIL at about one core: issue 8).
+    The first to lock the data folder's `primary.lock` also runs the DICOM AE and the job worker; the others
+    answer HTTP only. The parent process owns the embedded PostgreSQL. Each process holds its own pools and
+    caches: budget its resident size (~150 MiB) and database connections (`HOUNSFIELD_DB_POOL_MAX`) per process."""
     worker_poll_seconds: float = 5.0
     """How long an idle worker waits for a NOTIFY before polling the queue again."""
     fhir_sync_delay_seconds: float = 1.0
@@ -399,6 +405,7 @@ class Settings:
             bulkdata_threshold=_int(env, "HOUNSFIELD_BULKDATA_THRESHOLD", 1024, minimum=0),
             fhir_max_bundle_entries=_int(env, "HOUNSFIELD_FHIR_MAX_BUNDLE_ENTRIES", 1000, minimum=1, maximum=100_000),
             worker_enabled=_bool(env, "HOUNSFIELD_WORKER", True),
+            processes=_int(env, "HOUNSFIELD_PROCESSES", 1, minimum=1, maximum=256),
             fhir_sync_delay_seconds=_int(env, "HOUNSFIELD_FHIR_SYNC_DELAY_MS", 1000, minimum=0, maximum=600_000) / 1000,
             gc_grace_seconds=_int(env, "HOUNSFIELD_GC_GRACE_SECONDS", 3600, minimum=0),
             gc_interval_seconds=_int(env, "HOUNSFIELD_GC_INTERVAL_SECONDS", 3600, minimum=1),

@@ -251,3 +251,59 @@ def test_import_beside_a_running_server_with_embedded_postgres(tmp_path: Path, s
         if _postmasters(pgdata):
             _stop_postgres(pgdata)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _primary(children: list[psutil.Process], lock: Path) -> psutil.Process | None:
+    """The server process that holds the data folder's primary.lock open."""
+    for child in children:
+        try:
+            if any(Path(f.path) == lock for f in child.open_files()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def _dimse_echo(port: int) -> bool:
+    run = subprocess.run(
+        ["echoscu", "-aet", "CT1", "-aec", "HOUNSFIELD", "127.0.0.1", str(port)], capture_output=True, check=False
+    )
+    return run.returncode == 0
+
+
+def test_serve_with_two_processes_and_embedded_postgres(tmp_path: Path) -> None:
+    """HOUNSFIELD_PROCESSES=2: two server processes answer on one port, one of them (the primary.lock holder) runs
+    the DICOM AE; when the primary dies, its replacement takes the lock and the AE over; the parent owns the
+    embedded PostgreSQL and stops it when it is stopped."""
+    base = Path(tempfile.mkdtemp(prefix="hounsfield-test-cli-"))  # see the test above: not under tmp_path
+    data = base / "data"
+    pgdata, lock = (data / "pg").resolve(), (data / "primary.lock").resolve()
+    dimse = free_port()
+    env = _env(HOUNSFIELD_PROCESSES="2", HOUNSFIELD_DIMSE_PORT=str(dimse), HOUNSFIELD_DIMSE_PEERS="CT1=technologist")
+    try:
+        for served in _serve(data, env):
+            parent = psutil.Process(served.proc.pid)
+            servers = [c for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
+            assert len(servers) == 2
+            assert len(_postmasters(pgdata)) == 1
+            assert all(httpx.get(served.url + "/readyz").status_code == 200 for _ in range(20))
+            assert _dimse_echo(dimse)
+            primary = _primary(servers, lock)
+            assert primary is not None, "one process holds primary.lock"
+            primary.kill()  # the supervisor starts a replacement, which becomes the primary
+            deadline = time.monotonic() + 90
+            while not (_dimse_echo(dimse) and _primary(parent.children(), lock) not in (None, primary)):
+                assert time.monotonic() < deadline, "no process took the DICOM AE over"
+                time.sleep(0.5)
+            assert httpx.get(served.url + "/readyz").status_code == 200
+            served.proc.send_signal(signal.SIGTERM)
+            assert served.proc.wait(timeout=60) == 0
+            assert not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE
+        deadline = time.monotonic() + 15
+        while _postmasters(pgdata) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _postmasters(pgdata), "the embedded PostgreSQL outlived the server"
+    finally:
+        if _postmasters(pgdata):
+            _stop_postgres(pgdata)
+        shutil.rmtree(base, ignore_errors=True)

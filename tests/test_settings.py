@@ -15,7 +15,7 @@ def test_defaults_need_no_configuration() -> None:
     assert s.data_dir == Path("var") and s.database_url is None and s.s3 is None
     assert s.blob_dir == Path("var/blobs") and s.spool_dir == Path("var/blobs/.spool")
     assert (s.db_pool_min, s.db_pool_max) == (2, 10)
-    assert s.overwrite is False and s.worker_enabled is True
+    assert s.overwrite is False and s.worker_enabled is True and s.processes == 1
     assert s.otel_exporter == "none" and s.public_url is None and s.cors_origins == ()
 
 
@@ -27,6 +27,7 @@ def test_defaults_need_no_configuration() -> None:
         ({"HOUNSFIELD_PORT": "-1"}, "HOUNSFIELD_PORT"),
         ({"HOUNSFIELD_OVERWRITE": "maybe"}, "HOUNSFIELD_OVERWRITE"),
         ({"HOUNSFIELD_WORKER": "2"}, "HOUNSFIELD_WORKER"),
+        ({"HOUNSFIELD_PROCESSES": "0"}, "HOUNSFIELD_PROCESSES"),
         ({"HOUNSFIELD_DB_POOL_MIN": "0"}, "HOUNSFIELD_DB_POOL_MIN"),
         ({"HOUNSFIELD_DB_POOL_MIN": "5", "HOUNSFIELD_DB_POOL_MAX": "4"}, "HOUNSFIELD_DB_POOL_MAX"),
         ({"HOUNSFIELD_OTEL_EXPORTER": "zipkin"}, "HOUNSFIELD_OTEL_EXPORTER"),
