@@ -3,9 +3,10 @@ association) of benchmarks/compare.py's data set into one Hounsfield server (aut
 on), reporting instances/s and the CPU milliseconds per instance spent by the server process (and, of that, its
 event-loop thread), by PostgreSQL and by this client (from /proc and os.times, user + system). A server whose
 total CPU is near one core while its loop is not busy is bound by the GIL, not the loop. With `--py-spy FILE`
-the server is profiled under the STOW load (speedscope JSON).
+the server is profiled under the STOW (or `--spy-on cstore`: C-STORE) load and the jobs it queued (speedscope
+JSON); `--gil` samples only the thread holding the GIL, which is where a GIL-bound server's time goes.
 
-    .venv/bin/python benchmarks/ingest_cost.py [--instances 400] [--cstore 200] [--py-spy var/ingest.json]
+    .venv/bin/python benchmarks/ingest_cost.py [--instances 400] [--cstore 200] [--py-spy var/ingest.json [--gil]]
 
 No Orthanc here, so no network namespace; run on demand (not part of `make test`).
 """
@@ -87,16 +88,18 @@ async def drain(dsn: str) -> None:
         await conn.close()
 
 
-def measured(label: str, count: int, server: int, pg: list[int], dsn: str, work: Any) -> dict[str, float]:
+def measured(label: str, count: int, server: int, pgdata: Path, dsn: str, work: Any) -> dict[str, float]:
     """Rate of `work`; CPU per instance of the server and PostgreSQL during it (+1 s), and of the server until
-    the jobs it queued have run."""
+    the jobs it queued have run. PostgreSQL's backends are listed again after the work: the server's pool opens
+    connections under load, and a backend started during the work counts whole."""
+    pg = postgres_pids(pgdata)
     s0, p0, m0, t0 = cpu(tree(server)), cpu(pg), cpu(tree(server), LOOP), time.perf_counter()
     c0 = time.process_time()  # this client's own CPU (with its child processes: storescu)
     ch0 = os.times().children_user + os.times().children_system
     rate = work()
     client = time.process_time() - c0 + os.times().children_user + os.times().children_system - ch0
     time.sleep(1.0)  # hooks and group commits that finish just after the last answer
-    s1, p1, m1 = cpu(tree(server)), cpu(pg), cpu(tree(server), LOOP)
+    s1, p1, m1 = cpu(tree(server)), cpu(postgres_pids(pgdata)), cpu(tree(server), LOOP)
     asyncio.run(drain(dsn))
     s2 = cpu(tree(server))
     row = {
@@ -118,6 +121,7 @@ def main() -> int:
     parser.add_argument("--cstore", type=int, default=200)
     parser.add_argument("--py-spy", type=Path, help="record the server under the load into this file")
     parser.add_argument("--spy-on", choices=("stow", "cstore"), default="stow", help="which load --py-spy records")
+    parser.add_argument("--gil", action="store_true", help="--py-spy samples only the thread holding the GIL")
     args = parser.parse_args()
     os.environ.setdefault("HOUNSFIELD_INFERENCE", "false")
     os.environ["TCP_NODELAY"] = "1"
@@ -138,7 +142,7 @@ def main() -> int:
 
         def spy_start() -> subprocess.Popen[bytes]:
             spy_cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-o", str(args.py_spy), "-f",
-                       "speedscope", "-r", "200", "-p", str(server)]  # fmt: skip
+                       "speedscope", "-r", "200", *(["--gil"] if args.gil else []), "-p", str(server)]  # fmt: skip
             started = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
             return started
@@ -157,14 +161,14 @@ def main() -> int:
                 await target.http.aclose()
 
         spy = spy_start() if args.py_spy and args.spy_on == "stow" else None
-        measured("STOW-RS", len(data.stow), server, postgres_pids(folder / "pg"), dsn, lambda: asyncio.run(stow_all()))
+        measured("STOW-RS", len(data.stow), server, folder / "pg", dsn, lambda: asyncio.run(stow_all()))
         spy_stop()
         spy = spy_start() if args.py_spy and args.spy_on == "cstore" else None
         measured(
             "C-STORE",
             len(data.cstore),
             server,
-            postgres_pids(folder / "pg"),
+            folder / "pg",
             dsn,
             lambda: store(dimse, "HOUNSFIELD", data.cstore),
         )
