@@ -206,13 +206,17 @@ class StoreService:
                 f"StudyInstanceUID {parsed.study_uid} differs from the study {expected_study} in the request URL"
             )
             return outcome
-        async with self.pool.acquire() as conn:
-            existing = await repository.find_instance(conn, parsed.sop_instance_uid)
-            vouch_stateless(conn)  # one SELECT: its release needs no reset query
-        if existing is not None and original_sha256(existing) == sha256:
-            return outcome  # idempotent: the same bytes are already stored
-        if existing is not None and not self.overwrite:
-            return self._duplicate(outcome)
+        if self.compressor.wanted(parsed):
+            # Compressing costs far more than a lookup: an instance already stored is settled first. Without
+            # compression the index transaction settles it (`_index_in`), which saves a round trip per new
+            # instance; a re-sent or refused duplicate's blob is then written and removed again.
+            async with self.pool.acquire() as conn:
+                existing = await repository.find_instance(conn, parsed.sop_instance_uid)
+                vouch_stateless(conn)  # one SELECT: its release needs no reset query
+            if existing is not None and original_sha256(existing) == sha256:
+                return outcome  # idempotent: the same bytes are already stored
+            if existing is not None and not self.overwrite:
+                return self._duplicate(outcome)
         stored = await self.compressor.apply(path, parsed, size, sha256)  # dicomweb/compress.py (off: as is)
         original, (parsed, size, sha256) = sha256, (stored.parsed, stored.size, stored.sha256)
         key = blob_key(parsed, sha256)
@@ -290,7 +294,7 @@ class StoreService:
             current = await repository.find_instance(conn, parsed.sop_instance_uid, lock=True)
             assert current is not None
             if original_sha256(current) == original:
-                raise _Rollback  # a concurrent store of the same bytes won; ours is identical
+                raise _Rollback  # idempotent: the same bytes are already stored (or a concurrent store won)
             if not self.overwrite:
                 self._duplicate(outcome)
                 raise _Rollback

@@ -183,6 +183,17 @@ def test_duplicate_with_different_content_keeps_the_first(http, server) -> None:
     assert stored.PixelData == ds.PixelData
 
 
+def test_identical_resend_keeps_one_blob_with_the_bytes(http, server) -> None:
+    """Without compression a re-sent instance is settled in the index transaction after its blob was written:
+    the write lands on the committed blob's own key, which must survive the rollback."""
+    data = part10(ct(seed=3))
+    for _ in range(2):
+        assert post(http, multipart([data])).status_code == 200
+    files = blob_files(server)
+    assert len(files) == 1
+    assert files[0].read_bytes() == data
+
+
 def test_overwrite_replaces_and_old_blob_is_collected(make_server) -> None:
     srv = make_server(overwrite=True)
     with httpx.Client(base_url=srv.url, headers=srv.headers) as http:
