@@ -9,7 +9,7 @@ end, and records each frame's [offset, length] in the `renditions` table (migrat
 frame request for that syntax is then a byte-range read of the blob. A missing rendition is made on demand by
 the frame request itself (`Renditions.encode` + `Renditions.store`).
 
-Blob keys are content addressed (`<study>/<series>/<instance>/<sha256[:32]>.<syntax>.frames`): two workers that
+Blob keys are content addressed (`<study>/<series>/<instance>.<sha256[:32]>.<syntax>.frames`): two workers that
 make the same rendition write the same key, and the row insert is `ON CONFLICT DO NOTHING`, so making one is
 idempotent under concurrency. Rows name the instance bytes they were made from: an overwrite drops them and
 queues the blobs' deletion (`blob.delete`, which keeps a blob some row still names), and the orphan sweep
@@ -70,7 +70,7 @@ def of_layout(value: Any) -> dict[str, Rendition]:
 
 
 def rendition_key(study: str, series: str, instance: str, syntax: str, sha256: str) -> str:
-    return f"{study}/{series}/{instance}/{sha256[:32]}.{syntax}.frames"
+    return f"{study}/{series}/{instance}.{sha256[:32]}.{syntax}.frames"
 
 
 class Renditions:

@@ -192,6 +192,9 @@ def test_identical_resend_keeps_one_blob_with_the_bytes(http, server) -> None:
     files = blob_files(server)
     assert len(files) == 1
     assert files[0].read_bytes() == data
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert files[0].relative_to(server.settings.blob_dir).parts[:2] == (ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    assert files[0].name.startswith(f"{ds.SOPInstanceUID}.")  # no folder per instance
 
 
 def test_overwrite_replaces_and_old_blob_is_collected(make_server) -> None:
