@@ -1,12 +1,14 @@
 """STOW-RS and every other ingest path (PS3.18 10.5): validate, make durable, index, queue derived work.
 
-Order of durability: the bytes are written to the blob store (fsync/rename or S3 PUT) before the index
-transaction commits, so an index row never points at missing bytes. A crash between the two leaves a blob
-without a row; the orphan collector (`blob.gc` job) removes those after a grace period.
+Order of durability: the bytes are written to the blob store (fsync/rename or S3 PUT) while the index statements
+run, and the index transaction commits only once they are durable, so an index row never points at missing bytes.
+A crash between the two leaves a blob without a row; the orphan collector (`blob.gc` job) removes those after a
+grace period.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -50,8 +52,9 @@ class StoredInstance:
 
 
 IngestHook = Callable[[Connection, StoredInstance], Awaitable[None]]
-"""Runs inside the ingest transaction. A hook may only run statements that leave no session state (plain DML and
-SELECTs; `SET LOCAL`, `pg_advisory_xact_lock`), because the connection is released without asyncpg's reset query
+"""Runs inside the ingest transaction, while the instance's blob may still be being written (do not read it). A
+hook may only run statements that leave no session state (plain DML and SELECTs; `SET LOCAL`,
+`pg_advisory_xact_lock`), because the connection is released without asyncpg's reset query
 (`server.db.vouch_stateless`)."""
 
 
@@ -222,19 +225,20 @@ class StoreService:
         stored = await self.compressor.apply(path, parsed, size, sha256)  # dicomweb/compress.py (off: as is)
         original, (parsed, size, sha256) = sha256, (stored.parsed, stored.size, stored.sha256)
         key = blob_key(parsed, sha256)
+        # The bytes are written while the index statements run (they take about as long as the fsyncs); the
+        # transaction commits only once the bytes are durable (`_index`), so a row still never names missing bytes.
+        put = asyncio.ensure_future(self._put(key, path))
+        put.add_done_callback(_retrieve)
         try:
-            with telemetry.blob_span("put", key):
-                await self.blobs.put_file(key, path)
-        except BlobStoreError as exc:
-            log.error("blob store failed for an instance: %s", exc)
-            outcome.failure = OUT_OF_RESOURCES
-            outcome.comment = "the blob store could not store the instance; nothing was stored"
-            return outcome
-        try:
-            return await self._index(parsed, key, size, sha256, outcome, original)
+            return await self._index(parsed, key, size, sha256, outcome, original, put)
         except BaseException:
+            await _ended(put)
             await self._forget_blob(key)
             raise
+
+    async def _put(self, key: str, path: Path) -> None:
+        with telemetry.blob_span("put", key):
+            await self.blobs.put_file(key, path)
 
     def _duplicate(self, outcome: Outcome) -> Outcome:
         outcome.failure = DUPLICATE_REJECTED
@@ -254,19 +258,35 @@ class StoreService:
             log.warning("could not remove an unindexed blob; the collector will", exc_info=True)
 
     async def _index(
-        self, parsed: ParsedInstance, key: str, size: int, sha256: str, outcome: Outcome, original: str
+        self,
+        parsed: ParsedInstance,
+        key: str,
+        size: int,
+        sha256: str,
+        outcome: Outcome,
+        original: str,
+        put: asyncio.Future[None],
     ) -> Outcome:
         try:
             async with self.pool.acquire() as conn:
                 async with conn.transaction():
                     await self._index_in(conn, parsed, key, size, sha256, outcome, original)
+                    await put  # the blob is durable before the rows that name it commit
                 # Only DML ran, in a transaction that has ended (hooks keep to that too: see IngestHook).
                 vouch_stateless(conn)
         except _Rollback:
+            await _ended(put)
             await self._forget_blob(key)  # kept if a committed row names the same (identical) blob
+            return outcome
+        except BlobStoreError as exc:
+            log.error("blob store failed for an instance: %s", exc)
+            await self._forget_blob(key)  # whatever part of it the store may have left
+            outcome.failure = OUT_OF_RESOURCES
+            outcome.comment = "the blob store could not store the instance; nothing was stored"
             return outcome
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.error("index transaction failed: %s", exc)
+            await _ended(put)
             await self._forget_blob(key)
             outcome.failure = PROCESSING_FAILURE
             outcome.comment = "the index could not record the instance; nothing was stored"
@@ -307,6 +327,20 @@ class StoreService:
         stored = StoredInstance(instance_pk, study_pk, series_pk, parsed, replaced)
         for hook in self.hooks:
             await hook(conn, stored)
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Done callback: a blob write whose failure nobody awaited any more (the store failed first) is not logged
+    by asyncio as an unretrieved exception."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _ended(task: asyncio.Future[None]) -> None:
+    """Wait until the blob write has ended, however it ended, before its blob is forgotten and its spool file
+    removed."""
+    if not task.done():
+        await asyncio.wait([task])
 
 
 def sweep_spool(folder: Path, grace_seconds: int) -> int:

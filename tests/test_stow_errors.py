@@ -197,6 +197,24 @@ def test_identical_resend_keeps_one_blob_with_the_bytes(http, server) -> None:
     assert files[0].name.startswith(f"{ds.SOPInstanceUID}.")  # no folder per instance
 
 
+def test_blob_store_failure_stores_nothing(http, server) -> None:
+    """The blob is written while the index statements run: when the write fails, the transaction that already
+    inserted the rows rolls back. (A file where the study's folder belongs makes the filesystem store fail.)"""
+    ds = ct(seed=4)
+    blocker = server.settings.blob_dir / ds.StudyInstanceUID
+    blocker.write_bytes(b"")
+    try:
+        resp = post(http, multipart([part10(ds)]))
+        assert resp.status_code == 409, resp.text
+        assert reasons(resp) == [0xA700]
+        assert counts(server.dsn) == (0, 0, 0)
+    finally:
+        blocker.unlink()
+    assert blob_files(server) == []
+    assert post(http, multipart([part10(ds)])).status_code == 200
+    assert counts(server.dsn) == (1, 1, 1)
+
+
 def test_overwrite_replaces_and_old_blob_is_collected(make_server) -> None:
     srv = make_server(overwrite=True)
     with httpx.Client(base_url=srv.url, headers=srv.headers) as http:
