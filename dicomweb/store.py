@@ -211,10 +211,10 @@ class StoreService:
                 f"StudyInstanceUID {parsed.study_uid} differs from the study {expected_study} in the request URL"
             )
             return outcome
-        if self.compressor.wanted(parsed):
-            # Compressing costs far more than a lookup: an instance already stored is settled first. Without
-            # compression the index transaction settles it (`_index_in`), which saves a round trip per new
-            # instance; a re-sent or refused duplicate's blob is then written and removed again.
+        if self.compressor.wanted(parsed) or not self.blobs.local:
+            # Compressing, or uploading to a remote store, costs far more than a lookup: an instance already
+            # stored is settled first. Otherwise the index transaction settles it (`_index_in`), which saves a
+            # round trip per new instance; a re-sent or refused duplicate's blob is then written and removed again.
             async with self.pool.acquire() as conn:
                 existing = await repository.find_instance(conn, parsed.sop_instance_uid)
                 vouch_stateless(conn)  # one SELECT: its release needs no reset query

@@ -73,3 +73,18 @@ def test_stow_to_s3(make_server, moto: Moto, tmp_path) -> None:
             assert time.monotonic() < deadline, keys(moto, bucket)
             time.sleep(0.2)
     assert pydicom.dcmread(sample("CT_small.dcm")).SOPInstanceUID in " ".join(stored)
+
+
+def test_identical_resend_is_not_uploaded_again(make_server, moto: Moto, tmp_path) -> None:
+    """On a remote store the instance is looked up before its upload: re-sending the same bytes (a modality
+    retrying, a study sent twice) costs no PUT, which a versioned bucket would keep as a second copy."""
+    srv, bucket = s3_server(make_server, moto, tmp_path)
+    moto.client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    data = part10(ct(seed=5))
+    with httpx.Client(base_url=srv.url, timeout=60, headers=srv.headers) as http:
+        for _ in range(2):
+            resp = http.post("/dicom-web/studies", content=multipart([data]), headers=stow_headers())
+            assert resp.status_code == 200, resp.text
+    versions = moto.client.list_object_versions(Bucket=bucket).get("Versions", [])
+    dcm = [v for v in versions if v["Key"].endswith(".dcm")]
+    assert len(dcm) == 1, dcm

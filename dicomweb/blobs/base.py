@@ -32,6 +32,10 @@ class BlobInfo:
 
 @runtime_checkable
 class BlobStore(Protocol):
+    local: bool
+    """Writes stay on this machine (a rename within one file system). A remote store's write is an upload, worth
+    a lookup first when the bytes may already be stored (`dicomweb.store.StoreService`)."""
+
     async def put_file(self, key: str, path: Path) -> None:
         """Store the local file `path` under `key`, durably: when this returns the bytes survive a crash.
         The file may be moved (not copied) by stores on the same file system; callers must not reuse it."""

@@ -40,6 +40,8 @@ def _make_dirs(path: Path) -> None:
 
 
 class FileSystemBlobStore:
+    local = True
+
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)

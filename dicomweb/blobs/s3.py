@@ -84,6 +84,8 @@ class S3BlobStore:
     """Attempts per S3 call, retried by botocore's standard mode (throttling, 5xx, dropped connections):
     transient faults of a remote store should not fail a STOW."""
 
+    local = False
+
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
         prefix = settings.prefix.strip("/")
