@@ -225,11 +225,15 @@ class StoreService:
         stored = await self.compressor.apply(path, parsed, size, sha256)  # dicomweb/compress.py (off: as is)
         original, (parsed, size, sha256) = sha256, (stored.parsed, stored.size, stored.sha256)
         key = blob_key(parsed, sha256)
-        # The bytes are written while the index statements run (they take about as long as the fsyncs); the
-        # transaction commits only once the bytes are durable (`_index`), so a row still never names missing bytes.
+        # On a local store the bytes are written while the index statements run (they take about as long as the
+        # fsyncs); the transaction commits only once the bytes are durable (`_index`), so a row still never names
+        # missing bytes. An upload can take seconds: the transaction, its pool connection and its row locks are not
+        # held open during one.
         put = asyncio.ensure_future(self._put(key, path))
         put.add_done_callback(_retrieve)
         try:
+            if not self.blobs.local:
+                await _ended(put)
             return await self._index(parsed, key, size, sha256, outcome, original, put)
         except BaseException:
             await _ended(put)
@@ -268,6 +272,8 @@ class StoreService:
         put: asyncio.Future[None],
     ) -> Outcome:
         try:
+            if put.done():
+                put.result()  # a write that failed already fails the store before any statement
             async with self.pool.acquire() as conn:
                 async with conn.transaction():
                     await self._index_in(conn, parsed, key, size, sha256, outcome, original)

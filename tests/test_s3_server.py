@@ -88,3 +88,16 @@ def test_identical_resend_is_not_uploaded_again(make_server, moto: Moto, tmp_pat
     versions = moto.client.list_object_versions(Bucket=bucket).get("Versions", [])
     dcm = [v for v in versions if v["Key"].endswith(".dcm")]
     assert len(dcm) == 1, dcm
+
+
+def test_failed_upload_stores_nothing(make_server, moto: Moto, tmp_path) -> None:
+    """An upload that fails (here: the bucket is gone) fails the instance with A700 before any index row."""
+    from tests.test_stow_errors import counts, reasons
+
+    srv, bucket = s3_server(make_server, moto, tmp_path)
+    moto.client.delete_bucket(Bucket=bucket)
+    with httpx.Client(base_url=srv.url, timeout=60, headers=srv.headers) as http:
+        resp = http.post("/dicom-web/studies", content=multipart([part10(ct(seed=6))]), headers=stow_headers())
+    assert resp.status_code == 409, resp.text
+    assert reasons(resp) == [0xA700]
+    assert counts(srv.dsn) == (0, 0, 0)
