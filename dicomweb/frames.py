@@ -22,6 +22,7 @@ from dicomweb.errors import NotAcceptable, NotFound
 from dicomweb.index.repository import RETRIEVE
 from dicomweb.layout import FrameLayout
 from dicomweb.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN
+from server.db import vouch_stateless
 
 
 def load_json(value: Any) -> Any:
@@ -78,6 +79,7 @@ class FrameReader:
             return
         async with self.pool.acquire() as conn:
             attrs = await conn.fetchrow(RETRIEVE["instance_attributes"], self.row["sop_instance_uid"], "7FE00010")
+            vouch_stateless(conn)  # one SELECT: the release needs no reset query (a round trip)
         bits = int(self.row["bits_allocated"] or 8)
         a: dict[str, Any] = dict(attrs.items()) if attrs is not None else {}
         self.image = transcode.ImageInfo(

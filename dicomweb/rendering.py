@@ -32,6 +32,7 @@ from dicomweb.index.repository import RETRIEVE
 from dicomweb.render import GIF, Options
 from dicomweb.retrieve import INSTANCE_MAX_AGE, STUDY_MAX_AGE, Body, Part, Plan
 from dicomweb.uids import UID
+from server.db import vouch_stateless
 
 RENDER_VERSION = "1"
 """Part of every rendered entity tag: bump it when the pipeline's output changes."""
@@ -123,6 +124,7 @@ class RenderService:
     async def _layout(self, study: UID, series: UID, instance: UID) -> asyncpg.Record:
         async with self.pool.acquire() as conn:
             row: asyncpg.Record | None = await conn.fetchrow(RETRIEVE["instance_layout"], study, series, instance)
+            vouch_stateless(conn)  # SELECTs only: the release needs no reset query (a round trip)
         if row is None:
             raise NotFound("instance")
         if not row["pixel"]:
@@ -135,6 +137,7 @@ class RenderService:
                 rows = await conn.fetch(RETRIEVE["instances_of_series"], study, series)
             else:
                 rows = await conn.fetch(RETRIEVE["instances_of_study"], study)
+            vouch_stateless(conn)
         if not rows:
             raise NotFound("series" if series else "study")
         return list(rows)

@@ -32,6 +32,7 @@ from dicomweb.negotiate import Choice, Offer
 from dicomweb.renditions import Renditions
 from dicomweb.uids import EXPLICIT_VR_BIG_ENDIAN, UID
 from server import jobs
+from server.db import vouch_stateless
 
 __all__ = ["Body", "Metadata", "Part", "Plan", "RetrieveService"]
 
@@ -127,6 +128,7 @@ class RetrieveService:
                 rows = await conn.fetch(RETRIEVE["instances_of_series"], study, series)
             else:
                 rows = await conn.fetch(RETRIEVE["instances_of_study"], study)
+            vouch_stateless(conn)  # SELECTs only: the release needs no reset query (a round trip)
         if not rows:
             raise NotFound("instance" if instance else "series" if series else "study")
         choices = negotiate.choose_instances(
@@ -182,6 +184,7 @@ class RetrieveService:
                 row = await conn.fetchrow(RETRIEVE["metadata_of_series"], study, series)
             else:
                 row = await conn.fetchrow(RETRIEVE["metadata_of_study"], study)
+            vouch_stateless(conn)
         if row is None or not row["n"]:
             raise NotFound("instance" if instance else "series" if series else "study")
         etag = _etag("metadata", row["etag"], base)
@@ -192,6 +195,7 @@ class RetrieveService:
     async def _layout(self, study: UID, series: UID, instance: UID) -> asyncpg.Record:
         async with self.pool.acquire() as conn:
             row: asyncpg.Record | None = await conn.fetchrow(RETRIEVE["instance_layout"], study, series, instance)
+            vouch_stateless(conn)
         if row is None:
             raise NotFound("instance")
         return row
@@ -330,6 +334,7 @@ class RetrieveService:
             if swap:
                 async with self.pool.acquire() as conn:
                     attrs = await conn.fetchrow(RETRIEVE["instance_attributes"], row["sop_instance_uid"], tag)
+                    vouch_stateless(conn)
                 vr = str(attrs["vr"] or "") if attrs else ""
                 if tag in ("7FE00010", "7FE00008", "7FE00009"):
                     width = transcode.pixel_swap_width(int(row["bits_allocated"] or 8), vr)
