@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from server.db import Connection, Queries
+from server.db import Connection, Queries, vouch_stateless
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("jobs.sql"))
@@ -128,6 +128,7 @@ class Worker:
                 self._reclaim_at = now + min(self.poll_seconds, self.lease_seconds / 4)
             deferred, overdue = self._deferred()
             rows = await conn.fetch(SQL["take"], self.name, self.batch, list(self.handlers), deferred, overdue)
+            vouch_stateless(conn)  # autocommitted DML only: no reset query (while ingest is busy, every NOTIFY)
         finished: list[int] = []
         for row in rows:
             payload = row["payload"]
@@ -143,6 +144,7 @@ class Worker:
         if finished:  # one statement for the batch (a job run again after a crash here is allowed: idempotent)
             async with self.pool.acquire() as conn:
                 await conn.execute(SQL["finish_many"], finished)
+                vouch_stateless(conn)
         return len(rows)
 
     def _deferred(self) -> tuple[list[str], float]:
