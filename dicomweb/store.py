@@ -2,8 +2,8 @@
 
 Order of durability: the bytes are written to the blob store (fsync/rename or S3 PUT) while the index statements
 run, and the index transaction commits only once they are durable, so an index row never points at missing bytes.
-A crash between the two leaves a blob without a row; the orphan collector (`blob.gc` job) removes those after a
-grace period.
+A crash between the two, or a failed index transaction, leaves a blob without a row; the orphan collector
+(`blob.gc` job) removes those after a grace period.
 """
 
 from __future__ import annotations
@@ -236,8 +236,7 @@ class StoreService:
                 await _ended(put)
             return await self._index(parsed, key, size, sha256, outcome, original, put)
         except BaseException:
-            await _ended(put)
-            await self._forget_blob(key)
+            await _ended(put)  # what it wrote is left to the orphan collector (see the index failure below)
             raise
 
     async def _put(self, key: str, path: Path) -> None:
@@ -285,15 +284,17 @@ class StoreService:
             await self._forget_blob(key)  # kept if a committed row names the same (identical) blob
             return outcome
         except BlobStoreError as exc:
+            # Not forgotten: a concurrent store of the same bytes may have written this key and not committed yet;
+            # whatever a failed write left is the orphan collector's.
             log.error("blob store failed for an instance: %s", exc)
-            await self._forget_blob(key)  # whatever part of it the store may have left
             outcome.failure = OUT_OF_RESOURCES
             outcome.comment = "the blob store could not store the instance; nothing was stored"
             return outcome
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.error("index transaction failed: %s", exc)
+            # The blob is not removed here: a concurrent store of the same bytes (the same key) may be about to
+            # commit a row naming it. A blob no row names is removed by the orphan collector after its grace period.
             await _ended(put)
-            await self._forget_blob(key)
             outcome.failure = PROCESSING_FAILURE
             outcome.comment = "the index could not record the instance; nothing was stored"
             return outcome
