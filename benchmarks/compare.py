@@ -6,11 +6,12 @@ patient name prefix, series of a study, instances of a series, OHIF's study list
 100-instance series); OHIF's frame request (`multipart/related; type=application/octet-stream;
 transfer-syntax=*`) frames/s and p50 at concurrency 8; instance and series retrieve MB/s; C-STORE images/s
 (dcmtk `storescu`, benchmarks/cstore.py). Physical references on the same machine: reading the same bytes from
-the page cache, and a trivial HTTP server (uvicorn, a fixed body) on loopback. Each row prints both figures and
-"H adv." (how many times Hounsfield is ahead: Orthanc's time ÷ Hounsfield's, or Hounsfield's rate ÷ Orthanc's;
-above 1 means ahead). Also the peak resident size of each server under the load. The read rows start once the
-server's ingest work is done (Hounsfield: its job queue drained, renditions and FHIR sync; the row "ingest
-settled s" says how long that took). JSON goes to benchmarks/results/compare.json.
+the page cache, a trivial HTTP server (uvicorn, a fixed body) on loopback, and the C-STORE files sent into a
+pynetdicom storage SCP that stores nothing (the ceiling of the DIMSE library Hounsfield is built on). Each row
+prints both figures and "H adv." (how many times Hounsfield is ahead: Orthanc's time ÷ Hounsfield's, or
+Hounsfield's rate ÷ Orthanc's; above 1 means ahead). Also the peak resident size of each server under the load.
+The read rows start once the server's ingest work is done (Hounsfield: its job queue drained, renditions and FHIR
+sync; the row "ingest settled s" says how long that took). JSON goes to benchmarks/results/compare.json.
 
     .venv/bin/python benchmarks/compare.py [--instances 2000] [--repeat 50] [--cstore 200]
     .venv/bin/python benchmarks/compare.py --instances small        # a quick run (200 instances)
@@ -257,7 +258,33 @@ def references(data: DataSet, trivial: str) -> dict[str, float]:
             return 2000 / wall, total / (time.perf_counter() - t0) / 1e6
 
     rps, mbps = asyncio.run(http())
-    return {"page cache read MB/s": page_cache, "trivial HTTP req/s c=8": rps, "trivial HTTP MB/s": mbps}
+    return {
+        "page cache read MB/s": page_cache,
+        "trivial HTTP req/s c=8": rps,
+        "trivial HTTP MB/s": mbps,
+        "no-op pynetdicom C-STORE images/s": dimse_floor(data.cstore),
+    }
+
+
+def dimse_floor(files: list[Path]) -> float:
+    """The C-STORE row's files sent by storescu into a pynetdicom SCP that stores nothing (a handler that only
+    answers success; the server's 1 MiB PDUs): the ceiling of the DIMSE library Hounsfield's storage SCP is built
+    on, on this machine."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    ae = AE(ae_title="NOOP")
+    ae.maximum_pdu_size = 1024 * 1024  # as HOUNSFIELD_DIMSE_MAX_PDU's default
+    for cx in AllStoragePresentationContexts:
+        assert cx.abstract_syntax is not None
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda _event: 0x0000)])
+    assert server is not None  # non-blocking: the server is returned
+    try:
+        store(port, "NOOP", files[:20])  # warm-up
+        return store(port, "NOOP", files)
+    finally:
+        server.shutdown()
 
 
 TRIVIAL = """
