@@ -86,6 +86,10 @@ async def load(dsn: str, studies: int, series: int, instances: int) -> None:
         await conn.close()
 
 
+MIN_STUDIES = 12346
+"""The queries name study 2.25.112345 (the 12,345th), patient PID4242 and accession ACC777: fewer studies than
+this and some of them match nothing."""
+
 QUERIES = {
     "PatientID": "/dicom-web/studies?PatientID=PID4242",
     "StudyDate range": "/dicom-web/studies?StudyDate=20200101-20200110&limit=100",
@@ -130,6 +134,8 @@ def main() -> int:
     parser.add_argument("--budget-ms", type=float, default=10.0)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "qido_scale.json")
     args = parser.parse_args()
+    if args.studies < MIN_STUDIES:
+        parser.error(f"--studies must be at least {MIN_STUDIES} (the queries name study 2.25.112345)")
 
     folder = Path(tempfile.mkdtemp(prefix="hounsfield-bench-"))
     embedded = None

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from qido_scale import QUERIES, free_port, load  # noqa: E402
+from qido_scale import MIN_STUDIES, QUERIES, free_port, load  # noqa: E402
 
 from benchmarks.harness import admin_token, wait_ready  # noqa: E402
 
@@ -123,6 +123,8 @@ def main() -> int:
     parser.add_argument("--layers", action="store_true", help="also time servers with only some layers on")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.studies < MIN_STUDIES:
+        parser.error(f"--studies must be at least {MIN_STUDIES} (the queries name study 2.25.112345)")
     if args.serve:
         serve_variant(int(args.serve[0]), VARIANTS[args.serve[1]])
         return 0
