@@ -32,6 +32,7 @@ from authz.guard import authz_opt, decision_of, with_study
 from dicomweb.access import UNRESTRICTED, AccessConstraints
 from inference import dispatch, monitoring, registry
 from inference.errors import InferenceError, InputNotFound, InvalidModel, ModelExists, ModelNotFound, RequestNotFound
+from server.db import vouch_stateless
 from server.errors import warning_header
 from server.resources import Resources, ResourcesDep
 
@@ -147,6 +148,7 @@ async def _requested_study(connection: ASGIConnection[Any, Any, Any, Any], resou
     then 404)."""
     async with connection.app.state.resources.pool.acquire() as conn:
         study = await dispatch.request_study(conn, str(connection.path_params.get("rid")))
+        vouch_stateless(conn)  # one SELECT: the release needs no reset query
     return await with_study(connection, resource, study)
 
 

@@ -12,6 +12,7 @@ from server.settings import S3Settings
 from tests.data import sample
 from tests.factory import ct, multipart, part10, stow_headers
 from tests.s3util import ACCESS_KEY, REGION, SECRET_KEY, Moto
+from tests.test_stow_errors import counts, reasons
 
 
 def s3_server(make_server, moto: Moto, tmp_path):
@@ -92,8 +93,6 @@ def test_identical_resend_is_not_uploaded_again(make_server, moto: Moto, tmp_pat
 
 def test_failed_upload_stores_nothing(make_server, moto: Moto, tmp_path) -> None:
     """An upload that fails (here: the bucket is gone) fails the instance with A700 before any index row."""
-    from tests.test_stow_errors import counts, reasons
-
     srv, bucket = s3_server(make_server, moto, tmp_path)
     moto.client.delete_bucket(Bucket=bucket)
     with httpx.Client(base_url=srv.url, timeout=60, headers=srv.headers) as http:

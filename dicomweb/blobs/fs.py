@@ -24,9 +24,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _make_dirs(path: Path) -> None:
-    """`mkdir -p` that makes each new folder durable: a folder created for a blob (a new study, series or
-    instance) is an entry in its parent, which is fsynced like the blob's own folder is after the rename, so a
-    power cut cannot lose the path to an acknowledged blob."""
+    """`mkdir -p` that makes each new folder durable: a folder created for a blob (a new study or series) is an
+    entry in its parent, which is fsynced like the blob's own folder is after the rename, so a power cut cannot
+    lose the path to an acknowledged blob."""
     missing: list[Path] = []
     while not path.is_dir():
         missing.append(path)
