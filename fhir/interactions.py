@@ -243,6 +243,33 @@ async def remove(
     return Written(200 if stored is not None else 204, stored)
 
 
+async def _authorize_read(
+    caller: Caller, spec: ResourceType, rid: str, stored: Stored | None, decided: Resource | None
+) -> None:
+    """The policy allows reading `stored` as filed (an unknown resource: what the subject may read at all)."""
+    if stored is not None:
+        await _authorize_filing(caller, "read", spec, rid, stored.filing, decided)
+        return
+    bare = Resource(kind=spec.kind, attributes={"id": rid})
+    if not _covers(decided, bare):
+        await caller.require("read", bare)
+
+
+async def read(
+    conn: Connection, resources: Resources, caller: Caller, resource_type: str, rid: str, *, decided: Resource | None
+) -> Stored:
+    """read (R4 3.1.0.2) of the current version, decided on the filing of the version it serves (`decided`: what
+    the guard already allowed; asked again when the resource was filed elsewhere meanwhile): 404 unknown, 410
+    deleted."""
+    stored = await resources.fhir.find(conn, resource_type, rid)
+    await _authorize_read(caller, TYPES[resource_type], rid, stored, decided)
+    if stored is None:
+        raise ResourceNotFound(f"{resource_type}/{rid} is not known")
+    if stored.deleted:
+        raise ResourceGone(f"{resource_type}/{rid} was deleted (version {stored.version})")
+    return stored
+
+
 async def vread(
     conn: Connection,
     resources: Resources,
@@ -251,7 +278,7 @@ async def vread(
     rid: str,
     vid: str,
     *,
-    decided: Resource | None = None,
+    decided: Resource | None,
 ) -> Stored:
     """vread (R4 3.1.0.3), decided on the patient and modalities this version was filed under when written
     (`decided`: what the guard already allowed; asked again when that is not this version's filing): 403 when
@@ -261,15 +288,9 @@ async def vread(
     number = version_number(vid)
     stored = await resources.fhir.find_version(conn, resource_type, rid, number) if number is not None else None
     if stored is None:
-        current = await resources.fhir.find(conn, resource_type, rid)
-        if current is None:
-            bare = Resource(kind=spec.kind, attributes={"id": rid})
-            if not _covers(decided, bare):
-                await caller.require("read", bare)
-        else:
-            await _authorize_filing(caller, "read", spec, rid, current.filing, decided)
+        await _authorize_read(caller, spec, rid, await resources.fhir.find(conn, resource_type, rid), decided)
         raise ResourceNotFound(f"{resource_type}/{rid} has no version {vid!r}")
-    await _authorize_filing(caller, "read", spec, rid, stored.filing, decided)
+    await _authorize_read(caller, spec, rid, stored, decided)
     if stored.deleted:
         raise ResourceGone(f"{resource_type}/{rid} version {vid} is a deletion")
     return stored

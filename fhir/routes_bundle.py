@@ -42,6 +42,7 @@ from fhir.interactions import (
     history_bundle,
     instant,
     location,
+    read,
     remove,
     search_access,
     update,
@@ -133,7 +134,7 @@ async def _get(run: Run, entry: Entry) -> dict[str, Any]:
         bundle = await search_bundle(run.conn, spec.name, items, base=run.base, access=access, strict=False)
         return response_entry(200, resource=bundle)
     if target.version is not None:
-        stored = await vread(run.conn, run.resources, run.caller, spec.name, target.id, target.version)
+        stored = await vread(run.conn, run.resources, run.caller, spec.name, target.id, target.version, decided=None)
     elif target.history:
         decided = await _stored_resource(run, "read", spec.name, target.id)
         items = query_items(target.query or "")
@@ -142,8 +143,7 @@ async def _get(run: Run, entry: Entry) -> dict[str, Any]:
         )
         return response_entry(200, resource=history)
     else:
-        await _stored_resource(run, "read", spec.name, target.id)
-        stored = await run.resources.fhir.read(run.conn, spec.name, target.id)
+        stored = await read(run.conn, run.resources, run.caller, spec.name, target.id, decided=None)
     return response_entry(
         200,
         full_url=f"{run.base}/{spec.name}/{target.id}",

@@ -44,6 +44,7 @@ from fhir.interactions import (
     history_bundle,
     http_date,
     location,
+    read,
     remove,
     update,
     vread,
@@ -175,8 +176,9 @@ def type_routes(spec: ResourceType) -> list[Any]:
     @get(one, opt=authz_opt("read", kind, resource=on_stored), summary=f"Read a {name} (FHIR R4 read)", **common)
     async def read_one(request: AnyRequest, resources: ResourcesDep, rid: FromPath[str]) -> Response[bytes]:
         negotiate(request)
+        caller = caller_of(request, resources)
         async with resources.pool.acquire() as conn:
-            stored = await resources.fhir.read(conn, name, rid)
+            stored = await read(conn, resources, caller, name, rid, decided=_guard_resource(request))
         return json_response(stored.content, headers=version_headers(stored))
 
     @get(
@@ -192,6 +194,7 @@ def type_routes(spec: ResourceType) -> list[Any]:
         caller = caller_of(request, resources)
         async with resources.pool.acquire() as conn:
             stored = await vread(conn, resources, caller, name, rid, vid, decided=_guard_resource(request))
+        note_break_glass(request, caller)
         return json_response(stored.content, headers=version_headers(stored))
 
     @get(f"{one}/_history", opt=authz_opt("read", kind, resource=on_stored), summary=f"History of a {name}", **common)
