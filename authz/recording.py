@@ -24,6 +24,9 @@ from authz.decision import Action, Decision, Resource
 from authz.guard import DECISION, OPT_KEY, RESOURCE, break_glass_of
 
 log = logging.getLogger(__name__)
+BREAK_GLASS_USED = "hounsfield.break_glass_used"
+"""Request state: a handler's further decisions (a type a FHIR search includes, a history version) allowed some
+access only because of a break-glass session; the record is flagged as when the guard's decision says so."""
 
 
 def _resource(scope: Scope, kind: str) -> Resource:
@@ -51,6 +54,7 @@ def record_for(scope: Scope, status: int) -> Any:
     decision = state.get(DECISION)
     # An access the policy allowed only because of a break-glass session is flagged, with the session's reason.
     flagged = isinstance(decision, Decision) and bool(decision.obligations.get("break_glass"))
+    flagged = flagged or state.get(BREAK_GLASS_USED) is True
     session = break_glass_of(scope) if flagged else None
     return request_record(
         state.get(PRINCIPAL),

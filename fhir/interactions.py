@@ -6,6 +6,11 @@ transaction Bundle, on a connection the caller owns (writes run inside the calle
   resource unchanged, several are 412), update and update as create (3.1.0.4; `If-Match` 412), delete (3.1.0.6:
   deleting what is absent or deleted succeeds), vread (3.1.0.3: a deleted version is 410) and the `history`
   Bundle of one resource (3.1.0.10: newest first, `_count`, `_since`, `_offset`).
+- What a search may see (`search_access`), for the search route and bundle entries alike: the searched type as
+  the policy decided it, every included or chained type as the policy decides a search of THAT type.
+- vread and history are decided on the patient and modalities each version was filed under when it was written
+  (`fhir.repository` keeps the filing with every version): a version the caller may not read is a 403 (vread)
+  or left out (history, whose `total` counts only the versions the caller may read).
 - A write is checked (`fhir.validation.check_resource`, then the type's `prepare` in `fhir.types`) and filed
   under the patient its content names. When that is not the patient the policy already decided on (an update
   that moves a report, an update that creates, a bundle entry), `Caller.require` asks the policy again for the
@@ -25,8 +30,10 @@ from authz.guard import DECISION, RESOURCE
 from authz.policy_input import policy_input
 from authz.principal import Principal
 from dicomweb.access import AccessConstraints, UnknownConstraint
+from fhir.access import filed, version_number
 from fhir.errors import FhirError, NotSupported, ResourceGone, ResourceNotFound, VersionConflict
 from fhir.repository import Filing, Stored, parse_etag
+from fhir.search import SearchAccess
 from fhir.types import TYPES, ResourceType
 from fhir.validation import check_resource, localize
 from server.db import Connection
@@ -41,8 +48,10 @@ MAX_COUNT = 1000
 
 @dataclass
 class Caller:
-    """The requester, for decisions the guard could not make alone (a write's new patient, bundle entries). A
-    denial is recorded in `state` (the request's audit record names it) when given."""
+    """The requester, for decisions the guard could not make alone (a write's new patient, bundle entries, the
+    types a search includes, history versions). A denial is recorded in `state` (the request's audit record names
+    it) when given. `flagged`: some access allowed here was allowed by a break-glass session (the policy's
+    `obligations.break_glass`), so the request's audit record is flagged too."""
 
     principal: Principal
     policy: PolicyEngine
@@ -50,12 +59,21 @@ class Caller:
     break_glass: dict[str, Any] | None = None
     state: dict[str, Any] | None = None
     decided: list[tuple[Action, Resource, Decision]] = field(default_factory=list)
+    flagged: bool = False
 
-    async def decide(self, action: Action, resource: Resource) -> Decision:
+    async def ask(self, action: Action, resource: Resource) -> Decision:
+        """A decision that filters what a request returns (an included type, a history version): it is not the
+        request's own decision, so it is not one of `decided` (the audit record's), but it may flag the record."""
         now = dt.datetime.now(dt.UTC)
         decision = await self.policy.decide(
             policy_input(self.principal, action, resource, self.client_ip, self.break_glass, now=now)
         )
+        if decision.allow and decision.obligations.get("break_glass"):
+            self.flagged = True
+        return decision
+
+    async def decide(self, action: Action, resource: Resource) -> Decision:
+        decision = await self.ask(action, resource)
         self.decided.append((action, resource, decision))
         return decision
 
@@ -67,33 +85,57 @@ class Caller:
             raise Forbidden("; ".join(decision.reasons) or "denied by policy", decision)
         return decision
 
-    async def constraints(self, kind: str) -> AccessConstraints:
-        """What a search of `kind` may see (403 when the subject may not search it at all)."""
-        decision = await self.require("search", Resource(kind=kind))
-        try:
-            return AccessConstraints.from_policy(decision.constraints)
-        except UnknownConstraint as exc:
-            raise Forbidden(str(exc), decision) from None
+
+async def search_access(caller: Caller, resource_type: str, decided: Decision | None = None) -> SearchAccess:
+    """What a search of `resource_type` may see: the one place that decides it, for the search route (`decided`:
+    the guard's decision on this very search) and for a bundle's search entry and a conditional create (decided
+    here: 403 when the caller may not search the type). Every other type the search reaches (`_include`,
+    `_revinclude`, a chain's target) is decided as a search of THAT type, once, when first reached: denied, or
+    with a constraint this server cannot enforce, nothing of it is seen."""
+    spec = TYPES.get(resource_type)
+    if spec is None:
+        raise ResourceNotFound(f"this server does not serve {resource_type}")
+    decision = decided if decided is not None else await caller.require("search", Resource(kind=spec.kind))
+    if not decision.allow:
+        raise Forbidden("; ".join(decision.reasons) or "denied by policy", decision)
+    try:
+        constraints = AccessConstraints.from_policy(decision.constraints)
+    except UnknownConstraint as exc:
+        raise Forbidden(str(exc), decision) from None
+    known: dict[str, AccessConstraints | None] = {}
+
+    async def other(name: str) -> AccessConstraints | None:
+        if name not in known:
+            served = TYPES.get(name)
+            answer = await caller.ask("search", Resource(kind=served.kind)) if served is not None else None
+            try:
+                known[name] = AccessConstraints.from_policy(answer.constraints) if answer and answer.allow else None
+            except UnknownConstraint:
+                known[name] = None
+        return known[name]
+
+    return SearchAccess(resource_type, constraints, other)
 
 
-def filed(kind: str, rid: str | None, filing: Filing) -> Resource:
-    """The resource the policy sees for a resource filed under `filing`."""
-    return Resource(
-        kind=kind,
-        patient_id=filing.patient_key,
-        modalities=filing.modalities,
-        attributes={"id": rid} if rid else {},
+def _covers(decided: Resource | None, resource: Resource) -> bool:
+    """`decided`, a resource the policy already allowed, is this one as the policy sees it: the same patient,
+    study and modalities."""
+    return (
+        decided is not None
+        and decided.patient_id == resource.patient_id
+        and decided.study_uid == resource.study_uid
+        and sorted(decided.modalities) == sorted(resource.modalities)
     )
 
 
 async def _authorize_filing(
     caller: Caller, action: Action, spec: ResourceType, rid: str | None, filing: Filing, decided: Resource | None
 ) -> None:
-    """The policy has allowed `action` on the patient this resource is filed under (asked again unless
-    `decided`, the resource already allowed, is of that patient)."""
-    if decided is not None and decided.patient_id == filing.patient_key:
-        return
-    await caller.require(action, filed(spec.kind, rid, filing))
+    """The policy has allowed `action` on the resource as filed under `filing` (asked again unless `decided`,
+    the resource already allowed, is that one)."""
+    resource = filed(spec.kind, rid, filing)
+    if not _covers(decided, resource):
+        await caller.require(action, resource)
 
 
 # --- the interaction core (no HTTP) -----------------------------------------------------------------------------
@@ -138,8 +180,8 @@ async def conditional_matches(conn: Connection, caller: Caller, spec: ResourceTy
     cannot probe for resources the caller may not see)."""
     from fhir.search import matching_ids
 
-    constraints = await caller.constraints(spec.kind)
-    return await matching_ids(conn, spec.name, query.removeprefix("?"), constraints=constraints, limit=2)
+    access = await search_access(caller, spec.name)
+    return await matching_ids(conn, spec.name, query.removeprefix("?"), access=access, limit=2)
 
 
 async def create(
@@ -201,10 +243,54 @@ async def remove(
     return Written(200 if stored is not None else 204, stored)
 
 
-async def vread(conn: Connection, resources: Resources, resource_type: str, rid: str, vid: str) -> Stored:
-    if not vid.isdigit() or len(vid) > 9:
+async def _authorize_read(
+    caller: Caller, spec: ResourceType, rid: str, stored: Stored | None, decided: Resource | None
+) -> None:
+    """The policy allows reading `stored` as filed (an unknown resource: what the subject may read at all)."""
+    if stored is not None:
+        await _authorize_filing(caller, "read", spec, rid, stored.filing, decided)
+        return
+    bare = Resource(kind=spec.kind, attributes={"id": rid})
+    if not _covers(decided, bare):
+        await caller.require("read", bare)
+
+
+async def read(
+    conn: Connection, resources: Resources, caller: Caller, resource_type: str, rid: str, *, decided: Resource | None
+) -> Stored:
+    """read (R4 3.1.0.2) of the current version, decided on the filing of the version it serves (`decided`: what
+    the guard already allowed; asked again when the resource was filed elsewhere meanwhile): 404 unknown, 410
+    deleted."""
+    stored = await resources.fhir.find(conn, resource_type, rid)
+    await _authorize_read(caller, TYPES[resource_type], rid, stored, decided)
+    if stored is None:
+        raise ResourceNotFound(f"{resource_type}/{rid} is not known")
+    if stored.deleted:
+        raise ResourceGone(f"{resource_type}/{rid} was deleted (version {stored.version})")
+    return stored
+
+
+async def vread(
+    conn: Connection,
+    resources: Resources,
+    caller: Caller,
+    resource_type: str,
+    rid: str,
+    vid: str,
+    *,
+    decided: Resource | None,
+) -> Stored:
+    """vread (R4 3.1.0.3), decided on the patient and modalities this version was filed under when written
+    (`decided`: what the guard already allowed; asked again when that is not this version's filing): 403 when
+    the caller may not read this version. A version that does not exist is decided on the resource as it is now
+    (403 when the caller may not read it, else 404); a deletion is 410."""
+    spec = TYPES[resource_type]
+    number = version_number(vid)
+    stored = await resources.fhir.find_version(conn, resource_type, rid, number) if number is not None else None
+    if stored is None:
+        await _authorize_read(caller, spec, rid, await resources.fhir.find(conn, resource_type, rid), decided)
         raise ResourceNotFound(f"{resource_type}/{rid} has no version {vid!r}")
-    stored = await resources.fhir.vread(conn, resource_type, rid, int(vid))
+    await _authorize_read(caller, spec, rid, stored, decided)
     if stored.deleted:
         raise ResourceGone(f"{resource_type}/{rid} version {vid} is a deletion")
     return stored
@@ -249,13 +335,49 @@ def _history_params(items: list[tuple[str, str]]) -> tuple[int, dt.datetime | No
     return min(count, MAX_COUNT), since, offset
 
 
+async def readable_versions(
+    conn: Connection,
+    resources: Resources,
+    caller: Caller,
+    resource_type: str,
+    rid: str,
+    since: dt.datetime | None,
+    decided: Resource | None,
+) -> list[int]:
+    """The versions of one resource the caller may read, newest first: each decided on the patient and
+    modalities it was filed under (once per distinct filing; `decided`, the resource the guard allowed, needs no
+    second decision). 404 when the resource never existed."""
+    spec = TYPES[resource_type]
+    allowed: dict[Filing, bool] = {}
+    readable = []
+    for version, filing in await resources.fhir.history_filings(conn, resource_type, rid, since=since):
+        if filing not in allowed:
+            resource = filed(spec.kind, rid, filing)
+            allowed[filing] = _covers(decided, resource) or (await caller.ask("read", resource)).allow
+        if allowed[filing]:
+            readable.append(version)
+    return readable
+
+
 async def history_bundle(
-    conn: Connection, resources: Resources, resource_type: str, rid: str, items: list[tuple[str, str]], base: str
+    conn: Connection,
+    resources: Resources,
+    caller: Caller,
+    resource_type: str,
+    rid: str,
+    items: list[tuple[str, str]],
+    base: str,
+    *,
+    decided: Resource | None = None,
 ) -> dict[str, Any]:
-    """The `history` Bundle of one resource, newest first (R4 3.1.0.10)."""
+    """The `history` Bundle of one resource, newest first (R4 3.1.0.10), of the versions the caller may read
+    (`readable_versions`): a version filed under a patient or modality the caller may not read is left out, and
+    `total` is the number of versions the caller may read (since `_since`), so the others are not even counted.
+    Their numbers still show as gaps between `versionId`s: those belong to the resource, not to the caller."""
     count, since, offset = _history_params(items)
-    versions = await resources.fhir.history(conn, resource_type, rid, since=since, limit=offset + count + 1)
-    page, more = versions[offset : offset + count], len(versions) > offset + count
+    readable = await readable_versions(conn, resources, caller, resource_type, rid, since, decided)
+    page = await resources.fhir.versions(conn, resource_type, rid, readable[offset : offset + count])
+    more = len(readable) > offset + count
     url = f"{base}/{resource_type}/{rid}"
     entries: list[dict[str, Any]] = []
     for stored in page:
@@ -275,7 +397,7 @@ async def history_bundle(
     links = [{"relation": "self", "url": f"{url}/_history?{query}" + (f"&_offset={offset}" if offset else "")}]
     if more:
         links.append({"relation": "next", "url": f"{url}/_history?{query}&_offset={offset + count}"})
-    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history", "link": links}
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history", "total": len(readable), "link": links}
     if entries:
         bundle["entry"] = entries
     return bundle

@@ -5,7 +5,9 @@ and the search index rows (`fhir.searchindex`) are replaced in the same transact
 half-written resource. `meta.versionId` and `meta.lastUpdated` are set here, never taken from the client.
 
 Writers pass the facts the policy needs with the content (`Filing`: the DICOM Patient ID the resource belongs
-to, its modalities, the natural key of a derived resource). Hooks (`WriteHook`) run inside the transaction after
+to, its modalities, the natural key of a derived resource). Every version keeps the filing it was written with:
+a vread or history entry is decided on the patient that version belonged to, which need not be the current one
+(a report moved to another patient). Hooks (`WriteHook`) run inside the transaction after
 each write: that is where Subscriptions queue their notifications.
 """
 
@@ -145,10 +147,15 @@ class FhirRepository:
         return _stored(row) if row is not None else None
 
     async def vread(self, conn: Connection, resource_type: str, rid: str, version: int) -> Stored:
-        row = await conn.fetchrow(SQL["vread"], resource_type, rid, version)
-        if row is None:
+        """One version (a deletion too), filed as it was written; 404 when there is no such version."""
+        stored = await self.find_version(conn, resource_type, rid, version)
+        if stored is None:
             raise ResourceNotFound(f"{resource_type}/{rid} has no version {version}")
-        return _stored(row)
+        return stored
+
+    async def find_version(self, conn: Connection, resource_type: str, rid: str, version: int) -> Stored | None:
+        row = await conn.fetchrow(SQL["vread"], resource_type, rid, version)
+        return _stored(row) if row is not None else None
 
     async def history(
         self, conn: Connection, resource_type: str, rid: str, *, since: dt.datetime | None = None, limit: int = 100
@@ -158,6 +165,21 @@ class FhirRepository:
         if not rows and await conn.fetchrow(SQL["read"], resource_type, rid) is None:
             raise ResourceNotFound(f"{resource_type}/{rid} is not known")
         return [_stored(r) for r in rows]
+
+    async def history_filings(
+        self, conn: Connection, resource_type: str, rid: str, *, since: dt.datetime | None = None
+    ) -> list[tuple[int, Filing]]:
+        """Every version's number and filing, newest first (no content). 404 when the resource never existed."""
+        rows = await conn.fetch(SQL["history_filings"], resource_type, rid, since)
+        if not rows and await conn.fetchrow(SQL["read"], resource_type, rid) is None:
+            raise ResourceNotFound(f"{resource_type}/{rid} is not known")
+        return [(r["version"], Filing(r["patient_key"], tuple(r["modalities"] or ()), r["source_key"])) for r in rows]
+
+    async def versions(self, conn: Connection, resource_type: str, rid: str, numbers: Sequence[int]) -> list[Stored]:
+        """The versions numbered `numbers` that exist, newest first."""
+        if not numbers:
+            return []
+        return [_stored(r) for r in await conn.fetch(SQL["versions"], resource_type, rid, list(numbers))]
 
     async def patient_key_of(self, conn: Connection, patient_id: str) -> str | None:
         """The DICOM Patient ID of `Patient/<patient_id>` (None when unknown or deleted)."""
@@ -283,7 +305,15 @@ class FhirRepository:
         filing: Filing,
     ) -> Stored:
         await conn.execute(
-            SQL["insert_history"], resource_type, rid, version, at, method, json.dumps(body) if body else None
+            SQL["insert_history"],
+            resource_type,
+            rid,
+            version,
+            at,
+            method,
+            json.dumps(body) if body else None,
+            filing.patient_key,
+            list(filing.modalities),
         )
         await conn.execute(SQL["clear_search"], resource_type, rid)
         if body is not None:

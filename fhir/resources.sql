@@ -1,4 +1,5 @@
--- Versioned FHIR resources (fhir/repository.py); tables in migrations/0007_fhir.sql.
+-- Versioned FHIR resources (fhir/repository.py); tables in migrations/0007_fhir.sql, the filing of each version
+-- in migrations/0013_fhir_history_filing.sql.
 
 -- name: read
 SELECT resource_type, id, version, last_updated, deleted, content, patient_key, modalities, source_key
@@ -13,18 +14,35 @@ SELECT resource_type, id, version, last_updated, deleted, content, patient_key, 
 FROM fhir_resources WHERE resource_type = $1 AND source_key = $2;
 
 -- name: vread
+-- One version, with the filing it was written under (a natural key never changes: the current row's).
 SELECT h.resource_type, h.id, h.version, h.last_updated, h.method = 'DELETE' AS deleted, h.content,
-       r.patient_key, r.modalities, r.source_key
+       h.patient_key, h.modalities, r.source_key
 FROM fhir_history h JOIN fhir_resources r USING (resource_type, id)
 WHERE h.resource_type = $1 AND h.id = $2 AND h.version = $3;
 
 -- name: history
 -- Newest first (R4 3.1.0.10: history is sorted with oldest versions last); $3: _since (NULL: all), $4: limit.
-SELECT h.resource_type, h.id, h.version, h.last_updated, h.method, h.content
-FROM fhir_history h
+SELECT h.resource_type, h.id, h.version, h.last_updated, h.method, h.content, h.patient_key, h.modalities,
+       r.source_key
+FROM fhir_history h JOIN fhir_resources r USING (resource_type, id)
 WHERE h.resource_type = $1 AND h.id = $2 AND ($3::timestamptz IS NULL OR h.last_updated >= $3)
 ORDER BY h.version DESC
 LIMIT $4;
+
+-- name: history_filings
+-- Every version's number and filing, newest first, without content: what the policy decides each version on.
+SELECT h.version, h.patient_key, h.modalities, r.source_key
+FROM fhir_history h JOIN fhir_resources r USING (resource_type, id)
+WHERE h.resource_type = $1 AND h.id = $2 AND ($3::timestamptz IS NULL OR h.last_updated >= $3)
+ORDER BY h.version DESC;
+
+-- name: versions
+-- The versions numbered $3, newest first.
+SELECT h.resource_type, h.id, h.version, h.last_updated, h.method, h.content, h.patient_key, h.modalities,
+       r.source_key
+FROM fhir_history h JOIN fhir_resources r USING (resource_type, id)
+WHERE h.resource_type = $1 AND h.id = $2 AND h.version = ANY($3::integer[])
+ORDER BY h.version DESC;
 
 -- name: insert
 -- A new resource; NULL when the id is taken (the caller decides whether that is an update or a conflict).
@@ -40,8 +58,8 @@ SET version = $3, last_updated = $4, deleted = $5, content = $6::jsonb, patient_
 WHERE resource_type = $1 AND id = $2;
 
 -- name: insert_history
-INSERT INTO fhir_history (resource_type, id, version, last_updated, method, content)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb);
+INSERT INTO fhir_history (resource_type, id, version, last_updated, method, content, patient_key, modalities)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8::text[]);
 
 -- name: clear_search
 DELETE FROM fhir_search WHERE resource_type = $1 AND id = $2;

@@ -8,10 +8,13 @@
   resolved (R4 3.1.0.11.2). The `transaction-response` is answered after the commit.
 
 Every entry is decided by the policy as if it were its own request (`fhir.interactions.Caller`: its action on
-its type and the patient of the stored or new resource; a search entry gets the constraints of its own search
-decision) and gets its own audit record (the request itself is recorded by the middleware like any other):
-a denied entry is 403 in a batch and fails a transaction. The route itself is declared as `create` on kind
-`Bundle` (the envelope; each entry is the policy's real question).
+its type and the patient of the stored or new resource), by the same code as that request sent directly: a
+search entry by `fhir.interactions.search_access` (its own search decision, and each included or chained type
+decided as a search of that type), a vread on the filing of the version read, a history on the filing of each
+version. Each entry gets its own audit record (the request itself is recorded by the middleware like any
+other), flagged when a break-glass session allowed any of its accesses: a denied entry is 403 in a batch and
+fails a transaction. The route itself is declared as `create` on kind `Bundle` (the envelope; each entry is the
+policy's real question).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from authz.decision import Action, Decision, Resource
 from authz.errors import AuthzError, Forbidden, PolicyUnavailable
 from authz.guard import authz_opt
 from fhir import bundles
+from fhir.access import filed
 from fhir.auditsearch import SearchError
 from fhir.bundles import Entry, response_entry
 from fhir.errors import FhirError
@@ -35,11 +39,12 @@ from fhir.interactions import (
     Written,
     conditional_matches,
     create,
-    filed,
     history_bundle,
     instant,
     location,
+    read,
     remove,
+    search_access,
     update,
     vread,
 )
@@ -74,6 +79,8 @@ class Run:
     ids: dict[int, str]
     mapping: dict[str, str]
     decided: dict[int, tuple[Action, Resource, Decision]]
+    flagged: set[int]
+    """Entries some access of which only a break-glass session allowed."""
 
 
 def _error_parts(exc: Exception) -> tuple[int, dict[str, Any]]:
@@ -122,21 +129,21 @@ async def _get(run: Run, entry: Entry) -> dict[str, Any]:
 
     target, spec = entry.target, TYPES[entry.target.resource_type]
     if target.id is None:
-        constraints = await run.caller.constraints(spec.kind)
+        access = await search_access(run.caller, spec.name)
         items = query_items(target.query or "")
-        bundle = await search_bundle(
-            run.conn, run.resources, spec.name, items, base=run.base, constraints=constraints, strict=False
-        )
+        bundle = await search_bundle(run.conn, spec.name, items, base=run.base, access=access, strict=False)
         return response_entry(200, resource=bundle)
-    await _stored_resource(run, "read", spec.name, target.id)
-    if target.history and target.version is None:
-        items = query_items(target.query or "")
-        history = await history_bundle(run.conn, run.resources, spec.name, target.id, items, run.base)
-        return response_entry(200, resource=history)
     if target.version is not None:
-        stored = await vread(run.conn, run.resources, spec.name, target.id, target.version)
+        stored = await vread(run.conn, run.resources, run.caller, spec.name, target.id, target.version, decided=None)
+    elif target.history:
+        decided = await _stored_resource(run, "read", spec.name, target.id)
+        items = query_items(target.query or "")
+        history = await history_bundle(
+            run.conn, run.resources, run.caller, spec.name, target.id, items, run.base, decided=decided
+        )
+        return response_entry(200, resource=history)
     else:
-        stored = await run.resources.fhir.read(run.conn, spec.name, target.id)
+        stored = await read(run.conn, run.resources, run.caller, spec.name, target.id, decided=None)
     return response_entry(
         200,
         full_url=f"{run.base}/{spec.name}/{target.id}",
@@ -149,6 +156,7 @@ async def _get(run: Run, entry: Entry) -> dict[str, Any]:
 async def run_entry(run: Run, entry: Entry) -> dict[str, Any]:
     """One entry, as its own request would run (inside the caller's transaction)."""
     run.caller.decided.clear()
+    run.caller.flagged = False
     try:
         target = entry.target
         if entry.method == "GET":
@@ -187,6 +195,8 @@ async def run_entry(run: Run, entry: Entry) -> dict[str, Any]:
     finally:
         if run.caller.decided:
             run.decided[entry.index] = run.caller.decided[-1]
+        if run.caller.flagged:
+            run.flagged.add(entry.index)
 
 
 async def _assign_ids(run: Run, entries: list[Entry], *, transaction: bool) -> None:
@@ -266,6 +276,7 @@ async def _audit(
                 path=f"{request.url.path.rstrip('/')}/{item.url.split('?', 1)[0]}",
                 query_string=query,
                 client_ip=client[0] if client else None,
+                break_glass=index in run.flagged,
                 outcome_desc=None if failed is None or failed is item else f"rolled back: entry {failed.index} failed",
                 time=dt.datetime.now(dt.UTC),
             )
@@ -295,7 +306,7 @@ async def post_bundle(request: Request[Any, Any, Any], resources: ResourcesDep) 
     caller = caller_of(request, resources)
     caller.state = None  # entry decisions have records of their own
     async with resources.pool.acquire() as conn:
-        run = Run(conn, resources, caller, base, prefer_return(request), {}, {}, {})
+        run = Run(conn, resources, caller, base, prefer_return(request), {}, {}, {}, set())
         if parsed.kind == "batch":
             answers = await _batch(run, parsed.entries)
             await _audit(request, run, parsed.entries, {i: _status_of(a) for i, a in enumerate(answers)})

@@ -12,11 +12,12 @@ type in `fhir.types.TYPES`, built per type because each type is its own policy k
 - Formats (`fhir.validation`): bodies must be FHIR JSON (415); XML is never answered (406); answers are
   `application/fhir+json; charset=utf-8`.
 
-Authorization: the guard decides on the stored resource (read, vread, history, update, delete) or, for create,
-on the patient the new resource names (`new_resource` reads the body's subject: the policy sees the patient of
-a report before it exists). A write whose content names another patient than the one decided on is decided
-again for that patient (`fhir.interactions.Caller.require`), and a denial is what the request's audit record
-says.
+Authorization: the guard decides on the stored resource as filed now (read, history, update, delete), on the
+version as filed when it was written (vread), or, for create, on the patient the new resource names
+(`new_resource` reads the body's subject: the policy sees the patient of a report before it exists). A write
+whose content names another patient than the one decided on is decided again for that patient
+(`fhir.interactions.Caller.require`), and a denial is what the request's audit record says. A history Bundle
+holds only the versions the caller may read, each decided on its own filing (`fhir.interactions.history_bundle`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from litestar.params import FromPath
 from authz.authn import principal_of
 from authz.decision import Resource
 from authz.guard import RESOURCE, authz_opt, break_glass_of, decision_of
+from authz.recording import BREAK_GLASS_USED
 from dicomweb.routes.common import dicom_json
-from fhir.access import stored_resource
+from fhir.access import stored_resource, stored_version
 from fhir.errors import FhirError
 from fhir.interactions import (
     Caller,
@@ -42,6 +44,7 @@ from fhir.interactions import (
     history_bundle,
     http_date,
     location,
+    read,
     remove,
     update,
     vread,
@@ -82,6 +85,12 @@ def caller_of(request: Request[Any, Any, Any], resources: Resources) -> Caller:
         break_glass_of(request.scope),
         request.scope.setdefault("state", {}),
     )
+
+
+def note_break_glass(request: Request[Any, Any, Any], caller: Caller) -> None:
+    """The request's audit record is flagged when a decision after the guard's was a break-glass one."""
+    if caller.flagged:
+        request.scope.setdefault("state", {})[BREAK_GLASS_USED] = True
 
 
 def negotiate(request: Request[Any, Any, Any]) -> None:
@@ -167,13 +176,14 @@ def type_routes(spec: ResourceType) -> list[Any]:
     @get(one, opt=authz_opt("read", kind, resource=on_stored), summary=f"Read a {name} (FHIR R4 read)", **common)
     async def read_one(request: AnyRequest, resources: ResourcesDep, rid: FromPath[str]) -> Response[bytes]:
         negotiate(request)
+        caller = caller_of(request, resources)
         async with resources.pool.acquire() as conn:
-            stored = await resources.fhir.read(conn, name, rid)
+            stored = await read(conn, resources, caller, name, rid, decided=_guard_resource(request))
         return json_response(stored.content, headers=version_headers(stored))
 
     @get(
         f"{one}/_history/{{vid:str}}",
-        opt=authz_opt("read", kind, resource=on_stored),
+        opt=authz_opt("read", kind, resource=stored_version(name)),
         summary=f"vread {name}",
         **common,
     )
@@ -181,16 +191,23 @@ def type_routes(spec: ResourceType) -> list[Any]:
         request: Request[Any, Any, Any], resources: ResourcesDep, rid: FromPath[str], vid: FromPath[str]
     ) -> Response[bytes]:
         negotiate(request)
+        caller = caller_of(request, resources)
         async with resources.pool.acquire() as conn:
-            stored = await vread(conn, resources, name, rid, vid)
+            stored = await vread(conn, resources, caller, name, rid, vid, decided=_guard_resource(request))
+        note_break_glass(request, caller)
         return json_response(stored.content, headers=version_headers(stored))
 
     @get(f"{one}/_history", opt=authz_opt("read", kind, resource=on_stored), summary=f"History of a {name}", **common)
     async def history_one(request: AnyRequest, resources: ResourcesDep, rid: FromPath[str]) -> Response[bytes]:
         negotiate(request)
         items = list(request.query_params.multi_items())
+        caller = caller_of(request, resources)
+        base = fhir_base(request, resources)
         async with resources.pool.acquire() as conn:
-            bundle = await history_bundle(conn, resources, name, rid, items, fhir_base(request, resources))
+            bundle = await history_bundle(
+                conn, resources, caller, name, rid, items, base, decided=_guard_resource(request)
+            )
+        note_break_glass(request, caller)
         return json_response(bundle)
 
     @post(f"/{name}", opt=authz_opt("create", kind, resource=new_resource(name)), summary=f"Create a {name}", **common)

@@ -4,31 +4,29 @@ for ImagingStudy, DiagnosticReport, Patient and Endpoint; the answer is a `searc
 (`application/fhir+json`). Parameters and semantics: `fhir.search`.
 
 The policy decides `search` on the type; its constraints (care lists, consent, patient-context tokens, excluded
-modalities) become conditions of the SQL, so pages and totals only see permitted rows. Included resources of
-another type are subject to the policy's decision on searching that type (left out when it is denied). With
+modalities) become conditions of the SQL, so pages and totals only see permitted rows. Included resources and
+chain targets of another type are subject to the policy's decision on searching THAT type (left out when it is
+denied), decided by `fhir.interactions.search_access` exactly as for a search entry of a batch or transaction. With
 `Prefer: handling=strict`, unknown parameters are a 400 instead of a warning in an outcome entry.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 from urllib.parse import parse_qsl
 
 from litestar import Request, Response, get, post
 
-from authz.authn import principal_of
-from authz.decision import Decision, Resource
 from authz.errors import Forbidden
-from authz.guard import authz_opt, break_glass_of, decision_of
-from authz.policy_input import policy_input
-from dicomweb.access import AccessConstraints, UnknownConstraint
+from authz.guard import authz_opt, decision_of
 from dicomweb.routes.common import dicom_json
 from fhir.auditsearch import strict_handling
 from fhir.errors import FhirError
+from fhir.interactions import search_access
 from fhir.outcome import EXCEPTION_HANDLERS, FHIR_JSON
 from fhir.routes_audit import fhir_base
-from fhir.search import IncludeAccess, search_bundle
+from fhir.routes_rest import caller_of, note_break_glass
+from fhir.search import search_bundle
 from fhir.types import TYPES
 from server.resources import Resources, ResourcesDep
 
@@ -42,62 +40,21 @@ class UnsupportedMediaType(FhirError):
     code = "not-supported"
 
 
-def constraints_of(decision: Decision | None) -> AccessConstraints:
-    """The policy's search constraints; 403 when there is no decision or a constraint cannot be enforced."""
-    if decision is None:  # the guard decides every route; never search without its decision
-        raise Forbidden("no policy decision for this search")
-    try:
-        return AccessConstraints.from_policy(decision.constraints)
-    except UnknownConstraint as exc:
-        raise Forbidden(str(exc), decision) from None
-
-
-def include_access(request: Request[Any, Any, Any], resources: Resources, searched: str) -> IncludeAccess:
-    """The constraints on included resources of each type: the policy's decision on searching that type."""
-    own = constraints_of(decision_of(request.scope))
-    known: dict[str, AccessConstraints | None] = {searched: own}
-    client = request.scope.get("client")
-
-    async def access(resource_type: str) -> AccessConstraints | None:
-        if resource_type not in known:
-            served = TYPES.get(resource_type)
-            if served is None:
-                return None
-            subject = policy_input(
-                principal_of(request),
-                "search",
-                Resource(kind=served.kind),
-                client[0] if client else None,
-                break_glass_of(request.scope),
-                now=dt.datetime.now(dt.UTC),
-            )
-            decision = await resources.policy.decide(subject)
-            try:
-                known[resource_type] = AccessConstraints.from_policy(decision.constraints) if decision.allow else None
-            except UnknownConstraint:
-                known[resource_type] = None
-        return known[resource_type]
-
-    return access
-
-
 async def _search(
     request: Request[Any, Any, Any], resources: Resources, resource_type: str, items: list[tuple[str, str]]
 ) -> Response[bytes]:
-    constraints = constraints_of(decision_of(request.scope))
+    decision = decision_of(request.scope)
+    if decision is None:  # the guard decides every route; never search without its decision
+        raise Forbidden("no policy decision for this search")
+    caller = caller_of(request, resources)
+    access = await search_access(caller, resource_type, decision)
     strict = strict_handling(request.headers.getall("prefer", []))
     async with resources.pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):  # page, total, includes agree
             body = await search_bundle(
-                conn,
-                resources,
-                resource_type,
-                items,
-                base=fhir_base(request, resources),
-                constraints=constraints,
-                strict=strict,
-                include_access=include_access(request, resources, resource_type),
+                conn, resource_type, items, base=fhir_base(request, resources), access=access, strict=strict
             )
+    note_break_glass(request, caller)
     return Response(dicom_json(body), media_type=FHIR_JSON)
 
 

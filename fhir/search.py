@@ -47,8 +47,36 @@ CONTROL = ("_count", "_offset", "_sort", "_total", "_summary", "_elements", "_in
 IGNORED_CONTROL = ("_format", "_pretty")
 
 
-IncludeAccess = Callable[[str], Awaitable[AccessConstraints | None]]
-"""The policy's constraints on included resources of a type (None: the user may not see that type)."""
+TypeAccess = Callable[[str], Awaitable[AccessConstraints | None]]
+"""The policy's constraints on searching a resource type (None: the caller may not see that type at all)."""
+
+
+class SearchAccess:
+    """What one caller may see in one search, type by type: the searched type's `constraints` (from the policy's
+    decision on that search), and for every other type the search reaches (`_include`, `_revinclude`, the target
+    of a chain) the constraints of the policy's decision on searching THAT type, asked once per type (`other`).
+    A row of any type is seen only when it meets its own type's constraints for this caller: included resources
+    are never filtered with the searched type's constraints (they differ: an Endpoint search has no patient limit,
+    a Patient search no modality limit). Made by `fhir.interactions.search_access` for the route and for bundle
+    entries alike; `unrestricted` is for the server's own matching (Subscriptions)."""
+
+    def __init__(self, resource_type: str, constraints: AccessConstraints, other: TypeAccess) -> None:
+        self.resource_type = resource_type
+        self.constraints = constraints
+        self._other = other
+
+    @classmethod
+    def unrestricted(cls, resource_type: str) -> SearchAccess:
+        async def everything(_kind: str) -> AccessConstraints | None:
+            return UNRESTRICTED
+
+        return cls(resource_type, UNRESTRICTED, everything)
+
+    async def of(self, resource_type: str) -> AccessConstraints | None:
+        """The constraints on rows of `resource_type` (None: none of them may be seen)."""
+        if resource_type == self.resource_type:
+            return self.constraints
+        return await self._other(resource_type)
 
 
 class InvalidSearch(FhirError):
@@ -472,33 +500,34 @@ async def matching_ids(
     resource_type: str,
     query: str,
     *,
-    constraints: AccessConstraints = UNRESTRICTED,
+    access: SearchAccess,
     only_id: str | None = None,
     limit: int = 2,
 ) -> list[str]:
     """Ids of current non-deleted resources matching the query (strict: unknown parameters raise FhirError 400),
-    optionally restricted to one id (Subscription matching) — up to `limit`."""
+    among those `access` lets the caller see, optionally restricted to one id (Subscription matching): up to
+    `limit`."""
     import fhir.searchsql as searchsql  # the SQL side imports this module's values
 
     parsed = parse_search(resource_type, query_items(query), strict=True)
-    return await searchsql.matching_ids(conn, parsed, constraints, only_id=only_id, limit=limit)
+    return await searchsql.matching_ids(conn, parsed, access, only_id=only_id, limit=limit)
 
 
 async def search_bundle(
     conn: Connection,
-    resources: Any,
     resource_type: str,
     items: list[tuple[str, str]],
     *,
     base: str,
-    constraints: AccessConstraints,
+    access: SearchAccess,
     strict: bool,
-    include_access: IncludeAccess | None = None,
 ) -> dict[str, Any]:
-    """The searchset Bundle for these query items (used by the route and by batch bundles' GET entries).
-    `include_access(type)` gives the constraints on included resources of another type (None: the user may not
-    see that type at all); without it, included resources get `constraints` too."""
+    """The searchset Bundle for these query items (used by the route and by batch bundles' GET entries alike).
+    `access` (required: there is no default that would filter included resources with the searched type's
+    constraints) decides the rows of every type the search reaches."""
     import fhir.searchsql as searchsql
 
+    if access.resource_type != resource_type:
+        raise ValueError(f"the access given is for a search of {access.resource_type}, not {resource_type}")
     parsed = parse_search(resource_type, items, strict=strict, base=base)
-    return await searchsql.bundle(conn, parsed, base=base, constraints=constraints, include_access=include_access)
+    return await searchsql.bundle(conn, parsed, base=base, access=access)

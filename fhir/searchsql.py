@@ -6,7 +6,8 @@ parameter numbers; every value from the request travels as a positional paramete
 does for QIDO). Each parameter occurrence is one EXISTS over the index rows of `fhir_search` (alternatives or-ed
 inside it), so the (resource_type, param, code|text_value|low) indexes serve it. The policy's constraints are
 conditions on the `fhir_resources` row (patient allow-list and exclusions on `patient_key`, excluded modalities
-on `modalities`), the same in the page, the total, the chain targets and the included resources.
+on `modalities`), the same in the page and the total; chain targets and included resources meet the constraints
+of their own type (`fhir.search.SearchAccess`), never those of the searched type.
 
 One query reads the page (one row more than the page size tells whether a next page exists), one counts the
 matches (skipped when the page itself shows the total), one reads each `_include` / `_revinclude`.
@@ -18,6 +19,7 @@ import datetime as dt
 import functools
 import json
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -25,11 +27,12 @@ from urllib.parse import urlencode
 from dicomweb.access import AccessConstraints
 from fhir.outcome import issue, operation_outcome
 from fhir.search import (
+    ChainMatch,
     Clause,
     DateMatch,
-    IncludeAccess,
     Match,
     ReferenceMatch,
+    SearchAccess,
     SearchQuery,
     StringMatch,
     TokenMatch,
@@ -42,6 +45,8 @@ PATIENTLESS = frozenset({"Endpoint"})
 """Types whose resources belong to no patient: patient constraints do not apply to them (modalities do)."""
 MAX_INCLUDED = 1000
 """At most this many resources per `_include` / `_revinclude` of one page."""
+Seen = Mapping[str, AccessConstraints | None]
+"""The constraints on the rows of each type a search reaches (None: the caller may not see that type)."""
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
 
 
@@ -102,7 +107,7 @@ def _token(match: TokenMatch, params: _Params) -> str:
     return " AND ".join(parts) or _sql("all")
 
 
-def _value(match: Match, params: _Params, constraints: AccessConstraints) -> str:
+def _value(match: Match, params: _Params, seen: Seen) -> str:
     """A condition on one index row (alias `s`)."""
     if isinstance(match, TokenMatch):
         return _token(match, params)
@@ -118,8 +123,11 @@ def _value(match: Match, params: _Params, constraints: AccessConstraints) -> str
         if not match.keys:
             return _sql("nothing")
         return _sql("any", column="s.code", p=params.add(list(match.keys)))
-    inner = [_clause(match.inner, match.target, "c", params, constraints)]
-    inner += restrict(constraints, match.target, "c", params)
+    target = seen.get(match.target)
+    if target is None:  # the caller may not search the chained type: its rows match nothing
+        return _sql("nothing")
+    inner = [_clause(match.inner, match.target, "c", params, seen)]
+    inner += restrict(target, match.target, "c", params)
     return _sql("chain_target", target=params.add(match.target), where=" AND ".join(inner))
 
 
@@ -129,7 +137,7 @@ def _either(conditions: list[str]) -> str:
     return conditions[0] if len(conditions) == 1 else "(" + " OR ".join(f"({c})" for c in conditions) + ")"
 
 
-def _clause(clause: Clause, resource_type: str, alias: str, params: _Params, constraints: AccessConstraints) -> str:
+def _clause(clause: Clause, resource_type: str, alias: str, params: _Params, seen: Seen) -> str:
     """A condition on one resource row (alias `alias`) of `resource_type`."""
     if clause.source != "index":
         if clause.missing is not None:  # _id and _lastUpdated always have a value
@@ -146,7 +154,7 @@ def _clause(clause: Clause, resource_type: str, alias: str, params: _Params, con
     if clause.missing is not None:
         fragment = "has_no_value" if clause.missing else "has_value"
         return _sql(fragment, rtype=rtype, alias=alias, param=param, where=_sql("all"))
-    where = _either([_value(m, params, constraints) for m in clause.matches])
+    where = _either([_value(m, params, seen) for m in clause.matches])
     fragment = "has_no_value" if clause.negate else "has_value"
     return _sql(fragment, rtype=rtype, alias=alias, param=param, where=where)
 
@@ -166,10 +174,23 @@ def restrict(constraints: AccessConstraints, resource_type: str, alias: str, par
     return conditions
 
 
-def where(query: SearchQuery, constraints: AccessConstraints, params: _Params, alias: str = "r") -> str:
-    conditions = [_clause(c, query.resource_type, alias, params, constraints) for c in query.clauses]
+def where(query: SearchQuery, seen: Seen, params: _Params, alias: str = "r") -> str:
+    """The search's clauses and its type's constraints on a resource row; a chain's target rows meet the
+    constraints of the target's own type."""
+    constraints = seen.get(query.resource_type)
+    if constraints is None:
+        return _sql("nothing")
+    conditions = [_clause(c, query.resource_type, alias, params, seen) for c in query.clauses]
     conditions += restrict(constraints, query.resource_type, alias, params)
     return " AND ".join(conditions) or _sql("all")
+
+
+async def _seen(query: SearchQuery, access: SearchAccess) -> Seen:
+    """The constraints of the searched type and of every chained type, decided before any SQL is built."""
+    types = {query.resource_type}
+    for clause in query.clauses:
+        types.update(m.target for m in clause.matches if isinstance(m, ChainMatch))
+    return {kind: await access.of(kind) for kind in sorted(types)}
 
 
 def _order(query: SearchQuery, params: _Params) -> tuple[str, str]:
@@ -195,11 +216,12 @@ def _order(query: SearchQuery, params: _Params) -> tuple[str, str]:
 
 
 async def matching_ids(
-    conn: Connection, query: SearchQuery, constraints: AccessConstraints, *, only_id: str | None, limit: int
+    conn: Connection, query: SearchQuery, access: SearchAccess, *, only_id: str | None, limit: int
 ) -> list[str]:
+    seen = await _seen(query, access)
     params = _Params()
     rtype = params.add(query.resource_type)
-    condition = where(query, constraints, params)
+    condition = where(query, seen, params)
     if only_id is not None:
         condition += " AND " + _sql("equal", column="r.id", p=params.add(only_id))
     rows = await conn.fetch(_sql("ids", rtype=rtype, where=condition, limit=params.add(limit)), *params.values)
@@ -207,12 +229,12 @@ async def matching_ids(
 
 
 async def _page(
-    conn: Connection, query: SearchQuery, constraints: AccessConstraints
+    conn: Connection, query: SearchQuery, seen: Seen
 ) -> tuple[list[tuple[str, dict[str, Any]]], int | None, bool]:
     """(the page's (id, resource), the total or None, whether more follow)."""
     params = _Params()
     rtype = params.add(query.resource_type)
-    condition = where(query, constraints, params)
+    condition = where(query, seen, params)
     filter_values = list(params.values)
     rows: list[tuple[str, dict[str, Any]]] = []
     more = False
@@ -236,14 +258,16 @@ async def _included(
     query: SearchQuery,
     ids: list[str],
     base: str,
-    access: IncludeAccess,
+    access: SearchAccess,
 ) -> list[tuple[str, str, dict[str, Any]]]:
+    """The included resources of the page (`ids`): each of them meets the constraints of ITS type (the policy's
+    decision on searching that type for this caller), and none of a type the caller may not search."""
     found: dict[tuple[str, str], dict[str, Any]] = {}
     for include in query.includes:
         spec = PARAMS[include.source][include.param]
         types = [include.source] if include.reverse else [include.target] if include.target else list(spec.targets)
         for target in (t for t in types if t in PARAMS):
-            constraints = await access(target)
+            constraints = await access.of(target)
             if constraints is None:
                 continue
             params = _Params()
@@ -327,16 +351,12 @@ async def bundle(
     query: SearchQuery,
     *,
     base: str,
-    constraints: AccessConstraints,
-    include_access: IncludeAccess | None = None,
+    access: SearchAccess,
 ) -> dict[str, Any]:
     """The R4 `searchset` Bundle of one page: matches, included resources, an outcome entry for what was
-    ignored, `total` per `_total`, and self / next / previous links (R4 3.1.1.6)."""
-    rows, total, more = await _page(conn, query, constraints)
-
-    async def same(_kind: str) -> AccessConstraints | None:
-        return constraints
-
+    ignored, `total` per `_total`, and self / next / previous links (R4 3.1.1.6). `access` decides the rows of
+    every type: the matches, the chain targets and each included type."""
+    rows, total, more = await _page(conn, query, await _seen(query, access))
     entries: list[dict[str, Any]] = [
         {
             "fullUrl": f"{base}/{query.resource_type}/{rid}",
@@ -347,7 +367,7 @@ async def bundle(
     ]
     if rows and query.includes:
         seen = {(query.resource_type, rid) for rid, _ in rows}
-        for kind, rid, content in await _included(conn, query, [r for r, _ in rows], base, include_access or same):
+        for kind, rid, content in await _included(conn, query, [r for r, _ in rows], base, access):
             if (kind, rid) not in seen:
                 entries.append({"fullUrl": f"{base}/{kind}/{rid}", "resource": content, "search": {"mode": "include"}})
     if query.ignored:

@@ -288,7 +288,7 @@ def notify_handler(resources: Resources) -> jobs.Handler:
     the Subscription to `error`."""
 
     async def handle(job: jobs.Job) -> None:
-        from fhir.search import matching_ids
+        from fhir.search import SearchAccess, matching_ids
 
         resource_type, rid, version = _target(job)
         now = dt.datetime.now(dt.UTC)
@@ -305,7 +305,9 @@ def notify_handler(resources: Resources) -> jobs.Handler:
                         closed.append((row["id"], "off", None))
                         continue
                     _, query = split_criteria(content.get("criteria"))
-                    if await matching_ids(conn, resource_type, query, only_id=rid, limit=1):
+                    # the server's own matching: each owner's read is decided on delivery (deliver_handler)
+                    everything = SearchAccess.unrestricted(resource_type)
+                    if await matching_ids(conn, resource_type, query, access=everything, only_id=rid, limit=1):
                         matched.append(row["id"])
                 except FhirError as exc:
                     closed.append((row["id"], "error", f"cannot be evaluated: {exc.detail}"))

@@ -25,6 +25,7 @@ from fhir.search import (
     DateMatch,
     InvalidSearch,
     ReferenceMatch,
+    SearchAccess,
     UnsupportedSearch,
     check_query,
     matching_ids,
@@ -180,6 +181,15 @@ def included(body: dict[str, Any]) -> set[str]:
 
 def link(body: dict[str, Any], relation: str) -> str | None:
     return next((x["url"] for x in body["link"] if x["relation"] == relation), None)
+
+
+def only(resource_type: str, constraints: AccessConstraints, **others: AccessConstraints) -> SearchAccess:
+    """A search's access: `constraints` on the searched type, `others` by type, no other type at all."""
+
+    async def other(kind: str) -> AccessConstraints | None:
+        return others.get(kind)
+
+    return SearchAccess(resource_type, constraints, other)
 
 
 @pytest.fixture
@@ -465,33 +475,50 @@ def test_matching_ids_and_search_bundle(server: LiveServer) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(server.dsn)
         try:
-            assert await matching_ids(conn, "ImagingStudy", "modality=CT", limit=10) == ["s1", "s5"]
-            assert await matching_ids(conn, "ImagingStudy", "?modality=CT&patient=Patient/pat1") == ["s1"]
-            assert await matching_ids(conn, "ImagingStudy", "modality=CT", only_id="s5") == ["s5"]
-            assert await matching_ids(conn, "ImagingStudy", "modality=CT", only_id="s2") == []
-            assert await matching_ids(conn, "ImagingStudy", "", limit=2) == ["s1", "s2"]
+            every = SearchAccess.unrestricted("ImagingStudy")
+            assert await matching_ids(conn, "ImagingStudy", "modality=CT", access=every, limit=10) == ["s1", "s5"]
+            assert await matching_ids(conn, "ImagingStudy", "?modality=CT&patient=Patient/pat1", access=every) == [
+                "s1"]  # fmt: skip
+            assert await matching_ids(conn, "ImagingStudy", "modality=CT", access=every, only_id="s5") == ["s5"]
+            assert await matching_ids(conn, "ImagingStudy", "modality=CT", access=every, only_id="s2") == []
+            assert await matching_ids(conn, "ImagingStudy", "", access=every, limit=2) == ["s1", "s2"]
             limited = AccessConstraints(patient_ids=("P2",))
-            assert await matching_ids(conn, "ImagingStudy", "modality=CT", constraints=limited) == ["s5"]
-            hidden = AccessConstraints(modalities_excluded=("CT",))
-            assert await matching_ids(conn, "DiagnosticReport", "status=final", constraints=hidden, limit=5) == [
+            assert await matching_ids(conn, "ImagingStudy", "modality=CT", access=only("ImagingStudy", limited)) == [
+                "s5"]  # fmt: skip
+            hidden = only("DiagnosticReport", AccessConstraints(modalities_excluded=("CT",)))
+            assert await matching_ids(conn, "DiagnosticReport", "status=final", access=hidden, limit=5) == [
                 "r3", "r4"]  # fmt: skip
             with pytest.raises(FhirError) as caught:
-                await matching_ids(conn, "ImagingStudy", "colour=red")
+                await matching_ids(conn, "ImagingStudy", "colour=red", access=every)
             assert caught.value.status == 400
             body = await search_bundle(
-                conn, None, "DiagnosticReport", [("status", "final"), ("_count", "1"), ("colour", "red")],
-                base="http://example.org/fhir", constraints=limited, strict=False,
+                conn, "DiagnosticReport", [("status", "final"), ("_count", "1"), ("colour", "red")],
+                base="http://example.org/fhir", access=only("DiagnosticReport", limited), strict=False,
             )  # fmt: skip
             assert (
                 body["total"] == 0
                 and body["link"][0]["url"] == "http://example.org/fhir/DiagnosticReport?status=final&_count=1"
             )
             body = await search_bundle(
-                conn, None, "DiagnosticReport", [("status", "final"), ("_count", "1")],
-                base="http://example.org/fhir", constraints=AccessConstraints(), strict=True,
+                conn, "DiagnosticReport", [("status", "final"), ("_count", "1")],
+                base="http://example.org/fhir", access=SearchAccess.unrestricted("DiagnosticReport"), strict=True,
             )  # fmt: skip
             assert body["total"] == 3 and body["entry"][0]["fullUrl"] == "http://example.org/fhir/DiagnosticReport/r1"
             assert link(body, "next") == "http://example.org/fhir/DiagnosticReport?status=final&_count=1&_offset=1"
+            # included and chained types get their own type's constraints, never the searched type's
+            with_studies = [("_id", "r1,r4"), ("_include", "DiagnosticReport:imaging-study")]
+            no_mg = AccessConstraints(modalities_excluded=("MG",))
+            access = only("DiagnosticReport", AccessConstraints(), ImagingStudy=no_mg)
+            body = await search_bundle(conn, "DiagnosticReport", with_studies, base="b", access=access, strict=True)
+            assert matches(body) == {"r1", "r4"} and included(body) == {"ImagingStudy/s1"}
+            chained = [("imaging-study.modality", "MG")]
+            body = await search_bundle(conn, "DiagnosticReport", chained, base="b", access=access, strict=True)
+            assert matches(body) == set()
+            unseen = only("DiagnosticReport", AccessConstraints())  # no other type may be searched
+            body = await search_bundle(conn, "DiagnosticReport", with_studies, base="b", access=unseen, strict=True)
+            assert matches(body) == {"r1", "r4"} and included(body) == set()
+            with pytest.raises(ValueError):
+                await search_bundle(conn, "Patient", [], base="b", access=unseen, strict=True)
         finally:
             await conn.close()
 
@@ -571,16 +598,29 @@ def test_parse_values() -> None:
 
 
 def test_unenforceable_constraints_are_refused() -> None:
-    """A constraint the search cannot turn into SQL is a 403, never a wider search (fail closed)."""
+    """A constraint the search cannot turn into SQL is a 403, never a wider search (fail closed); on an included
+    type it hides that type."""
     from authz.decision import Decision
+    from authz.engine_rego import RegoEngine
+    from authz.engines import SHIPPED_POLICIES
     from authz.errors import Forbidden
-    from fhir.routes_search import constraints_of
+    from authz.principal import Principal
+    from fhir.interactions import Caller, search_access
 
-    assert constraints_of(Decision(True, constraints={"patient_ids": ["P1"]})).patient_ids == ("P1",)
-    for problem in (
-        None,
-        Decision(True, constraints={"sites": ["A"]}),
-        Decision(True, constraints={"patient_ids": "P1"}),
-    ):
-        with pytest.raises(Forbidden):
-            constraints_of(problem)
+    caller = Caller(Principal("rad", "test", roles=("radiologist",)), RegoEngine(SHIPPED_POLICIES))
+
+    async def run() -> None:
+        allowed = await search_access(caller, "ImagingStudy", Decision(True, constraints={"patient_ids": ["P1"]}))
+        assert allowed.constraints.patient_ids == ("P1",)
+        assert await allowed.of("Patient") == AccessConstraints()  # decided by the policy for Patient
+        assert await allowed.of("Observation") is None  # not served here
+        for problem in (
+            Decision(False),
+            Decision(True, constraints={"sites": ["A"]}),
+            Decision(True, constraints={"patient_ids": "P1"}),
+        ):
+            with pytest.raises(Forbidden):
+                await search_access(caller, "ImagingStudy", problem)
+        assert caller.decided == []  # included types are not the request's own decision
+
+    asyncio.run(run())
