@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from server import private
 from server.settings import Settings, SettingsError
 
 M_ARENA_MAX = -8
@@ -35,6 +36,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _start_process(settings: Settings) -> None:
+    os.umask(0o077)  # files this process makes are its user's alone (the data folder holds PHI; see server.private)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limit_malloc_arenas(settings.malloc_arenas)
 
@@ -110,7 +112,7 @@ def claim_primary(folder: Path) -> int | None:
     server holds it. The kernel releases the lock with the process."""
     import fcntl
 
-    folder.mkdir(parents=True, exist_ok=True)
+    private.make_dirs(folder)
     fd = os.open(folder / "primary.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
