@@ -18,6 +18,7 @@ from litestar.di import Provide
 from litestar.logging.config import LoggingConfig
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.types import ASGIApp
 
 from authz import routes_breakglass as breakglass
 from authz.authn import authenticate
@@ -32,7 +33,7 @@ from fhir.routes import fhir_routes
 from inference.routes import inference_router
 from server import health, telemetry
 from server.errors import EXCEPTION_HANDLERS
-from server.limits import header_limit
+from server.limits import header_limit, plain_target
 from server.resources import Resources, open_resources
 from server.settings import Settings
 
@@ -84,7 +85,7 @@ def create_app(
             max_age=600,
         )
     dicomweb = Router(path="/dicom-web", route_handlers=dicomweb_routes(), tags=["DICOMweb"])
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             dicomweb,
             *wadouri.ROUTES,
@@ -119,3 +120,13 @@ def create_app(
         guards=[authorize],
         debug=False,
     )
+    app.asgi_handler = edge(app.asgi_handler, settings)
+    return app
+
+
+def edge(handler: ASGIApp, settings: Settings) -> ASGIApp:
+    """The layers every HTTP request passes, routed or not: the request target check (400). Litestar runs the
+    app's `middleware` only once a route matched, so an unknown path or a typed path parameter that does not
+    parse (404) would bypass it; here it wraps Litestar's whole handler (router, exception handling, CORS,
+    OpenTelemetry)."""
+    return plain_target(handler)
