@@ -34,6 +34,7 @@ from inference.routes import inference_router
 from server import health, telemetry
 from server.errors import EXCEPTION_HANDLERS
 from server.limits import header_limit, plain_target
+from server.logs import AccessLog
 from server.resources import Resources, open_resources
 from server.settings import Settings
 
@@ -125,8 +126,8 @@ def create_app(
 
 
 def edge(handler: ASGIApp, settings: Settings) -> ASGIApp:
-    """The layers every HTTP request passes, routed or not: the request target check (400). Litestar runs the
-    app's `middleware` only once a route matched, so an unknown path or a typed path parameter that does not
-    parse (404) would bypass it; here it wraps Litestar's whole handler (router, exception handling, CORS,
-    OpenTelemetry)."""
-    return plain_target(handler)
+    """The layers every HTTP request passes, routed or not, outermost first: the access log, the request target
+    check (400). Litestar runs the app's `middleware` only once a route matched, so an unknown path (404), a
+    wrong method (405) or a target the router refuses would bypass them; here they wrap Litestar's whole
+    handler (router, exception handling, CORS, OpenTelemetry)."""
+    return AccessLog(plain_target(handler))
