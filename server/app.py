@@ -115,7 +115,6 @@ def create_app(
         plugins=[telemetry.litestar_plugin(settings)],
         middleware=[
             header_limit(settings.max_request_header_bytes),
-            audit_requests(settings.auth_public_paths),
             authenticate(settings),
         ],
         guards=[authorize],
@@ -126,8 +125,8 @@ def create_app(
 
 
 def edge(handler: ASGIApp, settings: Settings) -> ASGIApp:
-    """The layers every HTTP request passes, routed or not, outermost first: the access log, the request target
-    check (400). Litestar runs the app's `middleware` only once a route matched, so an unknown path (404), a
-    wrong method (405) or a target the router refuses would bypass them; here they wrap Litestar's whole
-    handler (router, exception handling, CORS, OpenTelemetry)."""
-    return AccessLog(plain_target(handler))
+    """The layers every HTTP request passes, routed or not, outermost first: the access log, the audit record
+    of every response, the request target check (400). Litestar runs the app's `middleware` only once a route
+    matched, so an unknown path (404), a wrong method (405) or a target the router refuses (400) would bypass
+    them; here they wrap Litestar's whole handler (router, exception handling, CORS, OpenTelemetry)."""
+    return AccessLog(audit_requests(settings.auth_public_paths)(plain_target(handler)))
