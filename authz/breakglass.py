@@ -308,14 +308,13 @@ class BreakGlassService:
             await self.audit.append(record)
         self._changed()
         session = Session.from_row(row)
-        log.warning(
-            "BREAK-GLASS session %s started by sub=%s issuer=%s roles=%s patient_id=%s study_uid=%s, expires %s",
+        log.warning(  # the patient is named in the audit record, never in the log (PHI)
+            "BREAK-GLASS session %s started by sub=%s issuer=%s roles=%s scope=%s, expires %s",
             session.id,
             session.sub,
             session.issuer,
             ",".join(session.roles),
-            session.patient_id,
-            session.study_uid,
+            "study" if session.study_uid else "patient" if session.patient_id else "none",
             rfc3339(session.expires_at),
         )
         return session

@@ -24,6 +24,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from server import private
+
 log = logging.getLogger(__name__)
 
 KEY_FILE = "signing.pem"
@@ -116,7 +118,7 @@ def _tighten(path: Path, mode: int) -> None:
 def load_or_create(data_dir: Path) -> SigningKey:
     """The data folder's signing key, made on first use."""
     folder = data_dir / "keys"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private.make_dirs(folder)  # the data folder too, when a token is issued before the server first ran
     _tighten(folder, 0o700)
     path = folder / KEY_FILE
     if not path.exists():

@@ -1,7 +1,8 @@
 """Every HTTP access, allowed or denied, writes one audit record before its response starts.
 
-A Litestar middleware placed outside authentication (so 401s are recorded too): when the response's status
-is known (`http.response.start`) it builds the record from what authentication and the guard left in the
+An ASGI layer around the whole application (`server.app.edge`: outside routing and authentication, so 401s,
+and 404s, 405s and 400s of requests that matched no route, are recorded too): when the response's status is
+known (`http.response.start`) it builds the record from what authentication and the guard left in the
 request state and awaits `AuditTrail.append`, which returns only after the record is committed. Only then does
 the response go out, so no record can be lost after a response was sent. If the record cannot be written, the
 client gets 503 instead of the data (fail closed). An access inside a break-glass window (the decision's
@@ -14,6 +15,7 @@ import json
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
@@ -43,6 +45,13 @@ def _resource(scope: Scope, kind: str) -> Resource:
     )
 
 
+def without_tokens(query: bytes) -> bytes:
+    """The query string without `access_token` parameters (RFC 6750 2.3): tokens never enter the trail, not
+    even base64-encoded in a search's query."""
+    kept = [p for p in query.split(b"&") if unquote_to_bytes(p.partition(b"=")[0]).lower() != b"access_token"]
+    return b"&".join(kept)
+
+
 def record_for(scope: Scope, status: int) -> Any:
     handler = scope.get("route_handler")
     spec = handler.opt.get(OPT_KEY) if handler is not None else None
@@ -50,7 +59,7 @@ def record_for(scope: Scope, status: int) -> Any:
     kind: str = spec[1] if spec else "system"
     state = scope.get("state", {})
     client = scope.get("client")
-    query = scope.get("query_string") or b""
+    query = without_tokens(scope.get("query_string") or b"")
     decision = state.get(DECISION)
     # An access the policy allowed only because of a break-glass session is flagged, with the session's reason.
     flagged = isinstance(decision, Decision) and bool(decision.obligations.get("break_glass"))
@@ -73,7 +82,8 @@ def record_for(scope: Scope, status: int) -> Any:
 
 
 def audit_requests(public_paths: tuple[str, ...]) -> Callable[[ASGIApp], ASGIApp]:
-    """Middleware factory: record each request to a route (public health checks excepted)."""
+    """ASGI layer factory: record each HTTP request (public health checks and CORS preflight excepted), whether
+    or not it matched a route."""
 
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:

@@ -9,8 +9,9 @@ of checks follows RFC 8725 (JWT best current practices):
    keys never come from the token itself.
 2. The key is picked by `kid` from the trusted set and must fit the algorithm (RSA for RS*/PS*, EC with the
    right curve for ES*): a public key is never used as an HMAC secret (key confusion).
-3. python-jose verifies the signature with that one algorithm and checks `exp` (required), `nbf`, `iat`,
-   `aud` and `iss` (required), with `HOUNSFIELD_AUTH_CLOCK_SKEW_SECONDS` of leeway.
+3. python-jose verifies the signature with that one algorithm and checks `exp` (required), `nbf`, `aud` and
+   `iss` (required); `iat` must not be in the future; both time checks with `HOUNSFIELD_AUTH_CLOCK_SKEW_SECONDS`
+   of leeway.
 4. The claims become a `Principal` (SMART App Launch v2 scopes and patient context; HL7 v3 purpose of use).
 
 Trusted keys: the identity provider's JWKS (`HOUNSFIELD_AUTH_JWKS_URL`; cached, fetched again when a token
@@ -285,7 +286,20 @@ class TokenValidator:
             raise Unauthenticated(_jwt_reason(str(exc))) from None
         except (TypeError, ValueError, OverflowError):
             raise Unauthenticated("malformed token claims") from None
+        self._check_issued_at(claims)
         return claims
+
+    def _check_issued_at(self, claims: Mapping[str, Any]) -> None:
+        """`iat` (RFC 7519 4.1.6) must be a NumericDate not later than now plus the clock skew: python-jose only
+        checks that it is a number, and a token stamped in the future was made by a wrong clock or minted ahead
+        for later use (its age, and any limit on it, would be wrong)."""
+        iat = claims.get("iat")
+        if iat is None:
+            return
+        if isinstance(iat, bool) or not isinstance(iat, int | float):
+            raise Unauthenticated("malformed iat claim")
+        if iat > time.time() + self._settings.auth_clock_skew_seconds:
+            raise Unauthenticated("token issued in the future")
 
 
 def _claims_reason(message: str) -> str:

@@ -40,6 +40,7 @@ from dicomweb import encode
 from dicomweb.ingest import InstanceRejected, ParsedInstance, parse_instance
 from dicomweb.transcode import TranscodeError
 from dicomweb.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
+from server import private
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class Compressor:
         encoded = compress_bytes(data, target)
         tmp = path.with_name(f"{uuid.uuid4().hex}.part")
         try:
-            tmp.write_bytes(encoded)
+            private.write_bytes(tmp, encoded)
             try:
                 again = parse_instance(tmp, bulk_threshold=self.bulk_threshold)
             except InstanceRejected as exc:

@@ -41,7 +41,7 @@ from dicomweb.errors import NotAcceptable
 from dicomweb.frames import FrameReader, frame_count, load_json, native_reader
 from dicomweb.store import IngestHook, StoredInstance
 from dicomweb.transcode import TranscodeError
-from server import jobs
+from server import jobs, private
 from server.db import Connection, Queries
 
 log = logging.getLogger(__name__)
@@ -124,12 +124,13 @@ class Renditions:
         reader = native_reader(self.pool, self.blobs, row, pixel)
         numbers = range(1, frame_count(pixel) + 1)
         path = self.spool_dir / f"{uuid.uuid4().hex}.rendition"
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        private.make_dirs(self.spool_dir)
         try:
             frames: list[tuple[int, int]] = []
             digest = hashlib.sha256()
             offset = 0
-            async with await anyio.open_file(path, "wb") as fh:  # frame by frame: a long multi-frame stays on disk
+            # frame by frame: a long multi-frame stays on disk
+            async with await anyio.open_file(path, "wb", opener=private.opener) as fh:
                 async for data in self._encoded(reader, numbers, syntax):
                     frames.append((offset, len(data)))
                     offset += len(data)
@@ -143,7 +144,7 @@ class Renditions:
     async def store(self, row: asyncpg.Record, syntax: str, encoded: list[bytes]) -> Rendition:
         """Keep frames encoded on demand (all the instance's frames, in order) as its rendition."""
         path = self.spool_dir / f"{uuid.uuid4().hex}.rendition"
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        private.make_dirs(self.spool_dir)
         frames: list[tuple[int, int]] = []
         offset = 0
         for data in encoded:
@@ -151,7 +152,7 @@ class Renditions:
             offset += len(data)
         blob = b"".join(encoded)
         try:
-            await anyio.to_thread.run_sync(path.write_bytes, blob)
+            await anyio.to_thread.run_sync(private.write_bytes, path, blob)
             return await self._record(row, syntax, path, frames, hashlib.sha256(blob).hexdigest())
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -34,7 +34,7 @@ from dicomweb.ingest import (
     ParsedInstance,
     parse_instance,
 )
-from server import jobs, telemetry
+from server import jobs, private, telemetry
 from server.db import Connection, vouch_stateless
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ class Spool:
     """A part being received: written to a local file while its SHA-256 and size are computed."""
 
     def __init__(self, folder: Path, max_bytes: int) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        private.make_dirs(folder)
         self.path = folder / f"{uuid.uuid4().hex}.part"
-        self._fh = open(self.path, "wb")
+        self._fh = open(self.path, "wb", opener=private.opener)
         self._hash = hashlib.sha256()
         self.size = 0
         self.max_bytes = max_bytes
@@ -139,7 +139,7 @@ class IngestActivity:
                 try:
                     os.utime(self.path, (now, now))
                 except FileNotFoundError:
-                    self.path.touch()
+                    self.path.touch(mode=private.FILE_MODE)
             except OSError as exc:  # the data folder's trouble shows elsewhere; this is only a hint
                 log.debug("ingest activity not recorded: %s", exc)
 

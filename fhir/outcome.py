@@ -20,6 +20,7 @@ from authz.errors import AuthzError, Forbidden, PolicyUnavailable, Unauthenticat
 from fhir.auditsearch import SearchError
 from fhir.errors import FhirError, RecordDamaged, ResourceNotFound
 from server.errors import authz_error_parts, warning_header
+from server.logs import route_of
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def _http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[di
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    log.error("unhandled error on %s %s", request.method, route_of(request.scope), exc_info=exc)
     return outcome_response(500, "exception", "internal server error")
 
 

@@ -47,7 +47,7 @@ from inference.errors import InferenceError, ModelFailed
 from inference.identity import ServiceActor
 from inference.models import ModelInput, Prediction
 from inference.registry import Model, SeriesFacts
-from server import jobs
+from server import jobs, private
 
 log = logging.getLogger(__name__)
 MAX_INSTANCES = 2000
@@ -194,9 +194,9 @@ class Runner:
             "instance", patient_id=facts.patient_id, study_uid=facts.study_uid, modalities_in_study=modalities
         )
         decision = await self.actor.require("create", target, method="inference.store")
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        private.make_dirs(self.spool_dir)
         path = self.spool_dir / f"{uuid.uuid4().hex}.part"
-        await anyio.to_thread.run_sync(path.write_bytes, data)
+        await anyio.to_thread.run_sync(private.write_bytes, path, data)
         outcome = await self.store.store_file(path, len(data), hashlib.sha256(data).hexdigest(), facts.study_uid)
         stored = Resource(
             kind="instance",

@@ -18,6 +18,7 @@ from litestar.di import Provide
 from litestar.logging.config import LoggingConfig
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.types import ASGIApp
 
 from authz import routes_breakglass as breakglass
 from authz.authn import authenticate
@@ -32,7 +33,8 @@ from fhir.routes import fhir_routes
 from inference.routes import inference_router
 from server import health, telemetry
 from server.errors import EXCEPTION_HANDLERS
-from server.limits import header_limit
+from server.limits import header_limit, plain_target
+from server.logs import AccessLog
 from server.resources import Resources, open_resources
 from server.settings import Settings
 
@@ -84,7 +86,7 @@ def create_app(
             max_age=600,
         )
     dicomweb = Router(path="/dicom-web", route_handlers=dicomweb_routes(), tags=["DICOMweb"])
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             dicomweb,
             *wadouri.ROUTES,
@@ -113,9 +115,18 @@ def create_app(
         plugins=[telemetry.litestar_plugin(settings)],
         middleware=[
             header_limit(settings.max_request_header_bytes),
-            audit_requests(settings.auth_public_paths),
             authenticate(settings),
         ],
         guards=[authorize],
         debug=False,
     )
+    app.asgi_handler = edge(app.asgi_handler, settings)
+    return app
+
+
+def edge(handler: ASGIApp, settings: Settings) -> ASGIApp:
+    """The layers every HTTP request passes, routed or not, outermost first: the access log, the audit record
+    of every response, the request target check (400). Litestar runs the app's `middleware` only once a route
+    matched, so an unknown path (404), a wrong method (405) or a target the router refuses (400) would bypass
+    them; here they wrap Litestar's whole handler (router, exception handling, CORS, OpenTelemetry)."""
+    return AccessLog(audit_requests(settings.auth_public_paths)(plain_target(handler)))

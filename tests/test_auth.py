@@ -214,6 +214,24 @@ def test_expired_and_not_yet_valid(server: LiveServer) -> None:
     assert httpx.get(server.url + STUDIES, headers=bearer(slightly)).status_code in (200, 204)
 
 
+def test_issued_in_the_future(server: LiveServer) -> None:
+    """`iat` later than now plus the clock skew is refused (python-jose checks only that it is a number), with
+    or without an `nbf`; a string `iat` is malformed; within the skew it is fine."""
+    now = int(time.time())
+    skew = server.settings.auth_clock_skew_seconds
+    settings = server.settings
+    for claims in (good_claims(settings, iat=now + 3600), good_claims(settings, iat=now + 3600, nbf=now)):
+        response = refused(server, sign_with_server_key(settings, claims))
+        assert reason(response) == "token issued in the future"
+        assert 'error="invalid_token"' in response.headers["www-authenticate"]
+    late_nbf = sign_with_server_key(settings, good_claims(settings, nbf=now + skew + 600))
+    assert reason(refused(server, late_nbf)) == "token not yet valid"
+    text = sign_with_server_key(settings, good_claims(settings, iat=str(now)))
+    assert reason(refused(server, text)) == "malformed iat claim"
+    slightly = sign_with_server_key(settings, good_claims(settings, iat=now + skew // 2))
+    assert httpx.get(server.url + STUDIES, headers=bearer(slightly)).status_code in (200, 204)
+
+
 def test_wrong_audience_and_issuer(server: LiveServer) -> None:
     settings = server.settings
     aud = sign_with_server_key(settings, good_claims(settings, aud="another-service"))

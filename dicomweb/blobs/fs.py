@@ -13,6 +13,7 @@ import anyio
 import anyio.to_thread
 
 from dicomweb.blobs.base import BlobInfo, BlobNotFound, BlobStoreError, check_key
+from server import private
 
 
 def _fsync_dir(path: Path) -> None:
@@ -33,7 +34,7 @@ def _make_dirs(path: Path) -> None:
         path = path.parent
     for folder in reversed(missing):
         try:
-            folder.mkdir()
+            folder.mkdir(mode=private.DIR_MODE)
         except FileExistsError:  # a concurrent store made it (and may not have synced its entry yet)
             pass
         _fsync_dir(folder.parent)
@@ -44,9 +45,10 @@ class FileSystemBlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        private.make_dirs(self.root)
+        private.tighten(self.root)
         self._tmp = self.root / ".tmp"
-        self._tmp.mkdir(exist_ok=True)
+        private.make_dirs(self._tmp)
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -62,7 +64,7 @@ class FileSystemBlobStore:
                 os.replace(src, dest)
             else:
                 tmp = self._tmp / f"{os.getpid()}-{abs(hash(key))}.part"
-                with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                with open(src, "rb") as fin, open(tmp, "wb", opener=private.opener) as fout:
                     shutil.copyfileobj(fin, fout, 1024 * 1024)
                     fout.flush()
                     os.fsync(fout.fileno())

@@ -28,6 +28,7 @@ from dicomweb.dimse.audit import operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import CALLING_AE
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from server import private
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,10 @@ def _spool(folder: Path, data: bytes) -> Spooled:
     loop only awaits the ingest itself)."""
     path = folder / f"{uuid.uuid4().hex}.part"
     try:
-        fh = open(path, "wb")
+        fh = open(path, "wb", opener=private.opener)
     except FileNotFoundError:  # the first store (or the folder was removed): make it once, not per instance
-        folder.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "wb")
+        private.make_dirs(folder)
+        fh = open(path, "wb", opener=private.opener)
     with fh:
         fh.write(data)
     return Spooled(path, len(data), hashlib.sha256(data).hexdigest())
