@@ -34,7 +34,7 @@ from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
 from inference.service import InferenceService, open_inference
-from server import db, jobs
+from server import db, dbroles, jobs
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,8 @@ def _deferral(settings: Settings, store: StoreService) -> jobs.Deferral | None:
 
 
 async def database_url(settings: Settings) -> str:
-    if settings.database_url:
-        return settings.database_url
-    pgdata = settings.data_dir / "pg"
-    return await anyio.to_thread.run_sync(db.start_embedded, pgdata)
+    """The URL to serve with (the app role, `server.dbroles`), once the schema's owner applied the migrations."""
+    return (await dbroles.database_urls(settings)).serving
 
 
 @contextlib.asynccontextmanager
@@ -99,6 +97,7 @@ async def open_resources(
         stack.push_async_callback(pool.close)
         async with pool.acquire() as conn:
             await db.migrate(conn)
+            await dbroles.check_serving_role(conn, allow_privileged=settings.database_allow_privileged)
         if blobs is None:
             blobs = await open_blob_store(settings)
             stack.push_async_callback(blobs.close)

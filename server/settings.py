@@ -150,7 +150,16 @@ class Settings:
     port: int = 8080
     """`HOUNSFIELD_PORT`."""
     database_url: str | None = None
-    """`DATABASE_URL`: an external PostgreSQL; when unset an embedded one runs in `<data>/pg`."""
+    """`DATABASE_URL`: an external PostgreSQL, as the role the server serves as (a member of `hounsfield_app`,
+    which may only append to the audit trail: server/dbroles.py); when unset an embedded one runs in `<data>/pg`
+    and the server connects to it as `hounsfield_app`."""
+    database_owner_url: str | None = None
+    """`HOUNSFIELD_DATABASE_OWNER_URL`: the same database as the schema's owner, used only to apply migrations
+    at start; unset: DATABASE_URL applies them (and must then own the schema)."""
+    database_allow_privileged: bool = False
+    """`HOUNSFIELD_DATABASE_ALLOW_PRIVILEGED`: serve even when the serving role could rewrite the audit trail (a
+    superuser, the tables' owner, or UPDATE/DELETE/TRUNCATE on them), logging an error; false (the default): the
+    server refuses to start."""
     db_pool_min: int = 2
     """`HOUNSFIELD_DB_POOL_MIN`."""
     db_pool_max: int = 10
@@ -253,7 +262,6 @@ class Settings:
     """`HOUNSFIELD_AUDIT_CHECKPOINT_SECONDS`: how often the audit chain head is signed (a checkpoint)."""
     audit_syslog: str | None = None
     """`HOUNSFIELD_AUDIT_SYSLOG`: `udp://host:port` or `tcp://host:port` to forward audit records (RFC 5424)."""
-
     # --- FHIR Subscriptions (fhir/subscriptions.py) ---
     fhir_subscription_endpoints: tuple[str, ...] = ()
     """`HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS`: comma-separated URL prefixes (`https://ehr.example.org/hooks/`)
@@ -392,6 +400,8 @@ class Settings:
             host=env.get("HOUNSFIELD_HOST") or "127.0.0.1",
             port=_int(env, "HOUNSFIELD_PORT", 8080, minimum=0, maximum=65535),
             database_url=database_url,
+            database_owner_url=_database_owner_url(env),
+            database_allow_privileged=_bool(env, "HOUNSFIELD_DATABASE_ALLOW_PRIVILEGED", False),
             db_pool_min=pool_min,
             db_pool_max=pool_max,
             storage_url=storage_url,
@@ -493,3 +503,14 @@ def _store_compression(env: Mapping[str, str]) -> str:
     if value not in ("none", "htj2k", "j2k"):
         raise SettingsError(f"HOUNSFIELD_STORE_COMPRESSION: expected none, htj2k or j2k, got {value!r}")
     return value
+
+
+def _database_owner_url(env: Mapping[str, str]) -> str | None:
+    """`HOUNSFIELD_DATABASE_OWNER_URL`: a postgresql:// URL, only beside DATABASE_URL."""
+    url = env.get("HOUNSFIELD_DATABASE_OWNER_URL") or None
+    if url and not url.startswith(("postgres://", "postgresql://")):
+        raise SettingsError("HOUNSFIELD_DATABASE_OWNER_URL: expected a postgresql:// URL")
+    if url and not env.get("DATABASE_URL"):
+        raise SettingsError("HOUNSFIELD_DATABASE_OWNER_URL: set only with DATABASE_URL (the embedded one has its own)")
+    return url
+
