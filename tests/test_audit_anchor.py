@@ -276,3 +276,55 @@ def test_server_anchors_its_checkpoints_and_readyz_names_a_failing_sink(make_ser
     asyncio.run(as_owner(server.dsn, "DELETE FROM audit_checkpoints"))
     verified = httpx.get(server.url + "/fhir/AuditEvent/$verify", headers=server.headers, timeout=30).json()
     assert not verified["ok"] and {p["kind"] for p in verified["problems"]} == {"missing_checkpoint"}
+
+
+# --- settings ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"HOUNSFIELD_AUDIT_ANCHOR_S3": "https://bucket/prefix"}, "HOUNSFIELD_AUDIT_ANCHOR_S3"),
+        ({"HOUNSFIELD_AUDIT_ANCHOR_WITNESS": "ftp://witness.example/x"}, "HOUNSFIELD_AUDIT_ANCHOR_WITNESS"),
+        ({"HOUNSFIELD_AUDIT_ANCHOR_RETENTION_DAYS": "0"}, "HOUNSFIELD_AUDIT_ANCHOR_RETENTION_DAYS"),
+        ({"HOUNSFIELD_DATABASE_OWNER_URL": "postgresql://owner@db/hf"}, "HOUNSFIELD_DATABASE_OWNER_URL"),
+        (
+            {"DATABASE_URL": "postgresql://app@db/hf", "HOUNSFIELD_DATABASE_OWNER_URL": "mysql://db/hf"},
+            "HOUNSFIELD_DATABASE_OWNER_URL",
+        ),
+        ({"HOUNSFIELD_DATABASE_ALLOW_PRIVILEGED": "maybe"}, "HOUNSFIELD_DATABASE_ALLOW_PRIVILEGED"),
+    ],
+)
+def test_bad_anchor_and_database_settings_name_their_variable(env: dict[str, str], variable: str) -> None:
+    from server.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env(env)
+
+
+def test_anchor_settings() -> None:
+    default = Settings.from_env({"HOUNSFIELD_DATA": "/srv/hf"})
+    assert default.audit_anchor_path == Path("/srv/hf/audit/anchors.jsonl") and default.audit_anchor_s3 is None
+    assert default.with_overrides(data_dir=Path("/x")).audit_anchor_path == Path("/x/audit/anchors.jsonl")
+    assert Settings.from_env({"HOUNSFIELD_AUDIT_ANCHOR_FILE": "OFF"}).audit_anchor_path is None
+    s = Settings.from_env(
+        {
+            "HOUNSFIELD_AUDIT_ANCHOR_FILE": "/mnt/worm/hf.jsonl",
+            "HOUNSFIELD_AUDIT_ANCHOR_S3": "s3://trail/hf/anchors/",
+            "HOUNSFIELD_S3_ENDPOINT": "https://minio.example",
+            "HOUNSFIELD_AUDIT_ANCHOR_S3_ENDPOINT": "https://s3.other.example",
+            "HOUNSFIELD_AUDIT_ANCHOR_WITNESS": "https://a.example/w,https://b.example/w",
+            "DATABASE_URL": "postgresql://web@db/hf",
+            "HOUNSFIELD_DATABASE_OWNER_URL": "postgresql://owner@db/hf",
+        }
+    )
+    assert s.audit_anchor_path == Path("/mnt/worm/hf.jsonl")
+    assert s.audit_anchor_s3 is not None and (s.audit_anchor_s3.bucket, s.audit_anchor_s3.prefix) == (
+        "trail",
+        "hf/anchors",
+    )
+    assert s.audit_anchor_s3.endpoint_url == "https://s3.other.example"
+    assert len(s.audit_anchor_witness) == 2 and s.database_owner_url == "postgresql://owner@db/hf"
+    names = [sink.name for sink in open_anchors(s).sinks]
+    assert names[:2] == ["file:/mnt/worm/hf.jsonl", "s3://trail/hf/anchors/"]
+    assert names[2].startswith("witness:a.example#") and "/w" not in names[2]
