@@ -155,7 +155,7 @@ class FileAnchor:
             return fh.read(1) == b"\n"
 
     async def read(self) -> list[Anchored]:
-        """Every line (a missing file holds none); ValueError-free: bad lines come back with their error."""
+        """Every line (none when the file is missing); a line that is not a checkpoint comes back with why."""
         try:
             data = await anyio.to_thread.run_sync(self._read_bytes)
         except OSError as exc:

@@ -138,6 +138,8 @@ def test_s3_anchor_writes_compliance_locked_objects_that_verify_reads_in_every_v
 
     # The database's owner, also holding S3 credentials: a locked version cannot be deleted (moto enforces
     # COMPLIANCE on DeleteObject with a VersionId); a plain delete only adds a delete marker, an overwrite a version.
+    # moto does not enforce that COMPLIANCE retention can be neither shortened nor turned into GOVERNANCE
+    # (PutObjectRetention is accepted): that part of the guarantee is S3's and is not exercised here.
     version = head["VersionId"]
     with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
         moto.client.delete_object(Bucket=bucket, Key=listed[1]["Key"], VersionId=version)
