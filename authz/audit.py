@@ -72,6 +72,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from authz.auditanchor import AuditAnchors
     from authz.auditverify import VerifyResult
 
 log = logging.getLogger(__name__)
@@ -288,17 +289,28 @@ def _public_key(value: Any) -> Any:
     raise ValueError("unsupported checkpoint verification key")
 
 
-async def make_checkpoint(pool: asyncpg.Pool, signer: Signer) -> Checkpoint | None:
+async def make_checkpoint(pool: asyncpg.Pool, signer: Signer, *, start: Checkpoint | None = None) -> Checkpoint | None:
     """Sign the chain head if records were added since the last checkpoint, after checking those records (a
-    tampered segment is never signed: it is logged and left for `hounsfield audit verify`)."""
+    tampered segment is never signed: it is logged and left for `hounsfield audit verify`). `start`, the newest
+    anchored checkpoint (`authz.auditanchor`), is where the check starts when the database holds none as new:
+    a chain rewritten behind checkpoints deleted from the database does not chain on to it and is not signed."""
     from authz.auditverify import verify_segment
 
     async with pool.acquire() as conn:
         last = await conn.fetchrow(SQL["last_checkpoint"])
         head = await conn.fetchrow(SQL["last_record"])
-    if head is None or (last is not None and last["seq"] >= head["seq"]):
-        return None
     start_seq, start_hash = (0, GENESIS) if last is None else (int(last["seq"]), bytes(last["hash"]))
+    if start is not None and start.seq >= start_seq:
+        start_seq, start_hash = start.seq, start.hash
+    if head is not None and int(head["seq"]) < start_seq:
+        log.error(
+            "audit chain: the log ends at seq %d, before the checkpoint at seq %d: records were deleted",
+            head["seq"],
+            start_seq,
+        )
+        return None
+    if head is None or start_seq >= head["seq"]:
+        return None
     problems = await verify_segment(pool, start_seq, start_hash, int(head["seq"]))
     if problems:
         log.error("audit chain: not signing a checkpoint at seq %d: %s", head["seq"], "; ".join(map(str, problems[:5])))
@@ -314,16 +326,29 @@ async def make_checkpoint(pool: asyncpg.Pool, signer: Signer) -> Checkpoint | No
 CHECKPOINT_JOB = "audit.checkpoint"
 
 
-def checkpoint_handler(pool: asyncpg.Pool, signer: Signer, interval: int) -> jobs.Handler:
-    """The `audit.checkpoint` job (server/jobs.py): sign the head, then schedule the next run in `interval`
-    seconds when the job is the periodic one. Start it with `jobs.schedule(conn, CHECKPOINT_JOB, {"periodic":
-    True}, dedupe_key="periodic", delay_seconds=interval)`."""
+def checkpoint_handler(
+    pool: asyncpg.Pool,
+    signer: Signer,
+    interval: int,
+    *,
+    anchors: AuditAnchors | None = None,
+    verifier: Verifier | None = None,
+) -> jobs.Handler:
+    """The `audit.checkpoint` job (server/jobs.py): sign the head, copy the checkpoints the anchor sinks miss to
+    them (`AuditAnchors.flush`: after the database, see authz/auditanchor.py), then schedule the next run in
+    `interval` seconds when the job is the periodic one. Start it with `jobs.schedule(conn, CHECKPOINT_JOB,
+    {"periodic": True}, dedupe_key="periodic", delay_seconds=interval)`."""
 
     async def run(job: jobs.Job) -> None:
         try:
-            checkpoint = await make_checkpoint(pool, signer)
+            start = None
+            if anchors is not None and verifier is not None:
+                start = await anchors.trusted_start(verifier)
+            checkpoint = await make_checkpoint(pool, signer, start=start)
             if checkpoint is not None:
                 log.info("audit checkpoint signed at seq %d (key %s)", checkpoint.seq, checkpoint.key_id)
+            if anchors is not None:
+                await anchors.flush(pool)
         finally:
             if job.payload.get("periodic"):
                 async with pool.acquire() as conn:

@@ -13,7 +13,8 @@ SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1;
 -- name: chain_range
 -- The chain in order, seqs in ($1, $2], for a cursor. record::text is PostgreSQL's text of the jsonb; verify
 -- parses it and serializes it canonically again before hashing.
-SELECT seq, record::text AS record, prev_hash, hash FROM audit_log WHERE seq > $1 AND seq <= $2 ORDER BY seq;
+SELECT seq, record::text AS record, prev_hash, hash, recorded_at FROM audit_log WHERE seq > $1 AND seq <= $2
+ORDER BY seq;
 
 -- name: checkpoints
 SELECT seq, hash, signed_at, signature, key_id FROM audit_checkpoints ORDER BY seq;

@@ -44,6 +44,19 @@ def format_message(record: AuditRecord, seq: int, *, hostname: str | None = None
     return header + _BOM + body
 
 
+CHECKPOINT_MSGID = "HF-CHECKPOINT"
+"""MSGID of a signed audit checkpoint (authz/auditanchor.py) sent on the same stream as the records."""
+
+
+def format_checkpoint(entry: bytes, *, hostname: str | None = None) -> bytes:
+    """One RFC 5424 message carrying a signed checkpoint (its anchor JSON), severity notice."""
+    pri = FACILITY * 8 + 5
+    stamp = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    host = (hostname or socket.gethostname() or "-")[:255].replace(" ", "_")
+    header = f"<{pri}>1 {stamp} {host} {APP_NAME} {os.getpid()} {CHECKPOINT_MSGID} - ".encode("ascii", "replace")
+    return header + _BOM + entry
+
+
 class SyslogForwarder:
     """An `AuditTrail` forwarder (`forwarder=SyslogForwarder(settings.audit_syslog)`): called with each committed
     record and its seq; never blocks the caller. `await close()` on shutdown sends what is queued (TCP)."""
@@ -61,7 +74,10 @@ class SyslogForwarder:
         self._task: asyncio.Task[None] | None = None
 
     def __call__(self, record: AuditRecord, seq: int) -> None:
-        message = format_message(record, seq, hostname=self.hostname)
+        self.send(format_message(record, seq, hostname=self.hostname))
+
+    def send(self, message: bytes) -> None:
+        """Queue (TCP) or send (UDP) one formatted message; never blocks."""
         if self.scheme == "udp":
             self._send_datagram(message)
             return

@@ -20,22 +20,40 @@ How each kind is told apart (the seq named is the first one affected):
   of the previous seq (a record was inserted before them and the later ones renumbered up); or a break whose
   prev_hash is the hash two rows back (the row between is not part of the chain).
 - bad_checkpoint: a checkpoint whose signature does not verify under the key it names (forged, altered, or
-  signed with a key the verifier does not know).
+  signed with a key the verifier does not know), in the database or in an anchor. An anchor entry that is not
+  a checkpoint at all (a line torn by a crash, junk appended by someone) proves nothing either way: it is left
+  for the caller to show, not counted as a problem.
+
+Against the anchored copies (`authz.auditanchor`, read from sinks the database's owner cannot rewrite):
+- anchor_mismatch: the chain's hash at an anchored checkpoint's seq is not the anchored hash (the chain was
+  rewritten up to there, however consistently it was re-hashed), or the database's checkpoint at that seq
+  signs another hash.
+- missing_checkpoint: an anchored checkpoint the database no longer holds (deleted); or records older than
+  `max_age` (one checkpoint interval plus a grace, by the database's `recorded_at`) that no anchored
+  checkpoint covers, or, without anchors, no signed checkpoint at all: the job stopped, a sink failed, or the
+  checkpoints that covered them were deleted.
+An anchored checkpoint beyond the end of the log is a deletion (`deleted`, at the first missing seq).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import asyncpg
 
-from authz.audit import GENESIS, SQL, Verifier, chain_hash, checkpoint_message
+from authz.audit import GENESIS, SQL, Checkpoint, Verifier, chain_hash, checkpoint_message
 from authz.auditrecord import canonical_json
 
-ProblemKind = Literal["modified", "deleted", "reordered", "inserted", "bad_checkpoint"]
+if TYPE_CHECKING:
+    from authz.auditanchor import Anchored
+
+ProblemKind = Literal[
+    "modified", "deleted", "reordered", "inserted", "bad_checkpoint", "missing_checkpoint", "anchor_mismatch"
+]
 _MAX_SEQ = 2**63 - 1
 _MAX_SUSPECTS = 10_000
 """Suspects kept with their record text for the reorder analysis; beyond, they are reported as modified."""
@@ -64,6 +82,10 @@ class VerifyResult:
     """Checkpoints whose signature verified."""
     last_checkpoint: int | None = None
     """seq of the last checkpoint with a valid signature."""
+    anchored: int = 0
+    """Distinct anchored checkpoints whose signature verified (0 when verified without anchors)."""
+    last_anchored: int | None = None
+    """seq of the newest of them."""
 
 
 @dataclass(slots=True)
@@ -171,16 +193,35 @@ def _missing(a: int, b: int) -> str:
 
 
 async def verify(
-    pool: asyncpg.Pool, verifier: Verifier, *, batch: int = 2000, max_problems: int = 1000
+    pool: asyncpg.Pool,
+    verifier: Verifier,
+    *,
+    batch: int = 2000,
+    max_problems: int = 1000,
+    anchors: Sequence[Anchored] | None = None,
+    max_age: dt.timedelta | None = None,
+    now: dt.datetime | None = None,
 ) -> VerifyResult:
     """Check the whole chain, its head and its checkpoints in one REPEATABLE READ snapshot, streaming rows with a
-    cursor (`batch` at a time), so memory does not grow with the number of records."""
+    cursor (`batch` at a time), so memory does not grow with the number of records. With `anchors` (entries read
+    from the anchor sinks, possibly none) the chain is also checked against them; with `max_age`, records older
+    than that must be covered by an anchored checkpoint (by a signed one in the database without `anchors`)."""
+    anchored = _valid_anchors(anchors or (), verifier)
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         head = await conn.fetchrow(SQL["head"])
         checkpoints = await conn.fetch(SQL["checkpoints"])
-        chain = _Chain(watch={int(c["seq"]) for c in checkpoints})
+        chain = _Chain(watch={int(c["seq"]) for c in checkpoints} | {a.seq for a, _ in anchored})
+        if anchors is not None:
+            covered = max((a.seq for a, _ in anchored), default=0)
+        else:
+            covered = max((int(c["seq"]) for c in checkpoints if _signed(c, verifier)), default=0)
+        deadline = None if max_age is None else (now or dt.datetime.now(dt.UTC)) - max_age
+        stale: tuple[int, dt.datetime] | None = None
         async for row in conn.cursor(SQL["chain_range"], 0, _MAX_SEQ, prefetch=batch):
-            chain.feed(int(row["seq"]), row["record"], bytes(row["prev_hash"]), bytes(row["hash"]))
+            seq = int(row["seq"])
+            chain.feed(seq, row["record"], bytes(row["prev_hash"]), bytes(row["hash"]))
+            if stale is None and deadline is not None and seq > covered and row["recorded_at"] < deadline:
+                stale = (seq, row["recorded_at"])
     problems = chain.problems()
     affected = {p.seq for p in problems}
     last = chain.prev_seq
@@ -211,11 +252,84 @@ async def verify(
             detail = f"the chain was rewritten in seqs {since}..{seq}: its hash differs from the one signed at {when}"
             problems.append(Problem(seq, "modified", detail))
         last_valid = seq
+    if anchors is not None:
+        problems += _anchor_problems(anchors, anchored, verifier, checkpoints, chain, last)
+    if stale is not None:
+        seq, when = stale
+        newest = f"the newest anchored checkpoint is at seq {covered}" if covered else "there is none"
+        if anchors is None:
+            newest = f"the newest signed checkpoint is at seq {covered}" if covered else "none was signed"
+        detail = (
+            f"seqs {seq}..{last} are not covered by an anchored checkpoint although recorded since "
+            f"{when.isoformat()} ({newest}): checkpoints stopped, failed to anchor, or were deleted"
+        )
+        problems.append(Problem(seq, "missing_checkpoint", detail))
     first: dict[tuple[int, str], Problem] = {}
     for problem in problems:
         first.setdefault((problem.seq, problem.kind), problem)
     unique = sorted(first.values(), key=lambda p: (p.seq, p.kind))
-    return VerifyResult(not unique, chain.checked, unique[:max_problems], head_seq, valid, last_valid)
+    last_anchored = max((a.seq for a, _ in anchored), default=None)
+    return VerifyResult(
+        not unique, chain.checked, unique[:max_problems], head_seq, valid, last_valid, len(anchored), last_anchored
+    )
+
+
+def _signed(row: asyncpg.Record, verifier: Verifier) -> bool:
+    message = checkpoint_message(int(row["seq"]), bytes(row["hash"]), row["signed_at"])
+    return verifier(message, bytes(row["signature"]), str(row["key_id"]))
+
+
+def _valid_anchors(anchors: Sequence[Anchored], verifier: Verifier) -> list[tuple[Checkpoint, str]]:
+    """The distinct anchored checkpoints whose signature verifies, in seq order, with where each was read."""
+    seen: dict[tuple[int, bytes, dt.datetime], tuple[Checkpoint, str]] = {}
+    for item in anchors:
+        cp = item.checkpoint
+        if cp is None or (cp.seq, cp.hash, cp.signed_at) in seen:
+            continue
+        if verifier(checkpoint_message(cp.seq, cp.hash, cp.signed_at), cp.signature, cp.key_id):
+            seen[(cp.seq, cp.hash, cp.signed_at)] = (cp, item.source)
+    return sorted(seen.values(), key=lambda pair: (pair[0].seq, pair[0].signed_at))
+
+
+def _anchor_problems(
+    anchors: Sequence[Anchored],
+    anchored: list[tuple[Checkpoint, str]],
+    verifier: Verifier,
+    checkpoints: Sequence[asyncpg.Record],
+    chain: _Chain,
+    last: int,
+) -> list[Problem]:
+    """Each anchored copy against the chain and the database's checkpoints."""
+    found: list[Problem] = []
+    for item in anchors:
+        cp = item.checkpoint
+        if cp is not None and not verifier(checkpoint_message(cp.seq, cp.hash, cp.signed_at), cp.signature, cp.key_id):
+            detail = f"the copy in {item.source} does not verify under key {cp.key_id!r}"
+            found.append(Problem(cp.seq, "bad_checkpoint", detail))
+    in_db = {int(c["seq"]): c for c in checkpoints}
+    since = 1
+    for cp, source in anchored:
+        when = cp.signed_at.isoformat()
+        if cp.seq > last:
+            detail = f"the log ends at seq {last}; the checkpoint anchored in {source} (signed {when}) covers {cp.seq}"
+            found.append(Problem(last + 1, "deleted", detail))
+            continue
+        if chain.watched.get(cp.seq) != cp.hash:
+            detail = (
+                f"the chain's hash at seq {cp.seq} is not the one anchored in {source} (signed {when}): "
+                f"seqs {since}..{cp.seq} were rewritten"
+            )
+            found.append(Problem(cp.seq, "anchor_mismatch", detail))
+        since = cp.seq + 1
+        row = in_db.get(cp.seq)
+        if row is None or row["signed_at"] != cp.signed_at:
+            held = "" if row is None else f" (it holds one signed {row['signed_at'].isoformat()})"
+            detail = f"the checkpoint signed {when}, anchored in {source}, is not in the database{held}"
+            found.append(Problem(cp.seq, "missing_checkpoint", detail))
+        elif bytes(row["hash"]) != cp.hash:
+            detail = f"the database's checkpoint signed {when} signs another hash than its copy in {source}"
+            found.append(Problem(cp.seq, "anchor_mismatch", detail))
+    return found
 
 
 async def verify_segment(pool: asyncpg.Pool, start_seq: int, start_hash: bytes, end_seq: int) -> list[Problem]:

@@ -173,6 +173,7 @@ def start_hounsfield(folder: Path, procs: list[subprocess.Popen[bytes]]) -> tupl
     env = dict(
         os.environ,
         DATABASE_URL=dsn,
+        HOUNSFIELD_DATABASE_ALLOW_PRIVILEGED="true",  # the benchmark cluster's superuser (dbroles.py)
         HOUNSFIELD_DATA=str(folder / "data"),
         HOUNSFIELD_PORT=str(free_port()),
         HOUNSFIELD_DIMSE_PORT=str(dimse),

@@ -151,6 +151,7 @@ def main() -> int:
         env = dict(
             os.environ,
             DATABASE_URL=dsn,
+            HOUNSFIELD_DATABASE_ALLOW_PRIVILEGED="true",  # the benchmark cluster's superuser (dbroles.py)
             HOUNSFIELD_DATA=str(folder / "data"),
             HOUNSFIELD_PORT=str(port),
             HOUNSFIELD_LOG_LEVEL="warning",

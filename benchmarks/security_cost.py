@@ -139,6 +139,7 @@ def main() -> int:
         dsn = embedded.get_uri()
         asyncio.run(load(dsn, args.studies, args.series_per_study, args.instances_per_series))
         env = dict(os.environ, DATABASE_URL=dsn, HOUNSFIELD_DATA=str(folder / "data"), HOUNSFIELD_LOG_LEVEL="warning")
+        env["HOUNSFIELD_DATABASE_ALLOW_PRIVILEGED"] = "true"  # the benchmark cluster's superuser (dbroles.py)
         names = list(VARIANTS) if args.layers else ["off", "on"]
         ports = {name: free_port() for name in names}
         bases = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}

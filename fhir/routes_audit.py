@@ -11,8 +11,9 @@
   `application/fhir+ndjson`, one AuditEvent a line, streamed from a database cursor in one snapshot. A
   synchronous export: not the asynchronous kick-off/poll pattern of FHIR Bulk Data `$export`.
 - `GET /fhir/AuditEvent/$verify`: re-hash the whole chain and check the chain head and every signed checkpoint
-  with the server's key (what `hounsfield audit verify` does); JSON `{ok, checked, head_seq, checkpoints,
-  last_checkpoint, problems: [{seq, kind, detail}]}`, 200 whether or not the trail is intact.
+  with the server's key, and the chain against the anchored checkpoints of the file and S3 sinks (what
+  `hounsfield audit verify` does); JSON `{ok, checked, head_seq, checkpoints, last_checkpoint, anchored,
+  last_anchored, problems: [{seq, kind, detail}]}`, 200 whether or not the trail is intact.
 
 Errors are OperationOutcome resources (`fhir.outcome`). The policy decides with action search, read or export
 on kind `AuditEvent` (auditor and admin roles; authz/policies/tables.rego); reading the trail is itself audited
@@ -37,6 +38,7 @@ from litestar.response import Stream
 
 from authz import auditquery, keys
 from authz.audit import key_verifier
+from authz.auditanchor import AnchorError, read_anchored
 from authz.auditevent import to_fhir
 from authz.auditquery import AuditFilter, Page, Row, UnenforceableConstraint
 from authz.auditrecord import AuditRecord
@@ -185,13 +187,23 @@ async def export_audit_events(request: Request[Any, Any, Any], resources: Resour
 )
 async def verify_audit_trail(resources: ResourcesDep) -> Response[bytes]:
     key = await anyio.to_thread.run_sync(keys.load_or_create, resources.settings.data_dir)
-    result = await verify(resources.pool, key_verifier({key.kid: key.public_jwk}))
+    settings, readable = resources.settings, resources.anchors.readable() if resources.anchors else []
+    try:
+        anchored = await read_anchored(readable) if readable else None
+    except AnchorError as exc:  # the trail cannot be vouched for: say why, as the CLI does
+        log.error("audit $verify: %s", exc)
+        body = {"ok": False, "anchor_error": "an anchor sink cannot be read (see the server log)"}
+        return Response(dicom_json(body), media_type=MediaType.JSON)
+    max_age = dt.timedelta(seconds=settings.audit_checkpoint_seconds + settings.audit_anchor_grace_seconds)
+    result = await verify(resources.pool, key_verifier({key.kid: key.public_jwk}), anchors=anchored, max_age=max_age)
     body = {
         "ok": result.ok,
         "checked": result.checked,
         "head_seq": result.head_seq,
         "checkpoints": result.checkpoints,
         "last_checkpoint": result.last_checkpoint,
+        "anchored": result.anchored,
+        "last_anchored": result.last_anchored,
         "problems": [{"seq": p.seq, "kind": p.kind, "detail": p.detail} for p in result.problems],
     }
     return Response(dicom_json(body), media_type=MediaType.JSON)

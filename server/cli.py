@@ -84,11 +84,13 @@ def _serve_processes(settings: Settings, overrides: dict[str, str]) -> int:
     """`HOUNSFIELD_PROCESSES` > 1: uvicorn's supervisor runs that many processes (`process_app`) on one listening
     socket and replaces one that dies. This parent owns the embedded PostgreSQL (started here and stopped when it
     exits), so the processes, which get its URL, can come and go."""
-    from server import db
+    import asyncio
+
+    from server.resources import database_url
 
     os.environ.update(overrides)  # the processes read their settings from the environment
-    if not settings.database_url:
-        os.environ["DATABASE_URL"] = db.start_embedded(settings.data_dir / "pg")
+    if not settings.database_url:  # started and migrated here; the processes connect as the app role
+        os.environ["DATABASE_URL"] = asyncio.run(database_url(settings))
     _run_uvicorn(settings, "server.cli:process_app", factory=True, workers=settings.processes)
     return 0  # the supervisor stopped its processes (SIGINT, SIGTERM) and returned: exit handlers run now
 

@@ -148,6 +148,16 @@ async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
     return pool
 
 
+class MigrationError(RuntimeError):
+    """Migrations are pending and this connection's role may not apply them."""
+
+
+_MAY_MIGRATE = (
+    "SELECT pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = 'schema_migrations'::regclass"
+)
+"""Only the owner of the schema (of `schema_migrations`, made by the first migration run) applies migrations."""
+
+
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
     return sorted(p for p in directory.glob("*.sql") if re.match(r"^\d{4}_", p.name))
 
@@ -159,14 +169,20 @@ async def migrate(conn: Connection, directory: Path = MIGRATIONS_DIR) -> list[st
     applied: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
+        if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:  # the app role may not CREATE
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
         done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
-        for path in files:
-            if path.name in done:
-                continue
+        pending = [path for path in files if path.name not in done]
+        if pending and not await conn.fetchval(_MAY_MIGRATE):
+            raise MigrationError(
+                f"{len(pending)} migrations are pending ({pending[0].name} first) and the database role "
+                f"{await conn.fetchval('SELECT current_user')} does not own the schema: apply them as its owner "
+                "(HOUNSFIELD_DATABASE_OWNER_URL)"
+            )
+        for path in pending:
             async with conn.transaction():
                 await conn.execute(path.read_text(encoding="utf-8"))
                 await conn.execute("INSERT INTO schema_migrations(name) VALUES ($1)", path.name)

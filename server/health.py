@@ -15,13 +15,18 @@ def healthz() -> dict[str, str]:
 
 @get("/readyz")
 async def readyz(resources: ResourcesDep) -> Response[dict[str, str]]:
-    """The database answers; the server can take traffic."""
+    """The database answers; the server can take traffic. `audit_anchors` names an anchor sink whose last
+    write failed (authz/auditanchor.py)."""
     try:
         async with resources.pool.acquire(timeout=2) as conn:
             await conn.fetchval("SELECT 1")
     except Exception:
         return Response({"status": "unavailable", "database": "unreachable"}, status_code=503)
-    return Response({"status": "ready"})
+    body = {"status": "ready"}
+    anchors = resources.anchors.status() if resources.anchors is not None else None
+    if anchors is not None:  # still ready: serving goes on while the checkpoint job retries the sink
+        body["audit_anchors"] = anchors
+    return Response(body)
 
 
 ROUTES = [healthz, readyz]

@@ -16,7 +16,8 @@ import asyncpg
 from litestar.di import NamedDependency
 
 from authz import keys
-from authz.audit import CHECKPOINT_JOB, AuditTrail, checkpoint_handler, key_signer
+from authz.audit import CHECKPOINT_JOB, AuditTrail, checkpoint_handler, key_signer, key_verifier
+from authz.auditanchor import AuditAnchors, open_anchors
 from authz.auditsyslog import SyslogForwarder
 from authz.breakglass import ALERT_JOB, alert_handler
 from authz.decision import PolicyEngine
@@ -34,7 +35,7 @@ from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
 from inference.service import InferenceService, open_inference
-from server import db, jobs, private
+from server import db, dbroles, jobs, private
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class Resources:
     """The AI dispatch, backend and model runs (`inference.service`), when `HOUNSFIELD_INFERENCE` is on."""
     sessions: SessionCache | None = None
     """Open break-glass sessions by subject, for the guard (`authz.sessioncache`)."""
+    anchors: AuditAnchors | None = None
+    """Where signed audit checkpoints are copied (`authz.auditanchor`); failing sinks show in /readyz."""
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:
@@ -82,10 +85,8 @@ def _deferral(settings: Settings, store: StoreService) -> jobs.Deferral | None:
 
 
 async def database_url(settings: Settings) -> str:
-    if settings.database_url:
-        return settings.database_url
-    pgdata = settings.data_dir / "pg"
-    return await anyio.to_thread.run_sync(db.start_embedded, pgdata)
+    """The URL to serve with (the app role, `server.dbroles`), once the schema's owner applied the migrations."""
+    return (await dbroles.database_urls(settings)).serving
 
 
 @contextlib.asynccontextmanager
@@ -99,6 +100,7 @@ async def open_resources(
         stack.push_async_callback(pool.close)
         async with pool.acquire() as conn:
             await db.migrate(conn)
+            await dbroles.check_serving_role(conn, allow_privileged=settings.database_allow_privileged)
         if blobs is None:
             blobs = await open_blob_store(settings)
             stack.push_async_callback(blobs.close)
@@ -125,8 +127,14 @@ async def open_resources(
         policy = CachingEngine(open_engine(settings), ttl=settings.policy_cache_seconds)
         stack.push_async_callback(policy.close)
         signing_key = await anyio.to_thread.run_sync(keys.load_or_create, settings.data_dir)
+        anchors = open_anchors(settings, forwarder)  # checkpoints copied out of the database's reach
+        stack.push_async_callback(anchors.close)
         handlers[CHECKPOINT_JOB] = checkpoint_handler(
-            pool, key_signer(signing_key.private_pem, signing_key.kid), settings.audit_checkpoint_seconds
+            pool,
+            key_signer(signing_key.private_pem, signing_key.kid),
+            settings.audit_checkpoint_seconds,
+            anchors=anchors,
+            verifier=key_verifier({signing_key.kid: signing_key.public_jwk}),
         )
         handlers[ALERT_JOB] = alert_handler(pool, settings)  # break-glass webhook alerts
         fhir = FhirRepository(hooks=[subscriptions.queue_notifications])
@@ -137,6 +145,7 @@ async def open_resources(
         await sessions.start()
         stack.push_async_callback(sessions.close)
         resources = Resources(settings, pool, blobs, store, audit, policy, fhir, handlers=handlers, sessions=sessions)
+        resources.anchors = anchors
         handlers.update(subscriptions.handlers(resources))  # fhir.notify, fhir.deliver
         store.hooks.append(routing.routing_hook(settings.dimse))  # DIMSE auto-routing rules
         handlers[routing.ROUTE_JOB] = routing.route_handler(

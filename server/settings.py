@@ -150,7 +150,16 @@ class Settings:
     port: int = 8080
     """`HOUNSFIELD_PORT`."""
     database_url: str | None = None
-    """`DATABASE_URL`: an external PostgreSQL; when unset an embedded one runs in `<data>/pg`."""
+    """`DATABASE_URL`: an external PostgreSQL, as the role the server serves as (a member of `hounsfield_app`,
+    which may only append to the audit trail: server/dbroles.py); when unset an embedded one runs in `<data>/pg`
+    and the server connects to it as `hounsfield_app`."""
+    database_owner_url: str | None = None
+    """`HOUNSFIELD_DATABASE_OWNER_URL`: the same database as the schema's owner, used only to apply migrations
+    at start; unset: DATABASE_URL applies them (and must then own the schema)."""
+    database_allow_privileged: bool = False
+    """`HOUNSFIELD_DATABASE_ALLOW_PRIVILEGED`: serve even when the serving role could rewrite the audit trail (a
+    superuser, the tables' owner, or UPDATE/DELETE/TRUNCATE on them), logging an error; false (the default): the
+    server refuses to start."""
     db_pool_min: int = 2
     """`HOUNSFIELD_DB_POOL_MIN`."""
     db_pool_max: int = 10
@@ -253,6 +262,26 @@ class Settings:
     """`HOUNSFIELD_AUDIT_CHECKPOINT_SECONDS`: how often the audit chain head is signed (a checkpoint)."""
     audit_syslog: str | None = None
     """`HOUNSFIELD_AUDIT_SYSLOG`: `udp://host:port` or `tcp://host:port` to forward audit records (RFC 5424)."""
+    audit_anchor_file: str | None = None
+    """`HOUNSFIELD_AUDIT_ANCHOR_FILE`: the append-only JSON-lines file every signed checkpoint is copied to (one
+    object a line, opened O_APPEND, mode 0600, fsynced); unset: `<data>/audit/anchors.jsonl`; `off`: none. In
+    the data folder it only guards against whoever owns the database but not the host: for a real guarantee put
+    it on another host or a WORM medium, or make it append-only (`chattr +a`)."""
+    audit_anchor_s3: S3Settings | None = None
+    """`HOUNSFIELD_AUDIT_ANCHOR_S3`: `s3://bucket/prefix`, one object per checkpoint written with Object Lock
+    retention in COMPLIANCE mode (the bucket must have Object Lock enabled); endpoint, region and credentials
+    as the blob store's (`HOUNSFIELD_AUDIT_ANCHOR_S3_ENDPOINT` overrides `HOUNSFIELD_S3_ENDPOINT`)."""
+    audit_anchor_retention_days: int = 2190
+    """`HOUNSFIELD_AUDIT_ANCHOR_RETENTION_DAYS`: the Object Lock retention of each checkpoint object (default
+    six years); nobody, the bucket's owner included, can delete or shorten it before then."""
+    audit_anchor_witness: tuple[str, ...] = ()
+    """`HOUNSFIELD_AUDIT_ANCHOR_WITNESS`: comma-separated http(s) URLs each signed checkpoint is POSTed to as
+    JSON (a witness service run by someone else than the database's owner); any 2xx is success. With
+    `HOUNSFIELD_AUDIT_SYSLOG` set, checkpoints also go on that stream (MSGID `HF-CHECKPOINT`)."""
+    audit_anchor_grace_seconds: int = 600
+    """`HOUNSFIELD_AUDIT_ANCHOR_GRACE_SECONDS`: `hounsfield audit verify` fails when a record older than one
+    checkpoint interval plus this has no anchored checkpoint covering it (the job was late, a sink failed, or
+    checkpoints were deleted)."""
 
     # --- FHIR Subscriptions (fhir/subscriptions.py) ---
     fhir_subscription_endpoints: tuple[str, ...] = ()
@@ -341,6 +370,13 @@ class Settings:
         return self.data_dir / "blobs"
 
     @property
+    def audit_anchor_path(self) -> Path | None:
+        """The anchor file (`HOUNSFIELD_AUDIT_ANCHOR_FILE`), or None when it is `off`."""
+        if self.audit_anchor_file is None:
+            return self.data_dir / "audit" / "anchors.jsonl"
+        return None if self.audit_anchor_file.lower() == "off" else Path(self.audit_anchor_file)
+
+    @property
     def spool_dir(self) -> Path:
         """Incoming parts are spooled here before validation; same file system as `blob_dir` by default so
         that the filesystem blob store can rename instead of copy."""
@@ -392,6 +428,8 @@ class Settings:
             host=env.get("HOUNSFIELD_HOST") or "127.0.0.1",
             port=_int(env, "HOUNSFIELD_PORT", 8080, minimum=0, maximum=65535),
             database_url=database_url,
+            database_owner_url=_database_owner_url(env),
+            database_allow_privileged=_bool(env, "HOUNSFIELD_DATABASE_ALLOW_PRIVILEGED", False),
             db_pool_min=pool_min,
             db_pool_max=pool_max,
             storage_url=storage_url,
@@ -430,6 +468,11 @@ class Settings:
             break_glass_webhook=_url(env, "HOUNSFIELD_BREAK_GLASS_WEBHOOK"),
             audit_checkpoint_seconds=_int(env, "HOUNSFIELD_AUDIT_CHECKPOINT_SECONDS", 300, minimum=1),
             audit_syslog=env.get("HOUNSFIELD_AUDIT_SYSLOG") or None,
+            audit_anchor_file=env.get("HOUNSFIELD_AUDIT_ANCHOR_FILE") or None,
+            audit_anchor_s3=_anchor_s3(env),
+            audit_anchor_retention_days=_int(env, "HOUNSFIELD_AUDIT_ANCHOR_RETENTION_DAYS", 2190, minimum=1),
+            audit_anchor_witness=_url_prefixes(env, "HOUNSFIELD_AUDIT_ANCHOR_WITNESS"),
+            audit_anchor_grace_seconds=_int(env, "HOUNSFIELD_AUDIT_ANCHOR_GRACE_SECONDS", 600, minimum=0),
             fhir_subscription_endpoints=_url_prefixes(env, "HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS"),
             fhir_subscription_attempts=_int(env, "HOUNSFIELD_FHIR_SUBSCRIPTION_ATTEMPTS", 8, minimum=1, maximum=20),
             dimse_enabled=_bool(env, "HOUNSFIELD_DIMSE", True),
@@ -493,3 +536,31 @@ def _store_compression(env: Mapping[str, str]) -> str:
     if value not in ("none", "htj2k", "j2k"):
         raise SettingsError(f"HOUNSFIELD_STORE_COMPRESSION: expected none, htj2k or j2k, got {value!r}")
     return value
+
+
+def _database_owner_url(env: Mapping[str, str]) -> str | None:
+    """`HOUNSFIELD_DATABASE_OWNER_URL`: a postgresql:// URL, only beside DATABASE_URL."""
+    url = env.get("HOUNSFIELD_DATABASE_OWNER_URL") or None
+    if url and not url.startswith(("postgres://", "postgresql://")):
+        raise SettingsError("HOUNSFIELD_DATABASE_OWNER_URL: expected a postgresql:// URL")
+    if url and not env.get("DATABASE_URL"):
+        raise SettingsError("HOUNSFIELD_DATABASE_OWNER_URL: set only with DATABASE_URL (the embedded one has its own)")
+    return url
+
+
+def _anchor_s3(env: Mapping[str, str]) -> S3Settings | None:
+    """`HOUNSFIELD_AUDIT_ANCHOR_S3`: `s3://bucket/prefix` for checkpoint objects under Object Lock."""
+    url = env.get("HOUNSFIELD_AUDIT_ANCHOR_S3") or None
+    if url is None:
+        return None
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise SettingsError(f"HOUNSFIELD_AUDIT_ANCHOR_S3: expected s3://bucket/prefix, got {url!r}")
+    return S3Settings(
+        bucket=parsed.netloc,
+        prefix=parsed.path.strip("/"),
+        endpoint_url=env.get("HOUNSFIELD_AUDIT_ANCHOR_S3_ENDPOINT") or env.get("HOUNSFIELD_S3_ENDPOINT") or None,
+        region=env.get("HOUNSFIELD_S3_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+        secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+    )

@@ -25,6 +25,7 @@ from dicomweb_client.api import DICOMwebClient
 from authz.tokens import issue_token
 from server import db
 from server.app import create_app
+from server.dbroles import APP_ROLE, with_user
 from server.settings import Settings
 from tests.s3util import moto  # noqa: F401 - the moto S3 server fixture, shared by S3 tests
 
@@ -78,6 +79,7 @@ def template_db(pg_uri: str) -> str:
         conn = await asyncpg.connect(_with_db(pg_uri, TEMPLATE))
         try:
             await db.migrate(conn)
+            await conn.execute(f"ALTER ROLE {APP_ROLE} LOGIN")  # as the embedded server does (server/dbroles.py)
         finally:
             await conn.close()
 
@@ -100,6 +102,13 @@ def dsn(pg_uri: str, template_db: str) -> Iterator[str]:
     asyncio.run(run(f"CREATE DATABASE {name} TEMPLATE {template_db}"))
     yield _with_db(pg_uri, name)
     asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def app_dsn(dsn: str) -> str:
+    """The same database as the app role, which may only append to the audit trail: what servers under test
+    connect as (`dsn` itself is the superuser, the database owner that tests use to set up and to tamper). The
+    test cluster trusts its socket's clients, as the embedded one does."""
+    return with_user(dsn, APP_ROLE)
 
 
 def admin_token(settings: Settings, **overrides: Any) -> str:
@@ -176,7 +185,7 @@ def make_server(dsn: str, tmp_path: Path) -> Iterator[Any]:
         )
         base.update(overrides)
         settings = Settings.from_env({}).with_overrides(**base)
-        app = create_app(settings, blobs=blobs, dsn=dsn)
+        app = create_app(settings, blobs=blobs, dsn=app_dsn(dsn))
         runner = _Thread(app, port)
         runner.start()
         started.append(runner)

@@ -20,7 +20,7 @@ import pytest
 from server.app import create_app
 from server.settings import Settings
 from tests import ohif, ohif_data
-from tests.conftest import _Thread, _with_db, admin_token, bearer, free_port
+from tests.conftest import _Thread, _with_db, admin_token, app_dsn, bearer, free_port
 from tests.factory import multipart, part10, stow_headers
 
 _counter = itertools.count()
@@ -75,7 +75,7 @@ def api_fixture(module_dsn: str, viewer: ohif.StaticViewer, tmp_path_factory: py
         dimse_enabled=False,
         cors_origins=(viewer.origin,),
     )
-    log = ohif.RequestLog(create_app(settings, dsn=module_dsn))
+    log = ohif.RequestLog(create_app(settings, dsn=app_dsn(module_dsn)))
     runner = _Thread(log, port)
     runner.start()
     yield Api(f"http://127.0.0.1:{port}", settings, log)

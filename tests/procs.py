@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from server.settings import Settings
-from tests.conftest import admin_token, bearer, free_port
+from tests.conftest import admin_token, app_dsn, bearer, free_port
 
 
 @dataclass
@@ -48,7 +48,8 @@ def serve(dsn: str, data: Path, **env: str) -> Iterator[ServerProcess]:
     log_path = data.parent / f"server-{port}.log"
     environ = {
         **os.environ,
-        "DATABASE_URL": dsn,
+        "DATABASE_URL": app_dsn(dsn),  # serving as the app role; the schema's owner migrates
+        "HOUNSFIELD_DATABASE_OWNER_URL": dsn,
         "HOUNSFIELD_DATA": str(data),
         "HOUNSFIELD_PORT": str(port),
         "HOUNSFIELD_LOG_LEVEL": "warning",

@@ -22,7 +22,7 @@ import psutil
 import pydicom
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import app_dsn, free_port
 from tests.data import sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +33,11 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOUNSFIELD_") and k != "DATABASE_URL"}
     env.update(extra)
     return env
+
+
+def _database(dsn: str) -> dict[str, str]:
+    """An external PostgreSQL as a deployment configures it: served as the app role, migrated as the owner."""
+    return {"DATABASE_URL": app_dsn(dsn), "HOUNSFIELD_DATABASE_OWNER_URL": dsn}
 
 
 def hounsfield(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -77,7 +82,7 @@ def folder(tmp_path: Path) -> Path:
 
 def test_import_summary_resume_and_server_sees_it(folder: Path, tmp_path: Path, dsn: str, make_server: Any) -> None:
     data = tmp_path / "data"
-    env = _env(DATABASE_URL=dsn, HOUNSFIELD_DATA=str(data))
+    env = _env(**_database(dsn), HOUNSFIELD_DATA=str(data))
     before = {p: _sha(p) for p in folder.rglob("*") if p.is_file()}
 
     first = hounsfield("import", str(folder), "--workers", "2", env=env)
@@ -134,7 +139,7 @@ async def _blob_keys(dsn: str) -> list[str]:
 
 
 def test_import_rejects_bad_arguments(tmp_path: Path, dsn: str) -> None:
-    env = _env(DATABASE_URL=dsn, HOUNSFIELD_DATA=str(tmp_path / "data"))
+    env = _env(**_database(dsn), HOUNSFIELD_DATA=str(tmp_path / "data"))
     missing = hounsfield("import", str(tmp_path / "nowhere"), env=env)
     assert missing.returncode == 2 and "not a folder" in missing.stderr
     workers = hounsfield("import", str(tmp_path), "--workers", "0", env=env)
@@ -194,7 +199,7 @@ def _serve(data: Path, env: dict[str, str]) -> Iterator[Served]:
 
 
 def test_serve_answers_health_and_readiness(tmp_path: Path, dsn: str) -> None:
-    for served in _serve(tmp_path / "data", _env(DATABASE_URL=dsn)):
+    for served in _serve(tmp_path / "data", _env(**_database(dsn))):
         assert httpx.get(served.url + "/healthz").json() == {"status": "ok"}
         ready = httpx.get(served.url + "/readyz")
         assert ready.status_code == 200 and ready.json() == {"status": "ready"}
