@@ -287,7 +287,9 @@ def test_tls_only_refuses_plain_text_and_clients_without_a_good_certificate(tls_
     assert anonymous.returncode != 0  # no client certificate: the handshake fails
     rogue = dcmtk("echoscu", *pki.dcmtk(pki.rogue), "-aet", "CT1", "-aec", TITLE, "127.0.0.1", port)
     assert rogue.returncode != 0  # "CN=ct1", but not from the configured CA
-    good = dcmtk("echoscu", *pki.dcmtk(pki.ct1), "-aet", "CT1", "-aec", TITLE, "127.0.0.1", port)
+    # a client that connects and never says hello holds up no one (handshakes run outside the accept loop)
+    with socket.create_connection(("127.0.0.1", tls_node.tls_port), timeout=5):
+        good = dcmtk("echoscu", *pki.dcmtk(pki.ct1), "-aet", "CT1", "-aec", TITLE, "127.0.0.1", port, timeout=5)
     assert good.returncode == 0, good.stdout + good.stderr
     deadline = time.monotonic() + 10  # each failure is recorded in its connection's thread, after the client left
     while len(failures := [r for r in _logins(tls_node.dsn, "4") if "TLS handshake" in r["outcome_desc"]]) < 3:
