@@ -26,6 +26,7 @@ from dicomweb.blobs import BlobStore, BlobStoreError
 from dicomweb.compress import Compressor, original_sha256
 from dicomweb.index import repository
 from dicomweb.ingest import (
+    CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
     DUPLICATE_REJECTED,
     OUT_OF_RESOURCES,
@@ -58,6 +59,38 @@ hook may only run statements that leave no session state (plain DML and SELECTs;
 (`server.db.vouch_stateless`)."""
 
 
+@dataclass(frozen=True, slots=True)
+class PatientConflict:
+    """An instance refused because its study is filed under another patient: both patients, for the audit record
+    only (the sender may not be allowed to see the patient the study is filed under)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    patient_id: str | None
+    issuer: str | None
+    """The instance's Patient ID and Issuer of Patient ID."""
+    study_patient_id: str | None
+    study_issuer: str | None
+    """Those the study is filed under."""
+
+    def describe(self) -> str:
+        """For the audit record (outcome description), never for the sender."""
+        return (
+            f"instance of patient {_patient(self.patient_id, self.issuer)} refused: study {self.study_uid} is filed "
+            f"under patient {_patient(self.study_patient_id, self.study_issuer)}"
+        )
+
+
+def _patient(patient_id: str | None, issuer: str | None) -> str:
+    text = repr(patient_id) if patient_id is not None else "(no Patient ID)"
+    return f"{text} (issuer {issuer!r})" if issuer is not None else text
+
+
+PATIENT_CONFLICT_COMMENT = "study is filed under another patient; instance not stored"
+"""What the sender is told (STOW-RS Error Comment, C-STORE Error Comment): names no patient."""
+
+
 @dataclass(slots=True)
 class Outcome:
     """One instance's result, as the Store Instances Response Module reports it."""
@@ -69,6 +102,8 @@ class Outcome:
     failure: int | None = None
     warnings: list[tuple[int, str]] = field(default_factory=list)
     comment: str | None = None
+    conflict: PatientConflict | None = None
+    """Set when the failure is a study filed under another patient (the caller audits it)."""
 
     @property
     def ok(self) -> bool:
@@ -314,6 +349,21 @@ class StoreService:
         or duplicate handling when the instance exists, then the hooks. Raises `_Rollback` to store nothing."""
         try:
             study_pk, series_pk, instance_pk = await repository.index_instance(conn, parsed, key, size, sha256)
+        except repository.StudyOfAnotherPatient as exc:
+            # PS3.3 A.1.2: a study belongs to one patient. No coercion: the instance is refused (Cxxx, PS3.4 B.2.3:
+            # the data set matches its SOP class, so A900 would send the sender looking for a broken header).
+            outcome.failure = CANNOT_UNDERSTAND
+            outcome.comment = PATIENT_CONFLICT_COMMENT
+            outcome.conflict = PatientConflict(
+                parsed.study_uid,
+                parsed.series_uid,
+                parsed.sop_instance_uid,
+                parsed.study["patient_id"],
+                parsed.study["issuer_of_patient_id"],
+                exc.patient_id,
+                exc.issuer,
+            )
+            raise _Rollback from None
         except repository.SeriesInOtherStudy:
             outcome.failure = DATASET_MISMATCH
             outcome.comment = f"SeriesInstanceUID {parsed.series_uid} already belongs to another study"

@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 
 from dicomweb.dimse.config import DimseConfig, DimseConfigError, ae_title, parse_destinations, parse_peers, parse_routes
 from dicomweb.dimse.config import check as check_dimse
+from dicomweb.dimse.config import check_tls as check_dimse_tls
+from dicomweb.dimse.config import parse_tls as parse_dimse_tls
 
 PUBLIC_PATHS = (
     "/healthz",
@@ -112,6 +114,10 @@ def _dimse(env: Mapping[str, str]) -> DimseConfig:
         name = "HOUNSFIELD_DIMSE_ROUTES"
         config = DimseConfig(peers, destinations, parse_routes(env.get(name, "")))
         check_dimse(config)
+        name = "HOUNSFIELD_DIMSE_TLS"
+        tls = (env.get(f"{name}_{part}", "") for part in ("CERT", "KEY", "CA", "PORT", "CLIENT_CERTS", "ONLY"))
+        config = replace(config, tls=parse_dimse_tls(*tls))
+        check_dimse_tls(config)
     except DimseConfigError as exc:
         raise SettingsError(f"{name}: {exc}") from None
     return config
@@ -300,9 +306,11 @@ class Settings:
     dimse_ae_title: str = "HOUNSFIELD"
     """`HOUNSFIELD_DIMSE_AE_TITLE`: this server's AE title (also the calling AE of C-MOVE and routing)."""
     dimse: DimseConfig = field(default_factory=DimseConfig)
-    """`HOUNSFIELD_DIMSE_PEERS` (`TITLE=role[+role][:sub],...`: the only calling AE titles accepted, and their
-    identities), `HOUNSFIELD_DIMSE_DESTINATIONS` (`TITLE@host:port,...`: C-MOVE and routing targets),
-    `HOUNSFIELD_DIMSE_ROUTES` (auto-routing rules: a JSON array or a JSON file); see dicomweb/dimse/config.py."""
+    """`HOUNSFIELD_DIMSE_PEERS` (`TITLE=role[+role][:sub][@binding...],...`: the only calling AE titles accepted,
+    where each may connect from and with which certificate, and their identities), `HOUNSFIELD_DIMSE_DESTINATIONS`
+    (`TITLE@host:port[+tls],...`: C-MOVE and routing targets), `HOUNSFIELD_DIMSE_ROUTES` (auto-routing rules: a
+    JSON array or a JSON file), `HOUNSFIELD_DIMSE_TLS_CERT`, `_KEY`, `_CA`, `_PORT`, `_CLIENT_CERTS`, `_ONLY`
+    (DICOM TLS: `dimse.tls`); see dicomweb/dimse/config.py."""
     dimse_max_associations: int = 32
     """`HOUNSFIELD_DIMSE_MAX_ASSOCIATIONS`: concurrent associations; more are rejected (transient)."""
     dimse_timeout_seconds: int = 30

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from dicomweb.dimse.config import dimse_config
+from dicomweb.dimse.config import TlsConfig, dimse_config
 from tests.conftest import free_port
 
 TITLE = "HOUNSFIELD"
@@ -26,12 +26,20 @@ def require_dcmtk() -> None:
         pytest.fail(f"dcmtk tools missing: {', '.join(missing)} (apt-get install dcmtk, or `make test`)")
 
 
-def start(make_server: Any, *, destinations: str = "", routes: str = "", **overrides: Any) -> Any:
+def start(
+    make_server: Any,
+    *,
+    destinations: str = "",
+    routes: str = "",
+    peers: str = PEERS,
+    tls: TlsConfig | None = None,
+    **overrides: Any,
+) -> Any:
     port = free_port()
     return make_server(
         dimse_enabled=True,
         dimse_port=port,
-        dimse=dimse_config(PEERS, destinations, routes),
+        dimse=dimse_config(peers, destinations, routes, tls),
         dimse_timeout_seconds=10,
         **overrides,
     )

@@ -2,7 +2,9 @@
 trail as HTTP accesses (`authz.audit`).
 
 - association accepted / released: User Authentication (DCM 110114), subtype Login (110122) / Logout (110123);
-  a rejected association (unknown calling AE title) is a Login with outcome 4 (minor failure);
+  a rejected association (called AE title not ours; calling AE title unknown, or from an address or with a
+  certificate not bound to it; too many associations) and a failed TLS handshake are a Login with outcome 4
+  (minor failure) whose description says why;
 - C-STORE received: DICOM Instances Transferred (110104), action C;
 - C-FIND: Query (110112), action E, the identifier as DICOM JSON in base64 (entity.query);
 - C-MOVE / C-GET: Begin Transferring DICOM Instances (110102) when the sub-operations start, and DICOM
@@ -77,11 +79,17 @@ def operation_record(
 
 
 def association_record(
-    calling_ae: str, address: str | None, principal: Principal | None, *, event: str, accepted: bool = True
+    calling_ae: str,
+    address: str | None,
+    principal: Principal | None,
+    *,
+    event: str,
+    accepted: bool = True,
+    reason: str | None = None,
 ) -> AuditRecord:
-    """`event`: "accepted", "rejected", "released" or "aborted"."""
+    """`event`: "accepted", "rejected", "released" or "aborted"; `reason`: why it was rejected."""
     desc = {
-        "rejected": "association rejected: calling AE title not recognized",
+        "rejected": f"association rejected: {reason or 'calling AE title not recognized'}",
         "aborted": "association aborted",
     }.get(event)
     return AuditRecord(
@@ -97,7 +105,7 @@ def association_record(
             roles=principal.roles if principal else (),
             client_id=principal.client_id if principal else None,
             address=address,
-            ae_title=calling_ae[:64],
+            ae_title=calling_ae[:64] or None,
         ),
         method={"released": "A-RELEASE", "aborted": "A-ABORT"}.get(event, "A-ASSOCIATE"),
         channel="dimse",

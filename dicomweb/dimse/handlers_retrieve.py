@@ -5,7 +5,8 @@ each matched study (with its patient and modalities, as a WADO-RS retrieve). pyn
 sub-operations from the handler's yields and reports them as the standard says: a Pending response per
 sub-operation with the Number of Remaining/Completed/Failed/Warning Sub-operations, then Success, or Warning
 B000 when some failed, and Cancel FE00 after a C-CANCEL. C-MOVE opens a new association to the Move
-Destination, which must be a configured destination (unknown: A801); C-GET sends on the same association.
+Destination, which must be a configured destination (unknown: A801), over TLS when it is marked so; C-GET sends
+on the same association.
 Instances go in their stored transfer syntax (the move proposes it with Explicit and Implicit VR Little Endian).
 A malformed identifier is A900; a denial 0124 (Refused: Not Authorized); a failure of the server C000. pynetdicom
 opens the move association before the first status, so these refusals cost the destination one empty
@@ -34,7 +35,7 @@ from dicomweb.compress import as_received
 from dicomweb.dimse.audit import BEGIN_TRANSFERRING, operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import SQL
-from dicomweb.dimse.sender import contexts_for
+from dicomweb.dimse.sender import contexts_for, tls_args
 from dicomweb.dimse.tcp import NODELAY_HANDLERS
 from dicomweb.uids import is_valid_uid
 
@@ -222,7 +223,10 @@ def handle_move(event: Any, node: Node) -> Iterator[Any]:
         yield None, None  # pynetdicom answers A801 Move Destination Unknown
         return
     op.prepare()
-    yield destination.host, destination.port, {"contexts": op.contexts(), "evt_handlers": NODELAY_HANDLERS}
+    options: dict[str, Any] = {"contexts": op.contexts(), "evt_handlers": NODELAY_HANDLERS}
+    if destination.tls:
+        options["tls_args"] = tls_args(destination, node.config.tls)
+    yield destination.host, destination.port, options
     yield len(op.plan.rows) if op.failure is None else 1
     yield from op.sub_operations()
 

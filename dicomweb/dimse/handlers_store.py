@@ -5,8 +5,9 @@ context and the request (PS3.10 7.1), as a Part 10 file into the spool folder wh
 same validation, blob write, index transaction and ingest hooks (jobs, auto-routing) run as for a STOW-RS part.
 The Store Instances Response Module's failure and warning reasons are PS3.4 Annex B codes already, so they
 are the C-STORE-RSP status: A700 out of resources, A900 data set does not match SOP class, C000 cannot
-understand, 0111 duplicate SOP instance (overwrite off), 0110 processing failure, B000 coercion; a policy
-denial is 0124 Refused: Not Authorized (a PS3.7 Annex C general status).
+understand (also an instance whose study is filed under another patient), 0111 duplicate SOP instance (overwrite
+off), 0110 processing failure, B000 coercion; a policy denial is 0124 Refused: Not Authorized (a PS3.7 Annex C
+general status).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ async def _store(node: Node, principal: Principal, address: str | None, ds: Data
         status, comment = outcome.warnings[0][0], outcome.warnings[0][1]
     else:
         status, comment = SUCCESS, None
-    await node.audit.append(record(status, comment))
+    # A study filed under another patient: the record names both patients, the response neither.
+    await node.audit.append(record(status, outcome.conflict.describe() if outcome.conflict else comment))
     return _response(status, comment)
 
 

@@ -108,7 +108,7 @@ def route_handler(
         data = await blobs.read_range(row["blob_key"], 0, int(row["size_bytes"]))
         item = Outgoing(row["sop_class_uid"], row["transfer_syntax_uid"], data)
         try:
-            statuses = await anyio.to_thread.run_sync(send, destination, calling_title, [item], timeout)
+            statuses = await anyio.to_thread.run_sync(send, destination, calling_title, [item], timeout, config.tls)
             failure = next((s for s in statuses if outcome_of(s) != "0"), None)
             if failure is not None:
                 raise SendFailed(f"{destination.ae_title} answered C-STORE status 0x{failure:04X}")

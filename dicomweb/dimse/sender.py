@@ -1,10 +1,12 @@
 """A C-STORE SCU (PS3.4 B.2) for auto-routing: one association to a configured destination, the instances sent
 in their stored transfer syntax (with Explicit and Implicit VR Little Endian also proposed, which pynetdicom
-can convert uncompressed data sets to). Blocking: run it in a worker thread."""
+can convert uncompressed data sets to), over TLS to a destination marked `+tls`. Blocking: run it in a worker
+thread."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,8 +15,9 @@ from pynetdicom import AE, build_context
 from pynetdicom.presentation import PresentationContext
 
 from dicomweb.compress import as_received
-from dicomweb.dimse.config import Destination
+from dicomweb.dimse.config import Destination, TlsConfig
 from dicomweb.dimse.tcp import NODELAY_HANDLERS
+from dicomweb.dimse.tls import client_context
 
 
 class SendFailed(Exception):
@@ -42,7 +45,22 @@ def contexts_for(items: Sequence[tuple[str, str]]) -> list[PresentationContext]:
     return list(out.values())
 
 
-def send(destination: Destination, calling_title: str, items: Sequence[Outgoing], timeout: float) -> list[int]:
+def tls_args(destination: Destination, tls: TlsConfig | None) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's `tls_args` for an association to `destination` (None: plain TCP). The destination's
+    certificate must name its host (or address) and chain to the configured CA (`check_tls` made sure of one)."""
+    if not destination.tls:
+        return None
+    assert tls is not None and tls.ca is not None
+    return client_context(tls), destination.host
+
+
+def send(
+    destination: Destination,
+    calling_title: str,
+    items: Sequence[Outgoing],
+    timeout: float,
+    tls: TlsConfig | None = None,
+) -> list[int]:
     """C-STORE each item; returns the statuses. Raises SendFailed when no association can be made."""
     try:  # pynetdicom 3.0 leaks its socket when the connection is refused: find out first
         socket.create_connection((destination.host, destination.port), timeout=timeout).close()
@@ -58,6 +76,7 @@ def send(destination: Destination, calling_title: str, items: Sequence[Outgoing]
         destination.port,
         contexts=contexts,
         ae_title=destination.ae_title,
+        tls_args=tls_args(destination, tls),
         evt_handlers=NODELAY_HANDLERS,
     )
     if not assoc.is_established:

@@ -3,9 +3,14 @@
 Accepted: Verification (C-ECHO); every storage SOP class pynetdicom knows, in all transfer syntaxes it knows,
 including the compressed ones (the bytes are stored as received); Patient Root and Study Root
 Query/Retrieve FIND, MOVE and GET. Storage contexts accept SCP/SCU role selection, so a C-GET requestor can
-take the Storage SCP role (PS3.7 D.3.3.4). Only configured calling AE titles may associate: any other gets
-A-ASSOCIATE-RJ rejected-permanent, service-user, "calling-AE-title-not-recognized" (PS3.8 9.3.4). Every
-association accepted, rejected, released or aborted is audited.
+take the Storage SCP role (PS3.7 D.3.3.4). An association must be addressed to this AE's title and come from a
+configured peer, from an address and (over TLS) with a certificate bound to it (`dicomweb.dimse.admission`):
+otherwise A-ASSOCIATE-RJ rejected-permanent, service-user, called- or calling-AE-title-not-recognized (PS3.8
+9.3.4). Every association accepted, rejected, released or aborted, and every failed TLS handshake, is audited.
+
+Listeners: plain TCP on `HOUNSFIELD_DIMSE_PORT`, and DICOM TLS on `HOUNSFIELD_DIMSE_TLS_PORT` when a certificate
+is configured (`dicomweb.dimse.tls`); with TLS configured the plain one runs only if `HOUNSFIELD_DIMSE_TLS_ONLY`
+is false. Both serve the same AE, handlers and peers.
 
 Latency: pynetdicom deep-copies the server's supported contexts for every association it accepts; ours are
 ~170 storage SOP classes in 45 transfer syntaxes, and copying each UID re-validates it, which cost 40-60 ms of
@@ -16,7 +21,10 @@ own INFO logging is off: it logs every C-FIND identifier (patient names and IDs)
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import logging
+import threading
 from typing import Any
 
 import anyio.to_thread
@@ -37,12 +45,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from dicomweb.dimse.admission import CALLING_AE_TITLE_NOT_RECOGNIZED, Refusal, admit
 from dicomweb.dimse.audit import association_record
+from dicomweb.dimse.config import LOOPBACK
 from dicomweb.dimse.handlers_query import handle_find
 from dicomweb.dimse.handlers_retrieve import handle_get, handle_move
 from dicomweb.dimse.handlers_store import handle_store
 from dicomweb.dimse.node import Node
 from dicomweb.dimse.tcp import nodelay
+from dicomweb.dimse.tls import TlsAssociationServer, client_certificate, server_context
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +76,8 @@ def build_ae(node: Node) -> AE:
     ae.network_timeout = float(max(60, settings.dimse_timeout_seconds))
     # pynetdicom lets everyone in when the list is empty: `open_dimse` never starts an AE without peers.
     assert settings.dimse.peers, "the AE needs at least one configured peer"
-    ae.require_calling_aet = [p.ae_title for p in settings.dimse.peers]
+    ae.require_calling_aet = [p.ae_title for p in settings.dimse.peers]  # `_admit` decides first; kept as a net
+    ae.require_called_aet = True
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
         assert cx.abstract_syntax is not None
@@ -97,30 +109,88 @@ def served_contexts(ae: AE) -> list[PresentationContext]:
     return out
 
 
-def _audit_association(event: Any, node: Node, kind: str) -> None:
-    requestor = event.assoc.requestor
-    title = str(requestor.ae_title or "")
-    principal = node.principal(title) if kind != "rejected" else None
-    record = association_record(title, requestor.address, principal, event=kind, accepted=kind != "rejected")
+_REJECTIONS = {
+    (0x01, 0x01, 0x03): "calling AE title not recognized",
+    (0x01, 0x01, 0x07): "called AE title not recognized",
+    (0x02, 0x03, 0x02): "local limit exceeded (too many associations)",
+    (0x02, 0x02, 0x01): "user identity not accepted",
+}
+
+
+def _append(node: Node, record: Any) -> None:
     try:
         node.run(node.audit.append(record))
     except Exception:
         log.exception("association audit record could not be written")
 
 
+def _admit(event: Any, node: Node) -> None:
+    """EVT_REQUESTED: refuse what `admission.admit` refuses before pynetdicom negotiates anything. pynetdicom logs
+    and ignores a handler's exception and would go on negotiating, so any failure here is a refusal."""
+    assoc = event.assoc
+    request = assoc.requestor.primitive
+    try:
+        decision = admit(
+            node.config,
+            node.settings.dimse_ae_title,
+            calling=str(request.calling_ae_title or ""),
+            called=str(request.called_ae_title or ""),
+            address=assoc.requestor.address,
+            certificate=client_certificate(getattr(assoc.dul.socket, "socket", None)),
+        )
+    except Exception:
+        log.exception("the association request could not be checked; rejecting it")
+        decision = Refusal(CALLING_AE_TITLE_NOT_RECOGNIZED, "the association request could not be checked")
+    if not isinstance(decision, Refusal):
+        return
+    title = str(request.calling_ae_title or "")
+    record = association_record(
+        title, assoc.requestor.address, None, event="rejected", accepted=False, reason=decision.reason
+    )
+    _append(node, record)  # before the answer: whoever sees the rejection finds its record
+    assoc.acse.send_reject(0x01, 0x01, decision.diagnostic)  # rejected-permanent, service user (PS3.8 9.3.4)
+    assoc.kill()
+
+
+def _audit_association(event: Any, node: Node, kind: str) -> None:
+    requestor = event.assoc.requestor
+    title = str(requestor.ae_title or "")
+    principal = node.principal(title) if kind != "rejected" else None
+    reason = None
+    if kind == "rejected":  # by pynetdicom itself (too many associations; the nets behind `_admit`)
+        rj = event.assoc.acceptor.primitive
+        reason = _REJECTIONS.get((rj.result, rj.result_source, rj.diagnostic), "rejected") if rj else None
+    record = association_record(
+        title, requestor.address, principal, event=kind, accepted=kind != "rejected", reason=reason
+    )
+    _append(node, record)
+
+
+def _tls_failure(node: Node, address: str, reason: str) -> None:
+    """A TLS handshake failed (`tls.TlsAssociationServer`): a rejected Login without an AE title."""
+    _append(node, association_record("", address, None, event="rejected", accepted=False, reason=reason))
+
+
 class DimseService:
-    """Starts the AE's listener on `settings.host:settings.dimse_port` without blocking the loop."""
+    """Starts the AE's listeners on `settings.host` (plain `dimse_port`, TLS `dimse.tls.port`) without blocking
+    the loop."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.ae = build_ae(node)
         self._server: Any = None
+        self._tls_server: Any = None
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines carry identifiers (PHI)
 
     @property
     def port(self) -> int:
-        """The bound port (useful with port 0)."""
+        """The plain listener's bound port (useful with port 0; 0 when it does not run)."""
         return int(self._server.server_address[1]) if self._server is not None else 0
+
+    @property
+    def tls_port(self) -> int:
+        """The TLS listener's bound port (0 when it does not run)."""
+        return int(self._tls_server.server_address[1]) if self._tls_server is not None else 0
 
     def _handlers(self) -> list[Any]:
         node = self.node
@@ -129,6 +199,7 @@ class DimseService:
             (evt.EVT_C_FIND, handle_find, [node]),
             (evt.EVT_C_MOVE, handle_move, [node]),
             (evt.EVT_C_GET, handle_get, [node]),
+            (evt.EVT_REQUESTED, _admit, [node]),
             (evt.EVT_ACCEPTED, _audit_association, [node, "accepted"]),
             (evt.EVT_REJECTED, _audit_association, [node, "rejected"]),
             (evt.EVT_RELEASED, _audit_association, [node, "released"]),
@@ -137,7 +208,14 @@ class DimseService:
         ]
 
     async def start(self) -> None:
-        address = (self.node.settings.host, self.node.settings.dimse_port)
+        settings, tls = self.node.settings, self.node.config.tls
+        if tls is not None and tls.listens:
+            address = (settings.host, tls.port)
+            self._tls_server = await anyio.to_thread.run_sync(self._start_tls, address)
+            log.info("DICOM AE %s listening with TLS on %s:%d", self.ae.ae_title, address[0], self.tls_port)
+            if tls.only:
+                return
+        address = (settings.host, settings.dimse_port)
         self._server = await anyio.to_thread.run_sync(
             lambda: self.ae.start_server(
                 address, block=False, evt_handlers=self._handlers(), contexts=served_contexts(self.ae)
@@ -145,11 +223,33 @@ class DimseService:
         )
         log.info("DICOM AE %s listening on %s:%d", self.ae.ae_title, address[0], self.port)
 
+    def _start_tls(self, address: tuple[str, int]) -> Any:
+        """`AE.start_server(block=False)` with `TlsAssociationServer` (handshakes off the accept loop)."""
+        tls = self.node.config.tls
+        assert tls is not None
+        server = self.ae.make_server(
+            address,
+            contexts=served_contexts(self.ae),
+            ssl_context=server_context(tls),
+            evt_handlers=self._handlers(),
+            server_class=TlsAssociationServer,
+        )
+        assert isinstance(server, TlsAssociationServer)
+        server.handshake_timeout = self.node.timeout
+        server.on_failure = lambda address, reason: _tls_failure(self.node, address, reason)
+        stamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
+        thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # as start_server does: AssociationServer.shutdown removes it
+        return server
+
     async def stop(self) -> None:
-        """Stop accepting, abort associations still open, and wait for the listener thread."""
-        server, self._server = self._server, None
-        if server is not None:
-            await anyio.to_thread.run_sync(self._shutdown, server)
+        """Stop accepting, abort associations still open, and wait for the listener threads."""
+        for name in ("_server", "_tls_server"):
+            server = getattr(self, name)
+            setattr(self, name, None)
+            if server is not None:
+                await anyio.to_thread.run_sync(self._shutdown, server)
 
     def _shutdown(self, server: Any) -> None:
         server.shutdown()  # no new associations
@@ -167,6 +267,7 @@ async def open_dimse(resources: Any) -> DimseService | None:
     if not resources.settings.dimse.peers:
         log.warning("DIMSE is on but HOUNSFIELD_DIMSE_PEERS is empty: no calling AE may associate; not listening")
         return None
+    _warn_loopback_only(resources.settings)
 
     node = Node(
         asyncio.get_running_loop(),
@@ -180,3 +281,18 @@ async def open_dimse(resources: Any) -> DimseService | None:
     service = DimseService(node)
     await service.start()
     return service
+
+
+def _warn_loopback_only(settings: Any) -> None:
+    """Peers without bindings may connect from loopback only: say so when the AE listens on other addresses."""
+    try:
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        loopback = settings.host == "localhost"
+    unbound = [p.ae_title for p in settings.dimse.peers if p.networks == LOOPBACK and not p.certificates]
+    if unbound and not loopback:
+        log.warning(
+            "DIMSE peers without an address binding may connect from loopback only: %s (bind them with "
+            "@address, @network, @cn:NAME, @sha256:HEX or @* in HOUNSFIELD_DIMSE_PEERS)",
+            ", ".join(unbound),
+        )

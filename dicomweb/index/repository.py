@@ -18,6 +18,17 @@ class SeriesInOtherStudy(Exception):
     """The Series Instance UID is already indexed under a different study."""
 
 
+class StudyOfAnotherPatient(Exception):
+    """The Study Instance UID is already indexed under a different patient (Patient ID and Issuer of Patient ID,
+    compared exactly; an absent value differs from any present one). Carries the patient the study is filed
+    under, for the audit record only: the sender may not be allowed to know it."""
+
+    def __init__(self, patient_id: str | None, issuer: str | None) -> None:
+        super().__init__("the study is filed under another patient")
+        self.patient_id = patient_id
+        self.issuer = issuer
+
+
 def _instance_args(
     p: ParsedInstance, study_pk: int, series_pk: int, blob_key: str, size: int, sha256: str
 ) -> list[object]:
@@ -47,7 +58,8 @@ async def index_instance(
 ) -> tuple[int, int, int | None]:
     """Study, series and instance rows in one round trip (`index_instance` in store.sql): returns the study and
     series keys and the new instance's key, or None when the SOP Instance UID is already indexed. Raises
-    `SeriesInOtherStudy` (the caller rolls back: the statement may have inserted the instance)."""
+    `StudyOfAnotherPatient` or `SeriesInOtherStudy` (the caller rolls back: the statement may have inserted the
+    instance)."""
     s, r = p.study, p.series
     row = await conn.fetchrow(
         STORE["index_instance"],
@@ -79,6 +91,8 @@ async def index_instance(
         *_instance_args(p, 0, 0, blob_key, size, sha256)[2:],
     )
     assert row is not None  # the upserts always return their rows
+    if (row["study_patient_id"], row["study_issuer"]) != (s["patient_id"], s["issuer_of_patient_id"]):
+        raise StudyOfAnotherPatient(row["study_patient_id"], row["study_issuer"])
     if row["series_study_pk"] != row["study_pk"]:
         raise SeriesInOtherStudy(r["series_uid"])
     instance_pk = row["instance_pk"]

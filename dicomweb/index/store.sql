@@ -13,10 +13,15 @@ FROM instances WHERE sop_instance_uid = $1;
 -- attributes; two first instances at once meet in ON CONFLICT, where the second waits for the first to commit
 -- and takes its row (DO UPDATE returns it, which DO NOTHING would not). The instance's foreign keys hold the
 -- study and series rows (KEY SHARE, which inserts share) against a concurrent delete. series_study_pk differs
--- from study_pk when the series already belongs to another study: the caller rolls the transaction back.
+-- from study_pk when the series already belongs to another study, and study_patient_id/study_issuer are the
+-- patient the study is filed under (the first instance's): when they differ from the instance's, the caller rolls
+-- the transaction back (PS3.3 A.1.2: a study is of one patient). Two first instances of one study with different
+-- patients meet in ON CONFLICT: the second reads the first's committed patient there (RETURNING gives the row as
+-- updated, and only updated_at changes), so exactly one patient's instance is filed. A study's patient is never
+-- updated, so reading it without a row lock is enough.
 -- instance_pk is NULL when the SOP Instance UID is already indexed (ON CONFLICT DO NOTHING).
 WITH st_found AS (
-    SELECT study_pk FROM studies WHERE study_uid = $1
+    SELECT study_pk, patient_id, issuer_of_patient_id FROM studies WHERE study_uid = $1
 ), st_new AS (
     INSERT INTO studies (
         study_uid, patient_id, issuer_of_patient_id, patient_name, patient_name_search, patient_birth_date,
@@ -25,9 +30,10 @@ WITH st_found AS (
     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb
     WHERE NOT EXISTS (SELECT 1 FROM st_found)
     ON CONFLICT (study_uid) DO UPDATE SET updated_at = now()
-    RETURNING study_pk
+    RETURNING study_pk, patient_id, issuer_of_patient_id
 ), st AS (
-    SELECT study_pk FROM st_found UNION ALL SELECT study_pk FROM st_new
+    SELECT study_pk, patient_id, issuer_of_patient_id FROM st_found
+    UNION ALL SELECT study_pk, patient_id, issuer_of_patient_id FROM st_new
 ), se_found AS (
     SELECT series_pk, study_pk FROM series WHERE series_uid = $16
 ), se_new AS (
@@ -49,7 +55,8 @@ WITH st_found AS (
     ON CONFLICT (sop_instance_uid) DO NOTHING
     RETURNING instance_pk
 )
-SELECT st.study_pk, se.series_pk, se.study_pk AS series_study_pk, (SELECT instance_pk FROM ins) AS instance_pk
+SELECT st.study_pk, se.series_pk, se.study_pk AS series_study_pk, (SELECT instance_pk FROM ins) AS instance_pk,
+    st.patient_id AS study_patient_id, st.issuer_of_patient_id AS study_issuer
 FROM st, se;
 
 -- name: replace_instance

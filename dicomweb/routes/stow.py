@@ -10,12 +10,17 @@ waits for every part (each acknowledged instance is durable, PS3.18 10.5.3), and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from litestar import Request, Response, post
 from litestar.params import FromPath
 
-from authz.guard import authz_opt
+from authz.auditrecord import EventType, request_record
+from authz.authn import PRINCIPAL
+from authz.decision import Decision, Resource
+from authz.guard import DECISION, authz_opt
 from dicomweb import multipart, stow, uids
 from dicomweb.errors import BadRequest
 from dicomweb.ingest import CANNOT_UNDERSTAND
@@ -79,11 +84,46 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
             spool.discard()
     done = await _collect(outcomes)
     status, body = stow.store_response(done, base_url(request, resources), study)
+    await _audit_conflicts(request, resources, done, status)
     headers = {}
     reasons = stow.readable_reasons(done)
     if reasons:
         headers["Warning"] = ", ".join(warning_header(r) for r in reasons[:20])
     return Response(dicom_json(body), status_code=status, media_type="application/dicom+json", headers=headers)
+
+
+async def _audit_conflicts(
+    request: Request[Any, Any, Any], resources: Resources, outcomes: Sequence[Outcome], status: int
+) -> None:
+    """One record per instance refused because its study is filed under another patient (DICOM Instances
+    Transferred, PS3.15 A.5.3.4, minor failure), naming both patients: the response names neither."""
+    state = request.scope.get("state", {})
+    decision = state.get(DECISION)
+    client = request.scope.get("client")
+    for outcome in outcomes:
+        conflict = outcome.conflict
+        if conflict is None:
+            continue
+        record = request_record(
+            state.get(PRINCIPAL),
+            decision if isinstance(decision, Decision) else None,
+            action="create",
+            resource=Resource(
+                kind="instance",
+                patient_id=conflict.patient_id,
+                study_uid=conflict.study_uid,
+                series_uid=conflict.series_uid,
+                instance_uid=conflict.sop_instance_uid,
+            ),
+            status=status,
+            method=request.method,
+            path=request.url.path,
+            client_ip=client[0] if client else None,
+            outcome_desc=conflict.describe(),
+        )
+        await resources.audit.append(
+            dataclasses.replace(record, type=EventType.INSTANCES_TRANSFERRED, subtype=(), outcome="4")
+        )
 
 
 async def _finish_slot(resources: Resources, spool: Spool, study: str | None, slots: asyncio.Semaphore) -> Outcome:
