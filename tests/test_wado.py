@@ -170,6 +170,7 @@ def test_single_part_application_dicom_for_one_instance(http: httpx.Client) -> N
 
 
 def _study(count_per_series: list[list[str]]) -> list[Dataset]:
+    """One study of sample files; they are made one patient's (the archive refuses a study of two patients)."""
     study = generate_uid()
     out: list[Dataset] = []
     for number, names in enumerate(count_per_series, start=1):
@@ -179,6 +180,8 @@ def _study(count_per_series: list[list[str]]) -> list[Dataset]:
             ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             ds.SeriesNumber, ds.InstanceNumber = number, i
+            ds.PatientID = "WADO-1"
+            ds.pop("IssuerOfPatientID", None)
             out.append(ds)
     return out
 
