@@ -221,3 +221,5 @@ def test_shutdown_mid_upload_answers_what_was_stored(dsn: str, tmp_path: Path) -
     [cut] = answer[FAILED_SOP]["Value"]
     assert cut[FAILURE_REASON]["Value"] == [OUT_OF_RESOURCES] and "shutting down" in cut[ERROR_COMMENT]["Value"][0]
     assert stored_uids(dsn) == {ds.SOPInstanceUID for ds in datasets}
+    [request] = [r for r in audit_records(dsn) if r.get("http", {}).get("method") == "POST" and r["http"].get("status")]
+    assert request["http"]["status"] == 202
