@@ -113,3 +113,23 @@ def test_malformed_path_uid_is_400_before_the_policy(server: LiveServer) -> None
     assert response.status_code == 400 and response.json()["status"] == 400
     [record] = audit_rows(server.dsn)[before:]
     assert record["http"]["status"] == 400 and "policy" not in record
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"study": "not-a-uid", "series": "1.2.3", "model": "m"}',
+        b'{"series": "1.2.3", "model": "m"}',
+        b'["1.2.3"]',
+        '{"study": "1.2.3", "series": "1.2.4", "model": "m"}'.encode("utf-16"),
+    ],
+)
+def test_inference_request_target_is_parsed_before_the_policy(server: LiveServer, body: bytes) -> None:
+    """POST /inference-requests names its study and series in the body: parsed once, a 400 before any decision."""
+    bound = bearer(server.token(sub="app", roles=["radiologist"], scopes=["patient/*.cruds"], patient="P1"))
+    before = len(audit_rows(server.dsn))
+    headers = {**bound, "Content-Type": "application/json"}
+    response = httpx.post(server.url + "/inference-requests", content=body, headers=headers, timeout=60)
+    assert response.status_code == 400, response.text
+    [record] = audit_rows(server.dsn)[before:]
+    assert record["http"]["status"] == 400 and "policy" not in record
