@@ -37,7 +37,7 @@ from server.errors import warning_header
 from server.resources import Resources, ResourcesDep
 
 IDENTIFYING = ("studyUID", "seriesUID", "objectUID")
-"""The query parameters that name the object (PS3.18 9.2.2-9.2.4)."""
+"""The query parameters that name the object (PS3.18 9.2)."""
 
 
 def _one_uid(values: list[str], name: str) -> uids.UID:
