@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 
 from authz.auditrecord import AuditRecord
 from authz.decision import Resource
+from authz.errors import denial_comment
 from authz.policy_input import dicomweb_resource
 from authz.principal import Principal
 from dicomweb.dimse.audit import operation_record
@@ -105,7 +106,7 @@ async def _store(node: Node, principal: Principal, address: str | None, ds: Data
     if not decision.allow:
         reason = "; ".join(decision.reasons) or "denied by policy"
         await node.audit.append(record(NOT_AUTHORIZED, reason))
-        return _response(NOT_AUTHORIZED, reason)
+        return _response(NOT_AUTHORIZED, denial_comment(decision.decision_id))  # the reasons: audit record only
     token = CALLING_AE.set(principal.client_id)
     try:
         outcome = await node.store.store_file(spooled.path, spooled.size, spooled.sha256)
