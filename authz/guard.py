@@ -12,8 +12,9 @@ that same value.
 Break-glass (`authz.breakglass`): every request passes the subject's open session to the policy as
 `context.break_glass` (from the process's cache of open sessions, `authz.sessioncache`, or one index probe).
 A request whose token carries purpose of use `BTG` (HL7 v3 ActReason) and the header `X-Break-Glass-Reason:
-<free text>` starts a session first when the subject has none open (the policy decides, as for
-`POST /break-glass`); the session is bound to the token's subject and issuer.
+<free text>` starts a session for the patient (and study) the request is about first, unless the subject's open
+session covers it (the policy decides, as for `POST /break-glass`; a request about no patient is a 400, an open
+session for another patient a 409); the session is bound to the token's subject and issuer.
 """
 
 from __future__ import annotations
@@ -25,14 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from litestar.connection import ASGIConnection
-from litestar.exceptions import ValidationException
+from litestar.exceptions import ClientException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 
 from authz.authn import principal_of
-from authz.breakglass import BreakGlassService, InvalidRequest, StartRequest, check_reason, open_session
+from authz.breakglass import (
+    BreakGlassService,
+    InvalidRequest,
+    SessionConflict,
+    StartRequest,
+    check_reason,
+    open_session,
+)
 from authz.decision import Action, Decision, Resource
 from authz.errors import Forbidden
-from authz.policy_input import break_glass_session, policy_input
+from authz.policy_input import policy_input
 from authz.principal import Principal
 from authz.sessioncache import OpenSession
 from authz.target import TARGET, Target, TargetParser, path_target
@@ -155,6 +163,17 @@ def _header_text(raw: str) -> str:
         return raw
 
 
+def _session_covers(session: dict[str, Any] | None, resource: Resource) -> bool:
+    """Whether the open session (the policy's `context.break_glass`) already reaches the resource's patient
+    and study, or the request is about no patient (there is nothing to start a session for)."""
+    if session is None:
+        return False
+    if resource.patient_id is None:
+        return True
+    study = session.get("study_uid")
+    return session.get("patient_id") == resource.patient_id and study in (None, resource.study_uid)
+
+
 async def _break_glass_by_header(
     connection: ASGIConnection[Any, Any, Any, Any],
     principal: Principal,
@@ -162,8 +181,9 @@ async def _break_glass_by_header(
     client_ip: str | None,
     now: dt.datetime,
 ) -> dict[str, Any] | None:
-    """Start a session for a `BTG` token that sends `X-Break-Glass-Reason` (the subject has none open).
-    A reason that is too short is a 400; a subject the policy does not let break the glass gets 403."""
+    """Start a session for a `BTG` token that sends `X-Break-Glass-Reason`, for the patient (and stored study)
+    the request is about. A reason that does not show enough characters, or a request about no patient, is a
+    400; a subject the policy does not let break the glass gets 403; an open session for another patient 409."""
     raw = connection.headers.get(BREAK_GLASS_HEADER)
     if raw is None or BTG not in principal.purpose_of_use:
         return None
@@ -171,9 +191,13 @@ async def _break_glass_by_header(
         reason = check_reason(_header_text(raw), "X-Break-Glass-Reason")
     except InvalidRequest as exc:
         raise ValidationException(exc.detail) from None
+    if resource.patient_id is None:
+        raise ValidationException(
+            "X-Break-Glass-Reason: this request is about no stored patient; break-glass is for one patient"
+            " (POST /break-glass with a patient_id)"
+        )
     resources = connection.app.state.resources
-    known = resource.patient_id is not None  # the study exists: its UID is a stored one
-    start = StartRequest(reason, resource.patient_id, resource.study_uid if known else None)
+    start = StartRequest(reason, resource.patient_id, resource.study_uid)
     target = Resource(
         kind="BreakGlass", patient_id=start.patient_id, study_uid=start.study_uid, attributes={"reason": reason}
     )
@@ -181,10 +205,13 @@ async def _break_glass_by_header(
     if not decision.allow:
         connection.scope.setdefault("state", {})[DECISION] = decision
         raise Forbidden("break-glass refused: " + ("; ".join(decision.reasons) or "denied by policy"), decision)
-    session = await BreakGlassService.of(resources).start(
-        principal, start, decision=decision, client_ip=client_ip, now=now
-    )
-    return break_glass_session(str(session.id), session.reason, session.expires_at)
+    try:
+        session, _created = await BreakGlassService.of(resources).start(
+            principal, start, decision=decision, client_ip=client_ip, now=now
+        )
+    except SessionConflict as exc:
+        raise ClientException(exc.detail, status_code=409) from None
+    return session.context()
 
 
 async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
@@ -212,8 +239,8 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     if hook is not None:
         resource = await hook(connection, resource)
     state[RESOURCE] = resource
-    if session is None and kind != "BreakGlass":
-        session = await _break_glass_by_header(connection, principal, resource, client_ip, now)
+    if kind != "BreakGlass" and not _session_covers(session, resource):
+        session = await _break_glass_by_header(connection, principal, resource, client_ip, now) or session
     if session is not None:
         state[BREAK_GLASS] = session
     decision = await resources.policy.decide(policy_input(principal, action, resource, client_ip, session, now=now))
