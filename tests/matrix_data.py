@@ -1,7 +1,8 @@
 """The authorization matrix's data set, stored through the public interface as an admin: several patients and
 modalities (STOW-RS), DiagnosticReports (one moved to another patient, so that its versions are filed under two
 patients), the ImagingStudy, Patient and Endpoint resources the FHIR sync derives, a Subscription, inference
-results (one model that fails, one that measures), and a break-glass session for one patient.
+results (one model that fails, one that measures), a break-glass session for one patient, and an attempt to
+file an instance of one patient into another's study.
 
 The result (`DataSet`) is what the request generators fill routes from and what the extractors map identifiers
 back to patients with: every identifier a response can name (Patient ID, study/series/instance UID, FHIR id)
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
+from pydicom.uid import generate_uid
 
 from tests.factory import ct, multipart, part10, stow_headers
 
@@ -132,8 +134,10 @@ def _ok(response: httpx.Response, *expected: int) -> Any:
 
 
 async def _store(http: httpx.AsyncClient) -> list[Study]:
+    """One instance a study (32x32, so that its pixel data is bulk data). Study UIDs are `2.25.` UIDs (about 44
+    characters): short enough that a 64-character DIMSE error comment naming one has room left for more."""
     datasets = [
-        ct(PatientID=patient, Modality=modality, rows=32, columns=32, seed=i, AccessionNumber=f"A{i}")
+        ct(generate_uid(prefix=None), PatientID=patient, Modality=modality, rows=32, columns=32, seed=i)
         for i, (patient, modality) in enumerate(STUDIES)
     ]
     body = multipart([part10(d) for d in datasets])

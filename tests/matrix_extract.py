@@ -26,7 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from tests.matrix_data import DataSet
-from tests.matrix_requests import Probe
+from tests.matrix_probes import Probe
 
 FHIR_GROUPS = {
     "ImagingStudy": "imaging",

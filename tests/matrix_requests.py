@@ -16,94 +16,14 @@ A route none of these fill fails the matrix with "add a filler for <route>".
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from fhir.searchindex import PARAMS
 from fhir.types import TYPES
-from tests.matrix_data import DataSet, FhirResource, Study
-from tests.matrix_oracle import KIND_GROUP
-
-# --- what a request is --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    """The template as Litestar has it: `/dicom-web/studies/{study:str}`."""
-    action: str | None
-    kind: str | None
-
-    @property
-    def key(self) -> str:
-        return f"{self.method} {self.path}"
-
-    @property
-    def params(self) -> list[str]:
-        return [m.split(":")[0] for m in re.findall(r"\{([^}]+)\}", self.path)]
-
-    @property
-    def group(self) -> str:
-        return KIND_GROUP.get(self.kind or "", "system")
-
-
-Object = tuple[str, str | None]
-"""(patient, study) of a stored object."""
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One cell's request (the identity is the other axis)."""
-
-    route: str
-    shape: str
-    label: str
-    """What the request addresses, for people: `P5 MG`, `DiagnosticReport of P1 v1 (P5)`."""
-    method: str
-    url: str
-    group: str
-    action: str
-    headers: tuple[tuple[str, str], ...] = ()
-    body: bytes | None = None
-    target: Object | None = None
-    """A single-resource read: the resource's (patient, study); a denied one must answer 403 or 404."""
-    objects: tuple[Object, ...] = ()
-    """What a successful binary answer (frames, rendered, bulk data) discloses: the objects the request names."""
-    fhir: str | None = None
-    """The request as a Bundle entry's `request.url` (FHIR GET requests only)."""
-    allowed_statuses: tuple[int, ...] = (403, 404)
-    """What a request naming a resource the identity may not see may answer."""
-
-
-BAD_IDENTIFIERS = (400, 403, 404)
-"""What a request with duplicated or empty identifying parameters may answer (besides an answer within what the
-identity may see, for searches): a 400 is the intended answer to an ambiguous target."""
-
-
-def statuses(shape: str) -> tuple[int, ...]:
-    return BAD_IDENTIFIERS if shape.startswith(("dup ", "empty ")) else (403, 404)
-
-
-# --- the route table ----------------------------------------------------------------------------------------
-
-
-def routes(app: Any) -> list[Route]:
-    """Every (method, path) of the application with its declared action and kind. OPTIONS is left out: it is
-    Litestar's automatic CORS preflight answer (no token, no body; tests/test_route_sweep.py checks it)."""
-    found = []
-    for route in app.routes:
-        for handler in route.route_handlers:
-            spec = handler.opt.get("authz")
-            action, kind = spec if spec is not None else (None, None)
-            for method in sorted(handler.http_methods):
-                if method != "OPTIONS":
-                    found.append(Route(method, route.path, action, kind))
-    return sorted(found, key=lambda r: (r.path, r.method))
-
+from tests.matrix_data import DataSet, Study
+from tests.matrix_fhir import bundles, fhir
+from tests.matrix_probes import BAD_IDENTIFIERS, Object, Probe, Route, fill, statuses
 
 NOT_DATA_READS: Mapping[str, str] = {
     "POST /dicom-web/studies": "STOW-RS store (a write)",
@@ -154,10 +74,6 @@ def _values(study: Study) -> dict[str, str]:
         "frames": "1",
         "tag": study.bulk_tag,
     }
-
-
-def _fill(path: str, values: Mapping[str, str]) -> str:
-    return re.sub(r"\{([^}:]+)(?::[^}]*)?\}", lambda m: values[m.group(1)], path)
 
 
 def _label(study: Study) -> str:
@@ -212,7 +128,7 @@ def dicomweb(route: Route, data: DataSet) -> list[Probe] | None:
             Probe(
                 shape="direct",
                 label=_label(study),
-                url=_fill(route.path, _values(study)),
+                url=fill(route.path, _values(study)),
                 target=obj if single else None,
                 objects=(obj,),
                 **common,
@@ -276,180 +192,6 @@ def wado_uri(route: Route, data: DataSet) -> list[Probe]:
     return probes
 
 
-# --- FHIR ---------------------------------------------------------------------------------------------------
-
-FHIR_JSON = "application/fhir+json"
-_FHIR_ROUTE = re.compile(r"^/fhir/([A-Za-z]+)(/.*)?$")
-
-
-def includes(resource_type: str) -> list[tuple[str, str]]:
-    """Every `_include` and `_revinclude` the search parameters allow on a search of `resource_type` whose
-    targets this server serves: (parameter, value)."""
-    found = []
-    for name, spec in PARAMS.get(resource_type, {}).items():
-        if spec.type == "reference" and set(spec.targets) & set(TYPES):
-            found.append(("_include", f"{resource_type}:{name}"))
-    for source, params in PARAMS.items():
-        for name, spec in params.items():
-            if source in TYPES and spec.type == "reference" and resource_type in spec.targets:
-                found.append(("_revinclude", f"{source}:{name}"))
-    return found
-
-
-def _search_queries(resource_type: str, data: DataSet) -> list[tuple[str, str, str]]:
-    """(shape, label, query) of searches on one type."""
-    params = PARAMS.get(resource_type, {})
-    own = {r.patient: r for r in reversed(data.fhir.get(resource_type, [])) if r.patient}
-    queries = [("plain", "all", "")]
-    patients = sorted({s.patient for s in data.studies})
-    if "patient" in params:
-        for p in patients:
-            queries.append(("by patient", p, f"patient=Patient/{data.patient_fhir_id(p)}"))
-            queries.append(("chained patient.identifier", p, f"patient.identifier={p}"))
-        a, b = data.patient_fhir_id("P1"), data.patient_fhir_id("P5")
-        queries += [
-            ("dup patient", "P1 and P5", f"patient=Patient/{a}&patient=Patient/{b}"),
-            ("OR patient", "P1 or P5", f"patient=Patient/{a},Patient/{b}"),
-            ("empty patient", "all", "patient="),
-        ]
-    if "identifier" in params and resource_type == "Patient":
-        for p in patients:
-            queries.append(("by identifier", p, f"identifier={p}"))
-        queries += [
-            ("dup identifier", "P1 and P5", "identifier=P1&identifier=P5"),
-            ("empty identifier", "all", "identifier="),
-        ]
-    if "P1" in own and "P5" in own:
-        queries += [
-            ("dup _id", "P1's and P5's", f"_id={own['P1'].id}&_id={own['P5'].id}"),
-            ("empty _id", "all", "_id="),
-        ]
-    for param, value in includes(resource_type):
-        queries.append((f"{param}={value}", "all", urlencode({param: value})))
-    return queries
-
-
-def _fhir_search(route: Route, rtype: str, data: DataSet, *, form: bool) -> list[Probe]:
-    group = KIND_GROUP[TYPES[rtype].kind]
-    probes = []
-    for shape, label, query in _search_queries(rtype, data):
-        entry = f"{rtype}?{query}" if query else rtype
-        if form:
-            probe = Probe(
-                route=route.key,
-                shape=f"POST {shape}",
-                label=label,
-                method="POST",
-                url=f"/fhir/{rtype}/_search",
-                group=group,
-                action="search",
-                headers=(("Content-Type", "application/x-www-form-urlencoded"), ("Accept", FHIR_JSON)),
-                body=query.encode(),
-                allowed_statuses=statuses(shape),
-            )
-        else:
-            probe = Probe(
-                route=route.key,
-                shape=shape,
-                label=label,
-                method="GET",
-                url=f"/fhir/{entry}",
-                group=group,
-                action="search",
-                headers=(("Accept", FHIR_JSON),),
-                fhir=entry,
-                allowed_statuses=statuses(shape),
-            )
-        probes.append(probe)
-    return probes
-
-
-def _describe(resource: FhirResource, patient: str | None, vid: str | None = None) -> str:
-    text = f"{resource.type} of {resource.patient or 'no patient'}"
-    if vid is not None:
-        text += f" v{vid} (filed under {patient or 'no patient'})"
-    return text
-
-
-def _fhir_reads(route: Route, rtype: str, suffix: str, data: DataSet) -> list[Probe]:
-    group = KIND_GROUP[TYPES[rtype].kind]
-    common = dict(route=route.key, method="GET", group=group, action="read", headers=(("Accept", FHIR_JSON),))
-    probes = []
-    for resource in data.fhir.get(rtype, []):
-        base = f"{rtype}/{resource.id}"
-        if suffix == "/{rid:str}":
-            target = (resource.patient, resource.study)
-            probes.append(
-                Probe(
-                    shape="direct",
-                    label=_describe(resource, None),
-                    url=f"/fhir/{base}",
-                    fhir=base,
-                    target=target,
-                    **common,
-                )
-            )
-        elif suffix == "/{rid:str}/_history":
-            probes.append(
-                Probe(
-                    shape="direct",
-                    label=_describe(resource, None),
-                    url=f"/fhir/{base}/_history",
-                    fhir=f"{base}/_history",
-                    **common,
-                )
-            )
-        elif suffix == "/{rid:str}/_history/{vid:str}":
-            for version in resource.versions:
-                path = f"{base}/_history/{version.vid}"
-                target = (version.patient, resource.study)
-                label = _describe(resource, version.patient, version.vid)
-                probes.append(
-                    Probe(shape="direct", label=label, url=f"/fhir/{path}", fhir=path, target=target, **common)
-                )
-    return probes
-
-
-def fhir(route: Route, data: DataSet) -> list[Probe] | None:
-    """A route on a type of the FHIR type table: search, search by POST, read, vread, history."""
-    match = _FHIR_ROUTE.match(route.path)
-    if match is None or match.group(1) not in TYPES:
-        return None
-    rtype, suffix = match.group(1), match.group(2) or ""
-    if route.method == "GET" and suffix == "" and route.action == "search":
-        return _fhir_search(route, rtype, data, form=False)
-    if route.method == "POST" and suffix == "/_search":
-        return _fhir_search(route, rtype, data, form=True)
-    if route.method == "GET" and suffix in ("/{rid:str}", "/{rid:str}/_history", "/{rid:str}/_history/{vid:str}"):
-        return _fhir_reads(route, rtype, suffix, data)
-    return None
-
-
-def bundles(route: Route, fhir_probes: list[Probe]) -> list[Probe]:
-    """POST /fhir: every FHIR GET request again as an entry of a batch and of a transaction Bundle."""
-    out = []
-    for probe in fhir_probes:
-        for kind in ("batch", "transaction"):
-            out.append(
-                replace(
-                    probe,
-                    route=route.key + f" ({probe.route})",
-                    shape=f"{kind}: {probe.shape}",
-                    method="POST",
-                    url="/fhir",
-                )
-            )
-    return out
-
-
-def bundle_body(kind: str, probes: list[Probe]) -> dict[str, Any]:
-    return {
-        "resourceType": "Bundle",
-        "type": kind,
-        "entry": [{"request": {"method": "GET", "url": p.fhir}} for p in probes],
-    }
-
-
 # --- the other data reads -----------------------------------------------------------------------------------
 
 
@@ -477,7 +219,7 @@ def inference_results(route: Route, data: DataSet) -> list[Probe]:
 
 def inference_request(route: Route, data: DataSet) -> list[Probe]:
     return [
-        _plain(route, f"run on {r.patient}", _fill(route.path, {"rid": r.id}), target=(r.patient, r.study))
+        _plain(route, f"run on {r.patient}", fill(route.path, {"rid": r.id}), target=(r.patient, r.study))
         for r in data.runs
     ]
 
@@ -485,18 +227,18 @@ def inference_request(route: Route, data: DataSet) -> list[Probe]:
 def models(route: Route, data: DataSet) -> list[Probe]:
     if not route.params:
         return [_plain(route, "all", route.path)]
-    return [_plain(route, f"{n} {v}", _fill(route.path, {"name": n, "version": v})) for n, v in data.models]
+    return [_plain(route, f"{n} {v}", fill(route.path, {"name": n, "version": v})) for n, v in data.models]
 
 
 def break_glass(route: Route, data: DataSet) -> list[Probe]:
     if not route.params:
         return [_plain(route, "all", route.path), _plain(route, "open", route.path + "?open=true", shape="open")]
-    return [_plain(route, "P5's session", _fill(route.path, {"session_id": data.break_glass_session}))]
+    return [_plain(route, "P5's session", fill(route.path, {"session_id": data.break_glass_session}))]
 
 
 def audit(route: Route, data: DataSet) -> list[Probe]:
     if "{rid" in route.path:
-        return [_plain(route, "an event about P5", _fill(route.path, {"rid": data.audit_event}))]
+        return [_plain(route, "an event about P5", fill(route.path, {"rid": data.audit_event}))]
     if route.path.endswith("$export"):
         return [_plain(route, "the data set's events", route.path + "?" + urlencode({"_until": data.loaded_at}))]
     if route.path.endswith("$verify"):
@@ -509,7 +251,7 @@ def audit(route: Route, data: DataSet) -> list[Probe]:
 
 def plain_get(route: Route, data: DataSet) -> list[Probe]:
     values = {"rid": "DiagnosticReport-imaging-study"}
-    return [_plain(route, "the document", _fill(route.path, values))]
+    return [_plain(route, "the document", fill(route.path, values))]
 
 
 EXPLICIT: Mapping[str, Callable[[Route, DataSet], list[Probe]]] = {
@@ -547,13 +289,15 @@ class Generated:
     """Routes no generator could fill (each a failure)."""
 
 
-def generate(app: Any, data: DataSet) -> Generated:
-    """Every probe of every route of `app`, from the data set."""
-    all_routes = routes(app)
+def generate(all_routes: list[Route], data: DataSet) -> Generated:
+    """Every probe of every route (`routes(app)`), from the data set. Entries of NOT_DATA_READS or EXPLICIT that
+    name no route are reported too: the lists must not outlive the routes they describe."""
     keys = {r.key for r in all_routes}
-    stale = [k for k in [*NOT_DATA_READS, *EXPLICIT] if k not in keys]
-    assert not stale, f"the matrix names routes the app does not have: {stale}"
     generated = Generated([], [], [], [])
+    generated.unfilled += [
+        f"the matrix names a route the app does not have: {k}" for k in NOT_DATA_READS if k not in keys
+    ]
+    generated.unfilled += [f"the matrix names a route the app does not have: {k}" for k in EXPLICIT if k not in keys]
     bundle: Route | None = None
     for route in all_routes:
         if route.key in NOT_DATA_READS:

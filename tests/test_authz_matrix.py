@@ -1,10 +1,11 @@
 """The authorization matrix: every identity of `tests.matrix_oracle.IDENTITIES` requests every data-reading
-route of the application's route table, in every shape (`tests.matrix_requests`), against one data set of
-several patients and modalities (`tests.matrix_data`); the patients each response reveals
-(`tests.matrix_extract`) must be ones the oracle lets that identity see. New routes join automatically: a route
-the generators cannot fill fails the test until it gets a filler or is listed as not a data read.
+route of the application's route table, in every shape (`tests.matrix_requests`, `tests.matrix_fhir`), against
+one data set of several patients and modalities (`tests.matrix_data`); the patients each answer reveals
+(`tests.matrix_extract`) must be ones the oracle lets that identity see (`tests.matrix_judge`). New routes join
+automatically: a route the generators cannot fill fails the matrix until it gets a filler or is listed as not a
+data read. The same over DIMSE for configured peers (`tests.matrix_dimse`).
 
-Also over DIMSE: C-FIND, C-GET and C-MOVE from configured peers, each mapped to a role."""
+Run with `-s` to see the matrix's size; it is also recorded as a property of the test (JUnit XML)."""
 
 from __future__ import annotations
 
@@ -28,18 +29,13 @@ from server.settings import Settings
 from tests import matrix_data, matrix_dimse, matrix_oracle
 from tests.conftest import _Thread, _with_db, bearer, free_port
 from tests.matrix_data import DataSet
-from tests.matrix_dimse import (
-    DESTINATION,
-    PEERS,
-    SUCCESS_OR_PENDING,
-    DimseProbe,
-    MoveDestination,
-    Outcome,
-    peers_setting,
-)
-from tests.matrix_extract import Answer, Disclosure, disclosures
-from tests.matrix_oracle import IDENTITIES, Identity, allows
-from tests.matrix_requests import FHIR_JSON, Probe, bundle_body, generate
+from tests.matrix_dimse import DESTINATION, PEERS, MoveDestination, peers_setting
+from tests.matrix_extract import Answer
+from tests.matrix_fhir import FHIR_JSON, bundle_body
+from tests.matrix_judge import Failure, Finding, Report, judge, judge_dimse, summarize, target_allowed
+from tests.matrix_oracle import IDENTITIES, Identity
+from tests.matrix_probes import Probe, Route, routes
+from tests.matrix_requests import generate
 
 pytestmark = pytest.mark.timeout(600)
 _counter = itertools.count()
@@ -51,13 +47,13 @@ class Matrix:
     url: str
     settings: Settings
     app: Any
-    data: matrix_data.DataSet
+    data: DataSet
     destination: MoveDestination
 
     def __repr__(self) -> str:
         return f"Matrix({self.url})"
 
-    def token(self, identity: matrix_oracle.Identity) -> str:
+    def token(self, identity: Identity) -> str:
         return issue_token(self.settings, **identity.claims())
 
 
@@ -115,7 +111,7 @@ def matrix(matrix_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             if i.break_glass is not None and i.patient is None
         }
 
-        async def load() -> matrix_data.DataSet:
+        async def load() -> DataSet:
             headers = bearer(issue_token(settings, **admin.claims()))
             async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
                 return await matrix_data.build(http, glass, HOOK + "/matrix")
@@ -184,106 +180,26 @@ async def _run(matrix: Matrix, identity: Identity, probes: list[Probe]) -> list[
     return results
 
 
-# --- judging a cell -----------------------------------------------------------------------------------------
-
-
-def _permitted(identity: Identity, probe: Probe, d: Disclosure, data: DataSet) -> bool:
-    action = probe.action if d.group == probe.group else "search"
-    if d.group == "imaging" and d.study is not None:
-        return allows(identity, "imaging", action, d.patient, data.modality(d.study))
-    if d.group == "imaging":  # a patient named without a study: some study of theirs must be visible
-        studies = data.studies_of(d.patient) or {None}
-        return any(allows(identity, "imaging", action, d.patient, data.modality(s)) for s in studies)
-    return allows(identity, d.group, action, d.patient)
-
-
-def _describe(d: Disclosure, data: DataSet) -> str:
-    modality = f" {data.modality(d.study)}" if d.group == "imaging" and d.study else ""
-    return f"{d.patient} {d.group}{modality}"
-
-
-@dataclass(frozen=True, order=True)
-class Finding:
-    """What is wrong with one cell: `kind` with the status, and the patients concerned."""
-
-    kind: str
-    status: int
-    patients: tuple[str, ...] = ()
-
-
-def _target_allowed(identity: Identity, probe: Probe, data: DataSet) -> bool:
-    assert probe.target is not None
-    patient, study = probe.target
-    return allows(identity, probe.group, probe.action, patient, data.modality(study))
-
-
-def judge(identity: Identity, probe: Probe, answer: Answer, data: DataSet) -> list[Finding]:
-    """Every rule one cell breaks: no 5xx; nothing revealed that the oracle does not permit; a denial names no
-    patient; a single read of a resource the identity may not see answers 403 or 404 (or, for a request with
-    duplicated or empty identifiers, 400)."""
-    status = answer.status
-    if status >= 500:
-        return [Finding("server error", status)]
-    found = disclosures(answer, probe, data)
-    findings = []
-    if status == 403 and found:
-        findings.append(Finding("the denial names", status, tuple(sorted({d.patient for d in found}))))
-    leaked = sorted({_describe(d, data) for d in found if not _permitted(identity, probe, d, data)})
-    if leaked and status != 403:
-        findings.append(Finding("reveals", status, tuple(leaked)))
-    if probe.target is not None and not _target_allowed(identity, probe, data):
-        if status not in probe.allowed_statuses and not leaked:
-            findings.append(Finding("answers a read it may not make with", status, (probe.target[0] or "-",)))
-    if "admin" in identity.roles and probe.allowed_statuses == (403, 404) and not 200 <= status < 300:
-        findings.append(Finding("the admin's request failed (a filler or the data set is wrong)", status))
-    return findings
-
-
-@dataclass
-class Report:
-    identities: int
-    routes: int
-    excluded: int
-    shapes: int
-    cells: int
-    requests: int
-    failing: int
-    lines: list[str]
-
-    def size(self) -> str:
-        return (
-            f"authorization matrix: {self.identities} identities x {self.routes} routes "
-            f"({self.excluded} more are not data reads) x {self.shapes} shapes: {self.cells} cells, "
-            f"{self.requests} HTTP requests; {self.failing} failing cells"
-        )
-
-
-Failure = tuple[str, str, str, str, Finding]
-"""(identity, route, shape, label, finding)."""
-
-
-def summarize(failures: list[Failure]) -> list[str]:
-    """Failing cells, compactly: one line per (identity, route, shape, kind of failure), with the patients
-    concerned and how many requests (labels) failed so."""
-    grouped: dict[tuple[str, str, str, str], tuple[set[str], set[str]]] = {}
-    for identity, route, shape, label, finding in failures:
-        key = (identity, route, shape, f"{finding.kind} {finding.status}")
-        patients, labels = grouped.setdefault(key, (set(), set()))
-        patients.update(finding.patients)
-        labels.add(label)
-    return [
-        f"{identity} | {route} | {shape} | {kind}: {', '.join(sorted(patients))} | {len(labels)} requests"
-        for (identity, route, shape, kind), (patients, labels) in sorted(grouped.items())
+def test_every_route_is_requested_or_listed(matrix: Matrix) -> None:
+    """A route the generators cannot fill is a failure naming it, never a silent gap; so is a list entry that
+    names no route."""
+    novel = Route("GET", "/dicom-web/novel/{thing:str}", "read", "study")
+    gone = Route("GET", "/healthz", None, None)
+    table = [r for r in routes(matrix.app) if r.key != gone.key]
+    unfilled = generate([*table, novel], matrix.data).unfilled
+    assert unfilled == [
+        "the matrix names a route the app does not have: GET /healthz",
+        "add a filler for GET /dicom-web/novel/{thing:str}",
     ]
+    assert generate(routes(matrix.app), matrix.data).unfilled == []
 
 
 def test_http_matrix(matrix: Matrix, record_property: Any) -> None:
-    generated = generate(matrix.app, matrix.data)
+    generated = generate(routes(matrix.app), matrix.data)
     if generated.unfilled:
         pytest.fail("\n".join(generated.unfilled), pytrace=False)
     failures: list[Failure] = []
-    denied: list[Failure] = []
-    """Single reads the oracle allows that were refused: not a leak, printed for whoever changes the policy."""
+    denied: list[Failure] = []  # single reads the oracle allows that were refused: printed, not a failure
     cells = 0
 
     async def run_all() -> None:
@@ -297,7 +213,7 @@ def test_http_matrix(matrix: Matrix, record_property: Any) -> None:
                     probe.target is not None
                     and answer.status == 403
                     and probe.allowed_statuses == (403, 404)
-                    and _target_allowed(identity, probe, matrix.data)
+                    and target_allowed(identity, probe, matrix.data)
                 ):
                     denied.append((identity.name, probe.route, probe.shape, probe.label, Finding("denied", 403)))
 
@@ -323,38 +239,6 @@ def test_http_matrix(matrix: Matrix, record_property: Any) -> None:
 
 
 # --- the DIMSE matrix ---------------------------------------------------------------------------------------
-
-
-def judge_dimse(identity: Identity, probe: DimseProbe, outcome: Outcome, data: DataSet) -> list[Finding]:
-    """The HTTP rules in DIMSE terms: nothing revealed that the oracle does not permit, a refusal's error comment
-    names no patient, a retrieve of a study the peer may not see does not succeed."""
-    found = matrix_dimse.disclosures(probe, outcome, data)
-    findings = []
-    named = sorted({d.patient for d in found if d.via == "error comment"})
-    if named:
-        findings.append(Finding("the refusal names", outcome.final, tuple(named)))
-    leaked = sorted(
-        {
-            _describe(d, data)
-            for d in found
-            if d.via != "error comment" and not _dimse_permitted(identity, probe, d, data)
-        }
-    )
-    if leaked:
-        findings.append(Finding("reveals", outcome.final, tuple(leaked)))
-    if probe.target is not None:
-        patient, study = probe.target
-        if not allows(identity, "imaging", "read", patient, data.modality(study)):
-            if not leaked and outcome.final in SUCCESS_OR_PENDING:
-                findings.append(Finding("a retrieve it may not make succeeds", outcome.final, (patient,)))
-        elif "radiologist" in identity.roles and (outcome.final != 0x0000 or not outcome.identifiers):
-            findings.append(Finding("a radiologist's retrieve failed (probe or data set wrong)", outcome.final))
-    return findings
-
-
-def _dimse_permitted(identity: Identity, probe: DimseProbe, d: Disclosure, data: DataSet) -> bool:
-    studies = {d.study} if d.study is not None else data.studies_of(d.patient)
-    return any(allows(identity, "imaging", probe.action, d.patient, data.modality(s)) for s in studies)
 
 
 def test_dimse_matrix(matrix: Matrix, record_property: Any) -> None:
