@@ -27,7 +27,7 @@ from dicomweb.dimse.config import dimse_config
 from server.app import create_app
 from server.settings import Settings
 from tests import matrix_data, matrix_dimse, matrix_oracle
-from tests.conftest import _Thread, _with_db, bearer, free_port
+from tests.conftest import _Thread, _with_db, app_dsn, bearer, free_port
 from tests.matrix_data import DataSet
 from tests.matrix_dimse import DESTINATION, PEERS, MoveDestination, peers_setting
 from tests.matrix_extract import Answer
@@ -99,7 +99,7 @@ def matrix(matrix_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         dimse=dimse_config(peers_setting(), f"{DESTINATION}@127.0.0.1:{destination.port}", ""),
         dimse_timeout_seconds=10,
     )
-    app = create_app(settings, dsn=matrix_dsn)
+    app = create_app(settings, dsn=app_dsn(matrix_dsn))
     runner = _Thread(app, port)
     runner.start()
     try:
