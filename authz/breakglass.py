@@ -23,7 +23,6 @@ Times are the server's clock, the one that also checks token expiry.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -305,10 +304,6 @@ class BreakGlassService:
         """This process's cache of open sessions: cleared at once after a change commits (other processes clear
         theirs on the trigger's notification)."""
 
-    def _writing(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        """This process's turn to write sessions (`SessionCache.write_lock`: why writes take turns)."""
-        return self.cache.write_lock if self.cache is not None else contextlib.nullcontext()
-
     def _changed(self) -> None:
         if self.cache is not None:
             self.cache.clear()
@@ -356,7 +351,7 @@ class BreakGlassService:
         record = dataclasses.replace(
             record, outcome_desc=f"break-glass session {session_id} started, expires {rfc3339(expires)}"
         )
-        async with self._writing(), self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(SQL["lock_subject"], principal.issuer, principal.sub)
             current = await conn.fetchrow(SQL["open_session"], principal.issuer, principal.sub, started)
             if current is not None:
@@ -427,7 +422,7 @@ class BreakGlassService:
         110138 Emergency Override Stopped in the same transaction. The session's own subject may not (SelfReview),
         whatever roles it holds: the policy says so too, this holds whatever policy is loaded."""
         closed = now or now_utc()
-        async with self._writing(), self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(SQL["lock_session"], session_id)
             if row is None:
                 raise SessionNotFound(f"no break-glass session {session_id}")

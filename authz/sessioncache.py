@@ -55,11 +55,6 @@ class SessionCache:
         """A backstop: entries are refreshed at least this often even without notifications."""
         self.retry_seconds = retry_seconds
         self._entries: dict[Key, _Entry] = {}
-        self.write_lock = asyncio.Lock()
-        """Held by this process's break-glass writes (start, close; `authz.breakglass`), one at a time. Each holds a
-        pooled connection in its transaction and needs a second one for its audit record: were they not taken in
-        turn, as many concurrent writes as the pool has connections would wait forever for that second one. (The
-        database serializes the starts of one subject across processes: `lock_subject` in breakglass.sql.)"""
         self._generation = 0
         self._listening = False
         self._task: asyncio.Task[None] | None = None

@@ -39,6 +39,7 @@ from server import db, dbroles, jobs, private
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+AUDIT_WRITER_CONNECTIONS = 2
 
 
 @dataclass
@@ -122,7 +123,11 @@ async def open_resources(
         forwarder = SyslogForwarder(settings.audit_syslog) if settings.audit_syslog else None
         if forwarder is not None:
             stack.push_async_callback(forwarder.close)
-        audit = AuditTrail(pool, forwarder=forwarder)
+        # The audit writer's own connections (AuditTrail: appends never wait behind the callers' checkouts); a
+        # writer that ends hands over to the next, so two may overlap.
+        audit_pool = await db.create_pool(dsn, 1, AUDIT_WRITER_CONNECTIONS)
+        stack.push_async_callback(audit_pool.close)
+        audit = AuditTrail(pool, forwarder=forwarder, writer=audit_pool)
         stack.push_async_callback(audit.close)  # runs before the pool closes: records in flight are written
         policy = CachingEngine(open_engine(settings), ttl=settings.policy_cache_seconds)
         stack.push_async_callback(policy.close)
