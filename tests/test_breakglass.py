@@ -370,7 +370,13 @@ def test_webhook_failure_is_retried_by_the_job_queue(make_server: Any, webhook: 
     assert started.status_code == 201  # the webhook's failure does not hold up emergency access
     (alert,) = webhook.wait(1, seconds=30)
     assert webhook.attempts == 2 and alert["session"]["id"] == started.json()["id"]
-    (job,) = sql(server.dsn, "SELECT state, attempts, last_error FROM jobs WHERE kind = 'breakglass.alert'")
+    # The worker marks the job done after the webhook answered: wait for that commit (bounded).
+    deadline = time.monotonic() + 10
+    while True:
+        (job,) = sql(server.dsn, "SELECT state, attempts, last_error FROM jobs WHERE kind = 'breakglass.alert'")
+        if job["state"] != "running" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert (job["state"], job["attempts"]) == ("done", 2)
 
 
