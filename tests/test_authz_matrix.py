@@ -10,15 +10,12 @@ Run with `-s` to see the matrix's size; it is also recorded as a property of the
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
@@ -27,7 +24,7 @@ from dicomweb.dimse.config import dimse_config
 from server.app import create_app
 from server.settings import Settings
 from tests import matrix_data, matrix_dimse, matrix_oracle
-from tests.conftest import _Thread, _with_db, app_dsn, bearer, free_port
+from tests.conftest import _Thread, app_dsn, bearer, cloned_database, free_port
 from tests.matrix_data import DataSet
 from tests.matrix_dimse import DESTINATION, PEERS, MoveDestination, peers_setting
 from tests.matrix_extract import Answer
@@ -38,7 +35,6 @@ from tests.matrix_probes import Probe, Route, routes
 from tests.matrix_requests import generate
 
 pytestmark = pytest.mark.timeout(600)
-_counter = itertools.count()
 HOOK = "http://127.0.0.1:9/hooks"
 
 
@@ -60,18 +56,8 @@ class Matrix:
 @pytest.fixture(scope="module")
 def matrix_dsn(pg_uri: str, template_db: str) -> Iterator[str]:
     """One migrated database for the module's server (cloned from the template)."""
-    name = f"t_matrix_{os.getpid()}_{next(_counter)}"
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(pg_uri)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run(f"CREATE DATABASE {name} TEMPLATE {template_db}"))
-    yield _with_db(pg_uri, name)
-    asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    with cloned_database(pg_uri, template_db, "t_matrix") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import json
 import time
 from typing import Any
 
-import asyncpg
 import httpx
 
 from tests.conftest import LiveServer, bearer
 from tests.factory import ct, multipart, part10, stow_headers
+from tests.test_breakglass import sql as fetch
 
 REASON = "unconscious trauma patient in ED, prior imaging needed"
 CARE_LIST = {"dr-who": ("P1", "P2")}  # the shipped example data (authz/policies/data.json); P3 opted out
@@ -34,17 +34,6 @@ def store(server: LiveServer) -> dict[tuple[str, str], str]:
     )
     assert response.status_code == 200, response.text
     return studies
-
-
-def fetch(dsn: str, query: str, *args: Any) -> list[dict[str, Any]]:
-    async def run() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return [dict(r) for r in await conn.fetch(query, *args)]
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def found(response: httpx.Response) -> list[tuple[str, str]]:

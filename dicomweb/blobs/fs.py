@@ -28,16 +28,7 @@ def _make_dirs(path: Path) -> None:
     """`mkdir -p` that makes each new folder durable: a folder created for a blob (a new study or series) is an
     entry in its parent, which is fsynced like the blob's own folder is after the rename, so a power cut cannot
     lose the path to an acknowledged blob."""
-    missing: list[Path] = []
-    while not path.is_dir():
-        missing.append(path)
-        path = path.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir(mode=private.DIR_MODE)
-        except FileExistsError:  # a concurrent store made it (and may not have synced its entry yet)
-            pass
-        _fsync_dir(folder.parent)
+    private.make_dirs(path, lambda folder: _fsync_dir(folder.parent))  # also one a concurrent store made
 
 
 class FileSystemBlobStore:
