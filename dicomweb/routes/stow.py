@@ -5,7 +5,11 @@ file (hashing as it goes) and ingested when it ends, so memory stays flat whatev
 
 Ingest of a part (parse, blob fsync, index commit) overlaps with receiving the next ones: up to `PIPELINE` parts
 of one request are in flight at once, which hides the fsync and commit latency of each. The response still
-waits for every part (each acknowledged instance is durable, PS3.18 10.5.3), and lists them in request order."""
+waits for every part (each acknowledged instance is durable, PS3.18 10.5.3), and lists them in request order.
+
+While free space is below the watermark (server/diskspace.py) a request is answered 503 with Retry-After before its
+body is read; a part that cannot be spooled (the watermark crossed during the request, or the file system full:
+ENOSPC) fails alone with Out of Resources (A700), and the others are stored."""
 
 from __future__ import annotations
 
@@ -22,11 +26,12 @@ from authz.authn import PRINCIPAL
 from authz.decision import Decision, Resource
 from authz.guard import DECISION, authz_opt
 from dicomweb import multipart, stow, uids
-from dicomweb.errors import BadRequest
-from dicomweb.ingest import CANNOT_UNDERSTAND
+from dicomweb.errors import BadRequest, StorageFull
+from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from dicomweb.routes.common import base_url, dicom_json
-from dicomweb.store import Outcome, Spool
+from dicomweb.store import Outcome, Spool, out_of_resources
 from server import telemetry
+from server.diskspace import RETRY_AFTER_SECONDS, BelowWatermark
 from server.errors import warning_header
 from server.resources import Resources, ResourcesDep
 
@@ -37,6 +42,7 @@ PIPELINE = 4
 async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, study: str | None) -> Response[bytes]:
     settings = resources.settings
     boundary = stow.check_request_type(request.headers.get("content-type"))
+    refuse_when_full(resources)
     parser = multipart.MultipartParser(boundary, max_header_bytes=settings.max_part_header_bytes)
     outcomes: list[Outcome | asyncio.Task[Outcome]] = []
     slots = asyncio.Semaphore(PIPELINE)
@@ -52,7 +58,7 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
                             Outcome(None, None, failure=CANNOT_UNDERSTAND, comment="part is not application/dicom")
                         )
                     else:
-                        spool = Spool(settings.spool_dir, settings.max_instance_bytes)
+                        spool = Spool(settings.spool_dir, settings.max_instance_bytes, resources.store.space)
                 elif isinstance(event, multipart.PartData):
                     if spool is not None:
                         spool.write(event.data)
@@ -90,6 +96,15 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
     if reasons:
         headers["Warning"] = ", ".join(warning_header(r) for r in reasons[:20])
     return Response(dicom_json(body), status_code=status, media_type="application/dicom+json", headers=headers)
+
+
+def refuse_when_full(resources: Resources) -> None:
+    """503 with Retry-After before the body is read, while free space is below the watermark (server/diskspace.py);
+    a volume that runs low during the request fails the parts after that point instead (A700 each)."""
+    space = resources.store.space
+    low = space.low() if space is not None else []
+    if low:
+        raise StorageFull(str(BelowWatermark(low).strerror), RETRY_AFTER_SECONDS)
 
 
 async def _audit_conflicts(
@@ -151,12 +166,14 @@ async def _abandon(outcomes: list[Outcome | asyncio.Task[Outcome]]) -> None:
 
 async def _finish(resources: Resources, spool: Spool, study: str | None) -> Outcome:
     sha = spool.finish()
+    if spool.error is not None:  # a full disk, or free space below the watermark: this part alone fails
+        return Outcome(None, None, failure=OUT_OF_RESOURCES, comment=out_of_resources(spool.error))
     if spool.too_large:
         spool.discard()
         return Outcome(
             None,
             None,
-            failure=0xA700,
+            failure=OUT_OF_RESOURCES,
             comment=f"instance larger than the limit of {resources.settings.max_instance_bytes} bytes",
         )
     telemetry.record_part_size(spool.size)
