@@ -9,7 +9,12 @@ waits for every part (each acknowledged instance is durable, PS3.18 10.5.3), and
 
 While free space is below the watermark (server/diskspace.py) a request is answered 503 with Retry-After before its
 body is read; a part that cannot be spooled (the watermark crossed during the request, or the file system full:
-ENOSPC) fails alone with Out of Resources (A700), and the others are stored."""
+ENOSPC) fails alone with Out of Resources (A700), and the others are stored.
+
+A body that stalls (nothing for `HOUNSFIELD_HTTP_BODY_TIMEOUT_SECONDS`, server/connections.py), or that announced a
+longer Content-Length than it sends, ends the request: the parts received whole are stored (each is a durable store
+of its own, as when the multipart body breaks off) and the response lists them, with the cut part as a Processing
+Failure (0110); the connection is closed after it. With no part received whole, the answer is 408."""
 
 from __future__ import annotations
 
@@ -27,10 +32,11 @@ from authz.decision import Decision, Resource
 from authz.guard import DECISION, authz_opt
 from dicomweb import multipart, stow, uids
 from dicomweb.errors import BadRequest, StorageFull
-from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE
 from dicomweb.routes.common import base_url, dicom_json
 from dicomweb.store import Outcome, Spool, out_of_resources
 from server import telemetry
+from server.connections import BodyTimeout
 from server.diskspace import RETRY_AFTER_SECONDS, BelowWatermark
 from server.errors import warning_header
 from server.resources import Resources, ResourcesDep
@@ -82,6 +88,21 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
                 comment="multipart body ended before its closing boundary",
             )
         )
+    except BodyTimeout as exc:
+        # The client stopped sending (or announced more than it sent). Parts received whole were stored and stay
+        # stored, as after a broken multipart tail; the rest of the body is not read, and the connection is closed
+        # after the response. With no part received whole, the answer is the 408 itself.
+        if spool is not None:
+            spool.discard()
+            spool = None
+        if not outcomes:
+            raise
+        if not parser.finished:
+            outcomes.append(
+                Outcome(
+                    None, None, failure=PROCESSING_FAILURE, comment=f"{exc.detail}; the rest of the body was not read"
+                )
+            )
     except BaseException:
         await _abandon(outcomes)
         raise
