@@ -25,6 +25,7 @@ from pynetdicom import AE
 
 from server import telemetry
 from server.diskspace import FreeSpace
+from server.settings import Settings, SettingsError
 from tests.conftest import free_port
 from tests.dimse_util import TITLE, start
 from tests.factory import ct, multipart, part10, stow_headers
@@ -272,3 +273,18 @@ def test_renditions_pause_below_the_watermark_and_resume_when_space_is_freed(dsn
             time.sleep(0.5)
         assert "disk" not in httpx.get(server.url + "/readyz").json()
         assert _stow(server, [ct(study, series, seed=10)]).status_code == 200
+
+
+def test_watermark_settings_and_description(tmp_path: Path) -> None:
+    settings = Settings.from_env({"HOUNSFIELD_DATA": str(tmp_path)})
+    assert (settings.min_free_bytes, settings.min_free_percent) == (1024**3, 0)
+    with pytest.raises(SettingsError, match="HOUNSFIELD_MIN_FREE_PERCENT"):
+        Settings.from_env({"HOUNSFIELD_MIN_FREE_PERCENT": "100"})
+    names = [name for name, _ in FreeSpace.of_settings(settings).volumes]
+    assert names == ["data folder", "spool", "blob store", "database"]
+    external = settings.with_overrides(database_url="postgresql://db/h", storage_url="s3://bucket", s3=object())
+    assert [name for name, _ in FreeSpace.of_settings(external).volumes] == ["data folder", "spool"]
+    assert FreeSpace.of_settings(settings.with_overrides(min_free_bytes=0)).describe() is None  # off
+    share = FreeSpace([("data folder", tmp_path)], 0, min_percent=99)  # 99 % of the volume: low anywhere
+    text = share.describe()
+    assert text is not None and text.startswith("low: data folder ")

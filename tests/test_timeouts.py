@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
+from server.connections import connection_budget
+from server.settings import Settings, SettingsError
 from tests.factory import ct, part10
 from tests.procs import ServerProcess, serve
 
@@ -216,3 +218,15 @@ def test_connections_beyond_the_limit_are_refused_and_the_server_serves_afterwar
             sock.close()
     finally:
         started.__exit__(None, None, None)
+
+
+def test_timeout_settings_and_the_connection_budget() -> None:
+    settings = Settings.from_env({})
+    assert (settings.http_header_timeout_seconds, settings.http_body_timeout_seconds) == (30, 60)
+    assert (settings.http_keepalive_seconds, settings.http_max_connections) == (5, 1024)
+    for name, bad in (("HOUNSFIELD_HTTP_HEADER_TIMEOUT_SECONDS", "0"), ("HOUNSFIELD_HTTP_MAX_CONNECTIONS", "0")):
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: bad})
+    assert connection_budget(1024, 1_048_576) == 1024
+    assert connection_budget(1024, 1024) == (1024 - 256) // 2  # a connection and the file it may hold
+    assert connection_budget(1024, 100) == 1
