@@ -8,8 +8,9 @@ fails. Here:
 
 - `HttpProtocol` (uvicorn's httptools protocol, given to `uvicorn.run` as `http`): a connection's request headers
   must be complete `header_timeout` seconds after it opened or after its previous response (else 408, or a plain
-  close when nothing came), the bytes before them are capped, and a connection beyond `max_connections` is
-  answered 503 with Retry-After and closed at once, so its descriptor is free again;
+  close when nothing came), so must the rest of a body the application answered without reading, the bytes
+  before the headers are capped, and a connection beyond `max_connections` is answered 503 with Retry-After and
+  closed at once, so its descriptor is free again;
 - `body_deadline` (an ASGI layer at the edge of the app): the wait for each next piece of a request body is at most
   `idle_seconds`; then the request ends with `BodyTimeout` (408, connection closed). STOW-RS catches it and
   answers for the parts it received whole (dicomweb/routes/stow.py);
@@ -111,6 +112,15 @@ class HttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_headers = True  # what comes next is the next request's head
+        if self.cycle is not None and self.cycle.response_complete:
+            self._arm()  # the rest of an answered request's body came: the next request has the header deadline
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+            # Answered before its body was read (401, 503 while the disk is low): uvicorn reads and drops the rest,
+            # and each piece would put off its keep-alive timer; the rest must come within the header deadline.
+            self._arm()
 
     def _arm(self) -> None:
         self._disarm()

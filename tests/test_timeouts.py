@@ -125,6 +125,21 @@ def test_headers_that_never_end_are_cut_after_the_header_timeout(dsn: str, tmp_p
         assert time.monotonic() - started >= HEADER_TIMEOUT - 0.5
         quiet, closed = _read_until_closed(silent, started + HEADER_TIMEOUT + MARGIN)
         assert closed and quiet == b"", "a connection that sent nothing was kept open (or answered)"
+        # Answered before its body was read (401: no token), then the body drips: cut at the header deadline too.
+        dripping = _connect(server)
+        dripping.sendall(
+            b"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/related; "
+            b"boundary=x\r\nContent-Length: 1000000\r\n\r\n"
+        )
+        started = time.monotonic()
+        answer, closed = b"", False
+        while not closed and time.monotonic() < started + HEADER_TIMEOUT + MARGIN:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                dripping.sendall(b"x")
+            more, closed = _read_until_closed(dripping, min(started + HEADER_TIMEOUT + MARGIN, time.monotonic() + 0.5))
+            answer += more
+        assert answer.startswith(b"HTTP/1.1 401") and closed, "an answered request's dripping body held the connection"
+        dripping.close()
         # A request sent at a normal pace, on a connection opened meanwhile, is answered.
         assert httpx.get(server.url + "/readyz", timeout=10).status_code == 200
         for sock in (silent, slow):
