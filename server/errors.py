@@ -23,6 +23,7 @@ from dicomweb.errors import (
     NotFound,
     PayloadTooLarge,
     RangeNotSatisfiable,
+    StorageFull,
     StorageUnavailable,
     UnsupportedMediaType,
 )
@@ -61,6 +62,8 @@ def dicomweb_error(_request: Request[Any, Any, Any], exc: Exception) -> Response
     headers = {"Warning": warning_header(exc.detail)}
     if isinstance(exc, RangeNotSatisfiable):
         headers["Content-Range"] = f"bytes */{exc.total}"
+    if isinstance(exc, StorageFull):
+        headers["Retry-After"] = str(exc.retry_after)
     return Response(
         {"error": exc.detail, "status": status},
         status_code=status,

@@ -55,11 +55,15 @@ class FileSystemBlobStore:
                 os.replace(src, dest)
             else:
                 tmp = self._tmp / f"{os.getpid()}-{abs(hash(key))}.part"
-                with open(src, "rb") as fin, open(tmp, "wb", opener=private.opener) as fout:
-                    shutil.copyfileobj(fin, fout, 1024 * 1024)
-                    fout.flush()
-                    os.fsync(fout.fileno())
-                os.replace(tmp, dest)
+                try:
+                    with open(src, "rb") as fin, open(tmp, "wb", opener=private.opener) as fout:
+                        shutil.copyfileobj(fin, fout, 1024 * 1024)
+                        fout.flush()
+                        os.fsync(fout.fileno())
+                    os.replace(tmp, dest)
+                except OSError:
+                    tmp.unlink(missing_ok=True)  # a full disk: the partial copy is freed now
+                    raise
                 os.unlink(src)
             _fsync_dir(dest.parent)
         except OSError as exc:

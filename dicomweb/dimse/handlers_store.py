@@ -30,6 +30,7 @@ from dicomweb.dimse.audit import operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import CALLING_AE
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from dicomweb.store import out_of_resources
 from server import private
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,12 @@ def _spool(folder: Path, data: bytes) -> Spooled:
     except FileNotFoundError:  # the first store (or the folder was removed): make it once, not per instance
         private.make_dirs(folder)
         fh = open(path, "wb", opener=private.opener)
-    with fh:
-        fh.write(data)
+    try:
+        with fh:
+            fh.write(data)
+    except OSError:
+        path.unlink(missing_ok=True)  # a full disk: what was written is freed now
+        raise
     return Spooled(path, len(data), hashlib.sha256(data).hexdigest())
 
 
@@ -137,10 +142,12 @@ def handle_store(event: Any, node: Node) -> Dataset:
         log.info("C-STORE from %s: undecodable data set: %s", principal.client_id, type(exc).__name__)
         return _response(CANNOT_UNDERSTAND, "the data set cannot be decoded")
     try:
+        if node.store.space is not None:
+            node.store.space.require()  # below the free-space watermark: refused before it is written
         spooled = _spool(node.settings.spool_dir, data)
     except OSError as exc:
         log.error("C-STORE from %s: cannot spool: %s", principal.client_id, exc.strerror)
-        return _response(OUT_OF_RESOURCES, "the server could not store the instance")
+        return _response(OUT_OF_RESOURCES, out_of_resources(exc))
     try:
         return node.run(_store(node, principal, assoc.requestor.address, ds, spooled))
     except OperationTimeout:
