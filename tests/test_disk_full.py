@@ -163,7 +163,10 @@ def _tmpfs_possible() -> bool:
     return probe.returncode == 0
 
 
-needs_tmpfs = pytest.mark.skipif(not _tmpfs_possible(), reason="mounting a tmpfs needs root (unshare -m)")
+# In CI (root, CI=true) a missing tmpfs is a failure, never a skip.
+needs_tmpfs = pytest.mark.skipif(
+    os.environ.get("CI") != "true" and not _tmpfs_possible(), reason="mounting a tmpfs needs root (unshare -m)"
+)
 
 
 def _on_tmpfs(folder: Path, mib: int) -> list[str]:
