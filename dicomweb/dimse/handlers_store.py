@@ -29,13 +29,14 @@ from pydicom.dataset import Dataset
 
 from authz.auditrecord import AuditRecord
 from authz.decision import Decision, Resource
+from authz.errors import denial_comment
 from authz.policy_input import dicomweb_resource
 from authz.principal import Principal
 from dicomweb.dimse.audit import operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import CALLING_AE
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
-from dicomweb.store import Outcome, StoredInstance
+from dicomweb.store import Outcome, StoredInstance, out_of_resources
 from server import private
 from server.db import Connection
 
@@ -71,8 +72,12 @@ def _spool(folder: Path, data: bytes) -> Spooled:
     except FileNotFoundError:  # the first store (or the folder was removed): make it once, not per instance
         private.make_dirs(folder)
         fh = open(path, "wb", opener=private.opener)
-    with fh:
-        fh.write(data)
+    try:
+        with fh:
+            fh.write(data)
+    except OSError:
+        path.unlink(missing_ok=True)  # a full disk: what was written is freed now
+        raise
     return Spooled(path, len(data), hashlib.sha256(data).hexdigest())
 
 
@@ -176,14 +181,16 @@ def handle_store(event: Any, node: Node) -> Dataset:
         log.info("C-STORE from %s: undecodable data set: %s", principal.client_id, type(exc).__name__)
         return _response(CANNOT_UNDERSTAND, "the data set cannot be decoded")
     try:
+        if node.store.space is not None:
+            node.store.space.require()  # below the free-space watermark: refused before it is written
         spooled = _spool(node.settings.spool_dir, data)
     except OSError as exc:
         log.error("C-STORE from %s: cannot spool: %s", principal.client_id, exc.strerror)
-        return _response(OUT_OF_RESOURCES, "the server could not store the instance")
+        return _response(OUT_OF_RESOURCES, out_of_resources(exc))
     try:
         operation = node.run(_authorize(node, principal, assoc.requestor.address, ds))
         if not operation.decision.allow:
-            return _response(NOT_AUTHORIZED, _denial(operation.decision))
+            return _response(NOT_AUTHORIZED, denial_comment(operation.decision.decision_id))  # reasons: audit only
         return node.run_to_end(_ingest(node, operation, spooled))
     except OperationTimeout:
         return _response(OUT_OF_RESOURCES, "the server did not store the instance in time")

@@ -12,7 +12,16 @@ request's own record follows when the response is known (`authz.recording`). The
 every part, however the request ends: when the body stops early (client gone, a broken tail), the server shuts
 down before the body arrived (uvicorn's graceful shutdown cancels the request), or an error ends the receiving,
 the parts in flight finish storing, and the answer (202 when some were stored, 409 when none) lists each stored
-instance and a failure for the rest, never a 5xx that hides stored instances."""
+instance and a failure for the rest, never a 5xx that hides stored instances.
+
+While free space is below the watermark (server/diskspace.py) a request is answered 503 with Retry-After before its
+body is read; a part that cannot be spooled (the watermark crossed during the request, or the file system full:
+ENOSPC) fails alone with Out of Resources (A700), and the others are stored.
+
+A body that stalls (nothing for `HOUNSFIELD_HTTP_BODY_TIMEOUT_SECONDS`, server/connections.py), or that announced a
+longer Content-Length than it sends, ends the request: the parts received whole are stored (each is a durable store
+of its own, as when the multipart body breaks off) and the response lists them, with the cut part as a Processing
+Failure (0110); the connection is closed after it. With no part received whole, the answer is 408."""
 
 from __future__ import annotations
 
@@ -32,12 +41,14 @@ from authz.decision import Decision, Resource
 from authz.guard import DECISION, authz_opt
 from authz.recording import CHANGES_RECORDED
 from dicomweb import multipart, stow, uids
-from dicomweb.errors import BadRequest, DicomWebError
+from dicomweb.errors import BadRequest, DicomWebError, StorageFull
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE
 from dicomweb.routes.common import base_url, dicom_json
-from dicomweb.store import IngestHook, Outcome, Spool, StoredInstance
+from dicomweb.store import IngestHook, Outcome, Spool, StoredInstance, out_of_resources
 from server import telemetry
+from server.connections import BodyTimeout
 from server.db import Connection
+from server.diskspace import RETRY_AFTER_SECONDS, BelowWatermark
 from server.errors import warning_header
 from server.resources import Resources, ResourcesDep
 
@@ -95,6 +106,7 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
     settings = resources.settings
     audit = _audit_stored(request, resources)
     boundary = stow.check_request_type(request.headers.get("content-type"))
+    refuse_when_full(resources)
     parser = multipart.MultipartParser(boundary, max_header_bytes=settings.max_part_header_bytes)
     outcomes: list[Outcome | asyncio.Task[Outcome]] = []
     slots = asyncio.Semaphore(PIPELINE)
@@ -110,7 +122,7 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
                             Outcome(None, None, failure=CANNOT_UNDERSTAND, comment="part is not application/dicom")
                         )
                     else:
-                        spool = Spool(settings.spool_dir, settings.max_instance_bytes)
+                        spool = Spool(settings.spool_dir, settings.max_instance_bytes, resources.store.space)
                 elif isinstance(event, multipart.PartData):
                     if spool is not None:
                         spool.write(event.data)
@@ -128,6 +140,21 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
         # Parts before the damage were complete and are stored; report the broken tail as a failure.
         comment = "multipart body ended before its closing boundary" if isinstance(exc, BadRequest) else exc.detail
         outcomes.append(Outcome(None, None, failure=CANNOT_UNDERSTAND, comment=comment))
+    except BodyTimeout as exc:
+        # The client stopped sending (or announced more than it sent). Parts received whole were stored and stay
+        # stored, as after a broken multipart tail; the rest of the body is not read, and the connection is closed
+        # after the response. With no part received whole, the answer is the 408 itself.
+        if spool is not None:
+            spool.discard()
+            spool = None
+        if not outcomes:
+            raise
+        if not parser.finished:
+            outcomes.append(
+                Outcome(
+                    None, None, failure=PROCESSING_FAILURE, comment=f"{exc.detail}; the rest of the body was not read"
+                )
+            )
     except asyncio.CancelledError:
         # uvicorn's graceful shutdown ran out of time for this request: answer with what was stored.
         current = asyncio.current_task()
@@ -153,6 +180,15 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
     if reasons:
         headers["Warning"] = ", ".join(warning_header(r) for r in reasons[:20])
     return Response(dicom_json(body), status_code=status, media_type="application/dicom+json", headers=headers)
+
+
+def refuse_when_full(resources: Resources) -> None:
+    """503 with Retry-After before the body is read, while free space is below the watermark (server/diskspace.py);
+    a volume that runs low during the request fails the parts after that point instead (A700 each)."""
+    space = resources.store.space
+    low = space.low() if space is not None else []
+    if low:
+        raise StorageFull(str(BelowWatermark(low).strerror), RETRY_AFTER_SECONDS)
 
 
 async def _audit_conflicts(
@@ -213,12 +249,14 @@ def _result(task: asyncio.Task[Outcome]) -> Outcome:
 
 async def _finish(resources: Resources, spool: Spool, study: str | None, audit: IngestHook) -> Outcome:
     sha = spool.finish()
+    if spool.error is not None:  # a full disk, or free space below the watermark: this part alone fails
+        return Outcome(None, None, failure=OUT_OF_RESOURCES, comment=out_of_resources(spool.error))
     if spool.too_large:
         spool.discard()
         return Outcome(
             None,
             None,
-            failure=0xA700,
+            failure=OUT_OF_RESOURCES,
             comment=f"instance larger than the limit of {resources.settings.max_instance_bytes} bytes",
         )
     telemetry.record_part_size(spool.size)
