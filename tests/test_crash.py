@@ -259,7 +259,7 @@ def test_kill_during_concurrent_stow_and_cstore(dsn: str, tmp_path: Path) -> Non
     assert _audit_cli(dsn, data, "checkpoint").returncode == 0  # chains what the kill left deferred, signs it
     verified = _audit_cli(dsn, data, "verify", "--json")
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert json.loads(verified.stdout)["ok"] is True
+    assert json.loads(verified.stdout)["ok"] is True and json.loads(verified.stdout)["pending"] == 0
     audited = _audited_instances(dsn)
     assert stored <= set(audited), f"{len(stored - set(audited))} stored instances have no audit record"
     assert all(len(audited[uid]) == 1 for uid in stored), "one record per stored instance"
