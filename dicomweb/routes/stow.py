@@ -157,9 +157,7 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
             )
     except asyncio.CancelledError:
         # uvicorn's graceful shutdown ran out of time for this request: answer with what was stored.
-        current = asyncio.current_task()
-        if current is not None:
-            current.uncancel()
+        _uncancel()
         outcomes.append(Outcome(None, None, failure=OUT_OF_RESOURCES, comment=CUT_BY_SHUTDOWN))
     except Exception as exc:
         if isinstance(exc, InternalServerException) and "disconnected" in exc.detail:  # `Request.stream`
@@ -170,7 +168,29 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
     finally:
         if spool is not None:
             spool.discard()
-    done = await asyncio.shield(_collect(outcomes))  # the parts in flight end as whole stores
+    answering = asyncio.ensure_future(_answer(request, resources, outcomes, study))
+    try:
+        return await asyncio.shield(answering)
+    except asyncio.CancelledError:  # the shutdown came while the last parts were being stored: they are the answer
+        _uncancel()
+        return await answering
+
+
+def _uncancel() -> None:
+    """This request answers its cancellation (uvicorn's graceful shutdown running out) instead of ending."""
+    current = asyncio.current_task()
+    if current is not None:
+        current.uncancel()
+
+
+async def _answer(
+    request: Request[Any, Any, Any],
+    resources: Resources,
+    outcomes: list[Outcome | asyncio.Task[Outcome]],
+    study: str | None,
+) -> Response[bytes]:
+    """The response, once the parts in flight ended (each as one whole store)."""
+    done = await _collect(outcomes)
     if any(o.committed for o in done):
         request.scope.setdefault("state", {})[CHANGES_RECORDED] = True
     status, body = stow.store_response(done, base_url(request, resources), study)
