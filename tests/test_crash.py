@@ -166,6 +166,8 @@ def _cstore_client(port: int, acked: Acknowledged, stop: threading.Event) -> Non
     assoc = ae.associate("127.0.0.1", port, contexts=contexts, ae_title="HOUNSFIELD")
     if not assoc.is_established:
         return
+    # pynetdicom leaves its socket open when the peer is gone (its shutdown() raises before close()): closed here
+    sock = assoc.dul.socket.socket
     try:
         for n in itertools.count():
             if stop.is_set() or not assoc.is_established:
@@ -184,6 +186,9 @@ def _cstore_client(port: int, acked: Acknowledged, stop: threading.Event) -> Non
     finally:
         if assoc.is_established:
             assoc.abort()
+        else:
+            assoc.kill()
+        sock.close()
 
 
 def _audited_instances(dsn: str) -> dict[str, list[dict[str, Any]]]:
