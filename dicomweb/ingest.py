@@ -122,6 +122,17 @@ def name_search(value: str | None) -> str | None:
     return " ".join(text.split()) or None
 
 
+def name_groups(value: str | None) -> list[str | None] | None:
+    """A person name's component groups (alphabetic, ideographic, phonetic: PS3.5 6.2.1), each normalized as
+    `name_search` normalizes a whole name, None for an empty group; None when every group is empty. QIDO-RS
+    and C-FIND match each group on its own (`dicomweb.index.search`)."""
+    if not value:
+        return None
+    groups = [name_search(group) for group in value.split("=")[:3]]
+    groups += [None] * (3 - len(groups))
+    return groups if any(groups) else None
+
+
 def _data_set_start(fp: Any, size: int) -> int:
     """Offset of the first data set element after the explicit-VR-little-endian File Meta group."""
     pos = 132
@@ -280,6 +291,8 @@ def _build(ds: Dataset, fp: Any, size: int, ts: str, bulk_threshold: int) -> Par
         "study_description": _text(ds, "StudyDescription"),
         "referring_physician_name": referring,
         "referring_physician_search": name_search(referring),
+        "patient_name_groups": name_groups(patient_name),
+        "referring_physician_groups": name_groups(referring),
     }
     series = {
         "series_uid": series_uid,

@@ -19,6 +19,7 @@ transaction Bundle, on a connection the caller owns (writes run inside the calle
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import email.utils
 from dataclasses import dataclass, field
@@ -99,7 +100,7 @@ async def search_access(caller: Caller, resource_type: str, decided: Decision | 
     if not decision.allow:
         raise Forbidden("; ".join(decision.reasons) or "denied by policy", decision)
     try:
-        constraints = AccessConstraints.from_policy(decision.constraints)
+        constraints = _own(spec, caller, AccessConstraints.from_policy(decision.constraints))
     except UnknownConstraint as exc:
         raise Forbidden(str(exc), decision) from None
     known: dict[str, AccessConstraints | None] = {}
@@ -108,13 +109,22 @@ async def search_access(caller: Caller, resource_type: str, decided: Decision | 
         if name not in known:
             served = TYPES.get(name)
             answer = await caller.ask("search", Resource(kind=served.kind)) if served is not None else None
-            try:
-                known[name] = AccessConstraints.from_policy(answer.constraints) if answer and answer.allow else None
-            except UnknownConstraint:
-                known[name] = None
+            known[name] = None
+            if served is not None and answer is not None and answer.allow:
+                try:
+                    known[name] = _own(served, caller, AccessConstraints.from_policy(answer.constraints))
+                except UnknownConstraint:
+                    pass
         return known[name]
 
     return SearchAccess(resource_type, constraints, other)
+
+
+def _own(spec: ResourceType, caller: Caller, constraints: AccessConstraints) -> AccessConstraints:
+    """The caller's own resources only, for a type whose searches list those (`ResourceType.owned`)."""
+    if not spec.owned:
+        return constraints
+    return dataclasses.replace(constraints, owner=(caller.principal.issuer, caller.principal.sub))
 
 
 def _covers(decided: Resource | None, resource: Resource) -> bool:

@@ -33,6 +33,9 @@ class ResourceType:
     """Clients may create, update and delete (others are derived from the archive: read-only)."""
     prepare: Prepare | None = None
     transform: Transform | None = None
+    owned: bool = False
+    """A search lists only the caller's own resources: those whose recorded writer (the owner extension that
+    `transform` sets) is the caller. Reads by id are the policy's decision alone."""
 
 
 def _types() -> Mapping[str, ResourceType]:
@@ -47,6 +50,7 @@ def _types() -> Mapping[str, ResourceType]:
             writable=True,
             prepare=prepare_subscription,
             transform=transform_subscription,
+            owned=True,
         ),
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from litestar import MediaType, Request, Response
@@ -134,3 +135,22 @@ EXCEPTION_HANDLERS = {
     HTTPException: http_error,
     Exception: internal_error,
 }
+
+
+Handler = Callable[[Request[Any, Any, Any], Exception], Response[Any]]
+
+
+def under(prefix: str, path: str) -> bool:
+    """Whether `path` is `prefix` or below it (`/fhir`, `/fhir/Patient`; never `/fhirx`)."""
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def by_path(prefix: str, inside: Handler, outside: Handler) -> Handler:
+    """An app-level handler that answers requests under `prefix` with `inside`, all others with `outside`. A
+    request no route matched (404, or 405 for a path served with other methods) never reaches route-level
+    handlers: its API's error format is chosen here, by path (FHIR R4 http.html: an OperationOutcome)."""
+
+    def handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        return (inside if under(prefix, request.scope["path"]) else outside)(request, exc)
+
+    return handler

@@ -30,7 +30,7 @@ from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.dimse import routing
 from dicomweb.dimse.service import DimseService, open_dimse
 from dicomweb.store import IngestActivity, StoreService, blob_delete_handler, gc_handler
-from fhir import subscriptions
+from fhir import reindex, subscriptions
 from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
@@ -161,6 +161,7 @@ async def open_resources(
         resources = Resources(settings, pool, blobs, store, audit, policy, fhir, handlers=handlers, sessions=sessions)
         resources.anchors = anchors
         handlers.update(subscriptions.handlers(resources))  # fhir.notify, fhir.deliver
+        handlers[reindex.REINDEX_JOB] = reindex.handler(pool, fhir)  # queued by migrations adding search params
         store.hooks.append(routing.routing_hook(settings.dimse))  # DIMSE auto-routing rules
         handlers[routing.ROUTE_JOB] = routing.route_handler(
             pool, blobs, audit, settings.dimse, settings.dimse_ae_title, float(settings.dimse_timeout_seconds)
