@@ -38,7 +38,7 @@ from dicomweb.ingest import (
     parse_instance,
 )
 from server import jobs, private, telemetry
-from server.db import Connection, vouch_stateless
+from server.db import Connection, unavailable, vouch_stateless
 from server.diskspace import BelowWatermark, FreeSpace
 
 log = logging.getLogger(__name__)
@@ -376,6 +376,10 @@ class StoreService:
             # The blob is not removed here: a concurrent store of the same bytes (the same key) may be about to
             # commit a row naming it. A blob no row names is removed by the orphan collector after its grace period.
             await _ended(put)
+            if unavailable(exc):  # out of resources for now (PS3.4 B.2.3): the sender may retry later
+                outcome.failure = OUT_OF_RESOURCES
+                outcome.comment = "the database is unavailable; nothing was stored"
+                return outcome
             outcome.failure = PROCESSING_FAILURE
             outcome.comment = "the index could not record the instance; nothing was stored"
             return outcome

@@ -20,7 +20,8 @@ from litestar.types import ExceptionHandlersMap
 from authz.errors import AuthzError, Forbidden, PolicyUnavailable, Unauthenticated
 from fhir.auditsearch import SearchError
 from fhir.errors import FhirError, RecordDamaged, ResourceNotFound
-from server.errors import authz_error_parts, warning_header
+from server.db import RETRY_AFTER_SECONDS
+from server.errors import DATABASE_UNAVAILABLE, authz_error_parts, database_unavailable, warning_header
 from server.logs import route_of
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ def http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dic
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    if database_unavailable(request, exc):
+        return outcome_response(503, "transient", DATABASE_UNAVAILABLE, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     log.error("unhandled error on %s %s", request.method, route_of(request.scope), exc_info=exc)
     return outcome_response(500, "exception", "internal server error")
 

@@ -28,6 +28,7 @@ from dicomweb.errors import (
     StorageUnavailable,
     UnsupportedMediaType,
 )
+from server.db import RETRY_AFTER_SECONDS, unavailable
 from server.logs import route_of
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,26 @@ def authz_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[by
     return Response(body, status_code=status, headers=headers, media_type=MediaType.JSON)
 
 
+DATABASE_UNAVAILABLE = "the database is unavailable; retry later"
+
+
+def database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> bool:
+    """Whether `exc` is the database out of reach (`server.db.unavailable`): logged without a traceback, answered
+    503 with Retry-After by the caller (the server reconnects by itself, `server.dbwatch`)."""
+    if not unavailable(exc):
+        return False
+    log.warning("%s %s: database unavailable (%s)", request.method, route_of(request.scope), type(exc).__name__)
+    return True
+
+
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
+    if database_unavailable(request, exc):
+        return Response(
+            {"error": DATABASE_UNAVAILABLE, "status": 503},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Warning": warning_header(DATABASE_UNAVAILABLE)},
+            media_type=MediaType.JSON,
+        )
     log.error("unhandled error on %s %s", request.method, route_of(request.scope), exc_info=exc)
     return Response({"error": "internal server error", "status": 500}, status_code=500, media_type=MediaType.JSON)
 

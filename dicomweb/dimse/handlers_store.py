@@ -32,6 +32,7 @@ from dicomweb.dimse.routing import CALLING_AE
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from dicomweb.store import out_of_resources
 from server import private
+from server.db import unavailable
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,10 @@ def handle_store(event: Any, node: Node) -> Dataset:
         return node.run(_store(node, principal, assoc.requestor.address, ds, spooled))
     except OperationTimeout:
         return _response(OUT_OF_RESOURCES, "the server did not store the instance in time")
-    except Exception:
+    except Exception as exc:
+        if unavailable(exc):  # the server reconnects by itself; the sender may retry (PS3.4 B.2.3 A7xx)
+            log.warning("C-STORE from %s: database unavailable", principal.client_id)
+            return _response(OUT_OF_RESOURCES, "the database is unavailable; retry later")
         log.exception("C-STORE failed")
         return _response(OUT_OF_RESOURCES, "the server could not store the instance")
     finally:
