@@ -103,10 +103,22 @@ class _Batch:
 class AuditTrail:
     """Appends records to the chain. `append` returns once the record is committed (so a response sent after it
     cannot lose its record on a crash). Concurrent appends of one process share a transaction (group commit):
-    while one batch is being written the next one gathers, up to `max_batch` records."""
+    while one batch is being written the next one gathers, up to `max_batch` records.
 
-    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 256, forwarder: Forwarder | None = None) -> None:
+    `writer` is the pool the appends use: the server gives them connections of their own, because a caller may
+    hold a connection of the main pool while it waits for its record (a Bundle writes its entries' records so,
+    a break-glass start its alert), and with every connection held that way the append would wait forever."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        max_batch: int = 256,
+        forwarder: Forwarder | None = None,
+        writer: asyncpg.Pool | None = None,
+    ) -> None:
         self.pool = pool
+        self.writer = writer if writer is not None else pool
         self.max_batch = max_batch
         self.forwarder = forwarder
         self._pending = _Batch()
@@ -151,7 +163,7 @@ class AuditTrail:
             batch: _Batch | None = None
             connected = False
             try:
-                async with self.pool.acquire() as conn:
+                async with self.writer.acquire() as conn:
                     connected = True
                     while self._pending.texts:
                         batch = self._take()

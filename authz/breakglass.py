@@ -1,10 +1,15 @@
-"""Break-glass sessions: emergency access for a clinician whom the policy would otherwise deny (issue 3).
+"""Break-glass sessions: emergency access for a clinician whom the policy would otherwise deny.
 
-A session belongs to one authenticated subject (the token's `sub` and issuer) and carries a free-text reason.
-While it is open (not closed by a reviewer, not past `expires_at` = start + `break_glass_minutes`) the guard puts
-it in the policy input as `context.break_glass`; the policy decides what it lifts (authz/policies/authz.rego:
-care lists, consent and modality limits, for subjects in `data.break_glass_roles`) and flags those decisions
-(`obligations.break_glass`), so every access inside the window is marked in its audit record.
+A session belongs to one authenticated subject (the token's `sub` and issuer), names one patient (and maybe one
+study of that patient) and carries a free-text reason. There is no break-glass for the whole archive. While it
+is open (not closed by a reviewer, not past `expires_at` = start + `break_glass_minutes`) the guard puts it in
+the policy input as `context.break_glass`; the policy decides what it lifts (authz/policies/authz.rego: care
+lists, consent and modality limits for that patient only, for subjects in `data.break_glass_roles`) and flags
+those decisions (`obligations.break_glass`), so every access the session allows is marked in its audit record.
+
+A subject has at most one open session: starts are serialized per subject in the database (an advisory lock
+held by the starting transaction), a start while a session for the same patient (and study) is open returns
+that session, and one for another patient or study is a conflict (409). Nobody closes their own session.
 
 Starting a session writes a Security Alert audit record (DICOM PS3.16 CID 400 DCM 110113, subtype CID 401
 DCM 110127 "Emergency Override Started", in the same transaction as the session, so there is no session without
@@ -22,6 +27,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import unicodedata
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,27 +79,55 @@ class SessionClosed(BreakGlassError):
     """The session was already closed (409)."""
 
 
+class SessionConflict(BreakGlassError):
+    """The subject has an open session for another patient or study (409): one session per subject."""
+
+
+class SelfReview(BreakGlassError):
+    """The subject of a session may not close it, whatever its roles (403)."""
+
+
 # --- requests (pure) -------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class StartRequest:
-    """`POST /break-glass` body: `{"reason": text (10..1000 characters), "patient_id"?, "study_uid"?}`."""
+    """`POST /break-glass` body: `{"reason": text, "patient_id"?, "study_uid"?}`: a patient, or a stored study
+    whose patient the route looks up, is required (`patient_id` stays None here until then)."""
 
     reason: str
     patient_id: str | None = None
     study_uid: str | None = None
 
 
+_INVISIBLE = frozenset({"Cc", "Cf"})
+"""Unicode general categories (besides Z*, separators) that show nothing: controls and format characters (zero
+width space U+200B, right-to-left override U+202E, ...)."""
+
+
+def visible_length(text: str) -> int:
+    """How many characters of `text` show: not separators (Z*: spaces, NBSP), controls (Cc) or format (Cf)."""
+    count = 0
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category[0] != "Z" and category not in _INVISIBLE:
+            count += 1
+    return count
+
+
 def check_reason(value: Any, what: str = "reason") -> str:
-    """A break-glass reason: free text of REASON_MIN..REASON_MAX characters (surrounding space not counted)."""
+    """A break-glass reason: free text of at most REASON_MAX characters (surrounding space not counted) of which
+    at least REASON_MIN show (a reason of zero-width or blank characters says nothing)."""
     if not isinstance(value, str):
         raise InvalidRequest(f"{what} is required: free text of {REASON_MIN} to {REASON_MAX} characters")
     text = value.strip()
-    if "\x00" in text:
-        raise InvalidRequest(f"{what} must not contain NUL")
-    if not REASON_MIN <= len(text) <= REASON_MAX:
-        raise InvalidRequest(f"{what} must be {REASON_MIN} to {REASON_MAX} characters (got {len(text)})")
+    if "\x00" in text or any(unicodedata.category(ch) == "Cs" for ch in text):
+        raise InvalidRequest(f"{what} must be text (no NUL, no lone surrogates)")
+    if len(text) > REASON_MAX:
+        raise InvalidRequest(f"{what} must be at most {REASON_MAX} characters (got {len(text)})")
+    visible = visible_length(text)
+    if visible < REASON_MIN:
+        raise InvalidRequest(f"{what} must show at least {REASON_MIN} characters (got {visible})")
     return text
 
 
@@ -119,7 +153,7 @@ def _optional_text(value: Any, what: str) -> str | None:
 
 
 def parse_start(body: bytes) -> StartRequest:
-    """Read and check a start request (raises InvalidRequest)."""
+    """Read and check a start request (raises InvalidRequest): a reason, and a patient_id or a study_uid."""
     value = _json_object(body, {"reason", "patient_id", "study_uid"})
     reason = check_reason(value.get("reason"))
     patient_id = _optional_text(value.get("patient_id"), "patient_id")
@@ -128,7 +162,23 @@ def parse_start(body: bytes) -> StartRequest:
     study_uid = _optional_text(value.get("study_uid"), "study_uid")
     if study_uid is not None and not is_valid_uid(study_uid):
         raise InvalidRequest("study_uid is not a valid DICOM UID")
+    if patient_id is None and study_uid is None:
+        raise InvalidRequest("break-glass is for one patient: give patient_id (and optionally study_uid)")
     return StartRequest(reason, patient_id, study_uid)
+
+
+def scoped_start(request: StartRequest, study_patient: str | None) -> StartRequest:
+    """`request` with its patient settled: a named study must be stored (`study_patient` is its PatientID, None
+    when there is no such study or it has none) and belong to the named patient, if one is named."""
+    if request.study_uid is None:
+        if request.patient_id is None:
+            raise InvalidRequest("break-glass is for one patient: give patient_id (and optionally study_uid)")
+        return request
+    if study_patient is None:
+        raise InvalidRequest("study_uid names no stored study of a patient")
+    if request.patient_id is not None and request.patient_id != study_patient:
+        raise InvalidRequest("study_uid is not a study of patient_id")
+    return dataclasses.replace(request, patient_id=study_patient)
 
 
 def parse_close(body: bytes) -> str:
@@ -189,6 +239,14 @@ class Session:
     def is_open(self, now: dt.datetime) -> bool:
         return self.closed_at is None and self.expires_at > now
 
+    def covers(self, patient_id: str | None, study_uid: str | None) -> bool:
+        """Whether this session already grants what a start for `patient_id` (and `study_uid`) asks."""
+        return self.patient_id == patient_id and self.study_uid in (None, study_uid)
+
+    def context(self) -> dict[str, Any]:
+        """The session as the policy sees it (`context.break_glass`)."""
+        return break_glass_session(str(self.id), self.reason, self.expires_at, self.patient_id, self.study_uid)
+
     def to_json(self, now: dt.datetime) -> dict[str, Any]:
         def when(value: dt.datetime | None) -> str | None:
             return rfc3339(value) if value is not None else None
@@ -223,7 +281,7 @@ async def open_session(conn: Connection, principal: Principal, now: dt.datetime)
     row = await conn.fetchrow(SQL["open_session"], principal.issuer, principal.sub, now)
     if row is None:
         return None
-    return OpenSession(break_glass_session(str(row["id"]), row["reason"], row["expires_at"]), row["expires_at"])
+    return OpenSession(Session.from_row(row).context(), row["expires_at"])
 
 
 class BreakGlassService:
@@ -270,9 +328,14 @@ class BreakGlassService:
         decision: Decision | None,
         client_ip: str | None = None,
         now: dt.datetime | None = None,
-    ) -> Session:
-        """Open a session for `principal` (the policy has allowed it). The session, its Security Alert record
-        and its alert job commit together."""
+    ) -> tuple[Session, bool]:
+        """Open a session for `principal` (the policy has allowed it) and say so (True), or give back the open
+        session that already covers the request (False); SessionConflict when the open one is for another patient
+        or study. Starts of one subject are serialized by an advisory lock in the transaction, so concurrent
+        starts open one session between them. The session, its Security Alert record and its alert job commit
+        together."""
+        if request.patient_id is None:
+            raise InvalidRequest("break-glass is for one patient: give patient_id (and optionally study_uid)")
         started = now or now_utc()
         session_id = uuid.uuid4()
         expires = started + dt.timedelta(minutes=self.minutes)
@@ -289,6 +352,16 @@ class BreakGlassService:
             record, outcome_desc=f"break-glass session {session_id} started, expires {rfc3339(expires)}"
         )
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(SQL["lock_subject"], principal.issuer, principal.sub)
+            current = await conn.fetchrow(SQL["open_session"], principal.issuer, principal.sub, started)
+            if current is not None:
+                session = Session.from_row(current)
+                if session.covers(request.patient_id, request.study_uid):
+                    return session, False
+                raise SessionConflict(
+                    f"break-glass session {session.id} of this subject is open for another patient or study until "
+                    f"{rfc3339(session.expires_at)}; a reviewer may close it"
+                )
             row = await conn.fetchrow(
                 SQL["insert_session"],
                 session_id,
@@ -317,7 +390,7 @@ class BreakGlassService:
             "study" if session.study_uid else "patient" if session.patient_id else "none",
             rfc3339(session.expires_at),
         )
-        return session
+        return session, True
 
     async def get(self, session_id: uuid.UUID) -> Session:
         async with self.pool.acquire() as conn:
@@ -346,13 +419,16 @@ class BreakGlassService:
         now: dt.datetime | None = None,
     ) -> Session:
         """A security reviewer ends a session (open or already expired) with a comment; writes DCM 110113 /
-        110138 Emergency Override Stopped in the same transaction."""
+        110138 Emergency Override Stopped in the same transaction. The session's own subject may not (SelfReview),
+        whatever roles it holds: the policy says so too, this holds whatever policy is loaded."""
         closed = now or now_utc()
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(SQL["lock_session"], session_id)
             if row is None:
                 raise SessionNotFound(f"no break-glass session {session_id}")
             session = Session.from_row(row)
+            if (session.sub, session.issuer) == (reviewer.sub, reviewer.issuer):
+                raise SelfReview("the subject of a break-glass session may not review it")
             if session.closed_at is not None:
                 raise SessionClosed(f"break-glass session {session_id} was already closed")
             record = break_glass_record(

@@ -6,11 +6,17 @@ INSERT INTO break_glass_sessions
 VALUES ($1, $2, $3, $4::text[], $5, $6, $7, $8, $9, $10, $11)
 RETURNING *;
 
+-- name: lock_subject
+-- Serializes the starts of one subject (issuer $1, sub $2) until the transaction ends, so that concurrent starts
+-- see each other's session and open one between them.
+SELECT pg_advisory_xact_lock(hashtextextended('break_glass:' || $1 || ':' || $2, 0));
+
 -- name: open_session
--- The subject's open session that lasts longest (the guard, on every request): one probe of the partial index
--- break_glass_open. $3 is the server's current time.
-SELECT id, reason, expires_at FROM break_glass_sessions
-WHERE issuer = $1 AND sub = $2 AND closed_at IS NULL AND expires_at > $3
+-- The subject's open session that lasts longest (the guard, on every request; a start, under lock_subject): one
+-- probe of the partial index break_glass_open. $3 is the server's current time. A session that names no patient
+-- grants nothing (authz/policies/authz.rego) and is not one.
+SELECT * FROM break_glass_sessions
+WHERE issuer = $1 AND sub = $2 AND closed_at IS NULL AND expires_at > $3 AND patient_id IS NOT NULL
 ORDER BY expires_at DESC
 LIMIT 1;
 

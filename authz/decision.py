@@ -59,7 +59,8 @@ class Context:
     """RFC 3339 UTC time of the request."""
     client_ip: str | None = None
     break_glass: dict[str, Any] | None = None
-    """An open break-glass session of this subject: {"id", "reason", "expires"}; None otherwise."""
+    """An open break-glass session of this subject: {"id", "reason", "expires", "patient_id", "study_uid"};
+    None otherwise."""
     channel: str = "http"
     """`http` or `dimse`."""
 

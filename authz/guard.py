@@ -5,13 +5,16 @@
 Every request reaching a handler has been authenticated (`authz.authn`), and this guard asks the policy engine
 about the action on the resource, with facts about the resource (its patient and modalities) looked up in the
 index. A route without an `authz` declaration is refused (fail closed). The decision is kept in the request
-state for the handler (search constraints) and for the audit record.
+state for the handler (search constraints) and for the audit record. The study, series and instance a request
+names are parsed once, by the route's target parser (`authz.target`), before anything else; the handler reads
+that same value.
 
 Break-glass (`authz.breakglass`): every request passes the subject's open session to the policy as
 `context.break_glass` (from the process's cache of open sessions, `authz.sessioncache`, or one index probe).
 A request whose token carries purpose of use `BTG` (HL7 v3 ActReason) and the header `X-Break-Glass-Reason:
-<free text>` starts a session first when the subject has none open (the policy decides, as for
-`POST /break-glass`); the session is bound to the token's subject and issuer.
+<free text>` starts a session for the patient (and study) the request is about first, unless the subject's open
+session covers it (the policy decides, as for `POST /break-glass`; a request about no patient is a 400, an open
+session for another patient a 409); the session is bound to the token's subject and issuer.
 """
 
 from __future__ import annotations
@@ -23,16 +26,25 @@ from pathlib import Path
 from typing import Any
 
 from litestar.connection import ASGIConnection
-from litestar.exceptions import ValidationException
+from litestar.exceptions import ClientException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 
 from authz.authn import principal_of
-from authz.breakglass import BreakGlassService, InvalidRequest, StartRequest, check_reason, open_session
+from authz.breakglass import (
+    BreakGlassService,
+    InvalidRequest,
+    SessionConflict,
+    StartRequest,
+    check_reason,
+    open_session,
+)
 from authz.decision import Action, Decision, Resource
 from authz.errors import Forbidden
-from authz.policy_input import break_glass_session, policy_input
+from authz.policy_input import policy_input
 from authz.principal import Principal
 from authz.sessioncache import OpenSession
+from authz.target import TARGET, Target, TargetParser, path_target
+from dicomweb import uids
 from server.db import Connection, Queries, vouch_stateless
 
 FACTS = Queries(Path(__file__).with_name("facts.sql"))
@@ -42,6 +54,7 @@ RESOURCE = "hounsfield.resource"
 BREAK_GLASS = "hounsfield.break_glass"
 """The subject's open break-glass session as passed to the policy ({"id", "reason", "expires"}), when it has one."""
 RESOURCE_HOOK_KEY = "authz_resource"
+TARGET_KEY = "authz_target"
 OPENAPI_PATH = "/openapi"
 BTG = "BTG"
 """HL7 v3 ActReason "break the glass"."""
@@ -52,11 +65,20 @@ ResourceHook = Callable[[ASGIConnection[Any, Any, Any, Any], Resource], Awaitabl
 error (400) for a malformed request, which then never reaches the policy."""
 
 
-def authz_opt(action: Action, kind: str, *, resource: ResourceHook | None = None, **extra: Any) -> dict[str, Any]:
+def authz_opt(
+    action: Action,
+    kind: str,
+    *,
+    resource: ResourceHook | None = None,
+    target: TargetParser | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """Route metadata declaring what a route does: `opt=authz_opt("read", "frames")`. `resource` completes the
-    resource the policy sees from the request (e.g. `resource.attributes.reason` of a break-glass start)."""
+    resource the policy sees from the request (e.g. `resource.attributes.reason` of a break-glass start).
+    `target` parses the study/series/instance the request names (`authz.target`; default: the path)."""
     hook = {RESOURCE_HOOK_KEY: resource} if resource is not None else {}
-    return {OPT_KEY: (action, kind), **hook, **extra}
+    parser = {TARGET_KEY: target} if target is not None else {}
+    return {OPT_KEY: (action, kind), **hook, **parser, **extra}
 
 
 def decision_of(scope: Any) -> Decision | None:
@@ -64,18 +86,13 @@ def decision_of(scope: Any) -> Decision | None:
     return value if isinstance(value, Decision) else None
 
 
-def _target(connection: ASGIConnection[Any, Any, Any, Any], kind: str) -> tuple[str | None, str | None, str | None]:
-    """The (study, series, instance) UIDs a request names: path parameters, or WADO-URI's query."""
-    params = connection.path_params
-    study, series, instance = params.get("study"), params.get("series"), params.get("instance")
-    if study is None and kind == "instance" and "objectUID" in connection.query_params:  # WADO-URI
-        query = connection.query_params
-        return query.get("studyUID"), query.get("seriesUID"), query.get("objectUID")
-    return (str(study) if study is not None else None), series, instance
+def _plain(uid: uids.UID | None) -> str | None:
+    """The policy input is encoded by msgspec, which takes `str` itself only."""
+    return str(uid) if uid is not None else None
 
 
-async def _resource(conn: Connection, kind: str, target: tuple[str | None, str | None, str | None]) -> Resource:
-    study, series, instance = target
+async def _resource(conn: Connection, kind: str, target: Target) -> Resource:
+    study, series, instance = _plain(target.study), _plain(target.series), _plain(target.instance)
     if study is None:
         return Resource(kind=kind)
     row = await conn.fetchrow(FACTS["study_facts"], study)
@@ -96,10 +113,11 @@ async def with_study(
 ) -> Resource:
     """`resource` as the policy sees a request about `study` (its patient and modalities from the index), for the
     resource hooks of routes that name a study elsewhere than in their path. An unknown study adds only its UID."""
-    if study is None:
-        return resource
+    if study is None or not uids.is_valid_uid(study):
+        return resource  # not a UID: never stored
+    checked = uids.UID(series) if series is not None and uids.is_valid_uid(series) else None
     async with connection.app.state.resources.pool.acquire() as conn:
-        found = await _resource(conn, resource.kind, (study, series, None))
+        found = await _resource(conn, resource.kind, Target(uids.UID(study), checked))
         vouch_stateless(conn)
     return dataclasses.replace(
         resource,
@@ -111,7 +129,7 @@ async def with_study(
 
 
 async def _facts(
-    connection: ASGIConnection[Any, Any, Any, Any], kind: str, principal: Principal, now: dt.datetime
+    connection: ASGIConnection[Any, Any, Any, Any], kind: str, target: Target, principal: Principal, now: dt.datetime
 ) -> tuple[Resource, dict[str, Any] | None]:
     """The resource with its facts from the index, and the subject's open break-glass session. A request that
     names no study, from a subject whose session state is cached, needs no database round trip at all."""
@@ -119,8 +137,7 @@ async def _facts(
     sessions = resources.sessions
     key = (principal.issuer, principal.sub)
     known, context = sessions.get(key, now) if sessions is not None else (False, None)
-    target = _target(connection, kind)
-    if target[0] is None and known:
+    if target.study is None and known:
         return Resource(kind=kind), context
     async with resources.pool.acquire() as conn:
         resource = await _resource(conn, kind, target)
@@ -146,6 +163,17 @@ def _header_text(raw: str) -> str:
         return raw
 
 
+def _session_covers(session: dict[str, Any] | None, resource: Resource) -> bool:
+    """Whether the open session (the policy's `context.break_glass`) already reaches the resource's patient
+    and study, or the request is about no patient (there is nothing to start a session for)."""
+    if session is None:
+        return False
+    if resource.patient_id is None:
+        return True
+    study = session.get("study_uid")
+    return session.get("patient_id") == resource.patient_id and study in (None, resource.study_uid)
+
+
 async def _break_glass_by_header(
     connection: ASGIConnection[Any, Any, Any, Any],
     principal: Principal,
@@ -153,8 +181,9 @@ async def _break_glass_by_header(
     client_ip: str | None,
     now: dt.datetime,
 ) -> dict[str, Any] | None:
-    """Start a session for a `BTG` token that sends `X-Break-Glass-Reason` (the subject has none open).
-    A reason that is too short is a 400; a subject the policy does not let break the glass gets 403."""
+    """Start a session for a `BTG` token that sends `X-Break-Glass-Reason`, for the patient (and stored study)
+    the request is about. A reason that does not show enough characters, or a request about no patient, is a
+    400; a subject the policy does not let break the glass gets 403; an open session for another patient 409."""
     raw = connection.headers.get(BREAK_GLASS_HEADER)
     if raw is None or BTG not in principal.purpose_of_use:
         return None
@@ -162,9 +191,13 @@ async def _break_glass_by_header(
         reason = check_reason(_header_text(raw), "X-Break-Glass-Reason")
     except InvalidRequest as exc:
         raise ValidationException(exc.detail) from None
+    if resource.patient_id is None:
+        raise ValidationException(
+            "X-Break-Glass-Reason: this request is about no stored patient; break-glass is for one patient"
+            " (POST /break-glass with a patient_id)"
+        )
     resources = connection.app.state.resources
-    known = resource.patient_id is not None  # the study exists: its UID is a stored one
-    start = StartRequest(reason, resource.patient_id, resource.study_uid if known else None)
+    start = StartRequest(reason, resource.patient_id, resource.study_uid)
     target = Resource(
         kind="BreakGlass", patient_id=start.patient_id, study_uid=start.study_uid, attributes={"reason": reason}
     )
@@ -172,10 +205,13 @@ async def _break_glass_by_header(
     if not decision.allow:
         connection.scope.setdefault("state", {})[DECISION] = decision
         raise Forbidden("break-glass refused: " + ("; ".join(decision.reasons) or "denied by policy"), decision)
-    session = await BreakGlassService.of(resources).start(
-        principal, start, decision=decision, client_ip=client_ip, now=now
-    )
-    return break_glass_session(str(session.id), session.reason, session.expires_at)
+    try:
+        session, _created = await BreakGlassService.of(resources).start(
+            principal, start, decision=decision, client_ip=client_ip, now=now
+        )
+    except SessionConflict as exc:
+        raise ClientException(exc.detail, status_code=409) from None
+    return session.context()
 
 
 async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
@@ -196,13 +232,15 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     client = connection.scope.get("client")
     client_ip = client[0] if client else None
     state = connection.scope.setdefault("state", {})
-    resource, session = await _facts(connection, kind, principal, now)
+    parse: TargetParser = handler.opt.get(TARGET_KEY, path_target)
+    target = state[TARGET] = await parse(connection)  # a 400 here comes before any decision or data access
+    resource, session = await _facts(connection, kind, target, principal, now)
     hook = handler.opt.get(RESOURCE_HOOK_KEY)
     if hook is not None:
         resource = await hook(connection, resource)
     state[RESOURCE] = resource
-    if session is None and kind != "BreakGlass":
-        session = await _break_glass_by_header(connection, principal, resource, client_ip, now)
+    if kind != "BreakGlass" and not _session_covers(session, resource):
+        session = await _break_glass_by_header(connection, principal, resource, client_ip, now) or session
     if session is not None:
         state[BREAK_GLASS] = session
     decision = await resources.policy.decide(policy_input(principal, action, resource, client_ip, session, now=now))

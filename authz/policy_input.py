@@ -58,9 +58,19 @@ def dicomweb_resource(
     )
 
 
-def break_glass_session(session_id: str, reason: str, expires: dt.datetime) -> dict[str, Any]:
-    """`context.break_glass` for an open break-glass session of the subject (None when there is none)."""
-    return {"id": session_id, "reason": reason, "expires": rfc3339(expires)}
+def break_glass_session(
+    session_id: str, reason: str, expires: dt.datetime, patient_id: str | None, study_uid: str | None = None
+) -> dict[str, Any]:
+    """`context.break_glass` for an open break-glass session of the subject (None when there is none). The
+    policy lifts its limits for the session's patient (and study) only; a session without a patient (none can be
+    started any more) grants nothing."""
+    return {
+        "id": session_id,
+        "reason": reason,
+        "expires": rfc3339(expires),
+        "patient_id": patient_id,
+        "study_uid": study_uid,
+    }
 
 
 def policy_input(

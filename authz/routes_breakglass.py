@@ -1,13 +1,18 @@
-"""Break-glass over HTTP (issue 3; the sessions are `authz.breakglass`), mounted at the application root:
+"""Break-glass over HTTP (the sessions are `authz.breakglass`), mounted at the application root:
 
-- `POST /break-glass` `{"reason": "...", "patient_id"?, "study_uid"?}`: start emergency access for the caller
-  (policy: `create` on `BreakGlass`, with the reason as `resource.attributes.reason`) → 201 and the session;
-  400 for a missing or short reason (10..1000 characters), 403 when the policy does not let the caller break the
-  glass. (A token with purpose of use `BTG` may instead send `X-Break-Glass-Reason` with any request: the guard.)
+- `POST /break-glass` `{"reason": "...", "patient_id": "...", "study_uid"?: "..."}`: start emergency access for
+  the caller to one patient (and optionally one study of that patient; a stored study alone names its patient)
+  (policy: `create` on `BreakGlass`, with the patient as `resource.patient_id` and the reason as
+  `resource.attributes.reason`) → 201 and the session, or 200 and the open session that already covers it;
+  400 for a missing patient, a study that is not the patient's, or a reason that does not show 10 characters
+  (at most 1000); 403 when the policy does not let the caller break the glass; 409 when the caller's open
+  session is for another patient or study. (A token with purpose of use `BTG` may instead send
+  `X-Break-Glass-Reason` with a request about the patient: the guard.)
 - `GET /break-glass?open=true|false&limit=&offset=`: security reviewers list sessions, newest first (`search`).
 - `GET /break-glass/{id}`: one session (`read`).
-- `POST /break-glass/{id}/close` `{"comment": "..."}`: a reviewer ends a session (`update`) → 200 and the
-  session; 404 unknown, 409 already closed.
+- `POST /break-glass/{id}/close` `{"comment": "..."}`: a reviewer ends a session (`update`, with the session's
+  subject as `resource.attributes.session_subject`: nobody closes their own) → 200 and the session; 403 for
+  the session's own subject, 404 unknown, 409 already closed.
 
 Who may do what is the policy's business (authz/policies: auditors and admins review; `data.break_glass_roles`
 start), declared per route with `authz_opt` and enforced by the guard, never here.
@@ -28,14 +33,19 @@ from authz.breakglass import (
     BreakGlassError,
     BreakGlassService,
     InvalidRequest,
+    SelfReview,
     SessionClosed,
+    SessionConflict,
     SessionNotFound,
+    StartRequest,
     now_utc,
     parse_close,
     parse_start,
+    scoped_start,
 )
 from authz.decision import Resource
-from authz.guard import authz_opt, decision_of, with_attributes
+from authz.errors import Forbidden
+from authz.guard import RESOURCE, authz_opt, decision_of, with_attributes, with_study
 from server.resources import ResourcesDep
 
 MAX_BODY = 16 * 1024
@@ -47,8 +57,10 @@ def _http_error(exc: BreakGlassError) -> Exception:
         return ValidationException(exc.detail)
     if isinstance(exc, SessionNotFound):
         return NotFoundException(exc.detail)
-    if isinstance(exc, SessionClosed):
+    if isinstance(exc, SessionClosed | SessionConflict):
         return ClientException(exc.detail, status_code=409)
+    if isinstance(exc, SelfReview):
+        return Forbidden(exc.detail)
     return exc
 
 
@@ -58,15 +70,26 @@ def _client_ip(request: Request[Any, Any, Any]) -> str | None:
 
 
 async def _start_resource(connection: ASGIConnection[Any, Any, Any, Any], resource: Resource) -> Resource:
-    """The guard's view of a start: the reason (which the policy requires) and the patient/study it concerns.
-    A malformed body is a 400 before any policy decision."""
+    """The guard's view of a start: the patient (a named study's, looked up in the index), the study and the
+    reason, which the policy requires. A malformed body is a 400 before any policy decision; the handler starts
+    the session from this same resource."""
     request = connection if isinstance(connection, Request) else Request(connection.scope, connection.receive)
     try:
         start = parse_start(await request.body())
+        study = await with_study(connection, Resource(kind=resource.kind), start.study_uid)
+        start = scoped_start(start, study.patient_id)
     except InvalidRequest as exc:
         raise _http_error(exc) from None
     resource = Resource(kind=resource.kind, patient_id=start.patient_id, study_uid=start.study_uid)
     return with_attributes(resource, reason=start.reason)
+
+
+def _started(request: Request[Any, Any, Any]) -> StartRequest:
+    """The start the guard decided on (its resource), not a second reading of the body."""
+    resource = request.scope.get("state", {}).get(RESOURCE)
+    if not isinstance(resource, Resource) or resource.kind != KIND or resource.patient_id is None:
+        raise ValidationException("break-glass is for one patient: give patient_id (and optionally study_uid)")
+    return StartRequest(str(resource.attributes["reason"]), resource.patient_id, resource.study_uid)
 
 
 @post(
@@ -77,15 +100,19 @@ async def _start_resource(connection: ASGIConnection[Any, Any, Any, Any], resour
     tags=["Break-glass"],
 )
 async def start_session(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[dict[str, Any]]:
-    """Start emergency access for the authenticated caller (the guard has let the policy decide)."""
+    """Start emergency access for the authenticated caller (the guard has let the policy decide), or give back
+    its open session for the same patient."""
     try:
-        start = parse_start(await request.body())  # the body the guard read (cached); it parsed then
-    except InvalidRequest as exc:
+        session, created = await BreakGlassService.of(resources).start(
+            principal_of(request), _started(request), decision=decision_of(request.scope), client_ip=_client_ip(request)
+        )
+    except BreakGlassError as exc:
         raise _http_error(exc) from None
-    session = await BreakGlassService.of(resources).start(
-        principal_of(request), start, decision=decision_of(request.scope), client_ip=_client_ip(request)
+    return Response(
+        session.to_json(now_utc()),
+        status_code=201 if created else 200,
+        headers={"Location": f"/break-glass/{session.id}"},
     )
-    return Response(session.to_json(now_utc()), status_code=201, headers={"Location": f"/break-glass/{session.id}"})
 
 
 @get("/break-glass", opt=authz_opt("search", KIND), tags=["Break-glass"])
@@ -112,9 +139,22 @@ async def get_session(resources: ResourcesDep, session_id: FromPath[uuid.UUID]) 
     return session.to_json(now_utc())
 
 
+async def _closing_resource(connection: ASGIConnection[Any, Any, Any, Any], resource: Resource) -> Resource:
+    """The guard's view of a close: whose session it is (the policy refuses self-review). An unknown session
+    stays a bare resource (the handler answers 404)."""
+    session_id = connection.path_params.get("session_id")
+    if not isinstance(session_id, uuid.UUID):
+        return resource
+    try:
+        session = await BreakGlassService.of(connection.app.state.resources).get(session_id)
+    except SessionNotFound:
+        return resource
+    return with_attributes(resource, session_subject={"sub": session.sub, "issuer": session.issuer})
+
+
 @post(
     "/break-glass/{session_id:uuid}/close",
-    opt=authz_opt("update", KIND),
+    opt=authz_opt("update", KIND, resource=_closing_resource),
     status_code=200,
     request_max_body_size=MAX_BODY,
     tags=["Break-glass"],

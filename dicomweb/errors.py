@@ -65,3 +65,12 @@ class RangeNotSatisfiable(DicomWebError):
 
 class StorageUnavailable(DicomWebError):
     """The blob store or database could not be reached (503); nothing was acknowledged."""
+
+
+class StorageFull(StorageUnavailable):
+    """Free space is below the watermark: new data is refused before it is read (503 with Retry-After, RFC 9110
+    15.6.4); reads go on."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

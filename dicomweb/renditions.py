@@ -43,6 +43,7 @@ from dicomweb.store import IngestHook, StoredInstance
 from dicomweb.transcode import TranscodeError
 from server import jobs, private
 from server.db import Connection, Queries
+from server.diskspace import FreeSpace
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("renditions.sql"))
@@ -77,10 +78,14 @@ class Renditions:
     """Makes, stores and finds renditions. `spool_dir` holds a rendition while it is written (same file system as
     the blob folder for the filesystem store, so that storing it is a rename)."""
 
-    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore, spool_dir: Path | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, blobs: BlobStore, spool_dir: Path | None = None, space: FreeSpace | None = None
+    ) -> None:
         self.pool = pool
         self.blobs = blobs
         self.spool_dir = spool_dir or Path(tempfile.gettempdir())
+        self.space = space
+        """Below the free-space watermark (`server.diskspace`) no rendition is written: `BelowWatermark`."""
 
     async def encode(self, reader: FrameReader, numbers: Sequence[int], syntax: str) -> list[bytes]:
         """Frames `numbers` encoded in `syntax` (decoded first when stored compressed). 406 when the image does not
@@ -121,6 +126,8 @@ class Renditions:
         pixel = load_json(row["pixel"])
         if not pixel:
             return None
+        if self.space is not None:
+            self.space.require()
         reader = native_reader(self.pool, self.blobs, row, pixel)
         numbers = range(1, frame_count(pixel) + 1)
         path = self.spool_dir / f"{uuid.uuid4().hex}.rendition"
@@ -143,6 +150,8 @@ class Renditions:
 
     async def store(self, row: asyncpg.Record, syntax: str, encoded: list[bytes]) -> Rendition:
         """Keep frames encoded on demand (all the instance's frames, in order) as its rendition."""
+        if self.space is not None:
+            self.space.require()
         path = self.spool_dir / f"{uuid.uuid4().hex}.rendition"
         private.make_dirs(self.spool_dir)
         frames: list[tuple[int, int]] = []
@@ -204,11 +213,15 @@ def ingest_hook(syntaxes: Sequence[str]) -> IngestHook:
     return hook
 
 
-def job_handler(pool: asyncpg.Pool, blobs: BlobStore, syntaxes: Sequence[str], spool_dir: Path) -> jobs.Handler:
+def job_handler(
+    pool: asyncpg.Pool, blobs: BlobStore, syntaxes: Sequence[str], spool_dir: Path, space: FreeSpace | None = None
+) -> jobs.Handler:
     """`rendition`: payload `{"instance_pk": n}` (and `"syntaxes"` when a frame request asked for one not
     configured); makes the instance's missing renditions. Images an encoder
-    cannot take (1-bit, float, YBR from JPEG) are skipped: their frames are served by decoding instead."""
-    service = Renditions(pool, blobs, spool_dir)
+    cannot take (1-bit, float, YBR from JPEG) are skipped: their frames are served by decoding instead. Below the
+    free-space watermark the worker does not take these jobs (`server.jobs.Pause`); one taken just before fails
+    with `BelowWatermark` and is retried later."""
+    service = Renditions(pool, blobs, spool_dir, space)
 
     async def run(job: jobs.Job) -> None:
         async with pool.acquire() as conn:

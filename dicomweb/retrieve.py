@@ -33,6 +33,7 @@ from dicomweb.renditions import Renditions
 from dicomweb.uids import EXPLICIT_VR_BIG_ENDIAN, UID
 from server import jobs
 from server.db import vouch_stateless
+from server.diskspace import BelowWatermark
 
 __all__ = ["Body", "Metadata", "Part", "Plan", "RetrieveService"]
 
@@ -297,6 +298,8 @@ class RetrieveService:
     async def _keep(self, row: asyncpg.Record, syntax: str, encoded: list[bytes]) -> None:
         try:
             await self.renditions.store(row, syntax, encoded)
+        except BelowWatermark:
+            return  # free space is kept for ingest and the database; the frames are answered all the same
         except (BlobStoreError, OSError, asyncpg.PostgresError) as exc:  # the answer does not depend on keeping it
             log.warning("could not keep a %s rendition: %s", syntax, exc)
 

@@ -9,6 +9,7 @@ A crash between the two, or a failed index transaction, leaves a blob without a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import anyio.to_thread
 import asyncpg
@@ -37,6 +39,7 @@ from dicomweb.ingest import (
 )
 from server import jobs, private, telemetry
 from server.db import Connection, vouch_stateless
+from server.diskspace import BelowWatermark, FreeSpace
 
 log = logging.getLogger(__name__)
 
@@ -111,38 +114,69 @@ class Outcome:
 
 
 class Spool:
-    """A part being received: written to a local file while its SHA-256 and size are computed."""
+    """A part being received: written to a local file while its SHA-256 and size are computed.
 
-    def __init__(self, folder: Path, max_bytes: int) -> None:
-        private.make_dirs(folder)
+    A write the file system refuses (ENOSPC, EDQUOT, EIO), or free space below the watermark when the part starts
+    (`server.diskspace`), does not end the request: the part's file is removed at once, the rest of the part is
+    read and dropped, and `error` says why (the part's outcome is Out of Resources, A700)."""
+
+    def __init__(self, folder: Path, max_bytes: int, space: FreeSpace | None = None) -> None:
         self.path = folder / f"{uuid.uuid4().hex}.part"
-        self._fh = open(self.path, "wb", opener=private.opener)
+        self._fh: BinaryIO | None = None
         self._hash = hashlib.sha256()
         self.size = 0
         self.max_bytes = max_bytes
         self.too_large = False
+        self.error: OSError | None = None
+        try:
+            if space is not None:
+                space.require()
+            private.make_dirs(folder)
+            self._fh = open(self.path, "wb", opener=private.opener)
+        except OSError as exc:
+            self._fail(exc)
 
     def write(self, data: bytes) -> None:
-        if self.too_large:
+        if self.too_large or self._fh is None:
             return
         self.size += len(data)
         if self.size > self.max_bytes:
             self.too_large = True
             return
         self._hash.update(data)
-        self._fh.write(data)
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            self._fail(exc)
 
     def finish(self) -> str:
-        self._fh.close()
+        if self._fh is not None:
+            try:
+                self._fh.close()  # flushes: a full disk may only show here
+            except OSError as exc:
+                self._fail(exc)
         return self._hash.hexdigest()
 
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        self.discard()  # what was written is freed now, not when the request ends
+        self._fh = None
+
     def discard(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        if self._fh is not None and not self._fh.closed:
+            with contextlib.suppress(OSError):
+                self._fh.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def out_of_resources(exc: OSError) -> str:
+    """The Error Comment of an instance refused because a write failed or space is below the watermark."""
+    if isinstance(exc, BelowWatermark):
+        return str(exc.strerror)
+    return f"out of resources: {exc.strerror or type(exc).__name__}; nothing was stored"
 
 
 def blob_key(p: ParsedInstance, sha256: str) -> str:
@@ -207,7 +241,10 @@ class StoreService:
         hooks: Sequence[IngestHook] = (),
         compression: str = "none",
         activity: IngestActivity | None = None,
+        space: FreeSpace | None = None,
     ) -> None:
+        self.space = space
+        """The free-space watermark (`server.diskspace`): below it every instance is refused (A700)."""
         self.pool = pool
         self.blobs = blobs
         self.overwrite = overwrite
@@ -221,6 +258,9 @@ class StoreService:
         self.activity.touch()
         try:
             return await self._store(path, size, sha256, expected_study)
+        except OSError as exc:  # a write before the index (a compressed copy, a temporary file): nothing is stored
+            log.error("ingest of an instance failed: %s", exc.strerror or type(exc).__name__)
+            return Outcome(None, None, failure=OUT_OF_RESOURCES, comment=out_of_resources(exc))
         finally:
             self.activity.touch()
             try:
@@ -246,6 +286,12 @@ class StoreService:
                 f"StudyInstanceUID {parsed.study_uid} differs from the study {expected_study} in the request URL"
             )
             return outcome
+        if self.space is not None:
+            try:
+                self.space.require()
+            except BelowWatermark as exc:
+                outcome.failure, outcome.comment = OUT_OF_RESOURCES, out_of_resources(exc)
+                return outcome
         if self.compressor.wanted(parsed) or not self.blobs.local:
             # Compressing, or uploading to a remote store, costs far more than a lookup: an instance already
             # stored is settled first. Otherwise the index transaction settles it (`_index_in`), which saves a

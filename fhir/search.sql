@@ -98,6 +98,10 @@ FALSE;
 -- name: modalities_excluded
 NOT ({alias}.modalities && {p}::text[]);
 
+-- name: limits_or_granted
+-- Rows the policy's limits let through, or rows of the patient (study) a break-glass session grants.
+(({limits}) OR ({granted}));
+
 -- name: date_eq
 -- Date prefixes (R4 3.1.1.4.3) on the target's period [{low}, {high}) and the search value's range [{sl}, {sh}).
 ({low} >= {sl} AND {high} <= {sh});

@@ -160,7 +160,8 @@ def _clause(clause: Clause, resource_type: str, alias: str, params: _Params, see
 
 
 def restrict(constraints: AccessConstraints, resource_type: str, alias: str, params: _Params) -> list[str]:
-    """The policy's constraints as conditions on a resource row."""
+    """The policy's constraints as conditions on a resource row: the limits, or the granted patient's rows
+    (a break-glass session; when it names a study, the ImagingStudy of that study only)."""
     conditions = []
     if resource_type not in PATIENTLESS:
         if constraints.patient_ids is not None:
@@ -171,7 +172,13 @@ def restrict(constraints: AccessConstraints, resource_type: str, alias: str, par
     if constraints.modalities_excluded:
         modalities = list(constraints.modalities_excluded)
         conditions.append(_sql("modalities_excluded", alias=alias, p=params.add(modalities)))
-    return conditions
+    grant = constraints.granted
+    if grant is None or not conditions or resource_type in PATIENTLESS:
+        return conditions
+    granted = _sql("patients", alias=alias, p=params.add([grant.patient_id]))
+    if grant.study_uid is not None and resource_type == "ImagingStudy":  # other types are tied to no study
+        granted += " AND " + _sql("equal", column=f"{alias}.source_key", p=params.add(grant.study_uid))
+    return [_sql("limits_or_granted", limits=" AND ".join(conditions), granted=granted)]
 
 
 def where(query: SearchQuery, seen: Seen, params: _Params, alias: str = "r") -> str:

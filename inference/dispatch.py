@@ -224,6 +224,8 @@ async def results(
         list(access.patient_ids) if access.patient_ids is not None else None,
         list(access.patient_ids_excluded),
         list(access.modalities_excluded),
+        access.granted.patient_id if access.granted is not None else None,
+        access.granted.study_uid if access.granted is not None else None,
     )
     return [result_json(r) for r in rows]
 

@@ -84,19 +84,22 @@ WHERE q.id = $1;
 
 -- name: results
 -- $5..$7: the policy's constraints on the subject's search (`dicomweb.access.AccessConstraints`): only the studies
--- of these patients (NULL: no such limit), none of these patients, no series of these modalities.
+-- of these patients (NULL: no such limit), none of these patients, no series of these modalities. $8, $9: the
+-- patient (and study) a break-glass session grants (NULL: none), whose results are listed whatever $5..$7 say.
 SELECT r.id, r.study_uid, r.series_uid, r.model_name, r.model_version, r.state, r.shadow, r.attempts, r.last_error,
        r.latency_ms, r.stats, r.output_series_uid, r.output_instances, r.report_id, r.feedback, r.created_at,
        r.updated_at, r.finished_at
 FROM inference_results r
 WHERE ($1::text IS NULL OR r.series_uid = $1) AND ($2::text IS NULL OR r.model_name = $2)
   AND ($3::text IS NULL OR r.model_version = $3)
-  AND ($5::text[] IS NULL OR EXISTS (
-      SELECT 1 FROM studies s WHERE s.study_uid = r.study_uid AND s.patient_id = ANY($5::text[])))
-  AND (cardinality($6::text[]) = 0 OR NOT EXISTS (
-      SELECT 1 FROM studies s WHERE s.study_uid = r.study_uid AND s.patient_id = ANY($6::text[])))
-  AND (cardinality($7::text[]) = 0 OR NOT EXISTS (
-      SELECT 1 FROM series se WHERE se.series_uid = r.series_uid AND se.modality = ANY($7::text[])))
+  AND ((($5::text[] IS NULL OR EXISTS (
+          SELECT 1 FROM studies s WHERE s.study_uid = r.study_uid AND s.patient_id = ANY($5::text[])))
+        AND (cardinality($6::text[]) = 0 OR NOT EXISTS (
+          SELECT 1 FROM studies s WHERE s.study_uid = r.study_uid AND s.patient_id = ANY($6::text[])))
+        AND (cardinality($7::text[]) = 0 OR NOT EXISTS (
+          SELECT 1 FROM series se WHERE se.series_uid = r.series_uid AND se.modality = ANY($7::text[]))))
+    OR ($8::text IS NOT NULL AND ($9::text IS NULL OR r.study_uid = $9) AND EXISTS (
+          SELECT 1 FROM studies s WHERE s.study_uid = r.study_uid AND s.patient_id = $8)))
 ORDER BY r.id DESC LIMIT $4;
 
 -- name: request_study

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from authz.audit import AuditTrail
 from authz.auditrecord import EventSubtype, EventType, request_record
 from authz.decision import Action, Decision, PolicyEngine, Resource
+from authz.errors import denial_text
 from authz.policy_input import policy_input
 from authz.principal import Principal
 from inference.errors import InferenceError
@@ -49,7 +50,7 @@ class ServiceActor:
         decision = await self.decide(action, resource)
         if not decision.allow:
             await self.record(action, resource, decision, method=method, status=403)
-            raise NotPermitted(f"the AI service may not {action} {resource.kind}: " + "; ".join(decision.reasons))
+            raise NotPermitted(f"the AI service may not {action} {resource.kind}: {denial_text(decision.decision_id)}")
         return decision
 
     async def record(

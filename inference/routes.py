@@ -10,18 +10,18 @@
 - `GET /inference-results?series=&model=&version=&limit=`: result rows, newest first (failures are visible here).
 
 Requests and results are patient data (`inference` is a patient group in tables.rego): the policy sees the
-study a request names, with its patient (resource hooks `_named_study`, `_requested_study`), and a search gets
-the policy's patient and modality constraints as SQL filters, so a token bound to one patient reaches only
-that patient's runs.
+study a request names, with its patient (the target `_named_target`, parsed once for the guard and the handler;
+the resource hook `_requested_study`), and a search gets the policy's patient and modality constraints as SQL
+filters, so a token bound to one patient reaches only that patient's runs.
 
 Errors of the `inference.errors` family become `{"error", "status"}` JSON with a `Warning: 299` header.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
+import msgspec
 from litestar import MediaType, Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.params import FromPath, JSONBody, QueryParameter
@@ -29,6 +29,8 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from authz.authn import principal_of
 from authz.decision import Resource
 from authz.guard import authz_opt, decision_of, with_study
+from authz.target import Target, target_of
+from dicomweb import uids
 from dicomweb.access import UNRESTRICTED, AccessConstraints
 from inference import dispatch, monitoring, registry
 from inference.errors import InferenceError, InputNotFound, InvalidModel, ModelExists, ModelNotFound, RequestNotFound
@@ -126,21 +128,22 @@ def _field(data: JSONBody[dict[str, Any]], key: str, *, required: bool = True) -
     return value
 
 
-async def _named_study(connection: ASGIConnection[Any, Any, Any, Any], resource: Resource) -> Resource:
-    """POST /inference-requests: the policy sees the study the body names, with its patient (a token bound to one
-    patient may ask only for that patient's studies). A body that cannot be read leaves the resource bare: the
-    handler then answers 400."""
-    if not isinstance(connection, Request):
-        return resource
+async def _named_target(connection: ASGIConnection[Any, Any, Any, Any]) -> Target:
+    """POST /inference-requests: the study and series the body names, parsed once for the guard (the policy sees
+    the study's patient: a token bound to one patient may ask only for that patient's studies) and the handler
+    (`authz.target`). A body that is not an object naming both as UIDs is a 400 before any decision."""
+    request = connection if isinstance(connection, Request) else Request(connection.scope, connection.receive)
     try:
-        body = json.loads(await connection.body())
-    except (ValueError, RecursionError):
-        return resource
-    study = body.get("study") if isinstance(body, dict) else None
-    series = body.get("series") if isinstance(body, dict) else None
-    if not isinstance(study, str) or not 0 < len(study) <= 64:
-        return resource
-    return await with_study(connection, resource, study, series if isinstance(series, str) else None)
+        body = msgspec.json.decode(await request.body())
+    except msgspec.DecodeError:
+        raise InvalidModel("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidModel("the body is not a JSON object")
+    study, series = _field(body, "study"), _field(body, "series")
+    assert study is not None and series is not None
+    if not uids.is_valid_uid(study) or not uids.is_valid_uid(series):
+        raise InvalidModel("study, series: expected DICOM UIDs")
+    return Target(uids.study_uid(study), uids.series_uid(series))
 
 
 async def _requested_study(connection: ASGIConnection[Any, Any, Any, Any], resource: Resource) -> Resource:
@@ -152,12 +155,13 @@ async def _requested_study(connection: ASGIConnection[Any, Any, Any, Any], resou
     return await with_study(connection, resource, study)
 
 
-@post("/inference-requests", status_code=202, opt=authz_opt("create", "InferenceRequest", resource=_named_study))
+@post("/inference-requests", status_code=202, opt=authz_opt("create", "InferenceRequest", target=_named_target))
 async def request_inference(
     request: Request[Any, Any, Any], resources: ResourcesDep, data: JSONBody[dict[str, Any]]
 ) -> Response[dict[str, Any]]:
-    study, series, model = _field(data, "study"), _field(data, "series"), _field(data, "model")
-    version = _field(data, "version", required=False)
+    target = target_of(request)  # the study and series the guard decided on
+    study, series = target.study, target.series
+    model, version = _field(data, "model"), _field(data, "version", required=False)
     assert study is not None and series is not None and model is not None
     async with resources.pool.acquire() as conn:
         request_id = await dispatch.request_inference(

@@ -32,6 +32,7 @@ from fhir import routes_meta
 from fhir.routes import fhir_routes
 from inference.routes import inference_router
 from server import health, telemetry
+from server.connections import body_deadline
 from server.errors import EXCEPTION_HANDLERS
 from server.limits import header_limit, plain_target
 from server.logs import AccessLog
@@ -128,5 +129,7 @@ def edge(handler: ASGIApp, settings: Settings) -> ASGIApp:
     """The layers every HTTP request passes, routed or not, outermost first: the access log, the audit record
     of every response, the request target check (400). Litestar runs the app's `middleware` only once a route
     matched, so an unknown path (404), a wrong method (405) or a target the router refuses (400) would bypass
-    them; here they wrap Litestar's whole handler (router, exception handling, CORS, OpenTelemetry)."""
-    return AccessLog(audit_requests(settings.auth_public_paths)(plain_target(handler)))
+    them; here they wrap Litestar's whole handler (router, exception handling, CORS, OpenTelemetry). Innermost, the
+    deadline on each read of a request body (`server.connections.body_deadline`)."""
+    timed = body_deadline(handler, settings.http_body_timeout_seconds)  # a stalled request body ends in 408
+    return AccessLog(audit_requests(settings.auth_public_paths)(plain_target(timed)))

@@ -58,9 +58,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _run_uvicorn(settings: Settings, app: Any, **options: Any) -> None:
-    """Announce the server and run uvicorn on `app` (an app, or an import string with `options` for workers)."""
+    """Announce the server and run uvicorn on `app` (an app, or an import string with `options` for workers), with
+    the header deadline and connection limit of `server.connections` and uvicorn's keep-alive timeout."""
+    import functools
+
     import uvicorn
 
+    from server.connections import ConnectionLimits, HttpProtocol, connection_budget, raise_fd_limit
+
+    fd_limit = raise_fd_limit()  # before the processes start: they inherit it
+    max_connections = connection_budget(settings.http_max_connections, fd_limit)
+    if max_connections < settings.http_max_connections:
+        print(
+            f"HOUNSFIELD_HTTP_MAX_CONNECTIONS lowered to {max_connections}: the open file limit is {fd_limit}",
+            file=sys.stderr,
+            flush=True,
+        )
+    limits = ConnectionLimits(float(settings.http_header_timeout_seconds), max_connections)
+    protocol: Any = functools.partial(HttpProtocol, limits=limits)
     processes = f", {settings.processes} processes" if settings.processes > 1 else ""
     print(
         f"Hounsfield on http://{settings.host}:{settings.port}/dicom-web{processes} (data: {settings.data_dir})",
@@ -74,6 +89,8 @@ def _run_uvicorn(settings: Settings, app: Any, **options: Any) -> None:
         log_level=settings.log_level,
         proxy_headers=False,
         server_header=False,
+        http=protocol,
+        timeout_keep_alive=settings.http_keepalive_seconds,
         timeout_graceful_shutdown=10,
         **logs.uvicorn_options(),
         **options,

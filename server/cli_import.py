@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ import anyio.to_thread
 from tqdm import tqdm
 
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE
-from dicomweb.store import StoredInstance, StoreService
+from dicomweb.store import StoredInstance, StoreService, out_of_resources
 from server import private
 from server.resources import open_resources
 from server.settings import Settings
@@ -247,9 +248,14 @@ class Importer:
             )
             return False
         try:
+            if store.space is not None:
+                store.space.require()  # below the free-space watermark: the file is not even copied
             spooled, size, sha256 = await anyio.to_thread.run_sync(copy_to_spool, source.path, settings.spool_dir)
         except OSError as exc:
-            self._fail(source, PROCESSING_FAILURE, f"cannot read the file: {exc.strerror or type(exc).__name__}")
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._fail(source, OUT_OF_RESOURCES, out_of_resources(exc))
+            else:
+                self._fail(source, PROCESSING_FAILURE, f"cannot read the file: {exc.strerror or type(exc).__name__}")
             return False
         try:
             outcome = await store.store_file(spooled, size, sha256)

@@ -58,7 +58,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--scope", action="append", default=[], help="a SMART v2 scope, e.g. user/ImagingStudy.rs (repeatable)"
     )
-    parser.add_argument("--patient", help="SMART patient context: the token reaches only this patient's data")
+    parser.add_argument(
+        "--patient",
+        help="SMART patient context: the token reaches only this patient's data (imaging, reports, the Patient, "
+        "AI runs and results), whatever its roles, unless a user/ or system/ --scope covers the action; roles still "
+        "limit (a referring token sees the patient only if it is in its care list)",
+    )
     parser.add_argument(
         "--purpose", action="append", default=[], help="purpose of use (HL7 v3 ActReason), e.g. TREAT or BTG"
     )

@@ -23,6 +23,7 @@ from dicomweb.errors import (
     NotFound,
     PayloadTooLarge,
     RangeNotSatisfiable,
+    StorageFull,
     StorageUnavailable,
     UnsupportedMediaType,
 )
@@ -74,6 +75,8 @@ def dicomweb_error(_request: Request[Any, Any, Any], exc: Exception) -> Response
     headers = {"Warning": warning_header(exc.detail)}
     if isinstance(exc, RangeNotSatisfiable):
         headers["Content-Range"] = f"bytes */{exc.total}"
+    if isinstance(exc, StorageFull):
+        headers["Retry-After"] = str(exc.retry_after)
     return Response(
         {"error": exc.detail, "status": status},
         status_code=status,
@@ -102,8 +105,9 @@ def _auth_param(text: str) -> str:
 
 def authz_error_parts(exc: AuthzError) -> tuple[int, bytes, dict[str, str]]:
     """Status, JSON body and headers for the authz family: `Unauthenticated` 401 with `WWW-Authenticate: Bearer`
-    (RFC 6750 3; no `error` attribute when the request had no token, 3.1), `Forbidden` 403, `PolicyUnavailable`
-    503 (fail closed). Shared by the authentication middleware (pure ASGI: it answers without raising) and the
+    (RFC 6750 3; no `error` attribute when the request had no token, 3.1), `Forbidden` 403 (a policy's denial says
+    only "access denied by policy" and the decision id, `authz.errors.denial_text`), `PolicyUnavailable` 503
+    (fail closed). Shared by the authentication middleware (pure ASGI: it answers without raising) and the
     exception handler below (for guards and handlers)."""
     if isinstance(exc, Unauthenticated):
         status = 401
@@ -119,7 +123,10 @@ def authz_error_parts(exc: AuthzError) -> tuple[int, bytes, dict[str, str]]:
         if exc.error:
             challenge += f', error="{_auth_param(exc.error)}", error_description="{_auth_param(exc.detail)}"'
         headers["WWW-Authenticate"] = challenge
-    body = json.dumps({"error": exc.detail, "status": status}).encode()
+    content: dict[str, object] = {"error": exc.detail, "status": status}
+    if isinstance(exc, Forbidden) and exc.decision_id:
+        content["decision_id"] = exc.decision_id  # the policy's reasons stay in the audit record
+    body = json.dumps(content).encode()
     return status, body, headers
 
 

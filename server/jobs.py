@@ -55,6 +55,16 @@ class Deferral:
     max_seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Job kinds that wait, however overdue, while `active()` is true: derived work that writes blobs (renditions,
+    AI runs) while free space is below the watermark (`server.diskspace`), which would otherwise take the space
+    left for ingest and the database. The worker does not take them; they run once `active()` is false again."""
+
+    kinds: frozenset[str]
+    active: Callable[[], bool]
+
+
 class PermanentJobError(Exception):
     """Raised by a handler when retrying cannot help; the job fails at once."""
 
@@ -102,9 +112,11 @@ class Worker:
         batch: int = 8,
         name: str | None = None,
         deferral: Deferral | None = None,
+        pause: Pause | None = None,
     ) -> None:
         self.pool = pool
         self.deferral = deferral
+        self.pause = pause
         self.handlers = dict(handlers)
         self.poll_seconds = poll_seconds
         self.lease_seconds = lease_seconds
@@ -127,7 +139,7 @@ class Worker:
                 await conn.execute(SQL["reclaim_expired"], float(self.lease_seconds))
                 self._reclaim_at = now + min(self.poll_seconds, self.lease_seconds / 4)
             deferred, overdue = self._deferred()
-            rows = await conn.fetch(SQL["take"], self.name, self.batch, list(self.handlers), deferred, overdue)
+            rows = await conn.fetch(SQL["take"], self.name, self.batch, self._kinds(), deferred, overdue)
             vouch_stateless(conn)  # autocommitted DML only: no reset query (while ingest is busy, every NOTIFY)
         finished: list[int] = []
         for row in rows:
@@ -146,6 +158,12 @@ class Worker:
                 await conn.execute(SQL["finish_many"], finished)
                 vouch_stateless(conn)
         return len(rows)
+
+    def _kinds(self) -> list[str]:
+        """The kinds to take now: every kind with a handler, less the paused ones."""
+        if self.pause is None or not self.pause.active():
+            return list(self.handlers)
+        return [kind for kind in self.handlers if kind not in self.pause.kinds]
 
     def _deferred(self) -> tuple[list[str], float]:
         """The kinds to leave queued now, and how overdue they must be to run anyway."""

@@ -19,6 +19,22 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 
 
+async def _refuse(send: Send, status: int, body: bytes, media_type: bytes, warning: str) -> None:
+    """Answer a refused request at once: `body` with a Warning header (`warning` holds no quote or control)."""
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", media_type),
+            (b"content-length", str(len(body)).encode()),
+            (b"warning", f'299 hounsfield "{warning}"'.encode()),
+        ],
+    }
+    await send(start)
+    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
+    await send(end)
+
+
 def header_limit(max_bytes: int) -> Callable[[ASGIApp], ASGIApp]:
     """A Litestar middleware factory: refuse requests whose header names and values exceed `max_bytes`."""
 
@@ -27,19 +43,9 @@ def header_limit(max_bytes: int) -> Callable[[ASGIApp], ASGIApp]:
             if scope["type"] == ScopeType.HTTP:
                 total = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
                 if total > max_bytes:
-                    body = json.dumps({"error": f"request headers exceed {max_bytes} bytes", "status": 431}).encode()
-                    start: HTTPResponseStartEvent = {
-                        "type": "http.response.start",
-                        "status": 431,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"warning", f'299 hounsfield "request headers exceed {max_bytes} bytes"'.encode()),
-                        ],
-                    }
-                    await send(start)
-                    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
-                    await send(end)
+                    text = f"request headers exceed {max_bytes} bytes"
+                    body = json.dumps({"error": text, "status": 431}).encode()
+                    await _refuse(send, 431, body, b"application/json", text)
                     return
             await app(scope, receive, send)
 
@@ -80,18 +86,7 @@ def plain_target(app: ASGIApp) -> ASGIApp:
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == ScopeType.HTTP and has_control_characters(scope):
             body, media_type = _bad_target(scope["path"])
-            start: HTTPResponseStartEvent = {
-                "type": "http.response.start",
-                "status": 400,
-                "headers": [
-                    (b"content-type", media_type),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"warning", f'299 hounsfield "{TARGET_ERROR}"'.encode()),
-                ],
-            }
-            await send(start)
-            end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
-            await send(end)
+            await _refuse(send, 400, body, media_type, TARGET_ERROR)
             return
         await app(scope, receive, send)
 

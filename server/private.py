@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,10 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 
-def make_dirs(path: Path) -> None:
+def make_dirs(path: Path, then: Callable[[Path], None] | None = None) -> None:
     """`mkdir -p` with each folder it makes 0700 (`Path.mkdir(parents=True)` makes the parents with the
-    default mode)."""
+    default mode); `then(folder)` runs after each folder that was missing (also when a concurrent request or
+    process made it meanwhile)."""
     missing: list[Path] = []
     while not path.is_dir():
         missing.append(path)
@@ -33,6 +35,8 @@ def make_dirs(path: Path) -> None:
             folder.mkdir(mode=DIR_MODE)
         except FileExistsError:  # made meanwhile by a concurrent request or process
             pass
+        if then is not None:
+            then(folder)
 
 
 def tighten(folder: Path) -> None:

@@ -34,11 +34,14 @@ from fhir import subscriptions
 from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
+from inference import dispatch
 from inference.service import InferenceService, open_inference
-from server import db, dbroles, jobs, private
+from server import db, dbroles, jobs, private, telemetry
+from server.diskspace import FreeSpace
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+AUDIT_WRITER_CONNECTIONS = 2
 
 
 @dataclass
@@ -84,6 +87,10 @@ def _deferral(settings: Settings, store: StoreService) -> jobs.Deferral | None:
     )
 
 
+DERIVED_JOBS = frozenset({renditions.RENDITION_JOB, dispatch.RUN_JOB})
+"""Job kinds that write new blobs from stored ones, paused while free space is below the watermark."""
+
+
 async def database_url(settings: Settings) -> str:
     """The URL to serve with (the app role, `server.dbroles`), once the schema's owner applied the migrations."""
     return (await dbroles.database_urls(settings)).serving
@@ -104,6 +111,8 @@ async def open_resources(
         if blobs is None:
             blobs = await open_blob_store(settings)
             stack.push_async_callback(blobs.close)
+        space = FreeSpace.of_settings(settings)  # HOUNSFIELD_MIN_FREE_BYTES / _PERCENT (server/diskspace.py)
+        stack.callback(telemetry.watch_free_space(space))  # hounsfield.disk.* gauges while the server runs
         store = StoreService(
             pool,
             blobs,
@@ -112,6 +121,7 @@ async def open_resources(
             hooks=[fhir_sync.ingest_hook(settings.fhir_sync_delay_seconds)],  # ImagingStudy follows the index
             compression=settings.store_compression,  # HOUNSFIELD_STORE_COMPRESSION (dicomweb/compress.py)
             activity=IngestActivity(settings.data_dir / "ingest.activity"),  # shared by the server's processes
+            space=space,  # the free-space watermark: ingest refused below it
         )
         handlers: dict[str, jobs.Handler] = {
             "blob.gc": gc_handler(
@@ -122,7 +132,11 @@ async def open_resources(
         forwarder = SyslogForwarder(settings.audit_syslog) if settings.audit_syslog else None
         if forwarder is not None:
             stack.push_async_callback(forwarder.close)
-        audit = AuditTrail(pool, forwarder=forwarder)
+        # The audit writer's own connections (AuditTrail: appends never wait behind the callers' checkouts); a
+        # writer that ends hands over to the next, so two may overlap.
+        audit_pool = await db.create_pool(dsn, 1, AUDIT_WRITER_CONNECTIONS)
+        stack.push_async_callback(audit_pool.close)
+        audit = AuditTrail(pool, forwarder=forwarder, writer=audit_pool)
         stack.push_async_callback(audit.close)  # runs before the pool closes: records in flight are written
         policy = CachingEngine(open_engine(settings), ttl=settings.policy_cache_seconds)
         stack.push_async_callback(policy.close)
@@ -158,7 +172,7 @@ async def open_resources(
             handlers.update(resources.inference.handlers(pool))
         store.hooks.append(renditions.ingest_hook(settings.renditions))  # frames encoded ahead of requests
         handlers[renditions.RENDITION_JOB] = renditions.job_handler(
-            pool, blobs, settings.renditions, settings.spool_dir
+            pool, blobs, settings.renditions, settings.spool_dir, space
         )
         if settings.dimse_enabled:
             resources.dimse = await open_dimse(resources)  # None without configured peers
@@ -182,7 +196,11 @@ async def open_resources(
                 )
                 await fhir_sync.enqueue_backfill(conn)  # studies stored before FHIR sync existed
             worker = jobs.Worker(
-                pool, handlers, poll_seconds=settings.worker_poll_seconds, deferral=_deferral(settings, store)
+                pool,
+                handlers,
+                poll_seconds=settings.worker_poll_seconds,
+                deferral=_deferral(settings, store),
+                pause=jobs.Pause(DERIVED_JOBS, space.is_low),  # derived work waits below the watermark
             )
             resources.worker = worker
             task = asyncio.create_task(worker.run(), name="hounsfield-worker")

@@ -187,6 +187,33 @@ class Settings:
     """`HOUNSFIELD_MAX_PART_HEADER_BYTES`: larger multipart part headers get 413."""
     max_request_header_bytes: int = 64 * 1024
     """`HOUNSFIELD_MAX_REQUEST_HEADER_BYTES`: requests with larger HTTP headers in all get 431."""
+
+    # --- HTTP connections (server/connections.py) ---
+    http_header_timeout_seconds: int = 30
+    """`HOUNSFIELD_HTTP_HEADER_TIMEOUT_SECONDS`: a connection whose request headers are not complete this long after
+    it opened (or after its previous response) is closed, with 408 when part of a request had come (a client that
+    sends nothing, or a byte at a time, cannot hold a connection)."""
+    http_body_timeout_seconds: int = 60
+    """`HOUNSFIELD_HTTP_BODY_TIMEOUT_SECONDS`: the longest wait for the next piece of a request body. A body that
+    stalls this long ends the request: 408 and the connection closed; a STOW-RS answers for the parts it received
+    whole (they stay stored) and names the cut one as failed."""
+    http_keepalive_seconds: int = 5
+    """`HOUNSFIELD_HTTP_KEEPALIVE_SECONDS`: an idle keep-alive connection is closed after this long."""
+    http_max_connections: int = 1024
+    """`HOUNSFIELD_HTTP_MAX_CONNECTIONS`: open HTTP connections per server process; one more is answered 503 with
+    Retry-After and closed at once, so idle connections cannot use up the file descriptors that requests need. At
+    start the process raises its descriptor limit (RLIMIT_NOFILE) to the hard limit, and lowers this one to fit
+    in it when it does not."""
+
+    # --- free space (server/diskspace.py) ---
+    min_free_bytes: int = 1024**3
+    """`HOUNSFIELD_MIN_FREE_BYTES` (default 1 GiB; 0 with a percent of 0 turns the watermark off): below this much
+    free space on the data folder, the spool, the filesystem blob store or the embedded database's folder, ingest
+    (STOW-RS, C-STORE, import, AI results) is refused (503 with Retry-After, or Out of Resources A700 per instance)
+    and derived work (renditions, AI runs) waits; reads go on. `/readyz` names the low volume."""
+    min_free_percent: int = 0
+    """`HOUNSFIELD_MIN_FREE_PERCENT` (0 to 99, default 0): the watermark as a share of each volume's size, when that
+    is more than `HOUNSFIELD_MIN_FREE_BYTES`."""
     bulkdata_threshold: int = 1024
     """`HOUNSFIELD_BULKDATA_THRESHOLD`: binary attributes longer than this become BulkDataURI in metadata."""
     fhir_max_bundle_entries: int = 1000
@@ -448,6 +475,12 @@ class Settings:
             max_instance_bytes=_int(env, "HOUNSFIELD_MAX_INSTANCE_BYTES", 8 * 1024**3, minimum=1024),
             max_part_header_bytes=_int(env, "HOUNSFIELD_MAX_PART_HEADER_BYTES", 16 * 1024, minimum=256),
             max_request_header_bytes=_int(env, "HOUNSFIELD_MAX_REQUEST_HEADER_BYTES", 64 * 1024, minimum=4096),
+            http_header_timeout_seconds=_int(env, "HOUNSFIELD_HTTP_HEADER_TIMEOUT_SECONDS", 30, minimum=1, maximum=600),
+            http_body_timeout_seconds=_int(env, "HOUNSFIELD_HTTP_BODY_TIMEOUT_SECONDS", 60, minimum=1, maximum=3600),
+            http_keepalive_seconds=_int(env, "HOUNSFIELD_HTTP_KEEPALIVE_SECONDS", 5, minimum=1, maximum=3600),
+            http_max_connections=_int(env, "HOUNSFIELD_HTTP_MAX_CONNECTIONS", 1024, minimum=1, maximum=1_000_000),
+            min_free_bytes=_int(env, "HOUNSFIELD_MIN_FREE_BYTES", 1024**3),
+            min_free_percent=_int(env, "HOUNSFIELD_MIN_FREE_PERCENT", 0, maximum=99),
             bulkdata_threshold=_int(env, "HOUNSFIELD_BULKDATA_THRESHOLD", 1024, minimum=0),
             fhir_max_bundle_entries=_int(env, "HOUNSFIELD_FHIR_MAX_BUNDLE_ENTRIES", 1000, minimum=1, maximum=100_000),
             worker_enabled=_bool(env, "HOUNSFIELD_WORKER", True),

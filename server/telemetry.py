@@ -23,10 +23,11 @@ its first call and returns the same `Telemetry` afterwards (tests create many ap
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from litestar.enums import ScopeType
@@ -38,7 +39,7 @@ from litestar.plugins.opentelemetry import (
 from litestar.plugins.opentelemetry import OpenTelemetryPlugin as _LitestarPlugin
 from litestar.types import ASGIApp, Receive, Scope, Send
 from opentelemetry import metrics, trace
-from opentelemetry.metrics import Counter, Histogram
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -46,6 +47,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased, Sampler, SamplingResult
 
+from server.diskspace import FreeSpace
 from server.logs import route_template
 from server.settings import Settings
 
@@ -109,6 +111,9 @@ class Telemetry:
     stow_part_size: Histogram
     metered: bool = False
     """A metric reader consumes the meter provider's measurements (the SDK takes readers only when it is built)."""
+    disk_sources: list[FreeSpace] = field(default_factory=list)
+    """The free-space watermarks of the servers open in this process (`watch_free_space`), observed by the
+    `hounsfield.disk.free` and `hounsfield.disk.low` gauges."""
 
     @property
     def observed(self) -> bool:
@@ -150,6 +155,19 @@ class Telemetry:
             tracer_provider.add_span_processor(BatchSpanProcessor(span_out))
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         meter = meter_provider.get_meter(INSTRUMENTATION_NAME)
+        sources: list[FreeSpace] = []
+        meter.create_observable_gauge(
+            "hounsfield.disk.free",
+            callbacks=[functools.partial(_disk_points, sources, low=False)],
+            unit="By",
+            description="Free space on each volume the server writes to (data folder, spool, blob store, database)",
+        )
+        meter.create_observable_gauge(
+            "hounsfield.disk.low",
+            callbacks=[functools.partial(_disk_points, sources, low=True)],
+            unit="1",
+            description="1 while the volume is below the free-space watermark (ingest refused, derived work paused)",
+        )
         return cls(
             exporter=exporter,
             tracer_provider=tracer_provider,
@@ -166,6 +184,7 @@ class Telemetry:
                 description="Size of each STOW-RS multipart part",
             ),
             metered=bool(readers),
+            disk_sources=sources,
         )
 
     def record_stored(self, n: int = 1) -> None:
@@ -174,6 +193,11 @@ class Telemetry:
 
     def record_part_size(self, size: int) -> None:
         self.stow_part_size.record(size)
+
+    def watch_free_space(self, space: FreeSpace) -> Callable[[], None]:
+        """Observe `space` in the disk gauges; returns the function that stops observing it."""
+        self.disk_sources.append(space)
+        return functools.partial(_forget, self.disk_sources, space)
 
     @contextlib.contextmanager
     def blob_span(self, op: str, key: str) -> Iterator[trace.Span]:
@@ -229,6 +253,30 @@ def record_stored(n: int = 1) -> None:
     """Count instances newly stored (call once per stored instance or with a batch count)."""
     if _current is not None:
         _current.record_stored(n)
+
+
+def _disk_points(sources: list[FreeSpace], _options: CallbackOptions, *, low: bool) -> Iterator[Observation]:
+    for space in list(sources):
+        try:
+            readings = space.readings()
+        except OSError:
+            continue
+        for reading in readings:
+            value = int(reading.low) if low else reading.free
+            yield Observation(value, {"hounsfield.disk.volume": reading.name})
+
+
+def _forget(sources: list[FreeSpace], space: FreeSpace) -> None:
+    with contextlib.suppress(ValueError):
+        sources.remove(space)
+
+
+def watch_free_space(space: FreeSpace) -> Callable[[], None]:
+    """Report `space` in the `hounsfield.disk.*` gauges of this process's telemetry; returns the function that
+    stops it (a no-op before `configure`, as in the import command)."""
+    if _current is None:
+        return lambda: None
+    return _current.watch_free_space(space)
 
 
 def record_part_size(size: int) -> None:

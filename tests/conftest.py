@@ -4,6 +4,7 @@ servers on 127.0.0.1 and free ports, dicomweb-client as the DICOMweb peer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
@@ -87,10 +88,10 @@ def template_db(pg_uri: str) -> str:
     return TEMPLATE
 
 
-@pytest.fixture
-def dsn(pg_uri: str, template_db: str) -> Iterator[str]:
-    """A fresh, migrated database for one test (cloned from the template: milliseconds)."""
-    name = f"t_{os.getpid()}_{next(_counter)}"
+@contextlib.contextmanager
+def cloned_database(pg_uri: str, template_db: str, prefix: str = "t") -> Iterator[str]:
+    """A fresh, migrated database (cloned from the template: milliseconds), dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{next(_counter)}"
 
     async def run(sql: str) -> None:
         conn = await asyncpg.connect(pg_uri)
@@ -100,8 +101,17 @@ def dsn(pg_uri: str, template_db: str) -> Iterator[str]:
             await conn.close()
 
     asyncio.run(run(f"CREATE DATABASE {name} TEMPLATE {template_db}"))
-    yield _with_db(pg_uri, name)
-    asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    try:
+        yield _with_db(pg_uri, name)
+    finally:
+        asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def dsn(pg_uri: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    with cloned_database(pg_uri, template_db) as url:
+        yield url
 
 
 def app_dsn(dsn: str) -> str:

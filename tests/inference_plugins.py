@@ -1,6 +1,7 @@
 """A model adapter plugin for the inference tests (loaded through HOUNSFIELD_INFERENCE_PLUGINS, as a site's own
 models would be): `test-always-fails` is a test model that fails on every input, so that retries and the
-failure report can be observed end to end."""
+failure report can be observed end to end; `test-measures` is a test model that succeeds at once with one
+measurement (the mean pixel value), for tests that need a published result without a real model's cost."""
 
 from __future__ import annotations
 
@@ -26,4 +27,17 @@ def always_fails(settings: Mapping[str, Any]) -> AlwaysFails:
     return AlwaysFails(Algorithm("test-always-fails", "0", codes.cid7162.ArtificialIntelligence))
 
 
-ADAPTERS = {"test-always-fails": always_fails}
+@dataclass(frozen=True, slots=True)
+class Measures:
+    algorithm: Algorithm
+
+    def predict(self, inputs: ModelInput) -> Prediction:
+        mean = sum(float(image.pixels.mean()) for image in inputs.images) / max(len(inputs.images), 1)
+        return Prediction(measurements={"mean_pixel_value": mean}, conclusion="test measurement")
+
+
+def measures(settings: Mapping[str, Any]) -> Measures:
+    return Measures(Algorithm("test-measures", "0", codes.cid7162.ArtificialIntelligence))
+
+
+ADAPTERS = {"test-always-fails": always_fails, "test-measures": measures}

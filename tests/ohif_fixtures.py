@@ -7,23 +7,17 @@ The server is the real app (`create_app`) on its own port with CORS for the view
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import asyncpg
 import httpx
 import pytest
 
 from server.app import create_app
 from server.settings import Settings
 from tests import ohif, ohif_data
-from tests.conftest import _Thread, _with_db, admin_token, app_dsn, bearer, free_port
+from tests.conftest import _Thread, admin_token, app_dsn, bearer, cloned_database, free_port
 from tests.factory import multipart, part10, stow_headers
-
-_counter = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -40,18 +34,8 @@ class Api:
 @pytest.fixture(scope="module", name="module_dsn")
 def module_dsn_fixture(pg_uri: str, template_db: str) -> Iterator[str]:
     """A migrated database for one test module's server (cloned from the template)."""
-    name = f"t_ohif_{os.getpid()}_{next(_counter)}"
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(pg_uri)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run(f"CREATE DATABASE {name} TEMPLATE {template_db}"))
-    yield _with_db(pg_uri, name)
-    asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    with cloned_database(pg_uri, template_db, "t_ohif") as url:
+        yield url
 
 
 @pytest.fixture(scope="module", name="viewer")

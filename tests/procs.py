@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,8 @@ class ServerProcess:
 
 
 @contextmanager
-def serve(dsn: str, data: Path, **env: str) -> Iterator[ServerProcess]:
+def serve(dsn: str, data: Path, *, wrap: Sequence[str] = (), **env: str) -> Iterator[ServerProcess]:
+    """`hounsfield serve` on a free port with `env`; `wrap` is a command that runs it (`unshare ... sh -c ...`)."""
     port = free_port()
     data.mkdir(parents=True, exist_ok=True)
     log_path = data.parent / f"server-{port}.log"
@@ -56,7 +57,8 @@ def serve(dsn: str, data: Path, **env: str) -> Iterator[ServerProcess]:
         **env,
     }
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=environ, stdout=log, stderr=log)
+        command = [*wrap, sys.executable, "-m", "server.cli", "serve"]
+        proc = subprocess.Popen(command, env=environ, stdout=log, stderr=log)
         server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path, data)
         try:
             deadline = time.monotonic() + 60

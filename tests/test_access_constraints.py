@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dicomweb.access import AccessConstraints, UnknownConstraint
+from dicomweb.access import AccessConstraints, Grant, UnknownConstraint
 from dicomweb.query import Level, parse_query
 from dicomweb.search import search
 from server import db
@@ -76,9 +76,50 @@ def test_constraints_filter_rows_counts_and_pages(http, server) -> None:
     assert nothing == []
 
 
+def test_a_grant_adds_one_patients_rows_at_every_level(http, server) -> None:
+    """A break-glass grant: (the limits) OR (the granted patient's rows), so P3's MG study shows although MG is
+    excluded, and nothing else of any other patient does; with a study, only that study is added."""
+    store_cohort(http)
+    granted = AccessConstraints(patient_ids=("P1",), modalities_excluded=("MG",), granted=Grant("P3"))
+    assert patients(run_search(server.dsn, Level.STUDY, granted)) == ["P1", "P1", "P3"]
+    assert sorted(patients(run_search(server.dsn, Level.SERIES, granted))) == ["P1"] * 3 + ["P3"]
+    assert patients(run_search(server.dsn, Level.INSTANCE, granted)) == ["P1"] * 6 + ["P3"] * 2
+    assert patients(run_search(server.dsn, Level.SERIES, granted, [("Modality", "MG")])) == ["P3"]
+    # The grant never widens what a filter asks for.
+    assert patients(run_search(server.dsn, Level.STUDY, granted, [("PatientID", "P2")])) == []
+
+    studies = {
+        m["0020000D"]["Value"][0]: m["00100020"]["Value"][0]
+        for m in run_search(server.dsn, Level.STUDY, AccessConstraints())
+    }
+    p1_studies = sorted(uid for uid, patient in studies.items() if patient == "P1")
+    one = AccessConstraints(patient_ids=("P2",), granted=Grant("P1", p1_studies[0]))
+    assert {m["0020000D"]["Value"][0] for m in run_search(server.dsn, Level.STUDY, one)} == {
+        p1_studies[0],
+        *(uid for uid, patient in studies.items() if patient == "P2"),
+    }
+    assert {m["0020000D"]["Value"][0] for m in run_search(server.dsn, Level.INSTANCE, one)} >= {p1_studies[0]}
+    wrong_patient = AccessConstraints(patient_ids=(), granted=Grant("P2", p1_studies[0]))
+    assert run_search(server.dsn, Level.SERIES, wrong_patient) == []
+    # Only a grant: nothing but the grant's rows.
+    only_grant = AccessConstraints(patient_ids=(), granted=Grant("P3"))
+    assert patients(run_search(server.dsn, Level.STUDY, only_grant)) == ["P3"]
+
+
 def test_unknown_constraints_are_refused() -> None:
     with pytest.raises(UnknownConstraint):
         AccessConstraints.from_policy({"sites": ["A"]})
     with pytest.raises(UnknownConstraint):
         AccessConstraints.from_policy({"patient_ids": "P1"})
     assert AccessConstraints.from_policy({"patient_ids": ["P2", "P1"]}).patient_ids == ("P1", "P2")
+    for bad in (
+        {},
+        {"patient_id": ""},
+        {"patient_id": "P1", "site": "A"},
+        ["P1"],
+        {"patient_id": "P1", "study_uid": 3},
+    ):
+        with pytest.raises(UnknownConstraint):
+            AccessConstraints.from_policy({"granted": bad})
+    grant = AccessConstraints.from_policy({"patient_ids": [], "granted": {"patient_id": "P5", "study_uid": "1.2"}})
+    assert grant.granted == Grant("P5", "1.2") and grant.patient_ids == ()

@@ -21,7 +21,15 @@ import pytest
 
 from authz.audit import key_verifier
 from authz.auditverify import verify
-from authz.breakglass import InvalidRequest, check_reason, parse_close, parse_start
+from authz.breakglass import (
+    InvalidRequest,
+    StartRequest,
+    check_reason,
+    parse_close,
+    parse_start,
+    scoped_start,
+    visible_length,
+)
 from authz.keys import load_or_create
 from server import db
 from tests.conftest import LiveServer, bearer
@@ -179,9 +187,9 @@ def test_clinician_breaks_the_glass_reads_flagged_until_expiry(
     assert window == dt.timedelta(minutes=server.settings.break_glass_minutes)
     assert session["closed_at"] is None and session["closed_by"] is None
 
-    # Inside the window: the study, and searches beyond the care list (modality limits lifted too).
+    # Inside the window: the study, and searches add it to the care list (nothing of other patients: not P5's MG).
     assert httpx.get(p3, headers=dr).status_code == 200
-    assert patients(httpx.get(server.dicomweb + "/studies", headers=dr)) == ["P1", "P3", "P5"]
+    assert patients(httpx.get(server.dicomweb + "/studies", headers=dr)) == ["P1", "P3"]
 
     records = audit_records(server.dsn)
     (start,) = alerts(records, "110127")
@@ -226,8 +234,10 @@ def test_reviewers_list_and_close_sessions(make_server: Any) -> None:
     studies = store(server)
     dr = bearer(server.token(sub="dr-who", roles=["referring"], scopes=[]))
     house = bearer(server.token(sub="dr-house", roles=["radiologist"], scopes=[]))
-    first = httpx.post(server.url + "/break-glass", json={"reason": REASON}, headers=dr).json()
-    second = httpx.post(server.url + "/break-glass", json={"reason": "cardiac arrest, comparison"}, headers=house)
+    first = httpx.post(server.url + "/break-glass", json={"reason": REASON, "patient_id": "P3"}, headers=dr).json()
+    second = httpx.post(
+        server.url + "/break-glass", json={"reason": "cardiac arrest, comparison", "patient_id": "P5"}, headers=house
+    )
     assert second.status_code == 201
     auditor = bearer(server.token(sub="sec", roles=["auditor"], scopes=[]))
 
@@ -278,16 +288,20 @@ def test_who_may_not_break_the_glass_and_bad_reasons(make_server: Any) -> None:
     server: LiveServer = make_server()
     url = server.url + "/break-glass"
     for sub, roles in (("tech", ["technologist"]), ("res", ["researcher"]), ("sec", ["auditor"]), ("adm", ["admin"])):
-        denied = httpx.post(url, json={"reason": REASON}, headers=bearer(server.token(sub=sub, roles=roles, scopes=[])))
+        who = bearer(server.token(sub=sub, roles=roles, scopes=[]))
+        denied = httpx.post(url, json={"reason": REASON, "patient_id": "P3"}, headers=who)
         assert denied.status_code == 403, (roles, denied.text)
-        assert "may break the glass" in denied.json()["error"]
+        assert denied.json()["error"] == f"access denied by policy (decision {denied.json()['decision_id']})"
+        assert "may break the glass" in audit_records(server.dsn)[-1]["outcome_desc"]  # the reason: audit only
 
     dr = bearer(server.token(sub="dr-who", roles=["referring"], scopes=[]))
     for body in (
         {},
-        {"reason": None},
-        {"reason": "too short"},
-        {"reason": "x" * 1001},
+        {"reason": None, "patient_id": "P3"},
+        {"reason": "too short", "patient_id": "P3"},
+        {"reason": "x" * 1001, "patient_id": "P3"},
+        {"reason": REASON},  # no patient: there is no break-glass for the whole archive
+        {"reason": REASON, "patient_id": "  "},
         {"reason": REASON, "study_uid": "not-a-uid"},
         {"reason": REASON, "patient_id": "P" * 65},
         {"reason": REASON, "extra": 1},
@@ -298,7 +312,7 @@ def test_who_may_not_break_the_glass_and_bad_reasons(make_server: Any) -> None:
     assert not_json.status_code == 400 and not_json.headers["Warning"].startswith("299")
     # A technologist's malformed request is a 400 too: the body is checked before the policy decides.
     tech = bearer(server.token(sub="tech", roles=["technologist"], scopes=[]))
-    assert httpx.post(url, json={"reason": "short"}, headers=tech).status_code == 400
+    assert httpx.post(url, json={"reason": "short", "patient_id": "P3"}, headers=tech).status_code == 400
 
     assert sql(server.dsn, "SELECT count(*) AS n FROM break_glass_sessions")[0]["n"] == 0
     records = audit_records(server.dsn)
@@ -343,7 +357,7 @@ def test_btg_token_with_reason_header(make_server: Any) -> None:
     tech = bearer(server.token(sub="tech", roles=["technologist"], scopes=[], purpose_of_use=["BTG"]))
     mg = f"{server.dicomweb}/studies/{studies['P5']}/metadata"
     refused = httpx.get(mg, headers={**tech, "X-Break-Glass-Reason": REASON})
-    assert refused.status_code == 403 and "break-glass refused" in refused.json()["error"]
+    assert refused.status_code == 403 and refused.json()["error"].startswith("access denied by policy (decision ")
     assert sql(server.dsn, "SELECT count(*) AS n FROM break_glass_sessions")[0]["n"] == 1
     chain_verifies(server)
 
@@ -352,22 +366,39 @@ def test_webhook_failure_is_retried_by_the_job_queue(make_server: Any, webhook: 
     webhook.fail_first = 1
     server: LiveServer = make_server(break_glass_webhook=webhook.url)
     dr = bearer(server.token(sub="dr-who", roles=["referring"], scopes=[]))
-    started = httpx.post(server.url + "/break-glass", json={"reason": REASON}, headers=dr)
+    started = httpx.post(server.url + "/break-glass", json={"reason": REASON, "patient_id": "P3"}, headers=dr)
     assert started.status_code == 201  # the webhook's failure does not hold up emergency access
     (alert,) = webhook.wait(1, seconds=30)
     assert webhook.attempts == 2 and alert["session"]["id"] == started.json()["id"]
-    (job,) = sql(server.dsn, "SELECT state, attempts, last_error FROM jobs WHERE kind = 'breakglass.alert'")
+    # The worker marks the job done after the webhook answered: wait for that commit (bounded).
+    deadline = time.monotonic() + 10
+    while True:
+        (job,) = sql(server.dsn, "SELECT state, attempts, last_error FROM jobs WHERE kind = 'breakglass.alert'")
+        if job["state"] != "running" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert (job["state"], job["attempts"]) == ("done", 2)
 
 
 def test_request_parsing() -> None:
     assert check_reason(f"  {REASON}\n") == REASON
-    for bad in (None, 3, "", "123456789", "x" * 1001, "ten chars\x00!"):
+    for bad in (None, 3, "", "123456789", "x" * 1001, "ten chars\x00!", "\u200b" * 20, "abc\ud800defghijk"):
         with pytest.raises(InvalidRequest):
             check_reason(bad)
+    # What counts is what shows: not separators (Z*), controls (Cc) or format characters (Cf).
+    assert visible_length("a\u200bb\u00a0c\u202ed\u2028e\tf\u3000g") == 7
+    assert check_reason("Notfall \u200bCT!") == "Notfall \u200bCT!"
     start = parse_start(json.dumps({"reason": REASON, "patient_id": " P3 ", "study_uid": "1.2.3"}).encode())
     assert (start.reason, start.patient_id, start.study_uid) == (REASON, "P3", "1.2.3")
-    assert parse_start(json.dumps({"reason": REASON, "patient_id": ""}).encode()).patient_id is None
+    study_only = parse_start(json.dumps({"reason": REASON, "study_uid": "1.2.3"}).encode())
+    assert (study_only.patient_id, study_only.study_uid) == (None, "1.2.3")
+    assert scoped_start(study_only, "P5") == StartRequest(REASON, "P5", "1.2.3")
+    assert scoped_start(start, "P3") == start
+    for request, found in ((study_only, None), (start, "P4"), (StartRequest(REASON), None)):
+        with pytest.raises(InvalidRequest):
+            scoped_start(request, found)
+    with pytest.raises(InvalidRequest):
+        parse_start(json.dumps({"reason": REASON, "patient_id": ""}).encode())
     for body in (b"", b"null", b"[]", b"{", json.dumps({"reason": REASON, "study_uid": "1.02"}).encode()):
         with pytest.raises(InvalidRequest):
             parse_start(body)

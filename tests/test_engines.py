@@ -4,6 +4,7 @@ OPA over HTTP (against a fake OPA server speaking the Data API: answers, timeout
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -23,7 +24,7 @@ from authz.engine_opa import OpaEngine, revision_from
 from authz.engine_rego import PolicyError, RegoEngine
 from authz.engines import SHIPPED_POLICIES, open_engine, policy_paths
 from authz.errors import PolicyUnavailable
-from authz.policy_input import dicomweb_resource, modalities, policy_input, rfc3339
+from authz.policy_input import break_glass_session, dicomweb_resource, modalities, policy_input, rfc3339
 from authz.principal import Principal
 from server.settings import Settings
 from tests.opa_fake_server import FakeOpaServer
@@ -217,14 +218,34 @@ async def opa_engine(opa: FakeOpaServer) -> AsyncIterator[OpaEngine]:
     await engine.close()
 
 
+def bound(*roles: str, patient: str, action: str = "search", target: str | None = None) -> PolicyInput:
+    """A request of a token with a `patient` claim and no scopes."""
+    who = Principal(sub="app", issuer="hounsfield", roles=roles, patient=patient)
+    resource = dicomweb_resource("study", patient_id=target, modalities_in_study=["CT"] if target else ())
+    return policy_input(who, action, resource, "127.0.0.1", now=NOW)  # type: ignore[arg-type]
+
+
+def glass(policy_request: PolicyInput, patient: str, study: str | None = None) -> PolicyInput:
+    """The request with an open break-glass session for `patient` (and `study`)."""
+    session = break_glass_session("bg-1", "unconscious in ED", NOW + dt.timedelta(hours=1), patient, study)
+    return dataclasses.replace(policy_request, context=dataclasses.replace(policy_request.context, break_glass=session))
+
+
 async def test_opa_gives_the_same_decisions(opa: FakeOpaServer, opa_engine: OpaEngine) -> None:
     local = RegoEngine(SHIPPED_POLICIES, SHIPPED_POLICIES / "data.json")
+    grants = []
     for policy_request in [
         request("referring"),
         request("researcher"),
         request("referring", action="read", patient="P7"),
         request("auditor", action="read", patient="P1"),
         request("admin", action="delete", patient="P1"),
+        bound("radiologist", patient="P7"),
+        bound("radiologist", patient="P7", action="read", target="P8"),
+        glass(request("referring"), "P5"),
+        glass(request("referring"), "P5", "1.2.5"),
+        glass(request("referring", action="read", patient="P5"), "P5"),
+        glass(request("referring", action="read", patient="P6"), "P5"),
     ]:
         remote = await opa_engine.decide(policy_request)
         here = await local.decide(policy_request)
@@ -234,6 +255,8 @@ async def test_opa_gives_the_same_decisions(opa: FakeOpaServer, opa_engine: OpaE
             here.constraints,
             here.obligations,
         )
+        grants.append(remote.constraints.get("granted"))
+    assert {"patient_id": "P5", "study_uid": "1.2.5"} in grants  # the nested constraint survives the wire
     sent = opa.requests[0]
     assert sent["path"] == "hounsfield/authz/decision"
     assert sent["query"] == {"provenance": "true"}

@@ -5,6 +5,7 @@ own; oversized and malformed bundles are refused with an OperationOutcome. Pure 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -258,3 +259,21 @@ def test_parse_targets_and_order() -> None:
         parse_bundle(
             {"resourceType": "Bundle", "type": "batch", "entry": [{}] * 3}, base=BASE, served=frozenset(), max_entries=2
         )
+
+
+def test_more_concurrent_bundles_than_pool_connections_all_answer(make_server: Any) -> None:
+    """A Bundle holds a pool connection while its entries' audit records are written: the audit writer has
+    connections of its own, so twice as many concurrent Bundles as the pool has connections all answer, and
+    the server still serves afterwards."""
+    server: LiveServer = make_server(db_pool_max=2)
+    headers = {**bearer(server.token()), "Content-Type": FHIR_JSON}
+    body = {"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": "Patient"}}]}
+
+    async def run() -> tuple[list[int], int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
+            answers = await asyncio.gather(*(http.post("/fhir", json=body, headers=headers) for _ in range(4)))
+            after = await http.get("/dicom-web/studies", headers=headers)
+            return [a.status_code for a in answers], after.status_code
+
+    statuses, after = asyncio.run(run())
+    assert statuses == [200] * 4 and after in (200, 204)

@@ -28,8 +28,9 @@ from authz.principal import Principal
 
 OPA_ONLY = {"opa_test.rego"}
 """Test modules regopy cannot load (they use `with input as`)."""
-CONSTRAINT_KEYS = {"patient_ids", "patient_ids_excluded", "modalities_excluded"}
+CONSTRAINT_KEYS = {"patient_ids", "patient_ids_excluded", "modalities_excluded", "granted"}
 """The only constraints the policy may emit: the search code translates exactly these into SQL."""
+LIST_KEYS = CONSTRAINT_KEYS - {"granted"}
 TEST_RULE = re.compile(r"^(test_\w+)\s+(?:if|:=|\{)", re.MULTILINE)
 PACKAGE = re.compile(r"^package\s+([\w.]+)", re.MULTILINE)
 
@@ -111,7 +112,12 @@ def test_policy_case(engine: RegoEngine, name: str) -> None:
             assert result[key] == case[key], f"{key}: {result}"
     # What holds for every decision:
     assert set(result["constraints"]) <= CONSTRAINT_KEYS
-    assert all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in result["constraints"].values())
+    lists = [v for k, v in result["constraints"].items() if k in LIST_KEYS]
+    assert all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists)
+    if "granted" in result["constraints"]:
+        granted = result["constraints"]["granted"]
+        assert set(granted) <= {"patient_id", "study_uid"} and all(isinstance(v, str) for v in granted.values())
+        assert result["obligations"] == {"audit": "detailed", "break_glass": True}, "a grant is always flagged"
     if result["allow"]:
         assert result["obligations"]["audit"] in {"standard", "detailed"}
         assert result["reasons"]
@@ -165,7 +171,8 @@ def search(kind: str = "study") -> Resource:
 
 
 async def decide(engine: RegoEngine, who: Principal, action: Any, resource: Resource, glass: bool = False) -> Decision:
-    session = break_glass_session("bg-7", "unconscious in ED", NOW + dt.timedelta(hours=1)) if glass else None
+    """`glass`: the subject has an open break-glass session for patient P5."""
+    session = break_glass_session("bg-7", "unconscious in ED", NOW + dt.timedelta(hours=1), "P5") if glass else None
     return await engine.decide(policy_input(who, action, resource, "10.0.0.7", session, now=NOW))
 
 
@@ -310,7 +317,37 @@ REALISTIC: list[tuple[str, Principal, str, Resource, bool, bool, dict[str, Any],
         None,
     ),
     ("break-glass read", principal("referring"), "read", study("P5"), True, True, {}, "break-glass"),
-    ("break-glass search", principal("referring"), "search", search(), True, True, {}, "break-glass"),
+    (
+        "break-glass search",
+        principal("referring"),
+        "search",
+        search(),
+        True,
+        True,
+        {"patient_ids": ["P1", "P2"], "modalities_excluded": ["MG"], "granted": {"patient_id": "P5"}},
+        "break-glass",
+    ),
+    ("break-glass other patient", principal("referring"), "read", study("P6"), True, False, {}, None),
+    (
+        "patient claim without scopes",
+        principal("radiologist", patient="P2"),
+        "search",
+        search("series"),
+        False,
+        True,
+        {"patient_ids": ["P2"]},
+        None,
+    ),
+    (
+        "patient claim other patient",
+        principal("radiologist", patient="P2"),
+        "read",
+        study("P1"),
+        False,
+        False,
+        {},
+        None,
+    ),
     (
         "break-glass not eligible",
         principal("researcher"),

@@ -50,11 +50,20 @@ modalities(inp, m) := object.union(inp, {"resource": object.union(inp.resource, 
 
 attributes(inp, a) := object.union(inp, {"resource": object.union(inp.resource, {"attributes": a})})
 
-glass(inp) := object.union(inp, {"context": object.union(inp.context, {"break_glass": {
+# An open break-glass session for `patient` (and `study`, when not null).
+glass_for(inp, patient, study) := object.union(inp, {"context": object.union(inp.context, {"break_glass": {
 	"id": "bg-1",
 	"reason": "patient unconscious in ED",
 	"expires": "2026-01-01T01:00:00Z",
+	"patient_id": patient,
+	"study_uid": study,
 }})})
+
+glass(inp, patient) := glass_for(inp, patient, null)
+
+study_of(inp, uid) := object.union(inp, {"resource": object.union(inp.resource, {"study_uid": uid})})
+
+reviewing(inp, sub, issuer) := attributes(inp, {"session_subject": {"sub": sub, "issuer": issuer}})
 
 standard := {"audit": "standard"}
 
@@ -280,53 +289,206 @@ cases := {
 		"input": scoped(req(["auditor"], "export", "AuditEvent", null), ["user/AuditEvent.rs"], null),
 		"allow": true,
 	},
-	# --- break-glass ---
+	# --- a patient claim binds, with or without patient/ scopes, unless a user/ or system/ scope covers ---
+	"patient_claim_without_scopes_search_bound": {
+		"input": scoped(req(["radiologist"], "search", "study", null), [], "P7"),
+		"allow": true, "constraints": {"patient_ids": ["P7"]}, "obligations": standard,
+	},
+	"patient_claim_without_scopes_reads_own_patient": {
+		"input": scoped(req(["radiologist"], "read", "metadata", "P7"), [], "P7"),
+		"allow": true,
+	},
+	"patient_claim_without_scopes_denies_other_patient": {
+		"input": scoped(req(["radiologist"], "read", "metadata", "P8"), [], "P7"),
+		"allow": false, "reasons": ["patient P8 is outside the token's patient context"],
+	},
+	"patient_claim_without_scopes_denies_unknown_patient": {
+		"input": scoped(req(["radiologist"], "read", "study", null), [], "P7"),
+		"allow": false,
+	},
+	"patient_claim_binds_reports_and_patients": {
+		"input": scoped(req(["ehr"], "search", "Patient", null), [], "P7"),
+		"allow": true, "constraints": {"patient_ids": ["P7"]},
+	},
+	"patient_claim_binds_report_reads": {
+		"input": scoped(req(["ehr"], "read", "DiagnosticReport", "P8"), [], "P7"),
+		"allow": false,
+	},
+	"patient_claim_binds_report_writes": {
+		"input": scoped(req(["radiologist"], "create", "DiagnosticReport", "P8"), [], "P7"),
+		"allow": false, "reasons": ["patient P8 is outside the token's patient context"],
+	},
+	"patient_claim_binds_inference_results": {
+		"input": scoped(req(["radiologist"], "search", "InferenceRequest", null), [], "P7"),
+		"allow": true, "constraints": {"patient_ids": ["P7"]},
+	},
+	"patient_claim_with_non_resource_scopes_bound": {
+		"input": scoped(req(["radiologist"], "search", "study", null), ["openid", "launch/patient"], "P7"),
+		"allow": true, "constraints": {"patient_ids": ["P7"]},
+	},
+	"patient_claim_within_care_list": {
+		"input": scoped(req(["referring"], "search", "study", null), [], "P2"),
+		"allow": true, "constraints": {"patient_ids": ["P2"], "modalities_excluded": ["MG"]},
+	},
+	"patient_claim_outside_care_list_sees_nothing": {
+		"input": scoped(req(["referring"], "search", "study", null), [], "P9"),
+		"allow": true, "constraints": {"patient_ids": [], "modalities_excluded": ["MG"]},
+	},
+	"patient_claim_outside_care_list_reads_nothing": {
+		"input": scoped(req(["referring"], "read", "study", "P9"), [], "P9"),
+		"allow": false, "reasons": ["patient P9 is not in the care list of dr-who"],
+	},
+	"patient_claim_leaves_patientless_kinds_alone": {
+		"input": scoped(req(["radiologist"], "search", "Model", null), [], "P7"),
+		"allow": true, "constraints": {},
+	},
+	"user_scope_lifts_patient_claim_for_what_it_covers": {
+		"input": scoped(req(["radiologist"], "read", "study", "P8"), ["user/ImagingStudy.rs"], "P7"),
+		"allow": true,
+	},
+	"user_scope_of_another_type_does_not_lift_patient_claim": {
+		"input": scoped(req(["radiologist"], "read", "DiagnosticReport", "P8"), ["user/ImagingStudy.rs", "patient/DiagnosticReport.rs"], "P7"),
+		"allow": false, "reasons": ["patient P8 is outside the token's patient context"],
+	},
+	"empty_patient_claim_binds_nothing": {
+		"input": scoped(req(["radiologist"], "search", "study", null), [], ""),
+		"allow": true, "constraints": {},
+	},
+	# --- break-glass: one patient (and study), for data.break_glass_roles ---
 	"break_glass_read_outside_care_list": {
-		"input": glass(req(["referring"], "read", "study", "P9")),
+		"input": glass(req(["referring"], "read", "study", "P9"), "P9"),
 		"allow": true, "reasons": ["break-glass"], "obligations": flagged,
 	},
-	"break_glass_lifts_search_constraints": {
-		"input": glass(req(["referring"], "search", "study", null)),
-		"allow": true, "reasons": ["break-glass"], "obligations": flagged, "constraints": {},
+	"break_glass_reads_only_its_patient": {
+		"input": glass(req(["referring"], "read", "study", "P8"), "P9"),
+		"allow": false, "reasons": ["patient P8 is not in the care list of dr-who"], "obligations": {"audit": "detailed"},
 	},
-	"break_glass_lifts_modality_restriction": {
-		"input": glass(modalities(req(["referring"], "read", "study", "P1"), ["MG"])),
+	"break_glass_lifts_consent_for_its_patient_only": {
+		"input": glass(req(["referring"], "read", "study", "P3"), "P9"),
+		"allow": false,
+	},
+	"break_glass_lifts_consent_of_its_patient": {
+		"input": glass(req(["referring"], "read", "study", "P3"), "P3"),
 		"allow": true, "obligations": flagged,
 	},
-	"break_glass_flags_every_access": {
-		"input": glass(req(["radiologist"], "read", "study", "P1")),
-		"allow": true, "reasons": ["break-glass"], "obligations": flagged,
+	"break_glass_search_adds_its_patient": {
+		"input": glass(req(["referring"], "search", "study", null), "P9"),
+		"allow": true, "reasons": ["break-glass", "granted to role referring"], "obligations": flagged,
+		"constraints": {"patient_ids": ["P1", "P2"], "modalities_excluded": ["MG"], "granted": {"patient_id": "P9"}},
 	},
-	"break_glass_only_for_listed_roles": {
-		"input": glass(modalities(req(["technologist"], "read", "study", "P1"), ["MG"])),
+	"break_glass_search_adds_its_study": {
+		"input": glass_for(req(["referring"], "search", "series", null), "P9", "1.2.9"),
+		"allow": true, "obligations": flagged,
+		"constraints": {
+			"patient_ids": ["P1", "P2"], "modalities_excluded": ["MG"],
+			"granted": {"patient_id": "P9", "study_uid": "1.2.9"},
+		},
+	},
+	"break_glass_search_without_a_role_grant_sees_only_its_patient": {
+		"input": glass(req(["referring"], "search", "InferenceRequest", null), "P9"),
+		"allow": true, "obligations": flagged, "reasons": ["break-glass"],
+		"constraints": {"patient_ids": [], "granted": {"patient_id": "P9"}},
+	},
+	"break_glass_lifts_modality_restriction_of_its_patient": {
+		"input": glass(modalities(req(["referring"], "read", "study", "P1"), ["MG"]), "P1"),
+		"allow": true, "obligations": flagged,
+	},
+	"break_glass_keeps_modality_restriction_of_others": {
+		"input": glass(modalities(req(["referring"], "read", "study", "P1"), ["MG"]), "P9"),
 		"allow": false, "reasons": ["modality MG is restricted to roles admin, radiologist"],
 	},
-	"break_glass_not_for_delete": {"input": glass(req(["referring"], "delete", "study", "P1")), "allow": false},
-	"break_glass_not_for_audit": {"input": glass(req(["referring"], "search", "AuditEvent", null)), "allow": false},
+	"break_glass_study_session_reads_its_study": {
+		"input": glass_for(modalities(req(["referring"], "read", "study", "P9"), ["MG"]), "P9", "1.2.3"),
+		"allow": true, "obligations": flagged,
+	},
+	"break_glass_study_session_not_other_studies": {
+		"input": glass_for(req(["referring"], "read", "study", "P9"), "P9", "1.2.9"),
+		"allow": false,
+	},
+	"break_glass_study_session_reads_reports_of_no_study": {
+		"input": glass_for(study_of(req(["referring"], "read", "DiagnosticReport", "P9"), null), "P9", "1.2.9"),
+		"allow": true, "obligations": flagged,
+	},
+	"break_glass_flags_only_what_it_allows": {
+		"input": glass(req(["radiologist"], "read", "study", "P1"), "P1"),
+		"allow": true, "reasons": ["granted to role radiologist"], "obligations": standard,
+	},
+	"break_glass_without_patient_grants_nothing": {
+		"input": glass(req(["referring"], "read", "study", "P9"), null),
+		"allow": false,
+	},
+	"break_glass_without_patient_adds_no_rows": {
+		"input": glass(req(["referring"], "search", "study", null), null),
+		"allow": true, "obligations": standard,
+		"constraints": {"patient_ids": ["P1", "P2"], "modalities_excluded": ["MG"]},
+	},
+	"break_glass_only_for_listed_roles": {
+		"input": glass(modalities(req(["technologist"], "read", "study", "P1"), ["MG"]), "P1"),
+		"allow": false, "reasons": ["modality MG is restricted to roles admin, radiologist"],
+	},
+	"break_glass_not_for_delete": {"input": glass(req(["referring"], "delete", "study", "P1"), "P1"), "allow": false},
+	"break_glass_not_for_audit": {"input": glass(req(["referring"], "search", "AuditEvent", null), "P1"), "allow": false},
 	"break_glass_keeps_patient_scope_on_search": {
-		"input": glass(scoped(req(["referring"], "search", "study", null), ["patient/ImagingStudy.rs"], "P9")),
-		"allow": true, "constraints": {"patient_ids": ["P9"]}, "obligations": flagged,
+		"input": glass(scoped(req(["referring"], "search", "study", null), ["patient/ImagingStudy.rs"], "P9"), "P9"),
+		"allow": true, "obligations": flagged,
+		"constraints": {"patient_ids": [], "modalities_excluded": ["MG"], "granted": {"patient_id": "P9"}},
 	},
 	"break_glass_keeps_patient_scope_on_read": {
-		"input": glass(scoped(req(["referring"], "read", "study", "P8"), ["patient/ImagingStudy.rs"], "P9")),
-		"allow": false, "reasons": ["patient P8 is outside the token's patient context"],
+		"input": glass(scoped(req(["referring"], "read", "study", "P8"), ["patient/ImagingStudy.rs"], "P9"), "P8"),
+		"allow": false, "reasons": ["patient P8 is not in the care list of dr-who", "patient P8 is outside the token's patient context"],
+	},
+	"bound_token_session_for_another_patient_adds_no_rows": {
+		"input": glass(scoped(req(["referring"], "search", "study", null), [], "P1"), "P9"),
+		"allow": true, "obligations": standard, "constraints": {"patient_ids": ["P1"], "modalities_excluded": ["MG"]},
+	},
+	"break_glass_keeps_scopes": {
+		"input": glass(scoped(req(["referring"], "read", "DiagnosticReport", "P9"), ["user/ImagingStudy.rs"], null), "P9"),
+		"allow": false, "reasons": ["patient P9 is not in the care list of dr-who", "token scopes do not permit read on DiagnosticReport"],
 	},
 	"no_session_no_break_glass": {"input": req(["referring"], "read", "study", "P9"), "allow": false},
 	"start_break_glass": {
-		"input": attributes(req(["referring"], "create", "BreakGlass", null), {"reason": "ED trauma, unconscious"}),
+		"input": attributes(req(["referring"], "create", "BreakGlass", "P9"), {"reason": "ED trauma, unconscious"}),
 		"allow": true, "obligations": standard,
 	},
 	"start_break_glass_needs_reason": {
-		"input": attributes(req(["referring"], "create", "BreakGlass", null), {"reason": "  "}),
+		"input": attributes(req(["referring"], "create", "BreakGlass", "P9"), {"reason": "  "}),
 		"allow": false, "reasons": ["breaking the glass needs a reason"],
 	},
+	"start_break_glass_needs_patient": {
+		"input": attributes(req(["referring"], "create", "BreakGlass", null), {"reason": "ED trauma, unconscious"}),
+		"allow": false, "reasons": ["breaking the glass needs a patient"],
+	},
 	"start_break_glass_needs_role": {
-		"input": attributes(req(["technologist"], "create", "BreakGlass", null), {"reason": "x"}),
+		"input": attributes(req(["technologist"], "create", "BreakGlass", "P9"), {"reason": "x"}),
 		"allow": false, "reasons": ["no role of technologist may break the glass"],
 	},
 	"admin_does_not_break_glass": {
-		"input": attributes(req(["admin"], "create", "BreakGlass", null), {"reason": "x"}),
+		"input": attributes(req(["admin"], "create", "BreakGlass", "P9"), {"reason": "x"}),
 		"allow": false,
+	},
+	"bound_token_breaks_the_glass_for_its_patient": {
+		"input": scoped(attributes(req(["referring"], "create", "BreakGlass", "P9"), {"reason": "ED trauma"}), [], "P9"),
+		"allow": true,
+	},
+	"bound_token_cannot_break_the_glass_for_another_patient": {
+		"input": scoped(attributes(req(["referring"], "create", "BreakGlass", "P8"), {"reason": "ED trauma"}), [], "P9"),
+		"allow": false, "reasons": ["patient P8 is outside the token's patient context"],
+	},
+	"reviewer_closes_another_subjects_session": {
+		"input": reviewing(req(["auditor"], "update", "BreakGlass", null), "dr-house", "test"),
+		"allow": true,
+	},
+	"no_self_review": {
+		"input": reviewing(req(["radiologist", "auditor"], "update", "BreakGlass", null), "dr-who", "test"),
+		"allow": false, "reasons": ["the subject of a break-glass session may not review it"],
+	},
+	"no_self_review_for_admins": {
+		"input": reviewing(req(["admin"], "update", "BreakGlass", null), "dr-who", "test"),
+		"allow": false, "reasons": ["the subject of a break-glass session may not review it"],
+	},
+	"same_sub_of_another_issuer_may_review": {
+		"input": reviewing(req(["auditor"], "update", "BreakGlass", null), "dr-who", "elsewhere"),
+		"allow": true,
 	},
 	# --- FHIR Subscriptions (kind Subscription: no patient; admin and ehr manage them) ---
 	"ehr_creates_subscription": {

@@ -8,10 +8,21 @@ package hounsfield.authz
 import data.hounsfield.tables
 
 # Starting a break-glass session (create BreakGlass) is decided by data.break_glass_roles, not by the table,
-# and needs a free-text reason in resource.attributes.reason.
+# and needs a free-text reason in resource.attributes.reason and the patient it is for in resource.patient_id
+# (there is no break-glass for the whole archive).
 break_glass_start if {
 	kind == "BreakGlass"
 	action == "create"
+}
+
+# Reviewing (closing) a break-glass session: resource.attributes.session_subject is the session's {sub, issuer}.
+# Nobody reviews their own session, whatever their roles.
+self_review if {
+	kind == "BreakGlass"
+	action == "update"
+	owner := input.resource.attributes.session_subject
+	owner.sub == input.subject.sub
+	owner.issuer == input.subject.issuer
 }
 
 # A FHIR batch/transaction Bundle (create Bundle) is only an envelope: any role may send one, and every entry
@@ -78,19 +89,30 @@ satisfied_roles contains role if {
 	some role in granting_roles
 }
 
-role_reason_ok if {
-	not break_glass_start
-}
-
-role_reason_ok if {
-	break_glass_start
+break_glass_reason_given if {
 	is_string(input.resource.attributes.reason)
 	trim_space(input.resource.attributes.reason) != ""
 }
 
+break_glass_patient_named if {
+	is_string(resource_patient)
+	resource_patient != ""
+}
+
+role_request_ok if {
+	not break_glass_start
+	not self_review
+}
+
+role_request_ok if {
+	break_glass_start
+	break_glass_reason_given
+	break_glass_patient_named
+}
+
 role_ok if {
 	count(satisfied_roles) > 0
-	role_reason_ok
+	role_request_ok
 }
 
 role_denials contains msg if {
@@ -112,11 +134,17 @@ role_denials contains msg if {
 	msg := concat("", ["no role of ", concat(", ", sorted(roles)), " may break the glass"])
 }
 
-role_denials contains msg if {
+role_denials contains "breaking the glass needs a reason" if {
 	break_glass_start
-	not role_reason_ok
-	msg := "breaking the glass needs a reason"
+	not break_glass_reason_given
 }
+
+role_denials contains "breaking the glass needs a patient" if {
+	break_glass_start
+	not break_glass_patient_named
+}
+
+role_denials contains "the subject of a break-glass session may not review it" if self_review
 
 role_denials contains msg if {
 	single_action

@@ -8,15 +8,18 @@
 #
 # Roles grant, scopes limit: when the token carries SMART resource scopes (any scope starting with `patient/`,
 # `user/` or `system/`), one of them must also permit the action on the resource type. A token with no SMART
-# resource scopes (none at all, or only `openid`, `profile`, `launch/patient`, ...) relies on its roles alone:
-# such tokens come from our own issuer or from an identity provider that does not speak SMART, where the roles
-# are the whole grant. A resource scope we do not understand (e.g. one with v2 query parameters,
+# resource scopes (none at all, or only `openid`, `profile`, `launch/patient`, ...) relies on its roles (and its
+# patient claim, below): such tokens come from our own issuer or from an identity provider that does not speak
+# SMART, where the roles are the whole grant. A resource scope we do not understand (e.g. one with v2 query parameters,
 # `patient/Observation.rs?category=...`) permits nothing but still switches scope checking on: fail closed.
 #
-# Patient context: when only `patient/` scopes permit the action, the token reaches only the patient in its
-# `patient` claim (searches get constraints.patient_ids = [that patient]; reads of other patients are denied);
-# a `patient/` scope without a patient context permits nothing. `user/` and `system/` scopes are not bound to a
-# patient.
+# Patient context: a token whose `patient` claim is a non-empty string is bound to that patient, whatever its
+# roles, unless a `user/` or `system/` scope covers the action on the type (SMART's EHR launch: the patient is
+# only launch context for a user whose own grant is broader). A bound token reaches only its patient's data
+# (patient groups): searches get constraints.patient_ids = [that patient] (less what the roles would not let the
+# subject see); reads, writes and break-glass starts for any other patient, or for no known patient, are denied.
+# So: no scopes + patient claim -> bound; `patient/` scopes only -> bound; `user/*.rs` + patient claim -> not
+# bound for what that scope covers. A `patient/` scope without a patient context permits nothing.
 package hounsfield.authz
 
 import data.hounsfield.tables
@@ -67,12 +70,10 @@ has_patient_context if {
 	input.subject.patient != ""
 }
 
-# Permission comes from patient/ scopes alone: the token is bound to its patient.
+# The patient claim binds unless a user/ or system/ scope covers the action.
 patient_bound if {
-	smart_mode
-	not broad_cover
-	patient_cover
 	has_patient_context
+	not broad_cover
 }
 
 scope_patient_limited if {
@@ -81,22 +82,36 @@ scope_patient_limited if {
 	collection_action
 }
 
-patient_reach_ok if not patient_kind
+# Requests about one patient's data: a bound token must name its own patient.
+patient_addressed if {
+	patient_kind
+	single_action
+}
 
-patient_reach_ok if collection_action
+patient_addressed if break_glass_start
+
+patient_reach_ok if not patient_bound
+
+patient_reach_ok if not patient_addressed
 
 patient_reach_ok if resource_patient == input.subject.patient
 
+# The scopes permit the action at all (before the patient binding).
+scope_grants if not smart_mode
+
+scope_grants if broad_cover
+
+scope_grants if bundle_envelope
+
+scope_grants if {
+	patient_cover
+	has_patient_context
+}
+
 default scope_ok := false
 
-scope_ok if not smart_mode
-
-scope_ok if broad_cover
-
-scope_ok if bundle_envelope
-
 scope_ok if {
-	patient_bound
+	scope_grants
 	patient_reach_ok
 }
 
@@ -117,7 +132,6 @@ scope_denials contains "patient scopes need a patient context" if {
 }
 
 scope_denials contains msg if {
-	patient_bound
 	not patient_reach_ok
 	msg := sprintf("patient %v is outside the token's patient context", [resource_patient])
 }

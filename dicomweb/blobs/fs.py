@@ -28,16 +28,7 @@ def _make_dirs(path: Path) -> None:
     """`mkdir -p` that makes each new folder durable: a folder created for a blob (a new study or series) is an
     entry in its parent, which is fsynced like the blob's own folder is after the rename, so a power cut cannot
     lose the path to an acknowledged blob."""
-    missing: list[Path] = []
-    while not path.is_dir():
-        missing.append(path)
-        path = path.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir(mode=private.DIR_MODE)
-        except FileExistsError:  # a concurrent store made it (and may not have synced its entry yet)
-            pass
-        _fsync_dir(folder.parent)
+    private.make_dirs(path, lambda folder: _fsync_dir(folder.parent))  # also one a concurrent store made
 
 
 class FileSystemBlobStore:
@@ -64,11 +55,15 @@ class FileSystemBlobStore:
                 os.replace(src, dest)
             else:
                 tmp = self._tmp / f"{os.getpid()}-{abs(hash(key))}.part"
-                with open(src, "rb") as fin, open(tmp, "wb", opener=private.opener) as fout:
-                    shutil.copyfileobj(fin, fout, 1024 * 1024)
-                    fout.flush()
-                    os.fsync(fout.fileno())
-                os.replace(tmp, dest)
+                try:
+                    with open(src, "rb") as fin, open(tmp, "wb", opener=private.opener) as fout:
+                        shutil.copyfileobj(fin, fout, 1024 * 1024)
+                        fout.flush()
+                        os.fsync(fout.fileno())
+                    os.replace(tmp, dest)
+                except OSError:
+                    tmp.unlink(missing_ok=True)  # a full disk: the partial copy is freed now
+                    raise
                 os.unlink(src)
             _fsync_dir(dest.parent)
         except OSError as exc:

@@ -25,6 +25,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 from authz.decision import Decision
+from authz.errors import denial_comment
 from authz.policy_input import dicomweb_resource
 from authz.principal import Principal
 from dicomweb.access import AccessConstraints
@@ -177,7 +178,7 @@ def handle_find(event: Any, node: Node) -> Iterator[tuple[int | Dataset, Dataset
         decision = node.run(_decide(node, principal, KINDS[request.level_name], address))
         if not decision.allow:
             status, desc = NOT_AUTHORIZED, "; ".join(decision.reasons) or "denied by policy"
-            yield _status(status, desc), None
+            yield _status(status, denial_comment(decision.decision_id)), None  # the reasons: audit record only
             return
         access = AccessConstraints.from_policy(decision.constraints)
         pending = PENDING_WARNING if request.ignored else PENDING

@@ -28,6 +28,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from authz.auditrecord import EventType
 from authz.decision import Decision, Resource
+from authz.errors import denial_comment
 from authz.guard import FACTS
 from authz.policy_input import dicomweb_resource
 from authz.principal import Principal
@@ -168,7 +169,10 @@ class _Operation:
 
     def sub_operations(self) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         if self.failure is not None:
-            yield _status(*self.failure), None
+            code, comment = self.failure
+            if self.plan.denied and self.plan.decision is not None:  # the policy's reasons: audit record only
+                comment = denial_comment(self.plan.decision.decision_id)
+            yield _status(code, comment), None
             return
         for row in self.plan.rows:
             if self.event.is_cancelled:

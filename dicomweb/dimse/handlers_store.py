@@ -23,12 +23,14 @@ from pydicom.dataset import Dataset
 
 from authz.auditrecord import AuditRecord
 from authz.decision import Resource
+from authz.errors import denial_comment
 from authz.policy_input import dicomweb_resource
 from authz.principal import Principal
 from dicomweb.dimse.audit import operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import CALLING_AE
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected, check_structure
+from dicomweb.store import out_of_resources
 from server import private
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,12 @@ def _spool(folder: Path, data: bytes) -> Spooled:
     except FileNotFoundError:  # the first store (or the folder was removed): make it once, not per instance
         private.make_dirs(folder)
         fh = open(path, "wb", opener=private.opener)
-    with fh:
-        fh.write(data)
+    try:
+        with fh:
+            fh.write(data)
+    except OSError:
+        path.unlink(missing_ok=True)  # a full disk: what was written is freed now
+        raise
     return Spooled(path, len(data), hashlib.sha256(data).hexdigest())
 
 
@@ -110,7 +116,7 @@ async def _store(node: Node, principal: Principal, address: str | None, ds: Data
     if not decision.allow:
         reason = "; ".join(decision.reasons) or "denied by policy"
         await node.audit.append(record(NOT_AUTHORIZED, reason))
-        return _response(NOT_AUTHORIZED, reason)
+        return _response(NOT_AUTHORIZED, denial_comment(decision.decision_id))  # the reasons: audit record only
     token = CALLING_AE.set(principal.client_id)
     try:
         outcome = await node.store.store_file(spooled.path, spooled.size, spooled.sha256)
@@ -141,10 +147,12 @@ def handle_store(event: Any, node: Node) -> Dataset:
         log.info("C-STORE from %s: unusable request: %s", principal.client_id, type(exc).__name__)
         return _response(CANNOT_UNDERSTAND, "the request's SOP Class or Instance UID cannot be encoded")
     try:
+        if node.store.space is not None:
+            node.store.space.require()  # below the free-space watermark: refused before it is written
         spooled = _spool(node.settings.spool_dir, data)
     except OSError as exc:
         log.error("C-STORE from %s: cannot spool: %s", principal.client_id, exc.strerror)
-        return _response(OUT_OF_RESOURCES, "the server could not store the instance")
+        return _response(OUT_OF_RESOURCES, out_of_resources(exc))
     try:
         try:
             ds = event.dataset

@@ -243,7 +243,8 @@ def _and(conditions: list[str]) -> str:
 
 
 def _restrict(access: AccessConstraints, level: Level, params: _Params) -> tuple[list[str], list[str]]:
-    """Policy constraints as (study-table conditions, conditions on the resource row)."""
+    """Policy constraints as (study-table conditions, conditions on the resource row). With a grant, the limits
+    and the grant become one study-table condition: (limits) OR (the granted patient's rows)."""
     study: list[str] = []
     own: list[str] = []
     if access.patient_ids is not None:
@@ -258,7 +259,20 @@ def _restrict(access: AccessConstraints, level: Level, params: _Params) -> tuple
                 p=params.add(list(access.modalities_excluded)),
             )
         )
-    return study, own
+    grant = access.granted
+    if grant is None or not (study or own):
+        return study, own
+    limits = _and(study + own)
+    if grant.study_uid is None:
+        return [_sql("restrict_or_granted", limits=limits, patient=params.add(grant.patient_id))], []
+    return [
+        _sql(
+            "restrict_or_granted_study",
+            limits=limits,
+            patient=params.add(grant.patient_id),
+            study=params.add(grant.study_uid),
+        )
+    ], []
 
 
 def build(

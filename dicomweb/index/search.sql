@@ -154,3 +154,11 @@ st.patient_id = ANY({p});
 -- name: restrict_modalities_excluded
 -- A study holding any series of a restricted modality is withheld whole (its counts would reveal the rest).
 NOT EXISTS (SELECT 1 FROM series rx WHERE rx.study_pk = {study_pk} AND rx.modality = ANY({p}));
+
+-- name: restrict_or_granted
+-- What the limits above let through, or any study of the patient a break-glass session grants.
+(({limits}) OR st.patient_id = {patient});
+
+-- name: restrict_or_granted_study
+-- What the limits let through, or the one study of the granted patient that a break-glass session names.
+(({limits}) OR (st.patient_id = {patient} AND st.study_uid = {study}));

@@ -5,7 +5,16 @@ file (hashing as it goes) and ingested when it ends, so memory stays flat whatev
 
 Ingest of a part (parse, blob fsync, index commit) overlaps with receiving the next ones: up to `PIPELINE` parts
 of one request are in flight at once, which hides the fsync and commit latency of each. The response still
-waits for every part (each acknowledged instance is durable, PS3.18 10.5.3), and lists them in request order."""
+waits for every part (each acknowledged instance is durable, PS3.18 10.5.3), and lists them in request order.
+
+While free space is below the watermark (server/diskspace.py) a request is answered 503 with Retry-After before its
+body is read; a part that cannot be spooled (the watermark crossed during the request, or the file system full:
+ENOSPC) fails alone with Out of Resources (A700), and the others are stored.
+
+A body that stalls (nothing for `HOUNSFIELD_HTTP_BODY_TIMEOUT_SECONDS`, server/connections.py), or that announced a
+longer Content-Length than it sends, ends the request: the parts received whole are stored (each is a durable store
+of its own, as when the multipart body breaks off) and the response lists them, with the cut part as a Processing
+Failure (0110); the connection is closed after it. With no part received whole, the answer is 408."""
 
 from __future__ import annotations
 
@@ -22,11 +31,13 @@ from authz.authn import PRINCIPAL
 from authz.decision import Decision, Resource
 from authz.guard import DECISION, authz_opt
 from dicomweb import multipart, stow, uids
-from dicomweb.errors import BadRequest
-from dicomweb.ingest import CANNOT_UNDERSTAND
+from dicomweb.errors import BadRequest, StorageFull
+from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE
 from dicomweb.routes.common import base_url, dicom_json
-from dicomweb.store import Outcome, Spool
+from dicomweb.store import Outcome, Spool, out_of_resources
 from server import telemetry
+from server.connections import BodyTimeout
+from server.diskspace import RETRY_AFTER_SECONDS, BelowWatermark
 from server.errors import warning_header
 from server.resources import Resources, ResourcesDep
 
@@ -37,6 +48,7 @@ PIPELINE = 4
 async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, study: str | None) -> Response[bytes]:
     settings = resources.settings
     boundary = stow.check_request_type(request.headers.get("content-type"))
+    refuse_when_full(resources)
     parser = multipart.MultipartParser(boundary, max_header_bytes=settings.max_part_header_bytes)
     outcomes: list[Outcome | asyncio.Task[Outcome]] = []
     slots = asyncio.Semaphore(PIPELINE)
@@ -52,7 +64,7 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
                             Outcome(None, None, failure=CANNOT_UNDERSTAND, comment="part is not application/dicom")
                         )
                     else:
-                        spool = Spool(settings.spool_dir, settings.max_instance_bytes)
+                        spool = Spool(settings.spool_dir, settings.max_instance_bytes, resources.store.space)
                 elif isinstance(event, multipart.PartData):
                     if spool is not None:
                         spool.write(event.data)
@@ -76,6 +88,21 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
                 comment="multipart body ended before its closing boundary",
             )
         )
+    except BodyTimeout as exc:
+        # The client stopped sending (or announced more than it sent). Parts received whole were stored and stay
+        # stored, as after a broken multipart tail; the rest of the body is not read, and the connection is closed
+        # after the response. With no part received whole, the answer is the 408 itself.
+        if spool is not None:
+            spool.discard()
+            spool = None
+        if not outcomes:
+            raise
+        if not parser.finished:
+            outcomes.append(
+                Outcome(
+                    None, None, failure=PROCESSING_FAILURE, comment=f"{exc.detail}; the rest of the body was not read"
+                )
+            )
     except BaseException:
         await _abandon(outcomes)
         raise
@@ -90,6 +117,15 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
     if reasons:
         headers["Warning"] = ", ".join(warning_header(r) for r in reasons[:20])
     return Response(dicom_json(body), status_code=status, media_type="application/dicom+json", headers=headers)
+
+
+def refuse_when_full(resources: Resources) -> None:
+    """503 with Retry-After before the body is read, while free space is below the watermark (server/diskspace.py);
+    a volume that runs low during the request fails the parts after that point instead (A700 each)."""
+    space = resources.store.space
+    low = space.low() if space is not None else []
+    if low:
+        raise StorageFull(str(BelowWatermark(low).strerror), RETRY_AFTER_SECONDS)
 
 
 async def _audit_conflicts(
@@ -151,12 +187,14 @@ async def _abandon(outcomes: list[Outcome | asyncio.Task[Outcome]]) -> None:
 
 async def _finish(resources: Resources, spool: Spool, study: str | None) -> Outcome:
     sha = spool.finish()
+    if spool.error is not None:  # a full disk, or free space below the watermark: this part alone fails
+        return Outcome(None, None, failure=OUT_OF_RESOURCES, comment=out_of_resources(spool.error))
     if spool.too_large:
         spool.discard()
         return Outcome(
             None,
             None,
-            failure=0xA700,
+            failure=OUT_OF_RESOURCES,
             comment=f"instance larger than the limit of {resources.settings.max_instance_bytes} bytes",
         )
     telemetry.record_part_size(spool.size)

@@ -83,7 +83,7 @@ async def send(request: Request[Any, Any, Any], plan: Plan) -> Response[Any]:
 
 
 def service(resources: Resources) -> RetrieveService:
-    renditions = Renditions(resources.pool, resources.blobs, resources.settings.spool_dir)
+    renditions = Renditions(resources.pool, resources.blobs, resources.settings.spool_dir, resources.store.space)
     return RetrieveService(resources.pool, resources.blobs, renditions)
 
 

@@ -6,6 +6,11 @@ own Transfer Syntax UID says how it is encoded. Otherwise the object is rendered
 (the default when contentType is absent), image/png or image/gif, with `windowCenter`/`windowWidth`, `rows`,
 `columns`, `region`, `frameNumber` (default: the first frame) and `imageQuality`, through the same pipeline as
 the WADO-RS rendered resources (`dicomweb.render`); other contentType values are 406.
+
+The object is named once: `wado_uri_target` parses `studyUID`, `seriesUID` and `objectUID` for the guard, which
+decides on them and keeps them for the handler (`authz.target`); the handler never reads them again. Each must be
+present exactly once and non-empty: a request naming two objects (`studyUID=A&studyUID=B`) is refused with 400
+before any policy decision, since which of them it means depends on who reads it.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import uuid
 from typing import Annotated, Any
 
 from litestar import Request, Response, get
+from litestar.connection import ASGIConnection
 from litestar.params import QueryParameter
 from litestar.response import Stream
 
 from authz.guard import authz_opt
+from authz.target import Target, target_of
 from dicomweb import mediatypes, uids
 from dicomweb.errors import BadRequest, InvalidParameter, NotAcceptable
 from dicomweb.negotiate import Offer
@@ -29,11 +36,23 @@ from dicomweb.routes.wado import BINARY, cache_headers, not_modified
 from server.errors import warning_header
 from server.resources import Resources, ResourcesDep
 
+IDENTIFYING = ("studyUID", "seriesUID", "objectUID")
+"""The query parameters that name the object (PS3.18 9.2)."""
 
-def _required_uid(value: str | None, name: str) -> uids.UID:
-    if value is None or value == "":
+
+def _one_uid(values: list[str], name: str) -> uids.UID:
+    if len(values) > 1:
+        raise InvalidParameter(name, "given more than once; a WADO-URI request names one object (PS3.18 9.2)")
+    if not values or values[0] == "":
         raise InvalidParameter(name, "required by WADO-URI (PS3.18 9.2)")
-    return uids.UID(value, what=name)
+    return uids.UID(values[0], what=name)
+
+
+async def wado_uri_target(connection: ASGIConnection[Any, Any, Any, Any]) -> Target:
+    """The object a WADO-URI request names, for the guard and the handler alike (`authz.target`)."""
+    query = connection.query_params
+    study, series, instance = (_one_uid(query.getall(name, []), name) for name in IDENTIFYING)
+    return Target(study, series, instance)
 
 
 def _wants_dicom(content_type: str | None) -> bool:
@@ -47,14 +66,11 @@ def _wants_dicom(content_type: str | None) -> bool:
     return any(r.essence == mediatypes.DICOM for r in ranges)
 
 
-@get("/wado", opt={**BINARY, **authz_opt("read", "instance")})
+@get("/wado", opt={**BINARY, **authz_opt("read", "instance", target=wado_uri_target)})
 async def wado_uri(
     request: Request[Any, Any, Any],
     resources: ResourcesDep,
     request_type: Annotated[str | None, QueryParameter(name="requestType")] = None,
-    study: Annotated[str | None, QueryParameter(name="studyUID")] = None,
-    series: Annotated[str | None, QueryParameter(name="seriesUID")] = None,
-    instance: Annotated[str | None, QueryParameter(name="objectUID")] = None,
     content_type: Annotated[str | None, QueryParameter(name="contentType")] = None,
     transfer_syntax: Annotated[str | None, QueryParameter(name="transferSyntax")] = None,
     anonymize: Annotated[str | None, QueryParameter(name="anonymize")] = None,
@@ -67,11 +83,13 @@ async def wado_uri(
     image_quality: Annotated[str | None, QueryParameter(name="imageQuality")] = None,
     annotation: Annotated[str | None, QueryParameter(name="annotation")] = None,
 ) -> Response[Any]:
+    """`studyUID`, `seriesUID` and `objectUID` (each exactly once) name the object; the guard parsed them."""
     if request_type != "WADO":
         raise InvalidParameter("requestType", "must be WADO (PS3.18 9.2.1)")
-    study_uid = _required_uid(study, "studyUID")
-    series_uid = _required_uid(series, "seriesUID")
-    instance_uid = _required_uid(instance, "objectUID")
+    target = target_of(request)
+    study_uid, series_uid, instance_uid = target.study, target.series, target.instance
+    if study_uid is None or series_uid is None or instance_uid is None:  # wado_uri_target names all three
+        raise InvalidParameter("objectUID", "required by WADO-URI (PS3.18 9.2)")
     wants_dicom = _wants_dicom(content_type)
     if transfer_syntax is not None:
         if not wants_dicom:
