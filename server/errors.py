@@ -46,9 +46,22 @@ _STATUS: list[tuple[type[DicomWebError], int]] = [
 
 
 def warning_header(text: str) -> str:
-    cleaned = text.replace("\\", "\\\\").replace('"', "'").replace("\r", " ").replace("\n", " ")
-    cleaned = cleaned.encode("ascii", "backslashreplace").decode("ascii")  # header values are Latin-1 at most
-    return f'299 hounsfield "{cleaned[:500]}"'
+    r"""One warning-value (RFC 7234 5.5: `299 hounsfield "text"`) whose text is a quoted-string (RFC 7230 3.2.6)
+    of printable ASCII whatever `text` holds: a control character, DEL or non-ASCII character is written as its
+    Python escape (`\x01`, `\xe9`, `\u20ac`: the backslash a quoted-pair, so the unquoted text reads `\x01`),
+    a line break or tab as a space, a double quote as a single quote. A raw control character would make the
+    header invalid, and the HTTP server would drop the connection instead of answering."""
+    out = []
+    for ch in text[:500]:
+        if ch == '"':
+            out.append("'")
+        elif ch in "\r\n\t":
+            out.append(" ")
+        elif " " <= ch <= "~":
+            out.append("\\\\" if ch == "\\" else ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii").replace("\\", "\\\\"))
+    return f'299 hounsfield "{"".join(out)}"'
 
 
 def status_for(exc: DicomWebError) -> int:

@@ -29,7 +29,7 @@ from authz.principal import Principal
 from dicomweb.dimse.audit import operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import CALLING_AE
-from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected, check_structure
 from dicomweb.store import out_of_resources
 from server import private
 from server.db import unavailable
@@ -44,7 +44,8 @@ def _response(status: int, comment: str | None = None) -> Dataset:
     rsp = Dataset()
     rsp.Status = status
     if comment and status not in (SUCCESS,):
-        rsp.ErrorComment = comment[:64]
+        # LO of the default repertoire (PS3.7 C.4.2, PS3.5 6.2): printable ASCII, no backslash (a value separator).
+        rsp.ErrorComment = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in comment[:64])
     return rsp
 
 
@@ -84,6 +85,10 @@ def _resource(ds: Dataset) -> Resource:
         study_uid=str(ds.get("StudyInstanceUID") or "") or None,
         modalities_in_study=[str(ds.get("Modality") or "")],
     )
+
+
+_READ = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality")
+"""The attributes `_store` reads from the decoded data set (for the policy and the audit record)."""
 
 
 async def _store(node: Node, principal: Principal, address: str | None, ds: Dataset, spooled: Spooled) -> Dataset:
@@ -130,18 +135,18 @@ async def _store(node: Node, principal: Principal, address: str | None, ds: Data
 
 
 def handle_store(event: Any, node: Node) -> Dataset:
-    """EVT_C_STORE: runs in the association's thread."""
+    """EVT_C_STORE: runs in the association's thread. A data set that cannot be decoded is refused before the
+    policy is asked, with the fault named by the structural checks of the ingest (`ingest.check_structure`)
+    rather than by whichever exception the decoder raised."""
     assoc = event.assoc
     principal = node.principal(assoc.requestor.ae_title)
     if principal is None:  # associations are accepted only for configured peers; never store for others
         return _response(NOT_AUTHORIZED, "calling AE title not recognized")
     try:
-        ds = event.dataset
-        ds.get("PatientID")  # pynetdicom decodes lazily: make a corrupt data set fail here
-        data = event.encoded_dataset(include_meta=True)
-    except Exception as exc:  # pydicom raises many kinds for malformed input
-        log.info("C-STORE from %s: undecodable data set: %s", principal.client_id, type(exc).__name__)
-        return _response(CANNOT_UNDERSTAND, "the data set cannot be decoded")
+        data = event.encoded_dataset(include_meta=True)  # the bytes as received, behind pynetdicom's File Meta
+    except Exception as exc:  # the request's UIDs cannot make a File Meta group
+        log.info("C-STORE from %s: unusable request: %s", principal.client_id, type(exc).__name__)
+        return _response(CANNOT_UNDERSTAND, "the request's SOP Class or Instance UID cannot be encoded")
     try:
         if node.store.space is not None:
             node.store.space.require()  # below the free-space watermark: refused before it is written
@@ -150,6 +155,13 @@ def handle_store(event: Any, node: Node) -> Dataset:
         log.error("C-STORE from %s: cannot spool: %s", principal.client_id, exc.strerror)
         return _response(OUT_OF_RESOURCES, out_of_resources(exc))
     try:
+        try:
+            ds = event.dataset
+            for keyword in _READ:  # pynetdicom decodes lazily: make a corrupt data set fail here, not in `_store`
+                ds.get(keyword)
+        except Exception as exc:  # pydicom raises many kinds (and RecursionError) for malformed input
+            log.info("C-STORE from %s: undecodable data set: %s", principal.client_id, type(exc).__name__)
+            return _undecodable(spooled.path, exc)
         return node.run(_store(node, principal, assoc.requestor.address, ds, spooled))
     except OperationTimeout:
         return _response(OUT_OF_RESOURCES, "the server did not store the instance in time")
@@ -161,3 +173,12 @@ def handle_store(event: Any, node: Node) -> Dataset:
         return _response(OUT_OF_RESOURCES, "the server could not store the instance")
     finally:
         spooled.path.unlink(missing_ok=True)  # consumed by the ingest, unless it was refused or failed before
+
+
+def _undecodable(path: Path, exc: Exception) -> Dataset:
+    """The response to a data set the decoder failed on: the structural fault when the checks find one."""
+    try:
+        check_structure(path)
+    except InstanceRejected as rejected:
+        return _response(rejected.reason, rejected.comment)
+    return _response(CANNOT_UNDERSTAND, f"the data set cannot be decoded ({type(exc).__name__})")
