@@ -163,3 +163,31 @@ def test_migration_queues_the_reindex_only_when_needed(pg_uri: str, tmp_path: Pa
     stamp = int(time.time() * 1000)
     assert asyncio.run(run(f"reindex_yes_{stamp}", True)) == ["Subscription"]
     assert asyncio.run(run(f"reindex_no_{stamp}", False)) == []
+
+
+def test_another_owners_subscription_does_not_exist_for_the_caller(fhir: LiveServer) -> None:
+    """A Subscription's channel may carry the receiver's credentials: by id too, another owner's Subscription is
+    unknown (read, vread, history, delete, a batch entry), and a write cannot take it over."""
+    with httpx.Client(base_url=fhir.url, timeout=60) as http:
+        one, two, reports, _, others = _three(http, fhir)
+        mine = http.get(f"/fhir/Subscription/{reports}", headers=one)
+        assert mine.status_code == 200
+        for path in (f"/fhir/Subscription/{others}", f"/fhir/Subscription/{others}/_history/1"):
+            answer = http.get(path, headers=one)
+            assert answer.status_code == 404 and "hooks" not in answer.text, (path, answer.text)
+        assert http.get(f"/fhir/Subscription/{others}/_history", headers=one).status_code == 404
+        taken = subscription(f"{HOOKS}/reports")
+        taken["id"] = others
+        put = http.put(f"/fhir/Subscription/{others}", json=taken, headers={**one, **FHIR_HEADERS})
+        assert put.status_code == 403, put.text
+        assert http.delete(f"/fhir/Subscription/{others}", headers=one).status_code in (200, 204)
+        batch = {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [{"request": {"method": "GET", "url": f"Subscription/{others}"}}],
+        }
+        entry = http.post("/fhir", json=batch, headers={**one, **FHIR_HEADERS}).json()["entry"][0]
+        assert entry["response"]["status"].startswith("404") and "resource" not in entry
+        # Its owner still has it, unchanged and undeleted.
+        kept = http.get(f"/fhir/Subscription/{others}", headers=two)
+        assert kept.status_code == 200 and kept.json()["meta"]["versionId"] == "1"
