@@ -10,8 +10,9 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 # Debian packages the tests need (dcmtk: the DIMSE peers echoscu, storescu, findscu, movescu, getscu, storescp;
-# chromium: the headless browser that runs OHIF in tests/test_ohif*.py). Installed only when missing.
-APT_PACKAGES ?= dcmtk chromium
+# chromium: the headless browser that runs OHIF in tests/test_ohif*.py; orthanc and orthanc-dicomweb: the PACS
+# peer of tests/test_orthanc_peer.py). Installed only when missing.
+APT_PACKAGES ?= dcmtk chromium orthanc orthanc-dicomweb
 # The npm project of the browser tests (OHIF's prebuilt viewer and playwright-core, pinned in package-lock.json).
 BROWSER_DIR := tests/browser
 BROWSER_STAMP := $(BROWSER_DIR)/node_modules/.package-lock.json

@@ -28,6 +28,7 @@ from authz.auditrecord import request_record
 from authz.authn import PRINCIPAL
 from authz.decision import Action, Decision, Resource
 from authz.guard import DECISION, OPT_KEY, RESOURCE, break_glass_of
+from server.db import RETRY_AFTER_SECONDS, unavailable
 
 log = logging.getLogger(__name__)
 CHANGES_RECORDED = "hounsfield.changes_recorded"
@@ -107,14 +108,17 @@ def audit_requests(public_paths: tuple[str, ...]) -> Callable[[ASGIApp], ASGIApp
                 if message["type"] == "http.response.start":
                     try:
                         await trail.append(record_for(scope, int(message["status"])))
-                    except Exception:
+                    except Exception as exc:
                         if scope.get("state", {}).get(CHANGES_RECORDED) is True:
                             log.exception("audit record not written; responding all the same: each change was recorded")
                             await send(message)
                             return
-                        log.exception("audit record could not be written; refusing the response")
+                        if unavailable(exc):  # the database is down: the server reconnects by itself
+                            log.warning("audit record could not be written (database unavailable); refusing")
+                        else:
+                            log.exception("audit record could not be written; refusing the response")
                         failed = True
-                        await _unavailable(send)
+                        await _unavailable(send, fhir=scope["path"] == "/fhir" or scope["path"].startswith("/fhir/"))
                         return
                 await send(message)
 
@@ -125,12 +129,27 @@ def audit_requests(public_paths: tuple[str, ...]) -> Callable[[ASGIApp], ASGIApp
     return factory
 
 
-async def _unavailable(send: Send) -> None:
-    body = json.dumps({"error": "audit trail unavailable", "status": 503}).encode()
+UNAVAILABLE = "audit trail unavailable"
+
+
+async def _unavailable(send: Send, *, fhir: bool) -> None:
+    """503 with Retry-After (the trail is in the database, which the server reconnects to by itself): a FHIR
+    OperationOutcome on /fhir (issue code `transient`), the DICOMweb error JSON elsewhere."""
+    if fhir:
+        issue = {"severity": "error", "code": "transient", "diagnostics": UNAVAILABLE}
+        body = json.dumps({"resourceType": "OperationOutcome", "issue": [issue]}).encode()
+        media_type = b"application/fhir+json"
+    else:
+        body = json.dumps({"error": UNAVAILABLE, "status": 503}).encode()
+        media_type = b"application/json"
     start: HTTPResponseStartEvent = {
         "type": "http.response.start",
         "status": 503,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "headers": [
+            (b"content-type", media_type),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+        ],
     }
     await send(start)
     end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}

@@ -110,8 +110,8 @@ class SessionCache:
                     await self._listen_on(conn)
                 finally:
                     await conn.close()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("break-glass session cache off (listener: %s); retrying", exc)
+            except Exception as exc:  # the database went away (or anything else): the cache stays off until back
+                log.warning("break-glass session cache off (listener: %s: %s); retrying", type(exc).__name__, exc)
             if not self._stop.is_set():
                 await asyncio.sleep(self.retry_seconds)
 

@@ -13,7 +13,9 @@ itself first with `in_loopback_namespace()`: under `unshare -n`, with only `lo` 
 Configuration (PS3.7-level behaviour only where it matters to a benchmark): storage and index in the folder,
 no compression, `SyncStorageArea` on (Orthanc's default, like Hounsfield's fsync of each blob), the calling
 AE titles given as `peers` registered as DICOM modalities (C-FIND/C-MOVE/C-GET are allowed only to those;
-C-ECHO and C-STORE to anyone), no called-AE check, HTTP local-only with authentication when `users` is given.
+C-ECHO and C-STORE to anyone), no called-AE check, HTTP local-only with authentication when `users` is given,
+and the DICOMweb servers Orthanc's own DICOMweb client may call (`dicomweb_servers`: name -> {"Url": ...,
+"HttpHeaders": {...}}, the plugin's `DicomWeb.Servers`; tests/test_orthanc_peer.py uses them).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def config(
     http_port: int,
     peers: dict[str, tuple[str, int]],
     users: dict[str, str] | None,
+    dicomweb_servers: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The Orthanc configuration (one JSON file; the Debian defaults apply to everything not set)."""
     return {
@@ -78,7 +81,13 @@ def config(
         "StorageCompression": False,
         "SyncStorageArea": True,
         "Plugins": [DICOMWEB_PLUGIN],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Host": f"127.0.0.1:{http_port}"},
+        "DicomWeb": {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "EnableWado": True,
+            "Host": f"127.0.0.1:{http_port}",
+            "Servers": dicomweb_servers or {},
+        },
         "ConcurrentJobs": 2,
         "SaveJobs": False,
         "HttpServerEnabled": True,
@@ -116,12 +125,14 @@ class Orthanc:
         peers: dict[str, tuple[str, int]] | None = None,
         users: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
+        dicomweb_servers: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.folder = folder
         self.aet = aet
         self.peers = peers or {}
         self.users = users
         self.env = env
+        self.dicomweb_servers = dicomweb_servers
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -141,6 +152,7 @@ class Orthanc:
             http_port=self.http_port,
             peers=self.peers,
             users=self.users,
+            dicomweb_servers=self.dicomweb_servers,
         )
         path.write_text(json.dumps(cfg, indent=2))
         with open(self.folder / "orthanc.log", "wb") as log:

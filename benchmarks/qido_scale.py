@@ -32,9 +32,11 @@ from benchmarks.harness import admin_token, free_port, wait_ready  # noqa: E402
 from server import db  # noqa: E402
 
 LOAD_SQL = """
-INSERT INTO studies (study_uid, patient_id, patient_name, patient_name_search, patient_birth_date, patient_sex,
-                     study_date, study_time, accession_number, study_id, study_description, attrs)
-SELECT '2.25.1' || s, 'PID' || (s % ($1 / 2)), n.name, upper(replace(n.name, '^', ' ')), '19700101', 'O',
+INSERT INTO studies (study_uid, patient_id, patient_name, patient_name_search, patient_name_groups,
+                     patient_birth_date, patient_sex, study_date, study_time, accession_number, study_id,
+                     study_description, attrs)
+SELECT '2.25.1' || s, 'PID' || (s % ($1 / 2)), n.name, upper(replace(n.name, '^', ' ')),
+       ARRAY[upper(replace(n.name, '^', ' ')), NULL, NULL], '19700101', 'O',
        to_char(date '2015-01-01' + (s % 3650), 'YYYYMMDD'), '120000', 'ACC' || s, 'S' || s, 'CT CHEST',
        jsonb_build_object('00100010', jsonb_build_object('vr', 'PN', 'Value',
            jsonb_build_array(jsonb_build_object('Alphabetic', n.name))),

@@ -44,6 +44,9 @@ class AccessConstraints:
     modalities_excluded: tuple[str, ...] = ()
     granted: Grant | None = None
     """Rows visible besides those the limits above let through (None: no such rows)."""
+    owner: tuple[str, str] | None = None
+    """(issuer, sub): only resources this identity wrote, whatever else is granted. Never from the policy: the
+    FHIR layer sets it for the types whose searches list the caller's own resources (Subscription)."""
 
     @classmethod
     def from_policy(cls, constraints: Mapping[str, Any]) -> AccessConstraints:

@@ -143,13 +143,3 @@ def _pixels(data: bytes) -> np.ndarray[Any, Any]:
     ds = pydicom.dcmread(io.BytesIO(data))
     ds.pixel_array_options(as_rgb=False)
     return np.asarray(ds.pixel_array)
-
-
-def as_received(data: bytes, syntax: str) -> pydicom.Dataset:
-    """A stored Part 10 file as a data set to send over DIMSE in `syntax`, the one the index reports for it: an
-    instance compressed at ingest is decoded back to native pixels (Explicit VR Little Endian; pynetdicom
-    re-encodes among the uncompressed syntaxes), so peers that accept only uncompressed syntaxes still get it."""
-    ds = pydicom.dcmread(io.BytesIO(data))
-    if str(ds.file_meta.get("TransferSyntaxUID") or "") != syntax and syntax in _SOURCES:
-        ds.decompress(generate_instance_uid=False)
-    return ds

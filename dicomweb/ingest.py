@@ -19,10 +19,9 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID as PydicomUID
 
-from dicomweb import layout
+from dicomweb import layout, wellformed
 from dicomweb.levels import SERIES_TAGS, STUDY_TAGS
 from dicomweb.uids import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, is_valid_uid
 
@@ -49,8 +48,9 @@ class InstanceRejected(Exception):
         super().__init__(comment)
         self.reason = reason
         self.comment = comment
-        self.sop_class = sop_class
-        self.sop_instance = sop_instance
+        # Only valid UIDs are echoed back (a response's UI values, a Warning header): the comment shows others.
+        self.sop_class = sop_class if sop_class and is_valid_uid(sop_class) else None
+        self.sop_instance = sop_instance if sop_instance and is_valid_uid(sop_instance) else None
 
 
 @dataclass(slots=True)
@@ -122,6 +122,17 @@ def name_search(value: str | None) -> str | None:
     return " ".join(text.split()) or None
 
 
+def name_groups(value: str | None) -> list[str | None] | None:
+    """A person name's component groups (alphabetic, ideographic, phonetic: PS3.5 6.2.1), each normalized as
+    `name_search` normalizes a whole name, None for an empty group; None when every group is empty. QIDO-RS
+    and C-FIND match each group on its own (`dicomweb.index.search`)."""
+    if not value:
+        return None
+    groups = [name_search(group) for group in value.split("=")[:3]]
+    groups += [None] * (3 - len(groups))
+    return groups if any(groups) else None
+
+
 def _data_set_start(fp: Any, size: int) -> int:
     """Offset of the first data set element after the explicit-VR-little-endian File Meta group."""
     pos = 132
@@ -142,43 +153,181 @@ def _data_set_start(fp: Any, size: int) -> int:
     return pos
 
 
+IDENTITY_TAGS = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+}
+"""The identifying UIDs, checked on their raw bytes: pydicom strips any whitespace around a UI value, dcmtk only
+the padding, so "1.2.3" followed by a line feed would be one instance to us and another to them."""
+META_UIDS = {0x00020002: "MediaStorageSOPClassUID", 0x00020003: "MediaStorageSOPInstanceUID"}
+NUMBER_OF_FRAMES = 0x00280008
+_WANTED = frozenset({*IDENTITY_TAGS, NUMBER_OF_FRAMES})
+
+
 def parse_instance(path: Path, *, bulk_threshold: int) -> ParsedInstance:
-    size = os.path.getsize(path)
+    """Read one spooled Part 10 file. The one place where reading input can fail: whatever goes wrong (pydicom
+    raises many kinds of exception for malformed input, and recurses on nesting) ends as `InstanceRejected` with
+    a reason and a comment naming the problem, never as another exception (PS3.4 B.2.3: C000 cannot understand;
+    A700 when the spooled file cannot be read back or memory runs out)."""
+    try:
+        return _parse(path, bulk_threshold)
+    except InstanceRejected:
+        raise
+    except MemoryError:
+        raise InstanceRejected(OUT_OF_RESOURCES, "not enough memory to read the instance") from None
+    except RecursionError:
+        raise InstanceRejected(CANNOT_UNDERSTAND, "unreadable DICOM: nested too deeply") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the spool itself failed (EIO, ENOENT): not the sender's fault
+            raise InstanceRejected(
+                OUT_OF_RESOURCES, f"the received instance could not be read back: {exc.strerror}"
+            ) from None
+        raise InstanceRejected(CANNOT_UNDERSTAND, f"unreadable DICOM: {_describe(exc)}") from None
+    except Exception as exc:
+        raise InstanceRejected(CANNOT_UNDERSTAND, f"unreadable DICOM: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    return (str(exc).strip() or type(exc).__name__)[:300]
+
+
+def check_structure(path: Path) -> wellformed.Structure:
+    """The structural checks of `parse_instance` alone (`dicomweb.wellformed`, and the UIDs as written), for a
+    caller that must decode the data set before ingesting it (the C-STORE handler): a refusal then names the
+    fault instead of a decoder's exception."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fp:
+            return _structure(fp, size)
+    except OSError as exc:
+        raise InstanceRejected(
+            OUT_OF_RESOURCES, f"the received instance could not be read back: {exc.strerror}"
+        ) from None
+
+
+def _structure(fp: Any, size: int) -> wellformed.Structure:
     if size < 132:
         raise InstanceRejected(CANNOT_UNDERSTAND, "not a DICOM Part 10 file: shorter than the preamble")
+    fp.seek(128)
+    if fp.read(4) != b"DICM":
+        raise InstanceRejected(
+            CANNOT_UNDERSTAND, "not a DICOM Part 10 file: no 'DICM' prefix after the 128-byte preamble"
+        )
+    try:
+        structure = wellformed.check_file(fp, size, wanted=_WANTED)
+    except wellformed.Malformed as exc:
+        raise InstanceRejected(CANNOT_UNDERSTAND, str(exc)) from None
+    _check_raw_uids(structure)
+    return structure
+
+
+def _check_raw_uids(structure: wellformed.Structure) -> None:
+    """UIDs as written, before any reader's clean-up: valid once their padding is removed (PS3.5 9.1)."""
+    syntax = structure.meta.get(wellformed.TRANSFER_SYNTAX_UID, b"")
+    if not is_valid_uid(wellformed.uid_text(syntax) or ""):
+        raise InstanceRejected(CANNOT_UNDERSTAND, f"TransferSyntaxUID is not a valid UID: {_raw(syntax)}")
+    for tags, where in ((META_UIDS, structure.meta), (IDENTITY_TAGS, structure.values)):
+        for tag, keyword in tags.items():
+            raw = where.get(tag)
+            if raw is not None and raw.rstrip(b"\0 ") and not is_valid_uid(wellformed.uid_text(raw) or ""):
+                raise InstanceRejected(DATASET_MISMATCH, f"{keyword} is not a valid UID: {_raw(raw)}")
+
+
+def _raw(value: bytes) -> str:
+    return repr(value[:70].decode("latin-1"))
+
+
+def _parse(path: Path, bulk_threshold: int) -> ParsedInstance:
+    size = os.path.getsize(path)
     with open(path, "rb") as fp:
-        fp.seek(128)
-        if fp.read(4) != b"DICM":
-            raise InstanceRejected(
-                CANNOT_UNDERSTAND, "not a DICOM Part 10 file: no 'DICM' prefix after the 128-byte preamble"
-            )
+        structure = _structure(fp, size)
         fp.seek(0)
         with _warnings_lock, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=max(bulk_threshold, 1024) + 1)
-            except (InvalidDicomError, EOFError, ValueError, OSError, struct.error, TypeError) as exc:
-                raise InstanceRejected(CANNOT_UNDERSTAND, f"unreadable DICOM: {exc}") from None
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=max(bulk_threshold, 1024) + 1)
             meta = ds.file_meta
             ts = str(meta.get("TransferSyntaxUID") or "")
             sop_class = str(meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID") or "")
             sop_uid = str(ds.get("SOPInstanceUID") or "")
-            if not ts:
-                raise InstanceRejected(
-                    CANNOT_UNDERSTAND, "File Meta Information has no TransferSyntaxUID", sop_class, sop_uid
-                )
             if not PydicomUID(ts).is_transfer_syntax:
                 raise InstanceRejected(
                     TRANSFER_SYNTAX_NOT_SUPPORTED, f"unknown transfer syntax {ts[:64]}", sop_class, sop_uid
                 )
-            try:
-                _check_identity(ds, sop_class, sop_uid)
-                parsed = _build(ds, fp, size, ts, bulk_threshold)
-            except NotImplementedError as exc:  # pydicom, on reading an element of an unknown VR
-                raise InstanceRejected(CANNOT_UNDERSTAND, f"unreadable DICOM: {exc}", sop_class, sop_uid) from None
+            _check_identity(ds, sop_class, sop_uid)
+            frames = _number_of_frames(structure, sop_class, sop_uid)
+            parsed = _build(ds, fp, size, structure, frames, bulk_threshold)
             for w in caught:
                 parsed.warnings.append((WARNING_COERCION, f"value coerced for indexing: {str(w.message)[:200]}"))
+    _check_storable(parsed)
     return parsed
+
+
+def _number_of_frames(structure: wellformed.Structure, sop_class: str, sop_uid: str) -> int | None:
+    """Number of Frames (0028,0008) as written: absent or empty is None; otherwise an IS of one integer of at
+    least 1 (PS3.3 C.7.6.6), refused when not (pydicom would read "0" or "x" as no value and count one frame)."""
+    raw = structure.values.get(NUMBER_OF_FRAMES)
+    if raw is None:
+        if structure.lengths.get(NUMBER_OF_FRAMES):  # longer than any IS value
+            raise InstanceRejected(DATASET_MISMATCH, "NumberOfFrames is not an integer", sop_class, sop_uid)
+        return None
+    text = raw.decode("latin-1").strip(" \0")
+    if not text:
+        return None
+    if not (text.lstrip("+").isdigit() and text.isascii()):
+        raise InstanceRejected(DATASET_MISMATCH, f"NumberOfFrames is not an integer: {text[:16]!r}", sop_class, sop_uid)
+    frames = int(text)
+    if frames < 1:
+        raise InstanceRejected(
+            DATASET_MISMATCH, f"NumberOfFrames is {frames}: it must be at least 1", sop_class, sop_uid
+        )
+    return frames
+
+
+def _check_storable(parsed: ParsedInstance) -> None:
+    """Text the index keeps must be valid UTF-8 without NUL (PostgreSQL text and jsonb refuse both). PS3.5 6.1
+    allows NUL in no character string, and a reader in C stops at one: such a value is refused, not cut."""
+    columns = [v for d in (parsed.study, parsed.series, parsed.instance) for v in d.values() if isinstance(v, str)]
+    if "\\u0000" not in parsed.metadata and all(_storable(t) for t in [parsed.metadata, *columns]):
+        return  # the common case, decided without parsing the metadata again
+    where = _first_unstorable(json.loads(parsed.metadata), "")
+    if where is None and all(_storable(t) for t in columns):
+        return  # the six characters \\u0000 in some text (JSON escapes their backslash)
+    raise InstanceRejected(
+        DATASET_MISMATCH,
+        f"a text value{f' in {where}' if where else ''} holds a NUL or an undecodable character",
+        parsed.sop_class_uid,
+        parsed.sop_instance_uid,
+    )
+
+
+def _storable(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _first_unstorable(value: Any, where: str) -> str | None:
+    """The DICOM JSON attribute (gggg,eeee) holding the first string that is not storable, or None."""
+    if isinstance(value, str):
+        return None if _storable(value) else where
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((where, v) for v in value)  # type: ignore[assignment]
+    else:
+        return None
+    for key, item in items:
+        inner = f"({key[:4]},{key[4:]})" if isinstance(value, dict) and len(key) == 8 else where
+        found = _first_unstorable(item, inner)
+        if found is not None:
+            return found
+    return None
 
 
 def _check_identity(ds: Dataset, sop_class: str, sop_uid: str) -> None:
@@ -199,7 +348,10 @@ def _check_identity(ds: Dataset, sop_class: str, sop_uid: str) -> None:
         raise InstanceRejected(DATASET_MISMATCH, "MediaStorageSOPClassUID differs from SOPClassUID", sop_class, sop_uid)
 
 
-def _build(ds: Dataset, fp: Any, size: int, ts: str, bulk_threshold: int) -> ParsedInstance:
+def _build(
+    ds: Dataset, fp: Any, size: int, structure: wellformed.Structure, frames: int | None, bulk_threshold: int
+) -> ParsedInstance:
+    ts = structure.transfer_syntax
     sop_class = str(ds.SOPClassUID)
     sop_uid = str(ds.SOPInstanceUID)
     study_uid = str(ds.StudyInstanceUID)
@@ -207,7 +359,7 @@ def _build(ds: Dataset, fp: Any, size: int, ts: str, bulk_threshold: int) -> Par
     tsu = PydicomUID(ts)
     elements: dict[int, layout.Element] = {}
     if ts != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        start = _data_set_start(fp, size)
+        start = structure.data_set_start
         try:
             elements = layout.walk(fp, start, size, implicit=tsu.is_implicit_VR, little=tsu.is_little_endian)
         except layout.LayoutError as exc:
@@ -220,9 +372,13 @@ def _build(ds: Dataset, fp: Any, size: int, ts: str, bulk_threshold: int) -> Par
 
     if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         # A deflated data set has no stable byte offsets: frames are served by inflating the whole file.
-        pixel: dict[str, object] | None = {"deflated": _int(ds, "NumberOfFrames") or 1} if _int(ds, "Rows") else None
+        pixel: dict[str, object] | None = None
+        if wellformed.PIXEL_DATA in structure.lengths:
+            length = structure.lengths[wellformed.PIXEL_DATA]
+            _native_size(ds, length, frames or 1, sop_class, sop_uid)
+            pixel = {"deflated": frames or 1}
     else:
-        pixel = _pixel_layout(ds, fp, elements, tsu, sop_class, sop_uid)
+        pixel = _pixel_layout(ds, fp, elements, tsu, frames or 1, sop_class, sop_uid)
     base = f"{BULK_PREFIX}{study_uid}/series/{series_uid}/instances/{sop_uid}/bulk/"
     bulk: dict[str, list[int]] = {}
     json_ds = Dataset()
@@ -280,6 +436,8 @@ def _build(ds: Dataset, fp: Any, size: int, ts: str, bulk_threshold: int) -> Par
         "study_description": _text(ds, "StudyDescription"),
         "referring_physician_name": referring,
         "referring_physician_search": name_search(referring),
+        "patient_name_groups": name_groups(patient_name),
+        "referring_physician_groups": name_groups(referring),
     }
     series = {
         "series_uid": series_uid,
@@ -299,7 +457,7 @@ def _build(ds: Dataset, fp: Any, size: int, ts: str, bulk_threshold: int) -> Par
         "transfer_syntax_uid": ts,
         "rows": _int(ds, "Rows"),
         "columns": _int(ds, "Columns"),
-        "number_of_frames": _int(ds, "NumberOfFrames") or (1 if pixel else None),
+        "number_of_frames": frames or (1 if pixel else None),
         "bits_allocated": _int(ds, "BitsAllocated"),
     }
     return ParsedInstance(
@@ -324,6 +482,7 @@ def _pixel_layout(
     fp: Any,
     elements: dict[int, layout.Element],
     tsu: PydicomUID,
+    frames: int,
     sop_class: str,
     sop_uid: str,
 ) -> dict[str, object] | None:
@@ -335,21 +494,9 @@ def _pixel_layout(
                 break
     if element is None:
         return None
-    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if _int(ds, k) is None]
-    if missing:
-        raise InstanceRejected(DATASET_MISMATCH, f"Pixel Data without {', '.join(missing)}", sop_class, sop_uid)
-    rows, cols, bits = _int(ds, "Rows") or 0, _int(ds, "Columns") or 0, _int(ds, "BitsAllocated") or 0
-    samples = _int(ds, "SamplesPerPixel") or 1
-    frames = _int(ds, "NumberOfFrames") or 1
-    if rows <= 0 or cols <= 0 or bits <= 0 or frames <= 0 or samples <= 0:
-        raise InstanceRejected(
-            DATASET_MISMATCH,
-            "Rows, Columns, BitsAllocated, NumberOfFrames must be positive",
-            sop_class,
-            sop_uid,
-        )
     try:
         if element.length == 0xFFFFFFFF:
+            _dimensions(ds, frames, sop_class, sop_uid)
             extended = None
             if layout.EXTENDED_OFFSET_TABLE in elements:
                 extended = _read_extended(fp, elements, tsu.is_little_endian)
@@ -357,24 +504,61 @@ def _pixel_layout(
         else:
             if tsu.is_compressed:
                 raise layout.LayoutError("Pixel Data has a defined length in a compressed transfer syntax")
-            photometric = _text(ds, "PhotometricInterpretation") or ""
-            if photometric.startswith("YBR") and photometric.endswith("_422"):
-                samples = 2  # two samples per pixel on average after horizontal subsampling (PS3.3 C.7.6.3.1.2)
-            pixel_bits = rows * cols * samples * bits
-            if bits == 1 and pixel_bits % 8:
+            pixel_bits = _native_size(ds, element.length, frames, sop_class, sop_uid)
+            if pixel_bits % 8:  # BitsAllocated is 1
                 # 1-bit frames that do not end on a byte boundary (PS3.5 8.1.1): served by unpacking bits.
-                expected = (pixel_bits * frames + 7) // 8
-                if element.length < expected:
-                    raise InstanceRejected(DATASET_MISMATCH, _short(element.length, expected), sop_class, sop_uid)
                 return {"bits": [element.value_offset, pixel_bits, frames]}
-            frame_bytes = pixel_bits // 8
-            expected = frame_bytes * frames
-            if element.length < expected:
-                raise InstanceRejected(DATASET_MISMATCH, _short(element.length, expected), sop_class, sop_uid)
-            frame_layout = layout.native_frames(element, frame_bytes, frames)
+            frame_layout = layout.native_frames(element, pixel_bits // 8, frames)
     except layout.LayoutError as exc:
         raise InstanceRejected(DATASET_MISMATCH, f"Pixel Data: {exc}", sop_class, sop_uid) from None
     return frame_layout.to_json()
+
+
+def _dimensions(ds: Dataset, frames: int, sop_class: str, sop_uid: str) -> tuple[int, int, int, int]:
+    """Rows, Columns, BitsAllocated and SamplesPerPixel of an image: present and positive (PS3.3 C.7.6.3)."""
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if _int(ds, k) is None]
+    if missing:
+        raise InstanceRejected(DATASET_MISMATCH, f"Pixel Data without {', '.join(missing)}", sop_class, sop_uid)
+    rows, cols, bits = _int(ds, "Rows") or 0, _int(ds, "Columns") or 0, _int(ds, "BitsAllocated") or 0
+    samples = _int(ds, "SamplesPerPixel") or 1
+    if rows <= 0 or cols <= 0 or bits <= 0 or frames <= 0 or samples <= 0:
+        raise InstanceRejected(
+            DATASET_MISMATCH,
+            "Rows, Columns, BitsAllocated, NumberOfFrames must be positive",
+            sop_class,
+            sop_uid,
+        )
+    return rows, cols, bits, samples
+
+
+def _native_size(ds: Dataset, length: int, frames: int, sop_class: str, sop_uid: str) -> int:
+    """Bits per frame of native Pixel Data, whose length must be what Rows x Columns x SamplesPerPixel x
+    BitsAllocated x NumberOfFrames needs (PS3.5 8.1.1, 8.2), plus less than a frame of padding: with more, each
+    toolkit would count the frames differently (from NumberOfFrames, or from the length)."""
+    rows, cols, bits, samples = _dimensions(ds, frames, sop_class, sop_uid)
+    if bits != 1 and bits % 8:
+        raise InstanceRejected(
+            DATASET_MISMATCH, f"BitsAllocated is {bits}: it must be 1 or a multiple of 8", sop_class, sop_uid
+        )
+    photometric = _text(ds, "PhotometricInterpretation") or ""
+    if photometric.startswith("YBR") and photometric.endswith("_422"):
+        samples = 2  # two samples per pixel on average after horizontal subsampling (PS3.3 C.7.6.3.1.2)
+    pixel_bits = rows * cols * samples * bits
+    expected = (pixel_bits * frames + 7) // 8
+    if length < expected:
+        raise InstanceRejected(DATASET_MISMATCH, _short(length, expected), sop_class, sop_uid)
+    if (length - expected - expected % 2) * 8 >= pixel_bits:
+        # Room for another whole frame: pydicom can read it as one (`allow_excess_frames`), others cannot. Less
+        # is trailing padding that every reader drops.
+        raise InstanceRejected(DATASET_MISMATCH, _long(length, expected), sop_class, sop_uid)
+    return pixel_bits
+
+
+def _long(length: int, expected: int) -> str:
+    return (
+        f"Pixel Data is {length} bytes; Rows x Columns x SamplesPerPixel x BitsAllocated x NumberOfFrames "
+        f"gives {expected}: room for more frames than NumberOfFrames"
+    )
 
 
 def _short(length: int, expected: int) -> str:

@@ -8,9 +8,11 @@ single value, UID list, universal (an empty value: a return key), wild card (`*`
 - Keys named by keyword (`PatientName`) or tag (`00100010`); a name that is neither, a malformed value, a
   sequence or binary attribute, a repeated non-UID key: `InvalidParameter`.
 - Keys with an index column (`INDEXED`) support every matching kind their VR allows. Person names match
-  case-insensitively (C.2.2.2.1 allows it for PN); so, as a deliberate convenience for viewers' search boxes,
-  do Study and Series Description. Everything else is case-sensitive. `fuzzymatching=true` also lets a person
-  name value match the start of any name component (`jo` matches `Doe^John`).
+  case-insensitively (C.2.2.2.1 allows it for PN) and per component group (a value without `=` matches any
+  of the alphabetic, ideographic and phonetic groups; with `=`, each given group its own); so, as a
+  deliberate convenience for viewers' search boxes, do Study and Series Description. Everything else is
+  case-sensitive. `fuzzymatching=true` also lets a person name value match the start of any name component
+  (`jo` matches `Doe^John`).
 - Keys of a level below the resource match through its children: `/studies?Modality=MR` finds studies with
   an MR series (as ModalitiesInStudy does).
 - Other keys of the stored study / series attributes (or, inside a named study or series, the instance
@@ -336,6 +338,8 @@ def _match(name: str, vr: str, tag: str, value: str) -> tuple[Match, tuple[str, 
         if any("*" in c or "?" in c for c in codes):
             raise InvalidParameter(name, "wild cards cannot be combined with a list")
         return Match.LIST, tuple(dict.fromkeys(codes))
+    if vr == "PN" and value.count("=") > 2:
+        raise InvalidParameter(name, "a person name has at most three component groups (PS3.5 6.2.1)")
     if "*" in value or "?" in value:
         return Match.WILDCARD, (value,)
     return Match.SINGLE, (value,)

@@ -43,7 +43,7 @@ from dicomweb.ingest import (
     parse_instance,
 )
 from server import jobs, private, telemetry
-from server.db import Connection, vouch_stateless
+from server.db import Connection, unavailable, vouch_stateless
 from server.diskspace import BelowWatermark, FreeSpace
 
 log = logging.getLogger(__name__)
@@ -416,9 +416,13 @@ class StoreService:
             await _ended(put)
             if committing:
                 return await self._confirm(parsed.sop_instance_uid, key, outcome, exc)
-            if not isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError):
+            if not (isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError) or unavailable(exc)):
                 raise  # rolled back: nothing was stored
             log.error("index transaction failed: %s", exc)
+            if unavailable(exc):  # out of resources for now (PS3.4 B.2.3): the sender may retry later
+                outcome.failure = OUT_OF_RESOURCES
+                outcome.comment = "the database is unavailable; nothing was stored"
+                return outcome
             outcome.failure = PROCESSING_FAILURE
             outcome.comment = "the index could not record the instance; nothing was stored"
             return outcome
@@ -432,7 +436,7 @@ class StoreService:
         try:
             async with self.pool.acquire() as conn:
                 row = await repository.find_instance(conn, sop_instance_uid)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as again:
+        except Exception as again:  # the index cannot be read either
             log.error("ingest commit still unconfirmed: %s", again)
             outcome.failure = PROCESSING_FAILURE
             outcome.comment = "the index did not confirm the instance; it may be stored: send it again"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dicomweb import mediatypes
+from dicomweb import mediatypes, multipart
 from dicomweb.errors import BadRequest, UnsupportedMediaType
 from dicomweb.store import Outcome
 
@@ -31,7 +31,10 @@ def check_request_type(content_type: str | None) -> bytes:
             f'STOW-RS accepts multipart/related; type="application/dicom", not {media.essence}', media.essence
         )
     part_type = media.param("type")
-    if part_type is not None and part_type != mediatypes.DICOM:
+    # Only the essence counts: some senders put the parts' parameters in it (`type="application/dicom;
+    # transfer-syntax=..."`). RFC 2387 3.1 requires `type`, but a request without it is read all the same:
+    # each part's own Content-Type decides (`part_is_dicom`).
+    if part_type is not None and part_type.partition(";")[0].strip() != mediatypes.DICOM:
         raise UnsupportedMediaType(
             f"STOW-RS here accepts application/dicom parts; type={part_type!r} is not supported",
             str(media),
@@ -40,9 +43,11 @@ def check_request_type(content_type: str | None) -> bytes:
     if not boundary:
         raise BadRequest("multipart/related Content-Type has no boundary parameter")
     try:
-        return boundary.encode("ascii")
+        raw = boundary.encode("ascii")
     except UnicodeEncodeError:
         raise BadRequest("multipart boundary must be ASCII") from None
+    multipart.check_boundary(raw)
+    return raw
 
 
 def part_is_dicom(headers: dict[str, str]) -> bool:

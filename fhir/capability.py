@@ -94,6 +94,8 @@ def _resource(resource_type: str, base: str) -> dict[str, Any]:
         }
     else:
         entry["documentation"] = "Derived from the DICOM archive; read-only."
+    if spec.owned:
+        entry["documentation"] = "A search lists the caller's own resources (recorded owner: the last writer)."
     if resource_type in searchindex.PARAMS:
         entry["searchInclude"] = list(INCLUDES.get(resource_type, ()))
         entry["searchRevInclude"] = list(REVINCLUDES.get(resource_type, ()))

@@ -19,6 +19,7 @@ transaction Bundle, on a connection the caller owns (writes run inside the calle
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import email.utils
 from dataclasses import dataclass, field
@@ -99,7 +100,7 @@ async def search_access(caller: Caller, resource_type: str, decided: Decision | 
     if not decision.allow:
         raise Forbidden("; ".join(decision.reasons) or "denied by policy", decision)
     try:
-        constraints = AccessConstraints.from_policy(decision.constraints)
+        constraints = _own(spec, caller, AccessConstraints.from_policy(decision.constraints))
     except UnknownConstraint as exc:
         raise Forbidden(str(exc), decision) from None
     known: dict[str, AccessConstraints | None] = {}
@@ -108,13 +109,37 @@ async def search_access(caller: Caller, resource_type: str, decided: Decision | 
         if name not in known:
             served = TYPES.get(name)
             answer = await caller.ask("search", Resource(kind=served.kind)) if served is not None else None
-            try:
-                known[name] = AccessConstraints.from_policy(answer.constraints) if answer and answer.allow else None
-            except UnknownConstraint:
-                known[name] = None
+            known[name] = None
+            if served is not None and answer is not None and answer.allow:
+                try:
+                    known[name] = _own(served, caller, AccessConstraints.from_policy(answer.constraints))
+                except UnknownConstraint:
+                    pass
         return known[name]
 
     return SearchAccess(resource_type, constraints, other)
+
+
+def _own(spec: ResourceType, caller: Caller, constraints: AccessConstraints) -> AccessConstraints:
+    """The caller's own resources only, for a type whose searches list those (`ResourceType.owned`)."""
+    if not spec.owned:
+        return constraints
+    return dataclasses.replace(constraints, owner=(caller.principal.issuer, caller.principal.sub))
+
+
+def _foreign(spec: ResourceType, caller: Caller, stored: Stored | None) -> bool:
+    """`stored` belongs to another than the caller, for a type whose resources have owners (`ResourceType.owner`;
+    a version with no content, a deletion, has none to tell)."""
+    if spec.owner is None or stored is None or stored.content is None:
+        return False
+    owner = spec.owner(stored.content)
+    return owner is None or (owner.issuer, owner.sub) != (caller.principal.issuer, caller.principal.sub)
+
+
+async def _own_or_absent(conn: Connection, resources: Resources, caller: Caller, spec: ResourceType, rid: str) -> None:
+    """404 when the resource belongs to another (types with owners): it does not exist for the caller."""
+    if spec.owner is not None and _foreign(spec, caller, await resources.fhir.find(conn, spec.name, rid)):
+        raise ResourceNotFound(f"{spec.name}/{rid} is not known")
 
 
 def _covers(decided: Resource | None, resource: Resource) -> bool:
@@ -227,6 +252,8 @@ async def update(
     Run inside a transaction."""
     spec = writable(resource_type)
     expected = parse_etag(if_match) if if_match else None
+    if spec.owner is not None and _foreign(spec, caller, await resources.fhir.find(conn, resource_type, rid)):
+        raise Forbidden(f"{resource_type}/{rid} belongs to another owner")  # never taken over by a write
     content, filing = await prepared(conn, resources, caller, spec, body, base, url_id=rid)
     await _authorize_filing(caller, "update", spec, rid, filing, decided)
     stored, created = await resources.fhir.update(conn, resource_type, rid, content, filing, expected_version=expected)
@@ -234,11 +261,20 @@ async def update(
 
 
 async def remove(
-    conn: Connection, resources: Resources, resource_type: str, rid: str, *, if_match: str | None = None
+    conn: Connection,
+    resources: Resources,
+    caller: Caller,
+    resource_type: str,
+    rid: str,
+    *,
+    if_match: str | None = None,
 ) -> Written:
-    """Delete (R4 3.1.0.6); the policy decided on the stored resource. Run inside a transaction."""
-    writable(resource_type)
+    """Delete (R4 3.1.0.6); the policy decided on the stored resource. Run inside a transaction. Another
+    owner's resource is, for the caller, one that does not exist: nothing is deleted (204)."""
+    spec = writable(resource_type)
     expected = parse_etag(if_match) if if_match else None
+    if spec.owner is not None and _foreign(spec, caller, await resources.fhir.find(conn, resource_type, rid)):
+        return Written(204, None)
     stored = await resources.fhir.delete(conn, resource_type, rid, expected_version=expected)
     return Written(200 if stored is not None else 204, stored)
 
@@ -261,8 +297,11 @@ async def read(
     """read (R4 3.1.0.2) of the current version, decided on the filing of the version it serves (`decided`: what
     the guard already allowed; asked again when the resource was filed elsewhere meanwhile): 404 unknown, 410
     deleted."""
+    spec = TYPES[resource_type]
     stored = await resources.fhir.find(conn, resource_type, rid)
-    await _authorize_read(caller, TYPES[resource_type], rid, stored, decided)
+    if _foreign(spec, caller, stored):
+        stored = None  # another owner's: unknown to the caller
+    await _authorize_read(caller, spec, rid, stored, decided)
     if stored is None:
         raise ResourceNotFound(f"{resource_type}/{rid} is not known")
     if stored.deleted:
@@ -286,6 +325,7 @@ async def vread(
     (403 when the caller may not read it, else 404); a deletion is 410."""
     spec = TYPES[resource_type]
     number = version_number(vid)
+    await _own_or_absent(conn, resources, caller, spec, rid)
     stored = await resources.fhir.find_version(conn, resource_type, rid, number) if number is not None else None
     if stored is None:
         await _authorize_read(caller, spec, rid, await resources.fhir.find(conn, resource_type, rid), decided)
@@ -348,6 +388,7 @@ async def readable_versions(
     modalities it was filed under (once per distinct filing; `decided`, the resource the guard allowed, needs no
     second decision). 404 when the resource never existed."""
     spec = TYPES[resource_type]
+    await _own_or_absent(conn, resources, caller, spec, rid)
     allowed: dict[Filing, bool] = {}
     readable = []
     for version, filing in await resources.fhir.history_filings(conn, resource_type, rid, since=since):

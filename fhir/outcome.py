@@ -3,8 +3,9 @@
 
 The FHIR routes declare `exception_handlers=EXCEPTION_HANDLERS`, which take precedence over the application's
 (server/errors.py) for those routes only, guards included: a policy denial on /fhir is a 403 OperationOutcome
-with the same headers as elsewhere. (A missing or invalid token is answered by the authentication middleware
-before any route, with its RFC 6750 401 JSON, the same for every path.)
+with the same headers as elsewhere. A request under /fhir that no route takes (404, 405) is answered with
+`http_error` by the application's handlers (`server.app`); a missing or invalid token by the authentication
+middleware (`authz.authn`), with an OperationOutcome under /fhir too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from litestar.types import ExceptionHandlersMap
 from authz.errors import AuthzError, Forbidden, PolicyUnavailable, Unauthenticated
 from fhir.auditsearch import SearchError
 from fhir.errors import FhirError, RecordDamaged, ResourceNotFound
-from server.errors import authz_error_parts, warning_header
+from server.db import RETRY_AFTER_SECONDS
+from server.errors import DATABASE_UNAVAILABLE, authz_error_parts, database_unavailable, warning_header
 from server.logs import route_of
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,9 @@ def _authz_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[d
 _HTTP_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported"}
 
 
-def _http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+def http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """Litestar's HTTP exceptions (404, 405 with its Allow header, ...) as an OperationOutcome; also the app's
+    answer to requests under /fhir that no route matched (`server.app`)."""
     assert isinstance(exc, HTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else "error"
     code = _HTTP_CODES.get(exc.status_code, "processing" if exc.status_code < 500 else "exception")
@@ -106,6 +110,8 @@ def _http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[di
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    if database_unavailable(request, exc):
+        return outcome_response(503, "transient", DATABASE_UNAVAILABLE, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     log.error("unhandled error on %s %s", request.method, route_of(request.scope), exc_info=exc)
     return outcome_response(500, "exception", "internal server error")
 
@@ -114,7 +120,7 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     FhirError: _fhir_error,
     SearchError: _search_error,
     AuthzError: _authz_error,
-    HTTPException: _http_error,
+    HTTPException: http_error,
     Exception: _internal_error,
 }
 """Route-level handlers for the FHIR routes (`@get(..., exception_handlers=EXCEPTION_HANDLERS)`)."""
@@ -127,6 +133,7 @@ __all__ = [
     "RecordDamaged",
     "ResourceNotFound",
     "error_outcome",
+    "http_error",
     "issue",
     "operation_outcome",
     "outcome_response",

@@ -315,23 +315,37 @@ class FhirRepository:
             filing.patient_key,
             list(filing.modalities),
         )
-        await conn.execute(SQL["clear_search"], resource_type, rid)
-        if body is not None:
-            rows = searchindex.entries(resource_type, body)
-            if rows:
-                await conn.execute(
-                    SQL["insert_search"],
-                    resource_type,
-                    rid,
-                    [e.param for e in rows],
-                    [e.system for e in rows],
-                    [e.code for e in rows],
-                    [e.text_value for e in rows],
-                    [e.low for e in rows],
-                    [e.high for e in rows],
-                    [e.number for e in rows],
-                )
+        await self._index(conn, resource_type, rid, body)
         stored = Stored(resource_type, rid, version, at, body is None, body, filing, method)
         for hook in self.hooks:
             await hook(conn, stored)
         return stored
+
+    async def _index(self, conn: Connection, resource_type: str, rid: str, body: dict[str, Any] | None) -> None:
+        """Replace the search index rows (`fhir_search`) of one resource by those of `body` (none once deleted)."""
+        await conn.execute(SQL["clear_search"], resource_type, rid)
+        rows = searchindex.entries(resource_type, body) if body is not None else []
+        if rows:
+            await conn.execute(
+                SQL["insert_search"],
+                resource_type,
+                rid,
+                [e.param for e in rows],
+                [e.system for e in rows],
+                [e.code for e in rows],
+                [e.text_value for e in rows],
+                [e.low for e in rows],
+                [e.high for e in rows],
+                [e.number for e in rows],
+            )
+
+    async def reindex(self, conn: Connection, resource_type: str, after: str, limit: int) -> str | None:
+        """Recompute the search rows of up to `limit` current resources of `resource_type` with ids after `after`
+        (locked: a concurrent write waits, then writes its own rows); versions and hooks are left alone. Returns
+        the last id done, or None when there were none. Run inside a transaction."""
+        rows = await conn.fetch(SQL["current_page"], resource_type, after, limit)
+        for row in rows:
+            content = row["content"]
+            body = json.loads(content) if isinstance(content, str) else content
+            await self._index(conn, resource_type, str(row["id"]), body)
+        return str(rows[-1]["id"]) if rows else None

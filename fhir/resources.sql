@@ -70,6 +70,14 @@ SELECT $1, $2, e.param, e.system, e.code, e.text_value, e.low, e.high, e.number
 FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::timestamptz[], $9::numeric[])
     AS e(param, system, code, text_value, low, high, number);
 
+-- name: current_page
+-- Current resources of one type after an id, locked (fhir.reindex recomputes their search rows).
+SELECT id, content FROM fhir_resources
+WHERE resource_type = $1 AND id > $2 AND NOT deleted
+ORDER BY id
+LIMIT $3
+FOR UPDATE;
+
 -- name: patient_key_of
 -- The DICOM Patient ID of a Patient resource (to file a resource that references it under that patient).
 SELECT patient_key FROM fhir_resources WHERE resource_type = 'Patient' AND id = $1 AND NOT deleted;

@@ -190,7 +190,9 @@ async def run_entry(run: Run, entry: Entry) -> dict[str, Any]:
         else:
             assert target.id is not None
             await _stored_resource(run, "delete", target.resource_type, target.id)
-            written = await remove(run.conn, run.resources, target.resource_type, target.id, if_match=entry.if_match)
+            written = await remove(
+                run.conn, run.resources, run.caller, target.resource_type, target.id, if_match=entry.if_match
+            )
         return _written_entry(run, written)
     finally:
         if run.caller.decided:

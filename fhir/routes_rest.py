@@ -256,7 +256,9 @@ def type_routes(spec: ResourceType) -> list[Any]:
         writable(name)
         negotiate(request)
         async with resources.pool.acquire() as conn, conn.transaction():
-            written = await remove(conn, resources, name, rid, if_match=request.headers.get("if-match"))
+            written = await remove(
+                conn, resources, caller_of(request, resources), name, rid, if_match=request.headers.get("if-match")
+            )
         message = f"{name}/{rid} deleted" if written.stored is not None else f"{name}/{rid} did not exist"
         return written_response(written, prefer_return(request), fhir_base(request, resources), message)
 

@@ -1,7 +1,8 @@
 """FHIR R4 search over HTTP (https://hl7.org/fhir/R4/http.html#search, R4 3.1.1.1.2): `GET /fhir/{Type}?...`
 and `POST /fhir/{Type}/_search` (parameters in an `application/x-www-form-urlencoded` body, and in the URL)
-for ImagingStudy, DiagnosticReport, Patient and Endpoint; the answer is a `searchset` Bundle
-(`application/fhir+json`). Parameters and semantics: `fhir.search`.
+for ImagingStudy, DiagnosticReport, Patient, Endpoint and Subscription; the answer is a `searchset` Bundle
+(`application/fhir+json`). Parameters and semantics: `fhir.search`. A Subscription search lists the caller's own
+Subscriptions only (`fhir.types.ResourceType.owned`).
 
 The policy decides `search` on the type; its constraints (care lists, consent, patient-context tokens, excluded
 modalities) become conditions of the SQL, so pages and totals only see permitted rows. Included resources and
@@ -30,7 +31,7 @@ from fhir.search import search_bundle
 from fhir.types import TYPES
 from server.resources import Resources, ResourcesDep
 
-SEARCHABLE = ("ImagingStudy", "DiagnosticReport", "Patient", "Endpoint")
+SEARCHABLE = ("ImagingStudy", "DiagnosticReport", "Patient", "Endpoint", "Subscription")
 FORM = "application/x-www-form-urlencoded"
 MAX_FORM_BYTES = 64 * 1024
 

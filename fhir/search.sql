@@ -98,6 +98,10 @@ FALSE;
 -- name: modalities_excluded
 NOT ({alias}.modalities && {p}::text[]);
 
+-- name: owned_by
+-- The resource records this writer ({p}: the owner extension's sub and issuer as a JSON document it contains).
+{alias}.content @> {p}::jsonb;
+
 -- name: limits_or_granted
 -- Rows the policy's limits let through, or rows of the patient (study) a break-glass session grants.
 (({limits}) OR ({granted}));

@@ -144,6 +144,15 @@ PARAMS: Mapping[str, Mapping[str, ParamDef]] = {
         "general-practitioner": _p("reference", "generalPractitioner", targets=(*_PRACTITIONERS, "Organization")),
         "organization": _p("reference", "managingOrganization", targets=("Organization",)),
     },
+    "Subscription": {
+        **COMMON,
+        "criteria": _p("string", "criteria"),
+        "status": _p("token", "status", system="http://hl7.org/fhir/subscription-status"),
+        "type": _p("token", "channel.type", system="http://hl7.org/fhir/subscription-channel-type"),
+        "url": _p("uri", "channel.endpoint"),
+        "payload": _p("token", "channel.payload"),
+        "contact": _p("token", "contact"),
+    },
     "Endpoint": {
         **COMMON,
         "identifier": _p("token", "identifier"),

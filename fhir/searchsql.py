@@ -38,10 +38,11 @@ from fhir.search import (
     TokenMatch,
 )
 from fhir.searchindex import PARAMS
+from fhir.subscriptions import owner_document
 from server.db import Connection, Queries
 
 SQL = Queries(Path(__file__).with_name("search.sql"))
-PATIENTLESS = frozenset({"Endpoint"})
+PATIENTLESS = frozenset({"Endpoint", "Subscription"})
 """Types whose resources belong to no patient: patient constraints do not apply to them (modalities do)."""
 MAX_INCLUDED = 1000
 """At most this many resources per `_include` / `_revinclude` of one page."""
@@ -161,7 +162,11 @@ def _clause(clause: Clause, resource_type: str, alias: str, params: _Params, see
 
 def restrict(constraints: AccessConstraints, resource_type: str, alias: str, params: _Params) -> list[str]:
     """The policy's constraints as conditions on a resource row: the limits, or the granted patient's rows
-    (a break-glass session; when it names a study, the ImagingStudy of that study only)."""
+    (a break-glass session; when it names a study, the ImagingStudy of that study only); and, for a type whose
+    searches list the caller's own resources, its recorded writer (whatever is granted)."""
+    owned = []
+    if constraints.owner is not None:
+        owned.append(_sql("owned_by", alias=alias, p=params.add(owner_document(*constraints.owner))))
     conditions = []
     if resource_type not in PATIENTLESS:
         if constraints.patient_ids is not None:
@@ -174,11 +179,11 @@ def restrict(constraints: AccessConstraints, resource_type: str, alias: str, par
         conditions.append(_sql("modalities_excluded", alias=alias, p=params.add(modalities)))
     grant = constraints.granted
     if grant is None or not conditions or resource_type in PATIENTLESS:
-        return conditions
+        return conditions + owned
     granted = _sql("patients", alias=alias, p=params.add([grant.patient_id]))
     if grant.study_uid is not None and resource_type == "ImagingStudy":  # other types are tied to no study
         granted += " AND " + _sql("equal", column=f"{alias}.source_key", p=params.add(grant.study_uid))
-    return [_sql("limits_or_granted", limits=" AND ".join(conditions), granted=granted)]
+    return [_sql("limits_or_granted", limits=" AND ".join(conditions), granted=granted), *owned]
 
 
 def where(query: SearchQuery, seen: Seen, params: _Params, alias: str = "r") -> str:

@@ -240,6 +240,13 @@ def owner_extension(principal: Principal) -> dict[str, Any]:
     return {"url": OWNER_URL, "extension": [{"url": k, "valueString": v} for k, v in parts if v]}
 
 
+def owner_document(issuer: str, sub: str) -> str:
+    """JSON that the content of every Subscription written by (issuer, sub) contains (`@>`): what a search of
+    Subscriptions is narrowed to (`fhir.types.ResourceType.owned`)."""
+    parts = [{"url": "sub", "valueString": sub}, {"url": "issuer", "valueString": issuer}]
+    return json.dumps({"extension": [{"url": OWNER_URL, "extension": parts}]}, ensure_ascii=False)
+
+
 def owner_of(content: Mapping[str, Any]) -> Principal | None:
     """The identity a Subscription's notifications are checked against (None when none was recorded)."""
     for ext in content.get("extension") or []:

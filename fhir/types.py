@@ -10,13 +10,16 @@ from typing import Any
 from authz.principal import Principal
 from fhir.reports import prepare_report
 from fhir.repository import FhirRepository, Filing
-from fhir.subscriptions import prepare_subscription, transform_subscription
+from fhir.subscriptions import owner_of, prepare_subscription, transform_subscription
 from server.db import Connection
 from server.settings import Settings
 
 Prepare = Callable[[Connection, FhirRepository, dict[str, Any]], Awaitable[Filing]]
 """For a writable type: checks a client's resource beyond its model (references resolve, values the server
 requires) and returns where it is filed for the policy. Raises a `fhir.errors.FhirError` (422 usually)."""
+
+Owner = Callable[[Mapping[str, Any]], Principal | None]
+"""The identity that owns a stored resource's content (None: none recorded, so nobody's)."""
 
 Transform = Callable[[dict[str, Any], Principal, Settings], dict[str, Any]]
 """For a writable type whose stored content the server completes (Subscription: the endpoint checked against the
@@ -33,6 +36,16 @@ class ResourceType:
     """Clients may create, update and delete (others are derived from the archive: read-only)."""
     prepare: Prepare | None = None
     transform: Transform | None = None
+    owner: Owner | None = None
+    """For a type whose resources belong to their writer (a Subscription's channel may carry the receiver's
+    credentials): the recorded writer of a stored resource (the owner extension that `transform` sets). Such
+    resources exist only for their owner: a search lists the caller's own, and a read, vread, history, update
+    or delete by id of another's answers as for an unknown id (`fhir.interactions`), whatever the policy allows
+    (an update is refused)."""
+
+    @property
+    def owned(self) -> bool:
+        return self.owner is not None
 
 
 def _types() -> Mapping[str, ResourceType]:
@@ -47,6 +60,7 @@ def _types() -> Mapping[str, ResourceType]:
             writable=True,
             prepare=prepare_subscription,
             transform=transform_subscription,
+            owner=owner_of,
         ),
     }
 

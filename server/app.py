@@ -17,6 +17,7 @@ from litestar.config.compression import CompressionConfig
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.exceptions import HTTPException
 from litestar.logging.config import LoggingConfig
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
@@ -30,14 +31,15 @@ from dicomweb.blobs import BlobStore
 from dicomweb.dimse import routes as dimse_routes
 from dicomweb.routes import qido, stow, wado, wadouri
 from dicomweb.routes import rendered as rendered_routes
+from fhir import outcome as fhir_outcome
 from fhir import routes_meta
 from fhir.routes import fhir_routes
 from inference.routes import inference_router
 from server import health, telemetry
 from server.connections import body_deadline
-from server.errors import EXCEPTION_HANDLERS
+from server.errors import EXCEPTION_HANDLERS, by_path, http_error
 from server.inflight import InFlight
-from server.limits import header_limit, plain_target
+from server.limits import FHIR_PREFIX, header_limit, plain_target
 from server.logs import AccessLog
 from server.resources import Resources, open_resources
 from server.settings import Settings
@@ -112,7 +114,7 @@ def create_app(
         ],
         dependencies={"resources": Provide(_resources, sync_to_thread=False)},
         lifespan=[lifespan],
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=exception_handlers(),
         cors_config=cors,
         logging_config=logging_config(settings),
         compression_config=CompressionConfig(
@@ -135,6 +137,14 @@ def create_app(
     )
     app.asgi_handler = in_flight.wrap(edge(app.asgi_handler, settings))
     return app
+
+
+def exception_handlers() -> dict[Any, Any]:
+    """`server.errors`' handlers, with one change: what no route matched under /fhir (404, 405) is answered as
+    FHIR answers errors, with an OperationOutcome (the FHIR routes' own handlers only see matched requests)."""
+    handlers: dict[Any, Any] = dict(EXCEPTION_HANDLERS)
+    handlers[HTTPException] = by_path(FHIR_PREFIX, fhir_outcome.http_error, http_error)
+    return handlers
 
 
 def edge(handler: ASGIApp, settings: Settings) -> ASGIApp:

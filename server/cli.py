@@ -103,12 +103,20 @@ def _serve_processes(settings: Settings, overrides: dict[str, str]) -> int:
     exits), so the processes, which get its URL, can come and go."""
     import asyncio
 
+    from server.dbwatch import EmbeddedSupervisor
     from server.resources import database_url
 
     os.environ.update(overrides)  # the processes read their settings from the environment
+    supervisor = None
     if not settings.database_url:  # started and migrated here; the processes connect as the app role
         os.environ["DATABASE_URL"] = asyncio.run(database_url(settings))
-    _run_uvicorn(settings, "server.cli:process_app", factory=True, workers=settings.processes)
+        supervisor = EmbeddedSupervisor(settings.data_dir / "pg")  # started again if it dies; they reconnect
+        supervisor.start()
+    try:
+        _run_uvicorn(settings, "server.cli:process_app", factory=True, workers=settings.processes)
+    finally:
+        if supervisor is not None:
+            supervisor.stop()  # before the exit handler stops the embedded PostgreSQL
     return 0  # the supervisor stopped its processes (SIGINT, SIGTERM) and returned: exit handlers run now
 
 

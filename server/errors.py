@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from litestar import MediaType, Request, Response
@@ -27,6 +28,7 @@ from dicomweb.errors import (
     StorageUnavailable,
     UnsupportedMediaType,
 )
+from server.db import RETRY_AFTER_SECONDS, unavailable
 from server.logs import route_of
 
 log = logging.getLogger(__name__)
@@ -44,9 +46,22 @@ _STATUS: list[tuple[type[DicomWebError], int]] = [
 
 
 def warning_header(text: str) -> str:
-    cleaned = text.replace("\\", "\\\\").replace('"', "'").replace("\r", " ").replace("\n", " ")
-    cleaned = cleaned.encode("ascii", "backslashreplace").decode("ascii")  # header values are Latin-1 at most
-    return f'299 hounsfield "{cleaned[:500]}"'
+    r"""One warning-value (RFC 7234 5.5: `299 hounsfield "text"`) whose text is a quoted-string (RFC 7230 3.2.6)
+    of printable ASCII whatever `text` holds: a control character, DEL or non-ASCII character is written as its
+    Python escape (`\x01`, `\xe9`, `\u20ac`: the backslash a quoted-pair, so the unquoted text reads `\x01`),
+    a line break or tab as a space, a double quote as a single quote. A raw control character would make the
+    header invalid, and the HTTP server would drop the connection instead of answering."""
+    out = []
+    for ch in text[:500]:
+        if ch == '"':
+            out.append("'")
+        elif ch in "\r\n\t":
+            out.append(" ")
+        elif " " <= ch <= "~":
+            out.append("\\\\" if ch == "\\" else ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii").replace("\\", "\\\\"))
+    return f'299 hounsfield "{"".join(out)}"'
 
 
 def status_for(exc: DicomWebError) -> int:
@@ -123,7 +138,26 @@ def authz_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[by
     return Response(body, status_code=status, headers=headers, media_type=MediaType.JSON)
 
 
+DATABASE_UNAVAILABLE = "the database is unavailable; retry later"
+
+
+def database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> bool:
+    """Whether `exc` is the database out of reach (`server.db.unavailable`): logged without a traceback, answered
+    503 with Retry-After by the caller (the server reconnects by itself, `server.dbwatch`)."""
+    if not unavailable(exc):
+        return False
+    log.warning("%s %s: database unavailable (%s)", request.method, route_of(request.scope), type(exc).__name__)
+    return True
+
+
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
+    if database_unavailable(request, exc):
+        return Response(
+            {"error": DATABASE_UNAVAILABLE, "status": 503},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Warning": warning_header(DATABASE_UNAVAILABLE)},
+            media_type=MediaType.JSON,
+        )
     log.error("unhandled error on %s %s", request.method, route_of(request.scope), exc_info=exc)
     return Response({"error": "internal server error", "status": 500}, status_code=500, media_type=MediaType.JSON)
 
@@ -134,3 +168,22 @@ EXCEPTION_HANDLERS = {
     HTTPException: http_error,
     Exception: internal_error,
 }
+
+
+Handler = Callable[[Request[Any, Any, Any], Exception], Response[Any]]
+
+
+def under(prefix: str, path: str) -> bool:
+    """Whether `path` is `prefix` or below it (`/fhir`, `/fhir/Patient`; never `/fhirx`)."""
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def by_path(prefix: str, inside: Handler, outside: Handler) -> Handler:
+    """An app-level handler that answers requests under `prefix` with `inside`, all others with `outside`. A
+    request no route matched (404, or 405 for a path served with other methods) never reaches route-level
+    handlers: its API's error format is chosen here, by path (FHIR R4 http.html: an OperationOutcome)."""
+
+    def handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        return (inside if under(prefix, request.scope["path"]) else outside)(request, exc)
+
+    return handler

@@ -4,24 +4,41 @@ from __future__ import annotations
 
 from litestar import Response, get
 
+from server.db import RETRY_AFTER_SECONDS
 from server.resources import Resources, ResourcesDep
 
 
 @get("/healthz", include_in_schema=True, sync_to_thread=False)
 def healthz() -> dict[str, str]:
-    """The process is up."""
+    """The process is up: liveness. It stays 200 while the database is down or being restarted, because the
+    server recovers by itself (`server.dbwatch`): an orchestrator that restarted it would only cut that short."""
     return {"status": "ok"}
 
 
-@get("/readyz")
-async def readyz(resources: ResourcesDep) -> Response[dict[str, str]]:
-    """The database answers; the server can take traffic. `audit_anchors` names an anchor sink whose last
-    write failed (authz/auditanchor.py); `disk` a volume below the free-space watermark (`disk_check`)."""
+async def _database(resources: Resources) -> str | None:
+    """None when the database answers; else what is wrong: `restarting` (the embedded PostgreSQL is being
+    started again) or `unreachable` (the server reconnects with backoff)."""
     try:
         async with resources.pool.acquire(timeout=2) as conn:
             await conn.fetchval("SELECT 1")
     except Exception:
-        return Response({"status": "unavailable", "database": "unreachable"}, status_code=503)
+        return resources.database.status() or "unreachable"
+    return None
+
+
+@get("/readyz")
+async def readyz(resources: ResourcesDep) -> Response[dict[str, str]]:
+    """The database answers; the server can take traffic. While it does not: 503 with Retry-After and
+    `"database": "restarting"|"unreachable"`, until the server reconnected by itself. `audit_anchors` names an
+    anchor sink whose last write failed (authz/auditanchor.py); `disk` a volume below the free-space watermark
+    (`disk_check`)."""
+    database = await _database(resources)
+    if database is not None:
+        return Response(
+            {"status": "unavailable", "database": database},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     body = {"status": "ready"}
     anchors = resources.anchors.status() if resources.anchors is not None else None
     if anchors is not None:  # still ready: serving goes on while the checkpoint job retries the sink

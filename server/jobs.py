@@ -9,6 +9,7 @@ whose worker died (lease expiry). Handlers must be idempotent: a job can run mor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from server.db import Connection, Queries, vouch_stateless
+from server.db import Connection, DatabaseUnavailable, Queries, unavailable, vouch_stateless
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("jobs.sql"))
@@ -28,6 +29,11 @@ CHANNEL = "hounsfield_jobs"
 SETTLE_SECONDS = 0.05
 """After a NOTIFY, the worker waits this long before taking jobs, so that the jobs of a burst of ingest
 transactions are taken (and marked done) as one batch rather than one round trip pair each."""
+DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+"""What the worker outlives (logged, retried): the database refusing a statement or being out of reach."""
+RECONNECT_MIN_SECONDS = 0.5
+RECONNECT_MAX_SECONDS = 30.0
+"""While the database is unavailable the worker tries to listen again after a wait doubling between these."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +130,9 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._wake = asyncio.Event()
         self._stopping = False
+        self._stopped = asyncio.Event()
+        self._held = False
+        """The database went away while this worker may have held jobs (taken, not settled)."""
         self._reclaim_at = 0.0  # loop time of the next lease check; the first batch always checks
 
     def _notified(self, *_args: object) -> None:
@@ -197,16 +206,49 @@ class Worker:
         return True
 
     async def run(self) -> None:
-        """Loop until `stop()`: drain ready jobs, then wait for a NOTIFY or the poll interval."""
+        """Loop until `stop()`: drain ready jobs, then wait for a NOTIFY or the poll interval. When the database
+        goes away the listening connection is lost: the worker keeps trying with backoff, listens again once the
+        database is back, and catches up at once (a poll, and the jobs it held when the connection was lost
+        queued again)."""
+        backoff = RECONNECT_MIN_SECONDS
+        while not self._done():
+            try:
+                await self._listen_and_work()
+                backoff = RECONNECT_MIN_SECONDS
+                continue
+            except DATABASE_ERRORS as exc:
+                what = "database unavailable" if unavailable(exc) else "database error"
+                log.warning("job worker: %s (%s); retrying in %.1f s", what, type(exc).__name__, backoff)
+            except Exception:  # the worker outlives its own bugs too: derived work must not stop for good
+                log.exception("job worker failed; starting again in %.1f s", backoff)
+            self._held = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), timeout=backoff)
+            backoff = min(backoff * 2, RECONNECT_MAX_SECONDS)
+
+    async def _listen_and_work(self) -> None:
+        """Listen on one pool connection and run jobs until stopped (returns) or the connection is lost (raises
+        `DatabaseUnavailable`)."""
+        lost = False
+
+        def on_lost(_conn: object) -> None:
+            nonlocal lost
+            lost = True
+            self._wake.set()
+
         listener = await self.pool.acquire()
         try:
+            listener.add_termination_listener(on_lost)
             await listener.add_listener(CHANNEL, self._notified)
-            while not self._stopping:
+            while not self._done() and not lost:
                 self._wake.clear()
                 try:
+                    if self._held:  # jobs taken before the database went away: queued again, now
+                        await self._requeue_held()
                     ran = await self.run_once()
-                except (OSError, asyncpg.PostgresError) as exc:
+                except DATABASE_ERRORS as exc:
                     log.warning("job worker: database error: %s", exc)
+                    self._held = True  # a batch may have been taken and not settled
                     ran = 0
                 if ran:
                     continue
@@ -216,11 +258,29 @@ class Worker:
                 except TimeoutError:
                     pass
         finally:
-            try:
-                await listener.remove_listener(CHANNEL, self._notified)
-            finally:
-                await self.pool.release(listener)
+            with contextlib.suppress(*DATABASE_ERRORS):  # a lost connection's proxy refuses every call
+                if not listener.is_closed():
+                    listener.remove_termination_listener(on_lost)
+                    await listener.remove_listener(CHANNEL, self._notified)
+            await self.pool.release(listener)  # a lost connection was already handed back: a no-op
+        if lost and not self._done():
+            raise DatabaseUnavailable("the job worker's listening connection was lost")
+
+    def _done(self) -> bool:
+        """Stopped, or its pool is being closed (which waits for the listening connection)."""
+        return self._stopping or self.pool.is_closing()
+
+    async def _requeue_held(self) -> None:
+        """Queue again the jobs this worker took and did not settle because the database went away (their
+        handlers are idempotent); without this they would wait for their lease to expire."""
+        async with self.pool.acquire() as conn:
+            requeued = await conn.fetch(SQL["requeue_held"], self.name)
+            vouch_stateless(conn)
+        self._held = False
+        if requeued:
+            log.info("job worker: %d jobs taken before the database outage queued again", len(requeued))
 
     def stop(self) -> None:
         self._stopping = True
+        self._stopped.set()
         self._wake.set()

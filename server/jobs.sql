@@ -46,6 +46,13 @@ UPDATE jobs SET state = 'queued', locked_at = NULL, worker = NULL,
 WHERE state = 'running' AND locked_at < now() - make_interval(secs => $1)
 RETURNING id;
 
+-- name: requeue_held
+-- The jobs a worker took and could not settle because the database went away (a worker that lives on).
+UPDATE jobs SET state = 'queued', locked_at = NULL, worker = NULL,
+    last_error = coalesce(last_error, '') || ' [database unavailable]'
+WHERE state = 'running' AND worker = $1
+RETURNING id;
+
 -- name: get
 SELECT id, kind, payload, state, attempts, max_attempts, run_at, last_error, created_at, finished_at
 FROM jobs WHERE id = $1;

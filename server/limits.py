@@ -18,6 +18,8 @@ from urllib.parse import unquote_to_bytes
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 
+from server.errors import under
+
 
 async def _refuse(send: Send, status: int, body: bytes, media_type: bytes, warning: str) -> None:
     """Answer a refused request at once: `body` with a Warning header (`warning` holds no quote or control)."""
@@ -44,8 +46,8 @@ def header_limit(max_bytes: int) -> Callable[[ASGIApp], ASGIApp]:
                 total = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
                 if total > max_bytes:
                     text = f"request headers exceed {max_bytes} bytes"
-                    body = json.dumps({"error": text, "status": 431}).encode()
-                    await _refuse(send, 431, body, b"application/json", text)
+                    body, media_type = _refusal(scope["path"], 431, "too-long", text)
+                    await _refuse(send, 431, body, media_type, text)
                     return
             await app(scope, receive, send)
 
@@ -71,13 +73,13 @@ def has_control_characters(scope: Scope) -> bool:
     return bool(_CONTROL_BYTES.search(decoded) or _CONTROL.search(decoded.decode("utf-8", "replace")))
 
 
-def _bad_target(path: str) -> tuple[bytes, bytes]:
-    """The 400 body and media type: an OperationOutcome under /fhir (FHIR R4 "Handling errors"), else the
-    DICOMweb JSON error of `server.errors`."""
-    if path == FHIR_PREFIX or path.startswith(FHIR_PREFIX + "/"):
-        issue = {"severity": "error", "code": "invalid", "diagnostics": TARGET_ERROR}
+def _refusal(path: str, status: int, code: str, text: str) -> tuple[bytes, bytes]:
+    """A refusal's body and media type: an OperationOutcome under /fhir (FHIR R4 "Handling errors"; `code` from
+    its IssueType value set), else the DICOMweb JSON error of `server.errors`."""
+    if under(FHIR_PREFIX, path):
+        issue = {"severity": "error", "code": code, "diagnostics": text}
         return json.dumps({"resourceType": "OperationOutcome", "issue": [issue]}).encode(), b"application/fhir+json"
-    return json.dumps({"error": TARGET_ERROR, "status": 400}).encode(), b"application/json"
+    return json.dumps({"error": text, "status": status}).encode(), b"application/json"
 
 
 def plain_target(app: ASGIApp) -> ASGIApp:
@@ -85,7 +87,7 @@ def plain_target(app: ASGIApp) -> ASGIApp:
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == ScopeType.HTTP and has_control_characters(scope):
-            body, media_type = _bad_target(scope["path"])
+            body, media_type = _refusal(scope["path"], 400, "invalid", TARGET_ERROR)
             await _refuse(send, 400, body, media_type, TARGET_ERROR)
             return
         await app(scope, receive, send)

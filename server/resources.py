@@ -30,13 +30,13 @@ from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.dimse import routing
 from dicomweb.dimse.service import DimseService, open_dimse
 from dicomweb.store import IngestActivity, StoreService, blob_delete_handler, gc_handler
-from fhir import subscriptions
+from fhir import reindex, subscriptions
 from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
 from inference import dispatch
 from inference.service import InferenceService, open_inference
-from server import db, dbroles, jobs, private, telemetry
+from server import db, dbroles, dbwatch, jobs, private, telemetry
 from server.diskspace import FreeSpace
 from server.settings import Settings
 
@@ -64,6 +64,8 @@ class Resources:
     """Open break-glass sessions by subject, for the guard (`authz.sessioncache`)."""
     anchors: AuditAnchors | None = None
     """Where signed audit checkpoints are copied (`authz.auditanchor`); failing sinks show in /readyz."""
+    database: dbwatch.DatabaseHealth = field(default_factory=dbwatch.DatabaseHealth)
+    """Whether the database is within reach, for /readyz (`server.dbwatch`)."""
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:
@@ -96,18 +98,43 @@ async def database_url(settings: Settings) -> str:
     return (await dbroles.database_urls(settings)).serving
 
 
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    """Close gracefully; connections the database dropped (it is down at shutdown) are terminated instead."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout=10)
+    except Exception as exc:  # asyncpg terminated the pool already; shutting down goes on
+        log.warning("database pool closed by termination: %s: %s", type(exc).__name__, exc)
+        pool.terminate()
+
+
 @contextlib.asynccontextmanager
 async def open_resources(
     settings: Settings, *, blobs: BlobStore | None = None, dsn: str | None = None
 ) -> AsyncIterator[Resources]:
     private.make_dirs(settings.data_dir)
-    dsn = dsn or await database_url(settings)
-    pool = await db.create_pool(dsn, settings.db_pool_min, settings.db_pool_max)
+    owned = dsn is None and not settings.database_url  # this process starts the embedded PostgreSQL
+    health = dbwatch.DatabaseHealth()
+
+    async def connect() -> tuple[str, asyncpg.Pool]:
+        url = dsn or await database_url(settings)
+        health.reset()
+        pool = await db.create_pool(url, settings.db_pool_min, settings.db_pool_max, connect=health.connect)
+        try:
+            async with pool.acquire() as conn:
+                await db.migrate(conn)
+                await dbroles.check_serving_role(conn, allow_privileged=settings.database_allow_privileged)
+        except BaseException:
+            pool.terminate()
+            raise
+        return url, pool
+
+    url, pool = await dbwatch.when_reachable(connect)  # a database that restarts is waited for
     async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_callback(pool.close)
-        async with pool.acquire() as conn:
-            await db.migrate(conn)
-            await dbroles.check_serving_role(conn, allow_privileged=settings.database_allow_privileged)
+        if owned:  # started again when its postmaster dies; stopped watching last, after everything closed
+            supervisor = dbwatch.EmbeddedSupervisor.for_health(settings.data_dir / "pg", health)
+            supervisor.start()
+            stack.push_async_callback(supervisor.aclose)
+        stack.push_async_callback(_close_pool, pool)
         if blobs is None:
             blobs = await open_blob_store(settings)
             stack.push_async_callback(blobs.close)
@@ -134,8 +161,8 @@ async def open_resources(
             stack.push_async_callback(forwarder.close)
         # The audit writer's own connections (AuditTrail: appends never wait behind the callers' checkouts); a
         # writer that ends hands over to the next, so two may overlap.
-        audit_pool = await db.create_pool(dsn, 1, AUDIT_WRITER_CONNECTIONS)
-        stack.push_async_callback(audit_pool.close)
+        audit_pool = await db.create_pool(url, 1, AUDIT_WRITER_CONNECTIONS, connect=health.connect)
+        stack.push_async_callback(_close_pool, audit_pool)
         audit = AuditTrail(pool, forwarder=forwarder, writer=audit_pool)
         stack.push_async_callback(audit.close)  # runs before the pool closes: records in flight are written
         policy = CachingEngine(open_engine(settings), ttl=settings.policy_cache_seconds)
@@ -155,12 +182,14 @@ async def open_resources(
         handlers[fhir_sync.SYNC_JOB] = fhir_sync.sync_handler(
             pool, fhir, dicomweb_address(settings.public_url, settings.host, settings.port)
         )
-        sessions = SessionCache(dsn)
+        sessions = SessionCache(url)
         await sessions.start()
         stack.push_async_callback(sessions.close)
         resources = Resources(settings, pool, blobs, store, audit, policy, fhir, handlers=handlers, sessions=sessions)
         resources.anchors = anchors
+        resources.database = health
         handlers.update(subscriptions.handlers(resources))  # fhir.notify, fhir.deliver
+        handlers[reindex.REINDEX_JOB] = reindex.handler(pool, fhir)  # queued by migrations adding search params
         store.hooks.append(routing.routing_hook(settings.dimse))  # DIMSE auto-routing rules
         handlers[routing.ROUTE_JOB] = routing.route_handler(
             pool, blobs, audit, settings.dimse, settings.dimse_ae_title, float(settings.dimse_timeout_seconds)
@@ -179,22 +208,26 @@ async def open_resources(
             if resources.dimse is not None:
                 stack.push_async_callback(resources.dimse.stop)  # before the audit trail and pool close
         if settings.worker_enabled:
-            async with pool.acquire() as conn:
-                await jobs.schedule(
-                    conn,
-                    CHECKPOINT_JOB,
-                    {"periodic": True},
-                    dedupe_key="periodic",
-                    delay_seconds=settings.audit_checkpoint_seconds,
-                )
-                await jobs.schedule(
-                    conn,
-                    "blob.gc",
-                    {"periodic": True},
-                    dedupe_key="periodic",
-                    delay_seconds=settings.gc_interval_seconds,
-                )
-                await fhir_sync.enqueue_backfill(conn)  # studies stored before FHIR sync existed
+
+            async def schedule() -> None:
+                async with pool.acquire() as conn:
+                    await jobs.schedule(
+                        conn,
+                        CHECKPOINT_JOB,
+                        {"periodic": True},
+                        dedupe_key="periodic",
+                        delay_seconds=settings.audit_checkpoint_seconds,
+                    )
+                    await jobs.schedule(
+                        conn,
+                        "blob.gc",
+                        {"periodic": True},
+                        dedupe_key="periodic",
+                        delay_seconds=settings.gc_interval_seconds,
+                    )
+                    await fhir_sync.enqueue_backfill(conn)  # studies stored before FHIR sync existed
+
+            await dbwatch.when_reachable(schedule)
             worker = jobs.Worker(
                 pool,
                 handlers,
@@ -207,8 +240,12 @@ async def open_resources(
 
             async def _stop_worker() -> None:
                 worker.stop()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await asyncio.wait_for(task, timeout=10)
+                except (asyncio.CancelledError, TimeoutError):  # a job cut off is run again (handlers are idempotent)
+                    pass
+                except Exception:  # logged, never a failed shutdown: what follows must still close
+                    log.exception("the job worker ended with an error")
 
             stack.push_async_callback(_stop_worker)
         yield resources

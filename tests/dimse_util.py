@@ -75,3 +75,24 @@ def dimse_audit(dsn: str, method: str | None = None) -> list[dict[str, Any]]:
         for r in audit_records(dsn)
         if r.get("channel") == "dimse" and (method is None or r.get("http", {}).get("method") == method)
     ]
+
+
+def send_raw(assoc: Any, sop_class: str, sop_instance: str, raw: bytes, message_id: int = 7) -> Any:
+    """A C-STORE-RQ whose data set is exactly `raw`, sent on the association's context for `sop_class` (pynetdicom's
+    send_c_store would decode and re-encode it). Returns the C-STORE-RSP primitive, or None when none came."""
+    import io
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    req = C_STORE()
+    req.MessageID, req.Priority = message_id, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = sop_class, sop_instance
+    req.DataSet = io.BytesIO(raw)
+    context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class)
+    assoc._reactor_checkpoint.clear()  # as send_c_store does: the reactor leaves the response to us
+    try:
+        assoc.dimse.send_msg(req, context.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    return rsp

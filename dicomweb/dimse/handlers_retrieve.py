@@ -7,7 +7,10 @@ sub-operation with the Number of Remaining/Completed/Failed/Warning Sub-operatio
 B000 when some failed, and Cancel FE00 after a C-CANCEL. C-MOVE opens a new association to the Move
 Destination, which must be a configured destination (unknown: A801), over TLS when it is marked so; C-GET sends
 on the same association.
-Instances go in their stored transfer syntax (the move proposes it with Explicit and Implicit VR Little Endian).
+Each instance goes in its stored transfer syntax when the peer accepted it, else decoded (or re-encoded without
+loss) into a syntax the peer accepted (`dicomweb.dimse.syntaxes`: what the move proposes, what a C-GET's storage
+contexts accept, what is converted); one that no accepted syntax can carry fails its sub-operation (counted as
+failed, its UID in the Failed SOP Instance UID List).
 A malformed identifier is A900; a denial 0124 (Refused: Not Authorized); a failure of the server C000. pynetdicom
 opens the move association before the first status, so these refusals cost the destination one empty
 association.
@@ -16,6 +19,7 @@ association.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +27,7 @@ from typing import Any
 import asyncpg
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import build_context
+from pynetdicom import build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from authz.auditrecord import EventType
@@ -32,11 +36,11 @@ from authz.errors import denial_comment
 from authz.guard import FACTS
 from authz.policy_input import dicomweb_resource
 from authz.principal import Principal
-from dicomweb.compress import as_received
 from dicomweb.dimse.audit import BEGIN_TRANSFERRING, operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import SQL
-from dicomweb.dimse.sender import contexts_for, tls_args
+from dicomweb.dimse.sender import tls_args
+from dicomweb.dimse.syntaxes import NotSendable, accepted_syntaxes, outgoing, proposals
 from dicomweb.dimse.tcp import NODELAY_HANDLERS
 from dicomweb.uids import is_valid_uid
 
@@ -124,9 +128,20 @@ async def _plan(node: Node, principal: Principal, keys: Keys, address: str | Non
     return plan
 
 
-def _dataset(node: Node, row: asyncpg.Record) -> Dataset:
-    data = node.run(node.blobs.read_range(row["blob_key"], 0, int(row["size_bytes"])))
-    return as_received(data, str(row["transfer_syntax_uid"]))  # decoded when storage compression encoded it
+def _read(node: Node, row: asyncpg.Record) -> bytes:
+    return node.run(node.blobs.read_range(row["blob_key"], 0, int(row["size_bytes"])))
+
+
+def _dataset(data: bytes, row: asyncpg.Record, peer: Any) -> Dataset:
+    """The instance in a syntax `peer` (the association the sub-operations go on) accepted; when there is none,
+    as stored, so that pynetdicom fails the sub-operation and names the instance in the Failed SOP Instance UID
+    List of the final response (PS3.4 C.4.2, C.4.3)."""
+    accepted = accepted_syntaxes(peer, str(row["sop_class_uid"])) if peer is not None else []
+    try:
+        return outgoing(data, str(row["transfer_syntax_uid"]), accepted)
+    except NotSendable as exc:
+        log.warning("an instance is not sent: %s", exc)  # UIDs of syntaxes only, no identifiers
+        return pydicom.dcmread(io.BytesIO(data))
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -147,6 +162,13 @@ class _Operation:
         self.principal = node.principal(event.assoc.requestor.ae_title)
         self.plan = Plan([])
         self.failure: tuple[int, str] | None = None
+        self.peer: Any = event.assoc if command == "C-GET" else None
+        """The association the sub-operations go on: C-GET's own; C-MOVE's to the destination, once made."""
+
+    def on_peer(self, event: Any) -> None:
+        """EVT_ACCEPTED of the C-MOVE sub-association (triggered before pynetdicom marks it established, so before
+        the first sub-operation): the contexts its destination accepted."""
+        self.peer = event.assoc
 
     def prepare(self) -> None:
         if self.principal is None:
@@ -164,8 +186,8 @@ class _Operation:
         self.audit(BEGIN_TRANSFERRING if self.failure is None and self.plan.rows else None)
 
     def contexts(self) -> list[Any]:
-        items = [(r["sop_class_uid"], r["transfer_syntax_uid"]) for r in self.plan.rows]
-        return contexts_for(items) or [build_context(Verification)]
+        items = [(str(r["sop_class_uid"]), str(r["transfer_syntax_uid"])) for r in self.plan.rows]
+        return proposals(items) or [build_context(Verification)]
 
     def sub_operations(self) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         if self.failure is not None:
@@ -179,7 +201,7 @@ class _Operation:
                 yield CANCEL, None
                 break
             try:
-                ds = _dataset(self.node, row)
+                ds = _dataset(_read(self.node, row), row, self.peer)
             except Exception as exc:  # a missing or unreadable blob fails this sub-operation only
                 log.warning("%s: instance could not be read: %s", self.command, type(exc).__name__)
                 yield _status(UNABLE, "a stored instance could not be read"), None
@@ -227,7 +249,8 @@ def handle_move(event: Any, node: Node) -> Iterator[Any]:
         yield None, None  # pynetdicom answers A801 Move Destination Unknown
         return
     op.prepare()
-    options: dict[str, Any] = {"contexts": op.contexts(), "evt_handlers": NODELAY_HANDLERS}
+    handlers = [*NODELAY_HANDLERS, (evt.EVT_ACCEPTED, op.on_peer)]
+    options: dict[str, Any] = {"contexts": op.contexts(), "evt_handlers": handlers}
     if destination.tls:
         options["tls_args"] = tls_args(destination, node.config.tls)
     yield destination.host, destination.port, options

@@ -35,10 +35,10 @@ from authz.principal import Principal
 from dicomweb.dimse.audit import operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import CALLING_AE
-from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected, check_structure
 from dicomweb.store import Outcome, StoredInstance, out_of_resources
 from server import private
-from server.db import Connection
+from server.db import Connection, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def _response(status: int, comment: str | None = None) -> Dataset:
     rsp = Dataset()
     rsp.Status = status
     if comment and status not in (SUCCESS,):
-        rsp.ErrorComment = comment[:64]
+        # LO of the default repertoire (PS3.7 C.4.2, PS3.5 6.2): printable ASCII, no backslash (a value separator).
+        rsp.ErrorComment = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in comment[:64])
     return rsp
 
 
@@ -90,6 +91,10 @@ def _resource(ds: Dataset) -> Resource:
         study_uid=str(ds.get("StudyInstanceUID") or "") or None,
         modalities_in_study=[str(ds.get("Modality") or "")],
     )
+
+
+_READ = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality")
+"""The attributes `_authorize` reads from the decoded data set (for the policy and the audit record)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,24 +167,27 @@ async def _ingest(node: Node, operation: _Operation, spooled: Spooled) -> Datase
     # patient: the record names both patients, the response neither.
     try:
         await node.audit.append(operation.record(status, outcome.conflict.describe() if outcome.conflict else comment))
-    except Exception:
-        log.exception("C-STORE audit record not written; answering the instance's status all the same")
+    except Exception as exc:  # the answer is the truth about the instance all the same
+        if unavailable(exc):
+            log.warning("C-STORE audit record not written (database unavailable)")
+        else:
+            log.exception("C-STORE audit record not written")
     return _response(status, comment)
 
 
 def handle_store(event: Any, node: Node) -> Dataset:
-    """EVT_C_STORE: runs in the association's thread."""
+    """EVT_C_STORE: runs in the association's thread. A data set that cannot be decoded is refused before the
+    policy is asked, with the fault named by the structural checks of the ingest (`ingest.check_structure`)
+    rather than by whichever exception the decoder raised."""
     assoc = event.assoc
     principal = node.principal(assoc.requestor.ae_title)
     if principal is None:  # associations are accepted only for configured peers; never store for others
         return _response(NOT_AUTHORIZED, "calling AE title not recognized")
     try:
-        ds = event.dataset
-        ds.get("PatientID")  # pynetdicom decodes lazily: make a corrupt data set fail here
-        data = event.encoded_dataset(include_meta=True)
-    except Exception as exc:  # pydicom raises many kinds for malformed input
-        log.info("C-STORE from %s: undecodable data set: %s", principal.client_id, type(exc).__name__)
-        return _response(CANNOT_UNDERSTAND, "the data set cannot be decoded")
+        data = event.encoded_dataset(include_meta=True)  # the bytes as received, behind pynetdicom's File Meta
+    except Exception as exc:  # the request's UIDs cannot make a File Meta group
+        log.info("C-STORE from %s: unusable request: %s", principal.client_id, type(exc).__name__)
+        return _response(CANNOT_UNDERSTAND, "the request's SOP Class or Instance UID cannot be encoded")
     try:
         if node.store.space is not None:
             node.store.space.require()  # below the free-space watermark: refused before it is written
@@ -188,14 +196,33 @@ def handle_store(event: Any, node: Node) -> Dataset:
         log.error("C-STORE from %s: cannot spool: %s", principal.client_id, exc.strerror)
         return _response(OUT_OF_RESOURCES, out_of_resources(exc))
     try:
+        try:
+            ds = event.dataset
+            for keyword in _READ:  # pynetdicom decodes lazily: make a corrupt data set fail here, not later
+                ds.get(keyword)
+        except Exception as exc:  # pydicom raises many kinds (and RecursionError) for malformed input
+            log.info("C-STORE from %s: undecodable data set: %s", principal.client_id, type(exc).__name__)
+            return _undecodable(spooled.path, exc)
         operation = node.run(_authorize(node, principal, assoc.requestor.address, ds))
         if not operation.decision.allow:
             return _response(NOT_AUTHORIZED, denial_comment(operation.decision.decision_id))  # reasons: audit only
         return node.run_to_end(_ingest(node, operation, spooled))
     except OperationTimeout:
         return _response(OUT_OF_RESOURCES, "the server did not store the instance in time")
-    except Exception:  # `store_file` raises only when nothing was stored
+    except Exception as exc:  # `store_file` raises only when nothing was stored
+        if unavailable(exc):  # the server reconnects by itself; the sender may retry (PS3.4 B.2.3 A7xx)
+            log.warning("C-STORE from %s: database unavailable", principal.client_id)
+            return _response(OUT_OF_RESOURCES, "the database is unavailable; retry later")
         log.exception("C-STORE failed")
         return _response(OUT_OF_RESOURCES, "the server could not store the instance")
     finally:
         spooled.path.unlink(missing_ok=True)  # consumed by the ingest, unless it was refused or failed before
+
+
+def _undecodable(path: Path, exc: Exception) -> Dataset:
+    """The response to a data set the decoder failed on: the structural fault when the checks find one."""
+    try:
+        check_structure(path)
+    except InstanceRejected as rejected:
+        return _response(rejected.reason, rejected.comment)
+    return _response(CANNOT_UNDERSTAND, f"the data set cannot be decoded ({type(exc).__name__})")

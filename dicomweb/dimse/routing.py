@@ -3,9 +3,11 @@
 An ingest hook (`StoreService` hooks run inside the index transaction) matches each new instance against the
 rules (`dicomweb.dimse.config.RoutingRule`: calling AE, modality, SOP class, patient/study/series attribute
 patterns) and enqueues one `dimse.route` job per matching destination, so a job exists exactly when its
-instance committed. The job handler reads the stored bytes and sends them with C-STORE (`dicomweb.dimse.sender`);
-a failure (destination down, a refusal status) raises, and the queue retries with exponential backoff
-(`server.jobs.backoff_seconds`) up to `MAX_ATTEMPTS`. The jobs table is the status (`routing_status`, shown
+instance committed. The job handler reads the stored bytes and sends them with C-STORE (`dicomweb.dimse.sender`),
+in the stored transfer syntax or one the destination accepted (`dicomweb.dimse.syntaxes`); a failure
+(destination down, a refusal status) raises, and the queue retries with exponential backoff
+(`server.jobs.backoff_seconds`) up to `MAX_ATTEMPTS`; an instance no accepted syntax can carry fails the job at
+once. The jobs table is the status (`routing_status`, shown
 by `GET /dimse/routing`).
 
 Instances received over DIMSE carry their calling AE title to the hook in a context variable set by the C-STORE
@@ -29,7 +31,7 @@ from authz.auditrecord import Agent, AuditRecord, EventType
 from dicomweb.blobs import BlobStore
 from dicomweb.dimse.audit import outcome_of
 from dicomweb.dimse.config import DimseConfig
-from dicomweb.dimse.sender import Outgoing, SendFailed, send
+from dicomweb.dimse.sender import NotSent, Outgoing, SendFailed, send
 from dicomweb.store import IngestHook, StoredInstance
 from server import jobs
 from server.db import Connection, Queries
@@ -112,6 +114,9 @@ def route_handler(
             failure = next((s for s in statuses if outcome_of(s) != "0"), None)
             if failure is not None:
                 raise SendFailed(f"{destination.ae_title} answered C-STORE status 0x{failure:04X}")
+        except NotSent as exc:  # no syntax the destination accepts can carry it: retrying cannot help
+            await audit.append(_record(destination.ae_title, row, "8", str(exc)))
+            raise jobs.PermanentJobError(str(exc)) from None
         except SendFailed as exc:
             await audit.append(_record(destination.ae_title, row, "8", str(exc)))
             raise

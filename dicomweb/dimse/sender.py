@@ -1,7 +1,7 @@
-"""A C-STORE SCU (PS3.4 B.2) for auto-routing: one association to a configured destination, the instances sent
-in their stored transfer syntax (with Explicit and Implicit VR Little Endian also proposed, which pynetdicom
-can convert uncompressed data sets to), over TLS to a destination marked `+tls`. Blocking: run it in a worker
-thread."""
+"""A C-STORE SCU (PS3.4 B.2) for auto-routing: one association to a configured destination, over TLS to a
+destination marked `+tls`. Each instance goes in its stored transfer syntax when the destination accepts it,
+else decoded (or re-encoded without loss) into one it accepted (`dicomweb.dimse.syntaxes`). Blocking: run it in
+a worker thread."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context
-from pynetdicom.presentation import PresentationContext
+from pynetdicom import AE
 
-from dicomweb.compress import as_received
 from dicomweb.dimse.config import Destination, TlsConfig
+from dicomweb.dimse.syntaxes import NotSendable, accepted_syntaxes, outgoing, proposals
 from dicomweb.dimse.tcp import NODELAY_HANDLERS
 from dicomweb.dimse.tls import client_context
 
@@ -24,25 +22,16 @@ class SendFailed(Exception):
     """The destination could not be reached or refused an instance."""
 
 
+class NotSent(SendFailed):
+    """An instance cannot be sent in any transfer syntax the destination accepted: retrying cannot help."""
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     sop_class_uid: str
     transfer_syntax_uid: str
     data: bytes
     """A Part 10 file."""
-
-
-def contexts_for(items: Sequence[tuple[str, str]]) -> list[PresentationContext]:
-    """One presentation context per (SOP class, stored transfer syntax) pair: at most 128 (PS3.8 9.3.2.2)."""
-    out: dict[tuple[str, str], PresentationContext] = {}
-    for sop_class, ts in items:
-        key = (sop_class, ts)
-        if key not in out:
-            syntaxes = list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
-            out[key] = build_context(sop_class, syntaxes)
-        if len(out) == 128:
-            break
-    return list(out.values())
 
 
 def tls_args(destination: Destination, tls: TlsConfig | None) -> tuple[ssl.SSLContext, str] | None:
@@ -61,7 +50,8 @@ def send(
     timeout: float,
     tls: TlsConfig | None = None,
 ) -> list[int]:
-    """C-STORE each item; returns the statuses. Raises SendFailed when no association can be made."""
+    """C-STORE each item; returns the statuses. Raises SendFailed when no association can be made, NotSent when
+    an item cannot be sent in any syntax the destination accepted (the items before it were sent)."""
     try:  # pynetdicom 3.0 leaks its socket when the connection is refused: find out first
         socket.create_connection((destination.host, destination.port), timeout=timeout).close()
     except OSError as exc:
@@ -70,7 +60,7 @@ def send(
         ) from None
     ae = AE(ae_title=calling_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    contexts = contexts_for([(i.sop_class_uid, i.transfer_syntax_uid) for i in items])
+    contexts = proposals((i.sop_class_uid, i.transfer_syntax_uid) for i in items)
     assoc = ae.associate(
         destination.host,
         destination.port,
@@ -84,7 +74,11 @@ def send(
     statuses = []
     try:
         for item in items:
-            ds = as_received(item.data, item.transfer_syntax_uid)  # decoded when storage compression encoded it
+            accepted = accepted_syntaxes(assoc, item.sop_class_uid)
+            try:
+                ds = outgoing(item.data, item.transfer_syntax_uid, accepted)
+            except NotSendable as exc:
+                raise NotSent(f"{destination.ae_title}: {exc}") from None
             rsp = assoc.send_c_store(ds)
             statuses.append(int(rsp.Status) if "Status" in rsp else 0xA700)
     finally:

@@ -3,10 +3,12 @@
 Accepted: Verification (C-ECHO); every storage SOP class pynetdicom knows, in all transfer syntaxes it knows,
 including the compressed ones (the bytes are stored as received); Patient Root and Study Root
 Query/Retrieve FIND, MOVE and GET. Storage contexts accept SCP/SCU role selection, so a C-GET requestor can
-take the Storage SCP role (PS3.7 D.3.3.4). An association must be addressed to this AE's title and come from a
-configured peer, from an address and (over TLS) with a certificate bound to it (`dicomweb.dimse.admission`):
-otherwise A-ASSOCIATE-RJ rejected-permanent, service-user, called- or calling-AE-title-not-recognized (PS3.8
-9.3.4). Every association accepted, rejected, released or aborted, and every failed TLS handshake, is audited.
+take the Storage SCP role (PS3.7 D.3.3.4); in those contexts a native syntax is accepted first
+(`dicomweb.dimse.syntaxes.prefer_native_for_retrieve`). An association must be addressed to this AE's title and
+come from a configured peer, from an address and (over TLS) with a certificate bound to it
+(`dicomweb.dimse.admission`): otherwise A-ASSOCIATE-RJ rejected-permanent, service-user, called- or
+calling-AE-title-not-recognized (PS3.8 9.3.4). Every association accepted, rejected, released or aborted, and
+every failed TLS handshake, is audited.
 
 Listeners: plain TCP on `HOUNSFIELD_DIMSE_PORT`, and DICOM TLS on `HOUNSFIELD_DIMSE_TLS_PORT` when a certificate
 is configured (`dicomweb.dimse.tls`); with TLS configured the plain one runs only if `HOUNSFIELD_DIMSE_TLS_ONLY`
@@ -52,6 +54,7 @@ from dicomweb.dimse.handlers_query import handle_find
 from dicomweb.dimse.handlers_retrieve import handle_get, handle_move
 from dicomweb.dimse.handlers_store import handle_store
 from dicomweb.dimse.node import Node
+from dicomweb.dimse.syntaxes import prefer_native_for_retrieve
 from dicomweb.dimse.tcp import nodelay
 from dicomweb.dimse.tls import TlsAssociationServer, client_certificate, server_context
 
@@ -200,6 +203,7 @@ class DimseService:
             (evt.EVT_C_MOVE, handle_move, [node]),
             (evt.EVT_C_GET, handle_get, [node]),
             (evt.EVT_REQUESTED, _admit, [node]),
+            (evt.EVT_REQUESTED, prefer_native_for_retrieve),
             (evt.EVT_ACCEPTED, _audit_association, [node, "accepted"]),
             (evt.EVT_REJECTED, _audit_association, [node, "rejected"]),
             (evt.EVT_RELEASED, _audit_association, [node, "released"]),

@@ -89,6 +89,8 @@ async def index_instance(
         r["pps_start_time"],
         json.dumps(p.series_attrs, ensure_ascii=False),
         *_instance_args(p, 0, 0, blob_key, size, sha256)[2:],
+        s["patient_name_groups"],
+        s["referring_physician_groups"],
     )
     assert row is not None  # the upserts always return their rows
     if (row["study_patient_id"], row["study_issuer"]) != (s["patient_id"], s["issuer_of_patient_id"]):

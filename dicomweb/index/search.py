@@ -34,17 +34,22 @@ class Column:
 
     kind: `text` (exact, case-sensitive), `name` (the upper-cased *_search form of a person name), `folded`
     (compared upper-cased), `int`, `date`, `time`. `wrapper` names a fragment that puts the condition inside
-    an `EXISTS` over another table (ModalitiesInStudy, SOPClassesInStudy)."""
+    an `EXISTS` over another table (ModalitiesInStudy, SOPClassesInStudy). `groups`, for person names, is the
+    text[] column of the name's component groups (alphabetic, ideographic, phonetic), each normalized like
+    `expr`: single value and wild card matching compare group by group (`_person_name`)."""
 
     expr: str
     kind: str = "text"
     pattern_index: bool = False
     wrapper: str | None = None
+    groups: str | None = None
 
 
 COLUMNS: dict[str, Column] = {
     tag_of("StudyInstanceUID"): Column("st.study_uid"),
-    tag_of("PatientName"): Column("st.patient_name_search", "name", pattern_index=True),
+    tag_of("PatientName"): Column(
+        "st.patient_name_search", "name", pattern_index=True, groups="st.patient_name_groups"
+    ),
     tag_of("PatientID"): Column("st.patient_id"),
     tag_of("IssuerOfPatientID"): Column("st.issuer_of_patient_id"),
     tag_of("PatientBirthDate"): Column("st.patient_birth_date", "date"),
@@ -54,7 +59,9 @@ COLUMNS: dict[str, Column] = {
     tag_of("AccessionNumber"): Column("st.accession_number"),
     tag_of("StudyID"): Column("st.study_id"),
     tag_of("StudyDescription"): Column("st.study_description", "folded"),
-    tag_of("ReferringPhysicianName"): Column("st.referring_physician_search", "name"),
+    tag_of("ReferringPhysicianName"): Column(
+        "st.referring_physician_search", "name", groups="st.referring_physician_groups"
+    ),
     tag_of("ModalitiesInStudy"): Column("ms.modality", wrapper="modalities_in_study"),
     tag_of("SOPClassesInStudy"): Column("mi.sop_class_uid", wrapper="sop_classes_in_study"),
     tag_of("SeriesInstanceUID"): Column("se.series_uid"),
@@ -80,8 +87,25 @@ _ATTRS = {Level.STUDY: "st.attrs", Level.SERIES: "se.attrs", Level.INSTANCE: "i.
 _STUDY_PK = {Level.STUDY: "st.study_pk", Level.SERIES: "se.study_pk", Level.INSTANCE: "i.study_pk"}
 
 
+PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+"""The component groups of a person name, in the order of its `=`-separated value (PS3.5 6.2.1, PS3.18 F.2.2)."""
+
+
+def json_values(vr: str, value: str) -> list[object]:
+    """The `Value` items any of which a stored attribute may hold to match `value` by containment. A person
+    name matches per component group: a value of one group may be any group of the stored name, a value with
+    `=` gives its groups by position (see `_person_name`)."""
+    if vr != "PN":
+        return [json_value(vr, value)]
+    given = value.split("=")
+    if len(given) == 1:
+        return [{group: value} for group in PN_GROUPS]
+    return [{group: text for group, text in zip(PN_GROUPS, given, strict=False) if text}]
+
+
 def json_value(vr: str, value: str) -> object:
-    """A query value as it appears in a DICOM JSON `Value` array (PS3.18 F.2.3), for containment matching."""
+    """A query value as it appears in a DICOM JSON `Value` array (PS3.18 F.2.3), for containment matching (a
+    person name as its alphabetic group: `json_values` gives every group it may match)."""
     if vr == "PN":
         return {"Alphabetic": value}
     if vr in INT_VRS:
@@ -179,6 +203,73 @@ def _like(column: Column, pattern: str, params: _Params) -> str:
     return _sql("match_like", column=column.expr, p=params.add(pattern))
 
 
+def _person_name(column: Column, value: str, params: _Params) -> str:
+    """Single value and wild card matching of a person name (PS3.4 C.2.2.2.1, C.2.2.2.4), case-insensitive and
+    per component group (PS3.5 6.2.1). A value without `=` is one group and matches when any group of the
+    stored name matches it: `山田*` and `やまだ*` both find `=山田^太郎=やまだ^たろう`. A value with `=` gives
+    its groups by position and each non-empty one must match the stored group in that place (`=山田*` looks at
+    the ideographic group only); an empty or `*` group matches anything, as universal matching does.
+
+    Prefixes and exact values are served by the btree on each group; a pattern without a literal prefix is
+    first narrowed by the whole-name column's trigram index (a group matching `*x*` implies the whole name
+    holds `x`)."""
+    assert column.groups is not None
+    given = value.split("=")
+    if len(given) == 1:
+        term = _group_term(given[0])
+        if term is None:
+            return _sql("match_all")
+        text, is_pattern = term
+        refs = _group_refs(column, text, is_pattern, params)
+        either = _or([_group_match(f"{column.groups}[{k}]", is_pattern, refs) for k in (1, 2, 3)])
+        if is_pattern and column.pattern_index and len(refs) == 1:
+            whole = _sql("match_like", column=column.expr, p=params.add(_containing(text)))
+            return _and([whole, either])
+        return either
+    conditions = []
+    for k, group in enumerate(given[:3], start=1):
+        term = _group_term(group)
+        if term is not None:
+            text, is_pattern = term
+            refs = _group_refs(column, text, is_pattern, params)
+            conditions.append(_group_match(f"{column.groups}[{k}]", is_pattern, refs))
+    return _and(conditions)
+
+
+def _group_term(group: str) -> tuple[str, bool] | None:
+    """One query group as the index keeps groups (a LIKE pattern when it has wild cards), or None when it
+    matches anything."""
+    if group.strip().strip("*^ ") == "":
+        return None
+    if "*" in group or "?" in group:
+        return like_pattern(group, person_name=True), True
+    return person_name_key(group), False
+
+
+def _group_refs(column: Column, text: str, is_pattern: bool, params: _Params) -> tuple[str, ...]:
+    """Parameters shared by the conditions on each group: the value, or the pattern and, when it has a literal
+    prefix and the groups are indexed, the prefix's byte-order range."""
+    if not is_pattern:
+        return (params.add(text),)
+    bounds = _prefix_bounds(text) if column.pattern_index else None
+    if bounds is None:
+        return (params.add(text),)
+    return params.add(text), params.add(bounds[0]), params.add(bounds[1])
+
+
+def _group_match(expr: str, is_pattern: bool, refs: tuple[str, ...]) -> str:
+    if not is_pattern:
+        return _sql("match_equal", column=expr, p=refs[0])
+    if len(refs) == 3:
+        return _sql("match_like_prefix", column=expr, p=refs[0], low=refs[1], high=refs[2])
+    return _sql("match_like", column=expr, p=refs[0])
+
+
+def _containing(pattern: str) -> str:
+    """A LIKE pattern matching any string that holds a match of `pattern` (a doubled `%` is one)."""
+    return f"%{pattern}%"
+
+
 def _fuzzy_name(column: Column, value: str, params: _Params) -> str:
     """Fuzzy matching of person names (PS3.18 8.3.4.6): the value, wild cards allowed, matches the start of
     any name component, case-insensitively: `jo` matches `Doe^John`."""
@@ -208,12 +299,12 @@ def _indexed(column: Column, key: Filter, fuzzy: bool, params: _Params) -> str:
     value = key.values[0]
     if kind == "name" and fuzzy:
         return _fuzzy_name(column, value, params)
+    if kind == "name":
+        return _person_name(column, value, params)
     if key.match is Match.WILDCARD:
         return _like(column, like_pattern(value, person_name=kind == "name"), params)
     if kind == "int":
         return _sql("match_equal", column=column.expr, p=params.add(int(value.strip())))
-    if kind == "name":
-        return _sql("match_equal", column=column.expr, p=params.add(person_name_key(value)))
     if kind == "folded":  # exact but case-insensitive: through the same trigram index as patterns
         return _sql("match_folded_like", column=column.expr, p=params.add(_literal_like(value)))
     if kind == "time":  # a time matches to the precision it is given with
@@ -229,8 +320,13 @@ def _condition(key: Filter, query: Query, params: _Params) -> str | None:
     if key.match is Match.UNIVERSAL:
         return None
     if not key.indexed:
-        document = {key.tag: {"Value": [json_value(key.vr, key.values[0])]}}
-        return _sql("match_contains", column=_ATTRS[key.level], p=params.add(json.dumps(document, ensure_ascii=False)))
+        documents = [{key.tag: {"Value": [item]}} for item in json_values(key.vr, key.values[0])]
+        return _or(
+            [
+                _sql("match_contains", column=_ATTRS[key.level], p=params.add(json.dumps(doc, ensure_ascii=False)))
+                for doc in documents
+            ]
+        )
     column = COLUMNS[key.tag]
     condition = _indexed(column, key, query.fuzzy, params)
     if column.wrapper is not None:
@@ -240,6 +336,10 @@ def _condition(key: Filter, query: Query, params: _Params) -> str | None:
 
 def _and(conditions: list[str]) -> str:
     return " AND ".join(conditions) if conditions else _sql("match_all")
+
+
+def _or(conditions: list[str]) -> str:
+    return conditions[0] if len(conditions) == 1 else "(" + " OR ".join(conditions) + ")"
 
 
 def _restrict(access: AccessConstraints, level: Level, params: _Params) -> tuple[list[str], list[str]]:

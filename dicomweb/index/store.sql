@@ -26,8 +26,9 @@ WITH st_found AS (
     INSERT INTO studies (
         study_uid, patient_id, issuer_of_patient_id, patient_name, patient_name_search, patient_birth_date,
         patient_sex, study_date, study_time, accession_number, study_id, study_description,
-        referring_physician_name, referring_physician_search, attrs)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb
+        referring_physician_name, referring_physician_search, attrs, patient_name_groups,
+        referring_physician_groups)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb, $40::text[], $41::text[]
     WHERE NOT EXISTS (SELECT 1 FROM st_found)
     ON CONFLICT (study_uid) DO UPDATE SET updated_at = now()
     RETURNING study_pk, patient_id, issuer_of_patient_id
