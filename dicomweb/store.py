@@ -438,7 +438,7 @@ class StoreService:
                 row = await repository.find_instance(conn, sop_instance_uid)
         except Exception as again:  # the index cannot be read either
             log.error("ingest commit still unconfirmed: %s", again)
-            outcome.failure = PROCESSING_FAILURE
+            outcome.failure = OUT_OF_RESOURCES if unavailable(again) else PROCESSING_FAILURE  # A700: retry later
             outcome.comment = "the index did not confirm the instance; it may be stored: send it again"
             return outcome
         if row is not None and row["blob_key"] == key:
