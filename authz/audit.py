@@ -10,6 +10,11 @@ form one chain with gapless seq numbers. Within a process, concurrent appends ar
 commit, `AuditTrail.append`): a record costs about one round trip and a share of one WAL flush, and `append`
 returns only after the commit, so a response sent after it cannot lose its record on a crash.
 
+A record that must commit or roll back with another change (a stored instance's, PS3.15 A.5.3.4) is written in
+that change's transaction with `AuditTrail.append_in`: deferred (migrations/0016_audit_in_transaction.sql), it
+takes no lock and no seq there, and the next append (`nudge` asks for one at once) or checkpoint chains it. Holding
+the head's lock until an ingest commits would make every ingest and every request's record wait in one line.
+
 Checkpoints: the periodic `audit.checkpoint` job checks the records since the last checkpoint, then signs the
 head (`checkpoint_message`) with the server's EC P-256 key (`authz.keys`). A verifier holding the public key then
 detects even a chain that was altered and consistently re-hashed up to the head.
@@ -43,7 +48,7 @@ from authz.auditrecord import (
     request_record,
 )
 from server import jobs
-from server.db import Queries, vouch_stateless
+from server.db import Connection, Queries, vouch_stateless
 
 __all__ = [
     "CHECKPOINT_JOB",
@@ -122,6 +127,8 @@ class AuditTrail:
         self.max_batch = max_batch
         self.forwarder = forwarder
         self._pending = _Batch()
+        self._nudged = False
+        """Deferred records were committed (`append_in`): chain them even if no record is pending."""
         self._accepting = False
         """True while a writer task will still take pending records."""
         self._writers: set[asyncio.Task[None]] = set()
@@ -141,13 +148,29 @@ class AuditTrail:
         self._pending.texts.extend(texts)
         self._pending.records.extend(records)
         self._pending.futures.extend(futures)
+        self._start_writer()
+        # shield: a caller that is cancelled (client gone) does not cancel the write its record is part of.
+        return list(await asyncio.shield(asyncio.gather(*futures)))
+
+    @staticmethod
+    async def append_in(conn: Connection, records: Sequence[AuditRecord]) -> None:
+        """Write records as part of the transaction open on `conn`: they commit with it or not at all. They enter
+        the chain after that commit, at the next append of any process or checkpoint (`nudge` after the commit
+        asks for one at once); until then they are in `audit_pending`, which the app role cannot delete from."""
+        if records:
+            await conn.execute(SQL["defer"], [canonical_json(record.to_json()) for record in records])
+
+    def nudge(self) -> None:
+        """Chain the records that transactions committed with `append_in` soon, without waiting for it."""
+        self._nudged = True
+        self._start_writer()
+
+    def _start_writer(self) -> None:
         if not self._accepting:
             self._accepting = True
             writer = asyncio.create_task(self._write_pending(), name="hounsfield-audit-append")
             self._writers.add(writer)
             writer.add_done_callback(self._writers.discard)
-        # shield: a caller that is cancelled (client gone) does not cancel the write its record is part of.
-        return list(await asyncio.shield(asyncio.gather(*futures)))
 
     async def close(self) -> None:
         """Wait for the writes in flight (call before closing the pool on shutdown)."""
@@ -159,17 +182,21 @@ class AuditTrail:
         its statement committed. Once nothing is pending the writer stops accepting (a later append starts a new
         writer at once instead of waiting for this one to hand its connection back). A failed batch raises in each
         of its callers (its records may or may not be committed when the connection broke mid-call)."""
-        while self._pending.texts:
+        while self._pending.texts or self._nudged:
             batch: _Batch | None = None
             connected = False
             try:
                 async with self.writer.acquire() as conn:
                     connected = True
-                    while self._pending.texts:
+                    while self._pending.texts or self._nudged:
                         batch = self._take()
-                        first = int(await conn.fetchval(SQL["append"], batch.texts))
+                        row = await conn.fetchrow(SQL["append"], batch.texts)
+                        assert row is not None  # audit_chain returns one row
+                        pending_first, first = int(row["pending_first"]), int(row["first_seq"])
                         self._settle(batch, first)
                         batch = None
+                        if self.forwarder is not None and pending_first < first:
+                            await self._forward_chained(conn, pending_first, first)
                     self._accepting = False
                     vouch_stateless(conn)  # autocommitted appends only: no reset query on release
                 return
@@ -200,7 +227,22 @@ class AuditTrail:
                 except Exception:  # forwarding is best effort; the database holds the record
                     log.exception("audit forwarding failed for seq %d", outcome + i)
 
+    async def _forward_chained(self, conn: Connection, start: int, end: int) -> None:
+        """Forward the deferred records just chained (seqs in [start, end)); best effort, as `_settle`."""
+        assert self.forwarder is not None
+        try:
+            rows = await conn.fetch(SQL["chain_range"], start - 1, end - 1)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("deferred audit records %d..%d not forwarded: %s", start, end - 1, exc)
+            return
+        for seq, record in records_of(dict(row) for row in rows):
+            try:
+                self.forwarder(record, seq)
+            except Exception:
+                log.exception("audit forwarding failed for seq %d", seq)
+
     def _take(self) -> _Batch:
+        self._nudged = False
         pending = self._pending
         if len(pending.texts) <= self.max_batch:
             self._pending = _Batch()
@@ -309,6 +351,7 @@ async def make_checkpoint(pool: asyncpg.Pool, signer: Signer, *, start: Checkpoi
     from authz.auditverify import verify_segment
 
     async with pool.acquire() as conn:
+        await conn.fetchrow(SQL["append"], [])  # chain the deferred records first: the checkpoint covers them
         last = await conn.fetchrow(SQL["last_checkpoint"])
         head = await conn.fetchrow(SQL["last_record"])
     start_seq, start_hash = (0, GENESIS) if last is None else (int(last["seq"]), bytes(last["hash"]))

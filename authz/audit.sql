@@ -1,8 +1,16 @@
 -- Named queries for the audit trail (migrations/0004_audit.sql; authz/audit.py).
 
 -- name: append
--- $1: canonical JSON texts in order. Returns the first seq; the rest follow it without gaps.
-SELECT audit_append($1::text[]);
+-- $1: canonical JSON texts in order. first_seq: the seq of the first, the rest following it without gaps; before
+-- them, the committed deferred records were chained from pending_first on (none when it equals first_seq).
+SELECT pending_first, first_seq FROM audit_chain($1::text[]);
+
+-- name: defer
+-- $1: canonical JSON texts in order, written as part of the caller's transaction (migrations/0016).
+SELECT audit_defer($1::text[]);
+
+-- name: pending_count
+SELECT count(*) FROM audit_pending;
 
 -- name: head
 SELECT seq, hash FROM audit_head WHERE id;

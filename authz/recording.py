@@ -7,6 +7,10 @@ request state and awaits `AuditTrail.append`, which returns only after the recor
 the response go out, so no record can be lost after a response was sent. If the record cannot be written, the
 client gets 503 instead of the data (fail closed). An access inside a break-glass window (the decision's
 `obligations.break_glass`) is flagged, with the session's reason and id.
+
+One exception to failing closed: a request whose changes were each recorded in their own transaction (a stored
+instance's record commits with it, `CHANGES_RECORDED`) gets its response even when its own record cannot be
+written, because that response is the only report of what was changed; the failure is logged.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from authz.guard import DECISION, OPT_KEY, RESOURCE, break_glass_of
 from server.db import RETRY_AFTER_SECONDS, unavailable
 
 log = logging.getLogger(__name__)
+CHANGES_RECORDED = "hounsfield.changes_recorded"
+"""Request state: the handler changed data and each change's audit record committed with the change; the response
+says what was changed and goes out even when the request's own record cannot be written."""
 BREAK_GLASS_USED = "hounsfield.break_glass_used"
 """Request state: a handler's further decisions (a type a FHIR search includes, a history version) allowed some
 access only because of a break-glass session; the record is flagged as when the guard's decision says so."""
@@ -102,6 +109,10 @@ def audit_requests(public_paths: tuple[str, ...]) -> Callable[[ASGIApp], ASGIApp
                     try:
                         await trail.append(record_for(scope, int(message["status"])))
                     except Exception as exc:
+                        if scope.get("state", {}).get(CHANGES_RECORDED) is True:
+                            log.exception("audit record not written; responding all the same: each change was recorded")
+                            await send(message)
+                            return
                         if unavailable(exc):  # the database is down: the server reconnects by itself
                             log.warning("audit record could not be written (database unavailable); refusing")
                         else:

@@ -4,6 +4,11 @@ Order of durability: the bytes are written to the blob store (fsync/rename or S3
 run, and the index transaction commits only once they are durable, so an index row never points at missing bytes.
 A crash between the two, or a failed index transaction, leaves a blob without a row; the orphan collector
 (`blob.gc` job) removes those after a grace period.
+
+An outcome is the truth: the store's audit record, when the caller gives one, is written in the index transaction
+(stored and recorded, or neither); nothing that fails after the commit turns a stored instance into a failure; a
+commit whose answer was lost is settled by reading the index again; and `store_file` raises only when nothing was
+stored.
 """
 
 from __future__ import annotations
@@ -107,6 +112,9 @@ class Outcome:
     comment: str | None = None
     conflict: PatientConflict | None = None
     """Set when the failure is a study filed under another patient (the caller audits it)."""
+    committed: bool = False
+    """This store committed the instance's rows (new or replaced), with its audit record when one was given;
+    false for a failure and for bytes that were already stored."""
 
     @property
     def ok(self) -> bool:
@@ -230,6 +238,10 @@ class _Rollback(Exception):
     """Ends the index transaction without storing; the outcome already says why (or that it is a no-op)."""
 
 
+class _AuditFailed(Exception):
+    """The store's audit record could not be written: the index transaction rolls back with it."""
+
+
 class StoreService:
     def __init__(
         self,
@@ -253,11 +265,21 @@ class StoreService:
         self.compressor = Compressor.of_mode(compression, bulk_threshold)  # HOUNSFIELD_STORE_COMPRESSION
         self.activity = activity or IngestActivity()
 
-    async def store_file(self, path: Path, size: int, sha256: str, expected_study: str | None = None) -> Outcome:
-        """Ingest one spooled file. The file is consumed (moved into the store or deleted)."""
+    async def store_file(
+        self,
+        path: Path,
+        size: int,
+        sha256: str,
+        expected_study: str | None = None,
+        *,
+        audit: IngestHook | None = None,
+    ) -> Outcome:
+        """Ingest one spooled file. The file is consumed (moved into the store or deleted). `audit` writes the
+        store's audit record (`AuditTrail.append_in`) in the index transaction, after the hooks: when it fails,
+        nothing is stored (out of resources). Raises only when nothing was stored."""
         self.activity.touch()
         try:
-            return await self._store(path, size, sha256, expected_study)
+            return await self._store(path, size, sha256, expected_study, audit)
         except OSError as exc:  # a write before the index (a compressed copy, a temporary file): nothing is stored
             log.error("ingest of an instance failed: %s", exc.strerror or type(exc).__name__)
             return Outcome(None, None, failure=OUT_OF_RESOURCES, comment=out_of_resources(exc))
@@ -267,8 +289,12 @@ class StoreService:
                 os.unlink(path)  # still here when it was rejected before reaching the blob store
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # the spool's trouble; the outcome stands (the collector sweeps the spool)
+                log.warning("spool file not removed: %s", exc.strerror)
 
-    async def _store(self, path: Path, size: int, sha256: str, expected_study: str | None) -> Outcome:
+    async def _store(
+        self, path: Path, size: int, sha256: str, expected_study: str | None, audit: IngestHook | None
+    ) -> Outcome:
         try:
             parsed = await anyio.to_thread.run_sync(lambda: parse_instance(path, bulk_threshold=self.bulk_threshold))
         except InstanceRejected as exc:
@@ -315,7 +341,7 @@ class StoreService:
         try:
             if not self.blobs.local:
                 await _ended(put)
-            return await self._index(parsed, key, size, sha256, outcome, original, put)
+            return await self._index(parsed, key, size, sha256, outcome, original, put, audit)
         except BaseException:
             await _ended(put)  # what it wrote is left to the orphan collector (see the index failure below)
             raise
@@ -350,19 +376,29 @@ class StoreService:
         outcome: Outcome,
         original: str,
         put: asyncio.Future[None],
+        audit: IngestHook | None,
     ) -> Outcome:
+        committing = False  # the statements ran and COMMIT was sent: an error now leaves the outcome unknown
         try:
             if put.done():
                 put.result()  # a write that failed already fails the store before any statement
             async with self.pool.acquire() as conn:
                 async with conn.transaction():
-                    await self._index_in(conn, parsed, key, size, sha256, outcome, original)
+                    await self._index_in(conn, parsed, key, size, sha256, outcome, original, audit)
                     await put  # the blob is durable before the rows that name it commit
+                    committing = True
+                outcome.committed = True
                 # Only DML ran, in a transaction that has ended (hooks keep to that too: see IngestHook).
                 vouch_stateless(conn)
         except _Rollback:
             await _ended(put)
             await self._forget_blob(key)  # kept if a committed row names the same (identical) blob
+            return outcome
+        except _AuditFailed as exc:
+            log.error("audit record of an instance not written, instance not stored: %s", exc.__cause__)
+            await _ended(put)  # the blob is left to the orphan collector, as after an index failure
+            outcome.failure = OUT_OF_RESOURCES
+            outcome.comment = "the audit trail could not record the instance; nothing was stored"
             return outcome
         except BlobStoreError as exc:
             # Not forgotten: a concurrent store of the same bytes may have written this key and not committed yet;
@@ -371,11 +407,18 @@ class StoreService:
             outcome.failure = OUT_OF_RESOURCES
             outcome.comment = "the blob store could not store the instance; nothing was stored"
             return outcome
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.error("index transaction failed: %s", exc)
+        except Exception as exc:
+            if outcome.committed:  # handing the connection back failed: the instance is stored all the same
+                log.warning("connection not released after an ingest commit: %s", exc)
+                return outcome
             # The blob is not removed here: a concurrent store of the same bytes (the same key) may be about to
             # commit a row naming it. A blob no row names is removed by the orphan collector after its grace period.
             await _ended(put)
+            if committing:
+                return await self._confirm(parsed.sop_instance_uid, key, outcome, exc)
+            if not (isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError) or unavailable(exc)):
+                raise  # rolled back: nothing was stored
+            log.error("index transaction failed: %s", exc)
             if unavailable(exc):  # out of resources for now (PS3.4 B.2.3): the sender may retry later
                 outcome.failure = OUT_OF_RESOURCES
                 outcome.comment = "the database is unavailable; nothing was stored"
@@ -383,6 +426,26 @@ class StoreService:
             outcome.failure = PROCESSING_FAILURE
             outcome.comment = "the index could not record the instance; nothing was stored"
             return outcome
+        return outcome
+
+    async def _confirm(self, sop_instance_uid: str, key: str, outcome: Outcome, exc: Exception) -> Outcome:
+        """The COMMIT's answer was lost (the connection broke): the index, read again, says whether it took
+        effect. The key names the content, so a row naming it holds these bytes (stored by this store or by a
+        concurrent one of the same bytes). When the index cannot be read either, the outcome says it is unknown."""
+        log.error("ingest commit unconfirmed: %s", exc)
+        try:
+            async with self.pool.acquire() as conn:
+                row = await repository.find_instance(conn, sop_instance_uid)
+        except Exception as again:  # the index cannot be read either
+            log.error("ingest commit still unconfirmed: %s", again)
+            outcome.failure = OUT_OF_RESOURCES if unavailable(again) else PROCESSING_FAILURE  # A700: retry later
+            outcome.comment = "the index did not confirm the instance; it may be stored: send it again"
+            return outcome
+        if row is not None and row["blob_key"] == key:
+            outcome.committed = True
+            return outcome
+        outcome.failure = PROCESSING_FAILURE
+        outcome.comment = "the index could not record the instance; nothing was stored"
         return outcome
 
     async def _index_in(
@@ -394,9 +457,11 @@ class StoreService:
         sha256: str,
         outcome: Outcome,
         original: str,
+        audit: IngestHook | None,
     ) -> None:
         """The index transaction's statements: one for the study, series and instance rows, then the overwrite
-        or duplicate handling when the instance exists, then the hooks. Raises `_Rollback` to store nothing."""
+        or duplicate handling when the instance exists, then the hooks and the audit record. Raises `_Rollback`
+        to store nothing, `_AuditFailed` when the record could not be written."""
         try:
             study_pk, series_pk, instance_pk = await repository.index_instance(conn, parsed, key, size, sha256)
         except repository.StudyOfAnotherPatient as exc:
@@ -434,6 +499,11 @@ class StoreService:
         stored = StoredInstance(instance_pk, study_pk, series_pk, parsed, replaced)
         for hook in self.hooks:
             await hook(conn, stored)
+        if audit is not None:
+            try:
+                await audit(conn, stored)
+            except Exception as exc:
+                raise _AuditFailed from exc
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

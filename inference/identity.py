@@ -15,7 +15,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from authz.audit import AuditTrail
-from authz.auditrecord import EventSubtype, EventType, request_record
+from authz.auditrecord import AuditRecord, EventSubtype, EventType, request_record
 from authz.decision import Action, Decision, PolicyEngine, Resource
 from authz.errors import denial_text
 from authz.policy_input import policy_input
@@ -63,6 +63,19 @@ class ServiceActor:
         status: int = 200,
         detail: str | None = None,
     ) -> None:
+        await self.audit.append(self.record_of(action, resource, decision, method=method, status=status, detail=detail))
+
+    def record_of(
+        self,
+        action: Action,
+        resource: Resource,
+        decision: Decision | None,
+        *,
+        method: str,
+        status: int = 200,
+        detail: str | None = None,
+    ) -> AuditRecord:
+        """The record `record` appends (or a caller writes in its own transaction: a stored result's)."""
         record = request_record(
             self.principal,
             decision,
@@ -77,4 +90,4 @@ class ServiceActor:
             record = dataclasses.replace(
                 record, type=EventType.REST, subtype=(EventSubtype.CREATE,) if action == "create" else ()
             )
-        await self.audit.append(record)
+        return record

@@ -35,7 +35,7 @@ from pydicom.dataset import Dataset
 from authz.decision import Resource
 from authz.policy_input import dicomweb_resource
 from dicomweb.blobs import BlobStore
-from dicomweb.store import StoreService
+from dicomweb.store import StoredInstance, StoreService
 from fhir import sync as fhir_sync
 from fhir.reports import prepare_report
 from fhir.repository import FhirRepository
@@ -48,6 +48,7 @@ from inference.identity import ServiceActor
 from inference.models import ModelInput, Prediction
 from inference.registry import Model, SeriesFacts
 from server import jobs, private
+from server.db import Connection
 
 log = logging.getLogger(__name__)
 MAX_INSTANCES = 2000
@@ -197,7 +198,6 @@ class Runner:
         private.make_dirs(self.spool_dir)
         path = self.spool_dir / f"{uuid.uuid4().hex}.part"
         await anyio.to_thread.run_sync(private.write_bytes, path, data)
-        outcome = await self.store.store_file(path, len(data), hashlib.sha256(data).hexdigest(), facts.study_uid)
         stored = Resource(
             kind="instance",
             patient_id=facts.patient_id,
@@ -205,12 +205,22 @@ class Runner:
             series_uid=series_uid,
             instance_uid=instance_uid,
         )
+
+        async def audit(conn: Connection, _stored: StoredInstance) -> None:  # committed with the result
+            record = self.actor.record_of("create", stored, decision, method="inference.store")
+            await self.actor.audit.append_in(conn, [record])
+
+        sha256 = hashlib.sha256(data).hexdigest()
+        outcome = await self.store.store_file(path, len(data), sha256, facts.study_uid, audit=audit)
         if outcome.failure is not None:
             await self.actor.record(
                 "create", stored, decision, method="inference.store", status=500, detail=outcome.comment
             )
             raise ModelFailed(f"the result could not be stored: {outcome.comment}")
-        await self.actor.record("create", stored, decision, method="inference.store")
+        if outcome.committed:
+            self.actor.audit.nudge()
+        else:  # the same bytes were already stored
+            await self.actor.record("create", stored, decision, method="inference.store")
 
     async def _report(
         self, result_id: int, model: Model, facts: SeriesFacts, prediction: Prediction, algorithm: Any

@@ -6,7 +6,9 @@ they use the same code with their own real parts.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,12 +38,16 @@ from inference.routes import inference_router
 from server import health, telemetry
 from server.connections import body_deadline
 from server.errors import EXCEPTION_HANDLERS, by_path, http_error
+from server.inflight import InFlight
 from server.limits import FHIR_PREFIX, header_limit, plain_target
 from server.logs import AccessLog
 from server.resources import Resources, open_resources
 from server.settings import Settings
 
 EXPOSED_HEADERS = ["Warning", "ETag", "Content-Range", "Accept-Ranges", "Content-Length", "Content-Location"]
+DRAIN_SECONDS = 10.0
+"""How long the shutdown waits for requests that outlived uvicorn's graceful shutdown (`server.inflight`)."""
+log = logging.getLogger(__name__)
 
 
 def _resources(state: State) -> Resources:
@@ -72,12 +78,18 @@ def create_app(
     dsn: str | None = None,
 ) -> Litestar:
     settings = settings or Settings.from_env()
+    in_flight = InFlight()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with open_resources(settings, blobs=blobs, dsn=dsn) as resources:
             app.state.resources = resources
             yield
+            try:
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    await in_flight.wait_idle()
+            except TimeoutError:
+                log.warning("%d requests still in flight; closing their resources", in_flight.count)
 
     cors = None
     if settings.cors_origins:
@@ -123,7 +135,7 @@ def create_app(
         guards=[authorize],
         debug=False,
     )
-    app.asgi_handler = edge(app.asgi_handler, settings)
+    app.asgi_handler = in_flight.wrap(edge(app.asgi_handler, settings))
     return app
 
 

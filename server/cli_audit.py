@@ -5,7 +5,8 @@
   key given), check the chain against the anchored copies of the checkpoints (`--anchors`: a JSON-lines file or
   `s3://bucket/prefix`; by default the configured file and S3 sinks), and require records older than one
   checkpoint interval plus `HOUNSFIELD_AUDIT_ANCHOR_GRACE_SECONDS` to be covered by an anchored checkpoint.
-  Print each problem (seq, kind, detail). Exit status 0 when the trail is intact, 1 when anything was
+  Print each problem (seq, kind, detail), and how many records committed with their changes (a stored instance's)
+  the next append has still to chain. Exit status 0 when the trail is intact, 1 when anything was
   modified, deleted, reordered, inserted, a checkpoint is bad, missing or differs from its anchored copy, and 2
   when an anchor source cannot be read.
 - `export [--since T] [--until T] [--data DIR]`: the records recorded in [since, until) as FHIR R4 AuditEvents, one
@@ -97,6 +98,7 @@ async def _anchors(settings: Settings, sources: list[str]) -> tuple[list[str], l
 
 
 async def _verify(settings: Settings, as_json: bool, sources: list[str], public_key: Path | None) -> int:
+    from authz.audit import SQL
     from authz.auditanchor import AnchorError
     from authz.auditverify import verify
 
@@ -111,6 +113,7 @@ async def _verify(settings: Settings, as_json: bool, sources: list[str], public_
         result = await verify(
             pool, _verifier(settings, public_key), anchors=anchors[1] if anchors else None, max_age=max_age
         )
+        pending = int(await pool.fetchval(SQL["pending_count"]))
     if as_json:
         print(
             json.dumps(
@@ -125,6 +128,7 @@ async def _verify(settings: Settings, as_json: bool, sources: list[str], public_
                     "last_anchored": result.last_anchored,
                     "unreadable_anchors": [f"{a.source}: {a.error}" for a in unreadable],
                     "problems": [{"seq": p.seq, "kind": p.kind, "detail": p.detail} for p in result.problems],
+                    "pending": pending,
                 }
             )
         )
@@ -138,6 +142,8 @@ async def _verify(settings: Settings, as_json: bool, sources: list[str], public_
             print(f"anchors: {result.anchored} checkpoints ({newest}) in {', '.join(anchors[0])}")
         for entry in unreadable:
             print(f"WARNING: ignored {entry.source}: {entry.error}")
+        if pending:
+            print(f"{pending} records committed with their changes are not chained yet (the next append chains them)")
         if result.ok:
             print("OK: every record, link and checkpoint verifies")
         else:

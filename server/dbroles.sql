@@ -12,7 +12,9 @@ SELECT current_user AS role,
            OR has_table_privilege('audit_head', 'TRUNCATE')
            OR has_table_privilege('audit_checkpoints', 'UPDATE')
            OR has_table_privilege('audit_checkpoints', 'DELETE')
-           OR has_table_privilege('audit_checkpoints', 'TRUNCATE') AS may_rewrite
+           OR has_table_privilege('audit_checkpoints', 'TRUNCATE')
+           OR has_table_privilege('audit_pending', 'UPDATE') OR has_table_privilege('audit_pending', 'DELETE')
+           OR has_table_privilege('audit_pending', 'TRUNCATE') AS may_rewrite
 FROM pg_roles r, pg_class c
 WHERE r.rolname = current_user AND c.oid = 'audit_log'::regclass;
 

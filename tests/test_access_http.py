@@ -75,11 +75,11 @@ def test_roles_see_only_what_the_policy_allows(http, server, token) -> None:
     assert nobody.status_code == 401
 
     records = audit_rows(server.dsn)
-    outcomes = [(r["agent"].get("sub"), r["http"]["status"], r["outcome"]) for r in records]
+    outcomes = [(r["agent"].get("sub"), r["http"].get("status"), r["outcome"]) for r in records]
     assert ("dr-who", 403, "4") in outcomes
     assert ("sec", 403, "4") in outcomes
     assert (None, 401, "4") in outcomes
-    denied_record = next(r for r in records if r["agent"].get("sub") == "dr-who" and r["http"]["status"] == 403)
+    denied_record = next(r for r in records if r["agent"].get("sub") == "dr-who" and r["http"].get("status") == 403)
     assert denied_record["entity"]["patient_id"] == "P3" and denied_record["policy"]["decision_id"]
     assert denied_record["policy"]["revision"]
     searches = [r for r in records if r["agent"].get("sub") == "rad"]

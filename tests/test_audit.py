@@ -43,6 +43,7 @@ from authz.auditverify import VerifyResult, verify, verify_segment
 from authz.decision import Decision, Resource
 from authz.principal import Principal
 from server import db, jobs
+from tests.conftest import app_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -204,6 +205,36 @@ def test_a_failed_append_raises_in_its_caller_and_the_trail_goes_on(dsn: str) ->
         assert (await verify(pool, no_checkpoints)).ok
 
     run(dsn, body)
+
+
+def test_records_in_a_transaction_commit_with_it_and_never_hold_up_appends(dsn: str) -> None:
+    """`append_in` (a stored instance's record, in its ingest transaction): while that transaction is open, other
+    appends go on without waiting for it; rolled back, its record leaves no gap; committed, its records are chained
+    by the next append, before that append's own, and forwarded like any other. As the app role."""
+    forwarded: list[int] = []
+
+    async def body(pool: asyncpg.Pool) -> None:
+        trail = AuditTrail(pool, forwarder=lambda _record, seq: forwarded.append(seq))
+        async with pool.acquire() as ingest:
+            transaction = ingest.transaction()
+            await transaction.start()
+            await trail.append_in(ingest, [record(1)])
+            assert await asyncio.wait_for(trail.append(record(2)), 5) == 1  # no lock held, nothing uncommitted chained
+            await transaction.rollback()
+        async with pool.acquire() as ingest, ingest.transaction():
+            await trail.append_in(ingest, [record(3), record(4)])
+        assert await trail.append(record(5)) == 4
+        async with pool.acquire() as conn:
+            rows = await conn.fetch("SELECT seq, record::text AS r FROM audit_log ORDER BY seq")
+            assert await conn.fetchval("SELECT count(*) FROM audit_pending") == 0
+        assert [r["seq"] for r in rows] == [1, 2, 3, 4]
+        assert [json.loads(r["r"]) for r in rows] == [record(n).to_json() for n in (2, 3, 4, 5)]
+        result = await verify(pool, no_checkpoints)
+        assert result.ok and result.checked == 4
+        await trail.close()
+
+    run(app_dsn(dsn), body)
+    assert sorted(forwarded) == [1, 2, 3, 4]
 
 
 def test_stored_record_rehashes_in_python_and_holds_no_token(dsn: str) -> None:

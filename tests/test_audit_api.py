@@ -121,14 +121,18 @@ def test_auditor_answers_who_saw_what(server: LiveServer, http: httpx.Client, to
     assert users(bundle(server, auditor, "?agent-role=referring")) == {"dr-who"}
 
     # what: the patient and the study
-    p3 = events(bundle(server, auditor, "?patient=P3"))
-    assert len(p3) == 1 and statuses(p3[0]) == {"403"} and user(p3[0]) == "dr-who"
-    assert p3[0]["outcome"] == "4" and "care list" in p3[0]["outcomeDesc"]
-    assert [e["id"] for e in events(bundle(server, auditor, "?patient=Patient/P3"))] == [p3[0]["id"]]
-    assert [e["id"] for e in events(bundle(server, auditor, "?entity=Patient/P3"))] == [p3[0]["id"]]
+    # P3: dr-who's denial, then (older) the admin's stored instance, recorded with it (Instances Transferred)
+    p3_all = events(bundle(server, auditor, "?patient=P3"))
+    assert [user(e) for e in p3_all] == ["dr-who", "test-admin"]
+    assert p3_all[1]["type"]["code"] == "110104" and p3_all[1]["outcome"] == "0"
+    p3 = p3_all[:1]
+    assert statuses(p3[0]) == {"403"} and p3[0]["outcome"] == "4" and "care list" in p3[0]["outcomeDesc"]
+    ids = [e["id"] for e in p3_all]
+    assert [e["id"] for e in events(bundle(server, auditor, "?patient=Patient/P3"))] == ids
+    assert [e["id"] for e in events(bundle(server, auditor, "?entity=Patient/P3"))] == ids
     uid = trail.studies["P1"]
     by_study = events(bundle(server, auditor, f"?entity-identifier=urn:dicom:uid|urn:oid:{uid}"))
-    assert [user(e) for e in by_study] == ["dr-who"] and patients(by_study[0]) == {"P1"}
+    assert [user(e) for e in by_study] == ["dr-who", "test-admin"] and patients(by_study[0]) == {"P1"}
     assert events(bundle(server, auditor, f"?entity=urn:oid:{uid}")) == by_study
     assert events(bundle(server, auditor, f"?entity-identifier={uid}")) == by_study
     assert events(bundle(server, auditor, "?entity-identifier=|P1")) == by_study  # the patient entity
@@ -259,7 +263,7 @@ def test_verify_api(server: LiveServer, http: httpx.Client, token: Any) -> None:
         conn = await asyncpg.connect(server.dsn)
         try:
             await conn.execute("ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only")
-            await conn.execute("""UPDATE audit_log SET record = jsonb_set(record, '{outcome}', '"0"') WHERE seq = 3""")
+            await conn.execute("""UPDATE audit_log SET record = jsonb_set(record, '{outcome}', '"8"') WHERE seq = 3""")
             await conn.execute("""UPDATE audit_log SET record = '{"garbage": true}' WHERE seq = 4""")
             await conn.execute("ALTER TABLE audit_log ENABLE TRIGGER audit_log_append_only")
         finally:

@@ -8,6 +8,12 @@ are the C-STORE-RSP status: A700 out of resources, A900 data set does not match 
 understand (also an instance whose study is filed under another patient), 0111 duplicate SOP instance (overwrite
 off), 0110 processing failure, B000 coercion; a policy denial is 0124 Refused: Not Authorized (a PS3.7 Annex C
 general status).
+
+The status is the truth about the instance: the record of a stored instance (DICOM Instances Transferred,
+PS3.15 A.5.3.4) is written in its index transaction, so an instance is stored and recorded or neither (A700 when
+the record cannot be written), and once the ingest has begun it is not cut off by the DIMSE timeout (an ingest
+cancelled midway could still commit after a failure was answered). Other outcomes (a failure, bytes already
+stored) are recorded after the ingest; when that record cannot be written the status still goes out.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from authz.auditrecord import AuditRecord
-from authz.decision import Resource
+from authz.decision import Decision, Resource
 from authz.errors import denial_comment
 from authz.policy_input import dicomweb_resource
 from authz.principal import Principal
@@ -30,9 +36,9 @@ from dicomweb.dimse.audit import operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import CALLING_AE
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected, check_structure
-from dicomweb.store import out_of_resources
+from dicomweb.store import Outcome, StoredInstance, out_of_resources
 from server import private
-from server.db import unavailable
+from server.db import Connection, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +94,33 @@ def _resource(ds: Dataset) -> Resource:
 
 
 _READ = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality")
-"""The attributes `_store` reads from the decoded data set (for the policy and the audit record)."""
+"""The attributes `_authorize` reads from the decoded data set (for the policy and the audit record)."""
 
 
-async def _store(node: Node, principal: Principal, address: str | None, ds: Dataset, spooled: Spooled) -> Dataset:
+@dataclass(frozen=True, slots=True)
+class _Operation:
+    """One C-STORE as the audit trail names it: who, from where, what the policy decided, which instance."""
+
+    principal: Principal
+    address: str | None
+    decision: Decision
+    instance: Resource
+
+    def record(self, status: int, desc: str | None, *, replaced: bool = False) -> AuditRecord:
+        return operation_record(
+            self.principal,
+            self.decision,
+            action="update" if replaced else "create",
+            command="C-STORE",
+            resource=self.instance,
+            status=status,
+            address=self.address,
+            outcome_desc=desc,
+        )
+
+
+async def _authorize(node: Node, principal: Principal, address: str | None, ds: Dataset) -> _Operation:
+    """The policy decision; a denial is recorded here (and raises when it cannot be: nothing is stored)."""
     resource = _resource(ds)
     decision = await node.decide(principal, "create", resource, address)
     instance = Resource(
@@ -101,36 +130,48 @@ async def _store(node: Node, principal: Principal, address: str | None, ds: Data
         series_uid=str(ds.get("SeriesInstanceUID") or "") or None,
         instance_uid=str(ds.get("SOPInstanceUID") or "") or None,
     )
-
-    def record(status: int, desc: str | None) -> AuditRecord:
-        return operation_record(
-            principal,
-            decision,
-            action="create",
-            command="C-STORE",
-            resource=instance,
-            status=status,
-            address=address,
-            outcome_desc=desc,
-        )
-
+    operation = _Operation(principal, address, decision, instance)
     if not decision.allow:
-        reason = "; ".join(decision.reasons) or "denied by policy"
-        await node.audit.append(record(NOT_AUTHORIZED, reason))
-        return _response(NOT_AUTHORIZED, denial_comment(decision.decision_id))  # the reasons: audit record only
-    token = CALLING_AE.set(principal.client_id)
+        await node.audit.append(operation.record(NOT_AUTHORIZED, _denial(decision)))
+    return operation
+
+
+def _denial(decision: Decision) -> str:
+    return "; ".join(decision.reasons) or "denied by policy"
+
+
+def _status(outcome: Outcome) -> tuple[int, str | None]:
+    if outcome.failure is not None:
+        return outcome.failure, outcome.comment
+    if outcome.warnings:
+        return outcome.warnings[0][0], outcome.warnings[0][1]
+    return SUCCESS, None
+
+
+async def _ingest(node: Node, operation: _Operation, spooled: Spooled) -> Dataset:
+    async def audit(conn: Connection, stored: StoredInstance) -> None:
+        warnings = stored.parsed.warnings
+        status, comment = (warnings[0][0], warnings[0][1]) if warnings else (SUCCESS, None)
+        await node.audit.append_in(conn, [operation.record(status, comment, replaced=stored.replaced)])
+
+    token = CALLING_AE.set(operation.principal.client_id)
     try:
-        outcome = await node.store.store_file(spooled.path, spooled.size, spooled.sha256)
+        outcome = await node.store.store_file(spooled.path, spooled.size, spooled.sha256, audit=audit)
     finally:
         CALLING_AE.reset(token)
-    if outcome.failure is not None:
-        status, comment = outcome.failure, outcome.comment
-    elif outcome.warnings:
-        status, comment = outcome.warnings[0][0], outcome.warnings[0][1]
-    else:
-        status, comment = SUCCESS, None
-    # A study filed under another patient: the record names both patients, the response neither.
-    await node.audit.append(record(status, outcome.conflict.describe() if outcome.conflict else comment))
+    status, comment = _status(outcome)
+    if outcome.committed:
+        node.audit.nudge()  # its record committed with it; into the chain now
+        return _response(status, comment)
+    # Nothing stored by this operation (a failure, or the same bytes already stored). A study filed under another
+    # patient: the record names both patients, the response neither.
+    try:
+        await node.audit.append(operation.record(status, outcome.conflict.describe() if outcome.conflict else comment))
+    except Exception as exc:  # the answer is the truth about the instance all the same
+        if unavailable(exc):
+            log.warning("C-STORE audit record not written (database unavailable)")
+        else:
+            log.exception("C-STORE audit record not written")
     return _response(status, comment)
 
 
@@ -157,15 +198,18 @@ def handle_store(event: Any, node: Node) -> Dataset:
     try:
         try:
             ds = event.dataset
-            for keyword in _READ:  # pynetdicom decodes lazily: make a corrupt data set fail here, not in `_store`
+            for keyword in _READ:  # pynetdicom decodes lazily: make a corrupt data set fail here, not later
                 ds.get(keyword)
         except Exception as exc:  # pydicom raises many kinds (and RecursionError) for malformed input
             log.info("C-STORE from %s: undecodable data set: %s", principal.client_id, type(exc).__name__)
             return _undecodable(spooled.path, exc)
-        return node.run(_store(node, principal, assoc.requestor.address, ds, spooled))
+        operation = node.run(_authorize(node, principal, assoc.requestor.address, ds))
+        if not operation.decision.allow:
+            return _response(NOT_AUTHORIZED, denial_comment(operation.decision.decision_id))  # reasons: audit only
+        return node.run_to_end(_ingest(node, operation, spooled))
     except OperationTimeout:
         return _response(OUT_OF_RESOURCES, "the server did not store the instance in time")
-    except Exception as exc:
+    except Exception as exc:  # `store_file` raises only when nothing was stored
         if unavailable(exc):  # the server reconnects by itself; the sender may retry (PS3.4 B.2.3 A7xx)
             log.warning("C-STORE from %s: database unavailable", principal.client_id)
             return _response(OUT_OF_RESOURCES, "the database is unavailable; retry later")

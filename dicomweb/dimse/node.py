@@ -65,6 +65,12 @@ class Node:
             future.cancel()
             raise OperationTimeout(f"no result within {self.timeout:.0f} s") from None
 
+    def run_to_end(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the server's loop and wait for its end, without a timeout: for an ingest, whose outcome
+        is known only once it ended (cancelled midway, it could still commit after a failure was answered). Its
+        steps end by themselves: the blob store's and the database's."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
     def principal(self, calling_ae: str) -> Principal | None:
         """The identity of a configured calling AE title (PS3.8 7.1.1.4: the Calling AE Title)."""
         peer = self.config.peer(calling_ae)

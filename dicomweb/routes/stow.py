@@ -7,6 +7,13 @@ Ingest of a part (parse, blob fsync, index commit) overlaps with receiving the n
 of one request are in flight at once, which hides the fsync and commit latency of each. The response still
 waits for every part (each acknowledged instance is durable, PS3.18 10.5.3), and lists them in request order.
 
+Each stored instance's audit record (DICOM Instances Transferred, PS3.15 A.5.3.4) commits with its index rows; the
+request's own record follows when the response is known (`authz.recording`). The response is the truth about
+every part, however the request ends: when the body stops early (client gone, a broken tail), the server shuts
+down before the body arrived (uvicorn's graceful shutdown cancels the request), or an error ends the receiving,
+the parts in flight finish storing, and the answer (202 when some were stored, 409 when none) lists each stored
+instance and a failure for the rest, never a 5xx that hides stored instances.
+
 While free space is below the watermark (server/diskspace.py) a request is answered 503 with Retry-After before its
 body is read; a part that cannot be spooled (the watermark crossed during the request, or the file system full:
 ENOSPC) fails alone with Out of Resources (A700), and the others are stored.
@@ -20,33 +27,84 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from litestar import Request, Response, post
+from litestar.exceptions import InternalServerException
 from litestar.params import FromPath
 
-from authz.auditrecord import EventType, request_record
+from authz.auditrecord import AuditRecord, EventType, request_record
 from authz.authn import PRINCIPAL
 from authz.decision import Decision, Resource
 from authz.guard import DECISION, authz_opt
+from authz.recording import CHANGES_RECORDED
 from dicomweb import multipart, stow, uids
-from dicomweb.errors import BadRequest, StorageFull
+from dicomweb.errors import BadRequest, DicomWebError, StorageFull
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE
 from dicomweb.routes.common import base_url, dicom_json
-from dicomweb.store import Outcome, Spool, out_of_resources
+from dicomweb.store import IngestHook, Outcome, Spool, StoredInstance, out_of_resources
 from server import telemetry
 from server.connections import BodyTimeout
+from server.db import Connection
 from server.diskspace import RETRY_AFTER_SECONDS, BelowWatermark
 from server.errors import warning_header
 from server.resources import Resources, ResourcesDep
 
 PIPELINE = 4
 """Parts of one STOW-RS request ingested at once (receiving pauses while this many are in flight)."""
+log = logging.getLogger(__name__)
+
+CUT_BY_SHUTDOWN = "the server is shutting down: the rest of the request was not received; send it again"
+CUT_BY_CLIENT = "the request body ended early (connection closed); the rest was not received"
+CUT_BY_ERROR = "the server failed while receiving the request; the rest was not stored"
+
+
+def _record(request: Request[Any, Any, Any], resource: Resource, **changes: Any) -> AuditRecord:
+    """A DICOM Instances Transferred record (PS3.15 A.5.3.4) of one instance of this request."""
+    state = request.scope.get("state", {})
+    decision = state.get(DECISION)
+    client = request.scope.get("client")
+    record = request_record(
+        state.get(PRINCIPAL),
+        decision if isinstance(decision, Decision) else None,
+        action="create",
+        resource=resource,
+        status=200,
+        method=request.method,
+        path=request.url.path,
+        client_ip=client[0] if client else None,
+        outcome_desc=changes.pop("outcome_desc", None),
+    )
+    return dataclasses.replace(record, type=EventType.INSTANCES_TRANSFERRED, subtype=(), **changes)
+
+
+def _audit_stored(request: Request[Any, Any, Any], resources: Resources) -> IngestHook:
+    """The ingest's audit hook: each stored instance's record, written in its index transaction. It carries no
+    HTTP status (the request's own record does, once the response is known)."""
+
+    async def write(conn: Connection, stored: StoredInstance) -> None:
+        p = stored.parsed
+        resource = Resource(
+            kind="instance",
+            patient_id=p.study["patient_id"],
+            study_uid=p.study_uid,
+            series_uid=p.series_uid,
+            instance_uid=p.sop_instance_uid,
+        )
+        warnings = "; ".join(text for _code, text in p.warnings) or None
+        record = _record(request, resource, outcome_desc=warnings, status=None)
+        if stored.replaced:
+            record = dataclasses.replace(record, action="U")
+        await resources.audit.append_in(conn, [record])
+
+    return write
 
 
 async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, study: str | None) -> Response[bytes]:
     settings = resources.settings
+    audit = _audit_stored(request, resources)
     boundary = stow.check_request_type(request.headers.get("content-type"))
     refuse_when_full(resources)
     parser = multipart.MultipartParser(boundary, max_header_bytes=settings.max_part_header_bytes)
@@ -71,23 +129,17 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
                 elif isinstance(event, multipart.PartEnd):
                     if spool is not None:
                         await slots.acquire()
-                        outcomes.append(asyncio.create_task(_finish_slot(resources, spool, study, slots)))
+                        outcomes.append(asyncio.create_task(_finish_slot(resources, spool, study, slots, audit)))
                         spool = None
         parser.close()
-    except BadRequest:
+    except DicomWebError as exc:
         if spool is not None:
             spool.discard()
         if not outcomes:
             raise
         # Parts before the damage were complete and are stored; report the broken tail as a failure.
-        outcomes.append(
-            Outcome(
-                None,
-                None,
-                failure=CANNOT_UNDERSTAND,
-                comment="multipart body ended before its closing boundary",
-            )
-        )
+        comment = "multipart body ended before its closing boundary" if isinstance(exc, BadRequest) else exc.detail
+        outcomes.append(Outcome(None, None, failure=CANNOT_UNDERSTAND, comment=comment))
     except BodyTimeout as exc:
         # The client stopped sending (or announced more than it sent). Parts received whole were stored and stay
         # stored, as after a broken multipart tail; the rest of the body is not read, and the connection is closed
@@ -103,13 +155,44 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
                     None, None, failure=PROCESSING_FAILURE, comment=f"{exc.detail}; the rest of the body was not read"
                 )
             )
-    except BaseException:
-        await _abandon(outcomes)
-        raise
+    except asyncio.CancelledError:
+        # uvicorn's graceful shutdown ran out of time for this request: answer with what was stored.
+        _uncancel()
+        outcomes.append(Outcome(None, None, failure=OUT_OF_RESOURCES, comment=CUT_BY_SHUTDOWN))
+    except Exception as exc:
+        if isinstance(exc, InternalServerException) and "disconnected" in exc.detail:  # `Request.stream`
+            outcomes.append(Outcome(None, None, failure=CANNOT_UNDERSTAND, comment=CUT_BY_CLIENT))
+        else:
+            log.exception("STOW-RS receiving failed")
+            outcomes.append(Outcome(None, None, failure=PROCESSING_FAILURE, comment=CUT_BY_ERROR))
     finally:
         if spool is not None:
             spool.discard()
+    answering = asyncio.ensure_future(_answer(request, resources, outcomes, study))
+    try:
+        return await asyncio.shield(answering)
+    except asyncio.CancelledError:  # the shutdown came while the last parts were being stored: they are the answer
+        _uncancel()
+        return await answering
+
+
+def _uncancel() -> None:
+    """This request answers its cancellation (uvicorn's graceful shutdown running out) instead of ending."""
+    current = asyncio.current_task()
+    if current is not None:
+        current.uncancel()
+
+
+async def _answer(
+    request: Request[Any, Any, Any],
+    resources: Resources,
+    outcomes: list[Outcome | asyncio.Task[Outcome]],
+    study: str | None,
+) -> Response[bytes]:
+    """The response, once the parts in flight ended (each as one whole store)."""
     done = await _collect(outcomes)
+    if any(o.committed for o in done):
+        request.scope.setdefault("state", {})[CHANGES_RECORDED] = True
     status, body = stow.store_response(done, base_url(request, resources), study)
     await _audit_conflicts(request, resources, done, status)
     headers = {}
@@ -132,60 +215,59 @@ async def _audit_conflicts(
     request: Request[Any, Any, Any], resources: Resources, outcomes: Sequence[Outcome], status: int
 ) -> None:
     """One record per instance refused because its study is filed under another patient (DICOM Instances
-    Transferred, PS3.15 A.5.3.4, minor failure), naming both patients: the response names neither."""
-    state = request.scope.get("state", {})
-    decision = state.get(DECISION)
-    client = request.scope.get("client")
-    for outcome in outcomes:
-        conflict = outcome.conflict
-        if conflict is None:
-            continue
-        record = request_record(
-            state.get(PRINCIPAL),
-            decision if isinstance(decision, Decision) else None,
-            action="create",
-            resource=Resource(
+    Transferred, PS3.15 A.5.3.4, minor failure), naming both patients: the response names neither. Nothing was
+    stored for them: when the records cannot be written the response stands (the request's own record decides
+    whether it goes out)."""
+    records = [
+        _record(
+            request,
+            Resource(
                 kind="instance",
                 patient_id=conflict.patient_id,
                 study_uid=conflict.study_uid,
                 series_uid=conflict.series_uid,
                 instance_uid=conflict.sop_instance_uid,
             ),
-            status=status,
-            method=request.method,
-            path=request.url.path,
-            client_ip=client[0] if client else None,
             outcome_desc=conflict.describe(),
+            status=status,
+            outcome="4",
         )
-        await resources.audit.append(
-            dataclasses.replace(record, type=EventType.INSTANCES_TRANSFERRED, subtype=(), outcome="4")
-        )
-
-
-async def _finish_slot(resources: Resources, spool: Spool, study: str | None, slots: asyncio.Semaphore) -> Outcome:
+        for conflict in (o.conflict for o in outcomes)
+        if conflict is not None
+    ]
     try:
-        return await _finish(resources, spool, study)
+        await resources.audit.append_many(records)
+    except Exception:
+        log.exception("audit records of refused instances not written")
+
+
+async def _finish_slot(
+    resources: Resources, spool: Spool, study: str | None, slots: asyncio.Semaphore, audit: IngestHook
+) -> Outcome:
+    try:
+        return await _finish(resources, spool, study, audit)
     finally:
         slots.release()
 
 
 async def _collect(outcomes: list[Outcome | asyncio.Task[Outcome]]) -> list[Outcome]:
-    """Every part's outcome in request order, once all ingests have ended (the first unexpected error, if any, is
-    raised after the others finished)."""
+    """Every part's outcome in request order, once all ingests have ended. An ingest that raised stored nothing
+    (`StoreService.store_file`): it is a processing failure."""
     tasks = [o for o in outcomes if isinstance(o, asyncio.Task)]
     await asyncio.gather(*tasks, return_exceptions=True)
-    return [o.result() if isinstance(o, asyncio.Task) else o for o in outcomes]
+    return [_result(o) if isinstance(o, asyncio.Task) else o for o in outcomes]
 
 
-async def _abandon(outcomes: list[Outcome | asyncio.Task[Outcome]]) -> None:
-    """The request failed before its end (client gone, an unexpected error): the ingests already in flight are
-    not cut off halfway; each ends as one whole store (shielded, so a cancelled request does not cancel them)."""
-    tasks = [o for o in outcomes if isinstance(o, asyncio.Task)]
-    if tasks:
-        await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+def _result(task: asyncio.Task[Outcome]) -> Outcome:
+    exc = None if task.cancelled() else task.exception()
+    if exc is None and not task.cancelled():
+        return task.result()
+    if exc is not None:
+        log.error("STOW-RS part failed", exc_info=exc)
+    return Outcome(None, None, failure=PROCESSING_FAILURE, comment="the server failed to store the instance")
 
 
-async def _finish(resources: Resources, spool: Spool, study: str | None) -> Outcome:
+async def _finish(resources: Resources, spool: Spool, study: str | None, audit: IngestHook) -> Outcome:
     sha = spool.finish()
     if spool.error is not None:  # a full disk, or free space below the watermark: this part alone fails
         return Outcome(None, None, failure=OUT_OF_RESOURCES, comment=out_of_resources(spool.error))
@@ -198,7 +280,7 @@ async def _finish(resources: Resources, spool: Spool, study: str | None) -> Outc
             comment=f"instance larger than the limit of {resources.settings.max_instance_bytes} bytes",
         )
     telemetry.record_part_size(spool.size)
-    outcome = await resources.store.store_file(spool.path, spool.size, sha, study)
+    outcome = await resources.store.store_file(spool.path, spool.size, sha, study, audit=audit)
     if outcome.ok:
         telemetry.record_stored(1)
     return outcome
