@@ -27,11 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import regopy
-from regopy import rego_shared
-
 from authz.decision import Decision, PolicyInput
 from authz.errors import PolicyUnavailable
+from authz.rego_native import rego_shared, regopy
 
 log = logging.getLogger(__name__)
 

@@ -165,7 +165,9 @@ async def open_resources(
         stack.push_async_callback(_close_pool, audit_pool)
         audit = AuditTrail(pool, forwarder=forwarder, writer=audit_pool)
         stack.push_async_callback(audit.close)  # runs before the pool closes: records in flight are written
-        policy = CachingEngine(open_engine(settings), ttl=settings.policy_cache_seconds)
+        policy = CachingEngine(
+            open_engine(settings), ttl=settings.policy_cache_seconds, entries=settings.policy_cache_entries
+        )
         stack.push_async_callback(policy.close)
         signing_key = await anyio.to_thread.run_sync(keys.load_or_create, settings.data_dir)
         anchors = open_anchors(settings, forwarder)  # checkpoints copied out of the database's reach

@@ -283,6 +283,10 @@ class Settings:
     policy_cache_seconds: float = 5.0
     """`HOUNSFIELD_POLICY_CACHE_SECONDS`: identical questions (same subject, action, resource, context but the
     time) are answered from a cache this long; 0 turns the cache off."""
+    policy_cache_entries: int = 4096
+    """`HOUNSFIELD_POLICY_CACHE_ENTRIES`: decisions the cache holds at most (the least recently used go first), so
+    that its memory stays bounded however many distinct questions arrive (an entry is the question as JSON and
+    its decision: one or two KB)."""
     opa_timeout_seconds: float = 2.0
     """`HOUNSFIELD_OPA_TIMEOUT_MS` (milliseconds): a decision that takes longer fails closed (503)."""
 
@@ -504,6 +508,7 @@ class Settings:
             policy_data_file=_path(env, "HOUNSFIELD_POLICY_DATA"),
             opa_url=_url(env, "HOUNSFIELD_OPA_URL"),
             policy_cache_seconds=float(_int(env, "HOUNSFIELD_POLICY_CACHE_SECONDS", 5, minimum=0, maximum=3600)),
+            policy_cache_entries=_int(env, "HOUNSFIELD_POLICY_CACHE_ENTRIES", 4096, minimum=1, maximum=1_000_000),
             opa_timeout_seconds=float(_int(env, "HOUNSFIELD_OPA_TIMEOUT_MS", 2000, minimum=10, maximum=60000)) / 1000,
             break_glass_minutes=_int(env, "HOUNSFIELD_BREAK_GLASS_MINUTES", 60, minimum=1, maximum=24 * 60),
             break_glass_webhook=_url(env, "HOUNSFIELD_BREAK_GLASS_WEBHOOK"),

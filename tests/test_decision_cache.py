@@ -15,6 +15,7 @@ from authz.engine_rego import RegoEngine
 from authz.engines import SHIPPED_POLICIES
 from authz.policy_input import policy_input
 from authz.principal import Principal
+from server.settings import Settings
 
 
 class Counting:
@@ -69,3 +70,27 @@ def test_cache(tmp_path: Path) -> None:
         await engine.close()
 
     asyncio.run(run())
+
+
+async def test_cache_holds_at_most_its_entries() -> None:
+    """However many distinct questions arrive, the cache keeps the `entries` most recently used."""
+    counting = Counting(RegoEngine(SHIPPED_POLICIES, SHIPPED_POLICIES / "data.json"))
+    engine = CachingEngine(counting, ttl=60, entries=3)
+    who = Principal(sub="dr-who", issuer="hounsfield", roles=("radiologist",))
+
+    def ask(study: int) -> PolicyInput:
+        return policy_input(who, "read", Resource(kind="study", patient_id="P1", study_uid=f"1.2.{study}"))
+
+    for study in range(4):
+        await engine.decide(ask(study))
+    assert counting.calls == 4
+    for study in (1, 2, 3):  # the three most recent: still cached
+        await engine.decide(ask(study))
+    assert counting.calls == 4
+    await engine.decide(ask(0))  # the oldest was dropped when the fourth came
+    assert counting.calls == 5
+
+
+def test_cache_entries_setting() -> None:
+    assert Settings.from_env({}).policy_cache_entries == 4096
+    assert Settings.from_env({"HOUNSFIELD_POLICY_CACHE_ENTRIES": "100"}).policy_cache_entries == 100

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import regopy
-from regopy import rego_shared
 
 from authz.decision import Decision, Resource
 from authz.engine_rego import RegoEngine, policy_files
 from authz.engines import SHIPPED_POLICIES
 from authz.policy_input import break_glass_session, dicomweb_resource, policy_input
 from authz.principal import Principal
+from authz.rego_native import rego_shared, regopy
 
 OPA_ONLY = {"opa_test.rego"}
 """Test modules regopy cannot load (they use `with input as`)."""
