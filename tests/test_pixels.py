@@ -1,0 +1,104 @@
+"""Pixels through WADO-RS encoders, from the outside: big-endian sources encode the values they hold (not their
+bytes swapped), images smaller than the JPEG 2000 defaults encode, and decoded YBR_FULL_422 JPEG frames are
+described by the Photometric Interpretation the server says they have."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from dicomweb import encode
+from tests.data import sample
+from tests.factory import ct, part10
+from tests.test_wado import parts, path, stow_bytes, stow_files
+
+BIG_ENDIAN = [
+    "MR_small_bigendian.dcm",
+    "MR_small_expb.dcm",
+    "emri_small_big_endian.dcm",
+    "gdcm-US-ALOKA-16_big.dcm",
+]
+LOSSLESS = [encode.HTJ2K_LOSSLESS, encode.HTJ2K_RPCL, encode.J2K_LOSSLESS, encode.RLE_LOSSLESS]
+
+
+def instance_in(http: httpx.Client, ds: Dataset, syntax: str) -> Dataset:
+    accept = f'multipart/related; type="application/dicom"; transfer-syntax={syntax}'
+    response = http.get(path(ds), headers={"Accept": accept})
+    assert response.status_code == 200, (syntax, response.text)
+    [(head, body)] = parts(response)
+    assert head["content-type"] == f"application/dicom; transfer-syntax={syntax}"
+    got = pydicom.dcmread(io.BytesIO(body))
+    assert got.file_meta.TransferSyntaxUID == syntax
+    return got
+
+
+def psnr(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any], bits: int) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10((2**bits - 1) ** 2 / mse)
+
+
+@pytest.mark.parametrize("name", BIG_ENDIAN)
+def test_big_endian_instances_encode_their_values(http: httpx.Client, name: str) -> None:
+    """Whole instances re-encoded from Explicit VR Big Endian: the same pixel values, not byte-swapped ones."""
+    [ds] = stow_files(http, [name])
+    original = pydicom.dcmread(sample(name)).pixel_array
+    for syntax in LOSSLESS:
+        got = instance_in(http, ds, syntax).pixel_array
+        assert np.array_equal(got, original), (name, syntax)
+    if ds.PhotometricInterpretation != "PALETTE COLOR":  # palette indices are only encoded losslessly
+        lossy = instance_in(http, ds, encode.HTJ2K_LOSSY).pixel_array
+        assert psnr(lossy, original, int(ds.BitsStored)) > 40, name
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(8, 8), (16, 16), (10, 50), (1, 7), (31, 64)])
+def test_small_images_encode_in_every_jpeg_2000_syntax(http: httpx.Client, rows: int, columns: int) -> None:
+    """Images with a side under 32 pixels (fewer resolution levels than the encoders' default) as whole
+    instances and as frames in JPEG 2000 and HTJ2K: 200 and the same pixels (close ones for lossy syntaxes)."""
+    ds = ct(rows=rows, columns=columns, frames=2, seed=rows * columns)
+    ds.BitsStored, ds.HighBit = 12, 11
+    stow_bytes(http, [part10(ds)])
+    original = pydicom.dcmread(io.BytesIO(part10(ds))).pixel_array
+    j2k = [encode.J2K_LOSSLESS, encode.J2K_LOSSY, encode.HTJ2K_LOSSLESS, encode.HTJ2K_RPCL, encode.HTJ2K_LOSSY]
+    for syntax in j2k:
+        got = instance_in(http, ds, syntax).pixel_array
+        if encode.is_lossy(syntax):
+            assert got.shape == original.shape
+            assert psnr(got, original, 12) > 30, syntax
+        else:
+            assert np.array_equal(got, original), syntax
+        media = "image/jp2" if syntax in (encode.J2K_LOSSLESS, encode.J2K_LOSSY) else "image/jphc"
+        response = http.get(
+            path(ds, "/frames/1,2"), headers={"Accept": f'multipart/related; type="{media}"; transfer-syntax={syntax}'}
+        )
+        assert response.status_code == 200, (syntax, response.text)
+        frames = [body for _head, body in parts(response)]
+        assert len(frames) == 2
+        if not encode.is_lossy(syntax):
+            for number, frame in enumerate(frames):
+                decoded = _decode_frame(frame, syntax, ds)
+                assert np.array_equal(decoded, original[number]), (syntax, number)
+
+
+def _decode_frame(frame: bytes, syntax: str, ds: Dataset) -> np.ndarray[Any, Any]:
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import UID
+
+    arr, _props = get_decoder(UID(syntax)).as_array(
+        encapsulate([frame]),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        samples_per_pixel=1,
+        bits_allocated=16,
+        bits_stored=int(ds.BitsStored),
+        pixel_representation=0,
+        photometric_interpretation="MONOCHROME2",
+        number_of_frames=1,
+    )
+    return arr
