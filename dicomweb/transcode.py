@@ -174,17 +174,26 @@ class ImageInfo:
 
 
 def decode_frame(encoded: bytes, transfer_syntax: str, image: ImageInfo) -> bytes:
-    """One compressed frame (its fragments concatenated) as native little-endian pixel bytes.
+    """One compressed frame (its fragments concatenated) as native little-endian pixel bytes, in the form the
+    instance's Image Pixel module describes, since that (the WADO-RS metadata) is all a client has to read
+    native frames with (PS3.5 8.2, PS3.3 C.7.6.3.1.2).
 
-    The result is what `pydicom.dcmread(...).pixel_array[frame]` holds: color is interleaved (Planar
-    Configuration 0), and YBR_FULL/YBR_FULL_422 JPEG data are converted to RGB the way pydicom's `decompress()`
-    converts them when it writes an Explicit VR Little Endian instance."""
+    Color is interleaved (Planar Configuration 0). YBR_FULL stays YBR_FULL (no conversion to RGB); YBR_FULL_422
+    is decoded (the codec upsamples the chroma) and packed again in the native YBR_FULL_422 layout, each pair
+    of pixels as Y1 Y2 Cb Cr with the pair's mean chroma (`pack_ybr_422`); an odd number of columns has no such
+    layout and is refused. JPEG 2000 YBR_RCT/YBR_ICT data come out as RGB: those values name a component
+    transform inside the codestream, which the decoder undoes, and have no native form. This differs from a
+    whole instance decoded to a native transfer syntax (`transcode_instance`), which converts YBR to RGB and
+    says so in its own Photometric Interpretation."""
     try:
         decoder = get_decoder(PydicomUID(transfer_syntax))
     except NotImplementedError:
         raise TranscodeError(f"no decoder for {transfer_syntax}") from None
     if not decoder.is_available:
         raise TranscodeError(f"no decoder plugin is installed for {transfer_syntax}")
+    photometric = image.photometric_interpretation
+    if photometric == "YBR_FULL_422" and image.columns % 2:
+        raise TranscodeError("YBR_FULL_422 frames with an odd number of columns have no native form")
     options: dict[str, Any] = {
         "rows": image.rows,
         "columns": image.columns,
@@ -192,15 +201,29 @@ def decode_frame(encoded: bytes, transfer_syntax: str, image: ImageInfo) -> byte
         "bits_allocated": image.bits_allocated,
         "bits_stored": image.bits_stored,
         "pixel_representation": image.pixel_representation,
-        "photometric_interpretation": image.photometric_interpretation,
+        "photometric_interpretation": photometric,
         "planar_configuration": image.planar_configuration,
         "number_of_frames": 1,
+        "as_rgb": False,
     }
     try:
-        arr, _props = decoder.as_array(encapsulate([encoded]), **options)
+        arr, props = decoder.as_array(encapsulate([encoded]), **options)
     except Exception as exc:  # plugins raise RuntimeError, ValueError, their own errors
         raise TranscodeError(f"cannot decode a {transfer_syntax} frame: {exc}") from exc
+    if photometric == "YBR_FULL_422" and props.get("photometric_interpretation") == "YBR_FULL_422":
+        arr = pack_ybr_422(arr)
     return _little_endian_bytes(arr)
+
+
+def pack_ybr_422(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Full-resolution YCbCr (rows, columns, 3), columns even, as native YBR_FULL_422 (PS3.3 C.7.6.3.1.2): for
+    each pair of pixels Y1 Y2 Cb Cr, the chroma being the pair's mean (rounded half up)."""
+    rows, columns = arr.shape[0], arr.shape[1]
+    wide = arr.astype(np.int64)
+    pairs = wide.reshape(rows, columns // 2, 2, 3)
+    chroma = (pairs[:, :, 0, 1:] + pairs[:, :, 1, 1:] + 1) // 2
+    out = np.concatenate([pairs[:, :, :, 0], chroma], axis=2)  # (rows, pairs, 4): Y1 Y2 Cb Cr
+    return out.astype(arr.dtype).reshape(rows, columns * 2)
 
 
 def _little_endian_bytes(arr: np.ndarray[Any, Any]) -> bytes:

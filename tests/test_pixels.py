@@ -102,3 +102,60 @@ def _decode_frame(frame: bytes, syntax: str, ds: Dataset) -> np.ndarray[Any, Any
         number_of_frames=1,
     )
     return arr
+
+
+@pytest.mark.parametrize(
+    ("name", "photometric"),
+    [
+        ("examples_ybr_color.dcm", "YBR_FULL_422"),
+        ("SC_rgb_dcmtk_+eb+cy+s2.dcm", "YBR_FULL_422"),
+        ("SC_rgb_jpeg_dcmtk.dcm", "YBR_FULL"),
+    ],
+)
+def test_decoded_ybr_jpeg_frames_are_what_the_metadata_says(http: httpx.Client, name: str, photometric: str) -> None:
+    """Native frames of a YBR JPEG image are read with the instance's metadata (all a client has): their bytes
+    are in that Photometric Interpretation's native layout. A whole instance decoded to a native syntax says
+    RGB, and is RGB."""
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    [ds] = stow_files(http, [name])
+    [meta] = http.get(path(ds, "/metadata")).json()
+    described = Dataset.from_json(meta, bulk_data_uri_handler=lambda _tag, _vr, _uri: None)
+    assert described.PhotometricInterpretation == photometric
+    original = pydicom.dcmread(sample(name)).pixel_array  # pydicom's decode: RGB
+    frames = int(described.get("NumberOfFrames") or 1)
+    expected = original if frames > 1 else original[None]
+    numbers = [1, frames] if frames > 1 else [1]
+    response = http.get(
+        path(ds, "/frames/" + ",".join(map(str, numbers))),
+        headers={
+            "Accept": f'multipart/related; type="application/octet-stream"; transfer-syntax={ExplicitVRLittleEndian}'
+        },
+    )
+    assert response.status_code == 200, response.text
+    rows, columns = int(described.Rows), int(described.Columns)
+    per_pixel = 2 if photometric == "YBR_FULL_422" else 3
+    for number, (_head, body) in zip(numbers, parts(response), strict=True):
+        assert len(body) == rows * columns * per_pixel, (name, number)
+        arr, _ = get_decoder(ExplicitVRLittleEndian).as_array(
+            body,
+            rows=rows,
+            columns=columns,
+            samples_per_pixel=3,
+            bits_allocated=8,
+            bits_stored=8,
+            pixel_representation=0,
+            photometric_interpretation=described.PhotometricInterpretation,
+            planar_configuration=0,
+            number_of_frames=1,
+            pixel_keyword="PixelData",
+            as_rgb=True,
+        )
+        if photometric == "YBR_FULL":
+            assert np.array_equal(arr, expected[number - 1]), (name, number)
+        else:  # the chroma of each pair of pixels is their mean
+            assert psnr(arr, expected[number - 1], 8) > 45, (name, number)
+    whole = instance_in(http, ds, ExplicitVRLittleEndian)
+    assert whole.PhotometricInterpretation == "RGB"
+    assert np.array_equal(whole.pixel_array, original)
