@@ -29,6 +29,7 @@ Pure and blocking (house style 1): callers run these in a worker thread.
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,11 @@ HTJ2K_LOSSY_STEPS = 4
 J2K_SMALL_LOSSY_PSNR = 50
 """JPEG 2000 lossy (.4.91) of images too small for pylibjpeg-openjpeg: OpenJPEG's fixed-quality target in dB
 (imagecodecs offers no rate target)."""
+_OPENJPEG_ENCODER = threading.Lock()
+"""pylibjpeg-openjpeg's encoder is not thread-safe: two encodes at once in one process (worker threads of
+concurrent requests) corrupt memory and end the process with a segmentation fault; its decoder, imagecodecs'
+encoders and the other plugins are safe. It runs holding the GIL but for its Python write callbacks, so
+serializing it costs no parallelism."""
 MAX_RESOLUTIONS = 6
 """Resolution levels (decomposition levels + 1) of JPEG 2000 and HTJ2K codestreams of images large enough:
 OpenJPEG's and OpenJPH's default, and what pylibjpeg-openjpeg always asks for."""
@@ -109,7 +115,8 @@ def _j2k(syntax: str, **options: Any) -> Callable[[np.ndarray[Any, Any], ImageIn
     def encode(arr: np.ndarray[Any, Any], image: ImageInfo) -> bytes:
         levels = resolutions(image.rows, image.columns)
         if levels == MAX_RESOLUTIONS:
-            return pydicom_encode(arr, image)
+            with _OPENJPEG_ENCODER:
+                return pydicom_encode(arr, image)
         lossy = syntax == J2K_LOSSY
         return bytes(
             imagecodecs.jpeg2k_encode(

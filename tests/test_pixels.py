@@ -159,3 +159,28 @@ def test_decoded_ybr_jpeg_frames_are_what_the_metadata_says(http: httpx.Client, 
     whole = instance_in(http, ds, ExplicitVRLittleEndian)
     assert whole.PhotometricInterpretation == "RGB"
     assert np.array_equal(whole.pixel_array, original)
+
+
+def test_concurrent_jpeg_2000_encodes_leave_the_server_up(dsn: str, tmp_path: Any) -> None:
+    """Whole instances encoded in JPEG 2000 for several clients at once (worker threads of one server process):
+    every answer is right and the server is still up (an encoder that is not thread-safe ends it with a
+    segmentation fault). The server is a child process, so that such a crash fails this test, not pytest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.procs import serve
+
+    datasets = [ct(rows=256, columns=256, seed=n) for n in range(6)]
+    env = {"HOUNSFIELD_WORKER": "0", "HOUNSFIELD_RENDITIONS": "", "HOUNSFIELD_INFERENCE": "0"}
+    with serve(dsn, tmp_path / "data", **env) as server:
+        with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+            stow_bytes(http, [part10(ds) for ds in datasets])
+
+            def fetch(n: int) -> bool:
+                ds = datasets[n % len(datasets)]
+                syntax = encode.J2K_LOSSLESS if n % 2 else encode.J2K_LOSSY
+                got = instance_in(http, ds, syntax).pixel_array
+                return not encode.is_lossy(syntax) or psnr(got, ds.pixel_array, 16) > 40
+
+            with ThreadPoolExecutor(4) as pool:
+                assert all(pool.map(fetch, range(48)))
+        assert server.proc.poll() is None, server.log.read_text()[-2000:]
