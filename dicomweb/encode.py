@@ -64,8 +64,8 @@ JLS_NEAR = 2
 HTJ2K_LOSSY_STEPS = 4
 """HTJ2K lossy (.4.203): quantization step in units of the stored value (about; the 9/7 wavelet spreads it)."""
 J2K_SMALL_LOSSY_PSNR = 50
-"""JPEG 2000 lossy (.4.91) of images too small for pylibjpeg-openjpeg: OpenJPEG's fixed-quality target in dB
-(imagecodecs offers no rate target)."""
+"""JPEG 2000 lossy (.4.91) of images too small for pylibjpeg-openjpeg: the quality asked of OpenJPEG, as PSNR in
+dB over the image's range of values (imagecodecs offers no rate target; see `_fixed_quality`)."""
 _OPENJPEG_ENCODER = threading.Lock()
 """pylibjpeg-openjpeg's encoder is not thread-safe: two encodes at once in one process (worker threads of
 concurrent requests) corrupt memory and end the process with a segmentation fault; its decoder, imagecodecs'
@@ -121,7 +121,7 @@ def _j2k(syntax: str, **options: Any) -> Callable[[np.ndarray[Any, Any], ImageIn
         return bytes(
             imagecodecs.jpeg2k_encode(
                 arr,
-                J2K_SMALL_LOSSY_PSNR if lossy else None,
+                _fixed_quality(arr, image.bits_stored) if lossy else None,
                 codecformat="J2K",
                 bitspersample=image.bits_stored,
                 resolutions=levels,
@@ -132,6 +132,18 @@ def _j2k(syntax: str, **options: Any) -> Callable[[np.ndarray[Any, Any], ImageIn
         )
 
     return encode
+
+
+def _fixed_quality(arr: np.ndarray[Any, Any], bits_stored: int) -> float | None:
+    """OpenJPEG's fixed-quality target (dB, over the nominal peak 2^BitsStored - 1) that puts the error
+    `J2K_SMALL_LOSSY_PSNR` dB below the image's own range of values: an image using a few hundred of 65536
+    values would otherwise be all error. None (lossless) for a flat image; imagecodecs codes levels over 1000
+    reversibly."""
+    spread = float(arr.max()) - float(arr.min()) if arr.size else 0.0
+    if spread <= 0:
+        return None
+    level = J2K_SMALL_LOSSY_PSNR + 20 * np.log10((2.0**bits_stored - 1) / spread)
+    return float(min(level, 999.0))
 
 
 def _pydicom_available(syntax: str) -> Callable[[], bool]:
@@ -172,9 +184,12 @@ def _htj2k(syntax: str) -> Callable[[np.ndarray[Any, Any], ImageInfo], bytes]:
 
 
 def _jpeg_baseline(arr: np.ndarray[Any, Any], image: ImageInfo) -> bytes:
+    """Color as YCbCr 4:4:4: RGB values are converted by libjpeg, YBR_FULL values (already YCbCr, PS3.3
+    C.7.6.3.1.2) are coded as they are."""
     if image.samples_per_pixel > 1:
+        source = "YCbCr" if image.photometric_interpretation == "YBR_FULL" else "RGB"
         return bytes(
-            imagecodecs.jpeg8_encode(arr, JPEG_QUALITY, colorspace="RGB", outcolorspace="YCbCr", subsampling="444")
+            imagecodecs.jpeg8_encode(arr, JPEG_QUALITY, colorspace=source, outcolorspace="YCbCr", subsampling="444")
         )
     return bytes(imagecodecs.jpeg8_encode(arr, JPEG_QUALITY))
 

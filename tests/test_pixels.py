@@ -184,3 +184,27 @@ def test_concurrent_jpeg_2000_encodes_leave_the_server_up(dsn: str, tmp_path: An
             with ThreadPoolExecutor(4) as pool:
                 assert all(pool.map(fetch, range(48)))
         assert server.proc.poll() is None, server.log.read_text()[-2000:]
+
+
+def test_small_lossy_jpeg_2000_of_an_image_using_few_values(http: httpx.Client) -> None:
+    """A 16 x 16 CT whose values span 500 of 65536 (the pydicom DICOMDIR samples): lossy JPEG 2000 stays close
+    to it (the quality asked of the encoder is relative to the image's range, not to 16 bits)."""
+    ds = ct(rows=16, columns=16)
+    ds.PixelRepresentation = 1
+    rng = np.random.default_rng(3)
+    values = 2000 + rng.integers(0, 500, size=(16, 16)) + np.add.outer(np.arange(16), np.arange(16)) * 10
+    ds.PixelData = values.astype(np.int16).tobytes()
+    stow_bytes(http, [part10(ds)])
+    original = ds.pixel_array
+    got = instance_in(http, ds, encode.J2K_LOSSY).pixel_array
+    spread = float(original.max()) - float(original.min())
+    assert psnr(got - original.min(), original - original.min(), int(np.log2(spread)) + 1) > 35
+
+
+def test_jpeg_baseline_of_ybr_full_native_data(http: httpx.Client) -> None:
+    """Native YBR_FULL pixels are already YCbCr: encoded as they are, not converted as if RGB."""
+    [ds] = stow_files(http, ["SC_ybr_full_uncompressed.dcm"])
+    original = pydicom.dcmread(sample("SC_ybr_full_uncompressed.dcm")).pixel_array  # RGB
+    got = instance_in(http, ds, encode.JPEG_BASELINE)
+    assert got.PhotometricInterpretation == "YBR_FULL"
+    assert psnr(got.pixel_array, original, 8) > 40
