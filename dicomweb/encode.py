@@ -42,7 +42,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import UID as PydicomUID
 
-from dicomweb.transcode import ImageInfo, TranscodeError
+from dicomweb.transcode import ImageInfo, TranscodeError, read_dataset, why
 from dicomweb.uids import EXPLICIT_VR_LITTLE_ENDIAN
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -134,7 +134,7 @@ def _j2k(syntax: str, **options: Any) -> Callable[[np.ndarray[Any, Any], ImageIn
     return encode
 
 
-def _fixed_quality(arr: np.ndarray[Any, Any], bits_stored: int) -> float | None:
+def _fixed_quality(arr: np.ndarray[Any, Any], bits_stored: int) -> int | None:
     """OpenJPEG's fixed-quality target (dB, over the nominal peak 2^BitsStored - 1) that puts the error
     `J2K_SMALL_LOSSY_PSNR` dB below the image's own range of values: an image using a few hundred of 65536
     values would otherwise be all error. None (lossless) for a flat image; imagecodecs codes levels over 1000
@@ -143,7 +143,26 @@ def _fixed_quality(arr: np.ndarray[Any, Any], bits_stored: int) -> float | None:
     if spread <= 0:
         return None
     level = J2K_SMALL_LOSSY_PSNR + 20 * np.log10((2.0**bits_stored - 1) / spread)
-    return float(min(level, 999.0))
+    return int(min(round(level), 999))
+
+
+def _jpegls(syntax: str, near: int = 0) -> Callable[[np.ndarray[Any, Any], ImageInfo], bytes]:
+    """JPEG-LS (.4.80, .4.81): pyjpegls through pydicom, which writes the sample precision Bits Stored says. Its
+    output buffer is the size of the input, too small when the codestream is larger (a few pixels, or noise);
+    imagecodecs' CharLS then encodes the frame, with the precision of the array's type: right for unsigned
+    values, and for signed ones that fill it (a decoder sign-extends from the precision, not from Bits Stored)."""
+    pydicom_encode = _pydicom_codec(syntax, **({"jls_error": near} if near else {}))
+
+    def encode(arr: np.ndarray[Any, Any], image: ImageInfo) -> bytes:
+        try:
+            return pydicom_encode(arr, image)
+        except RuntimeError as exc:
+            fits = not image.pixel_representation or image.bits_stored == arr.dtype.itemsize * 8
+            if "buffer is too small" not in str(exc) or not fits or not _imagecodecs_has("JPEGLS")():
+                raise
+            return bytes(imagecodecs.jpegls_encode(arr, level=near or None))
+
+    return encode
 
 
 def _pydicom_available(syntax: str) -> Callable[[], bool]:
@@ -215,14 +234,14 @@ CODECS: dict[str, Codec] = {
         JPEG_LS_LOSSLESS,
         False,
         "ISO_14495_1",
-        _pydicom_codec(JPEG_LS_LOSSLESS),
+        _jpegls(JPEG_LS_LOSSLESS),
         _pydicom_available(JPEG_LS_LOSSLESS),
     ),
     JPEG_LS_NEAR_LOSSLESS: Codec(
         JPEG_LS_NEAR_LOSSLESS,
         True,
         "ISO_14495_1",
-        _pydicom_codec(JPEG_LS_NEAR_LOSSLESS, jls_error=JLS_NEAR),
+        _jpegls(JPEG_LS_NEAR_LOSSLESS, JLS_NEAR),
         _pydicom_available(JPEG_LS_NEAR_LOSSLESS),
     ),
     JPEG_BASELINE: Codec(
@@ -283,7 +302,7 @@ def frame_array(native: bytes, image: ImageInfo, *, planar: int | None = None) -
     try:
         arr, _props = decoder.as_array(native, **options)
     except Exception as exc:  # pydicom raises ValueError/AttributeError for data that does not fit
-        raise TranscodeError(f"cannot read the native frame: {exc}") from exc
+        raise TranscodeError(f"cannot read the native frame: {why(exc)}") from exc
     return native_order(arr)
 
 
@@ -302,7 +321,7 @@ def encode_array(arr: np.ndarray[Any, Any], target: str, image: ImageInfo) -> by
     try:
         return CODECS[target].encode(native_order(arr), image)
     except Exception as exc:  # the codec libraries raise their own error types
-        raise TranscodeError(f"cannot encode a frame in {target}: {exc}") from exc
+        raise TranscodeError(f"cannot encode a frame in {target}: {why(exc)}") from exc
 
 
 def encode_frame(native: bytes, target: str, image: ImageInfo, *, planar: int | None = None) -> bytes:
@@ -353,7 +372,7 @@ def encode_instance(data: bytes, target: str, frames: list[bytes] | None = None)
     `frames`, when given, are the frames already encoded in `target` (a stored rendition); otherwise each frame
     is decoded (if needed) and encoded here."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = read_dataset(data)
         if "PixelData" not in ds:
             raise TranscodeError("the instance has no Pixel Data to encode")
         source = str(ds.file_meta.get("TransferSyntaxUID") or "")
@@ -375,7 +394,7 @@ def encode_instance(data: bytes, target: str, frames: list[bytes] | None = None)
     except TranscodeError:
         raise
     except Exception as exc:  # pydicom and the codec plugins raise many kinds of errors for bad input
-        raise TranscodeError(f"cannot encode the instance in {target}: {exc}") from exc
+        raise TranscodeError(f"cannot encode the instance in {target}: {why(exc)}") from exc
 
 
 def _encode_all(ds: pydicom.Dataset, target: str, image: ImageInfo) -> list[bytes]:

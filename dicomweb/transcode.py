@@ -48,6 +48,19 @@ class TranscodeError(Exception):
     """The stored data cannot be turned into the requested transfer syntax (no decoder, corrupt codestream)."""
 
 
+def why(exc: BaseException) -> str:
+    """A codec's or pydicom's error as one short line for a 406 reason: pydicom and the plugins put several
+    lines (and whole tracebacks of the plugins they tried) in their messages."""
+    lines: list[str] = []
+    for line in str(exc).splitlines():
+        if line.startswith("Traceback"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    text = " ".join(lines[:3]) or type(exc).__name__
+    return text[:300]
+
+
 def is_compressed(transfer_syntax: str) -> bool:
     """Encapsulated Pixel Data (PS3.5 A.4): any known syntax that is not one of the native ones."""
     return transfer_syntax not in UNCOMPRESSED
@@ -81,6 +94,25 @@ def can_transcode(stored: str, target: str) -> bool:
 # ---------------------------------------------------------------------------------------------- whole instances
 
 
+def read_dataset(data: bytes) -> Dataset:
+    """A stored Part 10 file as a data set ready to be written in another encoding. pydicom leaves elements as read
+    until they are used; one read from implicit VR data inside an explicit VR file (an encoder error the ingest
+    accepts with a warning, PS3.5 7.1.2) has no VR until then, and pydicom cannot write it. Every element is
+    resolved here (its VR from the data dictionary, UN for unknown private ones)."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for _element in ds.iterall():
+        pass
+    return ds
+
+
+def dataset_in(data: bytes, target: str) -> Dataset:
+    """A stored Part 10 file as a data set in the transfer syntax `target`: Pixel Data decoded, byte-swapped or
+    encoded as needed, the file meta's Transfer Syntax UID set. For senders that must send an instance in the
+    syntax a peer accepted (PS3.8 9.3: a presentation context fixes one transfer syntax); `can_transcode` says
+    beforehand whether it can be done. Raises `TranscodeError` when it cannot."""
+    return pydicom.dcmread(io.BytesIO(transcode_instance(data, target)))
+
+
 def transcode_instance(data: bytes, target: str) -> bytes:
     """A Part 10 file re-encoded in the transfer syntax `target` (decoding Pixel Data when needed; compressed
     targets are encoded by `dicomweb.encode`)."""
@@ -91,7 +123,7 @@ def transcode_instance(data: bytes, target: str) -> bytes:
             raise TranscodeError(f"encoding into {target} is not supported")
         return encode.encode_instance(data, target)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = read_dataset(data)
         source = str(ds.file_meta.get("TransferSyntaxUID") or "")
         if source == target:
             return data
@@ -116,7 +148,7 @@ def transcode_instance(data: bytes, target: str) -> bytes:
     except TranscodeError:
         raise
     except Exception as exc:  # pydicom and the codec plugins raise many kinds of errors for bad input
-        raise TranscodeError(f"cannot convert the instance to {target}: {exc}") from exc
+        raise TranscodeError(f"cannot convert the instance to {target}: {why(exc)}") from exc
 
 
 def _swap_byte_order(ds: Dataset) -> None:
@@ -209,7 +241,7 @@ def decode_frame(encoded: bytes, transfer_syntax: str, image: ImageInfo) -> byte
     try:
         arr, props = decoder.as_array(encapsulate([encoded]), **options)
     except Exception as exc:  # plugins raise RuntimeError, ValueError, their own errors
-        raise TranscodeError(f"cannot decode a {transfer_syntax} frame: {exc}") from exc
+        raise TranscodeError(f"cannot decode a {transfer_syntax} frame: {why(exc)}") from exc
     if photometric == "YBR_FULL_422" and props.get("photometric_interpretation") == "YBR_FULL_422":
         arr = pack_ybr_422(arr)
     return _little_endian_bytes(arr)
@@ -281,7 +313,7 @@ def frames_of_file(data: bytes, frames: list[int]) -> list[bytes]:
         if not is_compressed(source) and not PydicomUID(source).is_little_endian:
             pixel = swap_bytes(pixel, pixel_swap_width(bits, str(ds["PixelData"].VR)))
     except Exception as exc:
-        raise TranscodeError(f"cannot read the instance's Pixel Data: {exc}") from exc
+        raise TranscodeError(f"cannot read the instance's Pixel Data: {why(exc)}") from exc
     frame_bits = rows * cols * samples * bits
     out: list[bytes] = []
     for number in frames:

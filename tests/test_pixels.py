@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomweb import encode
+from dicomweb import encode, negotiate
 from tests.data import sample
 from tests.factory import ct, part10
 from tests.test_wado import parts, path, stow_bytes, stow_files
@@ -56,23 +56,24 @@ def test_big_endian_instances_encode_their_values(http: httpx.Client, name: str)
         assert psnr(lossy, original, int(ds.BitsStored)) > 40, name
 
 
-@pytest.mark.parametrize(("rows", "columns"), [(8, 8), (16, 16), (10, 50), (1, 7), (31, 64)])
+@pytest.mark.parametrize(("rows", "columns"), [(8, 8), (16, 16), (10, 50), (1, 7), (31, 64), (2, 3)])
 def test_small_images_encode_in_every_jpeg_2000_syntax(http: httpx.Client, rows: int, columns: int) -> None:
     """Images with a side under 32 pixels (fewer resolution levels than the encoders' default) as whole
-    instances and as frames in JPEG 2000 and HTJ2K: 200 and the same pixels (close ones for lossy syntaxes)."""
+    instances and as frames in JPEG 2000, HTJ2K and JPEG-LS (whose codestream of a few noisy pixels is larger
+    than the pixels): 200 and the same pixels (close ones for lossy syntaxes)."""
     ds = ct(rows=rows, columns=columns, frames=2, seed=rows * columns)
     ds.BitsStored, ds.HighBit = 12, 11
     stow_bytes(http, [part10(ds)])
     original = pydicom.dcmread(io.BytesIO(part10(ds))).pixel_array
     j2k = [encode.J2K_LOSSLESS, encode.J2K_LOSSY, encode.HTJ2K_LOSSLESS, encode.HTJ2K_RPCL, encode.HTJ2K_LOSSY]
-    for syntax in j2k:
+    for syntax in [*j2k, encode.JPEG_LS_LOSSLESS, encode.JPEG_LS_NEAR_LOSSLESS]:
         got = instance_in(http, ds, syntax).pixel_array
         if encode.is_lossy(syntax):
             assert got.shape == original.shape
             assert psnr(got, original, 12) > 30, syntax
         else:
             assert np.array_equal(got, original), syntax
-        media = "image/jp2" if syntax in (encode.J2K_LOSSLESS, encode.J2K_LOSSY) else "image/jphc"
+        media = negotiate.media_type_of_syntax(syntax)
         response = http.get(
             path(ds, "/frames/1,2"), headers={"Accept": f'multipart/related; type="{media}"; transfer-syntax={syntax}'}
         )
@@ -208,3 +209,69 @@ def test_jpeg_baseline_of_ybr_full_native_data(http: httpx.Client) -> None:
     got = instance_in(http, ds, encode.JPEG_BASELINE)
     assert got.PhotometricInterpretation == "YBR_FULL"
     assert psnr(got.pixel_array, original, 8) > 40
+
+
+def test_instance_with_implicit_vr_inside_an_explicit_vr_file_is_decoded(dsn: str, tmp_path: Any) -> None:
+    """SC_rgb_jpeg.dcm encodes its data set in implicit VR under an explicit VR transfer syntax (stored with a
+    warning): it is still decoded and re-encoded on request, in native and compressed syntaxes. The server runs
+    as a child process, as in production: pydicom warns about such files, and pytest's warnings-as-errors
+    would turn that into a failure no deployment sees."""
+    from tests.factory import multipart, stow_headers
+    from tests.procs import serve
+
+    data = sample("SC_rgb_jpeg.dcm").read_bytes()
+    with pytest.warns(UserWarning, match="implicit VR"):
+        ds = pydicom.dcmread(sample("SC_rgb_jpeg.dcm"))
+        original = ds.pixel_array
+    env = {"HOUNSFIELD_WORKER": "0", "HOUNSFIELD_RENDITIONS": "", "HOUNSFIELD_INFERENCE": "0"}
+    with serve(dsn, tmp_path / "data", **env) as server:
+        with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+            response = http.post("/dicom-web/studies", content=multipart([data]), headers=stow_headers())
+            assert response.status_code == 202
+            for syntax in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", encode.HTJ2K_RPCL):
+                got = instance_in(http, ds, syntax)
+                assert got.ImageType == ["DERIVED", "SECONDARY", "OTHER"], syntax
+                assert np.array_equal(got.pixel_array, original), syntax
+
+
+@pytest.mark.parametrize(
+    "target", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.2", encode.J2K_LOSSLESS, encode.RLE_LOSSLESS]
+)
+def test_dataset_in_a_transfer_syntax(target: str) -> None:
+    """`transcode.dataset_in`: what a DIMSE sender hands pynetdicom for a presentation context's syntax."""
+    from dicomweb import transcode
+
+    data = sample("emri_small_jpeg_2k_lossless.dcm").read_bytes()
+    ds = transcode.dataset_in(data, target)
+    assert ds.file_meta.TransferSyntaxUID == target
+    assert np.array_equal(ds.pixel_array, pydicom.dcmread(sample("emri_small_jpeg_2k_lossless.dcm")).pixel_array)
+
+
+def test_frames_of_ybr_full_jpeg_encoded_in_other_syntaxes(http: httpx.Client) -> None:
+    """Frames of a YBR_FULL JPEG image asked in HTJ2K or JPEG 2000: decoded without color conversion and encoded
+    as YBR_FULL, which is what the metadata says; read with it they are pydicom's decode of the original."""
+    [ds] = stow_files(http, ["SC_rgb_jpeg_dcmtk.dcm"])
+    original = pydicom.dcmread(sample("SC_rgb_jpeg_dcmtk.dcm")).pixel_array
+    for media, syntax in (("image/jphc", encode.HTJ2K_RPCL), ("image/jp2", encode.J2K_LOSSLESS)):
+        accept = f'multipart/related; type="{media}"; transfer-syntax={syntax}'
+        response = http.get(path(ds, "/frames/1"), headers={"Accept": accept})
+        assert response.status_code == 200, response.text
+        [(head, body)] = parts(response)
+        assert head["content-type"] == f"{media}; transfer-syntax={syntax}"
+        from pydicom.encaps import encapsulate
+        from pydicom.pixels.decoders.base import get_decoder
+        from pydicom.uid import UID
+
+        arr, _ = get_decoder(UID(syntax)).as_array(
+            encapsulate([body]),
+            rows=100,
+            columns=100,
+            samples_per_pixel=3,
+            bits_allocated=8,
+            bits_stored=8,
+            pixel_representation=0,
+            photometric_interpretation="YBR_FULL",
+            planar_configuration=0,
+            number_of_frames=1,
+        )
+        assert np.array_equal(arr, original), syntax
