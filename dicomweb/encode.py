@@ -374,7 +374,7 @@ def encode_instance(data: bytes, target: str, frames: list[bytes] | None = None)
     try:
         ds = read_dataset(data)
         if "PixelData" not in ds:
-            raise TranscodeError("the instance has no Pixel Data to encode")
+            return _without_pixels(data, target)
         source = str(ds.file_meta.get("TransferSyntaxUID") or "")
         if source == target:
             return data
@@ -395,6 +395,19 @@ def encode_instance(data: bytes, target: str, frames: list[bytes] | None = None)
         raise
     except Exception as exc:  # pydicom and the codec plugins raise many kinds of errors for bad input
         raise TranscodeError(f"cannot encode the instance in {target}: {why(exc)}") from exc
+
+
+def _without_pixels(data: bytes, target: str) -> bytes:
+    """A data set without Pixel Data in an encapsulated transfer syntax: everything but Pixel Data is Explicit VR
+    Little Endian there (PS3.5 A.4), so it is that encoding under `target`'s UID (an SR, a KOS or a
+    presentation state in a study asked for in JPEG 2000)."""
+    from dicomweb.transcode import transcode_instance
+
+    ds = read_dataset(transcode_instance(data, EXPLICIT_VR_LITTLE_ENDIAN))
+    ds.file_meta.TransferSyntaxUID = PydicomUID(target)
+    out = io.BytesIO()
+    pydicom.dcmwrite(out, ds, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    return out.getvalue()
 
 
 def _encode_all(ds: pydicom.Dataset, target: str, image: ImageInfo) -> list[bytes]:
@@ -441,11 +454,14 @@ def _values(ds: pydicom.Dataset, keyword: str) -> list[Any]:
 
 def fits(target: str, bits_allocated: int | None) -> bool:
     """Can an image of `bits_allocated` be sent in `target` as far as the index tells (negotiation before any
-    pixel is read)? Native targets always; compressed ones need an encoder that takes that depth."""
+    pixel is read)? Native targets always; compressed ones need an encoder that takes that depth. No Bits
+    Allocated means no Pixel Data: any syntax we encode into carries such a data set (`_without_pixels`)."""
     if target not in CODECS:
         from dicomweb.transcode import UNCOMPRESSED
 
         return target in UNCOMPRESSED
+    if bits_allocated is None:
+        return can_encode(target)
     if not can_encode(target) or bits_allocated not in (8, 16):
         return False
     return not (CODECS[target].eight_bit_only and bits_allocated != 8)

@@ -275,3 +275,25 @@ def test_frames_of_ybr_full_jpeg_encoded_in_other_syntaxes(http: httpx.Client) -
             number_of_frames=1,
         )
         assert np.array_equal(arr, original), syntax
+
+
+def test_a_study_with_a_structured_report_in_jpeg_2000(http: httpx.Client) -> None:
+    """A study of an image and an SR asked for in JPEG 2000: the SR, which has no Pixel Data, comes in that
+    syntax too (its data set in Explicit VR Little Endian, as in any encapsulated syntax, PS3.5 A.4)."""
+    from pydicom.uid import generate_uid
+
+    image = ct()
+    report = pydicom.dcmread(sample("test-SR.dcm"))
+    report.StudyInstanceUID = image.StudyInstanceUID
+    report.PatientID, report.PatientName = image.PatientID, image.PatientName
+    report.SeriesInstanceUID = generate_uid()
+    stow_bytes(http, [part10(image), part10(report)])
+    accept = f'multipart/related; type="application/dicom"; transfer-syntax={encode.J2K_LOSSLESS}'
+    response = http.get(f"/dicom-web/studies/{image.StudyInstanceUID}", headers={"Accept": accept})
+    assert response.status_code == 200, response.text
+    got = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(io.BytesIO(body)) for _h, body in parts(response))}
+    assert {ds.file_meta.TransferSyntaxUID for ds in got.values()} == {encode.J2K_LOSSLESS}
+    assert np.array_equal(got[image.SOPInstanceUID].pixel_array, image.pixel_array)
+    sr = got[report.SOPInstanceUID]
+    assert "PixelData" not in sr
+    assert sr.ContentSequence == report.ContentSequence
