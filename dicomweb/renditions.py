@@ -96,9 +96,12 @@ class Renditions:
         await reader.prepare(image=True)
         image = reader.image
         assert image is not None
-        if negotiate.is_encapsulated(reader.stored) and image.photometric_interpretation.startswith("YBR"):
-            # Decoders turn YBR data into RGB, which the instance's metadata would then misdescribe.
-            raise NotAcceptable(f"{image.photometric_interpretation} frames are only sent as stored or decoded")
+        photometric = image.photometric_interpretation
+        if negotiate.is_encapsulated(reader.stored) and photometric in ("YBR_RCT", "YBR_ICT"):
+            # Decoded, these are RGB (the transform is the codestream's), which the metadata would misdescribe.
+            # Decoded YBR_FULL frames stay YBR_FULL (`transcode.decode_frame`) and encode as such; YBR_FULL_422
+            # ones have no encoder (`encode.unsupported`).
+            raise NotAcceptable(f"{photometric} frames are only sent as stored or decoded")
         reason = encode.unsupported(syntax, image)
         if reason is not None:
             raise NotAcceptable(reason, offered=(reader.stored,))

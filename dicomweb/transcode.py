@@ -48,6 +48,19 @@ class TranscodeError(Exception):
     """The stored data cannot be turned into the requested transfer syntax (no decoder, corrupt codestream)."""
 
 
+def why(exc: BaseException) -> str:
+    """A codec's or pydicom's error as one short line for a 406 reason: pydicom and the plugins put several
+    lines (and whole tracebacks of the plugins they tried) in their messages."""
+    lines: list[str] = []
+    for line in str(exc).splitlines():
+        if line.startswith("Traceback"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    text = " ".join(lines[:3]) or type(exc).__name__
+    return text[:300]
+
+
 def is_compressed(transfer_syntax: str) -> bool:
     """Encapsulated Pixel Data (PS3.5 A.4): any known syntax that is not one of the native ones."""
     return transfer_syntax not in UNCOMPRESSED
@@ -81,6 +94,25 @@ def can_transcode(stored: str, target: str) -> bool:
 # ---------------------------------------------------------------------------------------------- whole instances
 
 
+def read_dataset(data: bytes) -> Dataset:
+    """A stored Part 10 file as a data set ready to be written in another encoding. pydicom leaves elements as read
+    until they are used; one read from implicit VR data inside an explicit VR file (an encoder error the ingest
+    accepts with a warning, PS3.5 7.1.2) has no VR until then, and pydicom cannot write it. Every element is
+    resolved here (its VR from the data dictionary, UN for unknown private ones)."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for _element in ds.iterall():
+        pass
+    return ds
+
+
+def dataset_in(data: bytes, target: str) -> Dataset:
+    """A stored Part 10 file as a data set in the transfer syntax `target`: Pixel Data decoded, byte-swapped or
+    encoded as needed, the file meta's Transfer Syntax UID set. For senders that must send an instance in the
+    syntax a peer accepted (PS3.8 9.3: a presentation context fixes one transfer syntax); `can_transcode` says
+    beforehand whether it can be done. Raises `TranscodeError` when it cannot."""
+    return pydicom.dcmread(io.BytesIO(transcode_instance(data, target)))
+
+
 def transcode_instance(data: bytes, target: str) -> bytes:
     """A Part 10 file re-encoded in the transfer syntax `target` (decoding Pixel Data when needed; compressed
     targets are encoded by `dicomweb.encode`)."""
@@ -91,7 +123,7 @@ def transcode_instance(data: bytes, target: str) -> bytes:
             raise TranscodeError(f"encoding into {target} is not supported")
         return encode.encode_instance(data, target)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = read_dataset(data)
         source = str(ds.file_meta.get("TransferSyntaxUID") or "")
         if source == target:
             return data
@@ -116,7 +148,7 @@ def transcode_instance(data: bytes, target: str) -> bytes:
     except TranscodeError:
         raise
     except Exception as exc:  # pydicom and the codec plugins raise many kinds of errors for bad input
-        raise TranscodeError(f"cannot convert the instance to {target}: {exc}") from exc
+        raise TranscodeError(f"cannot convert the instance to {target}: {why(exc)}") from exc
 
 
 def _swap_byte_order(ds: Dataset) -> None:
@@ -174,17 +206,26 @@ class ImageInfo:
 
 
 def decode_frame(encoded: bytes, transfer_syntax: str, image: ImageInfo) -> bytes:
-    """One compressed frame (its fragments concatenated) as native little-endian pixel bytes.
+    """One compressed frame (its fragments concatenated) as native little-endian pixel bytes, in the form the
+    instance's Image Pixel module describes, since that (the WADO-RS metadata) is all a client has to read
+    native frames with (PS3.5 8.2, PS3.3 C.7.6.3.1.2).
 
-    The result is what `pydicom.dcmread(...).pixel_array[frame]` holds: color is interleaved (Planar
-    Configuration 0), and YBR_FULL/YBR_FULL_422 JPEG data are converted to RGB the way pydicom's `decompress()`
-    converts them when it writes an Explicit VR Little Endian instance."""
+    Color is interleaved (Planar Configuration 0). YBR_FULL stays YBR_FULL (no conversion to RGB); YBR_FULL_422
+    is decoded (the codec upsamples the chroma) and packed again in the native YBR_FULL_422 layout, each pair
+    of pixels as Y1 Y2 Cb Cr with the pair's mean chroma (`pack_ybr_422`); an odd number of columns has no such
+    layout and is refused. JPEG 2000 YBR_RCT/YBR_ICT data come out as RGB: those values name a component
+    transform inside the codestream, which the decoder undoes, and have no native form. This differs from a
+    whole instance decoded to a native transfer syntax (`transcode_instance`), which converts YBR to RGB and
+    says so in its own Photometric Interpretation."""
     try:
         decoder = get_decoder(PydicomUID(transfer_syntax))
     except NotImplementedError:
         raise TranscodeError(f"no decoder for {transfer_syntax}") from None
     if not decoder.is_available:
         raise TranscodeError(f"no decoder plugin is installed for {transfer_syntax}")
+    photometric = image.photometric_interpretation
+    if photometric == "YBR_FULL_422" and image.columns % 2:
+        raise TranscodeError("YBR_FULL_422 frames with an odd number of columns have no native form")
     options: dict[str, Any] = {
         "rows": image.rows,
         "columns": image.columns,
@@ -192,15 +233,29 @@ def decode_frame(encoded: bytes, transfer_syntax: str, image: ImageInfo) -> byte
         "bits_allocated": image.bits_allocated,
         "bits_stored": image.bits_stored,
         "pixel_representation": image.pixel_representation,
-        "photometric_interpretation": image.photometric_interpretation,
+        "photometric_interpretation": photometric,
         "planar_configuration": image.planar_configuration,
         "number_of_frames": 1,
+        "as_rgb": False,
     }
     try:
-        arr, _props = decoder.as_array(encapsulate([encoded]), **options)
+        arr, props = decoder.as_array(encapsulate([encoded]), **options)
     except Exception as exc:  # plugins raise RuntimeError, ValueError, their own errors
-        raise TranscodeError(f"cannot decode a {transfer_syntax} frame: {exc}") from exc
+        raise TranscodeError(f"cannot decode a {transfer_syntax} frame: {why(exc)}") from exc
+    if photometric == "YBR_FULL_422" and props.get("photometric_interpretation") == "YBR_FULL_422":
+        arr = pack_ybr_422(arr)
     return _little_endian_bytes(arr)
+
+
+def pack_ybr_422(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Full-resolution YCbCr (rows, columns, 3), columns even, as native YBR_FULL_422 (PS3.3 C.7.6.3.1.2): for
+    each pair of pixels Y1 Y2 Cb Cr, the chroma being the pair's mean (rounded half up)."""
+    rows, columns = arr.shape[0], arr.shape[1]
+    wide = arr.astype(np.int64)
+    pairs = wide.reshape(rows, columns // 2, 2, 3)
+    chroma = (pairs[:, :, 0, 1:] + pairs[:, :, 1, 1:] + 1) // 2
+    out = np.concatenate([pairs[:, :, :, 0], chroma], axis=2)  # (rows, pairs, 4): Y1 Y2 Cb Cr
+    return out.astype(arr.dtype).reshape(rows, columns * 2)
 
 
 def _little_endian_bytes(arr: np.ndarray[Any, Any]) -> bytes:
@@ -258,7 +313,7 @@ def frames_of_file(data: bytes, frames: list[int]) -> list[bytes]:
         if not is_compressed(source) and not PydicomUID(source).is_little_endian:
             pixel = swap_bytes(pixel, pixel_swap_width(bits, str(ds["PixelData"].VR)))
     except Exception as exc:
-        raise TranscodeError(f"cannot read the instance's Pixel Data: {exc}") from exc
+        raise TranscodeError(f"cannot read the instance's Pixel Data: {why(exc)}") from exc
     frame_bits = rows * cols * samples * bits
     out: list[bytes] = []
     for number in frames:
