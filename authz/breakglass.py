@@ -378,7 +378,8 @@ class BreakGlassService:
             )
             if self.webhook:
                 await jobs.enqueue(conn, ALERT_JOB, {"session_id": str(session_id)}, dedupe_key=str(session_id))
-            await self.audit.append(record)
+            await self.audit.append_in(conn, [record])  # commits with the session, or neither does
+        self.audit.nudge()
         self._changed()
         session = Session.from_row(row)
         log.warning(  # the patient is named in the audit record, never in the log (PHI)
@@ -445,8 +446,9 @@ class BreakGlassService:
                 record,
                 outcome_desc=f"break-glass session {session_id} of {session.sub} ({session.issuer}) closed",
             )
-            await self.audit.append(record)
+            await self.audit.append_in(conn, [record])  # commits with the closing, or neither does
             row = await conn.fetchrow(SQL["close_session"], session_id, closed, reviewer.sub, comment)
+        self.audit.nudge()
         self._changed()
         log.warning("BREAK-GLASS session %s of sub=%s closed by sub=%s", session_id, session.sub, reviewer.sub)
         return Session.from_row(row)

@@ -63,8 +63,9 @@ def app_endpoints(app: Any) -> set[Endpoint]:
 
 
 def ingest_reasons() -> set[int]:
-    """Failure and warning codes the ingest can report (constants of `dicomweb.ingest` and the STOW route)."""
-    from dicomweb import ingest
+    """Failure and warning codes the ingest can report (constants of `dicomweb.ingest`, and the policy's refusal
+    of an instance, `dicomweb.storeauth`)."""
+    from dicomweb import ingest, storeauth
 
     names = (
         "PROCESSING_FAILURE",
@@ -75,7 +76,7 @@ def ingest_reasons() -> set[int]:
         "TRANSFER_SYNTAX_NOT_SUPPORTED",
         "WARNING_COERCION",
     )
-    return {int(getattr(ingest, n)) for n in names}
+    return {int(getattr(ingest, n)) for n in names} | {storeauth.NOT_AUTHORIZED}
 
 
 def endpoint_problems(app: Any, statement: Path = STATEMENT) -> list[str]:

@@ -42,6 +42,7 @@ from dicomweb.ingest import (
     ParsedInstance,
     parse_instance,
 )
+from dicomweb.storeauth import NOT_AUTHORIZED, Admission, Denial
 from server import jobs, private, telemetry
 from server.db import Connection, unavailable, vouch_stateless
 from server.diskspace import BelowWatermark, FreeSpace
@@ -111,6 +112,8 @@ class Outcome:
     warnings: list[tuple[int, str]] = field(default_factory=list)
     comment: str | None = None
     conflict: PatientConflict | None = None
+    denial: Denial | None = None
+    """Set when the policy refused to file the instance (the caller audits it with the decision's reasons)."""
     """Set when the failure is a study filed under another patient (the caller audits it)."""
     committed: bool = False
     """This store committed the instance's rows (new or replaced), with its audit record when one was given;
@@ -273,13 +276,16 @@ class StoreService:
         expected_study: str | None = None,
         *,
         audit: IngestHook | None = None,
+        admit: Admission | None = None,
     ) -> Outcome:
         """Ingest one spooled file. The file is consumed (moved into the store or deleted). `audit` writes the
         store's audit record (`AuditTrail.append_in`) in the index transaction, after the hooks: when it fails,
-        nothing is stored (out of resources). Raises only when nothing was stored."""
+        nothing is stored (out of resources). `admit` is the policy's decision on the parsed instance
+        (`dicomweb.storeauth`): a denial stores nothing (0124H, `Outcome.denial`). Raises only when nothing was
+        stored."""
         self.activity.touch()
         try:
-            return await self._store(path, size, sha256, expected_study, audit)
+            return await self._store(path, size, sha256, expected_study, audit, admit)
         except OSError as exc:  # a write before the index (a compressed copy, a temporary file): nothing is stored
             log.error("ingest of an instance failed: %s", exc.strerror or type(exc).__name__)
             return Outcome(None, None, failure=OUT_OF_RESOURCES, comment=out_of_resources(exc))
@@ -293,7 +299,13 @@ class StoreService:
                 log.warning("spool file not removed: %s", exc.strerror)
 
     async def _store(
-        self, path: Path, size: int, sha256: str, expected_study: str | None, audit: IngestHook | None
+        self,
+        path: Path,
+        size: int,
+        sha256: str,
+        expected_study: str | None,
+        audit: IngestHook | None,
+        admit: Admission | None,
     ) -> Outcome:
         try:
             parsed = await anyio.to_thread.run_sync(lambda: parse_instance(path, bulk_threshold=self.bulk_threshold))
@@ -312,6 +324,11 @@ class StoreService:
                 f"StudyInstanceUID {parsed.study_uid} differs from the study {expected_study} in the request URL"
             )
             return outcome
+        if admit is not None:
+            denial = await admit(parsed)
+            if denial is not None:
+                outcome.failure, outcome.comment, outcome.denial = NOT_AUTHORIZED, denial.comment, denial
+                return outcome
         if self.space is not None:
             try:
                 self.space.require()

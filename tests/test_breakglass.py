@@ -380,6 +380,30 @@ def test_webhook_failure_is_retried_by_the_job_queue(make_server: Any, webhook: 
     assert (job["state"], job["attempts"]) == ("done", 2)
 
 
+def test_a_session_and_its_security_alert_commit_together(make_server: Any) -> None:
+    """The Emergency Override Started record commits with the session or not at all: a start whose transaction
+    fails at its commit leaves neither a session nor a record (a constraint trigger, checked at commit, refuses
+    the session row after the record was written)."""
+    server: LiveServer = make_server()
+    for statement in (
+        "CREATE FUNCTION refuse_session() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$",
+        "CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON break_glass_sessions "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_session()",
+    ):
+        sql(server.dsn, statement)
+    dr = bearer(server.token(sub="dr-who", roles=["referring"], scopes=[]))
+    started = httpx.post(server.url + "/break-glass", json={"reason": REASON, "patient_id": "P3"}, headers=dr)
+    assert started.status_code >= 500
+    assert sql(server.dsn, "SELECT count(*) AS n FROM break_glass_sessions")[0]["n"] == 0
+    alerts = sql(
+        server.dsn,
+        "SELECT count(*) AS n FROM (SELECT record::text AS r FROM audit_log UNION ALL "
+        "SELECT record::text FROM audit_pending) AS a WHERE r LIKE '%110127%'",
+    )
+    assert alerts[0]["n"] == 0
+
+
 def test_request_parsing() -> None:
     assert check_reason(f"  {REASON}\n") == REASON
     for bad in (None, 3, "", "123456789", "x" * 1001, "ten chars\x00!", "\u200b" * 20, "abc\ud800defghijk"):

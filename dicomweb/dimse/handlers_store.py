@@ -29,20 +29,18 @@ from pydicom.dataset import Dataset
 
 from authz.auditrecord import AuditRecord
 from authz.decision import Decision, Resource
-from authz.errors import denial_comment
-from authz.policy_input import dicomweb_resource
 from authz.principal import Principal
 from dicomweb.dimse.audit import operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import CALLING_AE
-from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected, check_structure
+from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected, ParsedInstance, check_structure
 from dicomweb.store import Outcome, StoredInstance, out_of_resources
+from dicomweb.storeauth import NOT_AUTHORIZED, Admission, Denial, instance_resource, policy_admission
 from server import private
 from server.db import Connection, unavailable
 
 log = logging.getLogger(__name__)
 
-NOT_AUTHORIZED = 0x0124
 SUCCESS = 0x0000
 
 
@@ -82,29 +80,35 @@ def _spool(folder: Path, data: bytes) -> Spooled:
     return Spooled(path, len(data), hashlib.sha256(data).hexdigest())
 
 
-def _resource(ds: Dataset) -> Resource:
-    """The study the instance goes into, as the policy sees it; the instance itself is in the audit record.
-    (Leaving the series and instance out lets the decision cache answer the rest of a study's instances.)"""
-    return dicomweb_resource(
-        "instance",
-        patient_id=str(ds.get("PatientID") or "") or None,
-        study_uid=str(ds.get("StudyInstanceUID") or "") or None,
-        modalities_in_study=[str(ds.get("Modality") or "")],
+_READ = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality")
+"""The attributes read from the decoded data set before the ingest (a corrupt one fails there; the audit record of
+an instance the ingest refuses before parsing it names them)."""
+
+
+def _received(ds: Dataset) -> Resource:
+    """The instance as the request's data set names it, for the audit record until the ingest has parsed it."""
+
+    def text(keyword: str) -> str | None:
+        return str(ds.get(keyword) or "") or None
+
+    return Resource(
+        kind="instance",
+        patient_id=text("PatientID"),
+        study_uid=text("StudyInstanceUID"),
+        series_uid=text("SeriesInstanceUID"),
+        instance_uid=text("SOPInstanceUID"),
     )
 
 
-_READ = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality")
-"""The attributes `_authorize` reads from the decoded data set (for the policy and the audit record)."""
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Operation:
-    """One C-STORE as the audit trail names it: who, from where, what the policy decided, which instance."""
+    """One C-STORE as the audit trail names it: who, from where, which instance, and what the policy decided
+    about it (on the instance as the ingest parsed it: `dicomweb.storeauth`)."""
 
     principal: Principal
     address: str | None
-    decision: Decision
     instance: Resource
+    decision: Decision | None = None
 
     def record(self, status: int, desc: str | None, *, replaced: bool = False) -> AuditRecord:
         return operation_record(
@@ -118,26 +122,22 @@ class _Operation:
             outcome_desc=desc,
         )
 
+    def admission(self, node: Node) -> Admission:
+        """The policy's decision on the parsed instance, kept here for the audit record."""
+        decided: list[Decision] = []
 
-async def _authorize(node: Node, principal: Principal, address: str | None, ds: Dataset) -> _Operation:
-    """The policy decision; a denial is recorded here (and raises when it cannot be: nothing is stored)."""
-    resource = _resource(ds)
-    decision = await node.decide(principal, "create", resource, address)
-    instance = Resource(
-        kind="instance",
-        patient_id=resource.patient_id,
-        study_uid=resource.study_uid,
-        series_uid=str(ds.get("SeriesInstanceUID") or "") or None,
-        instance_uid=str(ds.get("SOPInstanceUID") or "") or None,
-    )
-    operation = _Operation(principal, address, decision, instance)
-    if not decision.allow:
-        await node.audit.append(operation.record(NOT_AUTHORIZED, _denial(decision)))
-    return operation
+        async def decide(resource: Resource) -> Decision:
+            return await node.decide(self.principal, "create", resource, self.address)
 
+        ask = policy_admission(decide, decided)
 
-def _denial(decision: Decision) -> str:
-    return "; ".join(decision.reasons) or "denied by policy"
+        async def admit(parsed: ParsedInstance) -> Denial | None:
+            self.instance = instance_resource(parsed)
+            denial = await ask(parsed)
+            self.decision = decided[-1]
+            return denial
+
+        return admit
 
 
 def _status(outcome: Outcome) -> tuple[int, str | None]:
@@ -156,17 +156,24 @@ async def _ingest(node: Node, operation: _Operation, spooled: Spooled) -> Datase
 
     token = CALLING_AE.set(operation.principal.client_id)
     try:
-        outcome = await node.store.store_file(spooled.path, spooled.size, spooled.sha256, audit=audit)
+        outcome = await node.store.store_file(
+            spooled.path, spooled.size, spooled.sha256, audit=audit, admit=operation.admission(node)
+        )
     finally:
         CALLING_AE.reset(token)
     status, comment = _status(outcome)
+    if outcome.denial is not None:  # the reasons go to the audit record only
+        status, comment = NOT_AUTHORIZED, outcome.denial.comment
     if outcome.committed:
         node.audit.nudge()  # its record committed with it; into the chain now
         return _response(status, comment)
     # Nothing stored by this operation (a failure, or the same bytes already stored). A study filed under another
     # patient: the record names both patients, the response neither.
     try:
-        await node.audit.append(operation.record(status, outcome.conflict.describe() if outcome.conflict else comment))
+        detail = outcome.conflict.describe() if outcome.conflict else comment
+        if outcome.denial is not None:
+            detail = outcome.denial.reasons
+        await node.audit.append(operation.record(status, detail))
     except Exception as exc:  # the answer is the truth about the instance all the same
         if unavailable(exc):
             log.warning("C-STORE audit record not written (database unavailable)")
@@ -203,9 +210,7 @@ def handle_store(event: Any, node: Node) -> Dataset:
         except Exception as exc:  # pydicom raises many kinds (and RecursionError) for malformed input
             log.info("C-STORE from %s: undecodable data set: %s", principal.client_id, type(exc).__name__)
             return _undecodable(spooled.path, exc)
-        operation = node.run(_authorize(node, principal, assoc.requestor.address, ds))
-        if not operation.decision.allow:
-            return _response(NOT_AUTHORIZED, denial_comment(operation.decision.decision_id))  # reasons: audit only
+        operation = _Operation(principal, assoc.requestor.address, _received(ds))
         return node.run_to_end(_ingest(node, operation, spooled))
     except OperationTimeout:
         return _response(OUT_OF_RESOURCES, "the server did not store the instance in time")

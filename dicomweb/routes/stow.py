@@ -36,15 +36,17 @@ from litestar.exceptions import InternalServerException
 from litestar.params import FromPath
 
 from authz.auditrecord import AuditRecord, EventType, request_record
-from authz.authn import PRINCIPAL
+from authz.authn import PRINCIPAL, principal_of
 from authz.decision import Decision, Resource
-from authz.guard import DECISION, authz_opt
+from authz.guard import DECISION, authz_opt, break_glass_of
+from authz.policy_input import policy_input
 from authz.recording import CHANGES_RECORDED
 from dicomweb import multipart, stow, uids
 from dicomweb.errors import BadRequest, DicomWebError, StorageFull
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE
 from dicomweb.routes.common import base_url, dicom_json
 from dicomweb.store import IngestHook, Outcome, Spool, StoredInstance, out_of_resources
+from dicomweb.storeauth import Admission, policy_admission
 from server import telemetry
 from server.connections import BodyTimeout
 from server.db import Connection
@@ -61,10 +63,13 @@ CUT_BY_CLIENT = "the request body ended early (connection closed); the rest was 
 CUT_BY_ERROR = "the server failed while receiving the request; the rest was not stored"
 
 
-def _record(request: Request[Any, Any, Any], resource: Resource, **changes: Any) -> AuditRecord:
-    """A DICOM Instances Transferred record (PS3.15 A.5.3.4) of one instance of this request."""
+def _record(
+    request: Request[Any, Any, Any], resource: Resource, decision: Decision | None = None, **changes: Any
+) -> AuditRecord:
+    """A DICOM Instances Transferred record (PS3.15 A.5.3.4) of one instance of this request, under `decision`
+    (the instance's own) or else the request's."""
     state = request.scope.get("state", {})
-    decision = state.get(DECISION)
+    decision = decision if decision is not None else state.get(DECISION)
     client = request.scope.get("client")
     record = request_record(
         state.get(PRINCIPAL),
@@ -102,9 +107,24 @@ def _audit_stored(request: Request[Any, Any, Any], resources: Resources) -> Inge
     return write
 
 
+def _admission(request: Request[Any, Any, Any], resources: Resources) -> Admission:
+    """The policy's decision on each instance of the body (`dicomweb.storeauth`), as the guard's on the request:
+    the same subject, client address and break-glass session."""
+    principal = principal_of(request)
+    client = request.scope.get("client")
+    session = break_glass_of(request.scope)
+
+    async def decide(resource: Resource) -> Decision:
+        subject = policy_input(principal, "create", resource, client[0] if client else None, session)
+        return await resources.policy.decide(subject)
+
+    return policy_admission(decide)
+
+
 async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, study: str | None) -> Response[bytes]:
     settings = resources.settings
     audit = _audit_stored(request, resources)
+    admit = _admission(request, resources)
     boundary = stow.check_request_type(request.headers.get("content-type"))
     refuse_when_full(resources)
     parser = multipart.MultipartParser(boundary, max_header_bytes=settings.max_part_header_bytes)
@@ -129,7 +149,7 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
                 elif isinstance(event, multipart.PartEnd):
                     if spool is not None:
                         await slots.acquire()
-                        outcomes.append(asyncio.create_task(_finish_slot(resources, spool, study, slots, audit)))
+                        outcomes.append(asyncio.create_task(_finish_slot(resources, spool, study, slots, audit, admit)))
                         spool = None
         parser.close()
     except DicomWebError as exc:
@@ -215,10 +235,22 @@ async def _audit_conflicts(
     request: Request[Any, Any, Any], resources: Resources, outcomes: Sequence[Outcome], status: int
 ) -> None:
     """One record per instance refused because its study is filed under another patient (DICOM Instances
-    Transferred, PS3.15 A.5.3.4, minor failure), naming both patients: the response names neither. Nothing was
-    stored for them: when the records cannot be written the response stands (the request's own record decides
-    whether it goes out)."""
+    Transferred, PS3.15 A.5.3.4, minor failure), naming both patients, and per instance the policy refused, with
+    its decision and reasons: the response names neither. Nothing was stored for them: when the records cannot
+    be written the response stands (the request's own record decides whether it goes out)."""
     records = [
+        _record(
+            request,
+            dataclasses.replace(denial.resource, series_uid=o.series_uid, instance_uid=o.sop_instance_uid),
+            denial.decision,
+            outcome_desc=denial.reasons,
+            status=status,
+            outcome="4",
+        )
+        for o, denial in ((o, o.denial) for o in outcomes)
+        if denial is not None
+    ]
+    records += [
         _record(
             request,
             Resource(
@@ -242,10 +274,15 @@ async def _audit_conflicts(
 
 
 async def _finish_slot(
-    resources: Resources, spool: Spool, study: str | None, slots: asyncio.Semaphore, audit: IngestHook
+    resources: Resources,
+    spool: Spool,
+    study: str | None,
+    slots: asyncio.Semaphore,
+    audit: IngestHook,
+    admit: Admission,
 ) -> Outcome:
     try:
-        return await _finish(resources, spool, study, audit)
+        return await _finish(resources, spool, study, audit, admit)
     finally:
         slots.release()
 
@@ -267,7 +304,9 @@ def _result(task: asyncio.Task[Outcome]) -> Outcome:
     return Outcome(None, None, failure=PROCESSING_FAILURE, comment="the server failed to store the instance")
 
 
-async def _finish(resources: Resources, spool: Spool, study: str | None, audit: IngestHook) -> Outcome:
+async def _finish(
+    resources: Resources, spool: Spool, study: str | None, audit: IngestHook, admit: Admission
+) -> Outcome:
     sha = spool.finish()
     if spool.error is not None:  # a full disk, or free space below the watermark: this part alone fails
         return Outcome(None, None, failure=OUT_OF_RESOURCES, comment=out_of_resources(spool.error))
@@ -280,7 +319,7 @@ async def _finish(resources: Resources, spool: Spool, study: str | None, audit: 
             comment=f"instance larger than the limit of {resources.settings.max_instance_bytes} bytes",
         )
     telemetry.record_part_size(spool.size)
-    outcome = await resources.store.store_file(spool.path, spool.size, sha, study, audit=audit)
+    outcome = await resources.store.store_file(spool.path, spool.size, sha, study, audit=audit, admit=admit)
     if outcome.ok:
         telemetry.record_stored(1)
     return outcome
