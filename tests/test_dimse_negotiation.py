@@ -222,26 +222,36 @@ class Peers:
 def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
     require_dcmtk()
     root = tmp_path_factory.mktemp("peers")
-    ports = {title: free_port() for title in [*STORESCP_OPTIONS, *PYNETDICOM_SYNTAXES]}
+    ports: dict[str, int] = {}
     folders = {title: root / title for title in STORESCP_OPTIONS}
     result = Peers(ports, folders)
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
     ae = AE(ae_title="PEERS")
     ae.maximum_associations = 50
     try:
-        for title, options in STORESCP_OPTIONS.items():
-            folders[title].mkdir()
-            command = ["storescp", *options, "-aet", title, "-od", str(folders[title]), str(ports[title])]
-            procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # The in-process peers bind port 0 and report the port the kernel gave them; storescp needs a number, so
+        # a port taken between free_port() and storescp's bind (by any outgoing connection) means another try.
         for title, syntaxes in PYNETDICOM_SYNTAXES.items():
             contexts = [build_context(cx.abstract_syntax, syntaxes) for cx in AllStoragePresentationContexts]
             handlers = [(evt.EVT_C_STORE, result.on_store, [title])]
-            ae.start_server(("127.0.0.1", ports[title]), block=False, contexts=contexts, evt_handlers=handlers)
-        for title in STORESCP_OPTIONS:
-            deadline = time.monotonic() + 10
-            while dcmtk("echoscu", "-aec", title, "127.0.0.1", str(ports[title])).returncode != 0:
-                assert time.monotonic() < deadline, f"storescp {title} did not start"
-                time.sleep(0.05)
+            server = ae.start_server(("127.0.0.1", 0), block=False, contexts=contexts, evt_handlers=handlers)
+            ports[title] = int(server.server_address[1])
+        for title, options in STORESCP_OPTIONS.items():
+            folders[title].mkdir()
+            for _attempt in range(5):
+                ports[title] = free_port()
+                command = ["storescp", *options, "-aet", title, "-od", str(folders[title]), str(ports[title])]
+                proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                procs.append(proc)
+                deadline = time.monotonic() + 10
+                echo = ["echoscu", "-aec", title, "127.0.0.1", str(ports[title])]
+                while proc.poll() is None and dcmtk(*echo).returncode:
+                    assert time.monotonic() < deadline, f"storescp {title} did not start"
+                    time.sleep(0.05)
+                if proc.poll() is None:
+                    break
+            else:
+                raise AssertionError(f"storescp {title} could not bind a port in 5 tries")
         yield result
     finally:
         ae.shutdown()
