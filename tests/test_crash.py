@@ -249,6 +249,7 @@ def test_kill_during_concurrent_stow_and_cstore(dsn: str, tmp_path: Path) -> Non
         assert (data / "blobs" / key).is_file(), "an index row names missing bytes"
     stored = {uid for uid, _ in rows}
     assert set(acked.stow) | set(acked.cstore) <= stored
+    print(f"kill -9 under load: {counts[0]} STOW-RS + {counts[1]} C-STORE acknowledged, {len(stored)} indexed")
 
     with serve(dsn, data, **env) as srv, httpx.Client(base_url=srv.url, headers=srv.headers, timeout=30) as http:
         for uid, (study, series, sent) in [*acked.stow.items(), *acked.cstore.items()]:

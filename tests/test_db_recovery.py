@@ -313,6 +313,10 @@ class Load:
         assert len(_stored(dsn, list(self.acknowledged))) == len(self.acknowledged)
         misreported = [self.refused[sop][1] for sop in _stored(dsn, list(self.refused))]
         assert all(UNCONFIRMED in text for text in misreported), f"reported failed but stored: {misreported}"
+        print(
+            f"\nPostgreSQL killed under load: {len(self.acknowledged)} acknowledged (all retrieved), "
+            f"{len(self.refused)} refused, {len(misreported)} of them stored after an unconfirmed commit"
+        )
 
 
 def _outage_seen(load: Load, after: float) -> list[dict[str, Any]]:
