@@ -93,11 +93,6 @@ DERIVED_JOBS = frozenset({renditions.RENDITION_JOB, dispatch.RUN_JOB})
 """Job kinds that write new blobs from stored ones, paused while free space is below the watermark."""
 
 
-async def database_url(settings: Settings) -> str:
-    """The URL to serve with (the app role, `server.dbroles`), once the schema's owner applied the migrations."""
-    return (await dbroles.database_urls(settings)).serving
-
-
 async def _close_pool(pool: asyncpg.Pool) -> None:
     """Close gracefully; connections the database dropped (it is down at shutdown) are terminated instead."""
     try:
@@ -116,7 +111,7 @@ async def open_resources(
     health = dbwatch.DatabaseHealth()
 
     async def connect() -> tuple[str, asyncpg.Pool]:
-        url = dsn or await database_url(settings)
+        url = dsn or await dbroles.database_url(settings)
         health.reset()
         pool = await db.create_pool(url, settings.db_pool_min, settings.db_pool_max, connect=health.connect)
         try:
