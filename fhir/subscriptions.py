@@ -42,6 +42,7 @@ from authz.policy_input import policy_input
 from authz.principal import Principal
 from fhir.errors import FhirError, Unprocessable, VersionConflict
 from fhir.repository import FhirRepository, Filing, Stored
+from fhir.searchquery import SearchAccess, check_query
 from server import jobs
 from server.db import Connection, Queries
 from server.settings import Settings
@@ -178,11 +179,9 @@ def _channel(content: Mapping[str, Any]) -> Mapping[str, Any]:
 
 async def prepare_subscription(conn: Connection, repo: FhirRepository, body: dict[str, Any]) -> Filing:
     """The checks of `fhir.types.Prepare` (422 with the element's path): a status a client may ask for, criteria
-    that are a valid search on a type we serve (`fhir.search.check_query`), a `rest-hook` channel with an
+    that are a valid search on a type we serve (`fhir.searchquery.check_query`), a `rest-hook` channel with an
     endpoint, no payload or `application/fhir+json`, well-formed headers, a valid `end`. A Subscription belongs to
     no patient. (The endpoint's allow-list is checked by `transform_subscription`, which has the settings.)"""
-    from fhir.search import check_query
-
     status = body.get("status")
     if status not in CLIENT_STATUSES:
         raise Unprocessable(
@@ -295,7 +294,7 @@ def notify_handler(resources: Resources) -> jobs.Handler:
     the Subscription to `error`."""
 
     async def handle(job: jobs.Job) -> None:
-        from fhir.search import SearchAccess, matching_ids
+        from fhir.search import matching_ids
 
         resource_type, rid, version = _target(job)
         now = dt.datetime.now(dt.UTC)
