@@ -43,6 +43,7 @@ from authz.principal import Principal
 from fhir.errors import FhirError, Unprocessable, VersionConflict
 from fhir.repository import FhirRepository, Filing, Stored
 from fhir.searchquery import SearchAccess, check_query
+from fhir.served import KINDS
 from server import jobs
 from server.db import Connection, Queries
 from server.settings import Settings
@@ -75,15 +76,11 @@ _RESERVED_HEADERS = frozenset(
 
 
 def _served_types() -> Sequence[str]:
-    from fhir.types import TYPES  # fhir.types imports this module: look it up at call time
-
-    return [name for name in TYPES if name != TYPE]
+    return [name for name in KINDS if name != TYPE]
 
 
 def _kind_of(resource_type: str) -> str:
-    from fhir.types import TYPES
-
-    return TYPES[resource_type].kind
+    return KINDS[resource_type]
 
 
 # --- the Subscription's rules ----------------------------------------------------------------------------------
