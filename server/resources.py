@@ -34,6 +34,7 @@ from fhir import reindex, subscriptions
 from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
+from fhir.search import matching_ids
 from inference import dispatch
 from inference.service import InferenceService, open_inference
 from server import db, dbroles, dbwatch, jobs, private, telemetry
@@ -185,7 +186,9 @@ async def open_resources(
         resources = Resources(settings, pool, blobs, store, audit, policy, fhir, handlers=handlers, sessions=sessions)
         resources.anchors = anchors
         resources.database = health
-        handlers.update(subscriptions.handlers(resources))  # fhir.notify, fhir.deliver
+        handlers.update(  # fhir.notify, fhir.deliver
+            subscriptions.handlers(pool, fhir, settings, policy=policy, audit_log=audit, matching_ids=matching_ids)
+        )
         handlers[reindex.REINDEX_JOB] = reindex.handler(pool, fhir)  # queued by migrations adding search params
         store.hooks.append(routing.routing_hook(settings.dimse))  # DIMSE auto-routing rules
         handlers[routing.ROUTE_JOB] = routing.route_handler(
