@@ -34,7 +34,8 @@ from dicomweb.access import AccessConstraints, UnknownConstraint
 from fhir.access import filed, version_number
 from fhir.errors import FhirError, NotSupported, ResourceGone, ResourceNotFound, VersionConflict
 from fhir.repository import Filing, Stored, parse_etag
-from fhir.search import SearchAccess
+from fhir.search import matching_ids
+from fhir.searchquery import SearchAccess
 from fhir.types import TYPES, ResourceType
 from fhir.validation import check_resource, localize
 from server.db import Connection
@@ -203,8 +204,6 @@ async def prepared(
 async def conditional_matches(conn: Connection, caller: Caller, spec: ResourceType, query: str) -> list[str]:
     """Up to two ids matching an `If-None-Exist` query, among what the caller may search (a conditional create
     cannot probe for resources the caller may not see)."""
-    from fhir.search import matching_ids
-
     access = await search_access(caller, spec.name)
     return await matching_ids(conn, spec.name, query.removeprefix("?"), access=access, limit=2)
 

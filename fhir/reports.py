@@ -22,6 +22,7 @@ from typing import Any
 
 from fhir.errors import FhirError, Unprocessable
 from fhir.repository import FhirRepository, Filing, Stored
+from fhir.served import KINDS
 from fhir.validation import references
 from server.db import Connection
 
@@ -49,9 +50,7 @@ class InvalidCode(FhirError):
 
 
 def hosted_types() -> frozenset[str]:
-    from fhir.types import TYPES  # fhir.types names this module's `prepare_report`
-
-    return frozenset(TYPES)
+    return frozenset(KINDS)
 
 
 async def _local(conn: Connection, repo: FhirRepository, path: str, ref: str, hosted: frozenset[str]) -> Stored:

@@ -51,6 +51,8 @@ from fhir.interactions import (
 from fhir.outcome import EXCEPTION_HANDLERS, error_outcome, issue, operation_outcome
 from fhir.routes_audit import fhir_base
 from fhir.routes_rest import FHIR_JSON_UTF8, MINIMAL, OUTCOME, caller_of, json_response, prefer_return, request_body
+from fhir.search import search_bundle
+from fhir.searchquery import query_items
 from fhir.types import TYPES
 from server.db import Connection
 from server.resources import Resources, ResourcesDep
@@ -125,8 +127,6 @@ def _written_entry(run: Run, written: Written) -> dict[str, Any]:
 
 
 async def _get(run: Run, entry: Entry) -> dict[str, Any]:
-    from fhir.search import query_items, search_bundle
-
     target, spec = entry.target, TYPES[entry.target.resource_type]
     if target.id is None:
         access = await search_access(run.caller, spec.name)

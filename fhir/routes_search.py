@@ -1,7 +1,7 @@
 """FHIR R4 search over HTTP (https://hl7.org/fhir/R4/http.html#search, R4 3.1.1.1.2): `GET /fhir/{Type}?...`
 and `POST /fhir/{Type}/_search` (parameters in an `application/x-www-form-urlencoded` body, and in the URL)
 for ImagingStudy, DiagnosticReport, Patient, Endpoint and Subscription; the answer is a `searchset` Bundle
-(`application/fhir+json`). Parameters and semantics: `fhir.search`. A Subscription search lists the caller's own
+(`application/fhir+json`). Parameters and semantics: `fhir.searchquery`. A Subscription search lists the caller's own
 Subscriptions only (`fhir.types.ResourceType.owned`).
 
 The policy decides `search` on the type; its constraints (care lists, consent, patient-context tokens, excluded

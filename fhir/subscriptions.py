@@ -31,23 +31,23 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 
 from authz.auditrecord import Agent, AuditRecord, Code, EventType, Outcome, encode_query
-from authz.decision import Decision, Resource
+from authz.decision import Decision, PolicyEngine, Resource
 from authz.policy_input import policy_input
 from authz.principal import Principal
 from fhir.errors import FhirError, Unprocessable, VersionConflict
 from fhir.repository import FhirRepository, Filing, Stored
+from fhir.searchquery import SearchAccess, check_query
+from fhir.served import KINDS
 from server import jobs
 from server.db import Connection, Queries
 from server.settings import Settings
-
-if TYPE_CHECKING:
-    from server.resources import Resources
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("subscriptions.sql"))
@@ -73,16 +73,33 @@ _RESERVED_HEADERS = frozenset(
 """Headers that describe the HTTP message itself, which the server writes."""
 
 
-def _served_types() -> Sequence[str]:
-    from fhir.types import TYPES  # fhir.types imports this module: look it up at call time
+class Matcher(Protocol):
+    """`fhir.search.matching_ids`: the ids of current resources of a type that a search matches."""
 
-    return [name for name in TYPES if name != TYPE]
+    async def __call__(
+        self,
+        conn: Connection,
+        resource_type: str,
+        query: str,
+        *,
+        access: SearchAccess,
+        only_id: str | None = None,
+        limit: int = 2,
+    ) -> list[str]: ...
+
+
+class AuditLog(Protocol):
+    """Where delivery attempts are recorded (`authz.audit.AuditTrail`)."""
+
+    async def append(self, record: AuditRecord) -> object: ...
+
+
+def _served_types() -> Sequence[str]:
+    return [name for name in KINDS if name != TYPE]
 
 
 def _kind_of(resource_type: str) -> str:
-    from fhir.types import TYPES
-
-    return TYPES[resource_type].kind
+    return KINDS[resource_type]
 
 
 # --- the Subscription's rules ----------------------------------------------------------------------------------
@@ -178,11 +195,9 @@ def _channel(content: Mapping[str, Any]) -> Mapping[str, Any]:
 
 async def prepare_subscription(conn: Connection, repo: FhirRepository, body: dict[str, Any]) -> Filing:
     """The checks of `fhir.types.Prepare` (422 with the element's path): a status a client may ask for, criteria
-    that are a valid search on a type we serve (`fhir.search.check_query`), a `rest-hook` channel with an
+    that are a valid search on a type we serve (`fhir.searchquery.check_query`), a `rest-hook` channel with an
     endpoint, no payload or `application/fhir+json`, well-formed headers, a valid `end`. A Subscription belongs to
     no patient. (The endpoint's allow-list is checked by `transform_subscription`, which has the settings.)"""
-    from fhir.search import check_query
-
     status = body.get("status")
     if status not in CLIENT_STATUSES:
         raise Unprocessable(
@@ -287,20 +302,18 @@ def _target(job: jobs.Job) -> tuple[str, str, int]:
         raise jobs.PermanentJobError(f"{job.kind} job {job.id} without type, id and version") from None
 
 
-def notify_handler(resources: Resources) -> jobs.Handler:
+def notify_handler(pool: asyncpg.Pool, repo: FhirRepository, settings: Settings, matching_ids: Matcher) -> jobs.Handler:
     """`fhir.notify`: which active Subscriptions on the type match this version (the strict search of
-    `fhir.search.matching_ids` restricted to its id); one `fhir.deliver` job each, queued in one transaction
-    (a retried notify job skips deliveries already queued). A version that is no longer current is left to the
-    notify job of the newer one. Subscriptions past their `end` are turned off; criteria that no longer parse set
-    the Subscription to `error`."""
+    `matching_ids` restricted to its id); one `fhir.deliver` job each, queued in one transaction (a retried notify
+    job skips deliveries already queued). A version that is no longer current is left to the notify job of the
+    newer one. Subscriptions past their `end` are turned off; criteria that no longer parse set the Subscription
+    to `error`."""
 
     async def handle(job: jobs.Job) -> None:
-        from fhir.search import SearchAccess, matching_ids
-
         resource_type, rid, version = _target(job)
         now = dt.datetime.now(dt.UTC)
-        async with resources.pool.acquire() as conn:
-            current = await resources.fhir.find(conn, resource_type, rid)
+        async with pool.acquire() as conn:
+            current = await repo.find(conn, resource_type, rid)
             if current is None or current.deleted or current.version != version:
                 return
             matched: list[str] = []
@@ -320,7 +333,7 @@ def notify_handler(resources: Resources) -> jobs.Handler:
                     closed.append((row["id"], "error", f"cannot be evaluated: {exc.detail}"))
             async with conn.transaction():
                 for sid, status, error in closed:
-                    await _set_status(conn, resources.fhir, sid, status, error)
+                    await _set_status(conn, repo, sid, status, error)
                 for sid in matched:
                     key = f"{sid}:{resource_type}/{rid}/_history/{version}"
                     if job.attempts > 1 and await conn.fetchval(SQL["job_known"], DELIVER_JOB, key):
@@ -331,7 +344,7 @@ def notify_handler(resources: Resources) -> jobs.Handler:
                         DELIVER_JOB,
                         payload,
                         dedupe_key=key,
-                        max_attempts=resources.settings.fhir_subscription_attempts,
+                        max_attempts=settings.fhir_subscription_attempts,
                     )
 
     return handle
@@ -443,7 +456,9 @@ def delivery_record(
     )
 
 
-def deliver_handler(resources: Resources) -> jobs.Handler:
+def deliver_handler(
+    pool: asyncpg.Pool, repo: FhirRepository, settings: Settings, policy: PolicyEngine, audit_log: AuditLog
+) -> jobs.Handler:
     """`fhir.deliver`: one notification of one resource version to one Subscription, if it is still active, its
     endpoint still allowed and its owner may read the resource; each attempt audited. A failed attempt raises
     (the queue retries with backoff); the last one also sets the Subscription to `error`."""
@@ -451,10 +466,10 @@ def deliver_handler(resources: Resources) -> jobs.Handler:
     async def handle(job: jobs.Job) -> None:
         resource_type, rid, version = _target(job)
         sid = str(job.payload.get("subscription"))
-        async with resources.pool.acquire() as conn:
-            subscription = await resources.fhir.find(conn, TYPE, sid)
+        async with pool.acquire() as conn:
+            subscription = await repo.find(conn, TYPE, sid)
             try:
-                resource = await resources.fhir.vread(conn, resource_type, rid, version)
+                resource = await repo.vread(conn, resource_type, rid, version)
             except FhirError:
                 raise jobs.PermanentJobError(f"{resource_type}/{rid}/_history/{version} is gone") from None
         content = subscription.content if subscription is not None else None
@@ -471,7 +486,7 @@ def deliver_handler(resources: Resources) -> jobs.Handler:
             record = delivery_record(
                 subscription, resource, owner, decision, method=method, status=status, outcome=outcome, detail=detail
             )
-            await resources.audit.append(record)
+            await audit_log.append(record)
 
         if owner is None:
             await audit(None, None, "4", "not delivered: the Subscription records no owner")
@@ -483,15 +498,15 @@ def deliver_handler(resources: Resources) -> jobs.Handler:
             modalities=resource.filing.modalities,
             attributes={"id": rid},
         )
-        decision = await resources.policy.decide(policy_input(owner, "read", target))
+        decision = await policy.decide(policy_input(owner, "read", target))
         if not decision.allow:
             reasons = "; ".join(decision.reasons) or "denied by policy"
             await audit(None, None, "4", f"not delivered: the owner may not read it ({reasons})")
             return
-        if not endpoint_allowed(endpoint, resources.settings.fhir_subscription_endpoints):
+        if not endpoint_allowed(endpoint, settings.fhir_subscription_endpoints):
             await audit(None, None, "4", f"not delivered: endpoint not allowed by {SETTING}")
-            async with resources.pool.acquire() as conn, conn.transaction():
-                await _set_status(conn, resources.fhir, sid, "error", f"endpoint not allowed by {SETTING}")
+            async with pool.acquire() as conn, conn.transaction():
+                await _set_status(conn, repo, sid, "error", f"endpoint not allowed by {SETTING}")
             return
         request = notification_request(
             endpoint, headers_of(channel), resource if channel.get("payload") == PAYLOAD else None
@@ -512,9 +527,9 @@ def deliver_handler(resources: Resources) -> jobs.Handler:
                 exc,
             )
             if last:
-                async with resources.pool.acquire() as conn, conn.transaction():
+                async with pool.acquire() as conn, conn.transaction():
                     await _set_status(
-                        conn, resources.fhir, sid, "error", f"notification failed {job.attempts} times, last: {exc}"
+                        conn, repo, sid, "error", f"notification failed {job.attempts} times, last: {exc}"
                     )
             raise
         await audit(request.method, status, "0", f"delivered (attempt {job.attempts})")
@@ -522,6 +537,18 @@ def deliver_handler(resources: Resources) -> jobs.Handler:
     return handle
 
 
-def handlers(resources: Resources) -> dict[str, jobs.Handler]:
-    """The job handlers to register (server/resources.py)."""
-    return {NOTIFY_JOB: notify_handler(resources), DELIVER_JOB: deliver_handler(resources)}
+def handlers(
+    pool: asyncpg.Pool,
+    repo: FhirRepository,
+    settings: Settings,
+    *,
+    policy: PolicyEngine,
+    audit_log: AuditLog,
+    matching_ids: Matcher,
+) -> dict[str, jobs.Handler]:
+    """The job handlers to register (server/resources.py): the Subscriptions' `repo` in `pool`, the policy that
+    decides each owner's read, the audit trail of delivery attempts and the search that matches criteria."""
+    return {
+        NOTIFY_JOB: notify_handler(pool, repo, settings, matching_ids),
+        DELIVER_JOB: deliver_handler(pool, repo, settings, policy, audit_log),
+    }

@@ -10,6 +10,7 @@ from typing import Any
 from authz.principal import Principal
 from fhir.reports import prepare_report
 from fhir.repository import FhirRepository, Filing
+from fhir.served import KINDS
 from fhir.subscriptions import owner_of, prepare_subscription, transform_subscription
 from server.db import Connection
 from server.settings import Settings
@@ -49,20 +50,20 @@ class ResourceType:
 
 
 def _types() -> Mapping[str, ResourceType]:
-    return {
-        "ImagingStudy": ResourceType("ImagingStudy", "ImagingStudy", writable=False),
-        "Patient": ResourceType("Patient", "Patient", writable=False),
-        "Endpoint": ResourceType("Endpoint", "Endpoint", writable=False),
-        "DiagnosticReport": ResourceType("DiagnosticReport", "DiagnosticReport", writable=True, prepare=prepare_report),
-        "Subscription": ResourceType(
+    """Every served type (`fhir.served.KINDS`): read-only, except those clients write, with their rules."""
+    writable = (
+        ResourceType("DiagnosticReport", KINDS["DiagnosticReport"], writable=True, prepare=prepare_report),
+        ResourceType(
             "Subscription",
-            "Subscription",
+            KINDS["Subscription"],
             writable=True,
             prepare=prepare_subscription,
             transform=transform_subscription,
             owner=owner_of,
         ),
-    }
+    )
+    rules = {spec.name: spec for spec in writable}
+    return {name: rules.get(name) or ResourceType(name, kind, writable=False) for name, kind in KINDS.items()}
 
 
 TYPES: Mapping[str, ResourceType] = _types()

@@ -27,6 +27,8 @@ from inference import registry
 from inference.errors import InferenceError
 from inference.models import catalog
 from server import db
+from server.clisettings import settings_from_args
+from server.dbroles import database_url
 from server.settings import Settings
 
 STATUS_OF = {"promote": "active", "shadow": "shadow", "retire": "retired"}
@@ -34,8 +36,6 @@ STATUS_OF = {"promote": "active", "shadow": "shadow", "retire": "retired"}
 
 @asynccontextmanager
 async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    from server.resources import database_url
-
     pool = await db.create_pool(await database_url(settings), 1, 2)
     try:
         async with pool.acquire() as conn:
@@ -94,10 +94,8 @@ async def _deploy(settings: Settings) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from server.cli import _settings
-
     try:
-        return asyncio.run(_run(_settings(args), args))
+        return asyncio.run(_run(settings_from_args(args), args))
     except (InferenceError, OSError) as exc:
         print(f"error: {getattr(exc, 'detail', exc)}", file=sys.stderr)
         return 1

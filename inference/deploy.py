@@ -26,8 +26,8 @@ import ray
 from ray import serve
 from ray.serve.config import ProxyLocation
 
-from inference.backend_ray import ModelReplica
 from inference.errors import InvalidModel
+from inference.ray_replica import ModelReplica
 from inference.registry import Model
 from server.settings import Settings
 

@@ -12,26 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from server import logs, private
+from server.clisettings import env_overrides, settings_from_args
 from server.settings import Settings, SettingsError
 
 M_ARENA_MAX = -8
 """glibc's mallopt parameter number for the arena limit (malloc.h)."""
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, str]:
-    """The command line's options as the environment variables they stand for."""
-    env = {}
-    if getattr(args, "data", None):
-        env["HOUNSFIELD_DATA"] = str(args.data)
-    if getattr(args, "host", None):
-        env["HOUNSFIELD_HOST"] = args.host
-    if getattr(args, "port", None) is not None:
-        env["HOUNSFIELD_PORT"] = str(args.port)
-    return env
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env({**os.environ, **_overrides(args)})
 
 
 def _start_process(settings: Settings) -> None:
@@ -43,10 +28,10 @@ def _start_process(settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from_args(args)
     _start_process(settings)
     if settings.processes > 1:
-        return _serve_processes(settings, _overrides(args))
+        return _serve_processes(settings, env_overrides(args))
     from server.app import create_app
 
     app = create_app(settings)
@@ -103,8 +88,8 @@ def _serve_processes(settings: Settings, overrides: dict[str, str]) -> int:
     exits), so the processes, which get its URL, can come and go."""
     import asyncio
 
+    from server.dbroles import database_url
     from server.dbwatch import EmbeddedSupervisor
-    from server.resources import database_url
 
     os.environ.update(overrides)  # the processes read their settings from the environment
     supervisor = None

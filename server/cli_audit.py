@@ -31,6 +31,8 @@ from typing import Any
 import asyncpg
 
 from server import db
+from server.clisettings import settings_from_args
+from server.dbroles import database_url
 from server.settings import Settings
 
 
@@ -61,8 +63,6 @@ def _verifier(settings: Settings, public_key: Path | None = None) -> Any:
 
 @asynccontextmanager
 async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    from server.resources import database_url
-
     pool = await db.create_pool(await database_url(settings), 1, 2)
     try:
         async with pool.acquire() as conn:
@@ -208,9 +208,7 @@ def _time(value: str) -> dt.datetime:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from server.cli import _settings
-
-    settings = _settings(args)
+    settings = settings_from_args(args)
     if args.audit_command == "verify":
         for source in args.anchors or []:
             if not source.startswith("s3://") and not Path(source).is_file():

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from server.clisettings import settings_from_args
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -29,9 +31,8 @@ def parse_ttl(text: str) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from authz.tokens import issue_token
-    from server.cli import _settings
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     token = issue_token(
         settings,
         sub=args.sub,

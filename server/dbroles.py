@@ -61,6 +61,11 @@ async def database_urls(settings: Settings) -> DatabaseUrls:
     return DatabaseUrls(with_user(owner, APP_ROLE), owner)
 
 
+async def database_url(settings: Settings) -> str:
+    """The URL to serve with (the app role), once the schema's owner applied the migrations."""
+    return (await database_urls(settings)).serving
+
+
 async def _migrate(owner_url: str, *, allow_login: bool) -> None:
     conn = await asyncpg.connect(owner_url)
     try:

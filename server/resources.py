@@ -34,6 +34,7 @@ from fhir import reindex, subscriptions
 from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
+from fhir.search import matching_ids
 from inference import dispatch
 from inference.service import InferenceService, open_inference
 from server import db, dbroles, dbwatch, jobs, private, telemetry
@@ -93,11 +94,6 @@ DERIVED_JOBS = frozenset({renditions.RENDITION_JOB, dispatch.RUN_JOB})
 """Job kinds that write new blobs from stored ones, paused while free space is below the watermark."""
 
 
-async def database_url(settings: Settings) -> str:
-    """The URL to serve with (the app role, `server.dbroles`), once the schema's owner applied the migrations."""
-    return (await dbroles.database_urls(settings)).serving
-
-
 async def _close_pool(pool: asyncpg.Pool) -> None:
     """Close gracefully; connections the database dropped (it is down at shutdown) are terminated instead."""
     try:
@@ -116,7 +112,7 @@ async def open_resources(
     health = dbwatch.DatabaseHealth()
 
     async def connect() -> tuple[str, asyncpg.Pool]:
-        url = dsn or await database_url(settings)
+        url = dsn or await dbroles.database_url(settings)
         health.reset()
         pool = await db.create_pool(url, settings.db_pool_min, settings.db_pool_max, connect=health.connect)
         try:
@@ -190,7 +186,9 @@ async def open_resources(
         resources = Resources(settings, pool, blobs, store, audit, policy, fhir, handlers=handlers, sessions=sessions)
         resources.anchors = anchors
         resources.database = health
-        handlers.update(subscriptions.handlers(resources))  # fhir.notify, fhir.deliver
+        handlers.update(  # fhir.notify, fhir.deliver
+            subscriptions.handlers(pool, fhir, settings, policy=policy, audit_log=audit, matching_ids=matching_ids)
+        )
         handlers[reindex.REINDEX_JOB] = reindex.handler(pool, fhir)  # queued by migrations adding search params
         store.hooks.append(routing.routing_hook(settings.dimse))  # DIMSE auto-routing rules
         handlers[routing.ROUTE_JOB] = routing.route_handler(

@@ -21,18 +21,17 @@ from fhir.resources.R4B.bundle import Bundle
 from dicomweb.access import AccessConstraints
 from fhir.errors import FhirError
 from fhir.repository import FhirRepository, Filing
-from fhir.search import (
+from fhir.search import matching_ids, search_bundle
+from fhir.searchindex import SearchEntry, entries
+from fhir.searchquery import (
     DateMatch,
     InvalidSearch,
     ReferenceMatch,
     SearchAccess,
     UnsupportedSearch,
     check_query,
-    matching_ids,
     parse_search,
-    search_bundle,
 )
-from fhir.searchindex import SearchEntry, entries
 from tests.conftest import LiveServer, bearer
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"

@@ -26,8 +26,8 @@ from fhirpy.base.exceptions import ForbiddenError
 
 from authz.tokens import issue_token
 from fhir.repository import FhirRepository, Filing
-from fhir.search import CONTROL
 from fhir.searchindex import PARAMS
+from fhir.searchquery import CONTROL
 from fhir.types import TYPES
 from tests.conftest import LiveServer, bearer
 from tests.test_fhir_search import seed
