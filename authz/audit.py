@@ -1,5 +1,6 @@
 """The tamper-evident audit trail: records (`authz.auditrecord`) appended to a hash chain in PostgreSQL, signed
-at checkpoints, verified end to end (`authz.auditverify`).
+at checkpoints (the chain hash and the checkpoints are `authz.auditchain`'s), verified end to end
+(`authz.auditverify`).
 
 Chain (migrations/0004_audit.sql): `hash(seq) = sha256(prev_hash || canonical JSON || seq as 8-byte big-endian)`,
 prev_hash of seq 1 = 32 zero bytes. Canonical JSON = `json.dumps(sort_keys=True, separators=(",", ":"),
@@ -23,18 +24,26 @@ detects even a chain that was altered and consistently re-hashed up to the head.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from authz.auditchain import (
+    GENESIS,
+    SQL,
+    Checkpoint,
+    Signer,
+    Verifier,
+    chain_hash,
+    checkpoint_message,
+    key_signer,
+    key_verifier,
+)
 from authz.auditrecord import (
     Agent,
     AuditRecord,
@@ -47,12 +56,14 @@ from authz.auditrecord import (
     outcome_for_status,
     request_record,
 )
+from authz.auditverify import VerifyResult, verify, verify_segment
 from server import jobs
-from server.db import Connection, Queries, vouch_stateless
+from server.db import Connection, vouch_stateless
 
 __all__ = [
     "CHECKPOINT_JOB",
     "GENESIS",
+    "SQL",
     "Agent",
     "AuditRecord",
     "AuditTrail",
@@ -78,18 +89,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from authz.auditanchor import AuditAnchors
-    from authz.auditverify import VerifyResult
 
 log = logging.getLogger(__name__)
-SQL = Queries(Path(__file__).with_name("audit.sql"))
-
-GENESIS = bytes(32)
-"""prev_hash of the first record."""
-
-
-def chain_hash(prev_hash: bytes, canonical: str, seq: int) -> bytes:
-    """sha256(prev_hash || canonical JSON (UTF-8) || seq as 8-byte big-endian): what audit_append computes."""
-    return hashlib.sha256(prev_hash + canonical.encode("utf-8") + seq.to_bytes(8, "big", signed=True)).digest()
 
 
 # --- appending -----------------------------------------------------------------------------------------------
@@ -255,92 +256,10 @@ class AuditTrail:
         return await make_checkpoint(self.pool, signer)
 
     async def verify(self, verifier: Verifier) -> VerifyResult:
-        from authz.auditverify import verify
-
         return await verify(self.pool, verifier)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
-
-Signer = Callable[[bytes], tuple[bytes, str]]
-"""sign(message) -> (signature, key_id)."""
-Verifier = Callable[[bytes, bytes, str], bool]
-"""verify(message, signature, key_id) -> valid."""
-
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_CHECKPOINT_TAG = b"hounsfield-audit-checkpoint/1\n"
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    seq: int
-    hash: bytes
-    signed_at: dt.datetime
-    signature: bytes
-    key_id: str
-
-
-def checkpoint_message(seq: int, head_hash: bytes, signed_at: dt.datetime) -> bytes:
-    """What a checkpoint signs: a tag, seq (8 bytes big-endian), the chain hash at seq (32 bytes) and the signing
-    time in microseconds since 1970 (8 bytes big-endian)."""
-    micros = (signed_at - _EPOCH) // dt.timedelta(microseconds=1)
-    return _CHECKPOINT_TAG + seq.to_bytes(8, "big", signed=True) + head_hash + micros.to_bytes(8, "big", signed=True)
-
-
-def key_signer(private_pem: bytes, key_id: str) -> Signer:
-    """ECDSA P-256 / SHA-256 (DER signature) with the server's key, e.g. `authz.keys.load_or_create(data)`:
-    `key_signer(key.private_pem, key.kid)`."""
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = serialization.load_pem_private_key(private_pem, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError("checkpoint signing needs an EC private key")
-
-    def sign(message: bytes) -> tuple[bytes, str]:
-        return key.sign(message, ec.ECDSA(hashes.SHA256())), key_id
-
-    return sign
-
-
-def key_verifier(public_keys: Mapping[str, Any]) -> Verifier:
-    """Verifies with the public key named by the checkpoint's key id: `public_keys` maps key id to an EC public
-    key, a PEM (private or public) or a public JWK (keys retired by rotation stay verifiable)."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    keys = {kid: _public_key(value) for kid, value in public_keys.items()}
-
-    def verify(message: bytes, signature: bytes, key_id: str) -> bool:
-        key = keys.get(key_id)
-        if key is None:
-            return False
-        try:
-            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
-        except (InvalidSignature, ValueError):
-            return False
-        return True
-
-    return verify
-
-
-def _public_key(value: Any) -> Any:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    if isinstance(value, ec.EllipticCurvePublicKey):
-        return value
-    if isinstance(value, bytes):
-        if b"PRIVATE KEY" in value:
-            private = serialization.load_pem_private_key(value, password=None)
-            assert isinstance(private, ec.EllipticCurvePrivateKey)
-            return private.public_key()
-        return serialization.load_pem_public_key(value)
-    if isinstance(value, Mapping) and value.get("kty") == "EC" and value.get("crv") == "P-256":
-        x, y = (int.from_bytes(base64.urlsafe_b64decode(value[c] + "=" * (-len(value[c]) % 4)), "big") for c in "xy")
-        return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
-    raise ValueError("unsupported checkpoint verification key")
 
 
 async def make_checkpoint(pool: asyncpg.Pool, signer: Signer, *, start: Checkpoint | None = None) -> Checkpoint | None:
@@ -348,8 +267,6 @@ async def make_checkpoint(pool: asyncpg.Pool, signer: Signer, *, start: Checkpoi
     tampered segment is never signed: it is logged and left for `hounsfield audit verify`). `start`, the newest
     anchored checkpoint (`authz.auditanchor`), is where the check starts when the database holds none as new:
     a chain rewritten behind checkpoints deleted from the database does not chain on to it and is not signed."""
-    from authz.auditverify import verify_segment
-
     async with pool.acquire() as conn:
         await conn.fetchrow(SQL["append"], [])  # chain the deferred records first: the checkpoint covers them
         last = await conn.fetchrow(SQL["last_checkpoint"])

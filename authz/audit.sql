@@ -1,4 +1,4 @@
--- Named queries for the audit trail (migrations/0004_audit.sql; authz/audit.py).
+-- Named queries for the audit trail (migrations/0004_audit.sql; authz/auditchain.py).
 
 -- name: append
 -- $1: canonical JSON texts in order. first_seq: the seq of the first, the rest following it without gaps; before

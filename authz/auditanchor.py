@@ -1,4 +1,4 @@
-"""Anchors: every signed audit checkpoint (`authz.audit.Checkpoint`) is also copied to places the database's
+"""Anchors: every signed audit checkpoint (`authz.auditchain.Checkpoint`) is also copied to places the database's
 owner cannot rewrite, so that `hounsfield audit verify` can check the chain against copies held elsewhere. A
 checkpoint signs (seq, hash of the chain at seq, time); with the copies, a chain re-hashed consistently, cut
 short, or stripped of its checkpoints no longer matches what was anchored.
@@ -40,11 +40,11 @@ import anyio.to_thread
 import asyncpg
 import httpx
 
-from authz.audit import Checkpoint, Verifier, checkpoint_message
+from authz.auditchain import Checkpoint, Verifier, checkpoint_message
+from authz.auditsyslog import SyslogForwarder, format_checkpoint
 from server.db import Queries, vouch_stateless
 
 if TYPE_CHECKING:
-    from authz.auditsyslog import SyslogForwarder
     from server.settings import S3Settings, Settings
 
 log = logging.getLogger(__name__)
@@ -298,8 +298,6 @@ class SyslogAnchor:
         self.name = f"syslog:{url}"
 
     async def write(self, checkpoint: Checkpoint) -> None:
-        from authz.auditsyslog import format_checkpoint
-
         self.forwarder.send(format_checkpoint(entry(checkpoint), hostname=self.forwarder.hostname))
 
     async def close(self) -> None:

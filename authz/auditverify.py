@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Literal
 
 import asyncpg
 
-from authz.audit import GENESIS, SQL, Checkpoint, Verifier, chain_hash, checkpoint_message
+from authz.auditchain import GENESIS, SQL, Checkpoint, Verifier, chain_hash, checkpoint_message
 from authz.auditrecord import canonical_json
 
 if TYPE_CHECKING:

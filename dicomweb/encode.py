@@ -42,7 +42,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import UID as PydicomUID
 
-from dicomweb.transcode import ImageInfo, TranscodeError, read_dataset, why
+from dicomweb.pixeldata import UNCOMPRESSED, ImageInfo, TranscodeError, native_instance, read_dataset, why
 from dicomweb.uids import EXPLICIT_VR_LITTLE_ENDIAN
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -401,9 +401,7 @@ def _without_pixels(data: bytes, target: str) -> bytes:
     """A data set without Pixel Data in an encapsulated transfer syntax: everything but Pixel Data is Explicit VR
     Little Endian there (PS3.5 A.4), so it is that encoding under `target`'s UID (an SR, a KOS or a
     presentation state in a study asked for in JPEG 2000)."""
-    from dicomweb.transcode import transcode_instance
-
-    ds = read_dataset(transcode_instance(data, EXPLICIT_VR_LITTLE_ENDIAN))
+    ds = read_dataset(native_instance(data, EXPLICIT_VR_LITTLE_ENDIAN))
     ds.file_meta.TransferSyntaxUID = PydicomUID(target)
     out = io.BytesIO()
     pydicom.dcmwrite(out, ds, implicit_vr=False, little_endian=True, enforce_file_format=True)
@@ -457,8 +455,6 @@ def fits(target: str, bits_allocated: int | None) -> bool:
     pixel is read)? Native targets always; compressed ones need an encoder that takes that depth. No Bits
     Allocated means no Pixel Data: any syntax we encode into carries such a data set (`_without_pixels`)."""
     if target not in CODECS:
-        from dicomweb.transcode import UNCOMPRESSED
-
         return target in UNCOMPRESSED
     if bits_allocated is None:
         return can_encode(target)

@@ -16,7 +16,7 @@ from typing import Any
 import anyio.to_thread
 import asyncpg
 
-from dicomweb import negotiate, transcode
+from dicomweb import negotiate, pixeldata, transcode
 from dicomweb.blobs import BlobStore
 from dicomweb.errors import NotAcceptable, NotFound
 from dicomweb.index.repository import RETRIEVE
@@ -53,7 +53,7 @@ class FrameReader:
         self.target = target
         self.key = str(row["blob_key"])
         self.stored = str(row["transfer_syntax_uid"])
-        self.image: transcode.ImageInfo | None = None
+        self.image: pixeldata.ImageInfo | None = None
         self.swap_width = 1
         self.whole: list[bytes] | None = None
 
@@ -82,7 +82,7 @@ class FrameReader:
             vouch_stateless(conn)  # one SELECT: the release needs no reset query (a round trip)
         bits = int(self.row["bits_allocated"] or 8)
         a: dict[str, Any] = dict(attrs.items()) if attrs is not None else {}
-        self.image = transcode.ImageInfo(
+        self.image = pixeldata.ImageInfo(
             rows=int(self.row["rows"] or 0),
             columns=int(self.row["columns"] or 0),
             samples_per_pixel=int(a.get("samples_per_pixel") or 1),
@@ -93,7 +93,7 @@ class FrameReader:
             planar_configuration=int(a.get("planar_configuration") or 0),
         )
         if self.stored == EXPLICIT_VR_BIG_ENDIAN and self.target != EXPLICIT_VR_BIG_ENDIAN:
-            self.swap_width = transcode.pixel_swap_width(bits, str(a.get("vr") or "OW"))
+            self.swap_width = pixeldata.pixel_swap_width(bits, str(a.get("vr") or "OW"))
 
     def stored_length(self, number: int) -> int | None:
         ranges = FrameLayout.ranges_from_json(self.pixel, number)
@@ -128,7 +128,7 @@ class FrameReader:
         assert self.image is not None
         try:
             return await anyio.to_thread.run_sync(transcode.decode_frame, encoded, self.stored, self.image)
-        except transcode.TranscodeError as exc:
+        except pixeldata.TranscodeError as exc:
             raise NotAcceptable(str(exc), offered=(self.stored,)) from exc
 
     async def _bits_frame(self, number: int) -> bytes:
@@ -139,7 +139,7 @@ class FrameReader:
         read_at, read_len = transcode.aligned_range(start, end - start, offset, self.swap_width)
         data = await self.blobs.read_range(self.key, read_at, read_len)
         if self.swap_width > 1:
-            data = transcode.swap_bytes(data, self.swap_width)
+            data = pixeldata.swap_bytes(data, self.swap_width)
         return transcode.extract_bits(data, (start - read_at) * 8 + first % 8, frame_bits)
 
     async def _from_whole_file(self, number: int) -> bytes:
@@ -148,7 +148,7 @@ class FrameReader:
             count = int(self.pixel["deflated"])
             try:
                 self.whole = await anyio.to_thread.run_sync(transcode.frames_of_file, data, list(range(1, count + 1)))
-            except transcode.TranscodeError as exc:
+            except pixeldata.TranscodeError as exc:
                 raise NotAcceptable(str(exc), offered=(self.stored,)) from exc
         return self.whole[number - 1]
 

@@ -39,8 +39,8 @@ from dicomweb import encode, negotiate
 from dicomweb.blobs import BlobStore
 from dicomweb.errors import NotAcceptable
 from dicomweb.frames import FrameReader, frame_count, load_json, native_reader
+from dicomweb.pixeldata import TranscodeError
 from dicomweb.store import IngestHook, StoredInstance
-from dicomweb.transcode import TranscodeError
 from server import jobs, private
 from server.db import Connection, Queries
 from server.diskspace import FreeSpace

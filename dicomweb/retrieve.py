@@ -21,7 +21,7 @@ from typing import Any
 import anyio.to_thread
 import asyncpg
 
-from dicomweb import encode, negotiate, renditions, transcode
+from dicomweb import encode, negotiate, pixeldata, renditions, transcode
 from dicomweb.blobs import BlobStore, BlobStoreError
 from dicomweb.bodies import Body, Part, in_memory, one
 from dicomweb.errors import InvalidParameter, NotAcceptable, NotFound
@@ -166,7 +166,7 @@ class RetrieveService:
             data = await self._read_all(key)
             try:
                 yield await anyio.to_thread.run_sync(transcode.transcode_instance, data, choice.transfer_syntax)
-            except transcode.TranscodeError as exc:
+            except pixeldata.TranscodeError as exc:
                 raise NotAcceptable(str(exc), offered=(str(row["transfer_syntax_uid"]),)) from exc
 
         return Part(choice.content_type, None, converted, location)
@@ -218,7 +218,7 @@ class RetrieveService:
         choice = negotiate.choose_pixels(
             offers,
             stored,
-            transcode.can_decode,
+            pixeldata.can_decode,
             single_part_ok=len(frames) == 1,
             can_encode=lambda ts: encode.fits(ts, bits),
         )
@@ -323,7 +323,7 @@ class RetrieveService:
         stored = str(row["transfer_syntax_uid"])
         pixel = load_json(row["pixel"])
         if tag == "7FE00010" and pixel and negotiate.is_encapsulated(stored):
-            choice = negotiate.choose_pixels(offers, stored, transcode.can_decode, single_part_ok=False)
+            choice = negotiate.choose_pixels(offers, stored, pixeldata.can_decode, single_part_ok=False)
             frames = list(range(1, frame_count(pixel) + 1))
             return self._frames_plan(row, pixel, choice, frames, _instance_url(base, study, series, instance))
         choice = negotiate.choose_bulk(offers, stored)
@@ -340,11 +340,11 @@ class RetrieveService:
                     vouch_stateless(conn)
                 vr = str(attrs["vr"] or "") if attrs else ""
                 if tag in ("7FE00010", "7FE00008", "7FE00009"):
-                    width = transcode.pixel_swap_width(int(row["bits_allocated"] or 8), vr)
+                    width = pixeldata.pixel_swap_width(int(row["bits_allocated"] or 8), vr)
                 else:
                     width = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}.get(vr, 1)
             if width > 1:
-                data = transcode.swap_bytes(await self.blobs.read_range(key, offset, length), width)
+                data = pixeldata.swap_bytes(await self.blobs.read_range(key, offset, length), width)
                 part = Part(choice.content_type, length, one(data))
             elif length > _STREAM_THRESHOLD:
                 part = Part(choice.content_type, length, lambda: self.blobs.stream(key, offset, length))

@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicomweb import encode, transcode
-from dicomweb.transcode import TranscodeError
+from dicomweb.pixeldata import ImageInfo, TranscodeError
 from tests.data import sample
 from tests.factory import ct, part10
 
@@ -187,6 +187,6 @@ def test_unsupported_images_and_targets() -> None:
     assert not encode.can_encode("1.2.840.10008.1.2.4.100")
     assert not transcode.can_transcode(encode.J2K_LOSSLESS, "1.2.840.10008.1.2.4.100")
     assert transcode.can_transcode("1.2.840.10008.1.2.1", encode.HTJ2K_RPCL)
-    one_bit = transcode.ImageInfo(rows=4, columns=8, bits_allocated=1, bits_stored=1)
+    one_bit = ImageInfo(rows=4, columns=8, bits_allocated=1, bits_stored=1)
     with pytest.raises(TranscodeError):
         encode.encode_frame(b"\0" * 4, encode.HTJ2K_LOSSLESS, one_bit)

@@ -36,7 +36,8 @@ from pynetdicom import build_context
 from pynetdicom.presentation import PresentationContext
 
 from dicomweb import encode
-from dicomweb.transcode import TranscodeError, can_decode, is_compressed, transcode_instance
+from dicomweb.pixeldata import TranscodeError, can_decode, is_compressed
+from dicomweb.transcode import transcode_instance
 from dicomweb.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
