@@ -41,7 +41,7 @@ import asyncpg
 import httpx
 
 from authz.audit import Checkpoint, Verifier, checkpoint_message
-from server.db import Queries, vouch_stateless
+from server.platform.db import Queries, vouch_stateless
 
 if TYPE_CHECKING:
     from authz.auditsyslog import SyslogForwarder

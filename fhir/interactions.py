@@ -37,7 +37,7 @@ from fhir.repository import Filing, Stored, parse_etag
 from fhir.search import SearchAccess
 from fhir.types import TYPES, ResourceType
 from fhir.validation import check_resource, localize
-from server.db import Connection
+from server.platform.db import Connection
 from server.resources import Resources
 
 HISTORY_COUNT = 100

@@ -23,7 +23,7 @@ from typing import Any
 from fhir.errors import FhirError, Unprocessable
 from fhir.repository import FhirRepository, Filing, Stored
 from fhir.validation import references
-from server.db import Connection
+from server.platform.db import Connection
 
 REPORT_STATUS = frozenset(
     {

@@ -52,7 +52,7 @@ from fhir.outcome import EXCEPTION_HANDLERS, error_outcome, issue, operation_out
 from fhir.routes_audit import fhir_base
 from fhir.routes_rest import FHIR_JSON_UTF8, MINIMAL, OUTCOME, caller_of, json_response, prefer_return, request_body
 from fhir.types import TYPES
-from server.db import Connection
+from server.platform.db import Connection
 from server.resources import Resources, ResourcesDep
 
 _ACTIONS: dict[str, Action] = {"GET": "read", "POST": "create", "PUT": "update", "DELETE": "delete"}

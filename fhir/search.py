@@ -33,7 +33,7 @@ from fhir.errors import FhirError
 from fhir.searchindex import PARAMS, ParamDef, normalize, reference_key, reference_type
 
 if TYPE_CHECKING:
-    from server.db import Connection
+    from server.platform.db import Connection
 
 DEFAULT_COUNT = 50
 MAX_COUNT = 1000

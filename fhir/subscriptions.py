@@ -42,8 +42,8 @@ from authz.policy_input import policy_input
 from authz.principal import Principal
 from fhir.errors import FhirError, Unprocessable, VersionConflict
 from fhir.repository import FhirRepository, Filing, Stored
-from server import jobs
-from server.db import Connection, Queries
+from server.platform import jobs
+from server.platform.db import Connection, Queries
 from server.settings import Settings
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ import asyncpg
 from inference import registry
 from inference.errors import InferenceError
 from inference.models import catalog
-from server import db
+from server.platform import db
 from server.settings import Settings
 
 STATUS_OF = {"promote": "active", "shadow": "shadow", "retire": "retired"}

@@ -30,7 +30,7 @@ from typing import Any
 
 import asyncpg
 
-from server import db
+from server.platform import db
 from server.settings import Settings
 
 
