@@ -57,8 +57,8 @@ from authz.auditrecord import (
     request_record,
 )
 from authz.auditverify import VerifyResult, verify, verify_segment
-from server import jobs
-from server.db import Connection, vouch_stateless
+from server.platform import jobs
+from server.platform.db import Connection, vouch_stateless
 
 __all__ = [
     "CHECKPOINT_JOB",
@@ -306,7 +306,7 @@ def checkpoint_handler(
     anchors: AuditAnchors | None = None,
     verifier: Verifier | None = None,
 ) -> jobs.Handler:
-    """The `audit.checkpoint` job (server/jobs.py): sign the head, copy the checkpoints the anchor sinks miss to
+    """The `audit.checkpoint` job (`server.platform.jobs`): sign the head, copy the checkpoints the anchor sinks miss to
     them (`AuditAnchors.flush`: after the database, see authz/auditanchor.py), then schedule the next run in
     `interval` seconds when the job is the periodic one. Start it with `jobs.schedule(conn, CHECKPOINT_JOB,
     {"periodic": True}, dedupe_key="periodic", delay_seconds=interval)`."""

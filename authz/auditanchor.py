@@ -42,7 +42,7 @@ import httpx
 
 from authz.auditchain import Checkpoint, Verifier, checkpoint_message
 from authz.auditsyslog import SyslogForwarder, format_checkpoint
-from server.db import Queries, vouch_stateless
+from server.platform.db import Queries, vouch_stateless
 
 if TYPE_CHECKING:
     from server.settings import S3Settings, Settings

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.db import Queries
+from server.platform.db import Queries
 
 SQL = Queries(Path(__file__).with_name("audit.sql"))
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from server.db import Queries
+from server.platform.db import Queries
 
 SQL = Queries(Path(__file__).with_name("auditquery.sql"))
 

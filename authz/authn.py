@@ -12,7 +12,7 @@ returns it and raises `Unauthenticated` when it is missing) and `scope["user"]` 
 `request.user`).
 On failure the answer is 401 with `WWW-Authenticate: Bearer realm="hounsfield", error="invalid_token",
 error_description="..."` (RFC 6750 3; no error code when there was no token at all, 3.1), the JSON body
-`{"error", "status"}` and a `Warning` header, as for every other error (`server/errors.py` builds it); under
+`{"error", "status"}` and a `Warning` header, as for every other error (`authz/httperrors.py` builds it); under
 `/fhir` the body is an OperationOutcome (`application/fhir+json`) instead.
 """
 
@@ -27,9 +27,9 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 
 from authz.errors import AuthzError, Unauthenticated
+from authz.httperrors import authz_error_parts
 from authz.principal import Principal
 from authz.tokens import TokenValidator
-from server.errors import authz_error_parts
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -45,8 +45,8 @@ from authz.policy_input import break_glass_session, rfc3339
 from authz.principal import Principal
 from authz.sessioncache import OpenSession, SessionCache
 from dicomweb.uids import is_valid_uid
-from server import jobs
-from server.db import Connection, Queries
+from server.platform import jobs
+from server.platform.db import Connection, Queries
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The authz exception family; `server/errors.py` maps it to 401 (with WWW-Authenticate, RFC 6750 3) and 403."""
+"""The authz exception family; `authz/httperrors.py` maps it to 401 (with WWW-Authenticate, RFC 6750 3) and 403."""
 
 from __future__ import annotations
 

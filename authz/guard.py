@@ -45,7 +45,7 @@ from authz.principal import Principal
 from authz.sessioncache import OpenSession
 from authz.target import TARGET, Target, TargetParser, path_target
 from dicomweb import uids
-from server.db import Connection, Queries, vouch_stateless
+from server.platform.db import Connection, Queries, vouch_stateless
 
 FACTS = Queries(Path(__file__).with_name("facts.sql"))
 OPT_KEY = "authz"

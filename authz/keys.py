@@ -24,7 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server import private
+from server.platform import private
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from authz.auditrecord import request_record
 from authz.authn import PRINCIPAL
 from authz.decision import Action, Decision, Resource
 from authz.guard import DECISION, OPT_KEY, RESOURCE, break_glass_of
-from server.db import RETRY_AFTER_SECONDS, unavailable
+from server.platform.db import RETRY_AFTER_SECONDS, unavailable
 
 log = logging.getLogger(__name__)
 CHANGES_RECORDED = "hounsfield.changes_recorded"

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import admin_token, free_port, wait_ready  # noqa: E402
-from server import db  # noqa: E402
+from server.platform import db  # noqa: E402
 
 LOAD_SQL = """
 INSERT INTO studies (study_uid, patient_id, patient_name, patient_name_search, patient_name_groups,

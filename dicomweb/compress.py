@@ -40,7 +40,7 @@ from dicomweb import encode
 from dicomweb.ingest import InstanceRejected, ParsedInstance, parse_instance
 from dicomweb.pixeldata import TranscodeError
 from dicomweb.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
-from server import private
+from server.platform import private
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The DICOMweb exception family (house style 3).
 
-Each subclass carries data; `server/errors.py` is the one place that maps them to HTTP statuses and bodies.
+Each subclass carries data; `dicomweb/httperrors.py` maps them to HTTP statuses and bodies.
 Domain code raises these and never imports HTTP types.
 """
 

@@ -22,7 +22,7 @@ from dicomweb.errors import NotAcceptable, NotFound
 from dicomweb.index.repository import RETRIEVE
 from dicomweb.layout import FrameLayout
 from dicomweb.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN
-from server.db import vouch_stateless
+from server.platform.db import vouch_stateless
 
 
 def load_json(value: Any) -> Any:

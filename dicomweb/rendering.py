@@ -32,7 +32,7 @@ from dicomweb.index.repository import RETRIEVE
 from dicomweb.render import GIF, Options
 from dicomweb.retrieve import INSTANCE_MAX_AGE, STUDY_MAX_AGE, Body, Part, Plan
 from dicomweb.uids import UID
-from server.db import vouch_stateless
+from server.platform.db import vouch_stateless
 
 RENDER_VERSION = "1"
 """Part of every rendered entity tag: bump it when the pipeline's output changes."""

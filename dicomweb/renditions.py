@@ -2,7 +2,7 @@
 
 Why: a viewer asking for HTJ2K RPCL frames (progressive loading, PS3.18 8.7.3.5 / Cornerstone3D) must not wait
 for an encoder. At ingest, the hook (`ingest_hook`, run inside the index transaction like the FHIR sync hook)
-queues one `rendition` job per stored image, which gives way to ingest (`server.jobs.Deferral`: taken once the
+queues one `rendition` job per stored image, which gives way to ingest (`server.platform.jobs.Deferral`: taken once the
 server has stored nothing for `HOUNSFIELD_RENDITIONS_IDLE_MS`); the job encodes every frame in each configured syntax
 (`HOUNSFIELD_RENDITIONS`, default 1.2.840.10008.1.2.4.202) into one blob per instance and syntax, frames end to
 end, and records each frame's [offset, length] in the `renditions` table (migrations/0008_renditions.sql). A
@@ -41,9 +41,9 @@ from dicomweb.errors import NotAcceptable
 from dicomweb.frames import FrameReader, frame_count, load_json, native_reader
 from dicomweb.pixeldata import TranscodeError
 from dicomweb.store import IngestHook, StoredInstance
-from server import jobs, private
-from server.db import Connection, Queries
-from server.diskspace import FreeSpace
+from server.platform import jobs, private
+from server.platform.db import Connection, Queries
+from server.platform.diskspace import FreeSpace
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("renditions.sql"))
@@ -85,7 +85,7 @@ class Renditions:
         self.blobs = blobs
         self.spool_dir = spool_dir or Path(tempfile.gettempdir())
         self.space = space
-        """Below the free-space watermark (`server.diskspace`) no rendition is written: `BelowWatermark`."""
+        """Below the free-space watermark (`server.platform.diskspace`) no rendition is written: `BelowWatermark`."""
 
     async def encode(self, reader: FrameReader, numbers: Sequence[int], syntax: str) -> list[bytes]:
         """Frames `numbers` encoded in `syntax` (decoded first when stored compressed). 406 when the image does not
@@ -222,7 +222,7 @@ def job_handler(
     """`rendition`: payload `{"instance_pk": n}` (and `"syntaxes"` when a frame request asked for one not
     configured); makes the instance's missing renditions. Images an encoder
     cannot take (1-bit, float, YBR from JPEG) are skipped: their frames are served by decoding instead. Below the
-    free-space watermark the worker does not take these jobs (`server.jobs.Pause`); one taken just before fails
+    free-space watermark the worker does not take these jobs (`server.platform.jobs.Pause`); one taken just before fails
     with `BelowWatermark` and is retried later."""
     service = Renditions(pool, blobs, spool_dir, space)
 

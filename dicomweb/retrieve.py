@@ -31,9 +31,9 @@ from dicomweb.mediatypes import DICOM
 from dicomweb.negotiate import Choice, Offer
 from dicomweb.renditions import Renditions
 from dicomweb.uids import EXPLICIT_VR_BIG_ENDIAN, UID
-from server import jobs
-from server.db import vouch_stateless
-from server.diskspace import BelowWatermark
+from server.platform import jobs
+from server.platform.db import vouch_stateless
+from server.platform.diskspace import BelowWatermark
 
 __all__ = ["Body", "Metadata", "Part", "Plan", "RetrieveService"]
 

@@ -43,9 +43,9 @@ from dicomweb.ingest import (
     parse_instance,
 )
 from dicomweb.storeauth import NOT_AUTHORIZED, Admission, Denial
-from server import jobs, private, telemetry
-from server.db import Connection, unavailable, vouch_stateless
-from server.diskspace import BelowWatermark, FreeSpace
+from server.platform import jobs, private, telemetry
+from server.platform.db import Connection, unavailable, vouch_stateless
+from server.platform.diskspace import BelowWatermark, FreeSpace
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ IngestHook = Callable[[Connection, StoredInstance], Awaitable[None]]
 """Runs inside the ingest transaction, while the instance's blob may still be being written (do not read it). A
 hook may only run statements that leave no session state (plain DML and SELECTs; `SET LOCAL`,
 `pg_advisory_xact_lock`), because the connection is released without asyncpg's reset query
-(`server.db.vouch_stateless`)."""
+(`server.platform.db.vouch_stateless`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +128,7 @@ class Spool:
     """A part being received: written to a local file while its SHA-256 and size are computed.
 
     A write the file system refuses (ENOSPC, EDQUOT, EIO), or free space below the watermark when the part starts
-    (`server.diskspace`), does not end the request: the part's file is removed at once, the rest of the part is
+    (`server.platform.diskspace`), does not end the request: the part's file is removed at once, the rest of the part is
     read and dropped, and `error` says why (the part's outcome is Out of Resources, A700)."""
 
     def __init__(self, folder: Path, max_bytes: int, space: FreeSpace | None = None) -> None:
@@ -199,7 +199,7 @@ def blob_key(p: ParsedInstance, sha256: str) -> str:
 
 class IngestActivity:
     """When the server last started or finished ingesting an instance, for work that gives way to ingest
-    (`server.jobs.Deferral`). With a `path`, the processes of one server share it through that file's
+    (`server.platform.jobs.Deferral`). With a `path`, the processes of one server share it through that file's
     modification time (written at most every `WRITE_SECONDS`), so the process that runs the job worker also
     sees the ingest of the others; without, it is this process's alone."""
 
@@ -259,7 +259,7 @@ class StoreService:
         space: FreeSpace | None = None,
     ) -> None:
         self.space = space
-        """The free-space watermark (`server.diskspace`): below it every instance is refused (A700)."""
+        """The free-space watermark (`server.platform.diskspace`): below it every instance is refused (A700)."""
         self.pool = pool
         self.blobs = blobs
         self.overwrite = overwrite

@@ -38,7 +38,7 @@ from fhir.search import matching_ids
 from fhir.searchquery import SearchAccess
 from fhir.types import TYPES, ResourceType
 from fhir.validation import check_resource, localize
-from server.db import Connection
+from server.platform.db import Connection
 from server.resources import Resources
 
 HISTORY_COUNT = 100

@@ -18,11 +18,12 @@ from litestar.exceptions import HTTPException
 from litestar.types import ExceptionHandlersMap
 
 from authz.errors import AuthzError, Forbidden, PolicyUnavailable, Unauthenticated
+from authz.httperrors import authz_error_parts
 from fhir.auditsearch import SearchError
 from fhir.errors import FhirError, RecordDamaged, ResourceNotFound
-from server.db import RETRY_AFTER_SECONDS
-from server.errors import DATABASE_UNAVAILABLE, authz_error_parts, database_unavailable, warning_header
-from server.logs import route_of
+from server.platform.db import RETRY_AFTER_SECONDS
+from server.platform.http import DATABASE_UNAVAILABLE, database_unavailable, warning_header
+from server.platform.logs import route_of
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import asyncpg
 
 from fhir.repository import FhirRepository
 from fhir.types import TYPES
-from server import jobs
+from server.platform import jobs
 
 REINDEX_JOB = "fhir.reindex"
 PAGE = 500

@@ -24,7 +24,7 @@ from fhir.errors import FhirError, Unprocessable
 from fhir.repository import FhirRepository, Filing, Stored
 from fhir.served import KINDS
 from fhir.validation import references
-from server.db import Connection
+from server.platform.db import Connection
 
 REPORT_STATUS = frozenset(
     {

@@ -26,7 +26,7 @@ import asyncpg
 
 from fhir import searchindex
 from fhir.errors import FhirError, ResourceGone, ResourceNotFound, VersionConflict
-from server.db import Connection, Queries
+from server.platform.db import Connection, Queries
 
 SQL = Queries(Path(__file__).with_name("resources.sql"))
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")

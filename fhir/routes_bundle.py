@@ -54,7 +54,7 @@ from fhir.routes_rest import FHIR_JSON_UTF8, MINIMAL, OUTCOME, caller_of, json_r
 from fhir.search import search_bundle
 from fhir.searchquery import query_items
 from fhir.types import TYPES
-from server.db import Connection
+from server.platform.db import Connection
 from server.resources import Resources, ResourcesDep
 
 _ACTIONS: dict[str, Action] = {"GET": "read", "POST": "create", "PUT": "update", "DELETE": "delete"}

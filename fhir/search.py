@@ -7,7 +7,7 @@ from typing import Any
 
 from fhir import searchsql
 from fhir.searchquery import SearchAccess, parse_search, query_items
-from server.db import Connection
+from server.platform.db import Connection
 
 
 async def matching_ids(

@@ -39,7 +39,7 @@ from fhir.searchquery import (
     TokenMatch,
 )
 from fhir.subscriptions import owner_document
-from server.db import Connection, Queries
+from server.platform.db import Connection, Queries
 
 SQL = Queries(Path(__file__).with_name("search.sql"))
 PATIENTLESS = frozenset({"Endpoint", "Subscription"})

@@ -45,8 +45,8 @@ from fhir.errors import FhirError, Unprocessable, VersionConflict
 from fhir.repository import FhirRepository, Filing, Stored
 from fhir.searchquery import SearchAccess, check_query
 from fhir.served import KINDS
-from server import jobs
-from server.db import Connection, Queries
+from server.platform import jobs
+from server.platform.db import Connection, Queries
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

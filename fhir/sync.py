@@ -45,8 +45,8 @@ from fhir.imagingstudy import (
     patient_resource,
 )
 from fhir.repository import FhirRepository, Filing, Stored
-from server import jobs
-from server.db import Connection, Queries
+from server.platform import jobs
+from server.platform.db import Connection, Queries
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("sync.sql"))

@@ -12,7 +12,7 @@ from fhir.reports import prepare_report
 from fhir.repository import FhirRepository, Filing
 from fhir.served import KINDS
 from fhir.subscriptions import owner_of, prepare_subscription, transform_subscription
-from server.db import Connection
+from server.platform.db import Connection
 from server.settings import Settings
 
 Prepare = Callable[[Connection, FhirRepository, dict[str, Any]], Awaitable[Filing]]

@@ -26,9 +26,9 @@ import asyncpg
 from inference import registry
 from inference.errors import InferenceError
 from inference.models import catalog
-from server import db
 from server.clisettings import settings_from_args
 from server.dbroles import database_url
+from server.platform import db
 from server.settings import Settings
 
 STATUS_OF = {"promote": "active", "shadow": "shadow", "retire": "retired"}

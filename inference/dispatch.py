@@ -29,8 +29,8 @@ from dicomweb.store import IngestHook, StoredInstance
 from inference import registry
 from inference.errors import InputNotFound, InvalidModel, RequestNotFound
 from inference.registry import Model, SeriesFacts
-from server import jobs
-from server.db import Connection, Queries
+from server.platform import jobs
+from server.platform.db import Connection, Queries
 
 SQL = Queries(Path(__file__).with_name("dispatch.sql"))
 QUIET_JOB = "inference.series_quiet"

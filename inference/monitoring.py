@@ -6,7 +6,7 @@
   = accepted, entered-in-error = rejected).
 - Comparison with the other versions of the same model on the series both ran successfully: for each shared
   measurement, the number of series and the mean absolute difference (active vs shadow).
-- OpenTelemetry instruments on the process's meter provider (`server.telemetry` sets it):
+- OpenTelemetry instruments on the process's meter provider (`server.platform.telemetry` sets it):
   `hounsfield.inference.runs` (counter; model, version, shadow, outcome), `hounsfield.inference.latency`
   (histogram, ms; model, version) and `hounsfield.inference.output` (histogram; model, version, measurement).
 
@@ -26,7 +26,7 @@ from typing import Any
 from opentelemetry import metrics
 
 from fhir.repository import Stored, WriteHook
-from server.db import Connection, Queries
+from server.platform.db import Connection, Queries
 
 SQL = Queries(Path(__file__).with_name("dispatch.sql"))
 SUMMARY_LIMIT = 20_000

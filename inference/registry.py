@@ -19,7 +19,7 @@ from typing import Any, Literal
 import asyncpg
 
 from inference.errors import InvalidModel, ModelExists, ModelNotFound
-from server.db import Connection, Queries
+from server.platform.db import Connection, Queries
 
 SQL = Queries(Path(__file__).with_name("registry.sql"))
 

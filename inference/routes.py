@@ -34,8 +34,8 @@ from dicomweb import uids
 from dicomweb.access import UNRESTRICTED, AccessConstraints
 from inference import dispatch, monitoring, registry
 from inference.errors import InferenceError, InputNotFound, InvalidModel, ModelExists, ModelNotFound, RequestNotFound
-from server.db import vouch_stateless
-from server.errors import warning_header
+from server.platform.db import vouch_stateless
+from server.platform.http import warning_header
 from server.resources import Resources, ResourcesDep
 
 _STATUS: list[tuple[type[InferenceError], int]] = [

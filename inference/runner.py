@@ -47,8 +47,8 @@ from inference.errors import InferenceError, ModelFailed
 from inference.identity import ServiceActor
 from inference.models import ModelInput, Prediction
 from inference.registry import Model, SeriesFacts
-from server import jobs, private
-from server.db import Connection
+from server.platform import jobs, private
+from server.platform.db import Connection
 
 log = logging.getLogger(__name__)
 MAX_INSTANCES = 2000

@@ -18,7 +18,7 @@ from inference.backends import ByModel, InferenceBackend, InProcessBackend
 from inference.identity import ServiceActor, service_principal
 from inference.models import AdapterFactory, catalog
 from inference.runner import Runner
-from server import jobs
+from server.platform import jobs
 from server.settings import Settings
 
 

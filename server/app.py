@@ -35,18 +35,20 @@ from fhir import outcome as fhir_outcome
 from fhir import routes_meta
 from fhir.routes import fhir_routes
 from inference.routes import inference_router
-from server import health, telemetry
-from server.connections import body_deadline
-from server.errors import EXCEPTION_HANDLERS, by_path, http_error
-from server.inflight import InFlight
+from server import health
+from server.errors import EXCEPTION_HANDLERS
 from server.limits import FHIR_PREFIX, header_limit, plain_target
-from server.logs import AccessLog
+from server.platform import telemetry
+from server.platform.connections import body_deadline
+from server.platform.http import by_path, http_error
+from server.platform.inflight import InFlight
+from server.platform.logs import AccessLog
 from server.resources import Resources, open_resources
 from server.settings import Settings
 
 EXPOSED_HEADERS = ["Warning", "ETag", "Content-Range", "Accept-Ranges", "Content-Length", "Content-Location"]
 DRAIN_SECONDS = 10.0
-"""How long the shutdown waits for requests that outlived uvicorn's graceful shutdown (`server.inflight`)."""
+"""How long the shutdown waits for requests that outlived uvicorn's graceful shutdown (`server.platform.inflight`)."""
 log = logging.getLogger(__name__)
 
 
@@ -152,6 +154,6 @@ def edge(handler: ASGIApp, settings: Settings) -> ASGIApp:
     of every response, the request target check (400). Litestar runs the app's `middleware` only once a route
     matched, so an unknown path (404), a wrong method (405) or a target the router refuses (400) would bypass
     them; here they wrap Litestar's whole handler (router, exception handling, CORS, OpenTelemetry). Innermost, the
-    deadline on each read of a request body (`server.connections.body_deadline`)."""
+    deadline on each read of a request body (`server.platform.connections.body_deadline`)."""
     timed = body_deadline(handler, settings.http_body_timeout_seconds)  # a stalled request body ends in 408
     return AccessLog(audit_requests(settings.auth_public_paths)(plain_target(timed)))

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server import logs, private
 from server.clisettings import env_overrides, settings_from_args
+from server.platform import logs, private
 from server.settings import Settings, SettingsError
 
 M_ARENA_MAX = -8
@@ -21,7 +21,8 @@ M_ARENA_MAX = -8
 
 def _start_process(settings: Settings) -> None:
     """Process-wide set-up of a serving process: files it makes are its user's alone (the data folder holds PHI;
-    `server.private` sets the modes explicitly too), logging without PHI (`server.logs`), malloc arenas."""
+    `server.platform.private` sets the modes explicitly too), logging without PHI (`server.platform.logs`),
+    malloc arenas."""
     os.umask(0o077)
     logs.configure(settings.log_level)
     limit_malloc_arenas(settings.malloc_arenas)
@@ -44,12 +45,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _run_uvicorn(settings: Settings, app: Any, **options: Any) -> None:
     """Announce the server and run uvicorn on `app` (an app, or an import string with `options` for workers), with
-    the header deadline and connection limit of `server.connections` and uvicorn's keep-alive timeout."""
+    the header deadline and connection limit of `server.platform.connections` and uvicorn's keep-alive timeout."""
     import functools
 
     import uvicorn
 
-    from server.connections import ConnectionLimits, HttpProtocol, connection_budget, raise_fd_limit
+    from server.platform.connections import ConnectionLimits, HttpProtocol, connection_budget, raise_fd_limit
 
     fd_limit = raise_fd_limit()  # before the processes start: they inherit it
     max_connections = connection_budget(settings.http_max_connections, fd_limit)
@@ -89,7 +90,7 @@ def _serve_processes(settings: Settings, overrides: dict[str, str]) -> int:
     import asyncio
 
     from server.dbroles import database_url
-    from server.dbwatch import EmbeddedSupervisor
+    from server.platform.dbwatch import EmbeddedSupervisor
 
     os.environ.update(overrides)  # the processes read their settings from the environment
     supervisor = None

@@ -30,9 +30,9 @@ from typing import Any
 
 import asyncpg
 
-from server import db
 from server.clisettings import settings_from_args
 from server.dbroles import database_url
+from server.platform import db
 from server.settings import Settings
 
 

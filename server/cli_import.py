@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE
 from dicomweb.store import StoredInstance, StoreService, out_of_resources
-from server import private
+from server.platform import private
 from server.resources import open_resources
 from server.settings import Settings
 

@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import anyio.to_thread
 import asyncpg
 
-from server import db
+from server.platform import db
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

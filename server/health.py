@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from litestar import Response, get
 
-from server.db import RETRY_AFTER_SECONDS
+from server.platform.db import RETRY_AFTER_SECONDS
 from server.resources import Resources, ResourcesDep
 
 
 @get("/healthz", include_in_schema=True, sync_to_thread=False)
 def healthz() -> dict[str, str]:
     """The process is up: liveness. It stays 200 while the database is down or being restarted, because the
-    server recovers by itself (`server.dbwatch`): an orchestrator that restarted it would only cut that short."""
+    server recovers by itself (`server.platform.dbwatch`): an orchestrator that restarted it would only cut that
+    short."""
     return {"status": "ok"}
 
 
@@ -44,7 +45,7 @@ async def readyz(resources: ResourcesDep) -> Response[dict[str, str]]:
     if anchors is not None:  # still ready: serving goes on while the checkpoint job retries the sink
         body["audit_anchors"] = anchors
     disk = disk_check(resources)
-    if disk is not None:  # still ready: reads are served while ingest is refused (server/diskspace.py)
+    if disk is not None:  # still ready: reads are served while ingest is refused (server/platform/diskspace.py)
         body["disk"] = disk
     return Response(body)
 

@@ -18,7 +18,7 @@ from urllib.parse import unquote_to_bytes
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 
-from server.errors import under
+from server.platform.http import under
 
 
 async def _refuse(send: Send, status: int, body: bytes, media_type: bytes, warning: str) -> None:
@@ -75,7 +75,7 @@ def has_control_characters(scope: Scope) -> bool:
 
 def _refusal(path: str, status: int, code: str, text: str) -> tuple[bytes, bytes]:
     """A refusal's body and media type: an OperationOutcome under /fhir (FHIR R4 "Handling errors"; `code` from
-    its IssueType value set), else the DICOMweb JSON error of `server.errors`."""
+    its IssueType value set), else the DICOMweb JSON error of `server.platform.http`."""
     if under(FHIR_PREFIX, path):
         issue = {"severity": "error", "code": code, "diagnostics": text}
         return json.dumps({"resourceType": "OperationOutcome", "issue": [issue]}).encode(), b"application/fhir+json"

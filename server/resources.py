@@ -37,8 +37,9 @@ from fhir.repository import FhirRepository
 from fhir.search import matching_ids
 from inference import dispatch
 from inference.service import InferenceService, open_inference
-from server import db, dbroles, dbwatch, jobs, private, telemetry
-from server.diskspace import FreeSpace
+from server import dbroles
+from server.platform import db, dbwatch, jobs, private, telemetry
+from server.platform.diskspace import FreeSpace
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class Resources:
     anchors: AuditAnchors | None = None
     """Where signed audit checkpoints are copied (`authz.auditanchor`); failing sinks show in /readyz."""
     database: dbwatch.DatabaseHealth = field(default_factory=dbwatch.DatabaseHealth)
-    """Whether the database is within reach, for /readyz (`server.dbwatch`)."""
+    """Whether the database is within reach, for /readyz (`server.platform.dbwatch`)."""
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:
@@ -134,7 +135,7 @@ async def open_resources(
         if blobs is None:
             blobs = await open_blob_store(settings)
             stack.push_async_callback(blobs.close)
-        space = FreeSpace.of_settings(settings)  # HOUNSFIELD_MIN_FREE_BYTES / _PERCENT (server/diskspace.py)
+        space = FreeSpace.of_settings(settings)  # HOUNSFIELD_MIN_FREE_BYTES / _PERCENT (server/platform/diskspace.py)
         stack.callback(telemetry.watch_free_space(space))  # hounsfield.disk.* gauges while the server runs
         store = StoreService(
             pool,

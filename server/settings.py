@@ -188,7 +188,7 @@ class Settings:
     max_request_header_bytes: int = 64 * 1024
     """`HOUNSFIELD_MAX_REQUEST_HEADER_BYTES`: requests with larger HTTP headers in all get 431."""
 
-    # --- HTTP connections (server/connections.py) ---
+    # --- HTTP connections (server/platform/connections.py) ---
     http_header_timeout_seconds: int = 30
     """`HOUNSFIELD_HTTP_HEADER_TIMEOUT_SECONDS`: a connection whose request headers are not complete this long after
     it opened (or after its previous response) is closed, with 408 when part of a request had come (a client that
@@ -205,7 +205,7 @@ class Settings:
     start the process raises its descriptor limit (RLIMIT_NOFILE) to the hard limit, and lowers this one to fit
     in it when it does not."""
 
-    # --- free space (server/diskspace.py) ---
+    # --- free space (server/platform/diskspace.py) ---
     min_free_bytes: int = 1024**3
     """`HOUNSFIELD_MIN_FREE_BYTES` (default 1 GiB; 0 with a percent of 0 turns the watermark off): below this much
     free space on the data folder, the spool, the filesystem blob store or the embedded database's folder, ingest

@@ -24,9 +24,9 @@ import uvicorn
 from dicomweb_client.api import DICOMwebClient
 
 from authz.tokens import issue_token
-from server import db
 from server.app import create_app
 from server.dbroles import APP_ROLE, with_user
+from server.platform import db
 from server.settings import Settings
 from tests.s3util import moto  # noqa: F401 - the moto S3 server fixture, shared by S3 tests
 

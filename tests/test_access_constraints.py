@@ -9,7 +9,7 @@ import pytest
 from dicomweb.access import AccessConstraints, Grant, UnknownConstraint
 from dicomweb.query import Level, parse_query
 from dicomweb.search import search
-from server import db
+from server.platform import db
 from tests.factory import ct, multipart, part10, stow_headers
 
 

@@ -13,7 +13,7 @@ import httpx
 from authz.audit import key_verifier
 from authz.auditverify import verify
 from authz.keys import load_or_create
-from server import db
+from server.platform import db
 from tests.conftest import bearer
 from tests.factory import ct, multipart, part10, stow_headers
 

@@ -42,7 +42,7 @@ from authz.auditsyslog import SyslogForwarder
 from authz.auditverify import VerifyResult, verify, verify_segment
 from authz.decision import Decision, Resource
 from authz.principal import Principal
-from server import db, jobs
+from server.platform import db, jobs
 from tests.conftest import app_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def test_sequential_and_concurrent_appends_make_one_gapless_chain(dsn: str) -> N
 
 APPENDER = """
 import asyncio, sys
-from server import db
+from server.platform import db
 from authz.audit import AuditTrail
 from tests.test_audit import record
 

@@ -27,7 +27,7 @@ from authz import keys
 from authz.audit import AuditTrail, checkpoint_handler, checkpoint_message, key_signer, key_verifier
 from authz.auditanchor import AuditAnchors, FileAnchor, S3Anchor, open_anchors, parse_entry
 from authz.auditsyslog import SyslogForwarder
-from server import db, jobs
+from server.platform import db, jobs
 from server.settings import Settings
 from tests.conftest import LiveServer, app_dsn, free_port
 from tests.s3util import ACCESS_KEY, SECRET_KEY, Moto, s3_settings

@@ -31,7 +31,7 @@ from authz.breakglass import (
     visible_length,
 )
 from authz.keys import load_or_create
-from server import db
+from server.platform import db
 from tests.conftest import LiveServer, bearer
 from tests.factory import ct, multipart, part10, stow_headers
 

@@ -1,11 +1,11 @@
-"""The pool's reset (server/db.py): a released connection loses its session state unless its checkout vouched
+"""The pool's reset (server/platform/db.py): a released connection loses its session state unless its checkout vouched
 that it left none (`vouch_stateless`, used by the ingest path to save a round trip per checkout)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from server import db
+from server.platform import db
 
 
 def test_release_resets_session_state_unless_vouched(dsn: str) -> None:

@@ -1,6 +1,6 @@
-"""A disk that fills (server/diskspace.py): below the free-space watermark ingest is refused cleanly (STOW-RS 503
-with Retry-After, C-STORE A700), derived work waits, reads go on and /readyz and the `hounsfield.disk.*` gauges say
-so; a write that hits a full file system (ENOSPC) fails that instance alone with A700, never a 500.
+"""A disk that fills (`server.platform.diskspace`): below the free-space watermark ingest is refused cleanly (STOW-RS
+503 with Retry-After, C-STORE A700), derived work waits, reads go on and /readyz and the `hounsfield.disk.*` gauges
+say so; a write that hits a full file system (ENOSPC) fails that instance alone with A700, never a 500.
 
 The full disk is real: a small tmpfs mounted over the blob folder in the server's own mount namespace (`unshare -m`,
 which needs root: skipped elsewhere). The test reaches that file system through /proc/<pid>/root. The watermark alone
@@ -23,8 +23,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from server import telemetry
-from server.diskspace import FreeSpace
+from server.platform import telemetry
+from server.platform.diskspace import FreeSpace
 from server.settings import Settings, SettingsError
 from tests.conftest import free_port
 from tests.dimse_util import TITLE, start

@@ -27,7 +27,7 @@ from fhir import sync
 from fhir.bodyparts import BODY_PARTS
 from fhir.imagingstudy import InstanceData, SeriesData
 from fhir.repository import FhirRepository, Filing
-from server import db, jobs
+from server.platform import db, jobs
 from server.settings import Settings, SettingsError
 from tests.conftest import LiveServer
 from tests.factory import ct, multipart, part10, stow_headers

@@ -8,7 +8,7 @@ import pytest
 
 from fhir.errors import ResourceGone, ResourceNotFound, VersionConflict
 from fhir.repository import FhirRepository, Filing, Stored, parse_etag
-from server import db
+from server.platform import db
 
 
 def test_versions_history_and_deletion(dsn: str) -> None:

@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from server import db
+from server.platform import db
 from tests.conftest import LiveServer, _with_db, bearer
 from tests.test_fhir_subscriptions import FHIR_HEADERS, subscribe, subscription
 

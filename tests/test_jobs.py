@@ -13,7 +13,7 @@ import pytest
 
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.store import IngestActivity, gc_handler
-from server import db, jobs
+from server.platform import db, jobs
 
 
 async def _pool(dsn: str) -> asyncpg.Pool:

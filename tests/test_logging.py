@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
-from server.logs import FORMAT, OneLineFormatter
+from server.platform.logs import FORMAT, OneLineFormatter
 from server.settings import Settings
 from tests.conftest import admin_token
 from tests.factory import ct, multipart, part10, stow_headers

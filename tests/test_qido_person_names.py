@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from dicomweb.index.search import build
 from dicomweb.query import Level, parse_query
-from server import db
+from server.platform import db
 from tests.conftest import _with_db
 from tests.dimse_util import start
 from tests.factory import ct

@@ -18,7 +18,7 @@ import numpy as np
 
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.store import gc_handler
-from server import jobs
+from server.platform import jobs
 from tests.test_ranges import HTJ2K_RPCL, frames_url, original, phantom, pylibjpeg_decode, store
 
 J2K = "1.2.840.10008.1.2.4.90"

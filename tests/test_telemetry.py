@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from server import telemetry
+from server.platform import telemetry
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def test_asyncpg_is_instrumented_only_once_spans_are_consumed() -> None:
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from server import telemetry
+from server.platform import telemetry
 from server.settings import Settings
 tel = telemetry.configure(Settings.from_env({}))
 print(AsyncPGInstrumentor().is_instrumented_by_opentelemetry)
@@ -230,7 +230,7 @@ def test_inference_metrics_reach_the_configured_exporter() -> None:
     come out as `hounsfield.inference.*` metrics with their attributes."""
     code = textwrap.dedent(
         """
-        from server import telemetry
+        from server.platform import telemetry
         from server.settings import Settings
         tel = telemetry.configure(Settings.from_env({"HOUNSFIELD_OTEL_EXPORTER": "console"}))
         from inference import monitoring

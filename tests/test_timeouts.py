@@ -1,4 +1,4 @@
-"""Slow and idle clients against `hounsfield serve` (server/connections.py): headers that never end, bodies that
+"""Slow and idle clients against `hounsfield serve` (`server.platform.connections`): headers that never end, bodies that
 stall or announce more than they send, and more connections than the limit. Raw sockets, because every HTTP client
 library finishes its requests; the server is a real child process (the header deadline and the connection limit
 live in the HTTP protocol uvicorn runs)."""
@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.connections import connection_budget
+from server.platform.connections import connection_budget
 from server.settings import Settings, SettingsError
 from tests.factory import ct, part10
 from tests.procs import ServerProcess, serve

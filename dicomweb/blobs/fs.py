@@ -13,7 +13,7 @@ import anyio
 import anyio.to_thread
 
 from dicomweb.blobs.base import BlobInfo, BlobNotFound, BlobStoreError, check_key
-from server import private
+from server.platform import private
 
 
 def _fsync_dir(path: Path) -> None:

@@ -36,8 +36,8 @@ from dicomweb.dimse.routing import CALLING_AE
 from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected, ParsedInstance, check_structure
 from dicomweb.store import Outcome, StoredInstance, out_of_resources
 from dicomweb.storeauth import NOT_AUTHORIZED, Admission, Denial, instance_resource, policy_admission
-from server import private
-from server.db import Connection, unavailable
+from server.platform import private
+from server.platform.db import Connection, unavailable
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ patterns) and enqueues one `dimse.route` job per matching destination, so a job 
 instance committed. The job handler reads the stored bytes and sends them with C-STORE (`dicomweb.dimse.sender`),
 in the stored transfer syntax or one the destination accepted (`dicomweb.dimse.syntaxes`); a failure
 (destination down, a refusal status) raises, and the queue retries with exponential backoff
-(`server.jobs.backoff_seconds`) up to `MAX_ATTEMPTS`; an instance no accepted syntax can carry fails the job at
+(`server.platform.jobs.backoff_seconds`) up to `MAX_ATTEMPTS`; an instance no accepted syntax can carry fails the job at
 once. The jobs table is the status (`routing_status`, shown
 by `GET /dimse/routing`).
 
@@ -33,8 +33,8 @@ from dicomweb.dimse.audit import outcome_of
 from dicomweb.dimse.config import DimseConfig
 from dicomweb.dimse.sender import NotSent, Outgoing, SendFailed, send
 from dicomweb.store import IngestHook, StoredInstance
-from server import jobs
-from server.db import Connection, Queries
+from server.platform import jobs
+from server.platform.db import Connection, Queries
 
 SQL = Queries(Path(__file__).with_name("dimse.sql"))
 ROUTE_JOB = "dimse.route"

@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 
 from dicomweb.ingest import ParsedInstance
-from server.db import Connection, Queries
+from server.platform.db import Connection, Queries
 
 STORE = Queries(Path(__file__).with_name("store.sql"))
 RETRIEVE = Queries(Path(__file__).with_name("retrieve.sql"))

@@ -23,7 +23,7 @@ import asyncpg
 from dicomweb.access import UNRESTRICTED, AccessConstraints
 from dicomweb.ingest import name_search
 from dicomweb.query import FLOAT_VRS, INDEXED, INT_VRS, Filter, Level, Match, Query, tag_of
-from server.db import Connection, Queries
+from server.platform.db import Connection, Queries
 
 SEARCH = Queries(Path(__file__).with_name("search.sql"))
 

@@ -23,7 +23,7 @@ from dicomweb.query import Level, parse_query
 from dicomweb.routes.common import base_url, dicom_json
 from dicomweb.search import search
 from dicomweb.uids import UID
-from server.errors import warning_header
+from server.platform.http import warning_header
 from server.resources import ResourcesDep
 
 

@@ -23,7 +23,7 @@ from dicomweb.rendering import RenderService
 from dicomweb.retrieve import Plan, parse_frame_list
 from dicomweb.routes.common import base_url
 from dicomweb.routes.wado import BINARY, accept_ranges, cache_headers, not_modified
-from server.errors import warning_header
+from server.platform.http import warning_header
 from server.resources import Resources, ResourcesDep
 
 OPT: dict[str, Any] = {**BINARY, **authz_opt("read", "rendered")}

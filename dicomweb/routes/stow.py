@@ -14,14 +14,14 @@ down before the body arrived (uvicorn's graceful shutdown cancels the request), 
 the parts in flight finish storing, and the answer (202 when some were stored, 409 when none) lists each stored
 instance and a failure for the rest, never a 5xx that hides stored instances.
 
-While free space is below the watermark (server/diskspace.py) a request is answered 503 with Retry-After before its
-body is read; a part that cannot be spooled (the watermark crossed during the request, or the file system full:
-ENOSPC) fails alone with Out of Resources (A700), and the others are stored.
+While free space is below the watermark (`server.platform.diskspace`) a request is answered 503 with Retry-After
+before its body is read; a part that cannot be spooled (the watermark crossed during the request, or the file system
+full: ENOSPC) fails alone with Out of Resources (A700), and the others are stored.
 
-A body that stalls (nothing for `HOUNSFIELD_HTTP_BODY_TIMEOUT_SECONDS`, server/connections.py), or that announced a
-longer Content-Length than it sends, ends the request: the parts received whole are stored (each is a durable store
-of its own, as when the multipart body breaks off) and the response lists them, with the cut part as a Processing
-Failure (0110); the connection is closed after it. With no part received whole, the answer is 408."""
+A body that stalls (nothing for `HOUNSFIELD_HTTP_BODY_TIMEOUT_SECONDS`, `server.platform.connections`), or that
+announced a longer Content-Length than it sends, ends the request: the parts received whole are stored (each is a
+durable store of its own, as when the multipart body breaks off) and the response lists them, with the cut part as a
+Processing Failure (0110); the connection is closed after it. With no part received whole, the answer is 408."""
 
 from __future__ import annotations
 
@@ -47,11 +47,11 @@ from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAIL
 from dicomweb.routes.common import base_url, dicom_json
 from dicomweb.store import IngestHook, Outcome, Spool, StoredInstance, out_of_resources
 from dicomweb.storeauth import Admission, policy_admission
-from server import telemetry
-from server.connections import BodyTimeout
-from server.db import Connection
-from server.diskspace import RETRY_AFTER_SECONDS, BelowWatermark
-from server.errors import warning_header
+from server.platform import telemetry
+from server.platform.connections import BodyTimeout
+from server.platform.db import Connection
+from server.platform.diskspace import RETRY_AFTER_SECONDS, BelowWatermark
+from server.platform.http import warning_header
 from server.resources import Resources, ResourcesDep
 
 PIPELINE = 4
@@ -223,8 +223,9 @@ async def _answer(
 
 
 def refuse_when_full(resources: Resources) -> None:
-    """503 with Retry-After before the body is read, while free space is below the watermark (server/diskspace.py);
-    a volume that runs low during the request fails the parts after that point instead (A700 each)."""
+    """503 with Retry-After before the body is read, while free space is below the watermark
+    (`server.platform.diskspace`); a volume that runs low during the request fails the parts after that point
+    instead (A700 each)."""
     space = resources.store.space
     low = space.low() if space is not None else []
     if low:

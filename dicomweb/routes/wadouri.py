@@ -33,7 +33,7 @@ from dicomweb.rendering import RenderService
 from dicomweb.retrieve import RetrieveService
 from dicomweb.routes.common import base_url
 from dicomweb.routes.wado import BINARY, cache_headers, not_modified
-from server.errors import warning_header
+from server.platform.http import warning_header
 from server.resources import Resources, ResourcesDep
 
 IDENTIFYING = ("studyUID", "seriesUID", "objectUID")

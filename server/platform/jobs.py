@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from server.db import Connection, DatabaseUnavailable, Queries, unavailable, vouch_stateless
+from server.platform.db import Connection, DatabaseUnavailable, Queries, unavailable, vouch_stateless
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("jobs.sql"))
@@ -64,7 +64,7 @@ class Deferral:
 @dataclass(frozen=True, slots=True)
 class Pause:
     """Job kinds that wait, however overdue, while `active()` is true: derived work that writes blobs (renditions,
-    AI runs) while free space is below the watermark (`server.diskspace`), which would otherwise take the space
+    AI runs) while free space is below the watermark (`server.platform.diskspace`), which would otherwise take the space
     left for ingest and the database. The worker does not take them; they run once `active()` is false again."""
 
     kinds: frozenset[str]

@@ -20,10 +20,29 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from server.settings import Settings
+from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+
+class VolumeSettings(Protocol):
+    """What `FreeSpace.of_settings` reads of the server's settings (`server.settings.Settings` has it)."""
+
+    @property
+    def data_dir(self) -> Path: ...
+    @property
+    def spool_dir(self) -> Path: ...
+    @property
+    def blob_dir(self) -> Path: ...
+    @property
+    def s3(self) -> object | None: ...
+    @property
+    def database_url(self) -> str | None: ...
+    @property
+    def min_free_bytes(self) -> int: ...
+    @property
+    def min_free_percent(self) -> float: ...
+
 
 RETRY_AFTER_SECONDS = 60
 """What a refused client is told to wait (Retry-After, RFC 9110 10.2.3): space is freed by an operator, not soon."""
@@ -104,7 +123,7 @@ class FreeSpace:
         self._was_low = False
 
     @classmethod
-    def of_settings(cls, settings: Settings) -> FreeSpace:
+    def of_settings(cls, settings: VolumeSettings) -> FreeSpace:
         """The volumes a server with `settings` writes to."""
         volumes: list[tuple[str, Path]] = [("data folder", settings.data_dir), ("spool", settings.spool_dir)]
         if settings.s3 is None:

@@ -15,14 +15,14 @@ from typing import Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from server import private
+from server.platform import private
 
 log = logging.getLogger(__name__)
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 """A connection, whether opened directly or acquired from a pool."""
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 _NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 # A constant key for pg_advisory_lock so that several server processes starting at once migrate one at a time.
 _MIGRATION_LOCK = 0x486F756E  # "Houn"
@@ -30,7 +30,7 @@ _MIGRATION_LOCK = 0x486F756E  # "Houn"
 
 class DatabaseUnavailable(ConnectionError):
     """No connection to PostgreSQL can be made now (it is down, restarting or unreachable); the server retries
-    with backoff (`server.dbwatch`). Clients are answered 503 with Retry-After, DIMSE A700."""
+    with backoff (`server.platform.dbwatch`). Clients are answered 503 with Retry-After, DIMSE A700."""
 
 
 RETRY_AFTER_SECONDS = 5
@@ -247,7 +247,7 @@ async def _reset(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(dsn: str, min_size: int, max_size: int, *, connect: Any = None) -> asyncpg.Pool:
-    """The pool; `connect` replaces `asyncpg.connect` for its new connections (`server.dbwatch.DatabaseHealth`:
+    """The pool; `connect` replaces `asyncpg.connect` for its new connections (`server.platform.dbwatch.DatabaseHealth`:
     backoff while the database is unavailable). A connection that broke is closed and replaced by asyncpg on the
     next acquire."""
     pool = await asyncpg.create_pool(

@@ -28,7 +28,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from litestar.enums import ScopeType
 from litestar.middleware.base import DefineMiddleware
@@ -47,11 +47,18 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased, Sampler, SamplingResult
 
-from server.diskspace import FreeSpace
-from server.logs import route_template
-from server.settings import Settings
+from server.platform.diskspace import FreeSpace
+from server.platform.logs import route_template
 
 log = logging.getLogger(__name__)
+
+
+class TelemetrySettings(Protocol):
+    """What telemetry reads of the server's settings (`server.settings.Settings` has it)."""
+
+    @property
+    def otel_exporter(self) -> str: ...
+
 
 SERVICE_NAME = "hounsfield"
 INSTRUMENTATION_NAME = "hounsfield"
@@ -214,7 +221,7 @@ _lock = threading.Lock()
 _current: Telemetry | None = None
 
 
-def configure(settings: Settings) -> Telemetry:
+def configure(settings: TelemetrySettings) -> Telemetry:
     """Set up telemetry for this process (first call) and return it; later calls return the same object.
 
     The first call also installs the providers as OpenTelemetry's global ones and instruments asyncpg."""
@@ -363,7 +370,7 @@ class OpenTelemetryPlugin(_LitestarPlugin):
         return self.config.middleware
 
 
-def litestar_plugin(settings: Settings) -> _LitestarPlugin:
+def litestar_plugin(settings: TelemetrySettings) -> _LitestarPlugin:
     """The plugin `create_app` registers: request spans and HTTP server metrics on this process's providers."""
     tel = configure(settings)
     config = OpenTelemetryConfig(

@@ -15,7 +15,7 @@ need a restart of the server. Two parts:
   committed is lost. It runs in a thread: the parent of several processes has no event loop, and a start blocks.
 
 The listening connections (LISTEN/NOTIFY) re-establish themselves and catch up on what they missed:
-`server.jobs.Worker`, `authz.sessioncache.SessionCache`.
+`server.platform.jobs.Worker`, `authz.sessioncache.SessionCache`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 import asyncpg
 
-from server import db
+from server.platform import db
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
