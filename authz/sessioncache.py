@@ -1,5 +1,5 @@
 """The guard's per-process cache of open break-glass sessions, so that an ordinary request costs no database
-round trip for the break-glass probe (issue 3's cost target on QIDO).
+round trip for the break-glass probe.
 
 Every request passes the subject's open session to the policy (`context.break_glass`), but sessions change
 rarely (started, closed by a reviewer, expired). The cache keeps, per subject (issuer, sub), what the index said:

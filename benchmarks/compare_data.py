@@ -1,4 +1,4 @@
-"""The deterministic synthetic CT data set of benchmarks/compare.py (issue 8): 512 x 512 16-bit Explicit VR Little
+"""The deterministic synthetic CT data set of benchmarks/compare.py: 512 x 512 16-bit Explicit VR Little
 Endian slices of a smooth phantom with noise (so it compresses like CT), realistic patient, study and series
 attributes spread over patients and dates, generated once into a cache folder named by its parameters.
 

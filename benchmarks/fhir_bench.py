@@ -1,4 +1,4 @@
-"""FHIR rows (issue 4): ImagingStudy search by patient and DiagnosticReport create, p50/p95 over HTTP with
+"""FHIR rows: ImagingStudy search by patient and DiagnosticReport create, p50/p95 over HTTP with
 authentication, policy and audit on. STOWs a small archive, waits for the derived ImagingStudy/Patient
 resources (the `fhir.sync` job), then times the requests sequentially on loopback.
 

@@ -1,4 +1,4 @@
-"""Frames (issue 5): OHIF's full-frame request, the first progressive HTJ2K stage by byte range vs the whole
+"""Frames: OHIF's full-frame request, the first progressive HTJ2K stage by byte range vs the whole
 frame, and encoder throughput. STOWs a synthetic 512 x 512 16-bit CT series (smooth phantom + noise), lets the
 `rendition` jobs run (one warm pass asks every frame once, which also makes any missing rendition), then times
 sequential requests on loopback with authentication, policy and audit on.

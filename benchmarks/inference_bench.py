@@ -1,4 +1,4 @@
-"""AI on ingest (issue 7): the cost of a shipped model called directly, through the in-process backend (thread
+"""AI on ingest: the cost of a shipped model called directly, through the in-process backend (thread
 pool; arrays passed by reference) one at a time and with concurrent calls, and, for the lung fields model, the cost
 of building its DICOM SEG (highdicom). Prints images (or volumes) per second and p50/p95 per stage as JSON; each
 backend's overhead over the direct call is reported as a percentage.

@@ -1,4 +1,4 @@
-"""What ingest costs (issue 8, part 2): STOW-RS (10 instances a request, 4 at once) and C-STORE (storescu, one
+"""What ingest costs: STOW-RS (10 instances a request, 4 at once) and C-STORE (storescu, one
 association) of benchmarks/compare.py's data set into one Hounsfield server (authentication, policy and audit
 on), reporting instances/s and the CPU milliseconds per instance spent by the server process (and, of that, its
 event-loop thread), by PostgreSQL and by this client (from /proc and os.times, user + system). A server whose

@@ -1,4 +1,4 @@
-"""Rendered p50 (issue 5): a 512x512 CT frame rendered to JPEG over HTTP, authentication, policy and audit on,
+"""Rendered p50: a 512x512 CT frame rendered to JPEG over HTTP, authentication, policy and audit on,
 beside Orthanc's DICOMweb plugin on the same file (HTTP basic authentication on).
 
 Stores pydicom-data's `693_UNCR.dcm` (512x512 CT, 14 bits, rescale and window in the file) in both servers and

@@ -1,5 +1,4 @@
-"""What authentication, policy and audit cost on QIDO-RS (issue 3: "audit and policy together add under 10% to
-QIDO p50"). One database, servers started side by side in the same run:
+"""What authentication, policy and audit cost on QIDO-RS. One database, servers started side by side in the same run:
 
 - `on`: `hounsfield serve` as shipped: JWT validation, the OPA/Rego guard (break-glass lookup, resource facts,
   decision), and a durable hash-chained audit record committed before each response starts;

@@ -1,4 +1,4 @@
-"""Storage compression (issue 5, `HOUNSFIELD_STORE_COMPRESSION`): bytes stored vs bytes received, and ingest
+"""Storage compression (`HOUNSFIELD_STORE_COMPRESSION`): bytes stored vs bytes received, and ingest
 images/s, with compression off, HTJ2K lossless RPCL (.4.202) and JPEG 2000 lossless (.4.90).
 
     .venv/bin/python benchmarks/storage_bench.py [--slices 40] [--size 512]

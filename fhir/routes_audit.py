@@ -1,4 +1,4 @@
-"""The audit trail for security teams, as FHIR R4 AuditEvent resources (issue 3; IHE BALP records rendered by
+"""The audit trail for security teams, as FHIR R4 AuditEvent resources (IHE BALP records rendered by
 `authz.auditevent`). Mounted under `/fhir`:
 
 - `GET /fhir/AuditEvent?...`: search (https://hl7.org/fhir/R4/auditevent.html#search; parameters in

@@ -1,4 +1,4 @@
-"""FHIR R4 Subscriptions with the rest-hook channel (https://hl7.org/fhir/R4/subscription.html, issue 4).
+"""FHIR R4 Subscriptions with the rest-hook channel (https://hl7.org/fhir/R4/subscription.html).
 
 A client creates a Subscription with `criteria` (a search, `DiagnosticReport?status=final`) and a `rest-hook`
 channel. The server checks it (`prepare_subscription`), activates it and records who wrote it

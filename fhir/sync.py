@@ -1,4 +1,4 @@
-"""The `fhir.sync` job: ImagingStudy, Patient and Endpoint resources derived from the DICOM index (issue 4).
+"""The `fhir.sync` job: ImagingStudy, Patient and Endpoint resources derived from the DICOM index.
 
 Trigger: every ingest path goes through `dicomweb.store.StoreService`, whose hook (`ingest_hook`) queues a
 `fhir.sync` job for the instance's study inside the ingest transaction, keyed by the Study Instance UID and

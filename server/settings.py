@@ -223,7 +223,7 @@ class Settings:
     """`HOUNSFIELD_WORKER`: run the job worker inside the server process."""
     processes: int = 1
     """`HOUNSFIELD_PROCESSES` (default 1): `hounsfield serve` runs this many server processes on one port, each
-    with its own event loop and interpreter lock (one process is bound by its GIL at about one core: issue 8).
+    with its own event loop and interpreter lock (one process is bound by its GIL at about one core).
     The first to lock the data folder's `primary.lock` also runs the DICOM AE and the job worker; the others
     answer HTTP only. The parent process owns the embedded PostgreSQL. Each process holds its own pools and
     caches: budget its resident size (~150 MiB) and database connections (`HOUNSFIELD_DB_POOL_MAX`) per process."""
@@ -245,8 +245,8 @@ class Settings:
     malloc_arenas: int = 0
     """`HOUNSFIELD_MALLOC_ARENAS`: glibc malloc arenas of `hounsfield serve` (default: one per CPU; 0 leaves
     glibc's own limit, 8 per CPU). Worker threads that parse, encode and write each get an arena by default, and
-    freed memory stays resident in each: one per CPU keeps the server's resident size down (issue 8: peak RSS
-    under the benchmark load 184 -> 166 MiB on 2 CPUs) at no measured cost in throughput."""
+    freed memory stays resident in each: one per CPU keeps the server's resident size down at no
+    measured cost in throughput."""
 
     # --- authentication (bearer JWTs) ---
     auth_issuer: str = "hounsfield"

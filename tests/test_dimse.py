@@ -1,4 +1,4 @@
-"""The DICOM node (issue 6): association security, C-ECHO, C-STORE and their audit, with dcmtk and pynetdicom as
+"""The DICOM node: association security, C-ECHO, C-STORE and their audit, with dcmtk and pynetdicom as
 real peers."""
 
 from __future__ import annotations

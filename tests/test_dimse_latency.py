@@ -1,4 +1,4 @@
-"""DIMSE latency regressions (issue 6): a C-FIND round trip on an open association must not wait for a delayed
+"""DIMSE latency regressions: a C-FIND round trip on an open association must not wait for a delayed
 ACK (the server's sockets have Nagle off), and accepting an association must not deep-copy ~170 presentation
 contexts with 45 transfer syntaxes each (tens of ms of CPU per association). Both measured against a real
 server with a pynetdicom SCU whose own socket has Nagle off too, so only the server's behaviour is timed."""

@@ -1,4 +1,4 @@
-"""C-FIND (issue 6): Study Root and Patient Root at every level through the QIDO-RS engine, with findscu and
+"""C-FIND: Study Root and Patient Root at every level through the QIDO-RS engine, with findscu and
 pynetdicom; the policy's constraints, denials, cancel and the Query audit events."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""C-MOVE and C-GET (issue 6): a STOW'd study moved to dcmtk's storescp and fetched by getscu; sub-operation
+"""C-MOVE and C-GET: a STOW'd study moved to dcmtk's storescp and fetched by getscu; sub-operation
 counts, cancel, unknown destination, bad identifiers and policy denials."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Auto-routing (issue 6): rules forward newly stored instances to a remote AE (dcmtk's storescp) through the job
+"""Auto-routing: rules forward newly stored instances to a remote AE (dcmtk's storescp) through the job
 queue, with retries while the destination is down and the jobs as the visible status."""
 
 from __future__ import annotations

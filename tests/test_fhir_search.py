@@ -1,4 +1,4 @@
-"""FHIR R4 search (issue 4) over HTTP on a live server: ImagingStudy, DiagnosticReport, Patient and Endpoint
+"""FHIR R4 search over HTTP on a live server: ImagingStudy, DiagnosticReport, Patient and Endpoint
 written through the repository into the server's database, searched with httpx and fhirpy (a FHIR client).
 Each parameter type, modifiers, date prefixes, chains, _include/_revinclude, paging followed to the end, sort,
 _summary/_elements, strict handling, 400s, and the policy's constraints (a referring physician's care list, a

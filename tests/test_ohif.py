@@ -1,4 +1,4 @@
-"""OHIF v3 end to end (issue 5): the prebuilt viewer from npm in headless Chromium, on a live server with
+"""OHIF v3 end to end: the prebuilt viewer from npm in headless Chromium, on a live server with
 authentication on, lists the studies, renders a CT series and scrolls through it. The harness is tests/ohif.py
 (screenshots are kept in each test's tmp_path; the path is printed)."""
 

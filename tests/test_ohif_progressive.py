@@ -1,4 +1,4 @@
-"""OHIF v3 end to end (issue 5), the configurations that need server features beyond basic WADO-RS: progressive
+"""OHIF v3 end to end, the configurations that need server features beyond basic WADO-RS: progressive
 loading of HTJ2K frames by byte range (`stackRetrieveOptions`) and server-made thumbnails
 (`thumbnailRendering: 'thumbnail'`). Same harness as tests/test_ohif.py."""
 

@@ -1,4 +1,4 @@
-"""OHIF v3 shows a DICOM SEG over its CT (issue 5: "once the AI issue lands, a SEG overlays"; issue 7): a CT series
+"""OHIF v3 shows a DICOM SEG over its CT (the AI results' SEG overlays the image): a CT series
 and a SEG that references it (made by the AI results' SEG builder, inference.outputs.segmentation, as every
 model's SEG is: tests/ohif_seg_data.py) are stored with STOW-RS; OHIF opens the study, the SEG series is loaded
 from the study browser, and the viewport shows the segment's colour while the segmentation panel lists the

@@ -145,7 +145,7 @@ upper({column}) LIKE upper({p});
 {column} @> {p}::jsonb;
 
 -- name: restrict_patients
--- Access constraints from the policy (issue 3): searches only ever see permitted rows, so paging and counts do too.
+-- Access constraints from the policy: searches only ever see permitted rows, so paging and counts do too.
 st.patient_id = ANY({p});
 
 -- name: restrict_patients_excluded

@@ -6,7 +6,7 @@ SELECT instance_pk, sha256, blob_key, study_pk, series_pk, pixel ->> 'original_s
 FROM instances WHERE sop_instance_uid = $1;
 
 -- name: index_instance
--- Study and series rows and the instance insert in one round trip (issue 8). A study or series already indexed is
+-- Study and series rows and the instance insert in one round trip. A study or series already indexed is
 -- only read: no row lock, so concurrent stores into one series do not queue behind each other's commits (they
 -- did while every instance touched the study's and series' updated_at: 50 ms per index transaction under
 -- STOW-RS load, benchmarks/ingest_cost.py). The first instance of a study or series inserts it with its

@@ -216,7 +216,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 class PooledConnection(asyncpg.Connection):
     """A pool connection whose current user may vouch that it left no session state behind (`vouch_stateless`),
-    so that its release skips the reset query (one round trip per checkout on the ingest path, issue 8)."""
+    so that its release skips the reset query (one round trip per checkout on the ingest path)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
