@@ -1,11 +1,11 @@
 """Errors on the FHIR API as OperationOutcome resources (https://hl7.org/fhir/R4/operationoutcome.html; R4 HTTP
 "Handling errors": a 4xx/5xx answer SHOULD carry an OperationOutcome).
 
-The FHIR routes declare `exception_handlers=EXCEPTION_HANDLERS`, which take precedence over the application's
-(server/errors.py) for those routes only, guards included: a policy denial on /fhir is a 403 OperationOutcome
-with the same headers as elsewhere. A request under /fhir that no route takes (404, 405) is answered with
-`http_error` by the application's handlers (`server.app`); a missing or invalid token by the authentication
-middleware (`authz.authn`), with an OperationOutcome under /fhir too.
+The `/fhir` router (`fhir.routes.fhir_router`) declares `EXCEPTION_HANDLERS`, which take precedence over the
+application's (server/errors.py) for its routes only, guards included: a policy denial on /fhir is a 403
+OperationOutcome with the same headers as elsewhere. A request under /fhir that no route takes (404, 405) is
+answered with `http_error` by the application's handlers (`server.app`); a missing or invalid token by the
+authentication middleware (`authz.authn`), with an OperationOutcome under /fhir too.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: http_error,
     Exception: _internal_error,
 }
-"""Route-level handlers for the FHIR routes (`@get(..., exception_handlers=EXCEPTION_HANDLERS)`)."""
+"""The handlers of the `/fhir` router (`fhir.routes.fhir_router`)."""
 
 __all__ = [
     "EXCEPTION_HANDLERS",

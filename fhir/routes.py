@@ -1,10 +1,14 @@
-"""Every route under `/fhir` (mounted by `server.app`), one module per concern."""
+"""Every route under `/fhir`, one module per concern, on one router that answers every error of those routes as
+an OperationOutcome (`fhir.outcome.EXCEPTION_HANDLERS`; FHIR R4 http.html "Handling errors")."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from litestar import Router
+
 from fhir import routes_audit, routes_bundle, routes_meta, routes_rest, routes_search
+from fhir.outcome import EXCEPTION_HANDLERS
 
 
 def fhir_routes() -> list[Any]:
@@ -12,3 +16,9 @@ def fhir_routes() -> list[Any]:
     routes += routes_search.ROUTES
     routes += routes_bundle.ROUTES
     return routes
+
+
+def fhir_router() -> Router:
+    """The `/fhir` router `server.app` mounts; its handlers take precedence over the application's for these
+    routes, guards included."""
+    return Router(path="/fhir", route_handlers=fhir_routes(), tags=["FHIR"], exception_handlers=EXCEPTION_HANDLERS)

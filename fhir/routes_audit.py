@@ -48,7 +48,6 @@ from authz.guard import authz_opt, decision_of
 from dicomweb.routes.common import DICOMWEB_ROOT, base_url, dicom_json
 from fhir.auditsearch import AuditSearch, parse_export, parse_search, strict_handling
 from fhir.outcome import (
-    EXCEPTION_HANDLERS,
     FHIR_JSON,
     FHIR_NDJSON,
     RecordDamaged,
@@ -133,7 +132,6 @@ def searchset(base: str, search: AuditSearch, page: Page) -> dict[str, Any]:
 @get(
     "/AuditEvent",
     opt=authz_opt("search", "AuditEvent"),
-    exception_handlers=EXCEPTION_HANDLERS,
     media_type=FHIR_JSON,
     summary="Search the audit trail (FHIR R4 AuditEvent search)",
 )
@@ -168,7 +166,6 @@ async def _ndjson(pool: asyncpg.Pool, flt: AuditFilter) -> AsyncIterator[bytes]:
 @get(
     "/AuditEvent/$export",
     opt=authz_opt("export", "AuditEvent"),
-    exception_handlers=EXCEPTION_HANDLERS,
     media_type=FHIR_NDJSON,
     summary="Export the audit trail as FHIR AuditEvent NDJSON, in chain order",
 )
@@ -181,7 +178,6 @@ async def export_audit_events(request: Request[Any, Any, Any], resources: Resour
 @get(
     "/AuditEvent/$verify",
     opt=authz_opt("read", "AuditEvent"),
-    exception_handlers=EXCEPTION_HANDLERS,
     media_type=MediaType.JSON,
     summary="Verify the audit trail's hash chain and signed checkpoints",
 )
@@ -212,7 +208,6 @@ async def verify_audit_trail(resources: ResourcesDep) -> Response[bytes]:
 @get(
     "/AuditEvent/{rid:str}",
     opt=authz_opt("read", "AuditEvent"),
-    exception_handlers=EXCEPTION_HANDLERS,
     media_type=FHIR_JSON,
     summary="Read one AuditEvent (its id is its position in the audit chain)",
 )

@@ -48,7 +48,7 @@ from fhir.interactions import (
     update,
     vread,
 )
-from fhir.outcome import EXCEPTION_HANDLERS, error_outcome, issue, operation_outcome
+from fhir.outcome import error_outcome, issue, operation_outcome
 from fhir.routes_audit import fhir_base
 from fhir.routes_rest import FHIR_JSON_UTF8, MINIMAL, OUTCOME, caller_of, json_response, prefer_return, request_body
 from fhir.search import search_bundle
@@ -294,7 +294,6 @@ def _status_of(answer: dict[str, Any]) -> int:
 @post(
     "/",
     opt=authz_opt("create", "Bundle"),
-    exception_handlers=EXCEPTION_HANDLERS,
     media_type=FHIR_JSON_UTF8,
     status_code=200,
     summary="Batch or transaction Bundle (FHIR R4 3.1.0.11)",

@@ -14,19 +14,19 @@ from litestar.params import FromPath
 from authz.guard import authz_opt
 from fhir.capability import IMAGING_STUDY_PARAM, capability_statement, search_parameter, smart_configuration
 from fhir.errors import ResourceNotFound
-from fhir.outcome import EXCEPTION_HANDLERS, FHIR_JSON
+from fhir.outcome import FHIR_JSON
 from fhir.routes_audit import fhir_base
 from server.resources import ResourcesDep
 
 
-@get("/metadata", opt=authz_opt("read", "system"), exception_handlers=EXCEPTION_HANDLERS)
+@get("/metadata", opt=authz_opt("read", "system"))
 async def metadata(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[dict[str, Any]]:
     """The CapabilityStatement: exactly the interactions and search parameters this server implements."""
     body = capability_statement(fhir_base(request, resources), resources.settings)
     return Response(body, media_type=FHIR_JSON)
 
 
-@get("/SearchParameter/{rid:str}", opt=authz_opt("read", "system"), exception_handlers=EXCEPTION_HANDLERS)
+@get("/SearchParameter/{rid:str}", opt=authz_opt("read", "system"))
 async def read_search_parameter(
     request: Request[Any, Any, Any], resources: ResourcesDep, rid: FromPath[str]
 ) -> Response[dict[str, Any]]:
@@ -35,7 +35,7 @@ async def read_search_parameter(
     return Response(search_parameter(fhir_base(request, resources)), media_type=FHIR_JSON)
 
 
-@get("/.well-known/smart-configuration", opt=authz_opt("read", "system"), exception_handlers=EXCEPTION_HANDLERS)
+@get("/.well-known/smart-configuration", opt=authz_opt("read", "system"))
 async def smart(resources: ResourcesDep) -> Response[dict[str, Any]]:
     return Response(smart_configuration(resources.settings), media_type="application/json")
 

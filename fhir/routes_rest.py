@@ -50,7 +50,7 @@ from fhir.interactions import (
     vread,
     writable,
 )
-from fhir.outcome import EXCEPTION_HANDLERS, FHIR_JSON, issue, operation_outcome
+from fhir.outcome import FHIR_JSON, issue, operation_outcome
 from fhir.repository import Stored
 from fhir.routes_audit import fhir_base
 from fhir.types import TYPES, ResourceType
@@ -171,7 +171,7 @@ def type_routes(spec: ResourceType) -> list[Any]:
     name, kind = spec.name, spec.kind
     one = f"/{name}/{{rid:str}}"
     on_stored = stored_resource(name)
-    common: dict[str, Any] = {"exception_handlers": EXCEPTION_HANDLERS, "media_type": FHIR_JSON_UTF8}
+    common: dict[str, Any] = {"media_type": FHIR_JSON_UTF8}
 
     @get(one, opt=authz_opt("read", kind, resource=on_stored), summary=f"Read a {name} (FHIR R4 read)", **common)
     async def read_one(request: AnyRequest, resources: ResourcesDep, rid: FromPath[str]) -> Response[bytes]:

@@ -24,7 +24,7 @@ from dicomweb.routes.common import dicom_json
 from fhir.auditsearch import strict_handling
 from fhir.errors import FhirError
 from fhir.interactions import search_access
-from fhir.outcome import EXCEPTION_HANDLERS, FHIR_JSON
+from fhir.outcome import FHIR_JSON
 from fhir.routes_audit import fhir_base
 from fhir.routes_rest import caller_of, note_break_glass
 from fhir.search import search_bundle
@@ -87,9 +87,7 @@ def _routes(resource_type: str) -> list[Any]:
     name = resource_type.lower()
     search_get.__name__ = search_get.__qualname__ = f"search_{name}"
     search_post.__name__ = search_post.__qualname__ = f"search_{name}_post"
-    common: dict[str, Any] = dict(
-        opt=authz_opt("search", kind), exception_handlers=EXCEPTION_HANDLERS, media_type=FHIR_JSON
-    )
+    common: dict[str, Any] = dict(opt=authz_opt("search", kind), media_type=FHIR_JSON)
     return [
         get(f"/{resource_type}", summary=f"Search {resource_type} (FHIR R4 search)", **common)(search_get),
         post(

@@ -33,7 +33,7 @@ from dicomweb.routes import qido, stow, wado, wadouri
 from dicomweb.routes import rendered as rendered_routes
 from fhir import outcome as fhir_outcome
 from fhir import routes_meta
-from fhir.routes import fhir_routes
+from fhir.routes import fhir_router
 from inference.routes import inference_router
 from server import health
 from server.errors import EXCEPTION_HANDLERS
@@ -108,7 +108,7 @@ def create_app(
             dicomweb,
             *wadouri.ROUTES,
             *health.ROUTES,
-            Router(path="/fhir", route_handlers=fhir_routes(), tags=["FHIR"]),
+            fhir_router(),
             *breakglass.ROUTES,
             *routes_meta.ROOT_ROUTES,
             *dimse_routes.ROUTES,
