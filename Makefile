@@ -10,13 +10,13 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 # Debian packages the tests need (dcmtk: the DIMSE peers echoscu, storescu, findscu, movescu, getscu, storescp;
-# chromium: the headless browser that runs OHIF in tests/test_ohif*.py; orthanc and orthanc-dicomweb: the PACS
-# peer of tests/test_orthanc_peer.py). Installed only when missing.
+# chromium: the headless browser that runs OHIF in tests/e2e/test_ohif*.py; orthanc and orthanc-dicomweb: the PACS
+# peer of tests/e2e/test_orthanc_peer.py). Installed only when missing.
 APT_PACKAGES ?= dcmtk chromium orthanc orthanc-dicomweb
 # The npm project of the browser tests (OHIF's prebuilt viewer and playwright-core, pinned in package-lock.json).
 BROWSER_DIR := tests/browser
 BROWSER_STAMP := $(BROWSER_DIR)/node_modules/.package-lock.json
-# Extra arguments: `make run ARGS="--port 18080 --data /tmp/hf"`, `make test ARGS="tests/test_stow.py -x"`.
+# Extra arguments: `make run ARGS="--port 18080 --data /tmp/hf"`, `make test ARGS="tests/dicomweb/test_stow.py -x"`.
 ARGS ?=
 
 .PHONY: venv run test lint system-deps browser-deps
@@ -74,7 +74,7 @@ browser-deps: $(BROWSER_STAMP)
 
 $(BROWSER_STAMP): $(BROWSER_DIR)/package-lock.json $(BROWSER_DIR)/package.json
 	@if ! command -v npm >/dev/null 2>&1; then \
-		echo "browser-deps: npm not found (Node.js 20 is needed for tests/test_ohif*.py)" >&2; \
+		echo "browser-deps: npm not found (Node.js 20 is needed for tests/e2e/test_ohif*.py)" >&2; \
 		if [ "$${CI:-}" = true ]; then exit 1; fi; exit 0; \
 	fi; \
 	echo "browser-deps: npm ci in $(BROWSER_DIR)"; \

@@ -2,7 +2,7 @@
 
 The policies (`*.rego` in the policy folder, tests excluded) and the JSON policy data are compiled once into a
 rego-cpp bundle with the single entrypoint `hounsfield/authz/decision`; a decision then sets the input and runs
-that plan. Compiling is ~20 ms, a decision well under a few milliseconds (tests/test_engines.py measures the
+that plan. Compiling is ~20 ms, a decision well under a few milliseconds (tests/authz/test_engines.py measures the
 p50), so decisions run inline on the event loop: a thread hop would cost about as much as the evaluation.
 
 The rego-cpp interpreter keeps the input as state between "set input" and "query", so it is not safe to share

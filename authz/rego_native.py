@@ -11,7 +11,7 @@ gives it back: every policy evaluation lost tens of kilobytes, and the server's 
 
 Loading libstdc++ into the global scope before rego-cpp makes every C++ reference of rego-cpp resolve to
 libstdc++'s own operators, whatever was imported first: one allocator for all the C++ code of the process
-(tests/test_memory.py measures it). Nothing to do where there is no libstdc++ to load (not glibc Linux).
+(tests/server/test_memory.py measures it). Nothing to do where there is no libstdc++ to load (not glibc Linux).
 """
 
 from __future__ import annotations

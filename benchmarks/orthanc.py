@@ -15,7 +15,7 @@ no compression, `SyncStorageArea` on (Orthanc's default, like Hounsfield's fsync
 AE titles given as `peers` registered as DICOM modalities (C-FIND/C-MOVE/C-GET are allowed only to those;
 C-ECHO and C-STORE to anyone), no called-AE check, HTTP local-only with authentication when `users` is given,
 and the DICOMweb servers Orthanc's own DICOMweb client may call (`dicomweb_servers`: name -> {"Url": ...,
-"HttpHeaders": {...}}, the plugin's `DicomWeb.Servers`; tests/test_orthanc_peer.py uses them).
+"HttpHeaders": {...}}, the plugin's `DicomWeb.Servers`; tests/e2e/test_orthanc_peer.py uses them).
 """
 
 from __future__ import annotations

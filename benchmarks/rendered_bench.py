@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import admin_token, free_port, wait_ready  # noqa: E402
 from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
-from tests.data import sample  # noqa: E402
-from tests.factory import multipart, stow_headers  # noqa: E402
+from tests.support.data import sample  # noqa: E402
+from tests.support.factory import multipart, stow_headers  # noqa: E402
 
 FILE = "693_UNCR.dcm"
 JPEG = {"Accept": "image/jpeg"}

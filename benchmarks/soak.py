@@ -18,8 +18,8 @@ did not plateau) or a request failed (any status other than 200, or a broken con
 
     .venv/bin/python benchmarks/soak.py [--minutes 30] [--clients 8] [--interval 30] [--env NAME=VALUE ...]
 
-Run on demand (not part of `make test`; tests/test_memory.py is the short version). `--env` passes settings to the
-server, e.g. `--env HOUNSFIELD_POLICY_CACHE_SECONDS=0` to evaluate the policy on every request.
+Run on demand (not part of `make test`; tests/server/test_memory.py is the short version). `--env` passes settings
+to the server, e.g. `--env HOUNSFIELD_POLICY_CACHE_SECONDS=0` to evaluate the policy on every request.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from authz.tokens import issue_token  # noqa: E402
 from benchmarks.harness import free_port, wait_ready  # noqa: E402
 from server.settings import Settings  # noqa: E402
-from tests.factory import ct, multipart, part10, stow_headers  # noqa: E402
+from tests.support.factory import ct, multipart, part10, stow_headers  # noqa: E402
 
 MIB = 1 << 20
 FRAMES = "multipart/related; type=application/octet-stream; transfer-syntax=*"

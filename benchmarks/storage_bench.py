@@ -3,11 +3,12 @@ images/s, with compression off, HTJ2K lossless RPCL (.4.202) and JPEG 2000 lossl
 
     .venv/bin/python benchmarks/storage_bench.py [--slices 40] [--size 512]
 
-For each mode a fresh server (own embedded PostgreSQL, filesystem blobs) receives the same synthetic CT series
-by STOW-RS in batches of 10 (tests/factory.py `ct()` with a smooth phantom plus noise, tests/test_ranges.py
-`phantom()`; `--noise` uses `ct()`'s uniform 12-bit noise instead, a worst case). Stored bytes are the instance
-blobs; the `rendition` job's frames (default HTJ2K RPCL) are counted apart after they settle, since a stored
-.4.202 instance needs none. Ingest rate is wall time of the STOW requests (authentication, policy and audit on).
+For each mode a fresh server (own embedded PostgreSQL, filesystem blobs) receives the same synthetic CT series by
+STOW-RS in batches of 10 (tests/support/factory.py `ct()` with a smooth phantom plus noise,
+tests/dicomweb/test_ranges.py `phantom()`; `--noise` uses `ct()`'s uniform 12-bit noise instead, a worst case).
+Stored bytes are the instance blobs; the `rendition` job's frames (default HTJ2K RPCL) are counted apart after they
+settle, since a stored .4.202 instance needs none. Ingest rate is wall time of the STOW requests (authentication,
+policy and audit on).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.frames_bench import serve  # noqa: E402
 from benchmarks.harness import admin_token  # noqa: E402
-from tests.factory import ct, multipart, part10, stow_headers  # noqa: E402
-from tests.test_ranges import phantom  # noqa: E402
+from tests.dicomweb.test_ranges import phantom  # noqa: E402
+from tests.support.factory import ct, multipart, part10, stow_headers  # noqa: E402
 
 
 def series(slices: int, size: int, noise: bool) -> list[bytes]:
@@ -82,7 +83,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--slices", type=int, default=40)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--noise", action="store_true", help="uniform 12-bit noise (tests/factory.py ct())")
+    parser.add_argument("--noise", action="store_true", help="uniform 12-bit noise (tests/support/factory.py ct())")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "storage.json")
     args = parser.parse_args()
     parts = series(args.slices, args.size, args.noise)

@@ -1,6 +1,6 @@
 """Keep the DICOM Conformance Statement true: its machine-readable tables against the running code.
 
-`python -m conformance.check` prints the differences and exits 1 when there are any; `tests/test_conformance.py`
+`python -m conformance.check` prints the differences and exits 1 when there are any; `tests/server/test_conformance.py`
 runs the same checks.
 
 - Endpoints: every (method, path) in the statement's endpoint table is a route of the app, and every route

@@ -3,7 +3,7 @@
 
 Built from the same tables the routes are built from (`fhir.types.TYPES` for interactions,
 `fhir.searchindex.PARAMS` for search parameters), so the statement lists exactly what is implemented;
-tests/test_fhir_capability.py checks every advertised interaction and search parameter against the server.
+tests/fhir/test_fhir_capability.py checks every advertised interaction and search parameter against the server.
 """
 
 from __future__ import annotations

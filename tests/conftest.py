@@ -28,7 +28,7 @@ from server.app import create_app
 from server.dbroles import APP_ROLE, with_user
 from server.platform import db
 from server.settings import Settings
-from tests.s3util import moto  # noqa: F401 - the moto S3 server fixture, shared by S3 tests
+from tests.support.s3util import moto  # noqa: F401 - the moto S3 server fixture, shared by S3 tests
 
 TEMPLATE = "hounsfield_template"
 ADMIN_ROLES = ("admin",)
