@@ -62,17 +62,23 @@ class Selector:
     min_instances: int = 1
 
     def matches(self, facts: SeriesFacts) -> bool:
+        return self.mismatch(facts) is None
+
+    def mismatch(self, facts: SeriesFacts) -> str | None:
+        """Why the series is not an input of this selector (the first condition that fails), None when it is."""
         if self.modality and (facts.modality or "").upper() not in self.modality:
-            return False
+            return f"modality {facts.modality or '(none)'} is not one of {', '.join(self.modality)}"
         if self.sop_class and not facts.sop_classes & set(self.sop_class):
-            return False
+            return f"no instance has a SOP class of {', '.join(self.sop_class)}"
         if self.body_part and (facts.body_part or "").upper() not in self.body_part:
-            return False
+            return f"body part {facts.body_part or '(none)'} is not one of {', '.join(self.body_part)}"
         if self.series_description is not None and not re.search(
             self.series_description, facts.series_description or "", re.IGNORECASE
         ):
-            return False
-        return facts.instances >= self.min_instances
+            return f"the series description does not match {self.series_description!r}"
+        if facts.instances < self.min_instances:
+            return f"{facts.instances} instances, fewer than {self.min_instances}"
+        return None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"min_instances": self.min_instances}
