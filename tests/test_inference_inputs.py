@@ -1,6 +1,7 @@
 """What a model is given, over HTTP: an on-demand request respects the model's input selector (a chest CR sent to a
 brain-tumour model is a 422 with the reason, nothing queued) unless an admin overrides it, which the policy
-refuses to other roles and the audit trail records."""
+refuses to other roles and the audit trail records; a series over `HOUNSFIELD_INFERENCE_MAX_INSTANCES` fails its
+run with the count and the limit instead of being processed in part and reported as succeeded."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from tests.conftest import LiveServer, bearer
 from tests.data import sample
 from tests.factory import multipart, stow_headers
-from tests.test_inference_e2e import CHEST
+from tests.test_inference_e2e import CHEST, result_of
 
 BRAIN_TUMOUR = {
     "name": "tumor",
@@ -28,6 +29,15 @@ BRAIN_TUMOUR = {
     "status": "active",
     "backend": {"adapter": "test-measures"},  # the selector is under test, not the network
 }
+CHEST_MODEL = {
+    "name": "chest",
+    "version": "1.0.0",
+    "task": "chest X-ray measurement",
+    "selector": {"modality": ["CR", "DX"]},
+    "outputs": [],
+    "status": "active",
+    "backend": {"adapter": "test-measures"},
+}
 
 
 @pytest.fixture
@@ -35,6 +45,7 @@ def ai(make_server: Any) -> LiveServer:
     server: LiveServer = make_server(
         inference_quiet_seconds=0.3,
         inference_max_attempts=2,
+        inference_max_instances=2,
         inference_plugins=("tests.inference_plugins",),
     )
     return server
@@ -116,3 +127,18 @@ def test_on_demand_run_respects_the_selector(ai: LiveServer, api: httpx.Client) 
     assert "admin" in accepted["agent"]["roles"]
     assert accepted["outcome_desc"].startswith("model input selector overridden: modality CR is not one of MR")
     assert "selector" not in (records[0].get("outcome_desc") or "")
+
+
+def test_series_over_the_instance_limit_fails_visibly(ai: LiveServer, api: httpx.Client) -> None:
+    assert api.post("/models", json=CHEST_MODEL).status_code == 201
+    _, series = stow_series(api, 3)  # the limit is 2
+    result = result_of(api, series, "chest", ("succeeded", "failed"))
+    assert result["state"] == "failed", result
+    assert "3 instances" in result["error"] and "the 2 a model reads" in result["error"]
+    assert result["attempts"] == 1  # retrying cannot help
+    assert result["stats"] == {} and result["outputs"] == {"series": None, "instances": []}
+    assert result["report"] is None
+    # at the limit the series is read whole
+    _, other = stow_series(api, 2, tag="2")
+    done = result_of(api, other, "chest", ("succeeded", "failed"))
+    assert done["state"] == "succeeded" and done["stats"]["images"] == 2
