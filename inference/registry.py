@@ -3,7 +3,11 @@ runs (active: runs and publishes; shadow: runs and records only; retired: does n
 
 Values are checked once at the edge (house style 2): `parse_model` turns a registration document into a `Model`
 or raises `InvalidModel` naming the field. Versions of one name coexist; at most one is active: promoting a
-version retires the active one (`promote`).
+version retires the active one (`promote`). A document without `status` registers the version as `shadow`
+(`DEFAULT_STATUS`): a new version runs and is compared before it publishes anything.
+
+The registrations of the models this server ships (`inference.models`) are package data in `registrations/`
+(`shipped_documents`; `hounsfield models register --shipped`), each as `shadow`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ SQL = Queries(Path(__file__).with_name("registry.sql"))
 
 Status = Literal["active", "shadow", "retired"]
 STATUSES: tuple[Status, ...] = ("active", "shadow", "retired")
+DEFAULT_STATUS: Status = "shadow"
+"""The status of a registration that names none: it runs and records, and publishes nothing."""
+SHIPPED = Path(__file__).with_name("registrations")
+"""The registration documents of the shipped models (one JSON object per file)."""
 OUTPUTS = ("SEG", "SR", "DiagnosticReport")
 BACKENDS = ("in-process", "ray")
 """`backend.backend` of a registration: pins where the model runs; absent, `HOUNSFIELD_INFERENCE_BACKEND` decides
@@ -195,7 +203,7 @@ def parse_model(raw: Any, adapters: Collection[str]) -> Model:
     bad = [o for o in outputs if o not in OUTPUTS]
     if bad:
         raise InvalidModel(f"outputs: {bad[0]!r} is not one of {', '.join(OUTPUTS)}")
-    status = raw.get("status", "shadow")
+    status = raw.get("status", DEFAULT_STATUS)
     if status not in STATUSES:
         raise InvalidModel(f"status: expected one of {', '.join(STATUSES)}")
     backend = raw.get("backend") or {}
@@ -216,6 +224,17 @@ def parse_model(raw: Any, adapters: Collection[str]) -> Model:
         status=status,
         backend=dict(backend),
     )
+
+
+def shipped_documents() -> list[tuple[str, Any]]:
+    """(file name, parsed JSON) of each shipped registration, by file name."""
+    found = []
+    for path in sorted(SHIPPED.glob("*.json")):
+        try:
+            found.append((path.name, json.loads(path.read_text(encoding="utf-8"))))
+        except ValueError as exc:
+            raise InvalidModel(f"{path.name}: not JSON: {exc}") from None
+    return found
 
 
 def _json(value: Any) -> dict[str, Any]:
