@@ -37,6 +37,9 @@ says what was changed and goes out even when the request's own record cannot be 
 BREAK_GLASS_USED = "hounsfield.break_glass_used"
 """Request state: a handler's further decisions (a type a FHIR search includes, a history version) allowed some
 access only because of a break-glass session; the record is flagged as when the guard's decision says so."""
+AUDIT_NOTE = "hounsfield.audit_note"
+"""Request state: what a handler did beyond the decided access that the record must show (an on-demand inference
+run overriding the model's input selector); it goes into the record's outcome_desc."""
 
 
 def _resource(scope: Scope, kind: str) -> Resource:
@@ -73,6 +76,9 @@ def record_for(scope: Scope, status: int) -> Any:
     flagged = isinstance(decision, Decision) and bool(decision.obligations.get("break_glass"))
     flagged = flagged or state.get(BREAK_GLASS_USED) is True
     session = break_glass_of(scope) if flagged else None
+    notes = [f"break-glass session {session['id']}"] if session and status < 400 else []
+    if isinstance(state.get(AUDIT_NOTE), str):
+        notes.append(state[AUDIT_NOTE])
     return request_record(
         state.get(PRINCIPAL),
         decision,
@@ -85,7 +91,7 @@ def record_for(scope: Scope, status: int) -> Any:
         client_ip=client[0] if client else None,
         break_glass=flagged,
         reason=str(session["reason"]) if session else None,
-        outcome_desc=f"break-glass session {session['id']}" if session and status < 400 else None,
+        outcome_desc="; ".join(notes) or None,
     )
 
 

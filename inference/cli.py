@@ -1,7 +1,11 @@
 """`hounsfield models register|list|promote|shadow|retire`: the model registry from the command line, for the
 operator of the server's data folder (or `DATABASE_URL`); the same checks as `POST /models`.
 
-- `register FILE` (a JSON registration document, `-` for standard input; see `inference.registry.parse_model`)
+- `register FILE` (a JSON registration document, `-` for standard input; see `inference.registry.parse_model`);
+  `register --shipped`: the registrations of the models this server ships (`inference/registrations/*.json`),
+  idempotent: a version registered already is left as it is and said to be. `--status S` registers with that
+  status whatever the documents say; a document without one registers as `shadow`, and the output always
+  names the status each version got.
 - `list [--name N] [--status S] [--json]`
 - `promote NAME VERSION` (active; the version that was active is retired), `shadow NAME VERSION`,
   `retire NAME VERSION`.
@@ -24,7 +28,7 @@ from typing import Any
 import asyncpg
 
 from inference import registry
-from inference.errors import InferenceError
+from inference.errors import InferenceError, ModelExists
 from inference.models import catalog
 from server.clisettings import settings_from_args
 from server.dbroles import database_url
@@ -53,17 +57,55 @@ def _read(path: str) -> Any:
         raise InferenceError(f"{path}: not JSON: {exc}") from None
 
 
+def _documents(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """(source, document) of each registration to make, with `--status` applied."""
+    if args.shipped == (args.file is not None):
+        raise InferenceError("models register: name a FILE or --shipped (one of them)")
+    documents = registry.shipped_documents() if args.shipped else [(args.file, _read(args.file))]
+    if args.status is not None:
+        documents = [
+            (source, {**raw, "status": args.status} if isinstance(raw, dict) else raw) for source, raw in documents
+        ]
+    return documents
+
+
+async def _register(conn: db.Connection, models: list[tuple[registry.Model, bool]], *, shipped: bool) -> int:
+    """Register each version and say with which status (and that it is the default when the document gave none);
+    shipped ones that exist already are left as they are."""
+    added = 0
+    for model, named in models:
+        try:
+            stored = await registry.register(conn, model)
+        except ModelExists:
+            if not shipped:
+                raise
+            existing = await registry.get(conn, model.name, model.version)
+            print(f"{existing.key} is registered already ({existing.status}): unchanged")
+            continue
+        added += 1
+        default = "" if named else f" (no status given: {registry.DEFAULT_STATUS} is the default)"
+        print(f"registered {stored.key} as {stored.status}{default}")
+    if shipped and added == 0:
+        print("nothing changed: every shipped model is registered already")
+    if any(m.status == "shadow" for m, _ in models) and added:
+        print("shadow versions run and record, and publish nothing; `hounsfield models promote NAME VERSION`")
+    return 0
+
+
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
     command = args.models_command
     if command == "register":
-        model = registry.parse_model(_read(args.file), catalog(settings.inference_plugins))
+        adapters = catalog(settings.inference_plugins)
+        documents = _documents(args)
+        registering = [
+            (registry.parse_model(raw, adapters), isinstance(raw, dict) and "status" in raw) for _, raw in documents
+        ]
     if command == "deploy":
         return await _deploy(settings)
     async with _pool(settings) as pool, pool.acquire() as conn:
         if command == "register":
-            stored = await registry.register(conn, model)
-            print(f"registered {stored.key} ({stored.status})")
-        elif command == "list":
+            return await _register(conn, registering, shipped=args.shipped)
+        if command == "list":
             models = await registry.list_models(conn, args.name, args.status)
             if args.json:
                 print(json.dumps([m.to_json() for m in models]))
@@ -104,8 +146,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("models", help="register, list, promote, shadow or retire AI models")
     sub = parser.add_subparsers(dest="models_command", required=True)
-    reg = sub.add_parser("register", help="register a model version from a JSON document")
-    reg.add_argument("file", help="the registration document (JSON), or - for standard input")
+    reg = sub.add_parser("register", help="register a model version from a JSON document, or the shipped models")
+    reg.add_argument("file", nargs="?", help="the registration document (JSON), or - for standard input")
+    reg.add_argument("--shipped", action="store_true", help="the shipped models' registrations (idempotent; as shadow)")
+    reg.add_argument(
+        "--status",
+        choices=registry.STATUSES,
+        help=f"register with this status (default: the document's, else {registry.DEFAULT_STATUS})",
+    )
     listing = sub.add_parser("list", help="list registered model versions")
     listing.add_argument("--name", help="only this model")
     listing.add_argument("--status", choices=registry.STATUSES, help="only versions with this status")

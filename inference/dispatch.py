@@ -12,13 +12,16 @@ against every active and shadow model (`inference.registry.Selector`) and, for e
 row exists: dispatching a series twice (a late instance, a second server) runs each model version once.
 
 On demand: `request_inference` records a request and claims/queues the same way (a failed result is run again);
-its status is the result row's (`request_status`).
+its status is the result row's (`request_status`). The model's selector holds there as well: a series it does not
+match is refused (`InputRejected`, with the reason) unless the request overrides the selector, which the policy
+allows to admins only and the audit record names (`inference.routes`).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ import asyncpg
 from dicomweb.access import UNRESTRICTED, AccessConstraints
 from dicomweb.store import IngestHook, StoredInstance
 from inference import registry
-from inference.errors import InputNotFound, InvalidModel, RequestNotFound
+from inference.errors import InputNotFound, InputRejected, InvalidModel, RequestNotFound
 from inference.registry import Model, SeriesFacts
 from server.platform import jobs
 from server.platform.db import Connection, Queries
@@ -115,6 +118,15 @@ def quiet_handler(pool: asyncpg.Pool, max_attempts: int) -> jobs.Handler:
     return run
 
 
+@dataclass(frozen=True, slots=True)
+class OnDemand:
+    """An accepted on-demand request; `overridden`: why the model's selector refused the series, when the
+    request overrode it (None: the selector matched)."""
+
+    request_id: uuid.UUID
+    overridden: str | None = None
+
+
 async def request_inference(
     conn: Connection,
     *,
@@ -124,13 +136,19 @@ async def request_inference(
     version: str | None,
     requested_by: str,
     max_attempts: int,
-) -> uuid.UUID:
-    """An on-demand run of one model (its active version unless `version`) on one series of a study."""
+    override_selector: bool = False,
+) -> OnDemand:
+    """An on-demand run of one model (its active version unless `version`) on one series of a study. A series
+    the model's selector does not match is refused (`InputRejected`, nothing queued) unless `override_selector`
+    (the caller's policy decision allowed the override)."""
     found = await series_facts(conn, series_uid)
     if found is None or found[0].study_uid != study_uid:
         raise InputNotFound(f"series {series_uid} of study {study_uid} is not in the archive")
     facts, _ = found
     model = await _requested_model(conn, name, version)
+    mismatch = model.selector.mismatch(facts)
+    if mismatch is not None and not override_selector:
+        raise InputRejected(f"model {model.key} does not take this series: {mismatch}")
     request_id = uuid.uuid4()
     async with conn.transaction():
         shadow = model.status == "shadow"
@@ -142,7 +160,7 @@ async def request_inference(
         await conn.execute(
             SQL["insert_request"], request_id, study_uid, series_uid, model.name, model.version, requested_by
         )
-    return request_id
+    return OnDemand(request_id, mismatch)
 
 
 async def _requested_model(conn: Connection, name: str, version: str | None) -> Model:

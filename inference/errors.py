@@ -32,5 +32,9 @@ class InputNotFound(InferenceError):
     """The study or series of an on-demand request is not in the archive (404)."""
 
 
+class InputRejected(InferenceError):
+    """The model cannot take the series of an on-demand request (its input selector does not match) (422)."""
+
+
 class ModelFailed(InferenceError):
     """A model could not produce a result for its input (the job is retried, then fails visibly)."""

@@ -5,9 +5,15 @@
   C.8.20.2: name, version, family) on every segment, Segment Algorithm Type AUTOMATIC, Content Qualification
   RESEARCH (PS3.3 C.7.6.23: not a product result) and a Series Description saying it is AI-generated and not for
   diagnostic use, as IHE AI Results (AIR) asks of AI results.
+  A SEG of images without a patient coordinate system (a CR or DX: no Plane Orientation functional group) carries
+  Patient Orientation, the General Image module's Type 2C attribute for that case (PS3.3 C.7.6.1), copied
+  from the source (the mask's rows and columns are the source's) or empty when the source has none.
 - FHIR R4 DiagnosticReport (status preliminary), subject the study's Patient, imagingStudy the ImagingStudy,
   conclusion, and the measurements as contained Observations in `result` (this server does not host
   Observation). Tagged AIAST ("artificial intelligence asserted", HL7 v3 ObservationValue) in meta.security.
+  An Observation's code carries the measurement's name as text and, where the SR has a standard concept for it
+  (`inference.sr.concepts`: SNOMED CT Volume, DCM Probability), that concept as a Coding, so the report and the
+  SR say the same.
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ IMAGING_CATEGORY = {
 }
 IMAGING_REPORT = {"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}
 UCUM = "http://unitsofmeasure.org"
+CODE_SYSTEMS = {
+    "SCT": "http://snomed.info/sct",
+    "LN": "http://loinc.org",
+    "DCM": "http://dicom.nema.org/resources/ontology/DCM",
+}
+"""FHIR code system URIs of DICOM Coding Scheme Designators (PS3.16 Table 8-1)."""
 UNITS = {"fraction": ("1", "1"), "mm2": ("mm2", "mm2"), "probability": ("1", "1"), "ml": ("mL", "mL")}
 
 
@@ -147,6 +159,9 @@ def segmentation(
         content_qualification=hd.ContentQualificationValues.RESEARCH,
         series_description=f"AI {model.name} {model.version}: {NOT_FOR_DIAGNOSIS}"[:64],
     )
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "PlaneOrientationSequence" not in shared and "PatientOrientation" not in seg:
+        seg.PatientOrientation = sources[0].get("PatientOrientation") or ""
     buffer = io.BytesIO()
     seg.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -158,6 +173,18 @@ def _quantity(name: str, value: float) -> dict[str, Any]:
     if unit is not None:
         quantity.update({"unit": unit[0], "system": UCUM, "code": unit[1]})
     return quantity
+
+
+def _code(name: str) -> dict[str, Any]:
+    """An Observation's code: the measurement's name, and the SR's standard concept for it where there is one."""
+    from inference.sr import concepts  # pydicom's code dictionary loads with the first report
+
+    known = concepts().get(name)
+    if known is None or known[0].scheme_designator not in CODE_SYSTEMS:
+        return {"text": name}
+    concept = known[0]
+    coding = {"system": CODE_SYSTEMS[concept.scheme_designator], "code": concept.value, "display": concept.meaning}
+    return {"coding": [coding], "text": name}
 
 
 def diagnostic_report(
@@ -178,7 +205,7 @@ def diagnostic_report(
             "id": f"m{i}",
             "status": "preliminary",
             "category": [{"coding": [IMAGING_CATEGORY]}],
-            "code": {"text": name},
+            "code": _code(name),
             "subject": {"reference": patient},
             "valueQuantity": _quantity(name, value),
             "note": [{"text": f"{NOT_FOR_DIAGNOSIS}; by {device}"}],

@@ -3,7 +3,11 @@ runs (active: runs and publishes; shadow: runs and records only; retired: does n
 
 Values are checked once at the edge (house style 2): `parse_model` turns a registration document into a `Model`
 or raises `InvalidModel` naming the field. Versions of one name coexist; at most one is active: promoting a
-version retires the active one (`promote`).
+version retires the active one (`promote`). A document without `status` registers the version as `shadow`
+(`DEFAULT_STATUS`): a new version runs and is compared before it publishes anything.
+
+The registrations of the models this server ships (`inference.models`) are package data in `registrations/`
+(`shipped_documents`; `hounsfield models register --shipped`), each as `shadow`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ SQL = Queries(Path(__file__).with_name("registry.sql"))
 
 Status = Literal["active", "shadow", "retired"]
 STATUSES: tuple[Status, ...] = ("active", "shadow", "retired")
+DEFAULT_STATUS: Status = "shadow"
+"""The status of a registration that names none: it runs and records, and publishes nothing."""
+SHIPPED = Path(__file__).with_name("registrations")
+"""The registration documents of the shipped models (one JSON object per file)."""
 OUTPUTS = ("SEG", "SR", "DiagnosticReport")
 BACKENDS = ("in-process", "ray")
 """`backend.backend` of a registration: pins where the model runs; absent, `HOUNSFIELD_INFERENCE_BACKEND` decides
@@ -62,17 +70,23 @@ class Selector:
     min_instances: int = 1
 
     def matches(self, facts: SeriesFacts) -> bool:
+        return self.mismatch(facts) is None
+
+    def mismatch(self, facts: SeriesFacts) -> str | None:
+        """Why the series is not an input of this selector (the first condition that fails), None when it is."""
         if self.modality and (facts.modality or "").upper() not in self.modality:
-            return False
+            return f"modality {facts.modality or '(none)'} is not one of {', '.join(self.modality)}"
         if self.sop_class and not facts.sop_classes & set(self.sop_class):
-            return False
+            return f"no instance has a SOP class of {', '.join(self.sop_class)}"
         if self.body_part and (facts.body_part or "").upper() not in self.body_part:
-            return False
+            return f"body part {facts.body_part or '(none)'} is not one of {', '.join(self.body_part)}"
         if self.series_description is not None and not re.search(
             self.series_description, facts.series_description or "", re.IGNORECASE
         ):
-            return False
-        return facts.instances >= self.min_instances
+            return f"the series description does not match {self.series_description!r}"
+        if facts.instances < self.min_instances:
+            return f"{facts.instances} instances, fewer than {self.min_instances}"
+        return None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"min_instances": self.min_instances}
@@ -189,7 +203,7 @@ def parse_model(raw: Any, adapters: Collection[str]) -> Model:
     bad = [o for o in outputs if o not in OUTPUTS]
     if bad:
         raise InvalidModel(f"outputs: {bad[0]!r} is not one of {', '.join(OUTPUTS)}")
-    status = raw.get("status", "shadow")
+    status = raw.get("status", DEFAULT_STATUS)
     if status not in STATUSES:
         raise InvalidModel(f"status: expected one of {', '.join(STATUSES)}")
     backend = raw.get("backend") or {}
@@ -210,6 +224,17 @@ def parse_model(raw: Any, adapters: Collection[str]) -> Model:
         status=status,
         backend=dict(backend),
     )
+
+
+def shipped_documents() -> list[tuple[str, Any]]:
+    """(file name, parsed JSON) of each shipped registration, by file name."""
+    found = []
+    for path in sorted(SHIPPED.glob("*.json")):
+        try:
+            found.append((path.name, json.loads(path.read_text(encoding="utf-8"))))
+        except ValueError as exc:
+            raise InvalidModel(f"{path.name}: not JSON: {exc}") from None
+    return found
 
 
 def _json(value: Any) -> dict[str, Any]:

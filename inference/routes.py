@@ -4,9 +4,12 @@
 - `GET /models?name=&status=`, `POST /models` (a registration document, see `inference.registry.parse_model`),
   `GET /models/{name}/{version}`, `POST /models/{name}/{version}/promote|shadow|retire`,
   `GET /models/{name}/{version}/summary` (monitoring: `inference.monitoring`).
-- `POST /inference-requests` `{"study", "series", "model", "version"?}` -> 202 Accepted with `Location:
-  /inference-requests/{id}`; `GET /inference-requests/{id}`: its state (queued, running, retrying, succeeded,
-  failed), error, latency, measurements and outputs (SEG series, DiagnosticReport).
+- `POST /inference-requests` `{"study", "series", "model", "version"?, "override_selector"?}` -> 202 Accepted
+  with `Location: /inference-requests/{id}`; 422 when the model's input selector does not take the series (the
+  reason in `error`), unless `"override_selector": true`, which the policy allows to admins only (the resource
+  attribute `override_selector`) and the request's audit record names in its outcome description.
+  `GET /inference-requests/{id}`: its state (queued, running, retrying, succeeded, failed), error, latency,
+  measurements and outputs (SEG series, DiagnosticReport).
 - `GET /inference-results?series=&model=&version=&limit=`: result rows, newest first (failures are visible here).
 
 Requests and results are patient data (`inference` is a patient group in tables.rego): the policy sees the
@@ -28,12 +31,21 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from authz.authn import principal_of
 from authz.decision import Resource
-from authz.guard import authz_opt, decision_of, with_study
+from authz.guard import authz_opt, decision_of, with_attributes, with_study
+from authz.recording import AUDIT_NOTE
 from authz.target import Target, target_of
 from dicomweb import uids
 from dicomweb.access import UNRESTRICTED, AccessConstraints
 from inference import dispatch, monitoring, registry
-from inference.errors import InferenceError, InputNotFound, InvalidModel, ModelExists, ModelNotFound, RequestNotFound
+from inference.errors import (
+    InferenceError,
+    InputNotFound,
+    InputRejected,
+    InvalidModel,
+    ModelExists,
+    ModelNotFound,
+    RequestNotFound,
+)
 from server.platform.db import vouch_stateless
 from server.platform.http import warning_header
 from server.resources import Resources, ResourcesDep
@@ -44,6 +56,7 @@ _STATUS: list[tuple[type[InferenceError], int]] = [
     (InputNotFound, 404),
     (ModelExists, 409),
     (InvalidModel, 400),
+    (InputRejected, 422),
 ]
 
 
@@ -128,10 +141,15 @@ def _field(data: JSONBody[dict[str, Any]], key: str, *, required: bool = True) -
     return value
 
 
-async def _named_target(connection: ASGIConnection[Any, Any, Any, Any]) -> Target:
-    """POST /inference-requests: the study and series the body names, parsed once for the guard (the policy sees
-    the study's patient: a token bound to one patient may ask only for that patient's studies) and the handler
-    (`authz.target`). A body that is not an object naming both as UIDs is a 400 before any decision."""
+def _override(body: dict[str, Any]) -> bool:
+    """`override_selector` of a request body: absent or a JSON boolean."""
+    value = body.get("override_selector", False)
+    if not isinstance(value, bool):
+        raise InvalidModel("override_selector: expected true or false")
+    return value
+
+
+async def _body(connection: ASGIConnection[Any, Any, Any, Any]) -> dict[str, Any]:
     request = connection if isinstance(connection, Request) else Request(connection.scope, connection.receive)
     try:
         body = msgspec.json.decode(await request.body())
@@ -139,6 +157,19 @@ async def _named_target(connection: ASGIConnection[Any, Any, Any, Any]) -> Targe
         raise InvalidModel("the body is not JSON") from None
     if not isinstance(body, dict):
         raise InvalidModel("the body is not a JSON object")
+    return body
+
+
+async def _override_requested(connection: ASGIConnection[Any, Any, Any, Any], resource: Resource) -> Resource:
+    """POST /inference-requests: the policy sees a selector override as `resource.attributes.override_selector`."""
+    return with_attributes(resource, override_selector=True) if _override(await _body(connection)) else resource
+
+
+async def _named_target(connection: ASGIConnection[Any, Any, Any, Any]) -> Target:
+    """POST /inference-requests: the study and series the body names, parsed once for the guard (the policy sees
+    the study's patient: a token bound to one patient may ask only for that patient's studies) and the handler
+    (`authz.target`). A body that is not an object naming both as UIDs is a 400 before any decision."""
+    body = await _body(connection)
     study, series = _field(body, "study"), _field(body, "series")
     assert study is not None and series is not None
     if not uids.is_valid_uid(study) or not uids.is_valid_uid(series):
@@ -155,7 +186,11 @@ async def _requested_study(connection: ASGIConnection[Any, Any, Any, Any], resou
     return await with_study(connection, resource, study)
 
 
-@post("/inference-requests", status_code=202, opt=authz_opt("create", "InferenceRequest", target=_named_target))
+@post(
+    "/inference-requests",
+    status_code=202,
+    opt=authz_opt("create", "InferenceRequest", target=_named_target, resource=_override_requested),
+)
 async def request_inference(
     request: Request[Any, Any, Any], resources: ResourcesDep, data: JSONBody[dict[str, Any]]
 ) -> Response[dict[str, Any]]:
@@ -164,7 +199,7 @@ async def request_inference(
     model, version = _field(data, "model"), _field(data, "version", required=False)
     assert study is not None and series is not None and model is not None
     async with resources.pool.acquire() as conn:
-        request_id = await dispatch.request_inference(
+        accepted = await dispatch.request_inference(
             conn,
             study_uid=study,
             series_uid=series,
@@ -172,9 +207,14 @@ async def request_inference(
             version=version,
             requested_by=principal_of(request).sub,
             max_attempts=_max_attempts(resources),
+            override_selector=_override(data),
         )
-        body = await dispatch.request_status(conn, str(request_id))
-    return Response(body, status_code=202, headers={"Location": f"/inference-requests/{request_id}"})
+        body = await dispatch.request_status(conn, str(accepted.request_id))
+    if accepted.overridden is not None:
+        request.scope.setdefault("state", {})[AUDIT_NOTE] = f"model input selector overridden: {accepted.overridden}"
+        body["selector_overridden"] = accepted.overridden
+    location = f"/inference-requests/{accepted.request_id}"
+    return Response(body, status_code=202, headers={"Location": location})
 
 
 @get("/inference-requests/{rid:str}", opt=authz_opt("read", "InferenceRequest", resource=_requested_study))

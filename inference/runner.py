@@ -51,8 +51,6 @@ from server.platform import jobs, private
 from server.platform.db import Connection
 
 log = logging.getLogger(__name__)
-MAX_INSTANCES = 2000
-"""The most instances of one series a model reads."""
 
 
 @dataclass
@@ -65,6 +63,9 @@ class Runner:
     actor: ServiceActor
     endpoint_address: str
     spool_dir: Path
+    max_instances: int = 2000
+    """The most instances of one series a model reads (`HOUNSFIELD_INFERENCE_MAX_INSTANCES`): a larger series
+    fails the run, never a part of it passed off as the whole."""
 
     async def handle(self, job: jobs.Job) -> None:
         p = job.payload
@@ -101,7 +102,13 @@ class Runner:
             if found is None:
                 raise jobs.PermanentJobError("the series is no longer in the archive")
             facts, modalities = found
-            rows = await conn.fetch(SQL["series_instances"], series_uid, MAX_INSTANCES)
+            rows = await conn.fetch(SQL["series_instances"], series_uid, self.max_instances + 1)
+        if len(rows) > self.max_instances:
+            count = max(facts.instances, len(rows))
+            raise jobs.PermanentJobError(
+                f"the series has {count} instances, more than the {self.max_instances} a model reads"
+                " (HOUNSFIELD_INFERENCE_MAX_INSTANCES); nothing was processed"
+            )
         source = dicomweb_resource(
             "series",
             patient_id=facts.patient_id,

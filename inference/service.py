@@ -64,6 +64,7 @@ def open_inference(
         actor,
         dicomweb_address(settings.public_url, settings.host, settings.port),
         settings.spool_dir,
+        settings.inference_max_instances,
     )
     return InferenceService(settings, adapters, backend, runner)
 

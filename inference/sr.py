@@ -12,6 +12,8 @@ Measurement Report (PS3.16) built with highdicom. Pure: datasets in, Part 10 byt
 Codes: measurement and finding names this module knows map to SNOMED CT / DCM / UCUM codes (`concepts()`); any
 other name gets a code of the private coding scheme `99HOUNSFIELD` (PS3.16 8.2: "99" designates a private scheme)
 whose meaning is the name itself (its value a digest of the name), so a plugin model's measurements are reported too.
+A report using the private scheme declares it in the Coding Scheme Identification Sequence (PS3.3 C.12.1.1.4:
+required when a non-standard scheme designator is used), naming Hounsfield as the responsible organization.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ PROBABILITY_UNIT = Code("1", "UCUM", "no units")
 MR_BRAIN = Code("24590-2", "LN", "MR Brain")
 IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
 """Procedures reported: LOINC MR Brain for MR sources, else SNOMED CT's generic imaging procedure."""
+PRIVATE_SCHEME_NAME = "Hounsfield AI result names"
 SUFFIX_UNITS = {"_ml": MILLILITER, "_mm2": Code("mm2", "UCUM", "square millimeter")}
 """Units of other measurements by the end of their names (as `inference.outputs` reads them); else no units."""
 
@@ -148,6 +151,21 @@ def measurement_report(
         is_complete=True,
         series_description=f"AI {model.name} {model.version}: {NOT_FOR_DIAGNOSIS}"[:64],
     )
+    if evaluations or any(n not in concepts() for n in prediction.measurements):
+        _declare_private_scheme(sr)
     buffer = io.BytesIO()
     sr.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _declare_private_scheme(ds: Dataset) -> None:
+    """Add `99HOUNSFIELD` to the Coding Scheme Identification Sequence (0008,0110)."""
+    from pydicom.sequence import Sequence as DicomSequence
+
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = "Hounsfield"
+    declared = list(ds.get("CodingSchemeIdentificationSequence") or [])
+    if all(d.get("CodingSchemeDesignator") != PRIVATE for d in declared):
+        ds.CodingSchemeIdentificationSequence = DicomSequence([*declared, item])

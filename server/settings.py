@@ -364,6 +364,9 @@ class Settings:
     inference_max_attempts: int = 5
     """`HOUNSFIELD_INFERENCE_MAX_ATTEMPTS`: attempts of one model run (retried after 2, 4, 8 ... seconds) before
     its result is `failed`."""
+    inference_max_instances: int = 2000
+    """`HOUNSFIELD_INFERENCE_MAX_INSTANCES`: the most instances of one series a model reads; a run on a larger
+    series fails at once with the count and this limit as its reason (never a partial volume as a result)."""
     inference_plugins: tuple[str, ...] = ()
     """`HOUNSFIELD_INFERENCE_PLUGINS`: comma-separated Python modules with more model adapters (`ADAPTERS`)."""
     inference_subject: str = "hounsfield-ai"
@@ -532,6 +535,7 @@ class Settings:
             inference_quiet_seconds=float(_int(env, "HOUNSFIELD_INFERENCE_QUIET_SECONDS", 30, minimum=0)),
             inference_workers=_int(env, "HOUNSFIELD_INFERENCE_WORKERS", 2, minimum=1, maximum=256),
             inference_max_attempts=_int(env, "HOUNSFIELD_INFERENCE_MAX_ATTEMPTS", 5, minimum=1, maximum=20),
+            inference_max_instances=_int(env, "HOUNSFIELD_INFERENCE_MAX_INSTANCES", 2000, minimum=1, maximum=100_000),
             inference_plugins=_list(env, "HOUNSFIELD_INFERENCE_PLUGINS"),
             inference_subject=env.get("HOUNSFIELD_INFERENCE_SUBJECT") or "hounsfield-ai",
             inference_backend=_inference_backend(env),

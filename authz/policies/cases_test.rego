@@ -136,6 +136,14 @@ cases := {
 	"radiologist_requests_inference": {"input": req(["radiologist"], "create", "InferenceRequest", null), "allow": true},
 	"ai_service_reads_models": {"input": req(["ai-service"], "read", "Model", null), "allow": true},
 	"ai_service_cannot_register_models": {"input": req(["ai-service"], "create", "Model", null), "allow": false},
+	"admin_overrides_model_selector": {
+		"input": attributes(req(["admin"], "create", "InferenceRequest", "P1"), {"override_selector": true}),
+		"allow": true,
+	},
+	"radiologist_cannot_override_model_selector": {
+		"input": attributes(req(["radiologist"], "create", "InferenceRequest", "P1"), {"override_selector": true}),
+		"allow": false,
+	},
 	"technologist_cannot_request_inference": {"input": req(["technologist"], "create", "InferenceRequest", null), "allow": false},
 	"patient_token_requests_inference_on_its_patient": {
 		"input": scoped(req(["radiologist"], "create", "InferenceRequest", "P7"), ["patient/*.cruds"], "P7"),

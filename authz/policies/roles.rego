@@ -99,9 +99,22 @@ break_glass_patient_named if {
 	resource_patient != ""
 }
 
+# An on-demand inference run that overrides the model's input selector (resource.attributes.override_selector):
+# running a model on a series it was not made for is a model-registry decision, admins only.
+selector_override if {
+	kind == "InferenceRequest"
+	action == "create"
+	input.resource.attributes.override_selector == true
+}
+
+selector_override_ok if not selector_override
+
+selector_override_ok if "admin" in roles
+
 role_request_ok if {
 	not break_glass_start
 	not self_review
+	selector_override_ok
 }
 
 role_request_ok if {
@@ -145,6 +158,8 @@ role_denials contains "breaking the glass needs a patient" if {
 }
 
 role_denials contains "the subject of a break-glass session may not review it" if self_review
+
+role_denials contains "overriding a model's input selector needs the admin role" if not selector_override_ok
 
 role_denials contains msg if {
 	single_action

@@ -103,6 +103,7 @@ def test_stow_cr_makes_seg_and_report(ai: LiveServer, api: httpx.Client) -> None
     seg = pydicom.dcmread(io.BytesIO(body[body.index(b"DICM") - 128 :]))
     assert seg.Modality == "SEG" and seg.StudyInstanceUID == study and seg.PatientID == source.PatientID
     assert seg.ContentQualification == "RESEARCH"
+    assert seg.PatientOrientation == source.PatientOrientation  # General Image, Type 2C without a plane orientation
     assert "not for diagnostic use" in seg.SeriesDescription
     ref = seg.ReferencedSeriesSequence[0]
     assert ref.SeriesInstanceUID == series
