@@ -1,4 +1,4 @@
-"""The Ray Serve backend (issue 7, the scale-out path): the server calls each model version's Serve deployment
+"""The Ray Serve backend (the scale-out path): the server calls each model version's Serve deployment
 through a `DeploymentHandle`, behind the same `InferenceBackend` Protocol as the in-process thread pool.
 
 - Pixel data travels as numpy arrays (`inference.ray_wire`): Ray serializes them with pickle protocol 5 out-of-band

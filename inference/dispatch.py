@@ -1,4 +1,4 @@
-"""Dispatch (issue 7): which models run on which series, and when.
+"""Dispatch: which models run on which series, and when.
 
 Trigger: every ingest path goes through `dicomweb.store.StoreService`, whose hook (`ingest_hook`) queues an
 `inference.series_quiet` job for the instance's series inside the ingest transaction, keyed by the Series

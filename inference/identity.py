@@ -1,4 +1,4 @@
-"""The AI service acts under its own identity (issue 7): role `ai-service`, decided by the same policy as any
+"""The AI service acts under its own identity: role `ai-service`, decided by the same policy as any
 user (authz/policies: it reads imaging, creates imaging and DiagnosticReports, nothing else) and recorded in the
 same tamper-evident audit trail. No bypass: every read of a source series and every write of a result goes
 through `ServiceActor.require` and `ServiceActor.record`.

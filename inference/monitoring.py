@@ -1,4 +1,4 @@
-"""Monitoring of model versions (issue 7): what the summary API shows and the OpenTelemetry metrics record.
+"""Monitoring of model versions: what the summary API shows and the OpenTelemetry metrics record.
 
 - Per version: result counts by state, failures, shadow runs, latency (mean, p50, p95, max, of the model call),
   throughput (results finished in the last hour), the distribution of each output measurement (count, mean,

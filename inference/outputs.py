@@ -1,4 +1,4 @@
-"""Results as DICOM and FHIR (issue 7): pure builders, no I/O.
+"""Results as DICOM and FHIR: pure builders, no I/O.
 
 - DICOM Segmentation (PS3.3 A.51) built with highdicom: a new series in the source study, referencing its source
   images (Referenced Series Sequence, Derivation Image Sequence), with the algorithm identification (PS3.3
@@ -12,7 +12,7 @@
   conclusion, and the measurements as contained Observations in `result` (this server does not host
   Observation). Tagged AIAST ("artificial intelligence asserted", HL7 v3 ObservationValue) in meta.security.
   An Observation's code carries the measurement's name as text and, where the SR has a standard concept for it
-  (`inference.sr.concepts`: SNOMED CT Volume, DCM Probability), that concept as a Coding, so the report and the
+  (`inference.codes.concepts`: SNOMED CT Volume, DCM Probability), that concept as a Coding, so the report and the
   SR say the same.
 """
 
@@ -31,6 +31,7 @@ from inference.models import Algorithm, ImageInput, Prediction
 from inference.registry import Model
 
 NOT_FOR_DIAGNOSIS = "AI-generated; not for diagnostic use"
+
 SEG_SERIES_NUMBER = 9001
 AIAST = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
@@ -177,7 +178,7 @@ def _quantity(name: str, value: float) -> dict[str, Any]:
 
 def _code(name: str) -> dict[str, Any]:
     """An Observation's code: the measurement's name, and the SR's standard concept for it where there is one."""
-    from inference.sr import concepts  # pydicom's code dictionary loads with the first report
+    from inference.codes import concepts  # pydicom's SR modules load with the first report
 
     known = concepts().get(name)
     if known is None or known[0].scheme_designator not in CODE_SYSTEMS:

@@ -1,4 +1,4 @@
-"""What travels between the server and a Ray Serve model replica (issue 7): a pure codec, no Ray in here.
+"""What travels between the server and a Ray Serve model replica: a pure codec, no Ray in here.
 
 Ray serializes arguments and results with pickle protocol 5: a contiguous numpy array's buffer goes out of band
 into the shared-memory object store (one copy in, zero-copy out on the same node) once the whole value is over

@@ -1,4 +1,4 @@
-"""The model registry (issue 7): which models exist, in which versions, what input each takes, and whether it
+"""The model registry: which models exist, in which versions, what input each takes, and whether it
 runs (active: runs and publishes; shadow: runs and records only; retired: does not run).
 
 Values are checked once at the edge (house style 2): `parse_model` turns a registration document into a `Model`

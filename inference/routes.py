@@ -1,4 +1,4 @@
-"""The inference API (issue 7), JSON over HTTP; every route declares its policy kind (authz/policies/tables.rego:
+"""The inference API, JSON over HTTP; every route declares its policy kind (authz/policies/tables.rego:
 `Model` is the `model` group, `InferenceRequest` the `inference` group; admins register and change models).
 
 - `GET /models?name=&status=`, `POST /models` (a registration document, see `inference.registry.parse_model`),

@@ -1,4 +1,4 @@
-"""`inference.run`: one model version on one series, end to end (issue 7).
+"""`inference.run`: one model version on one series, end to end.
 
 1. The result row is marked running (a succeeded one makes the job a no-op: idempotent).
 2. The AI service identity asks the policy to read the series (audited), reads its instances from the blob

@@ -1,4 +1,4 @@
-"""Results as a DICOM Structured Report (issue 7): a Comprehensive 3D SR (PS3.3 A.35.13) holding a TID 1500
+"""Results as a DICOM Structured Report: a Comprehensive 3D SR (PS3.3 A.35.13) holding a TID 1500
 Measurement Report (PS3.16) built with highdicom. Pure: datasets in, Part 10 bytes out.
 
 - One TID 1501 measurement group per result, with a tracking identifier, the finding type, the algorithm
@@ -9,7 +9,7 @@ Measurement Report (PS3.16) built with highdicom. Pure: datasets in, Part 10 byt
 - A new series of the source study (Series Number 9002), its description marking the result AI-generated and
   not for diagnostic use (IHE AI Results). UIDs derive from (series, model, version), so a retry re-finds them.
 
-Codes: measurement and finding names this module knows map to SNOMED CT / DCM / UCUM codes (`concepts()`); any
+Codes: measurement and finding names this module knows map to SNOMED CT / DCM / UCUM codes (`inference.codes`); any
 other name gets a code of the private coding scheme `99HOUNSFIELD` (PS3.16 8.2: "99" designates a private scheme)
 whose meaning is the name itself (its value a digest of the name), so a plugin model's measurements are reported too.
 A report using the private scheme declares it in the Coding Scheme Identification Sequence (PS3.3 C.12.1.1.4:
@@ -18,7 +18,6 @@ required when a non-standard scheme designator is used), naming Hounsfield as th
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+from inference.codes import MILLILITER, PROBABILITY_UNIT, concepts
 from inference.models import Algorithm, Prediction
 from inference.outputs import NOT_FOR_DIAGNOSIS
 from inference.registry import Model
@@ -40,25 +40,12 @@ if TYPE_CHECKING:
 
 SR_SERIES_NUMBER = 9002
 PRIVATE = "99HOUNSFIELD"
-MILLILITER = Code("ml", "UCUM", "milliliter")
-PROBABILITY_UNIT = Code("1", "UCUM", "no units")
 MR_BRAIN = Code("24590-2", "LN", "MR Brain")
 IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
 """Procedures reported: LOINC MR Brain for MR sources, else SNOMED CT's generic imaging procedure."""
 PRIVATE_SCHEME_NAME = "Hounsfield AI result names"
 SUFFIX_UNITS = {"_ml": MILLILITER, "_mm2": Code("mm2", "UCUM", "square millimeter")}
 """Units of other measurements by the end of their names (as `inference.outputs` reads them); else no units."""
-
-
-@functools.cache
-def concepts() -> dict[str, tuple[Code, Code]]:
-    """Measurement name -> (concept name, unit)."""
-    from pydicom.sr.codedict import codes
-
-    return {
-        "total_intracranial_volume_ml": (codes.SCT.Volume, MILLILITER),
-        "tumor_probability": (codes.DCM.Probability, PROBABILITY_UNIT),
-    }
 
 
 def finding_type(algorithm: str) -> Code:

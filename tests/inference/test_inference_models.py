@@ -30,6 +30,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from inference.codes import MILLILITER
 from inference.dispatch import dispatch_series
 from inference.errors import ModelFailed
 from inference.models import ImageInput, ModelInput, Prediction
@@ -37,7 +38,7 @@ from inference.models.deepbet_brain import TIV, DeepbetBrain, build_volume
 from inference.models.tumor import FINDING, TumorClassifier, eight_bit, middle_slice
 from inference.outputs import image_input, segmentation
 from inference.registry import Model, parse_model
-from inference.sr import MILLILITER, measurement_report
+from inference.sr import measurement_report
 from tests.conftest import LiveServer
 from tests.support.factory import multipart, part10, stow_headers
 from tests.support.mr_volume import MNI_T1, mni_volume, mr_series

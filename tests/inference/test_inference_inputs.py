@@ -16,9 +16,9 @@ import pydicom
 import pytest
 
 from tests.conftest import LiveServer, bearer
-from tests.data import sample
-from tests.factory import multipart, stow_headers
-from tests.test_inference_e2e import CHEST, result_of
+from tests.inference.test_inference_e2e import CHEST, result_of
+from tests.support.data import sample
+from tests.support.factory import multipart, stow_headers
 
 BRAIN_TUMOUR = {
     "name": "tumor",
@@ -46,7 +46,7 @@ def ai(make_server: Any) -> LiveServer:
         inference_quiet_seconds=0.3,
         inference_max_attempts=2,
         inference_max_instances=2,
-        inference_plugins=("tests.inference_plugins",),
+        inference_plugins=("tests.support.inference_plugins",),
     )
     return server
 
