@@ -1,8 +1,9 @@
 """Typed, frozen settings built once at start from the environment.
 
-Every field is documented here and in the README; `Settings.from_env` validates values and raises
-`SettingsError` with a message naming the variable, so a misconfigured server refuses to start instead of
-failing on the first request.
+Every field is documented here and in the README. A field read from one environment variable declares it with
+its default and parser (`setting(...)`, server/platform/settings.py); `Settings.from_env` loads those and builds
+the few values that need several variables or checks across fields. A malformed value raises `SettingsError`
+naming the variable, so a misconfigured server refuses to start instead of failing on the first request.
 """
 
 from __future__ import annotations
@@ -17,6 +18,21 @@ from dicomweb.dimse.config import DimseConfig, DimseConfigError, ae_title, parse
 from dicomweb.dimse.config import check as check_dimse
 from dicomweb.dimse.config import check_tls as check_dimse_tls
 from dicomweb.dimse.config import parse_tls as parse_dimse_tls
+from server.platform.settings import (
+    SettingsError,
+    boolean,
+    choice,
+    http_url,
+    integer,
+    items,
+    load,
+    path,
+    postgres_url,
+    setting,
+    url_prefixes,
+)
+
+__all__ = ["PUBLIC_PATHS", "S3Settings", "Settings", "SettingsError"]
 
 PUBLIC_PATHS = (
     "/healthz",
@@ -29,80 +45,41 @@ PUBLIC_PATHS = (
 """Paths answered without a token by default (`HOUNSFIELD_AUTH_PUBLIC_PATHS` replaces the list)."""
 
 
-class SettingsError(ValueError):
-    """A configuration value is missing or malformed; the message names the environment variable."""
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    low = raw.strip().lower()
-    if low in {"1", "true", "yes", "on"}:
-        return True
-    if low in {"0", "false", "no", "off"}:
-        return False
-    raise SettingsError(f"{name}: expected a boolean (true/false), got {raw!r}")
-
-
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int = 2**63) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: expected an integer, got {raw!r}") from None
-    if not minimum <= value <= maximum:
-        raise SettingsError(f"{name}: {value} is outside {minimum}..{maximum}")
-    return value
-
-
-def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
-    raw = env.get(name, "")
-    return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-
-def _url(env: Mapping[str, str], name: str) -> str | None:
-    raw = env.get(name) or None
-    if raw is not None and not raw.startswith(("http://", "https://")):
-        raise SettingsError(f"{name}: expected an http(s):// URL")
-    return raw
-
-
-def _url_prefixes(env: Mapping[str, str], name: str) -> tuple[str, ...]:
-    """Comma-separated http(s) URL prefixes, each with a host and neither credentials, query nor fragment."""
-    prefixes = _list(env, name)
-    for prefix in prefixes:
-        parts = urlparse(prefix)
-        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
-            raise SettingsError(f"{name}: {prefix!r} is not an http(s)://host/... URL prefix")
-        if parts.query or parts.fragment:
-            raise SettingsError(f"{name}: {prefix!r} must not have a query or fragment")
-    return prefixes
-
-
-def _path(env: Mapping[str, str], name: str) -> Path | None:
-    raw = env.get(name) or None
-    return Path(raw) if raw else None
-
-
 _ASYMMETRIC = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
 
 
-def _algorithms(env: Mapping[str, str]) -> tuple[str, ...]:
-    names = _list(env, "HOUNSFIELD_AUTH_ALGORITHMS") or ("RS256", "ES256", "PS256")
+def _algorithms(name: str, raw: str) -> tuple[str, ...]:
+    names = items(name, raw) or ("RS256", "ES256", "PS256")
     bad = [n for n in names if n not in _ASYMMETRIC]
     if bad:
-        raise SettingsError(f"HOUNSFIELD_AUTH_ALGORITHMS: only asymmetric algorithms are allowed, not {', '.join(bad)}")
+        raise SettingsError(f"{name}: only asymmetric algorithms are allowed, not {', '.join(bad)}")
     return names
 
 
-def _dimse_title(env: Mapping[str, str]) -> str:
+def _public_paths(name: str, raw: str) -> tuple[str, ...]:
+    return items(name, raw) or PUBLIC_PATHS
+
+
+def _public_url(name: str, raw: str) -> str | None:
+    url = raw.rstrip("/") or None
+    if url and not url.startswith(("http://", "https://")):
+        raise SettingsError(f"{name}: expected an http(s):// URL")
+    return url
+
+
+def _ae_title(name: str, raw: str) -> str:
     try:
-        return ae_title(env.get("HOUNSFIELD_DIMSE_AE_TITLE") or "HOUNSFIELD")
+        return ae_title(raw)
     except DimseConfigError as exc:
-        raise SettingsError(f"HOUNSFIELD_DIMSE_AE_TITLE: {exc}") from None
+        raise SettingsError(f"{name}: {exc}") from None
+
+
+def _dimse_max_pdu(name: str, raw: str) -> int:
+    """`HOUNSFIELD_DIMSE_MAX_PDU`: 0 (no limit) or 4096 bytes to 64 MiB."""
+    value: int = integer(0, 64 * 1_048_576)(name, raw)
+    if 0 < value < 4096:
+        raise SettingsError(f"{name}: {value} is below 4096 bytes (0 means no limit)")
+    return value
 
 
 def _dimse(env: Mapping[str, str]) -> DimseConfig:
@@ -149,79 +126,79 @@ DEFAULT_RENDITIONS = ("1.2.840.10008.1.2.4.202",)
 class Settings:
     """Everything the server reads from its environment, validated once."""
 
-    data_dir: Path = Path("var")
+    data_dir: Path = setting("HOUNSFIELD_DATA", Path("var"), parse=path)
     """`HOUNSFIELD_DATA` (or `hounsfield serve --data`): embedded PostgreSQL, blobs and spool files live here."""
-    host: str = "127.0.0.1"
+    host: str = setting("HOUNSFIELD_HOST", "127.0.0.1")
     """`HOUNSFIELD_HOST`: the address to bind; loopback unless told otherwise."""
-    port: int = 8080
+    port: int = setting("HOUNSFIELD_PORT", 8080, parse=integer(0, 65535))
     """`HOUNSFIELD_PORT`."""
-    database_url: str | None = None
+    database_url: str | None = setting("DATABASE_URL", None, parse=postgres_url)
     """`DATABASE_URL`: an external PostgreSQL, as the role the server serves as (a member of `hounsfield_app`,
     which may only append to the audit trail: server/dbroles.py); when unset an embedded one runs in `<data>/pg`
     and the server connects to it as `hounsfield_app`."""
     database_owner_url: str | None = None
     """`HOUNSFIELD_DATABASE_OWNER_URL`: the same database as the schema's owner, used only to apply migrations
     at start; unset: DATABASE_URL applies them (and must then own the schema)."""
-    database_allow_privileged: bool = False
+    database_allow_privileged: bool = setting("HOUNSFIELD_DATABASE_ALLOW_PRIVILEGED", False, parse=boolean)
     """`HOUNSFIELD_DATABASE_ALLOW_PRIVILEGED`: serve even when the serving role could rewrite the audit trail (a
     superuser, the tables' owner, or UPDATE/DELETE/TRUNCATE on them), logging an error; false (the default): the
     server refuses to start."""
-    db_pool_min: int = 2
+    db_pool_min: int = setting("HOUNSFIELD_DB_POOL_MIN", 2, parse=integer(1, 1000))
     """`HOUNSFIELD_DB_POOL_MIN`."""
-    db_pool_max: int = 10
+    db_pool_max: int = setting("HOUNSFIELD_DB_POOL_MAX", 10, parse=integer(1, 1000))
     """`HOUNSFIELD_DB_POOL_MAX`."""
     storage_url: str | None = None
     """`HOUNSFIELD_STORAGE_URL`: `s3://bucket/prefix` or a folder path; default `<data>/blobs`."""
     s3: S3Settings | None = None
-    public_url: str | None = None
+    public_url: str | None = setting("HOUNSFIELD_PUBLIC_URL", None, parse=_public_url)
     """`HOUNSFIELD_PUBLIC_URL`: base URL written into RetrieveURL/BulkDataURI (behind a proxy); default: taken
     from each request's Host header."""
-    overwrite: bool = False
+    overwrite: bool = setting("HOUNSFIELD_OVERWRITE", False, parse=boolean)
     """`HOUNSFIELD_OVERWRITE`: a STOW of an existing SOP Instance UID with different bytes replaces it (true) or
     fails with a reason (false, the default). Identical bytes are always an idempotent success."""
-    cors_origins: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = setting("HOUNSFIELD_CORS_ORIGINS", (), parse=items)
     """`HOUNSFIELD_CORS_ORIGINS`: comma-separated origins allowed to call the API from a browser."""
-    max_instance_bytes: int = 8 * 1024**3
+    max_instance_bytes: int = setting("HOUNSFIELD_MAX_INSTANCE_BYTES", 8 * 1024**3, parse=integer(1024))
     """`HOUNSFIELD_MAX_INSTANCE_BYTES`: a single part larger than this is rejected (default 8 GiB)."""
-    max_part_header_bytes: int = 16 * 1024
+    max_part_header_bytes: int = setting("HOUNSFIELD_MAX_PART_HEADER_BYTES", 16 * 1024, parse=integer(256))
     """`HOUNSFIELD_MAX_PART_HEADER_BYTES`: larger multipart part headers get 413."""
-    max_request_header_bytes: int = 64 * 1024
+    max_request_header_bytes: int = setting("HOUNSFIELD_MAX_REQUEST_HEADER_BYTES", 64 * 1024, parse=integer(4096))
     """`HOUNSFIELD_MAX_REQUEST_HEADER_BYTES`: requests with larger HTTP headers in all get 431."""
 
     # --- HTTP connections (server/platform/connections.py) ---
-    http_header_timeout_seconds: int = 30
+    http_header_timeout_seconds: int = setting("HOUNSFIELD_HTTP_HEADER_TIMEOUT_SECONDS", 30, parse=integer(1, 600))
     """`HOUNSFIELD_HTTP_HEADER_TIMEOUT_SECONDS`: a connection whose request headers are not complete this long after
     it opened (or after its previous response) is closed, with 408 when part of a request had come (a client that
     sends nothing, or a byte at a time, cannot hold a connection)."""
-    http_body_timeout_seconds: int = 60
+    http_body_timeout_seconds: int = setting("HOUNSFIELD_HTTP_BODY_TIMEOUT_SECONDS", 60, parse=integer(1, 3600))
     """`HOUNSFIELD_HTTP_BODY_TIMEOUT_SECONDS`: the longest wait for the next piece of a request body. A body that
     stalls this long ends the request: 408 and the connection closed; a STOW-RS answers for the parts it received
     whole (they stay stored) and names the cut one as failed."""
-    http_keepalive_seconds: int = 5
+    http_keepalive_seconds: int = setting("HOUNSFIELD_HTTP_KEEPALIVE_SECONDS", 5, parse=integer(1, 3600))
     """`HOUNSFIELD_HTTP_KEEPALIVE_SECONDS`: an idle keep-alive connection is closed after this long."""
-    http_max_connections: int = 1024
+    http_max_connections: int = setting("HOUNSFIELD_HTTP_MAX_CONNECTIONS", 1024, parse=integer(1, 1_000_000))
     """`HOUNSFIELD_HTTP_MAX_CONNECTIONS`: open HTTP connections per server process; one more is answered 503 with
     Retry-After and closed at once, so idle connections cannot use up the file descriptors that requests need. At
     start the process raises its descriptor limit (RLIMIT_NOFILE) to the hard limit, and lowers this one to fit
     in it when it does not."""
 
     # --- free space (server/platform/diskspace.py) ---
-    min_free_bytes: int = 1024**3
+    min_free_bytes: int = setting("HOUNSFIELD_MIN_FREE_BYTES", 1024**3, parse=integer(0))
     """`HOUNSFIELD_MIN_FREE_BYTES` (default 1 GiB; 0 with a percent of 0 turns the watermark off): below this much
     free space on the data folder, the spool, the filesystem blob store or the embedded database's folder, ingest
     (STOW-RS, C-STORE, import, AI results) is refused (503 with Retry-After, or Out of Resources A700 per instance)
     and derived work (renditions, AI runs) waits; reads go on. `/readyz` names the low volume."""
-    min_free_percent: int = 0
+    min_free_percent: int = setting("HOUNSFIELD_MIN_FREE_PERCENT", 0, parse=integer(0, 99))
     """`HOUNSFIELD_MIN_FREE_PERCENT` (0 to 99, default 0): the watermark as a share of each volume's size, when that
     is more than `HOUNSFIELD_MIN_FREE_BYTES`."""
-    bulkdata_threshold: int = 1024
+    bulkdata_threshold: int = setting("HOUNSFIELD_BULKDATA_THRESHOLD", 1024, parse=integer(0))
     """`HOUNSFIELD_BULKDATA_THRESHOLD`: binary attributes longer than this become BulkDataURI in metadata."""
-    fhir_max_bundle_entries: int = 1000
+    fhir_max_bundle_entries: int = setting("HOUNSFIELD_FHIR_MAX_BUNDLE_ENTRIES", 1000, parse=integer(1, 100_000))
     """`HOUNSFIELD_FHIR_MAX_BUNDLE_ENTRIES`: a batch or transaction Bundle with more entries gets 413 (request
     bodies are also limited to 10 MB)."""
-    worker_enabled: bool = True
+    worker_enabled: bool = setting("HOUNSFIELD_WORKER", True, parse=boolean)
     """`HOUNSFIELD_WORKER`: run the job worker inside the server process."""
-    processes: int = 1
+    processes: int = setting("HOUNSFIELD_PROCESSES", 1, parse=integer(1, 256))
     """`HOUNSFIELD_PROCESSES` (default 1): `hounsfield serve` runs this many server processes on one port, each
     with its own event loop and interpreter lock (one process is bound by its GIL at about one core).
     The first to lock the data folder's `primary.lock` also runs the DICOM AE and the job worker; the others
@@ -229,77 +206,83 @@ class Settings:
     caches: budget its resident size (~150 MiB) and database connections (`HOUNSFIELD_DB_POOL_MAX`) per process."""
     worker_poll_seconds: float = 5.0
     """How long an idle worker waits for a NOTIFY before polling the queue again."""
-    fhir_sync_delay_seconds: float = 1.0
+    fhir_sync_delay_seconds: float = setting("HOUNSFIELD_FHIR_SYNC_DELAY_MS", 1.0, parse=integer(0, 600_000, per=1000))
     """`HOUNSFIELD_FHIR_SYNC_DELAY_MS` (milliseconds, default 1000): a stored instance's ImagingStudy is brought up
     to date this long after it arrives, so that a burst of instances of one study makes one new version."""
-    gc_grace_seconds: int = 3600
+    gc_grace_seconds: int = setting("HOUNSFIELD_GC_GRACE_SECONDS", 3600, parse=integer(0))
     """`HOUNSFIELD_GC_GRACE_SECONDS`: blobs without an index row younger than this are left alone (they may
     belong to a store in flight)."""
-    gc_interval_seconds: int = 3600
+    gc_interval_seconds: int = setting("HOUNSFIELD_GC_INTERVAL_SECONDS", 3600, parse=integer(1))
     """`HOUNSFIELD_GC_INTERVAL_SECONDS`: how often the orphan-blob sweep is scheduled."""
-    otel_exporter: str = "none"
+    otel_exporter: str = setting("HOUNSFIELD_OTEL_EXPORTER", "none", parse=choice("none", "console", "otlp"))
     """`HOUNSFIELD_OTEL_EXPORTER`: `none` (default), `console` or `otlp` (then the standard
     `OTEL_EXPORTER_OTLP_ENDPOINT` applies)."""
-    log_level: str = "info"
+    log_level: str = setting(
+        "HOUNSFIELD_LOG_LEVEL", "info", parse=choice("debug", "info", "warning", "error", "critical")
+    )
     """`HOUNSFIELD_LOG_LEVEL`."""
-    malloc_arenas: int = 0
+    malloc_arenas: int = setting(
+        "HOUNSFIELD_MALLOC_ARENAS", parse=integer(0, 1024), default_factory=lambda: os.cpu_count() or 2
+    )
     """`HOUNSFIELD_MALLOC_ARENAS`: glibc malloc arenas of `hounsfield serve` (default: one per CPU; 0 leaves
     glibc's own limit, 8 per CPU). Worker threads that parse, encode and write each get an arena by default, and
     freed memory stays resident in each: one per CPU keeps the server's resident size down at no
     measured cost in throughput."""
 
     # --- authentication (bearer JWTs) ---
-    auth_issuer: str = "hounsfield"
+    auth_issuer: str = setting("HOUNSFIELD_AUTH_ISSUER", "hounsfield")
     """`HOUNSFIELD_AUTH_ISSUER`: the expected `iss`. The embedded issuer (default) signs with a key made in
     `<data>/keys/` on first start; `hounsfield token` issues its tokens."""
-    auth_audience: str = "hounsfield"
+    auth_audience: str = setting("HOUNSFIELD_AUTH_AUDIENCE", "hounsfield")
     """`HOUNSFIELD_AUTH_AUDIENCE`: the expected `aud`."""
-    auth_jwks_url: str | None = None
+    auth_jwks_url: str | None = setting("HOUNSFIELD_AUTH_JWKS_URL", None, parse=http_url)
     """`HOUNSFIELD_AUTH_JWKS_URL`: an identity provider's JWKS (cached; refreshed on an unknown `kid`). When
     unset, the keys are the embedded key plus `HOUNSFIELD_AUTH_KEYS_FILE`."""
-    auth_keys_file: Path | None = None
+    auth_keys_file: Path | None = setting("HOUNSFIELD_AUTH_KEYS_FILE", None, parse=path)
     """`HOUNSFIELD_AUTH_KEYS_FILE`: a JWKS JSON file of trusted public keys (in addition to the embedded key)."""
-    auth_algorithms: tuple[str, ...] = ("RS256", "ES256", "PS256")
+    auth_algorithms: tuple[str, ...] = setting(
+        "HOUNSFIELD_AUTH_ALGORITHMS", ("RS256", "ES256", "PS256"), parse=_algorithms
+    )
     """`HOUNSFIELD_AUTH_ALGORITHMS`: the allow-list; `none` and HMAC algorithms are never accepted."""
-    auth_clock_skew_seconds: int = 60
+    auth_clock_skew_seconds: int = setting("HOUNSFIELD_AUTH_CLOCK_SKEW_SECONDS", 60, parse=integer(0, 600))
     """`HOUNSFIELD_AUTH_CLOCK_SKEW_SECONDS`: leeway for `exp`/`nbf`/`iat`."""
-    auth_public_paths: tuple[str, ...] = PUBLIC_PATHS
+    auth_public_paths: tuple[str, ...] = setting("HOUNSFIELD_AUTH_PUBLIC_PATHS", PUBLIC_PATHS, parse=_public_paths)
     """`HOUNSFIELD_AUTH_PUBLIC_PATHS`: paths answered without a token: health checks for load balancers, and the
     FHIR discovery documents (CapabilityStatement, SMART configuration), which SMART clients read before they
     have a token and which carry no patient data."""
-    smart_authorization_url: str | None = None
+    smart_authorization_url: str | None = setting("HOUNSFIELD_SMART_AUTHORIZE_URL", None, parse=http_url)
     """`HOUNSFIELD_SMART_AUTHORIZE_URL`: the authorization server's authorize endpoint, advertised in the SMART
     configuration and the CapabilityStatement (none by default: the embedded issuer has no OAuth endpoints)."""
-    smart_token_url: str | None = None
+    smart_token_url: str | None = setting("HOUNSFIELD_SMART_TOKEN_URL", None, parse=http_url)
     """`HOUNSFIELD_SMART_TOKEN_URL`: the authorization server's token endpoint (advertised likewise)."""
 
     # --- authorization (OPA / Rego) ---
-    policy_dir: Path | None = None
+    policy_dir: Path | None = setting("HOUNSFIELD_POLICY_DIR", None, parse=path)
     """`HOUNSFIELD_POLICY_DIR`: Rego policies (default: the shipped `authz/policies`)."""
-    policy_data_file: Path | None = None
+    policy_data_file: Path | None = setting("HOUNSFIELD_POLICY_DATA", None, parse=path)
     """`HOUNSFIELD_POLICY_DATA`: JSON policy data (care lists, consents); default: the shipped example data."""
-    opa_url: str | None = None
+    opa_url: str | None = setting("HOUNSFIELD_OPA_URL", None, parse=http_url)
     """`HOUNSFIELD_OPA_URL`: evaluate on an OPA server (Data API) instead of in-process with regopy."""
-    policy_cache_seconds: float = 5.0
+    policy_cache_seconds: float = setting("HOUNSFIELD_POLICY_CACHE_SECONDS", 5.0, parse=integer(0, 3600, per=1))
     """`HOUNSFIELD_POLICY_CACHE_SECONDS`: identical questions (same subject, action, resource, context but the
     time) are answered from a cache this long; 0 turns the cache off."""
-    policy_cache_entries: int = 4096
+    policy_cache_entries: int = setting("HOUNSFIELD_POLICY_CACHE_ENTRIES", 4096, parse=integer(1, 1_000_000))
     """`HOUNSFIELD_POLICY_CACHE_ENTRIES`: decisions the cache holds at most (the least recently used go first), so
     that its memory stays bounded however many distinct questions arrive (an entry is the question as JSON and
     its decision: one or two KB)."""
-    opa_timeout_seconds: float = 2.0
+    opa_timeout_seconds: float = setting("HOUNSFIELD_OPA_TIMEOUT_MS", 2.0, parse=integer(10, 60000, per=1000))
     """`HOUNSFIELD_OPA_TIMEOUT_MS` (milliseconds): a decision that takes longer fails closed (503)."""
 
     # --- break-glass and audit ---
-    break_glass_minutes: int = 60
+    break_glass_minutes: int = setting("HOUNSFIELD_BREAK_GLASS_MINUTES", 60, parse=integer(1, 24 * 60))
     """`HOUNSFIELD_BREAK_GLASS_MINUTES`: how long an emergency access window lasts."""
-    break_glass_webhook: str | None = None
+    break_glass_webhook: str | None = setting("HOUNSFIELD_BREAK_GLASS_WEBHOOK", None, parse=http_url)
     """`HOUNSFIELD_BREAK_GLASS_WEBHOOK`: URL that receives a JSON alert when someone breaks the glass."""
-    audit_checkpoint_seconds: int = 300
+    audit_checkpoint_seconds: int = setting("HOUNSFIELD_AUDIT_CHECKPOINT_SECONDS", 300, parse=integer(1))
     """`HOUNSFIELD_AUDIT_CHECKPOINT_SECONDS`: how often the audit chain head is signed (a checkpoint)."""
-    audit_syslog: str | None = None
+    audit_syslog: str | None = setting("HOUNSFIELD_AUDIT_SYSLOG", None)
     """`HOUNSFIELD_AUDIT_SYSLOG`: `udp://host:port` or `tcp://host:port` to forward audit records (RFC 5424)."""
-    audit_anchor_file: str | None = None
+    audit_anchor_file: str | None = setting("HOUNSFIELD_AUDIT_ANCHOR_FILE", None)
     """`HOUNSFIELD_AUDIT_ANCHOR_FILE`: the append-only JSON-lines file every signed checkpoint is copied to (one
     object a line, opened O_APPEND, mode 0600, fsynced); unset: `<data>/audit/anchors.jsonl`; `off`: none. In
     the data folder it only guards against whoever owns the database but not the host: for a real guarantee put
@@ -308,33 +291,35 @@ class Settings:
     """`HOUNSFIELD_AUDIT_ANCHOR_S3`: `s3://bucket/prefix`, one object per checkpoint written with Object Lock
     retention in COMPLIANCE mode (the bucket must have Object Lock enabled); endpoint, region and credentials
     as the blob store's (`HOUNSFIELD_AUDIT_ANCHOR_S3_ENDPOINT` overrides `HOUNSFIELD_S3_ENDPOINT`)."""
-    audit_anchor_retention_days: int = 2190
+    audit_anchor_retention_days: int = setting("HOUNSFIELD_AUDIT_ANCHOR_RETENTION_DAYS", 2190, parse=integer(1))
     """`HOUNSFIELD_AUDIT_ANCHOR_RETENTION_DAYS`: the Object Lock retention of each checkpoint object (default
     six years); nobody, the bucket's owner included, can delete or shorten it before then."""
-    audit_anchor_witness: tuple[str, ...] = ()
+    audit_anchor_witness: tuple[str, ...] = setting("HOUNSFIELD_AUDIT_ANCHOR_WITNESS", (), parse=url_prefixes)
     """`HOUNSFIELD_AUDIT_ANCHOR_WITNESS`: comma-separated http(s) URLs each signed checkpoint is POSTed to as
     JSON (a witness service run by someone else than the database's owner); any 2xx is success. With
     `HOUNSFIELD_AUDIT_SYSLOG` set, checkpoints also go on that stream (MSGID `HF-CHECKPOINT`)."""
-    audit_anchor_grace_seconds: int = 600
+    audit_anchor_grace_seconds: int = setting("HOUNSFIELD_AUDIT_ANCHOR_GRACE_SECONDS", 600, parse=integer(0))
     """`HOUNSFIELD_AUDIT_ANCHOR_GRACE_SECONDS`: `hounsfield audit verify` fails when a record older than one
     checkpoint interval plus this has no anchored checkpoint covering it (the job was late, a sink failed, or
     checkpoints were deleted)."""
 
     # --- FHIR Subscriptions (fhir/subscriptions.py) ---
-    fhir_subscription_endpoints: tuple[str, ...] = ()
+    fhir_subscription_endpoints: tuple[str, ...] = setting(
+        "HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS", (), parse=url_prefixes
+    )
     """`HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS`: comma-separated URL prefixes (`https://ehr.example.org/hooks/`)
     that a Subscription's rest-hook endpoint must start with (same scheme, host and port; whole path segments).
     Empty (the default): no Subscription can be created. The server calls only these (no request forgery)."""
-    fhir_subscription_attempts: int = 8
+    fhir_subscription_attempts: int = setting("HOUNSFIELD_FHIR_SUBSCRIPTION_ATTEMPTS", 8, parse=integer(1, 20))
     """`HOUNSFIELD_FHIR_SUBSCRIPTION_ATTEMPTS`: delivery attempts of one notification (retried after 2, 4, 8 ...
     seconds) before the Subscription is set to `error`."""
 
     # --- classic DICOM networking (DIMSE; dicomweb/dimse) ---
-    dimse_enabled: bool = True
+    dimse_enabled: bool = setting("HOUNSFIELD_DIMSE", True, parse=boolean)
     """`HOUNSFIELD_DIMSE`: run the DICOM Application Entity (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET)."""
-    dimse_port: int = 11112
+    dimse_port: int = setting("HOUNSFIELD_DIMSE_PORT", 11112, parse=integer(0, 65535))
     """`HOUNSFIELD_DIMSE_PORT`: the DIMSE port (bound on `HOUNSFIELD_HOST`)."""
-    dimse_ae_title: str = "HOUNSFIELD"
+    dimse_ae_title: str = setting("HOUNSFIELD_DIMSE_AE_TITLE", "HOUNSFIELD", parse=_ae_title)
     """`HOUNSFIELD_DIMSE_AE_TITLE`: this server's AE title (also the calling AE of C-MOVE and routing)."""
     dimse: DimseConfig = field(default_factory=DimseConfig)
     """`HOUNSFIELD_DIMSE_PEERS` (`TITLE=role[+role][:sub][@binding...],...`: the only calling AE titles accepted,
@@ -342,47 +327,47 @@ class Settings:
     (`TITLE@host:port[+tls],...`: C-MOVE and routing targets), `HOUNSFIELD_DIMSE_ROUTES` (auto-routing rules: a
     JSON array or a JSON file), `HOUNSFIELD_DIMSE_TLS_CERT`, `_KEY`, `_CA`, `_PORT`, `_CLIENT_CERTS`, `_ONLY`
     (DICOM TLS: `dimse.tls`); see dicomweb/dimse/config.py."""
-    dimse_max_associations: int = 32
+    dimse_max_associations: int = setting("HOUNSFIELD_DIMSE_MAX_ASSOCIATIONS", 32, parse=integer(1, 1000))
     """`HOUNSFIELD_DIMSE_MAX_ASSOCIATIONS`: concurrent associations; more are rejected (transient)."""
-    dimse_timeout_seconds: int = 30
+    dimse_timeout_seconds: int = setting("HOUNSFIELD_DIMSE_TIMEOUT_SECONDS", 30, parse=integer(1, 3600))
     """`HOUNSFIELD_DIMSE_TIMEOUT_SECONDS`: ACSE/DIMSE timeouts, and the longest one operation may wait on the
     server (index, blob store, policy)."""
-    dimse_max_pdu: int = 1_048_576
+    dimse_max_pdu: int = setting("HOUNSFIELD_DIMSE_MAX_PDU", 1_048_576, parse=_dimse_max_pdu)
     """`HOUNSFIELD_DIMSE_MAX_PDU`: the Maximum Length Received this AE proposes (PS3.8 D.1.1; 0: no limit).
     Peers cut data sets into P-DATA PDUs of at most this size, and each PDU costs pynetdicom's reactor a loop:
     1 MiB instead of pynetdicom's 16 KiB default takes a 512x512 CT image's receive from ~32 PDUs to one
     (a no-op pynetdicom SCP under storescu: 202 -> 250 images/s, 3.2 -> 2.2 ms CPU per image)."""
 
     # --- AI on ingest (inference/) ---
-    inference_enabled: bool = True
+    inference_enabled: bool = setting("HOUNSFIELD_INFERENCE", True, parse=boolean)
     """`HOUNSFIELD_INFERENCE`: dispatch new series to the registered models (the ingest hook and job handlers)."""
-    inference_quiet_seconds: float = 30.0
+    inference_quiet_seconds: float = setting("HOUNSFIELD_INFERENCE_QUIET_SECONDS", 30.0, parse=integer(0, per=1))
     """`HOUNSFIELD_INFERENCE_QUIET_SECONDS`: a series counts as complete when no instance of it arrived for this
     long; then the matching models run."""
-    inference_workers: int = 2
+    inference_workers: int = setting("HOUNSFIELD_INFERENCE_WORKERS", 2, parse=integer(1, 256))
     """`HOUNSFIELD_INFERENCE_WORKERS`: threads of the in-process backend (models running at once)."""
-    inference_max_attempts: int = 5
+    inference_max_attempts: int = setting("HOUNSFIELD_INFERENCE_MAX_ATTEMPTS", 5, parse=integer(1, 20))
     """`HOUNSFIELD_INFERENCE_MAX_ATTEMPTS`: attempts of one model run (retried after 2, 4, 8 ... seconds) before
     its result is `failed`."""
-    inference_max_instances: int = 2000
+    inference_max_instances: int = setting("HOUNSFIELD_INFERENCE_MAX_INSTANCES", 2000, parse=integer(1, 100_000))
     """`HOUNSFIELD_INFERENCE_MAX_INSTANCES`: the most instances of one series a model reads; a run on a larger
     series fails at once with the count and this limit as its reason (never a partial volume as a result)."""
-    inference_plugins: tuple[str, ...] = ()
+    inference_plugins: tuple[str, ...] = setting("HOUNSFIELD_INFERENCE_PLUGINS", (), parse=items)
     """`HOUNSFIELD_INFERENCE_PLUGINS`: comma-separated Python modules with more model adapters (`ADAPTERS`)."""
-    inference_subject: str = "hounsfield-ai"
+    inference_subject: str = setting("HOUNSFIELD_INFERENCE_SUBJECT", "hounsfield-ai")
     """`HOUNSFIELD_INFERENCE_SUBJECT`: the `sub` of the AI service identity (role `ai-service`) in policy
     decisions and audit records."""
-    inference_backend: str = "inprocess"
+    inference_backend: str = setting("HOUNSFIELD_INFERENCE_BACKEND", "inprocess", parse=choice("inprocess", "ray"))
     """`HOUNSFIELD_INFERENCE_BACKEND`: `inprocess` (the thread pool, the embedded default) or `ray` (Ray Serve
     deployments made by `hounsfield models deploy`, called through DeploymentHandles; inference/backend_ray.py)."""
     inference_ray_address: str | None = None
     """`HOUNSFIELD_RAY_ADDRESS` (else `RAY_ADDRESS`): the Ray cluster of the `ray` backend. Unset: a local Ray
     instance is started in this process (dashboard off, no usage stats) and models are deployed on first use."""
-    inference_ray_app: str = "hounsfield"
+    inference_ray_app: str = setting("HOUNSFIELD_RAY_APP", "hounsfield")
     """`HOUNSFIELD_RAY_APP`: the Serve application that holds one deployment per active or shadow model."""
-    inference_ray_min_replicas: int = 1
+    inference_ray_min_replicas: int = setting("HOUNSFIELD_RAY_MIN_REPLICAS", 1, parse=integer(0, 1000))
     """`HOUNSFIELD_RAY_MIN_REPLICAS`: Serve autoscaling lower bound, per model deployment."""
-    inference_ray_max_replicas: int = 1
+    inference_ray_max_replicas: int = setting("HOUNSFIELD_RAY_MAX_REPLICAS", 1, parse=integer(1, 1000))
     """`HOUNSFIELD_RAY_MAX_REPLICAS`: Serve autoscaling upper bound, per model deployment."""
 
     # --- renditions (dicomweb/renditions.py) ---
@@ -390,17 +375,21 @@ class Settings:
     """`HOUNSFIELD_RENDITIONS`: comma-separated transfer syntax UIDs each new image's frames are encoded in at
     ingest (a `rendition` job), so that frame requests in them never wait for an encoder. Default HTJ2K lossless
     RPCL (progressive loading by byte range); empty: none ahead of time (still made and kept on first demand)."""
-    renditions_idle_seconds: float = 2.0
+    renditions_idle_seconds: float = setting(
+        "HOUNSFIELD_RENDITIONS_IDLE_MS", 2.0, parse=integer(0, 3_600_000, per=1000)
+    )
     """`HOUNSFIELD_RENDITIONS_IDLE_MS` (milliseconds, default 2000): rendition jobs give way to ingest; this server's
     worker takes them once it has stored no instance for this long (0: at once). Server processes that share the
     data folder count together (`dicomweb.store.IngestActivity`). A frame request during an ingest encodes the
     frames it asks for itself, as for any image without a rendition."""
-    renditions_max_wait_seconds: float = 60.0
+    renditions_max_wait_seconds: float = setting(
+        "HOUNSFIELD_RENDITIONS_MAX_WAIT_S", 60.0, parse=integer(0, 86_400, per=1)
+    )
     """`HOUNSFIELD_RENDITIONS_MAX_WAIT_S` (seconds, default 60): the most a rendition job waits for ingest to go quiet
     (under a continuous ingest, renditions are made this late)."""
 
     # --- storage compression (dicomweb/compress.py) ---
-    store_compression: str = "none"
+    store_compression: str = setting("HOUNSFIELD_STORE_COMPRESSION", "none", parse=choice("none", "htj2k", "j2k"))
     """`HOUNSFIELD_STORE_COMPRESSION`: `none` (default: store as received), `htj2k` (HTJ2K lossless RPCL,
     1.2.840.10008.1.2.4.202, its own progressive rendition) or `j2k` (JPEG 2000 lossless, .4.90). Uncompressed
     images are stored compressed and verified bit-exact; every retrieve still returns exact pixels in any syntax."""
@@ -432,7 +421,6 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if env is None else env
-        data_dir = Path(env.get("HOUNSFIELD_DATA") or "var")
         storage_url = env.get("HOUNSFIELD_STORAGE_URL") or None
         s3 = None
         if storage_url and storage_url.startswith("s3://"):
@@ -446,117 +434,31 @@ class Settings:
                 region=env.get("HOUNSFIELD_S3_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
                 access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
                 secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
-                multipart_threshold=_int(
-                    env, "HOUNSFIELD_S3_MULTIPART_THRESHOLD", 16 * 1024 * 1024, minimum=5 * 1024 * 1024
-                ),
+                multipart_threshold=_multipart_threshold(env),
             )
         elif storage_url and "://" in storage_url and not storage_url.startswith("file://"):
             raise SettingsError(f"HOUNSFIELD_STORAGE_URL: expected s3://bucket/prefix or a folder, got {storage_url!r}")
-        database_url = env.get("DATABASE_URL") or None
-        if database_url and not database_url.startswith(("postgres://", "postgresql://")):
-            raise SettingsError("DATABASE_URL: expected a postgresql:// URL")
-        exporter = (env.get("HOUNSFIELD_OTEL_EXPORTER") or "none").lower()
-        if exporter not in {"none", "console", "otlp"}:
-            raise SettingsError(f"HOUNSFIELD_OTEL_EXPORTER: expected none, console or otlp, got {exporter!r}")
-        public_url = (env.get("HOUNSFIELD_PUBLIC_URL") or "").rstrip("/") or None
-        if public_url and not public_url.startswith(("http://", "https://")):
-            raise SettingsError("HOUNSFIELD_PUBLIC_URL: expected an http(s):// URL")
-        pool_min = _int(env, "HOUNSFIELD_DB_POOL_MIN", 2, minimum=1, maximum=1000)
-        pool_max = _int(env, "HOUNSFIELD_DB_POOL_MAX", 10, minimum=1, maximum=1000)
-        if pool_max < pool_min:
+        values = load(cls, env)  # every field declared with `setting(...)`
+        if values.get("db_pool_max", 10) < values.get("db_pool_min", 2):
             raise SettingsError("HOUNSFIELD_DB_POOL_MAX must be at least HOUNSFIELD_DB_POOL_MIN")
         settings = cls(
-            data_dir=data_dir,
-            host=env.get("HOUNSFIELD_HOST") or "127.0.0.1",
-            port=_int(env, "HOUNSFIELD_PORT", 8080, minimum=0, maximum=65535),
-            database_url=database_url,
-            database_owner_url=_database_owner_url(env),
-            database_allow_privileged=_bool(env, "HOUNSFIELD_DATABASE_ALLOW_PRIVILEGED", False),
-            db_pool_min=pool_min,
-            db_pool_max=pool_max,
+            **values,
             storage_url=storage_url,
             s3=s3,
-            public_url=public_url,
-            overwrite=_bool(env, "HOUNSFIELD_OVERWRITE", False),
-            cors_origins=_list(env, "HOUNSFIELD_CORS_ORIGINS"),
-            max_instance_bytes=_int(env, "HOUNSFIELD_MAX_INSTANCE_BYTES", 8 * 1024**3, minimum=1024),
-            max_part_header_bytes=_int(env, "HOUNSFIELD_MAX_PART_HEADER_BYTES", 16 * 1024, minimum=256),
-            max_request_header_bytes=_int(env, "HOUNSFIELD_MAX_REQUEST_HEADER_BYTES", 64 * 1024, minimum=4096),
-            http_header_timeout_seconds=_int(env, "HOUNSFIELD_HTTP_HEADER_TIMEOUT_SECONDS", 30, minimum=1, maximum=600),
-            http_body_timeout_seconds=_int(env, "HOUNSFIELD_HTTP_BODY_TIMEOUT_SECONDS", 60, minimum=1, maximum=3600),
-            http_keepalive_seconds=_int(env, "HOUNSFIELD_HTTP_KEEPALIVE_SECONDS", 5, minimum=1, maximum=3600),
-            http_max_connections=_int(env, "HOUNSFIELD_HTTP_MAX_CONNECTIONS", 1024, minimum=1, maximum=1_000_000),
-            min_free_bytes=_int(env, "HOUNSFIELD_MIN_FREE_BYTES", 1024**3),
-            min_free_percent=_int(env, "HOUNSFIELD_MIN_FREE_PERCENT", 0, maximum=99),
-            bulkdata_threshold=_int(env, "HOUNSFIELD_BULKDATA_THRESHOLD", 1024, minimum=0),
-            fhir_max_bundle_entries=_int(env, "HOUNSFIELD_FHIR_MAX_BUNDLE_ENTRIES", 1000, minimum=1, maximum=100_000),
-            worker_enabled=_bool(env, "HOUNSFIELD_WORKER", True),
-            processes=_int(env, "HOUNSFIELD_PROCESSES", 1, minimum=1, maximum=256),
-            fhir_sync_delay_seconds=_int(env, "HOUNSFIELD_FHIR_SYNC_DELAY_MS", 1000, minimum=0, maximum=600_000) / 1000,
-            gc_grace_seconds=_int(env, "HOUNSFIELD_GC_GRACE_SECONDS", 3600, minimum=0),
-            gc_interval_seconds=_int(env, "HOUNSFIELD_GC_INTERVAL_SECONDS", 3600, minimum=1),
-            otel_exporter=exporter,
-            log_level=(env.get("HOUNSFIELD_LOG_LEVEL") or "info").lower(),
-            malloc_arenas=_int(env, "HOUNSFIELD_MALLOC_ARENAS", os.cpu_count() or 2, minimum=0, maximum=1024),
-            auth_issuer=env.get("HOUNSFIELD_AUTH_ISSUER") or "hounsfield",
-            auth_audience=env.get("HOUNSFIELD_AUTH_AUDIENCE") or "hounsfield",
-            auth_jwks_url=_url(env, "HOUNSFIELD_AUTH_JWKS_URL"),
-            auth_keys_file=_path(env, "HOUNSFIELD_AUTH_KEYS_FILE"),
-            auth_algorithms=_algorithms(env),
-            auth_clock_skew_seconds=_int(env, "HOUNSFIELD_AUTH_CLOCK_SKEW_SECONDS", 60, minimum=0, maximum=600),
-            auth_public_paths=_list(env, "HOUNSFIELD_AUTH_PUBLIC_PATHS") or PUBLIC_PATHS,
-            smart_authorization_url=_url(env, "HOUNSFIELD_SMART_AUTHORIZE_URL"),
-            smart_token_url=_url(env, "HOUNSFIELD_SMART_TOKEN_URL"),
-            policy_dir=_path(env, "HOUNSFIELD_POLICY_DIR"),
-            policy_data_file=_path(env, "HOUNSFIELD_POLICY_DATA"),
-            opa_url=_url(env, "HOUNSFIELD_OPA_URL"),
-            policy_cache_seconds=float(_int(env, "HOUNSFIELD_POLICY_CACHE_SECONDS", 5, minimum=0, maximum=3600)),
-            policy_cache_entries=_int(env, "HOUNSFIELD_POLICY_CACHE_ENTRIES", 4096, minimum=1, maximum=1_000_000),
-            opa_timeout_seconds=float(_int(env, "HOUNSFIELD_OPA_TIMEOUT_MS", 2000, minimum=10, maximum=60000)) / 1000,
-            break_glass_minutes=_int(env, "HOUNSFIELD_BREAK_GLASS_MINUTES", 60, minimum=1, maximum=24 * 60),
-            break_glass_webhook=_url(env, "HOUNSFIELD_BREAK_GLASS_WEBHOOK"),
-            audit_checkpoint_seconds=_int(env, "HOUNSFIELD_AUDIT_CHECKPOINT_SECONDS", 300, minimum=1),
-            audit_syslog=env.get("HOUNSFIELD_AUDIT_SYSLOG") or None,
-            audit_anchor_file=env.get("HOUNSFIELD_AUDIT_ANCHOR_FILE") or None,
+            database_owner_url=_database_owner_url(env),
             audit_anchor_s3=_anchor_s3(env),
-            audit_anchor_retention_days=_int(env, "HOUNSFIELD_AUDIT_ANCHOR_RETENTION_DAYS", 2190, minimum=1),
-            audit_anchor_witness=_url_prefixes(env, "HOUNSFIELD_AUDIT_ANCHOR_WITNESS"),
-            audit_anchor_grace_seconds=_int(env, "HOUNSFIELD_AUDIT_ANCHOR_GRACE_SECONDS", 600, minimum=0),
-            fhir_subscription_endpoints=_url_prefixes(env, "HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS"),
-            fhir_subscription_attempts=_int(env, "HOUNSFIELD_FHIR_SUBSCRIPTION_ATTEMPTS", 8, minimum=1, maximum=20),
-            dimse_enabled=_bool(env, "HOUNSFIELD_DIMSE", True),
-            dimse_port=_int(env, "HOUNSFIELD_DIMSE_PORT", 11112, minimum=0, maximum=65535),
-            dimse_ae_title=_dimse_title(env),
             dimse=_dimse(env),
-            dimse_max_associations=_int(env, "HOUNSFIELD_DIMSE_MAX_ASSOCIATIONS", 32, minimum=1, maximum=1000),
-            dimse_timeout_seconds=_int(env, "HOUNSFIELD_DIMSE_TIMEOUT_SECONDS", 30, minimum=1, maximum=3600),
-            dimse_max_pdu=_dimse_max_pdu(env),
-            inference_enabled=_bool(env, "HOUNSFIELD_INFERENCE", True),
-            inference_quiet_seconds=float(_int(env, "HOUNSFIELD_INFERENCE_QUIET_SECONDS", 30, minimum=0)),
-            inference_workers=_int(env, "HOUNSFIELD_INFERENCE_WORKERS", 2, minimum=1, maximum=256),
-            inference_max_attempts=_int(env, "HOUNSFIELD_INFERENCE_MAX_ATTEMPTS", 5, minimum=1, maximum=20),
-            inference_max_instances=_int(env, "HOUNSFIELD_INFERENCE_MAX_INSTANCES", 2000, minimum=1, maximum=100_000),
-            inference_plugins=_list(env, "HOUNSFIELD_INFERENCE_PLUGINS"),
-            inference_subject=env.get("HOUNSFIELD_INFERENCE_SUBJECT") or "hounsfield-ai",
-            inference_backend=_inference_backend(env),
             inference_ray_address=env.get("HOUNSFIELD_RAY_ADDRESS") or env.get("RAY_ADDRESS") or None,
-            inference_ray_app=env.get("HOUNSFIELD_RAY_APP") or "hounsfield",
-            inference_ray_min_replicas=_int(env, "HOUNSFIELD_RAY_MIN_REPLICAS", 1, minimum=0, maximum=1000),
-            inference_ray_max_replicas=_int(env, "HOUNSFIELD_RAY_MAX_REPLICAS", 1, minimum=1, maximum=1000),
             renditions=_renditions(env),
-            renditions_idle_seconds=_int(env, "HOUNSFIELD_RENDITIONS_IDLE_MS", 2000, maximum=3_600_000) / 1000,
-            renditions_max_wait_seconds=float(_int(env, "HOUNSFIELD_RENDITIONS_MAX_WAIT_S", 60, maximum=86_400)),
-            store_compression=_store_compression(env),
         )
         return settings.with_overrides(**overrides) if overrides else settings
 
 
-def _dimse_max_pdu(env: Mapping[str, str]) -> int:
-    """`HOUNSFIELD_DIMSE_MAX_PDU`: 0 (no limit) or 4096 bytes to 64 MiB."""
-    value = _int(env, "HOUNSFIELD_DIMSE_MAX_PDU", 1_048_576, minimum=0, maximum=64 * 1_048_576)
-    if 0 < value < 4096:
-        raise SettingsError(f"HOUNSFIELD_DIMSE_MAX_PDU: {value} is below 4096 bytes (0 means no limit)")
-    return value
+def _multipart_threshold(env: Mapping[str, str]) -> int:
+    """`HOUNSFIELD_S3_MULTIPART_THRESHOLD`: at least S3's 5 MiB part size; default 16 MiB."""
+    name = "HOUNSFIELD_S3_MULTIPART_THRESHOLD"
+    raw = env.get(name)
+    return integer(5 * 1024 * 1024)(name, raw) if raw else 16 * 1024 * 1024
 
 
 def _renditions(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -565,27 +467,11 @@ def _renditions(env: Mapping[str, str]) -> tuple[str, ...]:
         return DEFAULT_RENDITIONS
     from dicomweb.encode import CODECS  # the encoders' table; imported only when the variable is set
 
-    values = _list(env, "HOUNSFIELD_RENDITIONS")
+    values = items("HOUNSFIELD_RENDITIONS", env["HOUNSFIELD_RENDITIONS"])
     unknown = [v for v in values if v not in CODECS]
     if unknown:
         raise SettingsError(f"HOUNSFIELD_RENDITIONS: no encoder for {unknown[0]!r}; one of {', '.join(CODECS)}")
     return values
-
-
-def _inference_backend(env: Mapping[str, str]) -> str:
-    """`HOUNSFIELD_INFERENCE_BACKEND`: `inprocess` (default) or `ray`."""
-    value = (env.get("HOUNSFIELD_INFERENCE_BACKEND") or "inprocess").strip().lower()
-    if value not in ("inprocess", "ray"):
-        raise SettingsError(f"HOUNSFIELD_INFERENCE_BACKEND: expected inprocess or ray, got {value!r}")
-    return value
-
-
-def _store_compression(env: Mapping[str, str]) -> str:
-    """`HOUNSFIELD_STORE_COMPRESSION`: `none` (default), `htj2k` or `j2k`."""
-    value = (env.get("HOUNSFIELD_STORE_COMPRESSION") or "none").strip().lower()
-    if value not in ("none", "htj2k", "j2k"):
-        raise SettingsError(f"HOUNSFIELD_STORE_COMPRESSION: expected none, htj2k or j2k, got {value!r}")
-    return value
 
 
 def _database_owner_url(env: Mapping[str, str]) -> str | None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from server.platform.settings import Variable
 from server.settings import Settings, SettingsError
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_defaults_need_no_configuration() -> None:
@@ -206,3 +210,34 @@ def test_malloc_arenas() -> None:
     assert Settings.from_env({"HOUNSFIELD_MALLOC_ARENAS": "0"}).malloc_arenas == 0
     assert limit_malloc_arenas(0) is False  # glibc's own default stays
     assert limit_malloc_arenas(os.cpu_count() or 2) is True  # these machines run glibc
+
+
+# --- generated from the declared fields (`setting(...)`): every variable, without anyone listing them -----------
+
+DECLARED = [(f.name, f.metadata["env"]) for f in dataclasses.fields(Settings) if "env" in f.metadata]
+"""(field, its variable) of every field read from one environment variable."""
+NOT_A_VALUE = "\x00not-a-value\x00"
+
+
+@pytest.mark.parametrize(("field", "variable"), DECLARED, ids=[v.name for _, v in DECLARED])
+def test_each_declared_variable_is_read_documented_and_checked(field: str, variable: Variable) -> None:
+    """Unset and empty both give the field's one default; the README's configuration documents the variable; a
+    value is either refused with an error naming the variable (the server does not start) or read into the field
+    (free text: a folder, a list of origins)."""
+    default = getattr(Settings.from_env({}), field)
+    assert getattr(Settings.from_env({variable.name: ""}), field) == default
+    assert variable.name in README, f"{variable.name} is not in the README"
+    try:
+        value = getattr(Settings.from_env({variable.name: NOT_A_VALUE}), field)
+    except SettingsError as exc:
+        assert str(exc).startswith(variable.name), exc
+    else:
+        assert value == variable.parse(variable.name, NOT_A_VALUE) != default
+
+
+def test_the_declared_defaults_are_the_dataclass_defaults() -> None:
+    """One default per field: what the environment leaves unset is what `Settings()` holds (the CPU-dependent
+    arena count aside, a factory in both)."""
+    loaded, constructed = Settings.from_env({}), Settings()
+    for field, _variable in DECLARED:
+        assert getattr(loaded, field) == getattr(constructed, field), field
