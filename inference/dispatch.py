@@ -136,11 +136,13 @@ async def request_inference(
     version: str | None,
     requested_by: str,
     max_attempts: int,
+    max_instances: int,
     override_selector: bool = False,
 ) -> OnDemand:
     """An on-demand run of one model (its active version unless `version`) on one series of a study. A series
     the model's selector does not match is refused (`InputRejected`, nothing queued) unless `override_selector`
-    (the caller's policy decision allowed the override)."""
+    (the caller's policy decision allowed the override); a series of more than `max_instances` instances is
+    refused whatever the override (a model never reads part of a series)."""
     found = await series_facts(conn, series_uid)
     if found is None or found[0].study_uid != study_uid:
         raise InputNotFound(f"series {series_uid} of study {study_uid} is not in the archive")
@@ -149,6 +151,11 @@ async def request_inference(
     mismatch = model.selector.mismatch(facts)
     if mismatch is not None and not override_selector:
         raise InputRejected(f"model {model.key} does not take this series: {mismatch}")
+    if facts.instances > max_instances:
+        raise InputRejected(
+            f"the series has {facts.instances} instances, more than the {max_instances} a model reads "
+            "(HOUNSFIELD_INFERENCE_MAX_INSTANCES); nothing was queued"
+        )
     request_id = uuid.uuid4()
     async with conn.transaction():
         shadow = model.status == "shadow"

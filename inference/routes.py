@@ -207,6 +207,7 @@ async def request_inference(
             version=version,
             requested_by=principal_of(request).sub,
             max_attempts=_max_attempts(resources),
+            max_instances=resources.settings.inference_max_instances,
             override_selector=_override(data),
         )
         body = await dispatch.request_status(conn, str(accepted.request_id))

@@ -131,13 +131,19 @@ def test_on_demand_run_respects_the_selector(ai: LiveServer, api: httpx.Client) 
 
 def test_series_over_the_instance_limit_fails_visibly(ai: LiveServer, api: httpx.Client) -> None:
     assert api.post("/models", json=CHEST_MODEL).status_code == 201
-    _, series = stow_series(api, 3)  # the limit is 2
+    study, series = stow_series(api, 3)  # the limit is 2
     result = result_of(api, series, "chest", ("succeeded", "failed"))
     assert result["state"] == "failed", result
     assert "3 instances" in result["error"] and "the 2 a model reads" in result["error"]
     assert result["attempts"] == 1  # retrying cannot help
     assert result["stats"] == {} and result["outputs"] == {"series": None, "instances": []}
     assert result["report"] is None
+    # asked for on demand, the same series is refused at once, override or not
+    for extra in ({}, {"override_selector": True}):
+        body = {"study": study, "series": series, "model": "chest", **extra}
+        refused = api.post("/inference-requests", json=body)
+        assert refused.status_code == 422, refused.text
+        assert "3 instances, more than the 2 a model reads" in refused.json()["error"]
     # at the limit the series is read whole
     _, other = stow_series(api, 2, tag="2")
     done = result_of(api, other, "chest", ("succeeded", "failed"))
