@@ -20,19 +20,9 @@ from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.store import gc_handler
 from server.platform import jobs
 from tests.dicomweb.test_ranges import HTJ2K_RPCL, frames_url, original, phantom, pylibjpeg_decode, store
+from tests.support.sql import query
 
 J2K = "1.2.840.10008.1.2.4.90"
-
-
-def query(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def wait_for(check: Callable[[], Any], seconds: float = 30.0) -> Any:

@@ -31,6 +31,7 @@ from server.platform import db, jobs
 from server.settings import Settings, SettingsError
 from tests.conftest import LiveServer
 from tests.support.factory import ct, multipart, part10, stow_headers
+from tests.support.sql import query
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -41,17 +42,6 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 def stow(http: httpx.Client, datasets: list[Dataset]) -> None:
     response = http.post("/dicom-web/studies", content=multipart([part10(d) for d in datasets]), headers=stow_headers())
     assert response.status_code == 200, response.text
-
-
-def query(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def resource(dsn: str, resource_type: str, source_key: str) -> asyncpg.Record | None:

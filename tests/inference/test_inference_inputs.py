@@ -5,12 +5,10 @@ run with the count and the limit instead of being processed in part and reported
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 from typing import Any
 
-import asyncpg
 import httpx
 import pydicom
 import pytest
@@ -19,6 +17,7 @@ from tests.conftest import LiveServer, bearer
 from tests.inference.test_inference_e2e import CHEST, result_of
 from tests.support.data import sample
 from tests.support.factory import multipart, stow_headers
+from tests.support.sql import query
 
 BRAIN_TUMOUR = {
     "name": "tumor",
@@ -74,17 +73,6 @@ def stow_series(api: httpx.Client, count: int, tag: str = "1") -> tuple[str, str
     response = api.post("/dicom-web/studies", content=multipart(parts), headers=stow_headers())
     assert response.status_code == 200, response.text
     return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
-
-
-def query(dsn: str, sql: str) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return list(await conn.fetch(sql))
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def request_records(dsn: str) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from tests.conftest import admin_token, bearer, free_port
 from tests.dicomweb.test_wado import parts
 from tests.support.dimse_util import TITLE
 from tests.support.factory import ct, multipart, part10, stow_headers
+from tests.support.sql import query as _fetch
 
 ROOT = Path(__file__).resolve().parents[2]
 RECOVERY_SECONDS = 30
@@ -135,17 +136,6 @@ def _assert_postgres_stops(pgdata: Path) -> None:
     while _postmasters(pgdata) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _postmasters(pgdata), "the embedded PostgreSQL outlived the server"
-
-
-def _fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def _stored(dsn: str, sops: list[str]) -> set[str]:
