@@ -37,14 +37,6 @@ def setting(variable: str, default: Any = dataclasses.MISSING, *, parse: Parser 
     return dataclasses.field(default=default, metadata=metadata, **kw)
 
 
-def variable_of(cls: type, name: str) -> str | None:
-    """The environment variable of field `name`, if it is read from one."""
-    for f in dataclasses.fields(cls):
-        if f.name == name and "env" in f.metadata:
-            return str(f.metadata["env"].name)
-    return None
-
-
 def load(cls: type, env: Mapping[str, str]) -> dict[str, Any]:
     """The values of `cls`'s environment fields whose variable is set and not empty (the others keep their
     defaults)."""
