@@ -45,9 +45,9 @@ from fhir.errors import FhirError, Unprocessable, VersionConflict
 from fhir.repository import FhirRepository, Filing, Stored
 from fhir.searchquery import SearchAccess, check_query
 from fhir.served import KINDS
+from fhir.settings import FhirSettings
 from server.platform import jobs
 from server.platform.db import Connection, Queries
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("subscriptions.sql"))
@@ -227,7 +227,7 @@ async def prepare_subscription(conn: Connection, repo: FhirRepository, body: dic
     return Filing()
 
 
-def transform_subscription(body: dict[str, Any], principal: Principal, settings: Settings) -> dict[str, Any]:
+def transform_subscription(body: dict[str, Any], principal: Principal, settings: FhirSettings) -> dict[str, Any]:
     """The content the server stores for a client's Subscription (`fhir.types.Transform`): the endpoint must be
     allowed by `HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS` (else 422 naming the setting); `requested` (or
     `active`) becomes `active` (R4: the server activates it) and a previous `error` is cleared; the writer is
@@ -302,7 +302,9 @@ def _target(job: jobs.Job) -> tuple[str, str, int]:
         raise jobs.PermanentJobError(f"{job.kind} job {job.id} without type, id and version") from None
 
 
-def notify_handler(pool: asyncpg.Pool, repo: FhirRepository, settings: Settings, matching_ids: Matcher) -> jobs.Handler:
+def notify_handler(
+    pool: asyncpg.Pool, repo: FhirRepository, settings: FhirSettings, matching_ids: Matcher
+) -> jobs.Handler:
     """`fhir.notify`: which active Subscriptions on the type match this version (the strict search of
     `matching_ids` restricted to its id); one `fhir.deliver` job each, queued in one transaction (a retried notify
     job skips deliveries already queued). A version that is no longer current is left to the notify job of the
@@ -457,7 +459,7 @@ def delivery_record(
 
 
 def deliver_handler(
-    pool: asyncpg.Pool, repo: FhirRepository, settings: Settings, policy: PolicyEngine, audit_log: AuditLog
+    pool: asyncpg.Pool, repo: FhirRepository, settings: FhirSettings, policy: PolicyEngine, audit_log: AuditLog
 ) -> jobs.Handler:
     """`fhir.deliver`: one notification of one resource version to one Subscription, if it is still active, its
     endpoint still allowed and its owner may read the resource; each attempt audited. A failed attempt raises
@@ -540,7 +542,7 @@ def deliver_handler(
 def handlers(
     pool: asyncpg.Pool,
     repo: FhirRepository,
-    settings: Settings,
+    settings: FhirSettings,
     *,
     policy: PolicyEngine,
     audit_log: AuditLog,

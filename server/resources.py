@@ -37,8 +37,7 @@ from fhir.repository import FhirRepository
 from fhir.search import matching_ids
 from inference import dispatch
 from inference.service import InferenceService, open_inference
-from server import dbroles
-from server.platform import db, dbwatch, jobs, private, telemetry
+from server.platform import db, dbroles, dbwatch, jobs, private, telemetry
 from server.platform.diskspace import FreeSpace
 from server.settings import Settings
 

@@ -25,8 +25,8 @@ from dicomweb_client.api import DICOMwebClient
 
 from authz.tokens import issue_token
 from server.app import create_app
-from server.dbroles import APP_ROLE, with_user
 from server.platform import db
+from server.platform.dbroles import APP_ROLE, with_user
 from server.settings import Settings
 from tests.support.s3util import moto  # noqa: F401 - the moto S3 server fixture, shared by S3 tests
 
@@ -80,7 +80,9 @@ def template_db(pg_uri: str) -> str:
         conn = await asyncpg.connect(_with_db(pg_uri, TEMPLATE))
         try:
             await db.migrate(conn)
-            await conn.execute(f"ALTER ROLE {APP_ROLE} LOGIN")  # as the embedded server does (server/dbroles.py)
+            await conn.execute(
+                f"ALTER ROLE {APP_ROLE} LOGIN"
+            )  # as the embedded server does (platform/dbroles.py)
         finally:
             await conn.close()
 

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
     from authz.audit import AuditTrail
     from dicomweb.blobs import BlobStore
+    from dicomweb.settings import DicomwebSettings
     from dicomweb.store import StoreService
-    from server.settings import Settings
 
 T = TypeVar("T")
 ISSUER = "dimse"
@@ -41,7 +41,7 @@ class OperationTimeout(Exception):
 @dataclass(frozen=True, slots=True)
 class Node:
     loop: asyncio.AbstractEventLoop
-    settings: Settings
+    settings: DicomwebSettings
     pool: asyncpg.Pool
     store: StoreService
     blobs: BlobStore

@@ -26,8 +26,8 @@ from authz import keys
 from authz.audit import GENESIS, AuditTrail, canonical_json, chain_hash, checkpoint_handler, key_signer, key_verifier
 from authz.auditanchor import open_anchors
 from authz.auditrecord import Agent, AuditRecord, EventSubtype, EventType
-from server.dbroles import DatabaseRoleError
 from server.platform import db, jobs
+from server.platform.dbroles import DatabaseRoleError
 from server.resources import open_resources
 from server.settings import Settings
 from tests.conftest import app_dsn
