@@ -308,18 +308,6 @@ class BreakGlassService:
         if self.cache is not None:
             self.cache.clear()
 
-    @classmethod
-    def of(cls, resources: Any) -> BreakGlassService:
-        """The service over a `server.resources.Resources`."""
-        settings: AuthzSettings = resources.settings
-        return cls(
-            resources.pool,
-            resources.audit,
-            minutes=settings.break_glass_minutes,
-            webhook=settings.break_glass_webhook,
-            sessions=resources.sessions,
-        )
-
     async def start(
         self,
         principal: Principal,

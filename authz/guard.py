@@ -31,7 +31,6 @@ from litestar.handlers.base import BaseRouteHandler
 
 from authz.authn import principal_of
 from authz.breakglass import (
-    BreakGlassService,
     InvalidRequest,
     SessionConflict,
     StartRequest,
@@ -42,6 +41,7 @@ from authz.decision import Action, Decision, Resource
 from authz.errors import Forbidden
 from authz.policy_input import policy_input
 from authz.principal import Principal
+from authz.services import authz_services
 from authz.sessioncache import OpenSession
 from authz.target import TARGET, Target, TargetParser, path_target
 from dicomweb import uids
@@ -116,7 +116,7 @@ async def with_study(
     if study is None or not uids.is_valid_uid(study):
         return resource  # not a UID: never stored
     checked = uids.UID(series) if series is not None and uids.is_valid_uid(series) else None
-    async with connection.app.state.resources.pool.acquire() as conn:
+    async with authz_services(connection.app).pool.acquire() as conn:
         found = await _resource(conn, resource.kind, Target(uids.UID(study), checked))
         vouch_stateless(conn)
     return dataclasses.replace(
@@ -133,13 +133,13 @@ async def _facts(
 ) -> tuple[Resource, dict[str, Any] | None]:
     """The resource with its facts from the index, and the subject's open break-glass session. A request that
     names no study, from a subject whose session state is cached, needs no database round trip at all."""
-    resources = connection.app.state.resources
-    sessions = resources.sessions
+    services = authz_services(connection.app)
+    sessions = services.sessions
     key = (principal.issuer, principal.sub)
     known, context = sessions.get(key, now) if sessions is not None else (False, None)
     if target.study is None and known:
         return Resource(kind=kind), context
-    async with resources.pool.acquire() as conn:
+    async with services.pool.acquire() as conn:
         resource = await _resource(conn, kind, target)
         if not known:
 
@@ -196,17 +196,17 @@ async def _break_glass_by_header(
             "X-Break-Glass-Reason: this request is about no stored patient; break-glass is for one patient"
             " (POST /break-glass with a patient_id)"
         )
-    resources = connection.app.state.resources
+    services = authz_services(connection.app)
     start = StartRequest(reason, resource.patient_id, resource.study_uid)
     target = Resource(
         kind="BreakGlass", patient_id=start.patient_id, study_uid=start.study_uid, attributes={"reason": reason}
     )
-    decision = await resources.policy.decide(policy_input(principal, "create", target, client_ip, now=now))
+    decision = await services.policy.decide(policy_input(principal, "create", target, client_ip, now=now))
     if not decision.allow:
         connection.scope.setdefault("state", {})[DECISION] = decision
         raise Forbidden("break-glass refused: " + ("; ".join(decision.reasons) or "denied by policy"), decision)
     try:
-        session, _created = await BreakGlassService.of(resources).start(
+        session, _created = await services.breakglass.start(
             principal, start, decision=decision, client_ip=client_ip, now=now
         )
     except SessionConflict as exc:
@@ -216,8 +216,8 @@ async def _break_glass_by_header(
 
 async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """The app-wide guard: authenticated principal + declared action → policy decision, or 401/403."""
-    resources = connection.app.state.resources
-    if connection.scope["path"] in resources.settings.auth_public_paths:
+    services = authz_services(connection.app)
+    if connection.scope["path"] in services.public_paths:
         return
     if connection.scope.get("method") == "OPTIONS":
         return  # Litestar's automatic OPTIONS answers carry no data (CORS preflight sends no token)
@@ -243,7 +243,7 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
         session = await _break_glass_by_header(connection, principal, resource, client_ip, now) or session
     if session is not None:
         state[BREAK_GLASS] = session
-    decision = await resources.policy.decide(policy_input(principal, action, resource, client_ip, session, now=now))
+    decision = await services.policy.decide(policy_input(principal, action, resource, client_ip, session, now=now))
     state[DECISION] = decision
     if not decision.allow:
         raise Forbidden("; ".join(decision.reasons) or "denied by policy", decision)

@@ -548,7 +548,7 @@ def handlers(
     audit_log: AuditLog,
     matching_ids: Matcher,
 ) -> dict[str, jobs.Handler]:
-    """The job handlers to register (server/resources.py): the Subscriptions' `repo` in `pool`, the policy that
+    """The job handlers its plugin registers (fhir/plugin.py): the Subscriptions' `repo` in `pool`, the policy that
     decides each owner's read, the audit trail of delivery attempts and the search that matches criteria."""
     return {
         NOTIFY_JOB: notify_handler(pool, repo, settings, matching_ids),

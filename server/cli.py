@@ -151,7 +151,7 @@ def limit_malloc_arenas(arenas: int) -> bool:
 
 
 def _register_commands(sub: Any) -> None:
-    for name in ("cli_import", "cli_token", "cli_audit"):  # each subcommand module adds its parsers
+    for name in ("cli_import", "cli_token", "cli_audit", "cli_conformance"):  # each subcommand module adds its parsers
         try:
             module = importlib.import_module(f"server.{name}")
         except ModuleNotFoundError as exc:

@@ -27,8 +27,8 @@ from authz.audit import GENESIS, AuditTrail, canonical_json, chain_hash, checkpo
 from authz.auditanchor import open_anchors
 from authz.auditrecord import Agent, AuditRecord, EventSubtype, EventType
 from server.platform import db, jobs
+from server.platform.database import DatabasePlugin
 from server.platform.dbroles import DatabaseRoleError
-from server.resources import open_resources
 from server.settings import Settings
 from tests.conftest import app_dsn
 
@@ -499,7 +499,7 @@ def test_server_refuses_to_serve_as_a_role_that_can_rewrite_the_trail(dsn: str, 
     )
 
     async def start(allow: bool) -> None:
-        async with open_resources(settings.with_overrides(database_allow_privileged=allow), dsn=dsn):
+        async with DatabasePlugin(settings.with_overrides(database_allow_privileged=allow), dsn=dsn).lifespan():
             pass
 
     with pytest.raises(DatabaseRoleError, match=r"'postgres' can rewrite the audit trail \(is a superuser"):
