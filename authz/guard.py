@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -39,15 +38,15 @@ from authz.breakglass import (
 )
 from authz.decision import Action, Decision, Resource
 from authz.errors import Forbidden
+from authz.facts import FactsSource
 from authz.policy_input import policy_input
 from authz.principal import Principal
 from authz.services import authz_services
 from authz.sessioncache import OpenSession
 from authz.target import TARGET, Target, TargetParser, path_target
 from dicomweb import uids
-from server.platform.db import Connection, Queries, vouch_stateless
+from server.platform.db import Connection, vouch_stateless
 
-FACTS = Queries(Path(__file__).with_name("facts.sql"))
 OPT_KEY = "authz"
 DECISION = "hounsfield.decision"
 RESOURCE = "hounsfield.resource"
@@ -91,20 +90,20 @@ def _plain(uid: uids.UID | None) -> str | None:
     return str(uid) if uid is not None else None
 
 
-async def _resource(conn: Connection, kind: str, target: Target) -> Resource:
+async def _resource(facts: FactsSource, conn: Connection, kind: str, target: Target) -> Resource:
     study, series, instance = _plain(target.study), _plain(target.series), _plain(target.instance)
     if study is None:
         return Resource(kind=kind)
-    row = await conn.fetchrow(FACTS["study_facts"], study)
-    if row is None:
+    found = await facts.study_facts(conn, study)
+    if found is None:
         return Resource(kind=kind, study_uid=study, series_uid=series, instance_uid=instance)
     return Resource(
         kind=kind,
-        patient_id=row["patient_id"],
+        patient_id=found.patient_id,
         study_uid=study,
         series_uid=series,
         instance_uid=instance,
-        modalities=tuple(row["modalities"]),
+        modalities=found.modalities,
     )
 
 
@@ -116,8 +115,9 @@ async def with_study(
     if study is None or not uids.is_valid_uid(study):
         return resource  # not a UID: never stored
     checked = uids.UID(series) if series is not None and uids.is_valid_uid(series) else None
-    async with authz_services(connection.app).pool.acquire() as conn:
-        found = await _resource(conn, resource.kind, Target(uids.UID(study), checked))
+    services = authz_services(connection.app)
+    async with services.pool.acquire() as conn:
+        found = await _resource(services.facts, conn, resource.kind, Target(uids.UID(study), checked))
         vouch_stateless(conn)
     return dataclasses.replace(
         resource,
@@ -140,7 +140,7 @@ async def _facts(
     if target.study is None and known:
         return Resource(kind=kind), context
     async with services.pool.acquire() as conn:
-        resource = await _resource(conn, kind, target)
+        resource = await _resource(services.facts, conn, kind, target)
         if not known:
 
             async def fetch() -> OpenSession | None:

@@ -25,6 +25,7 @@ from authz.breakglass import ALERT_JOB, BreakGlassService, alert_handler
 from authz.decision import PolicyEngine
 from authz.decision_cache import CachingEngine
 from authz.engines import open_engine
+from authz.facts import FactsSource
 from authz.guard import authorize
 from authz.services import STATE_KEY, AuthzServices
 from authz.sessioncache import SessionCache
@@ -42,9 +43,11 @@ over to the next, so two may overlap."""
 
 
 class AuthzPlugin(ServicePlugin):
-    def __init__(self, settings: AuthzSettings, database: DatabasePlugin) -> None:
+    def __init__(self, settings: AuthzSettings, database: DatabasePlugin, facts: FactsSource) -> None:
         self.settings = settings
         self.database = database
+        self.facts = facts
+        """What the policy decides on about a stored study (the archive's index answers)."""
         self._services: AuthzServices | None = None
         self._anchors: AuditAnchors | None = None
         self._jobs = JobSet()
@@ -108,7 +111,9 @@ class AuthzPlugin(ServicePlugin):
         breakglass = BreakGlassService(
             pool, audit, minutes=settings.break_glass_minutes, webhook=settings.break_glass_webhook, sessions=sessions
         )
-        self._services = AuthzServices(pool, policy, audit, breakglass, sessions, settings.auth_public_paths)
+        self._services = AuthzServices(
+            pool, self.facts, policy, audit, breakglass, sessions, settings.auth_public_paths
+        )
         stack.callback(functools.partial(setattr, self, "_services", None))
         checkpoint = checkpoint_handler(
             pool,

@@ -11,6 +11,7 @@ import asyncpg
 from authz.audit import AuditTrail
 from authz.breakglass import BreakGlassService
 from authz.decision import PolicyEngine
+from authz.facts import FactsSource
 from authz.sessioncache import SessionCache
 
 STATE_KEY = "hounsfield.authz"
@@ -19,7 +20,9 @@ STATE_KEY = "hounsfield.authz"
 @dataclass(frozen=True)
 class AuthzServices:
     pool: asyncpg.Pool
-    """For the facts the policy decides on (the study's patient and modalities) and open break-glass sessions."""
+    """For the facts the policy decides on and open break-glass sessions."""
+    facts: FactsSource
+    """The study's patient and modalities, as the archive's index knows them."""
     policy: PolicyEngine
     audit: AuditTrail
     breakglass: BreakGlassService

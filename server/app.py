@@ -29,6 +29,7 @@ from authz.plugin import AuthzPlugin
 from authz.recording import audit_requests
 from dicomweb import plugin as dicomweb_plugin
 from dicomweb.blobs import BlobStore
+from dicomweb.index.facts import IndexFacts
 from dicomweb.plugin import DicomwebPlugin
 from dicomweb.store import IngestHook
 from fhir import outcome as fhir_outcome
@@ -81,7 +82,7 @@ def plugins(
     """Every package's plugin, wired: what follows a store (FHIR sync, DIMSE routing, AI dispatch, renditions, then
     `listeners`) and a FHIR write (Subscription notifications, AI report feedback) is bound here, in that order."""
     database = DatabasePlugin(settings, dsn=dsn)
-    authz = AuthzPlugin(settings, database)
+    authz = AuthzPlugin(settings, database, IndexFacts())  # the index answers what the policy asks
     routing, renditions = dicomweb_plugin.ingest_listeners(settings)
     after_store = [
         *fhir_plugin.ingest_listeners(settings),  # ImagingStudy follows the index
