@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from authz.plugin import AuthzPlugin
 from dicomweb.store import IngestHook
-from fhir import reindex, routes_meta, subscriptions
+from fhir import reindex, subscriptions
 from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository, WriteHook
-from fhir.routes import fhir_router
-from fhir.search import matching_ids
+from fhir.rest import meta as routes_meta
+from fhir.rest.router import fhir_router
+from fhir.search.service import matching_ids
 from fhir.services import STATE_KEY, FhirServices
 from fhir.settings import FhirSettings
 from server.platform.database import DatabasePlugin

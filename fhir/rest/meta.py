@@ -13,10 +13,10 @@ from litestar.params import FromPath
 
 from authz.deps import AuthzSettingsDep
 from authz.guard import authz_opt
+from fhir.audit.routes import fhir_base
 from fhir.capability import IMAGING_STUDY_PARAM, capability_statement, search_parameter, smart_configuration
 from fhir.errors import ResourceNotFound
 from fhir.outcome import FHIR_JSON
-from fhir.routes_audit import fhir_base
 
 
 @get("/metadata", opt=authz_opt("read", "system"))

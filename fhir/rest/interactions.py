@@ -1,5 +1,5 @@
 """The FHIR REST interactions on one resource without HTTP (R4 https://hl7.org/fhir/R4/http.html): what
-`fhir.routes_rest` answers for one request and `fhir.routes_bundle` runs for each entry of a batch or
+`fhir.rest.instance` answers for one request and `fhir.rest.bundle` runs for each entry of a batch or
 transaction Bundle, on a connection the caller owns (writes run inside the caller's transaction).
 
 - create (R4 3.1.0.7) and conditional create (`If-None-Exist`, 3.1.0.8: no match creates, one match is that
@@ -31,11 +31,11 @@ from authz.guard import DECISION, RESOURCE
 from authz.policy_input import policy_input
 from authz.principal import Principal
 from dicomweb.access import AccessConstraints, UnknownConstraint
-from fhir.access import filed, version_number
 from fhir.errors import FhirError, NotSupported, ResourceGone, ResourceNotFound, VersionConflict
 from fhir.repository import Filing, Stored, parse_etag
-from fhir.search import matching_ids
-from fhir.searchquery import SearchAccess
+from fhir.rest.access import filed, version_number
+from fhir.search.query import SearchAccess
+from fhir.search.service import matching_ids
 from fhir.services import FhirServices
 from fhir.types import TYPES, ResourceType
 from fhir.validation import check_resource, localize

@@ -1,4 +1,4 @@
-"""`POST [base]` with a batch or transaction Bundle (R4 3.1.0.11; the Bundle as values is `fhir.bundles`).
+"""`POST [base]` with a batch or transaction Bundle (R4 3.1.0.11; the Bundle as values is `fhir.rest.bundles`).
 
 - batch: each entry runs on its own, in its own database transaction; the `batch-response` has each entry's
   `response.status`, `location`, `etag`, `lastModified`, the resource (as `Prefer` asks) and, for an entry that
@@ -7,9 +7,9 @@
   entry's status and OperationOutcome, and nothing is written; `urn:uuid:` references between entries are
   resolved (R4 3.1.0.11.2). The `transaction-response` is answered after the commit.
 
-Every entry is decided by the policy as if it were its own request (`fhir.interactions.Caller`: its action on
+Every entry is decided by the policy as if it were its own request (`fhir.rest.interactions.Caller`: its action on
 its type and the patient of the stored or new resource), by the same code as that request sent directly: a
-search entry by `fhir.interactions.search_access` (its own search decision, and each included or chained type
+search entry by `fhir.rest.interactions.search_access` (its own search decision, and each included or chained type
 decided as a search of that type), a vread on the filing of the version read, a history on the filing of each
 version. Each entry gets its own audit record (the request itself is recorded by the middleware like any
 other), flagged when a break-glass session allowed any of its accesses: a denied entry is 403 in a batch and
@@ -29,12 +29,15 @@ from authz.auditrecord import request_record
 from authz.decision import Action, Decision, Resource
 from authz.errors import AuthzError, Forbidden, PolicyUnavailable
 from authz.guard import authz_opt
-from fhir import bundles
-from fhir.access import filed
-from fhir.auditsearch import SearchError
-from fhir.bundles import Entry, response_entry
+from fhir.audit.routes import fhir_base
+from fhir.audit.search import SearchError
 from fhir.errors import FhirError
-from fhir.interactions import (
+from fhir.outcome import error_outcome, issue, operation_outcome
+from fhir.rest import bundles
+from fhir.rest.access import filed
+from fhir.rest.bundles import Entry, response_entry
+from fhir.rest.instance import FHIR_JSON_UTF8, MINIMAL, OUTCOME, caller_of, json_response, prefer_return, request_body
+from fhir.rest.interactions import (
     Caller,
     Written,
     conditional_matches,
@@ -48,11 +51,8 @@ from fhir.interactions import (
     update,
     vread,
 )
-from fhir.outcome import error_outcome, issue, operation_outcome
-from fhir.routes_audit import fhir_base
-from fhir.routes_rest import FHIR_JSON_UTF8, MINIMAL, OUTCOME, caller_of, json_response, prefer_return, request_body
-from fhir.search import search_bundle
-from fhir.searchquery import query_items
+from fhir.search.query import query_items
+from fhir.search.service import search_bundle
 from fhir.services import FhirDep, FhirServices
 from fhir.types import TYPES
 from server.platform.db import Connection

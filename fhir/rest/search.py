@@ -1,13 +1,13 @@
 """FHIR R4 search over HTTP (https://hl7.org/fhir/R4/http.html#search, R4 3.1.1.1.2): `GET /fhir/{Type}?...`
 and `POST /fhir/{Type}/_search` (parameters in an `application/x-www-form-urlencoded` body, and in the URL)
 for ImagingStudy, DiagnosticReport, Patient, Endpoint and Subscription; the answer is a `searchset` Bundle
-(`application/fhir+json`). Parameters and semantics: `fhir.searchquery`. A Subscription search lists the caller's own
+(`application/fhir+json`). Parameters and semantics: `fhir.search.query`. A Subscription search lists the caller's own
 Subscriptions only (`fhir.types.ResourceType.owned`).
 
 The policy decides `search` on the type; its constraints (care lists, consent, patient-context tokens, excluded
 modalities) become conditions of the SQL, so pages and totals only see permitted rows. Included fhir and
 chain targets of another type are subject to the policy's decision on searching THAT type (left out when it is
-denied), decided by `fhir.interactions.search_access` exactly as for a search entry of a batch or transaction. With
+denied), decided by `fhir.rest.interactions.search_access` exactly as for a search entry of a batch or transaction. With
 `Prefer: handling=strict`, unknown parameters are a 400 instead of a warning in an outcome entry.
 """
 
@@ -21,13 +21,13 @@ from litestar import Request, Response, get, post
 from authz.errors import Forbidden
 from authz.guard import authz_opt, decision_of
 from dicomweb.routes.common import dicom_json
-from fhir.auditsearch import strict_handling
+from fhir.audit.routes import fhir_base
+from fhir.audit.search import strict_handling
 from fhir.errors import FhirError
-from fhir.interactions import search_access
 from fhir.outcome import FHIR_JSON
-from fhir.routes_audit import fhir_base
-from fhir.routes_rest import caller_of, note_break_glass
-from fhir.search import search_bundle
+from fhir.rest.instance import caller_of, note_break_glass
+from fhir.rest.interactions import search_access
+from fhir.search.service import search_bundle
 from fhir.services import FhirDep
 from fhir.types import TYPES
 

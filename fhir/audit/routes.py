@@ -2,7 +2,7 @@
 `authz.auditevent`). Mounted under `/fhir`:
 
 - `GET /fhir/AuditEvent?...`: search (https://hl7.org/fhir/R4/auditevent.html#search; parameters in
-  `fhir.auditsearch`): a `searchset` Bundle, newest first (`_sort=date` for oldest first), `_count` entries a
+  `fhir.audit.search`): a `searchset` Bundle, newest first (`_sort=date` for oldest first), `_count` entries a
   page (default 100, at most 1000) with `self` and `next` links (keyset paging on the chain position, so
   records appended meanwhile never shift a page). Unknown parameters are ignored, left out of the self link and
   reported in an OperationOutcome entry (search mode `outcome`); with `Prefer: handling=strict` they are a 400.
@@ -46,7 +46,7 @@ from authz.deps import AnchorsDep, AuthzSettingsDep
 from authz.errors import Forbidden
 from authz.guard import authz_opt, decision_of
 from dicomweb.routes.common import DICOMWEB_ROOT, base_url, dicom_json
-from fhir.auditsearch import AuditSearch, parse_export, parse_search, strict_handling
+from fhir.audit.search import AuditSearch, parse_export, parse_search, strict_handling
 from fhir.outcome import (
     FHIR_JSON,
     FHIR_NDJSON,

@@ -1,6 +1,6 @@
 """The FHIR R4 RESTful interactions on one resource over HTTP (https://hl7.org/fhir/R4/http.html), for every
 type in `fhir.types.TYPES`, built per type because each type is its own policy kind (the work itself is in
-`fhir.interactions`):
+`fhir.rest.interactions`):
 
 - `GET [base]/{T}/{id}` read (404 unknown, 410 deleted), `GET [base]/{T}/{id}/_history/{vid}` vread,
   `GET [base]/{T}/{id}/_history` the resource's `history` Bundle (`_count`, `_since`, `_offset`). Answers carry
@@ -16,8 +16,8 @@ Authorization: the guard decides on the stored resource as filed now (read, hist
 version as filed when it was written (vread), or, for create, on the patient the new resource names
 (`new_resource` reads the body's subject: the policy sees the patient of a report before it exists). A write
 whose content names another patient than the one decided on is decided again for that patient
-(`fhir.interactions.Caller.require`), and a denial is what the request's audit record says. A history Bundle
-holds only the versions the caller may read, each decided on its own filing (`fhir.interactions.history_bundle`).
+(`fhir.rest.interactions.Caller.require`), and a denial is what the request's audit record says. A history Bundle
+holds only the versions the caller may read, each decided on its own filing (`fhir.rest.interactions.history_bundle`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ from authz.decision import Resource
 from authz.guard import RESOURCE, authz_opt, break_glass_of, decision_of
 from authz.recording import BREAK_GLASS_USED
 from dicomweb.routes.common import dicom_json
-from fhir.access import stored_resource, stored_version
+from fhir.audit.routes import fhir_base
 from fhir.errors import FhirError
-from fhir.interactions import (
+from fhir.outcome import FHIR_JSON, issue, operation_outcome
+from fhir.repository import Stored
+from fhir.rest.access import stored_resource, stored_version
+from fhir.rest.interactions import (
     Caller,
     Written,
     create,
@@ -50,9 +53,6 @@ from fhir.interactions import (
     vread,
     writable,
 )
-from fhir.outcome import FHIR_JSON, issue, operation_outcome
-from fhir.repository import Stored
-from fhir.routes_audit import fhir_base
 from fhir.services import FhirDep, fhir_services
 from fhir.types import TYPES, ResourceType
 from fhir.validation import check_accept, check_content_type, parse_json
