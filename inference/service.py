@@ -1,5 +1,6 @@
 """The inference service as the server's lifespan owns it (house style 6): the adapter catalog, the backend,
-the AI service identity, and the job handlers and ingest hook that `server.resources` registers."""
+the AI service identity, and the job handlers that `server.resources` registers. Its ingest listener
+(`inference.dispatch.ingest_hook`) depends on the settings alone, so the store is built with it before this."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import asyncpg
 from authz.audit import AuditTrail
 from authz.decision import PolicyEngine
 from dicomweb.blobs import BlobStore
-from dicomweb.store import IngestHook, StoreService
+from dicomweb.ingest.service import StoreService
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
-from inference import dispatch, monitoring
+from inference import dispatch
 from inference.backends import ByModel, InferenceBackend, InProcessBackend
 from inference.identity import ServiceActor, service_principal
 from inference.models import AdapterFactory, catalog
@@ -28,9 +29,6 @@ class InferenceService:
     adapters: dict[str, AdapterFactory]
     backend: InferenceBackend
     runner: Runner
-
-    def hook(self) -> IngestHook:
-        return dispatch.ingest_hook(self.settings.inference_quiet_seconds)
 
     def handlers(self, pool: asyncpg.Pool) -> dict[str, jobs.Handler]:
         return {
@@ -51,7 +49,6 @@ def open_inference(
     policy: PolicyEngine,
     audit: AuditTrail,
 ) -> InferenceService:
-    fhir.hooks.append(monitoring.feedback_hook())  # radiologists' verdicts on AI reports, per model version
     adapters = catalog(settings.inference_plugins)
     backend = _backend(settings, adapters, pool)
     actor = ServiceActor(service_principal(settings.inference_subject), policy, audit)
@@ -63,7 +60,6 @@ def open_inference(
         backend,
         actor,
         dicomweb_address(settings.public_url, settings.host, settings.port),
-        settings.spool_dir,
         settings.inference_max_instances,
     )
     return InferenceService(settings, adapters, backend, runner)

@@ -29,13 +29,16 @@ from dicomweb.blobs import BlobStore
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.dimse import routing
 from dicomweb.dimse.service import DimseService, open_dimse
-from dicomweb.store import IngestActivity, StoreService, blob_delete_handler, gc_handler
+from dicomweb.ingest.activity import IngestActivity
+from dicomweb.ingest.gc import blob_delete_handler, gc_handler
+from dicomweb.ingest.service import StoreService
+from dicomweb.ingest.spool import Spooler
 from fhir import reindex, subscriptions
 from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
 from fhir.search import matching_ids
-from inference import dispatch
+from inference import dispatch, monitoring
 from inference.service import InferenceService, open_inference
 from server import dbroles
 from server.platform import db, dbwatch, jobs, private, telemetry
@@ -140,12 +143,17 @@ async def open_resources(
         store = StoreService(
             pool,
             blobs,
+            spool=Spooler(settings.spool_dir, settings.max_instance_bytes, space),  # refused below the watermark
             overwrite=settings.overwrite,
             bulk_threshold=settings.bulkdata_threshold,
-            hooks=[fhir_sync.ingest_hook(settings.fhir_sync_delay_seconds)],  # ImagingStudy follows the index
+            listeners=(  # in this order, inside each ingest transaction
+                fhir_sync.ingest_hook(settings.fhir_sync_delay_seconds),  # ImagingStudy follows the index
+                routing.routing_hook(settings.dimse),  # DIMSE auto-routing rules
+                *([dispatch.ingest_hook(settings.inference_quiet_seconds)] if settings.inference_enabled else []),
+                renditions.ingest_hook(settings.renditions),  # frames encoded ahead of requests
+            ),
             compression=settings.store_compression,  # HOUNSFIELD_STORE_COMPRESSION (dicomweb/compress.py)
             activity=IngestActivity(settings.data_dir / "ingest.activity"),  # shared by the server's processes
-            space=space,  # the free-space watermark: ingest refused below it
         )
         handlers: dict[str, jobs.Handler] = {
             "blob.gc": gc_handler(
@@ -177,7 +185,12 @@ async def open_resources(
             verifier=key_verifier({signing_key.kid: signing_key.public_jwk}),
         )
         handlers[ALERT_JOB] = alert_handler(pool, settings)  # break-glass webhook alerts
-        fhir = FhirRepository(hooks=[subscriptions.queue_notifications])
+        fhir = FhirRepository(  # in this order, inside each FHIR write's transaction
+            hooks=[
+                subscriptions.queue_notifications,
+                *([monitoring.feedback_hook()] if settings.inference_enabled else []),  # verdicts on AI reports
+            ]
+        )
         handlers[fhir_sync.SYNC_JOB] = fhir_sync.sync_handler(
             pool, fhir, dicomweb_address(settings.public_url, settings.host, settings.port)
         )
@@ -191,16 +204,13 @@ async def open_resources(
             subscriptions.handlers(pool, fhir, settings, policy=policy, audit_log=audit, matching_ids=matching_ids)
         )
         handlers[reindex.REINDEX_JOB] = reindex.handler(pool, fhir)  # queued by migrations adding search params
-        store.hooks.append(routing.routing_hook(settings.dimse))  # DIMSE auto-routing rules
         handlers[routing.ROUTE_JOB] = routing.route_handler(
             pool, blobs, audit, settings.dimse, settings.dimse_ae_title, float(settings.dimse_timeout_seconds)
         )
         if settings.inference_enabled:  # AI on ingest: quiet-period dispatch, model runs as the AI service
             resources.inference = open_inference(settings, pool, blobs, store, fhir, policy, audit)
             stack.push_async_callback(resources.inference.close)
-            store.hooks.append(resources.inference.hook())
             handlers.update(resources.inference.handlers(pool))
-        store.hooks.append(renditions.ingest_hook(settings.renditions))  # frames encoded ahead of requests
         handlers[renditions.RENDITION_JOB] = renditions.job_handler(
             pool, blobs, settings.renditions, settings.spool_dir, space
         )

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from authz.audit import AuditTrail
     from dicomweb.blobs import BlobStore
-    from dicomweb.store import StoreService
+    from dicomweb.ingest.service import StoreService
     from server.settings import Settings
 
 T = TypeVar("T")
