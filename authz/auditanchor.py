@@ -45,7 +45,8 @@ from authz.auditsyslog import SyslogForwarder, format_checkpoint
 from server.platform.db import Queries, vouch_stateless
 
 if TYPE_CHECKING:
-    from server.settings import S3Settings, Settings
+    from authz.settings import AuthzSettings
+    from server.platform.settings import S3Settings
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("auditanchor.sql"))
@@ -408,7 +409,7 @@ async def read_anchored(sinks: Sequence[ReadableSink]) -> list[Anchored]:
     return entries
 
 
-def open_anchors(settings: Settings, forwarder: SyslogForwarder | None = None) -> AuditAnchors:
+def open_anchors(settings: AuthzSettings, forwarder: SyslogForwarder | None = None) -> AuditAnchors:
     """The sinks the settings name: the file (unless `off`), S3, the syslog stream, each witness URL."""
     sinks: list[AnchorSink] = []
     if settings.audit_anchor_path is not None:

@@ -29,8 +29,8 @@ from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEven
 from authz.errors import AuthzError, Unauthenticated
 from authz.httperrors import authz_error_parts
 from authz.principal import Principal
+from authz.settings import AuthzSettings
 from authz.tokens import TokenValidator
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ async def _answer(send: Send, exc: AuthzError, path: str) -> None:
     await send(end)
 
 
-def authenticate(settings: Settings, validator: TokenValidator | None = None) -> Callable[[ASGIApp], ASGIApp]:
+def authenticate(settings: AuthzSettings, validator: TokenValidator | None = None) -> Callable[[ASGIApp], ASGIApp]:
     """A Litestar middleware factory. Litestar calls the returned function once per route, so the validator
     (keys, JWKS cache) is made here, once per application."""
     validator = validator or TokenValidator(settings)

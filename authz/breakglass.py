@@ -44,10 +44,10 @@ from authz.errors import AuthzError
 from authz.policy_input import break_glass_session, rfc3339
 from authz.principal import Principal
 from authz.sessioncache import OpenSession, SessionCache
+from authz.settings import AuthzSettings
 from dicomweb.uids import is_valid_uid
 from server.platform import jobs
 from server.platform.db import Connection, Queries
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("breakglass.sql"))
@@ -308,18 +308,6 @@ class BreakGlassService:
         if self.cache is not None:
             self.cache.clear()
 
-    @classmethod
-    def of(cls, resources: Any) -> BreakGlassService:
-        """The service over a `server.resources.Resources`."""
-        settings: Settings = resources.settings
-        return cls(
-            resources.pool,
-            resources.audit,
-            minutes=settings.break_glass_minutes,
-            webhook=settings.break_glass_webhook,
-            sessions=resources.sessions,
-        )
-
     async def start(
         self,
         principal: Principal,
@@ -496,7 +484,7 @@ async def post_alert(url: str, payload: Mapping[str, Any], seconds: float = ALER
         raise AlertFailed(f"webhook answered {response.status_code}")
 
 
-def alert_handler(pool: asyncpg.Pool, settings: Settings) -> jobs.Handler:
+def alert_handler(pool: asyncpg.Pool, settings: AuthzSettings) -> jobs.Handler:
     """The `breakglass.alert` job: post the session's alert once (idempotent: `alerted_at` marks delivery)."""
 
     async def handle(job: jobs.Job) -> None:

@@ -8,13 +8,13 @@ from pathlib import Path
 from authz.decision import PolicyEngine
 from authz.engine_opa import OpaEngine
 from authz.engine_rego import RegoEngine
-from server.settings import Settings
+from authz.settings import AuthzSettings
 
 SHIPPED_POLICIES = Path(__file__).resolve().parent / "policies"
 """The shipped Rego policies and their example data (`data.json`)."""
 
 
-def policy_paths(settings: Settings) -> tuple[Path, Path | None]:
+def policy_paths(settings: AuthzSettings) -> tuple[Path, Path | None]:
     """The policy folder and data file the in-process engine loads. The data defaults to `data.json` in the
     policy folder (for the shipped folder: the example care lists and consents); none when there is none."""
     policy_dir = settings.policy_dir or SHIPPED_POLICIES
@@ -24,7 +24,7 @@ def policy_paths(settings: Settings) -> tuple[Path, Path | None]:
     return policy_dir, default if default.is_file() else None
 
 
-def open_engine(settings: Settings) -> PolicyEngine:
+def open_engine(settings: AuthzSettings) -> PolicyEngine:
     """The engine for these settings. The in-process one compiles the policies now: a policy that does not
     compile stops the server at start (`authz.engine_rego.PolicyError`) rather than denying every request."""
     if settings.opa_url:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -31,7 +30,6 @@ from litestar.handlers.base import BaseRouteHandler
 
 from authz.authn import principal_of
 from authz.breakglass import (
-    BreakGlassService,
     InvalidRequest,
     SessionConflict,
     StartRequest,
@@ -40,14 +38,15 @@ from authz.breakglass import (
 )
 from authz.decision import Action, Decision, Resource
 from authz.errors import Forbidden
+from authz.facts import FactsSource
 from authz.policy_input import policy_input
 from authz.principal import Principal
+from authz.services import authz_services
 from authz.sessioncache import OpenSession
 from authz.target import TARGET, Target, TargetParser, path_target
 from dicomweb import uids
-from server.platform.db import Connection, Queries, vouch_stateless
+from server.platform.db import Connection, vouch_stateless
 
-FACTS = Queries(Path(__file__).with_name("facts.sql"))
 OPT_KEY = "authz"
 DECISION = "hounsfield.decision"
 RESOURCE = "hounsfield.resource"
@@ -91,20 +90,20 @@ def _plain(uid: uids.UID | None) -> str | None:
     return str(uid) if uid is not None else None
 
 
-async def _resource(conn: Connection, kind: str, target: Target) -> Resource:
+async def _resource(facts: FactsSource, conn: Connection, kind: str, target: Target) -> Resource:
     study, series, instance = _plain(target.study), _plain(target.series), _plain(target.instance)
     if study is None:
         return Resource(kind=kind)
-    row = await conn.fetchrow(FACTS["study_facts"], study)
-    if row is None:
+    found = await facts.study_facts(conn, study)
+    if found is None:
         return Resource(kind=kind, study_uid=study, series_uid=series, instance_uid=instance)
     return Resource(
         kind=kind,
-        patient_id=row["patient_id"],
+        patient_id=found.patient_id,
         study_uid=study,
         series_uid=series,
         instance_uid=instance,
-        modalities=tuple(row["modalities"]),
+        modalities=found.modalities,
     )
 
 
@@ -116,8 +115,9 @@ async def with_study(
     if study is None or not uids.is_valid_uid(study):
         return resource  # not a UID: never stored
     checked = uids.UID(series) if series is not None and uids.is_valid_uid(series) else None
-    async with connection.app.state.resources.pool.acquire() as conn:
-        found = await _resource(conn, resource.kind, Target(uids.UID(study), checked))
+    services = authz_services(connection.app)
+    async with services.pool.acquire() as conn:
+        found = await _resource(services.facts, conn, resource.kind, Target(uids.UID(study), checked))
         vouch_stateless(conn)
     return dataclasses.replace(
         resource,
@@ -133,14 +133,14 @@ async def _facts(
 ) -> tuple[Resource, dict[str, Any] | None]:
     """The resource with its facts from the index, and the subject's open break-glass session. A request that
     names no study, from a subject whose session state is cached, needs no database round trip at all."""
-    resources = connection.app.state.resources
-    sessions = resources.sessions
+    services = authz_services(connection.app)
+    sessions = services.sessions
     key = (principal.issuer, principal.sub)
     known, context = sessions.get(key, now) if sessions is not None else (False, None)
     if target.study is None and known:
         return Resource(kind=kind), context
-    async with resources.pool.acquire() as conn:
-        resource = await _resource(conn, kind, target)
+    async with services.pool.acquire() as conn:
+        resource = await _resource(services.facts, conn, kind, target)
         if not known:
 
             async def fetch() -> OpenSession | None:
@@ -196,17 +196,17 @@ async def _break_glass_by_header(
             "X-Break-Glass-Reason: this request is about no stored patient; break-glass is for one patient"
             " (POST /break-glass with a patient_id)"
         )
-    resources = connection.app.state.resources
+    services = authz_services(connection.app)
     start = StartRequest(reason, resource.patient_id, resource.study_uid)
     target = Resource(
         kind="BreakGlass", patient_id=start.patient_id, study_uid=start.study_uid, attributes={"reason": reason}
     )
-    decision = await resources.policy.decide(policy_input(principal, "create", target, client_ip, now=now))
+    decision = await services.policy.decide(policy_input(principal, "create", target, client_ip, now=now))
     if not decision.allow:
         connection.scope.setdefault("state", {})[DECISION] = decision
         raise Forbidden("break-glass refused: " + ("; ".join(decision.reasons) or "denied by policy"), decision)
     try:
-        session, _created = await BreakGlassService.of(resources).start(
+        session, _created = await services.breakglass.start(
             principal, start, decision=decision, client_ip=client_ip, now=now
         )
     except SessionConflict as exc:
@@ -216,8 +216,8 @@ async def _break_glass_by_header(
 
 async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """The app-wide guard: authenticated principal + declared action → policy decision, or 401/403."""
-    resources = connection.app.state.resources
-    if connection.scope["path"] in resources.settings.auth_public_paths:
+    services = authz_services(connection.app)
+    if connection.scope["path"] in services.public_paths:
         return
     if connection.scope.get("method") == "OPTIONS":
         return  # Litestar's automatic OPTIONS answers carry no data (CORS preflight sends no token)
@@ -243,7 +243,7 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
         session = await _break_glass_by_header(connection, principal, resource, client_ip, now) or session
     if session is not None:
         state[BREAK_GLASS] = session
-    decision = await resources.policy.decide(policy_input(principal, action, resource, client_ip, session, now=now))
+    decision = await services.policy.decide(policy_input(principal, action, resource, client_ip, session, now=now))
     state[DECISION] = decision
     if not decision.allow:
         raise Forbidden("; ".join(decision.reasons) or "denied by policy", decision)

@@ -28,6 +28,7 @@ from authz.auditrecord import request_record
 from authz.authn import PRINCIPAL
 from authz.decision import Action, Decision, Resource
 from authz.guard import DECISION, OPT_KEY, RESOURCE, break_glass_of
+from authz.services import authz_services
 from server.platform.db import RETRY_AFTER_SECONDS, unavailable
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def audit_requests(public_paths: tuple[str, ...]) -> Callable[[ASGIApp], ASGIApp
             if scope["type"] != ScopeType.HTTP or scope["path"] in public_paths or scope.get("method") == "OPTIONS":
                 await app(scope, receive, send)
                 return
-            trail = scope["litestar_app"].state.resources.audit
+            trail = authz_services(scope["litestar_app"]).audit
             failed = False
 
             async def recording_send(message: Message) -> None:

@@ -31,7 +31,6 @@ from litestar.params import FromPath, FromQuery
 from authz.authn import principal_of
 from authz.breakglass import (
     BreakGlassError,
-    BreakGlassService,
     InvalidRequest,
     SelfReview,
     SessionClosed,
@@ -44,9 +43,10 @@ from authz.breakglass import (
     scoped_start,
 )
 from authz.decision import Resource
+from authz.deps import BreakGlassDep
 from authz.errors import Forbidden
 from authz.guard import RESOURCE, authz_opt, decision_of, with_attributes, with_study
-from server.resources import ResourcesDep
+from authz.services import authz_services
 
 MAX_BODY = 16 * 1024
 KIND = "BreakGlass"
@@ -99,11 +99,11 @@ def _started(request: Request[Any, Any, Any]) -> StartRequest:
     request_max_body_size=MAX_BODY,
     tags=["Break-glass"],
 )
-async def start_session(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[dict[str, Any]]:
+async def start_session(request: Request[Any, Any, Any], breakglass: BreakGlassDep) -> Response[dict[str, Any]]:
     """Start emergency access for the authenticated caller (the guard has let the policy decide), or give back
     its open session for the same patient."""
     try:
-        session, created = await BreakGlassService.of(resources).start(
+        session, created = await breakglass.start(
             principal_of(request), _started(request), decision=decision_of(request.scope), client_ip=_client_ip(request)
         )
     except BreakGlassError as exc:
@@ -117,7 +117,7 @@ async def start_session(request: Request[Any, Any, Any], resources: ResourcesDep
 
 @get("/break-glass", opt=authz_opt("search", KIND), tags=["Break-glass"])
 async def list_sessions(
-    resources: ResourcesDep,
+    breakglass: BreakGlassDep,
     open: FromQuery[bool | None] = None,
     limit: FromQuery[int] = 100,
     offset: FromQuery[int] = 0,
@@ -126,14 +126,14 @@ async def list_sessions(
     if limit < 1 or offset < 0:
         raise ValidationException("limit must be at least 1 and offset at least 0")
     now = now_utc()
-    sessions = await BreakGlassService.of(resources).sessions(open_=open, limit=limit, offset=offset, now=now)
+    sessions = await breakglass.sessions(open_=open, limit=limit, offset=offset, now=now)
     return [s.to_json(now) for s in sessions]
 
 
 @get("/break-glass/{session_id:uuid}", opt=authz_opt("read", KIND), tags=["Break-glass"])
-async def get_session(resources: ResourcesDep, session_id: FromPath[uuid.UUID]) -> dict[str, Any]:
+async def get_session(breakglass: BreakGlassDep, session_id: FromPath[uuid.UUID]) -> dict[str, Any]:
     try:
-        session = await BreakGlassService.of(resources).get(session_id)
+        session = await breakglass.get(session_id)
     except BreakGlassError as exc:
         raise _http_error(exc) from None
     return session.to_json(now_utc())
@@ -146,7 +146,7 @@ async def _closing_resource(connection: ASGIConnection[Any, Any, Any, Any], reso
     if not isinstance(session_id, uuid.UUID):
         return resource
     try:
-        session = await BreakGlassService.of(connection.app.state.resources).get(session_id)
+        session = await authz_services(connection.app).breakglass.get(session_id)
     except SessionNotFound:
         return resource
     return with_attributes(resource, session_subject={"sub": session.sub, "issuer": session.issuer})
@@ -160,12 +160,12 @@ async def _closing_resource(connection: ASGIConnection[Any, Any, Any, Any], reso
     tags=["Break-glass"],
 )
 async def close_session(
-    request: Request[Any, Any, Any], resources: ResourcesDep, session_id: FromPath[uuid.UUID]
+    request: Request[Any, Any, Any], breakglass: BreakGlassDep, session_id: FromPath[uuid.UUID]
 ) -> dict[str, Any]:
     """A security reviewer ends a session with a comment (DCM 110113 / 110138 Emergency Override Stopped)."""
     try:
         comment = parse_close(await request.body())
-        session = await BreakGlassService.of(resources).close(
+        session = await breakglass.close(
             session_id,
             principal_of(request),
             comment,

@@ -41,7 +41,8 @@ from jose.exceptions import ExpiredSignatureError, JOSEError, JWTClaimsError, JW
 from authz.errors import PolicyUnavailable, Unauthenticated
 from authz.keys import ALGORITHM, SigningKey, TrustedKey, b64url, load_jwks_file, load_or_create, parse_jwks
 from authz.principal import Principal
-from server.settings import Settings, SettingsError
+from authz.settings import AuthzSettings
+from server.platform.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class TokenValidator:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: AuthzSettings,
         *,
         signing_key: SigningKey | None = None,
         http_timeout: float = 5.0,
@@ -385,7 +386,7 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
 
 # --- the embedded issuer ---
 def issue_token(
-    settings: Settings,
+    settings: AuthzSettings,
     sub: str,
     roles: Iterable[str] = (),
     scopes: Iterable[str] = (),

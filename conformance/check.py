@@ -1,6 +1,6 @@
 """Keep the DICOM Conformance Statement true: its machine-readable tables against the running code.
 
-`python -m conformance.check` prints the differences and exits 1 when there are any; `tests/server/test_conformance.py`
+`hounsfield conformance` prints the differences and exits 1 when there are any; `tests/server/test_conformance.py`
 runs the same checks.
 
 - Endpoints: every (method, path) in the statement's endpoint table is a route of the app, and every route
@@ -11,7 +11,6 @@ runs the same checks.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -100,17 +99,15 @@ def reason_problems(statement: Path = STATEMENT) -> list[str]:
     return problems
 
 
-def main() -> int:
-    from server.app import create_app
-    from server.settings import Settings
+def problems(app: Any) -> list[str]:
+    """Every difference between the statement and `app` (a Litestar app) or the ingest's reasons."""
+    return endpoint_problems(app) + reason_problems()
 
-    problems = endpoint_problems(create_app(Settings.from_env({}))) + reason_problems()
-    for problem in problems:
+
+def report(found: list[str]) -> int:
+    """Print the differences (or that there are none); the exit status: 1 when there are any."""
+    for problem in found:
         print(problem)
-    if not problems:
+    if not found:
         print(f"{STATEMENT.name}: endpoints and failure reasons match the code")
-    return 1 if problems else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return 1 if found else 0

@@ -2,7 +2,7 @@
 (`/.well-known/smart-configuration`, SMART App Launch 2.x).
 
 Built from the same tables the routes are built from (`fhir.types.TYPES` for interactions,
-`fhir.searchindex.PARAMS` for search parameters), so the statement lists exactly what is implemented;
+`fhir.search.index.PARAMS` for search parameters), so the statement lists exactly what is implemented;
 tests/fhir/test_fhir_capability.py checks every advertised interaction and search parameter against the server.
 """
 
@@ -12,9 +12,9 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from fhir import searchindex
+from authz.settings import AuthzSettings
+from fhir.search import index as searchindex
 from fhir.types import TYPES
-from server.settings import Settings
 
 FHIR_VERSION = "4.0.1"
 SOFTWARE_VERSION = "0.1.0"
@@ -117,7 +117,7 @@ def _audit_event() -> dict[str, Any]:
     }
 
 
-def security(settings: Settings) -> dict[str, Any]:
+def security(settings: AuthzSettings) -> dict[str, Any]:
     """CapabilityStatement.rest.security: SMART on FHIR bearer tokens (with the OAuth URIs when an
     authorization server is configured)."""
     out: dict[str, Any] = {
@@ -146,7 +146,7 @@ def security(settings: Settings) -> dict[str, Any]:
     return out
 
 
-def capability_statement(base: str, settings: Settings, now: dt.datetime | None = None) -> dict[str, Any]:
+def capability_statement(base: str, settings: AuthzSettings, now: dt.datetime | None = None) -> dict[str, Any]:
     now = now or dt.datetime.now(dt.UTC)
     resources = [_resource(name, base) for name in sorted(TYPES)] + [_audit_event()]
     return {
@@ -170,7 +170,7 @@ def capability_statement(base: str, settings: Settings, now: dt.datetime | None 
     }
 
 
-def smart_configuration(settings: Settings) -> dict[str, Any]:
+def smart_configuration(settings: AuthzSettings) -> dict[str, Any]:
     """SMART App Launch `.well-known/smart-configuration`. The token and authorization endpoints are those of
     the configured authorization server; the embedded default has none (tokens come from `hounsfield token`),
     and then the document says so by listing no grant types."""

@@ -1,7 +1,7 @@
 """Versioned storage of FHIR resources (R4 3.1.0: read, vread, update, delete, history).
 
 Every write is a new version: the current version lives in `fhir_resources`, every version in `fhir_history`,
-and the search index rows (`fhir.searchindex`) are replaced in the same transaction, so a search never sees a
+and the search index rows (`fhir.search.index`) are replaced in the same transaction, so a search never sees a
 half-written resource. `meta.versionId` and `meta.lastUpdated` are set here, never taken from the client.
 
 Writers pass the facts the policy needs with the content (`Filing`: the DICOM Patient ID the resource belongs
@@ -24,8 +24,8 @@ from typing import Any
 
 import asyncpg
 
-from fhir import searchindex
 from fhir.errors import FhirError, ResourceGone, ResourceNotFound, VersionConflict
+from fhir.search import index as searchindex
 from server.platform.db import Connection, Queries
 
 SQL = Queries(Path(__file__).with_name("resources.sql"))

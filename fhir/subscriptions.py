@@ -43,11 +43,11 @@ from authz.policy_input import policy_input
 from authz.principal import Principal
 from fhir.errors import FhirError, Unprocessable, VersionConflict
 from fhir.repository import FhirRepository, Filing, Stored
-from fhir.searchquery import SearchAccess, check_query
+from fhir.search.query import SearchAccess, check_query
 from fhir.served import KINDS
+from fhir.settings import FhirSettings
 from server.platform import jobs
 from server.platform.db import Connection, Queries
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("subscriptions.sql"))
@@ -74,7 +74,7 @@ _RESERVED_HEADERS = frozenset(
 
 
 class Matcher(Protocol):
-    """`fhir.search.matching_ids`: the ids of current resources of a type that a search matches."""
+    """`fhir.search.service.matching_ids`: the ids of current resources of a type that a search matches."""
 
     async def __call__(
         self,
@@ -195,7 +195,7 @@ def _channel(content: Mapping[str, Any]) -> Mapping[str, Any]:
 
 async def prepare_subscription(conn: Connection, repo: FhirRepository, body: dict[str, Any]) -> Filing:
     """The checks of `fhir.types.Prepare` (422 with the element's path): a status a client may ask for, criteria
-    that are a valid search on a type we serve (`fhir.searchquery.check_query`), a `rest-hook` channel with an
+    that are a valid search on a type we serve (`fhir.search.query.check_query`), a `rest-hook` channel with an
     endpoint, no payload or `application/fhir+json`, well-formed headers, a valid `end`. A Subscription belongs to
     no patient. (The endpoint's allow-list is checked by `transform_subscription`, which has the settings.)"""
     status = body.get("status")
@@ -227,7 +227,7 @@ async def prepare_subscription(conn: Connection, repo: FhirRepository, body: dic
     return Filing()
 
 
-def transform_subscription(body: dict[str, Any], principal: Principal, settings: Settings) -> dict[str, Any]:
+def transform_subscription(body: dict[str, Any], principal: Principal, settings: FhirSettings) -> dict[str, Any]:
     """The content the server stores for a client's Subscription (`fhir.types.Transform`): the endpoint must be
     allowed by `HOUNSFIELD_FHIR_SUBSCRIPTION_ENDPOINTS` (else 422 naming the setting); `requested` (or
     `active`) becomes `active` (R4: the server activates it) and a previous `error` is cleared; the writer is
@@ -302,7 +302,9 @@ def _target(job: jobs.Job) -> tuple[str, str, int]:
         raise jobs.PermanentJobError(f"{job.kind} job {job.id} without type, id and version") from None
 
 
-def notify_handler(pool: asyncpg.Pool, repo: FhirRepository, settings: Settings, matching_ids: Matcher) -> jobs.Handler:
+def notify_handler(
+    pool: asyncpg.Pool, repo: FhirRepository, settings: FhirSettings, matching_ids: Matcher
+) -> jobs.Handler:
     """`fhir.notify`: which active Subscriptions on the type match this version (the strict search of
     `matching_ids` restricted to its id); one `fhir.deliver` job each, queued in one transaction (a retried notify
     job skips deliveries already queued). A version that is no longer current is left to the notify job of the
@@ -457,7 +459,7 @@ def delivery_record(
 
 
 def deliver_handler(
-    pool: asyncpg.Pool, repo: FhirRepository, settings: Settings, policy: PolicyEngine, audit_log: AuditLog
+    pool: asyncpg.Pool, repo: FhirRepository, settings: FhirSettings, policy: PolicyEngine, audit_log: AuditLog
 ) -> jobs.Handler:
     """`fhir.deliver`: one notification of one resource version to one Subscription, if it is still active, its
     endpoint still allowed and its owner may read the resource; each attempt audited. A failed attempt raises
@@ -540,13 +542,13 @@ def deliver_handler(
 def handlers(
     pool: asyncpg.Pool,
     repo: FhirRepository,
-    settings: Settings,
+    settings: FhirSettings,
     *,
     policy: PolicyEngine,
     audit_log: AuditLog,
     matching_ids: Matcher,
 ) -> dict[str, jobs.Handler]:
-    """The job handlers to register (server/resources.py): the Subscriptions' `repo` in `pool`, the policy that
+    """The job handlers its plugin registers (fhir/plugin.py): the Subscriptions' `repo` in `pool`, the policy that
     decides each owner's read, the audit trail of delivery attempts and the search that matches criteria."""
     return {
         NOTIFY_JOB: notify_handler(pool, repo, settings, matching_ids),

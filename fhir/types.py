@@ -11,9 +11,9 @@ from authz.principal import Principal
 from fhir.reports import prepare_report
 from fhir.repository import FhirRepository, Filing
 from fhir.served import KINDS
+from fhir.settings import FhirSettings
 from fhir.subscriptions import owner_of, prepare_subscription, transform_subscription
 from server.platform.db import Connection
-from server.settings import Settings
 
 Prepare = Callable[[Connection, FhirRepository, dict[str, Any]], Awaitable[Filing]]
 """For a writable type: checks a client's resource beyond its model (references resolve, values the server
@@ -22,7 +22,7 @@ requires) and returns where it is filed for the policy. Raises a `fhir.errors.Fh
 Owner = Callable[[Mapping[str, Any]], Principal | None]
 """The identity that owns a stored resource's content (None: none recorded, so nobody's)."""
 
-Transform = Callable[[dict[str, Any], Principal, Settings], dict[str, Any]]
+Transform = Callable[[dict[str, Any], Principal, FhirSettings], dict[str, Any]]
 """For a writable type whose stored content the server completes (Subscription: the endpoint checked against the
 configured allow-list, `requested` made `active`, the writer recorded as owner): called on create and update
 after `prepare`, with the writer and the settings; returns the content to store; may raise a `FhirError`."""
@@ -41,7 +41,7 @@ class ResourceType:
     """For a type whose resources belong to their writer (a Subscription's channel may carry the receiver's
     credentials): the recorded writer of a stored resource (the owner extension that `transform` sets). Such
     resources exist only for their owner: a search lists the caller's own, and a read, vread, history, update
-    or delete by id of another's answers as for an unknown id (`fhir.interactions`), whatever the policy allows
+    or delete by id of another's answers as for an unknown id (`fhir.rest.interactions`), whatever the policy allows
     (an update is refused)."""
 
     @property

@@ -31,7 +31,7 @@ from inference.models import Algorithm, ModelAdapter, ModelInput, Prediction
 from inference.ray_replica import Served
 from inference.ray_wire import pack_input, unpack_prediction
 from inference.registry import Model
-from server.settings import Settings
+from inference.settings import InferenceSettings
 
 ModelLister = Callable[[], Awaitable[list[Model]]]
 """The active and shadow models of the registry (the local cluster deploys them on first use)."""
@@ -50,7 +50,7 @@ class RemoteAdapter:
 class RayServeBackend:
     """`InferenceBackend` over Ray Serve deployment handles, one per model version (`inference.deploy`)."""
 
-    def __init__(self, settings: Settings, models: ModelLister | None = None) -> None:
+    def __init__(self, settings: InferenceSettings, models: ModelLister | None = None) -> None:
         self.settings = settings
         self.models = models
         self.last_batch_size: dict[str, int] = {}

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -30,16 +31,15 @@ import asyncpg
 from inference import registry
 from inference.errors import InferenceError, ModelExists
 from inference.models import catalog
-from server.clisettings import settings_from_args
-from server.dbroles import database_url
+from inference.settings import InferenceSettings
 from server.platform import db
-from server.settings import Settings
+from server.platform.dbroles import database_url
 
 STATUS_OF = {"promote": "active", "shadow": "shadow", "retire": "retired"}
 
 
 @asynccontextmanager
-async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+async def _pool(settings: InferenceSettings) -> AsyncIterator[asyncpg.Pool]:
     pool = await db.create_pool(await database_url(settings), 1, 2)
     try:
         async with pool.acquire() as conn:
@@ -92,7 +92,7 @@ async def _register(conn: db.Connection, models: list[tuple[registry.Model, bool
     return 0
 
 
-async def _run(settings: Settings, args: argparse.Namespace) -> int:
+async def _run(settings: InferenceSettings, args: argparse.Namespace) -> int:
     command = args.models_command
     if command == "register":
         adapters = catalog(settings.inference_plugins)
@@ -117,7 +117,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _deploy(settings: Settings) -> int:
+async def _deploy(settings: InferenceSettings) -> int:
     """`models deploy`: the registry's active and shadow versions onto the configured Ray cluster."""
     if settings.inference_ray_address is None:
         raise InferenceError("models deploy: set HOUNSFIELD_RAY_ADDRESS or RAY_ADDRESS (e.g. auto) to a Ray cluster")
@@ -135,15 +135,19 @@ async def _deploy(settings: Settings) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
+SettingsOf = Callable[[argparse.Namespace], InferenceSettings]
+"""The settings a command runs with: the environment with the command line's options over it (`hounsfield`'s)."""
+
+
+def cmd_models(args: argparse.Namespace, *, settings_of: SettingsOf) -> int:
     try:
-        return asyncio.run(_run(settings_from_args(args), args))
+        return asyncio.run(_run(settings_of(args), args))
     except (InferenceError, OSError) as exc:
         print(f"error: {getattr(exc, 'detail', exc)}", file=sys.stderr)
         return 1
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Any, settings_of: SettingsOf) -> None:
     parser = subparsers.add_parser("models", help="register, list, promote, shadow or retire AI models")
     sub = parser.add_subparsers(dest="models_command", required=True)
     reg = sub.add_parser("register", help="register a model version from a JSON document, or the shipped models")
@@ -167,4 +171,4 @@ def register(subparsers: Any) -> None:
         commands.append(each)
     for each in commands:
         each.add_argument("--data", help="data folder (default ./var, or HOUNSFIELD_DATA)")
-        each.set_defaults(func=cmd_models)
+        each.set_defaults(func=functools.partial(cmd_models, settings_of=settings_of))

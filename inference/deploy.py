@@ -29,7 +29,7 @@ from ray.serve.config import ProxyLocation
 from inference.errors import InvalidModel
 from inference.ray_replica import ModelReplica
 from inference.registry import Model
-from server.settings import Settings
+from inference.settings import InferenceSettings
 
 CATALOG = "catalog"
 
@@ -43,7 +43,7 @@ def _number(settings: Mapping[str, Any], key: str, default: float, low: float, h
     return float(value)
 
 
-def serve_options(model: Model, settings: Settings) -> dict[str, Any]:
+def serve_options(model: Model, settings: InferenceSettings) -> dict[str, Any]:
     """The Serve deployment options of `model` (see the module docstring)."""
     batch = _number(model.backend, "max_batch_size", 8, 1, 256)
     if batch != int(batch):
@@ -81,7 +81,7 @@ class Catalog:
 CATALOG_DEPLOYMENT: Any = serve.deployment(name=CATALOG, ray_actor_options={"num_cpus": 0})(Catalog)
 
 
-def application(models: Sequence[Model], settings: Settings) -> Any:
+def application(models: Sequence[Model], settings: InferenceSettings) -> Any:
     """The Serve application of `models`: active and shadow versions, except those whose registration pins them
     in process (`backend.backend`); retired ones are left out."""
     bound: dict[str, Any] = {}
@@ -102,7 +102,7 @@ def application(models: Sequence[Model], settings: Settings) -> Any:
     return CATALOG_DEPLOYMENT.bind(bound)
 
 
-def connect(settings: Settings, local: bool) -> bool:
+def connect(settings: InferenceSettings, local: bool) -> bool:
     """Join the configured cluster (or start a local one when `local`); True when this call started Ray."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     if ray.is_initialized():
@@ -121,7 +121,7 @@ def disconnect(shutdown_serve: bool) -> None:
     ray.shutdown()
 
 
-def deploy(models: Sequence[Model], settings: Settings) -> list[str]:
+def deploy(models: Sequence[Model], settings: InferenceSettings) -> list[str]:
     """Create or update the application; returns the deployed model deployments' names."""
     serve.start(proxy_location=ProxyLocation.Disabled)
     handle = serve.run(application(models, settings), name=settings.inference_ray_app, route_prefix=None)
@@ -129,11 +129,11 @@ def deploy(models: Sequence[Model], settings: Settings) -> list[str]:
     return names
 
 
-def deployed(settings: Settings) -> set[str]:
+def deployed(settings: InferenceSettings) -> set[str]:
     """The deployments of the application now (empty when it does not exist)."""
     app = serve.status().applications.get(settings.inference_ray_app)
     return set(app.deployments) - {CATALOG} if app is not None else set()
 
 
-def handle(model: Model, settings: Settings) -> Any:
+def handle(model: Model, settings: InferenceSettings) -> Any:
     return serve.get_deployment_handle(deployment_name(model), app_name=settings.inference_ray_app)

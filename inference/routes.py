@@ -46,9 +46,9 @@ from inference.errors import (
     ModelNotFound,
     RequestNotFound,
 )
+from inference.services import InferenceDep, inference_services
 from server.platform.db import vouch_stateless
 from server.platform.http import warning_header
-from server.resources import Resources, ResourcesDep
 
 _STATUS: list[tuple[type[InferenceError], int]] = [
     (ModelNotFound, 404),
@@ -71,65 +71,57 @@ def inference_error(_request: Request[Any, Any, Any], exc: Exception) -> Respons
     )
 
 
-def _adapters(resources: Resources) -> list[str]:
-    return sorted(resources.inference.adapters) if resources.inference is not None else []
-
-
-def _max_attempts(resources: Resources) -> int:
-    return resources.settings.inference_max_attempts
-
-
 @get("/models", opt=authz_opt("search", "Model"))
 async def list_models(
-    resources: ResourcesDep,
+    inference: InferenceDep,
     name: Annotated[str | None, QueryParameter(max_length=64)] = None,
     status: Annotated[str | None, QueryParameter(max_length=16)] = None,
 ) -> dict[str, Any]:
-    async with resources.pool.acquire() as conn:
+    async with inference.pool.acquire() as conn:
         models = await registry.list_models(conn, name, status)
-    return {"models": [m.to_json() for m in models], "adapters": _adapters(resources)}
+    return {"models": [m.to_json() for m in models], "adapters": list(inference.adapters)}
 
 
 @post("/models", status_code=201, opt=authz_opt("create", "Model"))
-async def register_model(resources: ResourcesDep, data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
-    model = registry.parse_model(data, _adapters(resources))
-    async with resources.pool.acquire() as conn:
+async def register_model(inference: InferenceDep, data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
+    model = registry.parse_model(data, list(inference.adapters))
+    async with inference.pool.acquire() as conn:
         stored = await registry.register(conn, model)
     return stored.to_json()
 
 
 @get("/models/{name:str}/{version:str}", opt=authz_opt("read", "Model"))
-async def read_model(resources: ResourcesDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
-    async with resources.pool.acquire() as conn:
+async def read_model(inference: InferenceDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
+    async with inference.pool.acquire() as conn:
         return (await registry.get(conn, name, version)).to_json()
 
 
 @get("/models/{name:str}/{version:str}/summary", opt=authz_opt("read", "Model"))
-async def model_summary(resources: ResourcesDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
+async def model_summary(inference: InferenceDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
     """Monitoring: counts, failures, latency, throughput, output distributions, feedback, version comparison."""
-    async with resources.pool.acquire() as conn:
+    async with inference.pool.acquire() as conn:
         await registry.get(conn, name, version)  # 404 for an unknown version
         return await monitoring.summary(conn, name, version)
 
 
-async def _set(resources: Resources, name: str, version: str, status: registry.Status) -> dict[str, Any]:
-    async with resources.pool.acquire() as conn:
+async def _set(inference: InferenceDep, name: str, version: str, status: registry.Status) -> dict[str, Any]:
+    async with inference.pool.acquire() as conn:
         return (await registry.set_status(conn, name, version, status)).to_json()
 
 
 @post("/models/{name:str}/{version:str}/promote", status_code=200, opt=authz_opt("update", "Model"))
-async def promote(resources: ResourcesDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
-    return await _set(resources, name, version, "active")
+async def promote(inference: InferenceDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
+    return await _set(inference, name, version, "active")
 
 
 @post("/models/{name:str}/{version:str}/shadow", status_code=200, opt=authz_opt("update", "Model"))
-async def shadow(resources: ResourcesDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
-    return await _set(resources, name, version, "shadow")
+async def shadow(inference: InferenceDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
+    return await _set(inference, name, version, "shadow")
 
 
 @post("/models/{name:str}/{version:str}/retire", status_code=200, opt=authz_opt("update", "Model"))
-async def retire(resources: ResourcesDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
-    return await _set(resources, name, version, "retired")
+async def retire(inference: InferenceDep, name: FromPath[str], version: FromPath[str]) -> dict[str, Any]:
+    return await _set(inference, name, version, "retired")
 
 
 def _field(data: JSONBody[dict[str, Any]], key: str, *, required: bool = True) -> str | None:
@@ -180,7 +172,7 @@ async def _named_target(connection: ASGIConnection[Any, Any, Any, Any]) -> Targe
 async def _requested_study(connection: ASGIConnection[Any, Any, Any, Any], resource: Resource) -> Resource:
     """GET /inference-requests/{rid}: the policy sees the study of the request (an unknown one: a bare resource,
     then 404)."""
-    async with connection.app.state.resources.pool.acquire() as conn:
+    async with inference_services(connection.app).pool.acquire() as conn:
         study = await dispatch.request_study(conn, str(connection.path_params.get("rid")))
         vouch_stateless(conn)  # one SELECT: the release needs no reset query
     return await with_study(connection, resource, study)
@@ -192,13 +184,13 @@ async def _requested_study(connection: ASGIConnection[Any, Any, Any, Any], resou
     opt=authz_opt("create", "InferenceRequest", target=_named_target, resource=_override_requested),
 )
 async def request_inference(
-    request: Request[Any, Any, Any], resources: ResourcesDep, data: JSONBody[dict[str, Any]]
+    request: Request[Any, Any, Any], inference: InferenceDep, data: JSONBody[dict[str, Any]]
 ) -> Response[dict[str, Any]]:
     target = target_of(request)  # the study and series the guard decided on
     study, series = target.study, target.series
     model, version = _field(data, "model"), _field(data, "version", required=False)
     assert study is not None and series is not None and model is not None
-    async with resources.pool.acquire() as conn:
+    async with inference.pool.acquire() as conn:
         accepted = await dispatch.request_inference(
             conn,
             study_uid=study,
@@ -206,8 +198,8 @@ async def request_inference(
             name=model,
             version=version,
             requested_by=principal_of(request).sub,
-            max_attempts=_max_attempts(resources),
-            max_instances=resources.settings.inference_max_instances,
+            max_attempts=inference.settings.inference_max_attempts,
+            max_instances=inference.settings.inference_max_instances,
             override_selector=_override(data),
         )
         body = await dispatch.request_status(conn, str(accepted.request_id))
@@ -219,21 +211,21 @@ async def request_inference(
 
 
 @get("/inference-requests/{rid:str}", opt=authz_opt("read", "InferenceRequest", resource=_requested_study))
-async def request_status(resources: ResourcesDep, rid: FromPath[str]) -> dict[str, Any]:
-    async with resources.pool.acquire() as conn:
+async def request_status(inference: InferenceDep, rid: FromPath[str]) -> dict[str, Any]:
+    async with inference.pool.acquire() as conn:
         return await dispatch.request_status(conn, rid)
 
 
 @get("/inference-results", opt=authz_opt("search", "InferenceRequest"))
 async def list_results(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    inference: InferenceDep,
     series: Annotated[str | None, QueryParameter(max_length=64)] = None,
     model: Annotated[str | None, QueryParameter(max_length=64)] = None,
     version: Annotated[str | None, QueryParameter(max_length=64)] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
-    async with resources.pool.acquire() as conn:
+    async with inference.pool.acquire() as conn:
         found = await dispatch.results(
             conn, series=series, model=model, version=version, limit=limit, access=_access(request)
         )

@@ -1,6 +1,5 @@
-"""The inference service as the server's lifespan owns it (house style 6): the adapter catalog, the backend,
-the AI service identity, and the job handlers that `server.resources` registers. Its ingest listener
-(`inference.dispatch.ingest_hook`) depends on the settings alone, so the store is built with it before this."""
+"""The inference service as its plugin opens it (`inference.plugin`): the adapter catalog, the backend, the AI
+service identity, the runner and the job handlers."""
 
 from __future__ import annotations
 
@@ -19,13 +18,13 @@ from inference.backends import ByModel, InferenceBackend, InProcessBackend
 from inference.identity import ServiceActor, service_principal
 from inference.models import AdapterFactory, catalog
 from inference.runner import Runner
+from inference.settings import InferenceSettings
 from server.platform import jobs
-from server.settings import Settings
 
 
 @dataclass
 class InferenceService:
-    settings: Settings
+    settings: InferenceSettings
     adapters: dict[str, AdapterFactory]
     backend: InferenceBackend
     runner: Runner
@@ -41,7 +40,7 @@ class InferenceService:
 
 
 def open_inference(
-    settings: Settings,
+    settings: InferenceSettings,
     pool: asyncpg.Pool,
     blobs: BlobStore,
     store: StoreService,
@@ -65,7 +64,7 @@ def open_inference(
     return InferenceService(settings, adapters, backend, runner)
 
 
-def _backend(settings: Settings, adapters: dict[str, AdapterFactory], pool: asyncpg.Pool) -> InferenceBackend:
+def _backend(settings: InferenceSettings, adapters: dict[str, AdapterFactory], pool: asyncpg.Pool) -> InferenceBackend:
     """The in-process thread pool and Ray Serve (imported only when a model runs there), each model to the one
     its registration pins, else to `HOUNSFIELD_INFERENCE_BACKEND`'s."""
 

@@ -9,41 +9,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from litestar import Litestar, Router
+from litestar import Litestar
+from litestar.config.app import AppConfig
 from litestar.config.compression import CompressionConfig
 from litestar.config.cors import CORSConfig
-from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.logging.config import LoggingConfig
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.plugins import InitPlugin
 from litestar.types import ASGIApp
 
-from authz import routes_breakglass as breakglass
-from authz.authn import authenticate
-from authz.guard import authorize
+from authz.plugin import AuthzPlugin
 from authz.recording import audit_requests
+from dicomweb import plugin as dicomweb_plugin
 from dicomweb.blobs import BlobStore
-from dicomweb.dimse import routes as dimse_routes
-from dicomweb.routes import qido, stow, wado, wadouri
-from dicomweb.routes import rendered as rendered_routes
+from dicomweb.index.facts import IndexFacts
+from dicomweb.ingest.events import Listener
+from dicomweb.plugin import DicomwebPlugin
 from fhir import outcome as fhir_outcome
-from fhir import routes_meta
-from fhir.routes import fhir_router
-from inference.routes import inference_router
+from fhir import plugin as fhir_plugin
+from fhir import subscriptions
+from fhir.plugin import FhirPlugin
+from inference import plugin as inference_plugin
+from inference.plugin import InferencePlugin
 from server import health
 from server.errors import EXCEPTION_HANDLERS
 from server.limits import FHIR_PREFIX, header_limit, plain_target
 from server.platform import telemetry
 from server.platform.connections import body_deadline
+from server.platform.database import DatabasePlugin
 from server.platform.http import by_path, http_error
 from server.platform.inflight import InFlight
 from server.platform.logs import AccessLog
-from server.resources import Resources, open_resources
+from server.platform.plugin import ServicePlugin
+from server.platform.worker import WorkerPlugin
 from server.settings import Settings
 
 EXPOSED_HEADERS = ["Warning", "ETag", "Content-Range", "Accept-Ranges", "Content-Length", "Content-Location"]
@@ -52,15 +57,73 @@ DRAIN_SECONDS = 10.0
 log = logging.getLogger(__name__)
 
 
-def _resources(state: State) -> Resources:
-    res: Resources = state.resources
-    return res
+@dataclass(frozen=True)
+class Plugins:
+    """The packages' plugins in the order they open (each may use those before it); the worker comes last."""
+
+    database: DatabasePlugin
+    authz: AuthzPlugin
+    dicomweb: DicomwebPlugin
+    fhir: FhirPlugin
+    inference: InferencePlugin
+    worker: WorkerPlugin
+
+    def __iter__(self) -> Iterator[ServicePlugin]:
+        return iter((self.database, self.authz, self.dicomweb, self.fhir, self.inference, self.worker))
 
 
-def dicomweb_routes() -> list[Any]:
-    routes: list[Any] = [*stow.ROUTES, *qido.ROUTES, *wado.ROUTES]
-    routes += rendered_routes.ROUTES  # rendered and thumbnail resources (PS3.18 10.4)
-    return routes
+def plugins(
+    settings: Settings,
+    *,
+    blobs: BlobStore | None = None,
+    dsn: str | None = None,
+    listeners: Sequence[Listener] = (),
+) -> Plugins:
+    """Every package's plugin, wired: what follows a store (FHIR sync, DIMSE routing, AI dispatch, renditions, then
+    `listeners`) and a FHIR write (Subscription notifications, AI report feedback) is bound here, in that order."""
+    database = DatabasePlugin(settings, dsn=dsn)
+    authz = AuthzPlugin(settings, database, IndexFacts())  # the index answers what the policy asks
+    routing, renditions = dicomweb_plugin.ingest_listeners(settings)
+    after_store = [
+        *fhir_plugin.ingest_listeners(settings),  # ImagingStudy follows the index
+        routing,  # DIMSE auto-routing rules
+        *inference_plugin.ingest_listeners(settings),  # quiet-period dispatch to the models
+        renditions,  # frames encoded ahead of requests
+        *listeners,
+    ]
+    dicomweb = DicomwebPlugin(settings, database, authz, listeners=after_store, blobs=blobs)
+    after_write = [subscriptions.queue_notifications, *inference_plugin.write_hooks(settings)]
+    fhir = FhirPlugin(settings, database, authz, write_hooks=after_write)
+    inference = InferencePlugin(settings, database, authz, dicomweb, fhir)
+    worker = WorkerPlugin(
+        database,
+        [authz, dicomweb, fhir, inference],
+        enabled=settings.worker_enabled,
+        poll_seconds=settings.worker_poll_seconds,
+        pause_while=lambda: dicomweb.space.is_low(),  # derived work waits below the free-space watermark
+    )
+    return Plugins(database, authz, dicomweb, fhir, inference, worker)
+
+
+class _Drain(InitPlugin):
+    """Listed last, so that its lifespan ends first: requests that outlived uvicorn's graceful shutdown get
+    `DRAIN_SECONDS` to finish before the services they use close."""
+
+    def __init__(self, in_flight: InFlight) -> None:
+        self.in_flight = in_flight
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        app_config.lifespan.append(self.lifespan)
+        return app_config
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:
+        yield
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                await self.in_flight.wait_idle()
+        except TimeoutError:
+            log.warning("%d requests still in flight; closing their resources", self.in_flight.count)
 
 
 def logging_config(settings: Settings) -> LoggingConfig:
@@ -81,18 +144,7 @@ def create_app(
 ) -> Litestar:
     settings = settings or Settings.from_env()
     in_flight = InFlight()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with open_resources(settings, blobs=blobs, dsn=dsn) as resources:
-            app.state.resources = resources
-            yield
-            try:
-                async with asyncio.timeout(DRAIN_SECONDS):
-                    await in_flight.wait_idle()
-            except TimeoutError:
-                log.warning("%d requests still in flight; closing their resources", in_flight.count)
-
+    wired = plugins(settings, blobs=blobs, dsn=dsn)
     cors = None
     if settings.cors_origins:
         cors = CORSConfig(
@@ -102,20 +154,9 @@ def create_app(
             expose_headers=EXPOSED_HEADERS,
             max_age=600,
         )
-    dicomweb = Router(path="/dicom-web", route_handlers=dicomweb_routes(), tags=["DICOMweb"])
     app = Litestar(
-        route_handlers=[
-            dicomweb,
-            *wadouri.ROUTES,
-            *health.ROUTES,
-            fhir_router(),
-            *breakglass.ROUTES,
-            *routes_meta.ROOT_ROUTES,
-            *dimse_routes.ROUTES,
-            inference_router(),  # /models, /inference-requests, /inference-results
-        ],
-        dependencies={"resources": Provide(_resources, sync_to_thread=False)},
-        lifespan=[lifespan],
+        route_handlers=health.ROUTES,
+        dependencies={"settings": Provide(lambda: settings, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
         cors_config=cors,
         logging_config=logging_config(settings),
@@ -129,12 +170,8 @@ def create_app(
             path="/openapi",
             render_plugins=[SwaggerRenderPlugin()],
         ),
-        plugins=[telemetry.litestar_plugin(settings)],
-        middleware=[
-            header_limit(settings.max_request_header_bytes),
-            authenticate(settings),
-        ],
-        guards=[authorize],
+        plugins=[telemetry.litestar_plugin(settings), *wired, _Drain(in_flight)],
+        middleware=[header_limit(settings.max_request_header_bytes)],  # then authz's: authentication
         debug=False,
     )
     app.asgi_handler = in_flight.wrap(edge(app.asgi_handler, settings))

@@ -89,7 +89,7 @@ def _serve_processes(settings: Settings, overrides: dict[str, str]) -> int:
     exits), so the processes, which get its URL, can come and go."""
     import asyncio
 
-    from server.dbroles import database_url
+    from server.platform.dbroles import database_url
     from server.platform.dbwatch import EmbeddedSupervisor
 
     os.environ.update(overrides)  # the processes read their settings from the environment
@@ -151,7 +151,7 @@ def limit_malloc_arenas(arenas: int) -> bool:
 
 
 def _register_commands(sub: Any) -> None:
-    for name in ("cli_import", "cli_token", "cli_audit"):  # each subcommand module adds its parsers
+    for name in ("cli_import", "cli_token", "cli_audit", "cli_conformance"):  # each subcommand module adds its parsers
         try:
             module = importlib.import_module(f"server.{name}")
         except ModuleNotFoundError as exc:
@@ -161,7 +161,7 @@ def _register_commands(sub: Any) -> None:
         module.register(sub)
     from inference import cli as models_cli  # `hounsfield models register|list|promote|shadow|retire`
 
-    models_cli.register(sub)
+    models_cli.register(sub, settings_from_args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,8 @@ from typing import Any
 import asyncpg
 
 from server.clisettings import settings_from_args
-from server.dbroles import database_url
 from server.platform import db
+from server.platform.dbroles import database_url
 from server.settings import Settings
 
 

@@ -33,8 +33,9 @@ from tqdm import tqdm
 from dicomweb.ingest.origin import Origin
 from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, PROCESSING_FAILURE, InstanceRejected
 from dicomweb.ingest.service import StoreService
+from server.app import plugins
 from server.platform import private
-from server.resources import open_resources
+from server.platform.plugin import opened_together
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -186,12 +187,15 @@ class Importer:
         )
         try:
             if todo:
-                async with open_resources(self.settings) as resources:
+                # the ingest and what it needs (database, audit), with what follows each store as in the server
+                wired = plugins(self.settings)
+                async with opened_together([wired.database, wired.authz, wired.dicomweb]):
+                    store = wired.dicomweb.store
                     queue = iter(todo)
 
                     async def worker() -> None:
                         for source in queue:  # one shared iterator: each file goes to one worker
-                            ok = await self._one(resources.store, source)
+                            ok = await self._one(store, source)
                             if ok:
                                 state.record(source)
                             bar.update(1)
@@ -247,6 +251,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     workers = int(args.workers)
     settings = settings.with_overrides(
         worker_enabled=False,  # the import only ingests; the server's worker runs jobs
+        dimse_enabled=False,  # and answers no association
         db_pool_min=1,
         db_pool_max=max(2, workers + 1),
     )

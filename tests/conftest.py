@@ -25,8 +25,9 @@ from dicomweb_client.api import DICOMwebClient
 
 from authz.tokens import issue_token
 from server.app import create_app
-from server.dbroles import APP_ROLE, with_user
 from server.platform import db
+from server.platform.database import DatabasePlugin
+from server.platform.dbroles import APP_ROLE, with_user
 from server.settings import Settings
 from tests.support.s3util import moto  # noqa: F401 - the moto S3 server fixture, shared by S3 tests
 
@@ -80,7 +81,7 @@ def template_db(pg_uri: str) -> str:
         conn = await asyncpg.connect(_with_db(pg_uri, TEMPLATE))
         try:
             await db.migrate(conn)
-            await conn.execute(f"ALTER ROLE {APP_ROLE} LOGIN")  # as the embedded server does (server/dbroles.py)
+            await conn.execute(f"ALTER ROLE {APP_ROLE} LOGIN")  # as the embedded server does (platform/dbroles.py)
         finally:
             await conn.close()
 
@@ -154,8 +155,9 @@ class LiveServer:
         return bearer(self.token())
 
     @property
-    def resources(self) -> Any:
-        return self.app.state.resources
+    def pool(self) -> Any:
+        """The server's database pool (on the server's event loop)."""
+        return self.app.plugins.get(DatabasePlugin).pool
 
 
 class _Thread:

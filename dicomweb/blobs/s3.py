@@ -30,7 +30,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from dicomweb.blobs.base import BlobInfo, BlobNotFound, BlobStoreError, check_key
-from server.settings import S3Settings
+from server.platform.settings import S3Settings
 
 log = logging.getLogger(__name__)
 

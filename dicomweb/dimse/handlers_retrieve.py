@@ -33,7 +33,6 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from authz.auditrecord import EventType
 from authz.decision import Decision, Resource
 from authz.errors import denial_comment
-from authz.guard import FACTS
 from authz.policy_input import dicomweb_resource
 from authz.principal import Principal
 from dicomweb.dimse.audit import BEGIN_TRANSFERRING, operation_record
@@ -42,6 +41,7 @@ from dicomweb.dimse.routing import SQL
 from dicomweb.dimse.sender import tls_args
 from dicomweb.dimse.syntaxes import NotSendable, accepted_syntaxes, outgoing, proposals
 from dicomweb.dimse.tcp import NODELAY_HANDLERS
+from dicomweb.index.facts import IndexFacts
 from dicomweb.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ PATIENT_ROOT = ("1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.1.3")  #
 PENDING, CANCEL = 0xFF00, 0xFE00
 NOT_AUTHORIZED, BAD_IDENTIFIER, UNABLE, NO_MATCHES_POSSIBLE = 0x0124, 0xA900, 0xC000, 0xA701
 _KEYS = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+
+INDEX_FACTS = IndexFacts()
 
 
 class BadIdentifier(ValueError):
@@ -111,15 +113,15 @@ async def _plan(node: Node, principal: Principal, keys: Keys, address: str | Non
     async with node.pool.acquire() as conn:
         rows = await conn.fetch(SQL["retrieve_instances"], keys.studies, keys.series, keys.instances, keys.patient_id)
         studies = list(dict.fromkeys(r["study_uid"] for r in rows))
-        facts = {uid: await conn.fetchrow(FACTS["study_facts"], uid) for uid in studies}
+        facts = {uid: await INDEX_FACTS.study_facts(conn, uid) for uid in studies}
     plan = Plan(list(rows))
     for uid in studies:
         row = facts[uid]
         resource = dicomweb_resource(
             "study",
-            patient_id=row["patient_id"] if row else None,
+            patient_id=row.patient_id if row else None,
             study_uid=uid,
-            modalities_in_study=list(row["modalities"]) if row else [],
+            modalities_in_study=list(row.modalities) if row else [],
         )
         plan.decision = await node.decide(principal, "read", resource, address)
         if not plan.decision.allow:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from authz.audit import AuditTrail
     from dicomweb.blobs import BlobStore
     from dicomweb.ingest.service import StoreService
-    from server.settings import Settings
+    from dicomweb.settings import DicomwebSettings
 
 T = TypeVar("T")
 ISSUER = "dimse"
@@ -41,7 +41,7 @@ class OperationTimeout(Exception):
 @dataclass(frozen=True, slots=True)
 class Node:
     loop: asyncio.AbstractEventLoop
-    settings: Settings
+    settings: DicomwebSettings
     pool: asyncpg.Pool
     store: StoreService
     blobs: BlobStore

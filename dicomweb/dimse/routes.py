@@ -11,12 +11,12 @@ from litestar.params import Parameter
 
 from authz.guard import authz_opt
 from dicomweb.dimse.routing import routing_status
-from server.resources import ResourcesDep
+from server.platform.deps import PoolDep
 
 
 @get("/dimse/routing", opt=authz_opt("read", "system"), tags=["DIMSE"])
-async def routing(resources: ResourcesDep, limit: int = Parameter(default=100, ge=1, le=1000)) -> dict[str, Any]:
-    return {"jobs": await routing_status(resources.pool, limit)}
+async def routing(pool: PoolDep, limit: int = Parameter(default=100, ge=1, le=1000)) -> dict[str, Any]:
+    return {"jobs": await routing_status(pool, limit)}
 
 
 ROUTES = [routing]

@@ -263,25 +263,13 @@ class DimseService:
             assoc.join(timeout=self.node.timeout)  # a handler in flight finishes on the (still open) pool
 
 
-async def open_dimse(resources: Any) -> DimseService | None:
-    """Start the AE on the lifespan's resources (`server.resources.Resources`); the caller stops it. Without
-    configured peers nobody could associate, so no port is opened (None)."""
-    import asyncio
-
-    if not resources.settings.dimse.peers:
+async def open_dimse(node: Node) -> DimseService | None:
+    """Start the AE of `node`; the caller stops it. Without configured peers nobody could associate, so no port is
+    opened (None)."""
+    if not node.settings.dimse.peers:
         log.warning("DIMSE is on but HOUNSFIELD_DIMSE_PEERS is empty: no calling AE may associate; not listening")
         return None
-    _warn_loopback_only(resources.settings)
-
-    node = Node(
-        asyncio.get_running_loop(),
-        resources.settings,
-        resources.pool,
-        resources.store,
-        resources.blobs,
-        resources.audit,
-        resources.policy,
-    )
+    _warn_loopback_only(node.settings)
     service = DimseService(node)
     await service.start()
     return service

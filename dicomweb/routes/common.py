@@ -7,15 +7,15 @@ from typing import Any
 import msgspec
 from litestar import Request
 
-from server.resources import Resources
+from server.platform.settings import PlatformSettings
 
 DICOMWEB_ROOT = "/dicom-web"
 
 
-def base_url(request: Request[Any, Any, Any], resources: Resources) -> str:
+def base_url(request: Request[Any, Any, Any], settings: PlatformSettings) -> str:
     """The DICOMweb root URL for RetrieveURL and BulkDataURI: configured, or from the request's Host."""
-    if resources.settings.public_url:
-        return resources.settings.public_url + DICOMWEB_ROOT
+    if settings.public_url:
+        return settings.public_url + DICOMWEB_ROOT
     host = request.headers.get("host")
     if not host:
         server = request.scope.get("server") or ("127.0.0.1", 80)

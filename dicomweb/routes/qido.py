@@ -1,6 +1,6 @@
 """QIDO-RS: search for studies, series and instances (PS3.18 10.6).
 
-Six resources (Table 10.6.1-1); each parses its path UIDs and query into a `dicomweb.query.Query`, runs it
+Six pool, settings (Table 10.6.1-1); each parses its path UIDs and query into a `dicomweb.query.Query`, runs it
 through `dicomweb.search`, and answers `application/dicom+json` (or `application/json` when that is what the
 client asks for): a JSON array, `[]` when nothing matches (PS3.18 10.6.3.2 allows 200 with an empty
 array). Keys the server ignores, and results cut at the server's maximum, are reported in `Warning: 299`
@@ -18,13 +18,14 @@ from authz.errors import Forbidden
 from authz.guard import authz_opt, decision_of
 from dicomweb import mediatypes, uids
 from dicomweb.access import AccessConstraints
+from dicomweb.deps import SettingsDep
 from dicomweb.errors import NotAcceptable
 from dicomweb.query import Level, parse_query
 from dicomweb.routes.common import base_url, dicom_json
 from dicomweb.search import search
 from dicomweb.uids import UID
+from server.platform.deps import PoolDep
 from server.platform.http import warning_header
-from server.resources import ResourcesDep
 
 
 def response_type(request: Request[Any, Any, Any]) -> str:
@@ -45,7 +46,8 @@ def response_type(request: Request[Any, Any, Any]) -> str:
 
 async def _search(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    pool: PoolDep,
+    settings: SettingsDep,
     level: Level,
     study: UID | None = None,
     series: UID | None = None,
@@ -56,7 +58,7 @@ async def _search(
     if decision is None:  # the guard decides every non-public route; never search unconstrained without it
         raise Forbidden("no policy decision for this search")
     access = AccessConstraints.from_policy(decision.constraints)
-    result = await search(resources.pool, query, base_url(request, resources), access)
+    result = await search(pool, query, base_url(request, settings), access)
     headers = {}
     if result.warnings:
         headers["Warning"] = ", ".join(warning_header(w) for w in result.warnings[:20])
@@ -65,39 +67,45 @@ async def _search(
 
 
 @get("/studies", opt=authz_opt("search", "study"))
-async def search_studies(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
-    return await _search(request, resources, Level.STUDY)
+async def search_studies(request: Request[Any, Any, Any], pool: PoolDep, settings: SettingsDep) -> Response[bytes]:
+    return await _search(request, pool, settings, Level.STUDY)
 
 
 @get("/series", opt=authz_opt("search", "series"))
-async def search_all_series(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
-    return await _search(request, resources, Level.SERIES)
+async def search_all_series(request: Request[Any, Any, Any], pool: PoolDep, settings: SettingsDep) -> Response[bytes]:
+    return await _search(request, pool, settings, Level.SERIES)
 
 
 @get("/studies/{study:str}/series", opt=authz_opt("search", "series"))
 async def search_series(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str]
+    request: Request[Any, Any, Any], pool: PoolDep, settings: SettingsDep, study: FromPath[str]
 ) -> Response[bytes]:
-    return await _search(request, resources, Level.SERIES, uids.study_uid(study))
+    return await _search(request, pool, settings, Level.SERIES, uids.study_uid(study))
 
 
 @get("/instances", opt=authz_opt("search", "instance"))
-async def search_all_instances(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
-    return await _search(request, resources, Level.INSTANCE)
+async def search_all_instances(
+    request: Request[Any, Any, Any], pool: PoolDep, settings: SettingsDep
+) -> Response[bytes]:
+    return await _search(request, pool, settings, Level.INSTANCE)
 
 
 @get("/studies/{study:str}/instances", opt=authz_opt("search", "instance"))
 async def search_study_instances(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str]
+    request: Request[Any, Any, Any], pool: PoolDep, settings: SettingsDep, study: FromPath[str]
 ) -> Response[bytes]:
-    return await _search(request, resources, Level.INSTANCE, uids.study_uid(study))
+    return await _search(request, pool, settings, Level.INSTANCE, uids.study_uid(study))
 
 
 @get("/studies/{study:str}/series/{series:str}/instances", opt=authz_opt("search", "instance"))
 async def search_series_instances(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str], series: FromPath[str]
+    request: Request[Any, Any, Any],
+    pool: PoolDep,
+    settings: SettingsDep,
+    study: FromPath[str],
+    series: FromPath[str],
 ) -> Response[bytes]:
-    return await _search(request, resources, Level.INSTANCE, uids.study_uid(study), uids.series_uid(series))
+    return await _search(request, pool, settings, Level.INSTANCE, uids.study_uid(study), uids.series_uid(series))
 
 
 ROUTES = [

@@ -1,10 +1,10 @@
-"""WADO-RS rendered and thumbnail resources (PS3.18 10.4, 8.3.5) as thin Litestar handlers.
+"""WADO-RS rendered and thumbnail render, settings (PS3.18 10.4, 8.3.5) as thin Litestar handlers.
 
 `.../rendered` at study, series, instance and frame level and `.../thumbnail` at the same levels, as image/jpeg
 (the default), image/png or image/gif, chosen by the `accept` query parameter or the Accept header. What each
 level returns is described in `dicomweb.rendering`. Images are already compressed: the routes opt out of gzip.
 Responses carry an entity tag (304 for a current `If-None-Match`) and Cache-Control like the other WADO-RS
-resources; an ignored `annotation` is reported in a `Warning: 299` header (PS3.18 8.6.3).
+render, settings; an ignored `annotation` is reported in a `Warning: 299` header (PS3.18 8.6.3).
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from litestar.response import Stream
 
 from authz.guard import authz_opt
 from dicomweb import uids
+from dicomweb.deps import RenderDep, SettingsDep
 from dicomweb.render_params import Parsed, choose_media_type, rendered_options
-from dicomweb.rendering import RenderService
 from dicomweb.retrieve import Plan, parse_frame_list
 from dicomweb.routes.common import base_url
 from dicomweb.routes.wado import BINARY, accept_ranges, cache_headers, not_modified
 from server.platform.http import warning_header
-from server.resources import Resources, ResourcesDep
 
 OPT: dict[str, Any] = {**BINARY, **authz_opt("read", "rendered")}
 _INSTANCE = "/studies/{study:str}/series/{series:str}/instances/{instance:str}"
@@ -62,17 +61,14 @@ def _options(
     )
 
 
-def _service(resources: Resources) -> RenderService:
-    return RenderService(resources.pool, resources.blobs)
-
-
 # ---------------------------------------------------------------------------------------------- rendered
 
 
 @get("/studies/{study:str}/rendered", opt=OPT)
 async def rendered_study(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    render: RenderDep,
+    settings: SettingsDep,
     study: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
     window: FromQuery[str | None] = None,
@@ -81,16 +77,15 @@ async def rendered_study(
     annotation: FromQuery[str | None] = None,
 ) -> Response[Any]:
     parsed = _options(request, accept, window, viewport, quality, annotation)
-    plan = await _service(resources).plan_many(
-        base_url(request, resources), uids.study_uid(study), None, parsed.options
-    )
+    plan = await render.plan_many(base_url(request, settings), uids.study_uid(study), None, parsed.options)
     return await send(request, plan, parsed)
 
 
 @get("/studies/{study:str}/series/{series:str}/rendered", opt=OPT)
 async def rendered_series(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    render: RenderDep,
+    settings: SettingsDep,
     study: FromPath[str],
     series: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
@@ -100,8 +95,8 @@ async def rendered_series(
     annotation: FromQuery[str | None] = None,
 ) -> Response[Any]:
     parsed = _options(request, accept, window, viewport, quality, annotation)
-    plan = await _service(resources).plan_many(
-        base_url(request, resources), uids.study_uid(study), uids.series_uid(series), parsed.options
+    plan = await render.plan_many(
+        base_url(request, settings), uids.study_uid(study), uids.series_uid(series), parsed.options
     )
     return await send(request, plan, parsed)
 
@@ -109,7 +104,8 @@ async def rendered_series(
 @get(_INSTANCE + "/rendered", opt=OPT)
 async def rendered_instance(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    render: RenderDep,
+    settings: SettingsDep,
     study: FromPath[str],
     series: FromPath[str],
     instance: FromPath[str],
@@ -120,7 +116,7 @@ async def rendered_instance(
     annotation: FromQuery[str | None] = None,
 ) -> Response[Any]:
     parsed = _options(request, accept, window, viewport, quality, annotation)
-    plan = await _service(resources).plan_instance(
+    plan = await render.plan_instance(
         uids.study_uid(study), uids.series_uid(series), uids.instance_uid(instance), parsed.options
     )
     return await send(request, plan, parsed)
@@ -129,7 +125,8 @@ async def rendered_instance(
 @get(_FRAMES + "/rendered", opt=OPT)
 async def rendered_frames(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    render: RenderDep,
+    settings: SettingsDep,
     study: FromPath[str],
     series: FromPath[str],
     instance: FromPath[str],
@@ -143,8 +140,8 @@ async def rendered_frames(
     study_uid, series_uid, instance_uid = uids.study_uid(study), uids.series_uid(series), uids.instance_uid(instance)
     numbers = parse_frame_list(frames)
     parsed = _options(request, accept, window, viewport, quality, annotation)
-    plan = await _service(resources).plan_frames(
-        base_url(request, resources), study_uid, series_uid, instance_uid, numbers, parsed.options
+    plan = await render.plan_frames(
+        base_url(request, settings), study_uid, series_uid, instance_uid, numbers, parsed.options
     )
     return await send(request, plan, parsed)
 
@@ -154,7 +151,8 @@ async def rendered_frames(
 
 async def _thumbnail(
     request: Request[Any, Any, Any],
-    resources: Resources,
+    render: RenderDep,
+    settings: SettingsDep,
     query: tuple[list[str] | None, str | None, str | None, str | None, str | None],
     study: str,
     series: str | None = None,
@@ -167,14 +165,15 @@ async def _thumbnail(
     numbers = parse_frame_list(frames) if frames is not None else None
     accept, window, viewport, quality, annotation = query
     parsed = _options(request, accept, window, viewport, quality, annotation, thumbnail=True)
-    plan = await _service(resources).plan_thumbnail(study_uid, series_uid, instance_uid, parsed.options, numbers)
+    plan = await render.plan_thumbnail(study_uid, series_uid, instance_uid, parsed.options, numbers)
     return await send(request, plan, parsed)
 
 
 @get("/studies/{study:str}/thumbnail", opt=OPT)
 async def thumbnail_study(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    render: RenderDep,
+    settings: SettingsDep,
     study: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
     window: FromQuery[str | None] = None,
@@ -182,13 +181,14 @@ async def thumbnail_study(
     quality: FromQuery[str | None] = None,
     annotation: FromQuery[str | None] = None,
 ) -> Response[Any]:
-    return await _thumbnail(request, resources, (accept, window, viewport, quality, annotation), study)
+    return await _thumbnail(request, render, settings, (accept, window, viewport, quality, annotation), study)
 
 
 @get("/studies/{study:str}/series/{series:str}/thumbnail", opt=OPT)
 async def thumbnail_series(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    render: RenderDep,
+    settings: SettingsDep,
     study: FromPath[str],
     series: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
@@ -197,13 +197,14 @@ async def thumbnail_series(
     quality: FromQuery[str | None] = None,
     annotation: FromQuery[str | None] = None,
 ) -> Response[Any]:
-    return await _thumbnail(request, resources, (accept, window, viewport, quality, annotation), study, series)
+    return await _thumbnail(request, render, settings, (accept, window, viewport, quality, annotation), study, series)
 
 
 @get(_INSTANCE + "/thumbnail", opt=OPT)
 async def thumbnail_instance(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    render: RenderDep,
+    settings: SettingsDep,
     study: FromPath[str],
     series: FromPath[str],
     instance: FromPath[str],
@@ -214,13 +215,14 @@ async def thumbnail_instance(
     annotation: FromQuery[str | None] = None,
 ) -> Response[Any]:
     query = (accept, window, viewport, quality, annotation)
-    return await _thumbnail(request, resources, query, study, series, instance)
+    return await _thumbnail(request, render, settings, query, study, series, instance)
 
 
 @get(_FRAMES + "/thumbnail", opt=OPT)
 async def thumbnail_frames(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    render: RenderDep,
+    settings: SettingsDep,
     study: FromPath[str],
     series: FromPath[str],
     instance: FromPath[str],
@@ -232,7 +234,7 @@ async def thumbnail_frames(
     annotation: FromQuery[str | None] = None,
 ) -> Response[Any]:
     query = (accept, window, viewport, quality, annotation)
-    return await _thumbnail(request, resources, query, study, series, instance, frames)
+    return await _thumbnail(request, render, settings, query, study, series, instance, frames)
 
 
 ROUTES = [

@@ -29,33 +29,38 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request, Response, post
 from litestar.exceptions import InternalServerException
 from litestar.params import FromPath
 
+from authz.audit import AuditTrail
 from authz.auditrecord import AuditRecord, EventType, request_record
 from authz.authn import PRINCIPAL, principal_of
-from authz.decision import Decision, Resource
+from authz.decision import Decision, PolicyEngine, Resource
+from authz.deps import AuditDep, PolicyDep
 from authz.guard import DECISION, authz_opt, break_glass_of
 from authz.policy_input import policy_input
 from authz.recording import CHANGES_RECORDED
 from dicomweb import multipart, stow, uids
+from dicomweb.deps import SettingsDep, StoreDep
 from dicomweb.errors import BadRequest, DicomWebError, StorageFull
 from dicomweb.ingest.events import InstanceStored, Listener
 from dicomweb.ingest.origin import Origin
 from dicomweb.ingest.outcome import Outcome
 from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, InstanceRejected
+from dicomweb.ingest.service import StoreService
 from dicomweb.ingest.spool import Spool
 from dicomweb.routes.common import base_url, dicom_json
+from dicomweb.settings import DicomwebSettings
 from dicomweb.storeauth import Admission, policy_admission
 from server.platform import telemetry
 from server.platform.connections import BodyTimeout
 from server.platform.db import Connection
 from server.platform.diskspace import RETRY_AFTER_SECONDS, BelowWatermark
 from server.platform.http import warning_header
-from server.resources import Resources, ResourcesDep
 
 PIPELINE = 4
 """Parts of one STOW-RS request ingested at once (receiving pauses while this many are in flight)."""
@@ -88,7 +93,17 @@ def _record(
     return dataclasses.replace(record, type=EventType.INSTANCES_TRANSFERRED, subtype=(), **changes)
 
 
-def _audit_stored(request: Request[Any, Any, Any], resources: Resources) -> Listener:
+@dataclass(frozen=True)
+class _Services:
+    """What one STOW-RS request uses."""
+
+    settings: DicomwebSettings
+    store: StoreService
+    audit: AuditTrail
+    policy: PolicyEngine
+
+
+def _audit_stored(request: Request[Any, Any, Any], services: _Services) -> Listener:
     """The ingest's audit record: each stored instance's, written in its index transaction. It carries no HTTP
     status (the request's own record does, once the response is known)."""
 
@@ -105,12 +120,12 @@ def _audit_stored(request: Request[Any, Any, Any], resources: Resources) -> List
         record = _record(request, resource, outcome_desc=warnings, status=None)
         if stored.replaced:
             record = dataclasses.replace(record, action="U")
-        await resources.audit.append_in(conn, [record])
+        await services.audit.append_in(conn, [record])
 
     return write
 
 
-def _admission(request: Request[Any, Any, Any], resources: Resources) -> Admission:
+def _admission(request: Request[Any, Any, Any], services: _Services) -> Admission:
     """The policy's decision on each instance of the body (`dicomweb.storeauth`), as the guard's on the request:
     the same subject, client address and break-glass session."""
     principal = principal_of(request)
@@ -119,7 +134,7 @@ def _admission(request: Request[Any, Any, Any], resources: Resources) -> Admissi
 
     async def decide(resource: Resource) -> Decision:
         subject = policy_input(principal, "create", resource, client[0] if client else None, session)
-        return await resources.policy.decide(subject)
+        return await services.policy.decide(subject)
 
     return policy_admission(decide)
 
@@ -130,13 +145,13 @@ def _origin(request: Request[Any, Any, Any]) -> Origin:
     return Origin.stow(principal_of(request).sub, client[0] if client else None)
 
 
-async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, study: str | None) -> Response[bytes]:
-    settings = resources.settings
-    audit = _audit_stored(request, resources)
-    admit = _admission(request, resources)
+async def _receive(request: Request[Any, Any, Any], services: _Services, study: str | None) -> Response[bytes]:
+    settings = services.settings
+    audit = _audit_stored(request, services)
+    admit = _admission(request, services)
     origin = _origin(request)
     boundary = stow.check_request_type(request.headers.get("content-type"))
-    refuse_when_full(resources)
+    refuse_when_full(services)
     parser = multipart.MultipartParser(boundary, max_header_bytes=settings.max_part_header_bytes)
     outcomes: list[Outcome | asyncio.Task[Outcome]] = []
     slots = asyncio.Semaphore(PIPELINE)
@@ -152,7 +167,7 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
                             Outcome(None, None, failure=CANNOT_UNDERSTAND, comment="part is not application/dicom")
                         )
                     else:
-                        spool = resources.store.spool.open()
+                        spool = services.store.spool.open()
                 elif isinstance(event, multipart.PartData):
                     if spool is not None:
                         spool.write(event.data)
@@ -160,7 +175,7 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
                     if spool is not None:
                         await slots.acquire()
                         outcomes.append(
-                            asyncio.create_task(_finish_slot(resources, spool, origin, study, slots, audit, admit))
+                            asyncio.create_task(_finish_slot(services, spool, origin, study, slots, audit, admit))
                         )
                         spool = None
         parser.close()
@@ -200,7 +215,7 @@ async def _receive(request: Request[Any, Any, Any], resources: ResourcesDep, stu
     finally:
         if spool is not None:
             spool.discard()
-    answering = asyncio.ensure_future(_answer(request, resources, outcomes, study))
+    answering = asyncio.ensure_future(_answer(request, services, outcomes, study))
     try:
         return await asyncio.shield(answering)
     except asyncio.CancelledError:  # the shutdown came while the last parts were being stored: they are the answer
@@ -217,7 +232,7 @@ def _uncancel() -> None:
 
 async def _answer(
     request: Request[Any, Any, Any],
-    resources: Resources,
+    services: _Services,
     outcomes: list[Outcome | asyncio.Task[Outcome]],
     study: str | None,
 ) -> Response[bytes]:
@@ -225,8 +240,8 @@ async def _answer(
     done = await _collect(outcomes)
     if any(o.committed for o in done):
         request.scope.setdefault("state", {})[CHANGES_RECORDED] = True
-    status, body = stow.store_response(done, base_url(request, resources), study)
-    await _audit_conflicts(request, resources, done, status)
+    status, body = stow.store_response(done, base_url(request, services.settings), study)
+    await _audit_conflicts(request, services, done, status)
     headers = {}
     reasons = stow.readable_reasons(done)
     if reasons:
@@ -234,18 +249,18 @@ async def _answer(
     return Response(dicom_json(body), status_code=status, media_type="application/dicom+json", headers=headers)
 
 
-def refuse_when_full(resources: Resources) -> None:
+def refuse_when_full(services: _Services) -> None:
     """503 with Retry-After before the body is read, while free space is below the watermark
     (`server.platform.diskspace`); a volume that runs low during the request fails the parts after that point
     instead (A700 each)."""
-    space = resources.store.space
+    space = services.store.space
     low = space.low() if space is not None else []
     if low:
         raise StorageFull(str(BelowWatermark(low).strerror), RETRY_AFTER_SECONDS)
 
 
 async def _audit_conflicts(
-    request: Request[Any, Any, Any], resources: Resources, outcomes: Sequence[Outcome], status: int
+    request: Request[Any, Any, Any], services: _Services, outcomes: Sequence[Outcome], status: int
 ) -> None:
     """One record per instance refused because its study is filed under another patient (DICOM Instances
     Transferred, PS3.15 A.5.3.4, minor failure), naming both patients, and per instance the policy refused, with
@@ -281,13 +296,13 @@ async def _audit_conflicts(
         if conflict is not None
     ]
     try:
-        await resources.audit.append_many(records)
+        await services.audit.append_many(records)
     except Exception:
         log.exception("audit records of refused instances not written")
 
 
 async def _finish_slot(
-    resources: Resources,
+    services: _Services,
     spool: Spool,
     origin: Origin,
     study: str | None,
@@ -296,7 +311,7 @@ async def _finish_slot(
     admit: Admission,
 ) -> Outcome:
     try:
-        return await _finish(resources, spool, origin, study, audit, admit)
+        return await _finish(services, spool, origin, study, audit, admit)
     finally:
         slots.release()
 
@@ -319,29 +334,40 @@ def _result(task: asyncio.Task[Outcome]) -> Outcome:
 
 
 async def _finish(
-    resources: Resources, spool: Spool, origin: Origin, study: str | None, audit: Listener, admit: Admission
+    services: _Services, spool: Spool, origin: Origin, study: str | None, audit: Listener, admit: Admission
 ) -> Outcome:
     try:
         spooled = spool.finish()
     except InstanceRejected as exc:  # a full disk, free space below the watermark, too large: this part alone fails
         return Outcome.rejected(exc)
     telemetry.record_part_size(spooled.size)
-    outcome = await resources.store.store(spooled, origin, study=study, audit=audit, admit=admit)
+    outcome = await services.store.store(spooled, origin, study=study, audit=audit, admit=admit)
     if outcome.ok:
         telemetry.record_stored(1)
     return outcome
 
 
 @post("/studies", request_max_body_size=None, status_code=200, opt=authz_opt("create", "study"))
-async def store_instances(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
-    return await _receive(request, resources, None)
+async def store_instances(
+    request: Request[Any, Any, Any],
+    settings: SettingsDep,
+    store: StoreDep,
+    audit: AuditDep,
+    policy: PolicyDep,
+) -> Response[bytes]:
+    return await _receive(request, _Services(settings, store, audit, policy), None)
 
 
 @post("/studies/{study:str}", request_max_body_size=None, status_code=200, opt=authz_opt("create", "study"))
 async def store_study_instances(
-    request: Request[Any, Any, Any], resources: ResourcesDep, study: FromPath[str]
+    request: Request[Any, Any, Any],
+    settings: SettingsDep,
+    store: StoreDep,
+    audit: AuditDep,
+    policy: PolicyDep,
+    study: FromPath[str],
 ) -> Response[bytes]:
-    return await _receive(request, resources, uids.study_uid(study))
+    return await _receive(request, _Services(settings, store, audit, policy), uids.study_uid(study))
 
 
 ROUTES = [store_instances, store_study_instances]

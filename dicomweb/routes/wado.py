@@ -18,10 +18,9 @@ from litestar.response import Stream
 
 from authz.guard import authz_opt
 from dicomweb import mediatypes, negotiate, ranges, uids
-from dicomweb.renditions import Renditions
-from dicomweb.retrieve import Plan, RetrieveService, bulk_tag, parse_frame_list
+from dicomweb.deps import RetrieveDep, SettingsDep
+from dicomweb.retrieve import Plan, bulk_tag, parse_frame_list
 from dicomweb.routes.common import base_url
-from server.resources import Resources, ResourcesDep
 
 BINARY: dict[str, Any] = {"no_compression": True}
 """Route opt that keeps the gzip middleware off binary DICOM payloads."""
@@ -82,17 +81,13 @@ async def send(request: Request[Any, Any, Any], plan: Plan) -> Response[Any]:
     return Stream(body.chunks(boundary), media_type=body.content_type(boundary), headers=headers)
 
 
-def service(resources: Resources) -> RetrieveService:
-    renditions = Renditions(resources.pool, resources.blobs, resources.settings.spool_dir, resources.store.space)
-    return RetrieveService(resources.pool, resources.blobs, renditions)
-
-
 # ---------------------------------------------------------------------------------------------- instances
 
 
 async def _instances(
     request: Request[Any, Any, Any],
-    resources: Resources,
+    retrieve: RetrieveDep,
+    settings: SettingsDep,
     accept: list[str] | None,
     study: str,
     series: str | None = None,
@@ -102,9 +97,9 @@ async def _instances(
     series_uid = uids.series_uid(series) if series is not None else None
     instance_uid = uids.instance_uid(instance) if instance is not None else None
     offers = negotiate.offers(accept_ranges(request, accept), mediatypes.DICOM)
-    plan = await service(resources).plan_instances(
+    plan = await retrieve.plan_instances(
         offers,
-        base_url(request, resources),
+        base_url(request, settings),
         study_uid,
         series_uid,
         instance_uid,
@@ -116,22 +111,24 @@ async def _instances(
 @get("/studies/{study:str}", opt={**BINARY, **authz_opt("read", "study")})
 async def retrieve_study(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    retrieve: RetrieveDep,
+    settings: SettingsDep,
     study: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
-    return await _instances(request, resources, accept, study)
+    return await _instances(request, retrieve, settings, accept, study)
 
 
 @get("/studies/{study:str}/series/{series:str}", opt={**BINARY, **authz_opt("read", "series")})
 async def retrieve_series(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    retrieve: RetrieveDep,
+    settings: SettingsDep,
     study: FromPath[str],
     series: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
-    return await _instances(request, resources, accept, study, series)
+    return await _instances(request, retrieve, settings, accept, study, series)
 
 
 @get(
@@ -139,13 +136,14 @@ async def retrieve_series(
 )
 async def retrieve_instance(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    retrieve: RetrieveDep,
+    settings: SettingsDep,
     study: FromPath[str],
     series: FromPath[str],
     instance: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
-    return await _instances(request, resources, accept, study, series, instance)
+    return await _instances(request, retrieve, settings, accept, study, series, instance)
 
 
 # ---------------------------------------------------------------------------------------------- metadata
@@ -153,7 +151,8 @@ async def retrieve_instance(
 
 async def _metadata(
     request: Request[Any, Any, Any],
-    resources: Resources,
+    retrieve: RetrieveDep,
+    settings: SettingsDep,
     accept: list[str] | None,
     study: str,
     series: str | None = None,
@@ -163,7 +162,7 @@ async def _metadata(
     series_uid = uids.series_uid(series) if series is not None else None
     instance_uid = uids.instance_uid(instance) if instance is not None else None
     media_type = negotiate.choose_metadata(accept_ranges(request, accept))
-    meta = await service(resources).metadata(base_url(request, resources), study_uid, series_uid, instance_uid)
+    meta = await retrieve.metadata(base_url(request, settings), study_uid, series_uid, instance_uid)
     # Weak: the gzip middleware may change the bytes (content coding) under the same tag.
     etag = "W/" + meta.etag
     headers = cache_headers(etag, meta.max_age)  # the gzip middleware adds Accept-Encoding to Vary
@@ -175,34 +174,37 @@ async def _metadata(
 @get("/studies/{study:str}/metadata", opt=authz_opt("read", "metadata"))
 async def study_metadata(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    retrieve: RetrieveDep,
+    settings: SettingsDep,
     study: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
-    return await _metadata(request, resources, accept, study)
+    return await _metadata(request, retrieve, settings, accept, study)
 
 
 @get("/studies/{study:str}/series/{series:str}/metadata", opt=authz_opt("read", "metadata"))
 async def series_metadata(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    retrieve: RetrieveDep,
+    settings: SettingsDep,
     study: FromPath[str],
     series: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
-    return await _metadata(request, resources, accept, study, series)
+    return await _metadata(request, retrieve, settings, accept, study, series)
 
 
 @get("/studies/{study:str}/series/{series:str}/instances/{instance:str}/metadata", opt=authz_opt("read", "metadata"))
 async def instance_metadata(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    retrieve: RetrieveDep,
+    settings: SettingsDep,
     study: FromPath[str],
     series: FromPath[str],
     instance: FromPath[str],
     accept: FromQuery[list[str] | None] = None,
 ) -> Response[Any]:
-    return await _metadata(request, resources, accept, study, series, instance)
+    return await _metadata(request, retrieve, settings, accept, study, series, instance)
 
 
 # ---------------------------------------------------------------------------------------------- frames, bulk
@@ -214,7 +216,8 @@ async def instance_metadata(
 )
 async def retrieve_frames(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    retrieve: RetrieveDep,
+    settings: SettingsDep,
     study: FromPath[str],
     series: FromPath[str],
     instance: FromPath[str],
@@ -224,9 +227,7 @@ async def retrieve_frames(
     study_uid, series_uid, instance_uid = uids.study_uid(study), uids.series_uid(series), uids.instance_uid(instance)
     numbers = parse_frame_list(frames)
     offers = negotiate.offers(accept_ranges(request, accept), mediatypes.OCTET_STREAM)
-    plan = await service(resources).plan_frames(
-        offers, base_url(request, resources), study_uid, series_uid, instance_uid, numbers
-    )
+    plan = await retrieve.plan_frames(offers, base_url(request, settings), study_uid, series_uid, instance_uid, numbers)
     return await send(request, plan)
 
 
@@ -236,7 +237,8 @@ async def retrieve_frames(
 )
 async def retrieve_bulk(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    retrieve: RetrieveDep,
+    settings: SettingsDep,
     study: FromPath[str],
     series: FromPath[str],
     instance: FromPath[str],
@@ -245,8 +247,8 @@ async def retrieve_bulk(
 ) -> Response[Any]:
     study_uid, series_uid, instance_uid = uids.study_uid(study), uids.series_uid(series), uids.instance_uid(instance)
     offers = negotiate.offers(accept_ranges(request, accept), mediatypes.OCTET_STREAM)
-    plan = await service(resources).plan_bulk(
-        offers, base_url(request, resources), study_uid, series_uid, instance_uid, bulk_tag(tag)
+    plan = await retrieve.plan_bulk(
+        offers, base_url(request, settings), study_uid, series_uid, instance_uid, bulk_tag(tag)
     )
     return await send(request, plan)
 

@@ -5,7 +5,7 @@ parameters (transfer-syntax parameters are forbidden in the URI service, PS3.18 
 own Transfer Syntax UID says how it is encoded. Otherwise the object is rendered (PS3.18 9): image/jpeg
 (the default when contentType is absent), image/png or image/gif, with `windowCenter`/`windowWidth`, `rows`,
 `columns`, `region`, `frameNumber` (default: the first frame) and `imageQuality`, through the same pipeline as
-the WADO-RS rendered resources (`dicomweb.render`); other contentType values are 406.
+the WADO-RS rendered retrieve, render, settings (`dicomweb.render`); other contentType values are 406.
 
 The object is named once: `wado_uri_target` parses `studyUID`, `seriesUID` and `objectUID` for the guard, which
 decides on them and keeps them for the handler (`authz.target`); the handler never reads them again. Each must be
@@ -26,15 +26,13 @@ from litestar.response import Stream
 from authz.guard import authz_opt
 from authz.target import Target, target_of
 from dicomweb import mediatypes, uids
+from dicomweb.deps import RenderDep, RetrieveDep, SettingsDep
 from dicomweb.errors import BadRequest, InvalidParameter, NotAcceptable
 from dicomweb.negotiate import Offer
 from dicomweb.render_params import UriRendering, uri_media_type, uri_options
-from dicomweb.rendering import RenderService
-from dicomweb.retrieve import RetrieveService
 from dicomweb.routes.common import base_url
 from dicomweb.routes.wado import BINARY, cache_headers, not_modified
 from server.platform.http import warning_header
-from server.resources import Resources, ResourcesDep
 
 IDENTIFYING = ("studyUID", "seriesUID", "objectUID")
 """The query parameters that name the object (PS3.18 9.2)."""
@@ -69,7 +67,9 @@ def _wants_dicom(content_type: str | None) -> bool:
 @get("/wado", opt={**BINARY, **authz_opt("read", "instance", target=wado_uri_target)})
 async def wado_uri(
     request: Request[Any, Any, Any],
-    resources: ResourcesDep,
+    retrieve: RetrieveDep,
+    render: RenderDep,
+    settings: SettingsDep,
     request_type: Annotated[str | None, QueryParameter(name="requestType")] = None,
     content_type: Annotated[str | None, QueryParameter(name="contentType")] = None,
     transfer_syntax: Annotated[str | None, QueryParameter(name="transferSyntax")] = None,
@@ -110,10 +110,10 @@ async def wado_uri(
             image_quality=image_quality,
             annotation=annotation,
         )
-        return await _rendered(request, resources, (study_uid, series_uid, instance_uid), rendering)
+        return await _rendered(request, retrieve, render, settings, (study_uid, series_uid, instance_uid), rendering)
     offers = [Offer(mediatypes.DICOM, transfer_syntax, False)]
-    plan = await RetrieveService(resources.pool, resources.blobs).plan_instances(
-        offers, base_url(request, resources), study_uid, series_uid, instance_uid, single_part_ok=True
+    plan = await retrieve.plan_instances(
+        offers, base_url(request, settings), study_uid, series_uid, instance_uid, single_part_ok=True
     )
     headers = cache_headers(plan.etag, plan.max_age)
     del headers["Vary"]  # the query string names the representation
@@ -130,16 +130,16 @@ async def wado_uri(
 
 async def _rendered(
     request: Request[Any, Any, Any],
-    resources: Resources,
+    retrieve: RetrieveDep,
+    render: RenderDep,
+    settings: SettingsDep,
     target: tuple[uids.UID, uids.UID, uids.UID],
     rendering: UriRendering,
 ) -> Response[Any]:
     """The object rendered (PS3.18 9): one frame as a single image; the query string names the
     representation, so there is no Vary."""
     options = rendering.parsed.options
-    plan = await RenderService(resources.pool, resources.blobs).plan_frames(
-        base_url(request, resources), *target, [rendering.frame], options
-    )
+    plan = await render.plan_frames(base_url(request, settings), *target, [rendering.frame], options)
     headers = cache_headers(plan.etag, plan.max_age)
     del headers["Vary"]
     if not_modified(request, plan.etag):

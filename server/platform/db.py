@@ -200,7 +200,7 @@ server's own user (and root) may connect, or any local account would be the data
 
 def close_socket(uri: str) -> None:
     """Make the embedded cluster's sockets (named by `uri`'s `host` parameter) `SOCKET_MODE`. PostgreSQL creates
-    them so itself once `unix_socket_permissions` is set (server/dbroles.sql `embedded_socket_permissions`, applied
+    them so itself once `unix_socket_permissions` is set (platform/dbroles.sql `embedded_socket_permissions`, applied
     at every start); this covers the first start, before it was set."""
     from urllib.parse import parse_qs, urlsplit
 

@@ -128,7 +128,7 @@ class FreeSpace:
         volumes: list[tuple[str, Path]] = [("data folder", settings.data_dir), ("spool", settings.spool_dir)]
         if settings.s3 is None:
             volumes.append(("blob store", settings.blob_dir))
-        if settings.database_url is None:  # the embedded PostgreSQL (server/dbroles.py)
+        if settings.database_url is None:  # the embedded PostgreSQL (server/platform/dbroles.py)
             volumes.append(("database", settings.data_dir / "pg"))
         return cls(volumes, settings.min_free_bytes, settings.min_free_percent)
 

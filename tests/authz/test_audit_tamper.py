@@ -26,9 +26,9 @@ from authz import keys
 from authz.audit import GENESIS, AuditTrail, canonical_json, chain_hash, checkpoint_handler, key_signer, key_verifier
 from authz.auditanchor import open_anchors
 from authz.auditrecord import Agent, AuditRecord, EventSubtype, EventType
-from server.dbroles import DatabaseRoleError
 from server.platform import db, jobs
-from server.resources import open_resources
+from server.platform.database import DatabasePlugin
+from server.platform.dbroles import DatabaseRoleError
 from server.settings import Settings
 from tests.conftest import app_dsn
 
@@ -499,7 +499,7 @@ def test_server_refuses_to_serve_as_a_role_that_can_rewrite_the_trail(dsn: str, 
     )
 
     async def start(allow: bool) -> None:
-        async with open_resources(settings.with_overrides(database_allow_privileged=allow), dsn=dsn):
+        async with DatabasePlugin(settings.with_overrides(database_allow_privileged=allow), dsn=dsn).lifespan():
             pass
 
     with pytest.raises(DatabaseRoleError, match=r"'postgres' can rewrite the audit trail \(is a superuser"):

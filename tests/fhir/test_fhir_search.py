@@ -21,9 +21,8 @@ from fhir.resources.R4B.bundle import Bundle
 from dicomweb.access import AccessConstraints
 from fhir.errors import FhirError
 from fhir.repository import FhirRepository, Filing
-from fhir.search import matching_ids, search_bundle
-from fhir.searchindex import SearchEntry, entries
-from fhir.searchquery import (
+from fhir.search.index import SearchEntry, entries
+from fhir.search.query import (
     DateMatch,
     InvalidSearch,
     ReferenceMatch,
@@ -32,6 +31,7 @@ from fhir.searchquery import (
     check_query,
     parse_search,
 )
+from fhir.search.service import matching_ids, search_bundle
 from tests.conftest import LiveServer, bearer
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -604,7 +604,7 @@ def test_unenforceable_constraints_are_refused() -> None:
     from authz.engines import SHIPPED_POLICIES
     from authz.errors import Forbidden
     from authz.principal import Principal
-    from fhir.interactions import Caller, search_access
+    from fhir.rest.interactions import Caller, search_access
 
     caller = Caller(Principal("rad", "test", roles=("radiologist",)), RegoEngine(SHIPPED_POLICIES))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from litestar import Litestar, Router, get, post
 from litestar.params import FromPath
 
@@ -53,3 +54,11 @@ def test_the_check_catches_differences(tmp_path: Path) -> None:
 
 def test_normalize() -> None:
     assert check.normalize("/dicom-web/studies/{study:str}/") == "/dicom-web/studies/{study}"
+
+
+def test_the_command_reports_a_true_statement(capsys: pytest.CaptureFixture[str]) -> None:
+    """`hounsfield conformance` checks the statement against the app it builds, as an operator would run it."""
+    from server.cli import main
+
+    assert main(["conformance"]) == 0
+    assert "match the code" in capsys.readouterr().out

@@ -33,8 +33,8 @@ import pytest
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 
-from server.dbroles import APP_ROLE, with_user
 from server.platform import db
+from server.platform.dbroles import APP_ROLE, with_user
 from server.settings import Settings
 from tests.conftest import admin_token, bearer, free_port
 from tests.dicomweb.test_wado import parts

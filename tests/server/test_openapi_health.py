@@ -36,7 +36,7 @@ def test_readyz_when_the_database_is_gone(make_server: Any) -> None:
     import asyncio
 
     server = make_server()
-    loop_pool = server.resources.pool
+    loop_pool = server.pool
 
     # Close the pool on the server's own event loop: readiness must then report 503, not crash.
     async def close() -> None:

@@ -1,5 +1,5 @@
 """The FHIR REST interactions on one resource without HTTP (R4 https://hl7.org/fhir/R4/http.html): what
-`fhir.routes_rest` answers for one request and `fhir.routes_bundle` runs for each entry of a batch or
+`fhir.rest.instance` answers for one request and `fhir.rest.bundle` runs for each entry of a batch or
 transaction Bundle, on a connection the caller owns (writes run inside the caller's transaction).
 
 - create (R4 3.1.0.7) and conditional create (`If-None-Exist`, 3.1.0.8: no match creates, one match is that
@@ -31,15 +31,15 @@ from authz.guard import DECISION, RESOURCE
 from authz.policy_input import policy_input
 from authz.principal import Principal
 from dicomweb.access import AccessConstraints, UnknownConstraint
-from fhir.access import filed, version_number
 from fhir.errors import FhirError, NotSupported, ResourceGone, ResourceNotFound, VersionConflict
 from fhir.repository import Filing, Stored, parse_etag
-from fhir.search import matching_ids
-from fhir.searchquery import SearchAccess
+from fhir.rest.access import filed, version_number
+from fhir.search.query import SearchAccess
+from fhir.search.service import matching_ids
+from fhir.services import FhirServices
 from fhir.types import TYPES, ResourceType
 from fhir.validation import check_resource, localize
 from server.platform.db import Connection
-from server.resources import Resources
 
 HISTORY_COUNT = 100
 MAX_COUNT = 1000
@@ -122,14 +122,14 @@ async def search_access(caller: Caller, resource_type: str, decided: Decision | 
 
 
 def _own(spec: ResourceType, caller: Caller, constraints: AccessConstraints) -> AccessConstraints:
-    """The caller's own resources only, for a type whose searches list those (`ResourceType.owned`)."""
+    """The caller's own fhir only, for a type whose searches list those (`ResourceType.owned`)."""
     if not spec.owned:
         return constraints
     return dataclasses.replace(constraints, owner=(caller.principal.issuer, caller.principal.sub))
 
 
 def _foreign(spec: ResourceType, caller: Caller, stored: Stored | None) -> bool:
-    """`stored` belongs to another than the caller, for a type whose resources have owners (`ResourceType.owner`;
+    """`stored` belongs to another than the caller, for a type whose fhir have owners (`ResourceType.owner`;
     a version with no content, a deletion, has none to tell)."""
     if spec.owner is None or stored is None or stored.content is None:
         return False
@@ -137,9 +137,9 @@ def _foreign(spec: ResourceType, caller: Caller, stored: Stored | None) -> bool:
     return owner is None or (owner.issuer, owner.sub) != (caller.principal.issuer, caller.principal.sub)
 
 
-async def _own_or_absent(conn: Connection, resources: Resources, caller: Caller, spec: ResourceType, rid: str) -> None:
+async def _own_or_absent(conn: Connection, fhir: FhirServices, caller: Caller, spec: ResourceType, rid: str) -> None:
     """404 when the resource belongs to another (types with owners): it does not exist for the caller."""
-    if spec.owner is not None and _foreign(spec, caller, await resources.fhir.find(conn, spec.name, rid)):
+    if spec.owner is not None and _foreign(spec, caller, await fhir.repository.find(conn, spec.name, rid)):
         raise ResourceNotFound(f"{spec.name}/{rid} is not known")
 
 
@@ -185,7 +185,7 @@ def writable(resource_type: str) -> ResourceType:
 
 async def prepared(
     conn: Connection,
-    resources: Resources,
+    fhir: FhirServices,
     caller: Caller,
     spec: ResourceType,
     body: Any,
@@ -195,22 +195,22 @@ async def prepared(
     """A client's resource checked (model, then the type's rules), filed, and completed by the type's
     `transform` (e.g. a Subscription's owner) when it has one."""
     content = localize(check_resource(spec.name, body, url_id=url_id), base)
-    filing = await spec.prepare(conn, resources.fhir, content) if spec.prepare is not None else Filing()
+    filing = await spec.prepare(conn, fhir.repository, content) if spec.prepare is not None else Filing()
     if spec.transform is not None:
-        content = spec.transform(content, caller.principal, resources.settings)
+        content = spec.transform(content, caller.principal, fhir.settings)
     return content, filing
 
 
 async def conditional_matches(conn: Connection, caller: Caller, spec: ResourceType, query: str) -> list[str]:
     """Up to two ids matching an `If-None-Exist` query, among what the caller may search (a conditional create
-    cannot probe for resources the caller may not see)."""
+    cannot probe for fhir the caller may not see)."""
     access = await search_access(caller, spec.name)
     return await matching_ids(conn, spec.name, query.removeprefix("?"), access=access, limit=2)
 
 
 async def create(
     conn: Connection,
-    resources: Resources,
+    fhir: FhirServices,
     caller: Caller,
     resource_type: str,
     body: Any,
@@ -222,22 +222,22 @@ async def create(
 ) -> Written:
     """Create (R4 3.1.0.7) or conditionally create (3.1.0.8). Run inside a transaction."""
     spec = writable(resource_type)
-    content, filing = await prepared(conn, resources, caller, spec, body, base)
+    content, filing = await prepared(conn, fhir, caller, spec, body, base)
     if if_none_exist is not None and if_none_exist.strip():
         ids = await conditional_matches(conn, caller, spec, if_none_exist)
         if len(ids) > 1:
             raise VersionConflict(f"If-None-Exist {if_none_exist!r} matches more than one {resource_type}")
         if ids:
-            existing = await resources.fhir.read(conn, resource_type, ids[0])
+            existing = await fhir.repository.read(conn, resource_type, ids[0])
             await _authorize_filing(caller, "read", spec, existing.id, existing.filing, None)
             return Written(200, existing)
     await _authorize_filing(caller, "create", spec, None, filing, decided)
-    return Written(201, await resources.fhir.create(conn, resource_type, content, filing, rid=rid))
+    return Written(201, await fhir.repository.create(conn, resource_type, content, filing, rid=rid))
 
 
 async def update(
     conn: Connection,
-    resources: Resources,
+    fhir: FhirServices,
     caller: Caller,
     resource_type: str,
     rid: str,
@@ -251,17 +251,17 @@ async def update(
     Run inside a transaction."""
     spec = writable(resource_type)
     expected = parse_etag(if_match) if if_match else None
-    if spec.owner is not None and _foreign(spec, caller, await resources.fhir.find(conn, resource_type, rid)):
+    if spec.owner is not None and _foreign(spec, caller, await fhir.repository.find(conn, resource_type, rid)):
         raise Forbidden(f"{resource_type}/{rid} belongs to another owner")  # never taken over by a write
-    content, filing = await prepared(conn, resources, caller, spec, body, base, url_id=rid)
+    content, filing = await prepared(conn, fhir, caller, spec, body, base, url_id=rid)
     await _authorize_filing(caller, "update", spec, rid, filing, decided)
-    stored, created = await resources.fhir.update(conn, resource_type, rid, content, filing, expected_version=expected)
+    stored, created = await fhir.repository.update(conn, resource_type, rid, content, filing, expected_version=expected)
     return Written(201 if created else 200, stored)
 
 
 async def remove(
     conn: Connection,
-    resources: Resources,
+    fhir: FhirServices,
     caller: Caller,
     resource_type: str,
     rid: str,
@@ -272,9 +272,9 @@ async def remove(
     owner's resource is, for the caller, one that does not exist: nothing is deleted (204)."""
     spec = writable(resource_type)
     expected = parse_etag(if_match) if if_match else None
-    if spec.owner is not None and _foreign(spec, caller, await resources.fhir.find(conn, resource_type, rid)):
+    if spec.owner is not None and _foreign(spec, caller, await fhir.repository.find(conn, resource_type, rid)):
         return Written(204, None)
-    stored = await resources.fhir.delete(conn, resource_type, rid, expected_version=expected)
+    stored = await fhir.repository.delete(conn, resource_type, rid, expected_version=expected)
     return Written(200 if stored is not None else 204, stored)
 
 
@@ -291,13 +291,13 @@ async def _authorize_read(
 
 
 async def read(
-    conn: Connection, resources: Resources, caller: Caller, resource_type: str, rid: str, *, decided: Resource | None
+    conn: Connection, fhir: FhirServices, caller: Caller, resource_type: str, rid: str, *, decided: Resource | None
 ) -> Stored:
     """read (R4 3.1.0.2) of the current version, decided on the filing of the version it serves (`decided`: what
     the guard already allowed; asked again when the resource was filed elsewhere meanwhile): 404 unknown, 410
     deleted."""
     spec = TYPES[resource_type]
-    stored = await resources.fhir.find(conn, resource_type, rid)
+    stored = await fhir.repository.find(conn, resource_type, rid)
     if _foreign(spec, caller, stored):
         stored = None  # another owner's: unknown to the caller
     await _authorize_read(caller, spec, rid, stored, decided)
@@ -310,7 +310,7 @@ async def read(
 
 async def vread(
     conn: Connection,
-    resources: Resources,
+    fhir: FhirServices,
     caller: Caller,
     resource_type: str,
     rid: str,
@@ -324,10 +324,10 @@ async def vread(
     (403 when the caller may not read it, else 404); a deletion is 410."""
     spec = TYPES[resource_type]
     number = version_number(vid)
-    await _own_or_absent(conn, resources, caller, spec, rid)
-    stored = await resources.fhir.find_version(conn, resource_type, rid, number) if number is not None else None
+    await _own_or_absent(conn, fhir, caller, spec, rid)
+    stored = await fhir.repository.find_version(conn, resource_type, rid, number) if number is not None else None
     if stored is None:
-        await _authorize_read(caller, spec, rid, await resources.fhir.find(conn, resource_type, rid), decided)
+        await _authorize_read(caller, spec, rid, await fhir.repository.find(conn, resource_type, rid), decided)
         raise ResourceNotFound(f"{resource_type}/{rid} has no version {vid!r}")
     await _authorize_read(caller, spec, rid, stored, decided)
     if stored.deleted:
@@ -376,7 +376,7 @@ def _history_params(items: list[tuple[str, str]]) -> tuple[int, dt.datetime | No
 
 async def readable_versions(
     conn: Connection,
-    resources: Resources,
+    fhir: FhirServices,
     caller: Caller,
     resource_type: str,
     rid: str,
@@ -387,10 +387,10 @@ async def readable_versions(
     modalities it was filed under (once per distinct filing; `decided`, the resource the guard allowed, needs no
     second decision). 404 when the resource never existed."""
     spec = TYPES[resource_type]
-    await _own_or_absent(conn, resources, caller, spec, rid)
+    await _own_or_absent(conn, fhir, caller, spec, rid)
     allowed: dict[Filing, bool] = {}
     readable = []
-    for version, filing in await resources.fhir.history_filings(conn, resource_type, rid, since=since):
+    for version, filing in await fhir.repository.history_filings(conn, resource_type, rid, since=since):
         if filing not in allowed:
             resource = filed(spec.kind, rid, filing)
             allowed[filing] = _covers(decided, resource) or (await caller.ask("read", resource)).allow
@@ -401,7 +401,7 @@ async def readable_versions(
 
 async def history_bundle(
     conn: Connection,
-    resources: Resources,
+    fhir: FhirServices,
     caller: Caller,
     resource_type: str,
     rid: str,
@@ -415,8 +415,8 @@ async def history_bundle(
     `total` is the number of versions the caller may read (since `_since`), so the others are not even counted.
     Their numbers still show as gaps between `versionId`s: those belong to the resource, not to the caller."""
     count, since, offset = _history_params(items)
-    readable = await readable_versions(conn, resources, caller, resource_type, rid, since, decided)
-    page = await resources.fhir.versions(conn, resource_type, rid, readable[offset : offset + count])
+    readable = await readable_versions(conn, fhir, caller, resource_type, rid, since, decided)
+    page = await fhir.repository.versions(conn, resource_type, rid, readable[offset : offset + count])
     more = len(readable) > offset + count
     url = f"{base}/{resource_type}/{rid}"
     entries: list[dict[str, Any]] = []

@@ -1,8 +1,8 @@
 """FHIR R4 search (https://hl7.org/fhir/R4/search.html) on the served resource types, parsed: the query as a
-`SearchQuery` value (pure: name/value pairs in, a value out) that `fhir.searchsql` runs. `check_query` validates
-a query without running it; `fhir.search` is the API the routes, batch bundles and Subscriptions call.
+`SearchQuery` value (pure: name/value pairs in, a value out) that `fhir.search.sql` runs. `check_query` validates
+a query without running it; `fhir.search.service` is the API the routes, batch bundles and Subscriptions call.
 
-Supported (the parameters of each type are `fhir.searchindex.PARAMS`):
+Supported (the parameters of each type are `fhir.search.index.PARAMS`):
 - token `code`, `system|code`, `|code`, `system|`; `:not`, `:text`; an identifier with system `urn:dicom:uid` and
   a bare UID also matches `urn:oid:<UID>`.
 - string: starts with, case- and accent-insensitive; `:exact`, `:contains`.
@@ -28,9 +28,9 @@ from typing import Literal
 from urllib.parse import parse_qsl
 
 from dicomweb.access import UNRESTRICTED, AccessConstraints
-from fhir.auditsearch import SearchError, date_range, split_values, token, unescape
+from fhir.audit.search import SearchError, date_range, split_values, token, unescape
 from fhir.errors import FhirError
-from fhir.searchindex import PARAMS, ParamDef, normalize, reference_key, reference_type
+from fhir.search.index import PARAMS, ParamDef, normalize, reference_key, reference_type
 
 DEFAULT_COUNT = 50
 MAX_COUNT = 1000
@@ -54,7 +54,7 @@ class SearchAccess:
     of a chain) the constraints of the policy's decision on searching THAT type, asked once per type (`other`).
     A row of any type is seen only when it meets its own type's constraints for this caller: included resources
     are never filtered with the searched type's constraints (they differ: an Endpoint search has no patient limit,
-    a Patient search no modality limit). Made by `fhir.interactions.search_access` for the route and for bundle
+    a Patient search no modality limit). Made by `fhir.rest.interactions.search_access` for the route and for bundle
     entries alike; `unrestricted` is for the server's own matching (Subscriptions)."""
 
     def __init__(self, resource_type: str, constraints: AccessConstraints, other: TypeAccess) -> None:

@@ -1,4 +1,4 @@
-"""`POST [base]` with a batch or transaction Bundle (R4 3.1.0.11; the Bundle as values is `fhir.bundles`).
+"""`POST [base]` with a batch or transaction Bundle (R4 3.1.0.11; the Bundle as values is `fhir.rest.bundles`).
 
 - batch: each entry runs on its own, in its own database transaction; the `batch-response` has each entry's
   `response.status`, `location`, `etag`, `lastModified`, the resource (as `Prefer` asks) and, for an entry that
@@ -7,9 +7,9 @@
   entry's status and OperationOutcome, and nothing is written; `urn:uuid:` references between entries are
   resolved (R4 3.1.0.11.2). The `transaction-response` is answered after the commit.
 
-Every entry is decided by the policy as if it were its own request (`fhir.interactions.Caller`: its action on
+Every entry is decided by the policy as if it were its own request (`fhir.rest.interactions.Caller`: its action on
 its type and the patient of the stored or new resource), by the same code as that request sent directly: a
-search entry by `fhir.interactions.search_access` (its own search decision, and each included or chained type
+search entry by `fhir.rest.interactions.search_access` (its own search decision, and each included or chained type
 decided as a search of that type), a vread on the filing of the version read, a history on the filing of each
 version. Each entry gets its own audit record (the request itself is recorded by the middleware like any
 other), flagged when a break-glass session allowed any of its accesses: a denied entry is 403 in a batch and
@@ -29,12 +29,15 @@ from authz.auditrecord import request_record
 from authz.decision import Action, Decision, Resource
 from authz.errors import AuthzError, Forbidden, PolicyUnavailable
 from authz.guard import authz_opt
-from fhir import bundles
-from fhir.access import filed
-from fhir.auditsearch import SearchError
-from fhir.bundles import Entry, response_entry
+from fhir.audit.routes import fhir_base
+from fhir.audit.search import SearchError
 from fhir.errors import FhirError
-from fhir.interactions import (
+from fhir.outcome import error_outcome, issue, operation_outcome
+from fhir.rest import bundles
+from fhir.rest.access import filed
+from fhir.rest.bundles import Entry, response_entry
+from fhir.rest.instance import FHIR_JSON_UTF8, MINIMAL, OUTCOME, caller_of, json_response, prefer_return, request_body
+from fhir.rest.interactions import (
     Caller,
     Written,
     conditional_matches,
@@ -48,14 +51,11 @@ from fhir.interactions import (
     update,
     vread,
 )
-from fhir.outcome import error_outcome, issue, operation_outcome
-from fhir.routes_audit import fhir_base
-from fhir.routes_rest import FHIR_JSON_UTF8, MINIMAL, OUTCOME, caller_of, json_response, prefer_return, request_body
-from fhir.search import search_bundle
-from fhir.searchquery import query_items
+from fhir.search.query import query_items
+from fhir.search.service import search_bundle
+from fhir.services import FhirDep, FhirServices
 from fhir.types import TYPES
 from server.platform.db import Connection
-from server.resources import Resources, ResourcesDep
 
 _ACTIONS: dict[str, Action] = {"GET": "read", "POST": "create", "PUT": "update", "DELETE": "delete"}
 
@@ -74,7 +74,7 @@ class Run:
     """One Bundle's run: what every entry needs, and each entry's decision for its audit record."""
 
     conn: Connection
-    resources: Resources
+    fhir: FhirServices
     caller: Caller
     base: str
     prefer: str
@@ -101,7 +101,7 @@ async def _stored_resource(run: Run, action: Action, resource_type: str, rid: st
     """The policy allows `action` on this stored resource (a bare one when it does not exist: the entry then
     answers 404)."""
     kind = TYPES[resource_type].kind
-    stored = await run.resources.fhir.find(run.conn, resource_type, rid)
+    stored = await run.fhir.repository.find(run.conn, resource_type, rid)
     resource = filed(kind, rid, stored.filing) if stored is not None else Resource(kind=kind, attributes={"id": rid})
     await run.caller.require(action, resource)
     return resource
@@ -134,16 +134,16 @@ async def _get(run: Run, entry: Entry) -> dict[str, Any]:
         bundle = await search_bundle(run.conn, spec.name, items, base=run.base, access=access, strict=False)
         return response_entry(200, resource=bundle)
     if target.version is not None:
-        stored = await vread(run.conn, run.resources, run.caller, spec.name, target.id, target.version, decided=None)
+        stored = await vread(run.conn, run.fhir, run.caller, spec.name, target.id, target.version, decided=None)
     elif target.history:
         decided = await _stored_resource(run, "read", spec.name, target.id)
         items = query_items(target.query or "")
         history = await history_bundle(
-            run.conn, run.resources, run.caller, spec.name, target.id, items, run.base, decided=decided
+            run.conn, run.fhir, run.caller, spec.name, target.id, items, run.base, decided=decided
         )
         return response_entry(200, resource=history)
     else:
-        stored = await read(run.conn, run.resources, run.caller, spec.name, target.id, decided=None)
+        stored = await read(run.conn, run.fhir, run.caller, spec.name, target.id, decided=None)
     return response_entry(
         200,
         full_url=f"{run.base}/{spec.name}/{target.id}",
@@ -165,7 +165,7 @@ async def run_entry(run: Run, entry: Entry) -> dict[str, Any]:
         if entry.method == "POST":
             written = await create(
                 run.conn,
-                run.resources,
+                run.fhir,
                 run.caller,
                 target.resource_type,
                 body,
@@ -178,7 +178,7 @@ async def run_entry(run: Run, entry: Entry) -> dict[str, Any]:
             decided = await _stored_resource(run, "update", target.resource_type, target.id)
             written = await update(
                 run.conn,
-                run.resources,
+                run.fhir,
                 run.caller,
                 target.resource_type,
                 target.id,
@@ -191,7 +191,7 @@ async def run_entry(run: Run, entry: Entry) -> dict[str, Any]:
             assert target.id is not None
             await _stored_resource(run, "delete", target.resource_type, target.id)
             written = await remove(
-                run.conn, run.resources, run.caller, target.resource_type, target.id, if_match=entry.if_match
+                run.conn, run.fhir, run.caller, target.resource_type, target.id, if_match=entry.if_match
             )
         return _written_entry(run, written)
     finally:
@@ -284,7 +284,7 @@ async def _audit(
             )
         )
     if records:
-        await run.resources.audit.append_many(records)
+        await run.fhir.audit.append_many(records)
 
 
 def _status_of(answer: dict[str, Any]) -> int:
@@ -298,16 +298,16 @@ def _status_of(answer: dict[str, Any]) -> int:
     status_code=200,
     summary="Batch or transaction Bundle (FHIR R4 3.1.0.11)",
 )
-async def post_bundle(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
+async def post_bundle(request: Request[Any, Any, Any], fhir: FhirDep) -> Response[bytes]:
     body = await request_body(request)
-    base = fhir_base(request, resources)
+    base = fhir_base(request, fhir.settings)
     parsed = bundles.parse_bundle(
-        body, base=base, served=frozenset(TYPES), max_entries=resources.settings.fhir_max_bundle_entries
+        body, base=base, served=frozenset(TYPES), max_entries=fhir.settings.fhir_max_bundle_entries
     )
-    caller = caller_of(request, resources)
+    caller = caller_of(request, fhir)
     caller.state = None  # entry decisions have records of their own
-    async with resources.pool.acquire() as conn:
-        run = Run(conn, resources, caller, base, prefer_return(request), {}, {}, {}, set())
+    async with fhir.pool.acquire() as conn:
+        run = Run(conn, fhir, caller, base, prefer_return(request), {}, {}, {}, set())
         if parsed.kind == "batch":
             answers = await _batch(run, parsed.entries)
             await _audit(request, run, parsed.entries, {i: _status_of(a) for i, a in enumerate(answers)})

@@ -13,6 +13,7 @@ from litestar.connection import ASGIConnection
 from authz.decision import Resource
 from authz.guard import ResourceHook
 from fhir.repository import Filing, Stored
+from fhir.services import fhir_services
 
 RID_PARAM = "rid"
 """The path parameter that carries a resource id in every FHIR route (`/DiagnosticReport/{rid:str}`)."""
@@ -62,9 +63,9 @@ def stored_resource(resource_type: str) -> ResourceHook:
         rid = connection.path_params.get(RID_PARAM)
         if rid is None:
             return resource
-        resources = connection.app.state.resources
-        async with resources.pool.acquire() as conn:
-            stored = await resources.fhir.find(conn, resource_type, str(rid))
+        fhir = fhir_services(connection.app)
+        async with fhir.pool.acquire() as conn:
+            stored = await fhir.repository.find(conn, resource_type, str(rid))
         return _on(resource, str(rid), stored)
 
     return hook
@@ -79,14 +80,14 @@ def stored_version(resource_type: str) -> ResourceHook:
         rid, vid = connection.path_params.get(RID_PARAM), connection.path_params.get(VID_PARAM)
         if rid is None:
             return resource
-        resources = connection.app.state.resources
+        fhir = fhir_services(connection.app)
         number = version_number(str(vid)) if vid is not None else None
-        async with resources.pool.acquire() as conn:
+        async with fhir.pool.acquire() as conn:
             stored = None
             if number is not None:
-                stored = await resources.fhir.find_version(conn, resource_type, str(rid), number)
+                stored = await fhir.repository.find_version(conn, resource_type, str(rid), number)
             if stored is None:
-                stored = await resources.fhir.find(conn, resource_type, str(rid))
+                stored = await fhir.repository.find(conn, resource_type, str(rid))
         return _on(resource, str(rid), stored)
 
     return hook

@@ -1,13 +1,13 @@
 """FHIR R4 search over HTTP (https://hl7.org/fhir/R4/http.html#search, R4 3.1.1.1.2): `GET /fhir/{Type}?...`
 and `POST /fhir/{Type}/_search` (parameters in an `application/x-www-form-urlencoded` body, and in the URL)
 for ImagingStudy, DiagnosticReport, Patient, Endpoint and Subscription; the answer is a `searchset` Bundle
-(`application/fhir+json`). Parameters and semantics: `fhir.searchquery`. A Subscription search lists the caller's own
+(`application/fhir+json`). Parameters and semantics: `fhir.search.query`. A Subscription search lists the caller's own
 Subscriptions only (`fhir.types.ResourceType.owned`).
 
 The policy decides `search` on the type; its constraints (care lists, consent, patient-context tokens, excluded
-modalities) become conditions of the SQL, so pages and totals only see permitted rows. Included resources and
+modalities) become conditions of the SQL, so pages and totals only see permitted rows. Included fhir and
 chain targets of another type are subject to the policy's decision on searching THAT type (left out when it is
-denied), decided by `fhir.interactions.search_access` exactly as for a search entry of a batch or transaction. With
+denied), decided by `fhir.rest.interactions.search_access` exactly as for a search entry of a batch or transaction. With
 `Prefer: handling=strict`, unknown parameters are a 400 instead of a warning in an outcome entry.
 """
 
@@ -21,15 +21,15 @@ from litestar import Request, Response, get, post
 from authz.errors import Forbidden
 from authz.guard import authz_opt, decision_of
 from dicomweb.routes.common import dicom_json
-from fhir.auditsearch import strict_handling
+from fhir.audit.routes import fhir_base
+from fhir.audit.search import strict_handling
 from fhir.errors import FhirError
-from fhir.interactions import search_access
 from fhir.outcome import FHIR_JSON
-from fhir.routes_audit import fhir_base
-from fhir.routes_rest import caller_of, note_break_glass
-from fhir.search import search_bundle
+from fhir.rest.instance import caller_of, note_break_glass
+from fhir.rest.interactions import search_access
+from fhir.search.service import search_bundle
+from fhir.services import FhirDep
 from fhir.types import TYPES
-from server.resources import Resources, ResourcesDep
 
 SEARCHABLE = ("ImagingStudy", "DiagnosticReport", "Patient", "Endpoint", "Subscription")
 FORM = "application/x-www-form-urlencoded"
@@ -42,18 +42,18 @@ class UnsupportedMediaType(FhirError):
 
 
 async def _search(
-    request: Request[Any, Any, Any], resources: Resources, resource_type: str, items: list[tuple[str, str]]
+    request: Request[Any, Any, Any], fhir: FhirDep, resource_type: str, items: list[tuple[str, str]]
 ) -> Response[bytes]:
     decision = decision_of(request.scope)
     if decision is None:  # the guard decides every route; never search without its decision
         raise Forbidden("no policy decision for this search")
-    caller = caller_of(request, resources)
+    caller = caller_of(request, fhir)
     access = await search_access(caller, resource_type, decision)
     strict = strict_handling(request.headers.getall("prefer", []))
-    async with resources.pool.acquire() as conn:
+    async with fhir.pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):  # page, total, includes agree
             body = await search_bundle(
-                conn, resource_type, items, base=fhir_base(request, resources), access=access, strict=strict
+                conn, resource_type, items, base=fhir_base(request, fhir.settings), access=access, strict=strict
             )
     note_break_glass(request, caller)
     return Response(dicom_json(body), media_type=FHIR_JSON)
@@ -77,12 +77,12 @@ async def _form(request: Request[Any, Any, Any]) -> list[tuple[str, str]]:
 def _routes(resource_type: str) -> list[Any]:
     kind = TYPES[resource_type].kind
 
-    async def search_get(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
-        return await _search(request, resources, resource_type, list(request.query_params.multi_items()))
+    async def search_get(request: Request[Any, Any, Any], fhir: FhirDep) -> Response[bytes]:
+        return await _search(request, fhir, resource_type, list(request.query_params.multi_items()))
 
-    async def search_post(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
+    async def search_post(request: Request[Any, Any, Any], fhir: FhirDep) -> Response[bytes]:
         items = list(request.query_params.multi_items()) + await _form(request)
-        return await _search(request, resources, resource_type, items)
+        return await _search(request, fhir, resource_type, items)
 
     name = resource_type.lower()
     search_get.__name__ = search_get.__qualname__ = f"search_{name}"

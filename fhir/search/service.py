@@ -1,12 +1,12 @@
 """The FHIR R4 search API that the routes, batch bundles and Subscriptions call: a search parsed
-(`fhir.searchquery`) and run on PostgreSQL (`fhir.searchsql`)."""
+(`fhir.search.query`) and run on PostgreSQL (`fhir.search.sql`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fhir import searchsql
-from fhir.searchquery import SearchAccess, parse_search, query_items
+from fhir.search import sql as searchsql
+from fhir.search.query import SearchAccess, parse_search, query_items
 from server.platform.db import Connection
 
 

@@ -1,6 +1,6 @@
 """Batch and transaction Bundles (R4 3.1.0.11 https://hl7.org/fhir/R4/http.html#transaction) as values: the
 posted Bundle read into entries, the order they are processed in, `urn:uuid:` references between entries, and
-the response Bundle's shapes. Pure (house style 1): `fhir.routes_bundle` runs the entries.
+the response Bundle's shapes. Pure (house style 1): `fhir.rest.bundle` runs the entries.
 
 - `Bundle.type` is `batch` or `transaction`; each entry has `request.method` (GET, POST, PUT, DELETE) and
   `request.url` relative to the base (`DiagnosticReport`, `DiagnosticReport/1`, `DiagnosticReport/1/_history`,

@@ -1,4 +1,4 @@
-"""Runs a parsed FHIR search (`fhir.searchquery.SearchQuery`) on PostgreSQL and assembles the R4 `searchset` Bundle
+"""Runs a parsed FHIR search (`fhir.search.query.SearchQuery`) on PostgreSQL and assembles the R4 `searchset` Bundle
 (https://hl7.org/fhir/R4/search.html, https://hl7.org/fhir/R4/bundle.html).
 
 The SQL text is composed only of the named fragments in `search.sql`, table aliases, whitelisted column names and
@@ -7,7 +7,7 @@ does for QIDO). Each parameter occurrence is one EXISTS over the index rows of `
 inside it), so the (resource_type, param, code|text_value|low) indexes serve it. The policy's constraints are
 conditions on the `fhir_resources` row (patient allow-list and exclusions on `patient_key`, excluded modalities
 on `modalities`), the same in the page and the total; chain targets and included resources meet the constraints
-of their own type (`fhir.searchquery.SearchAccess`), never those of the searched type.
+of their own type (`fhir.search.query.SearchAccess`), never those of the searched type.
 
 One query reads the page (one row more than the page size tells whether a next page exists), one counts the
 matches (skipped when the page itself shows the total), one reads each `_include` / `_revinclude`.
@@ -26,8 +26,8 @@ from urllib.parse import urlencode
 
 from dicomweb.access import AccessConstraints
 from fhir.outcome import issue, operation_outcome
-from fhir.searchindex import PARAMS
-from fhir.searchquery import (
+from fhir.search.index import PARAMS
+from fhir.search.query import (
     ChainMatch,
     Clause,
     DateMatch,

@@ -7,8 +7,12 @@ from typing import Any
 
 from litestar import Router
 
-from fhir import routes_audit, routes_bundle, routes_meta, routes_rest, routes_search
+from fhir.audit import routes as routes_audit
 from fhir.outcome import EXCEPTION_HANDLERS
+from fhir.rest import bundle as routes_bundle
+from fhir.rest import instance as routes_rest
+from fhir.rest import meta as routes_meta
+from fhir.rest import search as routes_search
 
 
 def fhir_routes() -> list[Any]:

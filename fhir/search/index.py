@@ -1,7 +1,7 @@
 """What a resource contributes to the search index (`fhir_search`): one `SearchEntry` per value of each search
 parameter the server supports (R4 search 3.1.1.4, https://hl7.org/fhir/R4/search.html; paths and types from the
 R4 search parameter registry, https://hl7.org/fhir/R4/searchparameter-registry.html). Pure: a resource in, entries
-out. `PARAMS` is the one table of supported parameters: `fhir.searchquery` parses queries against it.
+out. `PARAMS` is the one table of supported parameters: `fhir.search.query` parses queries against it.
 
 How each type is kept (migrations/0007_fhir.sql):
 - token: `system`, `code`; the Coding display / CodeableConcept text / Identifier type text in `text_value`
@@ -12,7 +12,7 @@ How each type is kept (migrations/0007_fhir.sql):
 - date: `low` / `high` as the period the value covers, `high` exclusive (`2024-05` is [May 1, June 1)); a Period
   without start or end is open on that side (year 1 / 9999).
 - reference: `code` "Type/id" for a relative reference (a version suffix dropped), the URL as written for an
-  absolute one (the server's base is not known here; `fhir.searchquery` matches both forms). A Reference's
+  absolute one (the server's base is not known here; `fhir.search.query` matches both forms). A Reference's
   `identifier` is indexed under "<param>:identifier" as a token (R4 3.1.1.4.9 `:identifier`).
 """
 
@@ -27,7 +27,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from authz.auditquery import EARLIEST, LATEST
-from fhir.auditsearch import SearchError, date_range
+from fhir.audit.search import SearchError, date_range
 
 ParamType = Literal["token", "string", "date", "reference", "uri"]
 

@@ -1,8 +1,8 @@
-"""The audit trail for security teams, as FHIR R4 AuditEvent resources (IHE BALP records rendered by
+"""The audit trail for security teams, as FHIR R4 AuditEvent fhir (IHE BALP records rendered by
 `authz.auditevent`). Mounted under `/fhir`:
 
 - `GET /fhir/AuditEvent?...`: search (https://hl7.org/fhir/R4/auditevent.html#search; parameters in
-  `fhir.auditsearch`): a `searchset` Bundle, newest first (`_sort=date` for oldest first), `_count` entries a
+  `fhir.audit.search`): a `searchset` Bundle, newest first (`_sort=date` for oldest first), `_count` entries a
   page (default 100, at most 1000) with `self` and `next` links (keyset paging on the chain position, so
   records appended meanwhile never shift a page). Unknown parameters are ignored, left out of the self link and
   reported in an OperationOutcome entry (search mode `outcome`); with `Prefer: handling=strict` they are a 400.
@@ -15,7 +15,7 @@
   `hounsfield audit verify` does); JSON `{ok, checked, head_seq, checkpoints, last_checkpoint, anchored,
   last_anchored, problems: [{seq, kind, detail}]}`, 200 whether or not the trail is intact.
 
-Errors are OperationOutcome resources (`fhir.outcome`). The policy decides with action search, read or export
+Errors are OperationOutcome fhir (`fhir.outcome`). The policy decides with action search, read or export
 on kind `AuditEvent` (auditor and admin roles; authz/policies/tables.rego); reading the trail is itself audited
 like any request (authz/recording.py).
 """
@@ -31,7 +31,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 import anyio.to_thread
-import asyncpg
 from litestar import MediaType, Request, Response, get
 from litestar.params import FromPath
 from litestar.response import Stream
@@ -43,10 +42,11 @@ from authz.auditevent import to_fhir
 from authz.auditquery import AuditFilter, Page, Row, UnenforceableConstraint
 from authz.auditrecord import AuditRecord
 from authz.auditverify import verify
+from authz.deps import AnchorsDep, AuthzSettingsDep
 from authz.errors import Forbidden
 from authz.guard import authz_opt, decision_of
 from dicomweb.routes.common import DICOMWEB_ROOT, base_url, dicom_json
-from fhir.auditsearch import AuditSearch, parse_export, parse_search, strict_handling
+from fhir.audit.search import AuditSearch, parse_export, parse_search, strict_handling
 from fhir.outcome import (
     FHIR_JSON,
     FHIR_NDJSON,
@@ -55,7 +55,9 @@ from fhir.outcome import (
     issue,
     operation_outcome,
 )
-from server.resources import Resources, ResourcesDep
+from fhir.services import FhirDep
+from server.platform.deps import PoolDep
+from server.platform.settings import PlatformSettings
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,9 @@ FHIR_ROOT = "/fhir"
 EXPORT_BATCH = 1000
 
 
-def fhir_base(request: Request[Any, Any, Any], resources: Resources) -> str:
+def fhir_base(request: Request[Any, Any, Any], settings: PlatformSettings) -> str:
     """The FHIR base URL (R4 3.1.0.1.2): configured, or from the request's Host."""
-    return base_url(request, resources).removesuffix(DICOMWEB_ROOT) + FHIR_ROOT
+    return base_url(request, settings).removesuffix(DICOMWEB_ROOT) + FHIR_ROOT
 
 
 def _restricted(request: Request[Any, Any, Any], flt: AuditFilter) -> AuditFilter:
@@ -135,22 +137,22 @@ def searchset(base: str, search: AuditSearch, page: Page) -> dict[str, Any]:
     media_type=FHIR_JSON,
     summary="Search the audit trail (FHIR R4 AuditEvent search)",
 )
-async def search_audit_events(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
+async def search_audit_events(request: Request[Any, Any, Any], fhir: FhirDep) -> Response[bytes]:
     strict, items = _search_request(request)
     search = parse_search(items, strict=strict)
     page = await auditquery.search(
-        resources.pool,
+        fhir.pool,
         _restricted(request, search.filter),
         count=search.count,
         newest_first=search.newest_first,
         after=search.after,
         total=search.total,
     )
-    bundle = searchset(fhir_base(request, resources), search, page)
+    bundle = searchset(fhir_base(request, fhir.settings), search, page)
     return Response(dicom_json(bundle), media_type=FHIR_JSON)
 
 
-async def _ndjson(pool: asyncpg.Pool, flt: AuditFilter) -> AsyncIterator[bytes]:
+async def _ndjson(pool: PoolDep, flt: AuditFilter) -> AsyncIterator[bytes]:
     """One AuditEvent a line, a database batch at a time. An unreadable record is left out (and logged); a
     failure part way ends the response without its final chunk, so the client sees an incomplete transfer."""
     async for rows in auditquery.export(pool, flt, batch=EXPORT_BATCH):
@@ -169,10 +171,10 @@ async def _ndjson(pool: asyncpg.Pool, flt: AuditFilter) -> AsyncIterator[bytes]:
     media_type=FHIR_NDJSON,
     summary="Export the audit trail as FHIR AuditEvent NDJSON, in chain order",
 )
-async def export_audit_events(request: Request[Any, Any, Any], resources: ResourcesDep) -> Stream:
+async def export_audit_events(request: Request[Any, Any, Any], fhir: FhirDep) -> Stream:
     strict, items = _search_request(request)
     flt = _restricted(request, parse_export(items, strict=strict))
-    return Stream(_ndjson(resources.pool, flt), media_type=FHIR_NDJSON)
+    return Stream(_ndjson(fhir.pool, flt), media_type=FHIR_NDJSON)
 
 
 @get(
@@ -181,9 +183,9 @@ async def export_audit_events(request: Request[Any, Any, Any], resources: Resour
     media_type=MediaType.JSON,
     summary="Verify the audit trail's hash chain and signed checkpoints",
 )
-async def verify_audit_trail(resources: ResourcesDep) -> Response[bytes]:
-    key = await anyio.to_thread.run_sync(keys.load_or_create, resources.settings.data_dir)
-    settings, readable = resources.settings, resources.anchors.readable() if resources.anchors else []
+async def verify_audit_trail(pool: PoolDep, settings: AuthzSettingsDep, anchors: AnchorsDep) -> Response[bytes]:
+    key = await anyio.to_thread.run_sync(keys.load_or_create, settings.data_dir)
+    readable = anchors.readable()
     try:
         anchored = await read_anchored(readable) if readable else None
     except AnchorError as exc:  # the trail cannot be vouched for: say why, as the CLI does
@@ -191,7 +193,7 @@ async def verify_audit_trail(resources: ResourcesDep) -> Response[bytes]:
         body = {"ok": False, "anchor_error": "an anchor sink cannot be read (see the server log)"}
         return Response(dicom_json(body), media_type=MediaType.JSON)
     max_age = dt.timedelta(seconds=settings.audit_checkpoint_seconds + settings.audit_anchor_grace_seconds)
-    result = await verify(resources.pool, key_verifier({key.kid: key.public_jwk}), anchors=anchored, max_age=max_age)
+    result = await verify(pool, key_verifier({key.kid: key.public_jwk}), anchors=anchored, max_age=max_age)
     body = {
         "ok": result.ok,
         "checked": result.checked,
@@ -211,9 +213,9 @@ async def verify_audit_trail(resources: ResourcesDep) -> Response[bytes]:
     media_type=FHIR_JSON,
     summary="Read one AuditEvent (its id is its position in the audit chain)",
 )
-async def read_audit_event(rid: FromPath[str], resources: ResourcesDep) -> Response[bytes]:
+async def read_audit_event(rid: FromPath[str], fhir: FhirDep) -> Response[bytes]:
     seq = int(rid) if rid.isascii() and rid.isdigit() and len(rid) <= 18 else None
-    row = await auditquery.read(resources.pool, seq) if seq is not None else None
+    row = await auditquery.read(fhir.pool, seq) if seq is not None else None
     if row is None:
         raise ResourceNotFound(f"AuditEvent/{rid} is not known")
     record = _record(row)

@@ -22,7 +22,7 @@ import anyio.to_thread
 import asyncpg
 
 from server.platform import db
-from server.settings import Settings
+from server.platform.settings import PlatformSettings
 
 log = logging.getLogger(__name__)
 SQL = db.Queries(Path(__file__).with_name("dbroles.sql"))
@@ -49,7 +49,7 @@ def with_user(url: str, user: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}@{host}"))
 
 
-async def database_urls(settings: Settings) -> DatabaseUrls:
+async def database_urls(settings: PlatformSettings) -> DatabaseUrls:
     """Start the embedded PostgreSQL when no DATABASE_URL is set; bring the schema up to date as its owner."""
     if settings.database_url:
         urls = DatabaseUrls(settings.database_url, settings.database_owner_url)
@@ -61,7 +61,7 @@ async def database_urls(settings: Settings) -> DatabaseUrls:
     return DatabaseUrls(with_user(owner, APP_ROLE), owner)
 
 
-async def database_url(settings: Settings) -> str:
+async def database_url(settings: PlatformSettings) -> str:
     """The URL to serve with (the app role), once the schema's owner applied the migrations."""
     return (await database_urls(settings)).serving
 

@@ -1,6 +1,6 @@
 """The FHIR R4 RESTful interactions on one resource over HTTP (https://hl7.org/fhir/R4/http.html), for every
 type in `fhir.types.TYPES`, built per type because each type is its own policy kind (the work itself is in
-`fhir.interactions`):
+`fhir.rest.interactions`):
 
 - `GET [base]/{T}/{id}` read (404 unknown, 410 deleted), `GET [base]/{T}/{id}/_history/{vid}` vread,
   `GET [base]/{T}/{id}/_history` the resource's `history` Bundle (`_count`, `_since`, `_offset`). Answers carry
@@ -16,8 +16,8 @@ Authorization: the guard decides on the stored resource as filed now (read, hist
 version as filed when it was written (vread), or, for create, on the patient the new resource names
 (`new_resource` reads the body's subject: the policy sees the patient of a report before it exists). A write
 whose content names another patient than the one decided on is decided again for that patient
-(`fhir.interactions.Caller.require`), and a denial is what the request's audit record says. A history Bundle
-holds only the versions the caller may read, each decided on its own filing (`fhir.interactions.history_bundle`).
+(`fhir.rest.interactions.Caller.require`), and a denial is what the request's audit record says. A history Bundle
+holds only the versions the caller may read, each decided on its own filing (`fhir.rest.interactions.history_bundle`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ from authz.decision import Resource
 from authz.guard import RESOURCE, authz_opt, break_glass_of, decision_of
 from authz.recording import BREAK_GLASS_USED
 from dicomweb.routes.common import dicom_json
-from fhir.access import stored_resource, stored_version
+from fhir.audit.routes import fhir_base
 from fhir.errors import FhirError
-from fhir.interactions import (
+from fhir.outcome import FHIR_JSON, issue, operation_outcome
+from fhir.repository import Stored
+from fhir.rest.access import stored_resource, stored_version
+from fhir.rest.interactions import (
     Caller,
     Written,
     create,
@@ -50,12 +53,9 @@ from fhir.interactions import (
     vread,
     writable,
 )
-from fhir.outcome import FHIR_JSON, issue, operation_outcome
-from fhir.repository import Stored
-from fhir.routes_audit import fhir_base
+from fhir.services import FhirDep, fhir_services
 from fhir.types import TYPES, ResourceType
 from fhir.validation import check_accept, check_content_type, parse_json
-from server.resources import Resources, ResourcesDep
 
 FHIR_JSON_UTF8 = f"{FHIR_JSON}; charset=utf-8"
 AnyRequest = Request[Any, Any, Any]
@@ -75,12 +75,12 @@ def prefer_return(request: Request[Any, Any, Any]) -> str:
     return REPRESENTATION
 
 
-def caller_of(request: Request[Any, Any, Any], resources: Resources) -> Caller:
+def caller_of(request: Request[Any, Any, Any], fhir: FhirDep) -> Caller:
     """The requester, for decisions after the guard's; a denial is recorded in the request's state."""
     client = request.scope.get("client")
     return Caller(
         principal_of(request),
-        resources.policy,
+        fhir.policy,
         client[0] if client else None,
         break_glass_of(request.scope),
         request.scope.setdefault("state", {}),
@@ -145,17 +145,17 @@ def new_resource(resource_type: str) -> Any:
             body = json.loads(await connection.body())
         except (FhirError, ValueError, RecursionError):
             return resource
-        resources: Resources = connection.app.state.resources
+        fhir = fhir_services(connection.app)
         subject = body.get("subject") if isinstance(body, dict) else None
         ref = subject.get("reference") if isinstance(subject, dict) else None
         if not isinstance(ref, str):
             return resource
-        ref = ref.removeprefix(fhir_base(connection, resources) + "/")
+        ref = ref.removeprefix(fhir_base(connection, fhir.settings) + "/")
         rtype, _, rid = ref.partition("/")
         if rtype != "Patient" or not rid:
             return resource
-        async with resources.pool.acquire() as conn:
-            patient_key = await resources.fhir.patient_key_of(conn, rid)
+        async with fhir.pool.acquire() as conn:
+            patient_key = await fhir.repository.patient_key_of(conn, rid)
         return dataclasses.replace(resource, patient_id=patient_key)
 
     return hook
@@ -174,11 +174,11 @@ def type_routes(spec: ResourceType) -> list[Any]:
     common: dict[str, Any] = {"media_type": FHIR_JSON_UTF8}
 
     @get(one, opt=authz_opt("read", kind, resource=on_stored), summary=f"Read a {name} (FHIR R4 read)", **common)
-    async def read_one(request: AnyRequest, resources: ResourcesDep, rid: FromPath[str]) -> Response[bytes]:
+    async def read_one(request: AnyRequest, fhir: FhirDep, rid: FromPath[str]) -> Response[bytes]:
         negotiate(request)
-        caller = caller_of(request, resources)
-        async with resources.pool.acquire() as conn:
-            stored = await read(conn, resources, caller, name, rid, decided=_guard_resource(request))
+        caller = caller_of(request, fhir)
+        async with fhir.pool.acquire() as conn:
+            stored = await read(conn, fhir, caller, name, rid, decided=_guard_resource(request))
         return json_response(stored.content, headers=version_headers(stored))
 
     @get(
@@ -188,38 +188,36 @@ def type_routes(spec: ResourceType) -> list[Any]:
         **common,
     )
     async def vread_one(
-        request: Request[Any, Any, Any], resources: ResourcesDep, rid: FromPath[str], vid: FromPath[str]
+        request: Request[Any, Any, Any], fhir: FhirDep, rid: FromPath[str], vid: FromPath[str]
     ) -> Response[bytes]:
         negotiate(request)
-        caller = caller_of(request, resources)
-        async with resources.pool.acquire() as conn:
-            stored = await vread(conn, resources, caller, name, rid, vid, decided=_guard_resource(request))
+        caller = caller_of(request, fhir)
+        async with fhir.pool.acquire() as conn:
+            stored = await vread(conn, fhir, caller, name, rid, vid, decided=_guard_resource(request))
         note_break_glass(request, caller)
         return json_response(stored.content, headers=version_headers(stored))
 
     @get(f"{one}/_history", opt=authz_opt("read", kind, resource=on_stored), summary=f"History of a {name}", **common)
-    async def history_one(request: AnyRequest, resources: ResourcesDep, rid: FromPath[str]) -> Response[bytes]:
+    async def history_one(request: AnyRequest, fhir: FhirDep, rid: FromPath[str]) -> Response[bytes]:
         negotiate(request)
         items = list(request.query_params.multi_items())
-        caller = caller_of(request, resources)
-        base = fhir_base(request, resources)
-        async with resources.pool.acquire() as conn:
-            bundle = await history_bundle(
-                conn, resources, caller, name, rid, items, base, decided=_guard_resource(request)
-            )
+        caller = caller_of(request, fhir)
+        base = fhir_base(request, fhir.settings)
+        async with fhir.pool.acquire() as conn:
+            bundle = await history_bundle(conn, fhir, caller, name, rid, items, base, decided=_guard_resource(request))
         note_break_glass(request, caller)
         return json_response(bundle)
 
     @post(f"/{name}", opt=authz_opt("create", kind, resource=new_resource(name)), summary=f"Create a {name}", **common)
-    async def create_one(request: Request[Any, Any, Any], resources: ResourcesDep) -> Response[bytes]:
+    async def create_one(request: Request[Any, Any, Any], fhir: FhirDep) -> Response[bytes]:
         writable(name)
         body = await request_body(request)
-        base = fhir_base(request, resources)
-        caller = caller_of(request, resources)
-        async with resources.pool.acquire() as conn, conn.transaction():
+        base = fhir_base(request, fhir.settings)
+        caller = caller_of(request, fhir)
+        async with fhir.pool.acquire() as conn, conn.transaction():
             written = await create(
                 conn,
-                resources,
+                fhir,
                 caller,
                 name,
                 body,
@@ -230,15 +228,15 @@ def type_routes(spec: ResourceType) -> list[Any]:
         return written_response(written, prefer_return(request), base, f"{name} created")
 
     @put(one, opt=authz_opt("update", kind, resource=on_stored), summary=f"Update a {name}", **common)
-    async def update_one(request: AnyRequest, resources: ResourcesDep, rid: FromPath[str]) -> Response[bytes]:
+    async def update_one(request: AnyRequest, fhir: FhirDep, rid: FromPath[str]) -> Response[bytes]:
         writable(name)
         body = await request_body(request)
-        base = fhir_base(request, resources)
-        caller = caller_of(request, resources)
-        async with resources.pool.acquire() as conn, conn.transaction():
+        base = fhir_base(request, fhir.settings)
+        caller = caller_of(request, fhir)
+        async with fhir.pool.acquire() as conn, conn.transaction():
             written = await update(
                 conn,
-                resources,
+                fhir,
                 caller,
                 name,
                 rid,
@@ -252,15 +250,15 @@ def type_routes(spec: ResourceType) -> list[Any]:
     @delete(
         one, opt=authz_opt("delete", kind, resource=on_stored), summary=f"Delete a {name}", status_code=200, **common
     )
-    async def delete_one(request: AnyRequest, resources: ResourcesDep, rid: FromPath[str]) -> Response[bytes]:
+    async def delete_one(request: AnyRequest, fhir: FhirDep, rid: FromPath[str]) -> Response[bytes]:
         writable(name)
         negotiate(request)
-        async with resources.pool.acquire() as conn, conn.transaction():
+        async with fhir.pool.acquire() as conn, conn.transaction():
             written = await remove(
-                conn, resources, caller_of(request, resources), name, rid, if_match=request.headers.get("if-match")
+                conn, fhir, caller_of(request, fhir), name, rid, if_match=request.headers.get("if-match")
             )
         message = f"{name}/{rid} deleted" if written.stored is not None else f"{name}/{rid} did not exist"
-        return written_response(written, prefer_return(request), fhir_base(request, resources), message)
+        return written_response(written, prefer_return(request), fhir_base(request, fhir.settings), message)
 
     return [read_one, vread_one, history_one, create_one, update_one, delete_one]
 
