@@ -37,7 +37,8 @@ import numpy as np
 import pydicom
 
 from dicomweb import encode
-from dicomweb.ingest import InstanceRejected, ParsedInstance, parse_instance
+from dicomweb.ingest.parse import ParsedInstance, parse_instance
+from dicomweb.ingest.reasons import InstanceRejected
 from dicomweb.pixeldata import TranscodeError
 from dicomweb.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from server.platform import private

@@ -23,13 +23,17 @@ from dicomweb.dimse import routes as dimse_routes
 from dicomweb.dimse import routing
 from dicomweb.dimse.node import Node
 from dicomweb.dimse.service import open_dimse
+from dicomweb.ingest.activity import IngestActivity
+from dicomweb.ingest.events import Listener
+from dicomweb.ingest.gc import blob_delete_handler, gc_handler
+from dicomweb.ingest.service import StoreService
+from dicomweb.ingest.spool import Spooler
 from dicomweb.rendering import RenderService
 from dicomweb.renditions import Renditions
 from dicomweb.retrieve import RetrieveService
 from dicomweb.routes import qido, rendered, stow, wado, wadouri
 from dicomweb.routes.common import DICOMWEB_ROOT
 from dicomweb.settings import DicomwebSettings
-from dicomweb.store import IngestActivity, IngestHook, StoreService, blob_delete_handler, gc_handler
 from server.platform import telemetry
 from server.platform.database import DatabasePlugin
 from server.platform.diskspace import FreeSpace
@@ -58,7 +62,7 @@ class DicomwebPlugin(ServicePlugin):
         database: DatabasePlugin,
         authz: AuthzPlugin,
         *,
-        listeners: Sequence[IngestHook] = (),
+        listeners: Sequence[Listener] = (),
         blobs: BlobStore | None = None,
     ) -> None:
         self.settings = settings
@@ -120,12 +124,12 @@ class DicomwebPlugin(ServicePlugin):
         store = self._store = StoreService(
             pool,
             blobs,
+            spool=Spooler(settings.spool_dir, settings.max_instance_bytes, space),  # refused below the watermark
             overwrite=settings.overwrite,
             bulk_threshold=settings.bulkdata_threshold,
-            hooks=self.listeners,
+            listeners=self.listeners,
             compression=settings.store_compression,  # HOUNSFIELD_STORE_COMPRESSION (dicomweb/compress.py)
             activity=IngestActivity(settings.data_dir / "ingest.activity"),  # shared by the server's processes
-            space=space,  # the free-space watermark: ingest refused below it
         )
         self._retrieve = RetrieveService(pool, blobs, Renditions(pool, blobs, settings.spool_dir, space))
         self._render = RenderService(pool, blobs)
@@ -170,6 +174,6 @@ class DicomwebPlugin(ServicePlugin):
         self._blobs = None
 
 
-def ingest_listeners(settings: DicomwebSettings) -> list[IngestHook]:
+def ingest_listeners(settings: DicomwebSettings) -> list[Listener]:
     """DICOMweb's own listeners to a store: DIMSE auto-routing rules and renditions encoded ahead of requests."""
     return [routing.routing_hook(settings.dimse), renditions.ingest_hook(settings.renditions)]

@@ -1,7 +1,7 @@
 """Renditions: an image's frames encoded ahead of requests in another transfer syntax, kept as derived blobs.
 
 Why: a viewer asking for HTJ2K RPCL frames (progressive loading, PS3.18 8.7.3.5 / Cornerstone3D) must not wait
-for an encoder. At ingest, the hook (`ingest_hook`, run inside the index transaction like the FHIR sync hook)
+for an encoder. At ingest, the listener (`ingest_hook`, run inside the index transaction like the FHIR sync one)
 queues one `rendition` job per stored image, which gives way to ingest (`server.platform.jobs.Deferral`: taken once the
 server has stored nothing for `HOUNSFIELD_RENDITIONS_IDLE_MS`); the job encodes every frame in each configured syntax
 (`HOUNSFIELD_RENDITIONS`, default 1.2.840.10008.1.2.4.202) into one blob per instance and syntax, frames end to
@@ -39,8 +39,8 @@ from dicomweb import encode, negotiate
 from dicomweb.blobs import BlobStore
 from dicomweb.errors import NotAcceptable
 from dicomweb.frames import FrameReader, frame_count, load_json, native_reader
+from dicomweb.ingest.events import InstanceStored, Listener
 from dicomweb.pixeldata import TranscodeError
-from dicomweb.store import IngestHook, StoredInstance
 from server.platform import jobs, private
 from server.platform.db import Connection, Queries
 from server.platform.diskspace import FreeSpace
@@ -200,11 +200,11 @@ async def drop(conn: Connection, instance_pk: int) -> None:
         await jobs.enqueue(conn, "blob.delete", {"key": record["blob_key"]})
 
 
-def ingest_hook(syntaxes: Sequence[str]) -> IngestHook:
-    """The `StoreService` hook: drop the renditions of an overwritten instance; queue a `rendition` job for a
+def ingest_hook(syntaxes: Sequence[str]) -> Listener:
+    """The `StoreService` listener: drop the renditions of an overwritten instance; queue a `rendition` job for a
     stored image when renditions are configured."""
 
-    async def hook(conn: Connection, stored: StoredInstance) -> None:
+    async def hook(conn: Connection, stored: InstanceStored) -> None:
         if stored.replaced:
             await drop(conn, stored.instance_pk)
         if not syntaxes or not stored.parsed.pixel:

@@ -3,7 +3,7 @@
 A STOW-RS request is decided once by the route's guard (`create study`: may this subject store at all, into the
 study the URL names), but its body may carry instances of any patient, study and modality; a C-STORE names its
 instance only in the data set. Every channel therefore asks the policy again per instance, about the study the
-instance goes into, with the facts read by `dicomweb.ingest.parse_instance` (the same values the index files it
+instance goes into, with the facts read by `dicomweb.ingest.parse.parse_instance` (the same values the index files it
 under: the Patient ID as written, each value of a multi-valued Modality), before anything is written. A denied
 instance fails alone with 0124H Refused: Not Authorized (a PS3.7 Annex C general status), whose comment
 names only the decision (`authz.errors.denial_comment`); the reasons go to the audit record.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from authz.decision import Decision, Resource
 from authz.errors import denial_comment
 from authz.policy_input import dicomweb_resource
-from dicomweb.ingest import ParsedInstance
+from dicomweb.ingest.parse import ParsedInstance
 
 NOT_AUTHORIZED = 0x0124
 
@@ -39,7 +39,7 @@ class Denial:
 
 
 Admission = Callable[[ParsedInstance], Awaitable[Denial | None]]
-"""Asked by `StoreService.store_file` once an instance is parsed: None to store it, a `Denial` to refuse it."""
+"""Asked by `StoreService.store` once an instance is parsed: None to store it, a `Denial` to refuse it."""
 
 Decide = Callable[[Resource], Awaitable[Decision]]
 """The caller's policy question for `create` on a resource (its subject, address and break-glass session bound)."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from dicomweb import mediatypes, multipart
 from dicomweb.errors import BadRequest, UnsupportedMediaType
-from dicomweb.store import Outcome
+from dicomweb.ingest.outcome import Outcome
 
 RETRIEVE_URL = "00081190"
 REFERENCED_SOP_SEQUENCE = "00081199"

@@ -126,7 +126,8 @@ def _with_meta(
 
 class FhirRepository:
     def __init__(self, hooks: Sequence[WriteHook] = ()) -> None:
-        self.hooks = list(hooks)
+        self.hooks: tuple[WriteHook, ...] = tuple(hooks)
+        """Run in this order in each write's transaction; bound here, at the one construction of the server's."""
 
     async def read(self, conn: Connection, resource_type: str, rid: str, *, allow_deleted: bool = False) -> Stored:
         """The current version; 404 when unknown, 410 when deleted (unless `allow_deleted`)."""

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from authz.plugin import AuthzPlugin
+from dicomweb.ingest.events import Listener
 from dicomweb.plugin import DicomwebPlugin
-from dicomweb.store import IngestHook
 from fhir.plugin import FhirPlugin
 from fhir.repository import WriteHook
 from inference import dispatch, monitoring
@@ -79,7 +79,7 @@ class InferencePlugin(ServicePlugin):
         stack.callback(functools.partial(setattr, self, "_services", None))
 
 
-def ingest_listeners(settings: InferenceSettings) -> list[IngestHook]:
+def ingest_listeners(settings: InferenceSettings) -> list[Listener]:
     """A new series is dispatched to the matching models once it has been quiet for a while."""
     return [dispatch.ingest_hook(settings.inference_quiet_seconds)] if settings.inference_enabled else []
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import asyncpg
 
 from dicomweb.access import UNRESTRICTED, AccessConstraints
-from dicomweb.ingest import name_search
+from dicomweb.ingest.columns import name_search
 from dicomweb.query import FLOAT_VRS, INDEXED, INT_VRS, Filter, Level, Match, Query, tag_of
 from server.platform.db import Connection, Queries
 

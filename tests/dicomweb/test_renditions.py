@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 
 from dicomweb.blobs.fs import FileSystemBlobStore
-from dicomweb.store import gc_handler
+from dicomweb.ingest.gc import gc_handler
 from server.platform import jobs
 from tests.dicomweb.test_ranges import HTJ2K_RPCL, frames_url, original, phantom, pylibjpeg_decode, store
 from tests.support.sql import query

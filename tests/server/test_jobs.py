@@ -12,7 +12,8 @@ import asyncpg
 import pytest
 
 from dicomweb.blobs.fs import FileSystemBlobStore
-from dicomweb.store import IngestActivity, gc_handler
+from dicomweb.ingest.activity import IngestActivity
+from dicomweb.ingest.gc import gc_handler
 from server.platform import db, jobs
 
 
