@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dicomweb import storeauth
+from dicomweb.ingest import admission as storeauth
 from dicomweb.ingest import reasons
 
 STATEMENT = Path(__file__).with_name("dicom-conformance-statement.md")
@@ -66,7 +66,7 @@ def app_endpoints(app: Any) -> set[Endpoint]:
 
 def ingest_reasons() -> set[int]:
     """Failure and warning codes the ingest can report (constants of `dicomweb.ingest.reasons`, and the policy's
-    refusal of an instance, `dicomweb.storeauth`)."""
+    refusal of an instance, `dicomweb.ingest.admission`)."""
     names = (
         "PROCESSING_FAILURE",
         "DUPLICATE_REJECTED",

@@ -7,8 +7,8 @@ from typing import TypeAlias
 
 from dicomweb.blobs import BlobStore
 from dicomweb.ingest.service import StoreService
-from dicomweb.rendering import RenderService
-from dicomweb.retrieve import RetrieveService
+from dicomweb.retrieve.rendered import RenderService
+from dicomweb.retrieve.service import RetrieveService
 from dicomweb.settings import DicomwebSettings
 from server.platform.deps import Provided
 

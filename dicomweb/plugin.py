@@ -16,7 +16,6 @@ from typing import Any
 from litestar import Router
 
 from authz.plugin import AuthzPlugin
-from dicomweb import renditions
 from dicomweb.blobs import BlobStore
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.dimse import routes as dimse_routes
@@ -28,9 +27,10 @@ from dicomweb.ingest.events import Listener
 from dicomweb.ingest.gc import blob_delete_handler, gc_handler
 from dicomweb.ingest.service import StoreService
 from dicomweb.ingest.spool import Spooler
-from dicomweb.rendering import RenderService
-from dicomweb.renditions import Renditions
-from dicomweb.retrieve import RetrieveService
+from dicomweb.retrieve import renditions
+from dicomweb.retrieve.rendered import RenderService
+from dicomweb.retrieve.renditions import Renditions
+from dicomweb.retrieve.service import RetrieveService
 from dicomweb.routes import qido, rendered, stow, wado, wadouri
 from dicomweb.routes.common import DICOMWEB_ROOT
 from dicomweb.settings import DicomwebSettings
@@ -128,7 +128,7 @@ class DicomwebPlugin(ServicePlugin):
             overwrite=settings.overwrite,
             bulk_threshold=settings.bulkdata_threshold,
             listeners=self.listeners,
-            compression=settings.store_compression,  # HOUNSFIELD_STORE_COMPRESSION (dicomweb/compress.py)
+            compression=settings.store_compression,  # HOUNSFIELD_STORE_COMPRESSION (dicomweb/pixels/compress.py)
             activity=IngestActivity(settings.data_dir / "ingest.activity"),  # shared by the server's processes
         )
         self._retrieve = RetrieveService(pool, blobs, Renditions(pool, blobs, settings.spool_dir, space))

@@ -160,7 +160,7 @@ def _renditions(env: Mapping[str, str]) -> tuple[str, ...]:
     """`HOUNSFIELD_RENDITIONS`: unset means the default (HTJ2K RPCL); each value must be a syntax we encode."""
     if "HOUNSFIELD_RENDITIONS" not in env:
         return DEFAULT_RENDITIONS
-    from dicomweb.encode import CODECS  # the encoders' table; imported only when the variable is set
+    from dicomweb.pixels.encode import CODECS  # the encoders' table; imported only when the variable is set
 
     values = items("HOUNSFIELD_RENDITIONS", env["HOUNSFIELD_RENDITIONS"])
     unknown = [v for v in values if v not in CODECS]

@@ -27,8 +27,8 @@ from typing import Any
 
 import asyncpg
 
-from dicomweb.access import UNRESTRICTED, AccessConstraints
 from dicomweb.ingest.events import InstanceStored, Listener
+from dicomweb.search.access import UNRESTRICTED, AccessConstraints
 from inference import registry
 from inference.errors import InputNotFound, InputRejected, InvalidModel, RequestNotFound
 from inference.registry import Model, SeriesFacts

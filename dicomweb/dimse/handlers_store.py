@@ -31,6 +31,7 @@ from authz.decision import Decision, Resource
 from authz.principal import Principal
 from dicomweb.dimse.audit import operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
+from dicomweb.ingest.admission import NOT_AUTHORIZED, Admission, Denial, instance_resource, policy_admission
 from dicomweb.ingest.checks import check_structure
 from dicomweb.ingest.events import InstanceStored
 from dicomweb.ingest.origin import Origin
@@ -38,7 +39,6 @@ from dicomweb.ingest.outcome import Outcome
 from dicomweb.ingest.parse import ParsedInstance
 from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected
 from dicomweb.ingest.spool import Spooled
-from dicomweb.storeauth import NOT_AUTHORIZED, Admission, Denial, instance_resource, policy_admission
 from server.platform.db import Connection, unavailable
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def _received(ds: Dataset) -> Resource:
 @dataclass(slots=True)
 class _Operation:
     """One C-STORE as the audit trail names it: who, from where, which instance, and what the policy decided
-    about it (on the instance as the ingest parsed it: `dicomweb.storeauth`)."""
+    about it (on the instance as the ingest parsed it: `dicomweb.ingest.admission`)."""
 
     principal: Principal
     address: str | None

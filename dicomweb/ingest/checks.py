@@ -1,5 +1,5 @@
 """The checks an instance must pass before it is parsed into index values: the Part 10 structure
-(`dicomweb.wellformed`), the identifying UIDs as written, Number of Frames, the identity attributes, the native
+(`dicomweb.ingest.wellformed`), the identifying UIDs as written, Number of Frames, the identity attributes, the native
 Pixel Data size, and text the index can keep. Each failure is an `InstanceRejected` naming the fault (PS3.4 B.2.3:
 C000 cannot understand, A900 data set does not match)."""
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicomweb import wellformed
+from dicomweb.ingest import wellformed
 from dicomweb.ingest.columns import int_value, text_value
 from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, InstanceRejected
 from dicomweb.uids import is_valid_uid
@@ -32,7 +32,7 @@ _WANTED = frozenset({*IDENTITY_TAGS, NUMBER_OF_FRAMES})
 
 
 def check_structure(path: Path) -> wellformed.Structure:
-    """The structural checks of `parse_instance` alone (`dicomweb.wellformed`, and the UIDs as written), for a
+    """The structural checks of `parse_instance` alone (`dicomweb.ingest.wellformed`, and the UIDs as written), for a
     caller that must decode the data set before ingesting it (the C-STORE handler): a refusal then names the
     fault instead of a decoder's exception."""
     try:

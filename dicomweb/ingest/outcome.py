@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dicomweb.ingest.admission import Denial
 from dicomweb.ingest.reasons import InstanceRejected
-from dicomweb.storeauth import Denial
 
 
 @dataclass(frozen=True, slots=True)

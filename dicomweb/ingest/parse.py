@@ -2,7 +2,7 @@
 
 `parse_instance` runs in a worker thread (it does blocking file reads); it never loads bulk values into
 memory: element values larger than the bulk data threshold, and Pixel Data, are located by offset
-(`dicomweb.layout`) and left on disk. Its result holds the index columns, the DICOM JSON metadata with
+(`dicomweb.pixels.layout`) and left on disk. Its result holds the index columns, the DICOM JSON metadata with
 BulkDataURI placeholders, and the byte ranges of frames and bulk data.
 """
 
@@ -21,7 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID as PydicomUID
 
-from dicomweb import layout, wellformed
+from dicomweb.ingest import wellformed
 from dicomweb.ingest.checks import (
     check_identity,
     check_storable,
@@ -39,7 +39,8 @@ from dicomweb.ingest.reasons import (
     WARNING_COERCION,
     InstanceRejected,
 )
-from dicomweb.levels import SERIES_TAGS, STUDY_TAGS
+from dicomweb.pixels import layout
+from dicomweb.search.levels import SERIES_TAGS, STUDY_TAGS
 from dicomweb.uids import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
 
 BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}

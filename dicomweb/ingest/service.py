@@ -29,9 +29,9 @@ import anyio.to_thread
 import asyncpg
 
 from dicomweb.blobs import BlobStore, BlobStoreError
-from dicomweb.compress import Compressor, original_sha256
 from dicomweb.index import repository
 from dicomweb.ingest.activity import IngestActivity
+from dicomweb.ingest.admission import NOT_AUTHORIZED, Admission
 from dicomweb.ingest.events import InstanceStored, Listener
 from dicomweb.ingest.gc import DELETE_JOB
 from dicomweb.ingest.origin import Origin
@@ -46,7 +46,7 @@ from dicomweb.ingest.reasons import (
     InstanceRejected,
 )
 from dicomweb.ingest.spool import Spooled, Spooler, out_of_resources
-from dicomweb.storeauth import NOT_AUTHORIZED, Admission
+from dicomweb.pixels.compress import Compressor, original_sha256
 from server.platform import jobs, telemetry
 from server.platform.db import Connection, unavailable, vouch_stateless
 from server.platform.diskspace import BelowWatermark
@@ -109,7 +109,7 @@ class StoreService:
         filed under its source's study): an instance of another study is refused (A900). `audit` writes the
         store's audit record (`AuditTrail.append_in`) in the index transaction, after the listeners: when it
         fails, nothing is stored (out of resources). `admit` is the policy's decision on the parsed instance
-        (`dicomweb.storeauth`): a denial stores nothing (0124H, `Outcome.denial`). Raises only when nothing was
+        (`dicomweb.ingest.admission`): a denial stores nothing (0124H, `Outcome.denial`). Raises only when nothing was
         stored."""
         path = spooled.path
         self.activity.touch()
@@ -175,7 +175,7 @@ class StoreService:
                 return outcome  # idempotent: the same bytes are already stored
             if existing is not None and not self.overwrite:
                 return self._duplicate(outcome)
-        stored = await self.compressor.apply(path, parsed, size, sha256)  # dicomweb/compress.py (off: as is)
+        stored = await self.compressor.apply(path, parsed, size, sha256)  # dicomweb/pixels/compress.py (off: as is)
         original, (parsed, size, sha256) = sha256, (stored.parsed, stored.size, stored.sha256)
         key = blob_key(parsed, sha256)
         # On a local store the bytes are written while the index statements run (they take about as long as the

@@ -44,9 +44,11 @@ from authz.deps import AuditDep, PolicyDep
 from authz.guard import DECISION, authz_opt, break_glass_of
 from authz.policy_input import policy_input
 from authz.recording import CHANGES_RECORDED
-from dicomweb import multipart, stow, uids
+from dicomweb import uids
+from dicomweb.codecs import multipart, stow
 from dicomweb.deps import SettingsDep, StoreDep
 from dicomweb.errors import BadRequest, DicomWebError, StorageFull
+from dicomweb.ingest.admission import Admission, policy_admission
 from dicomweb.ingest.events import InstanceStored, Listener
 from dicomweb.ingest.origin import Origin
 from dicomweb.ingest.outcome import Outcome
@@ -55,7 +57,6 @@ from dicomweb.ingest.service import StoreService
 from dicomweb.ingest.spool import Spool
 from dicomweb.routes.common import base_url, dicom_json
 from dicomweb.settings import DicomwebSettings
-from dicomweb.storeauth import Admission, policy_admission
 from server.platform import telemetry
 from server.platform.connections import BodyTimeout
 from server.platform.db import Connection
@@ -126,7 +127,7 @@ def _audit_stored(request: Request[Any, Any, Any], services: _Services) -> Liste
 
 
 def _admission(request: Request[Any, Any, Any], services: _Services) -> Admission:
-    """The policy's decision on each instance of the body (`dicomweb.storeauth`), as the guard's on the request:
+    """The policy's decision on each instance of the body (`dicomweb.ingest.admission`), as the guard's on the request:
     the same subject, client address and break-glass session."""
     principal = principal_of(request)
     client = request.scope.get("client")

@@ -30,7 +30,7 @@ from authz.errors import Forbidden
 from authz.guard import DECISION, RESOURCE
 from authz.policy_input import policy_input
 from authz.principal import Principal
-from dicomweb.access import AccessConstraints, UnknownConstraint
+from dicomweb.search.access import AccessConstraints, UnknownConstraint
 from fhir.errors import FhirError, NotSupported, ResourceGone, ResourceNotFound, VersionConflict
 from fhir.repository import Filing, Stored, parse_etag
 from fhir.rest.access import filed, version_number

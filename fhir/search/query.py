@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl
 
-from dicomweb.access import UNRESTRICTED, AccessConstraints
+from dicomweb.search.access import UNRESTRICTED, AccessConstraints
 from fhir.audit.search import SearchError, date_range, split_values, token, unescape
 from fhir.errors import FhirError
 from fhir.search.index import PARAMS, ParamDef, normalize, reference_key, reference_type

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from dicomweb.access import AccessConstraints
+from dicomweb.search.access import AccessConstraints
 from fhir.outcome import issue, operation_outcome
 from fhir.search.index import PARAMS
 from fhir.search.query import (

@@ -1,4 +1,4 @@
-"""Renditions (dicomweb/renditions.py): made at ingest by the `rendition` job, or on first demand and kept;
+"""Renditions (dicomweb/retrieve/renditions.py): made at ingest by the `rendition` job, or on first demand and kept;
 frame requests served from them by byte range with a stable ETag; dropped on overwrite; kept by the orphan
 sweep while a row names them. Real server, real database, filesystem blob store."""
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from dicomweb.access import AccessConstraints
+from dicomweb.search.access import AccessConstraints
 from fhir.errors import FhirError
 from fhir.repository import FhirRepository, Filing
 from fhir.search.index import SearchEntry, entries

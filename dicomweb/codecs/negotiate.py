@@ -1,6 +1,6 @@
 """Which representation to send: media type and transfer syntax from the Accept ranges (PS3.18 8.7).
 
-Pure functions (house style 1). The route hands in the parsed Accept ranges (`dicomweb.mediatypes`, the
+Pure functions (house style 1). The route hands in the parsed Accept ranges (`dicomweb.codecs.mediatypes`, the
 `accept` query parameter already preferred over the header, PS3.18 8.3.3.1), and the stored transfer syntax;
 out comes what to send, or `NotAcceptable`.
 
@@ -13,7 +13,7 @@ Rules, in the order of the client's preference (q-values, then order; PS3.18 8.7
 * Ranges, parameters and values we do not understand are ignored (PS3.18 8.7.7); if nothing is left we
   answer 406 Not Acceptable.
 * Instances can be sent in the stored syntax, in any native syntax (by decoding when needed), or encoded into
-  a compressed syntax that has an encoder (`dicomweb.encode`). Frames and pixel bulk data can be sent as stored
+  a compressed syntax that has an encoder (`dicomweb.pixels.encode`). Frames and pixel bulk data can be sent as stored
   (their compressed media type, or `application/octet-stream` with the stored syntax), decoded to native
   little-endian bytes, or encoded: a compressed media type without a `transfer-syntax` parameter means the
   stored syntax when it carries it, otherwise its default below (`_MEDIA_DEFAULT`).
@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dicomweb.codecs.mediatypes import DICOM, DICOM_JSON, JSON, MULTIPART_RELATED, OCTET_STREAM, MediaType
 from dicomweb.errors import NotAcceptable
-from dicomweb.mediatypes import DICOM, DICOM_JSON, JSON, MULTIPART_RELATED, OCTET_STREAM, MediaType
 from dicomweb.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,

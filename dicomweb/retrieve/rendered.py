@@ -1,8 +1,8 @@
 """Rendered and thumbnail resources of WADO-RS (PS3.18 10.4, 8.3.5) as a service. No HTTP types.
 
-Like `dicomweb.retrieve`, each request is planned first (one index query and a strong entity tag naming the
+Like `dicomweb.retrieve.service`, each request is planned first (one index query and a strong entity tag naming the
 stored bytes and every rendering choice) so that a conditional request never reads a blob; `Plan.build()` then
-reads the stored file through the blob store and renders in a worker thread (`dicomweb.render`).
+reads the stored file through the blob store and renders in a worker thread (`dicomweb.pixels.render`).
 
 What each resource returns (the conformance statement says the same):
 - instance: its image; a multi-frame instance gives its first frame, or all frames as one animated GIF when
@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import anyio.to_thread
 import asyncpg
 
-from dicomweb import render
 from dicomweb.blobs import BlobStore
 from dicomweb.errors import NotAcceptable, NotFound
 from dicomweb.index.repository import RETRIEVE
-from dicomweb.render import GIF, Options
-from dicomweb.retrieve import INSTANCE_MAX_AGE, STUDY_MAX_AGE, Body, Part, Plan
+from dicomweb.pixels import render
+from dicomweb.pixels.render import GIF, Options
+from dicomweb.retrieve.service import INSTANCE_MAX_AGE, STUDY_MAX_AGE, Body, Part, Plan
 from dicomweb.uids import UID
 from server.platform.db import vouch_stateless
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from dicomweb import mediatypes
+from dicomweb.codecs import mediatypes
 from dicomweb.errors import BadRequest, InvalidParameter, NotAcceptable
-from dicomweb.render import (
+from dicomweb.pixels.render import (
     DEFAULT_QUALITY,
     JPEG,
     LINEAR,

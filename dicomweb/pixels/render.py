@@ -76,7 +76,7 @@ class Crop:
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    """What a rendered or thumbnail request asks for, already checked (see `dicomweb.render_params`)."""
+    """What a rendered or thumbnail request asks for, already checked (see `dicomweb.retrieve.render_params`)."""
 
     media_type: str = JPEG
     window: Window | None = None

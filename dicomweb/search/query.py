@@ -32,7 +32,7 @@ from enum import Enum, IntEnum
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from dicomweb.errors import InvalidParameter
-from dicomweb.levels import SERIES_TAGS, STUDY_TAGS
+from dicomweb.search.levels import SERIES_TAGS, STUDY_TAGS
 from dicomweb.uids import UID, is_valid_uid
 
 MAX_LIMIT = 1000

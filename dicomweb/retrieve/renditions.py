@@ -35,12 +35,13 @@ import anyio
 import anyio.to_thread
 import asyncpg
 
-from dicomweb import encode, negotiate
 from dicomweb.blobs import BlobStore
+from dicomweb.codecs import negotiate
 from dicomweb.errors import NotAcceptable
-from dicomweb.frames import FrameReader, frame_count, load_json, native_reader
 from dicomweb.ingest.events import InstanceStored, Listener
-from dicomweb.pixeldata import TranscodeError
+from dicomweb.pixels import encode
+from dicomweb.pixels.native import TranscodeError
+from dicomweb.retrieve.frames import FrameReader, frame_count, load_json, native_reader
 from server.platform import jobs, private
 from server.platform.db import Connection, Queries
 from server.platform.diskspace import FreeSpace

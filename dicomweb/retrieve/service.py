@@ -5,8 +5,8 @@ and computes its strong entity tag (which names the stored bytes and the represe
 answers 304 when the client has it, and only otherwise calls `Plan.build()` for the parts.
 
 Bytes come from the blob store: whole instances are streamed (`BlobStore.stream`, never a study in memory),
-frames and bulk data are read by byte range from the offsets the index recorded at ingest (`dicomweb.layout`).
-Decoding (compressed to native) runs in a worker thread (`dicomweb.transcode`).
+frames and bulk data are read by byte range from the offsets the index recorded at ingest (`dicomweb.pixels.layout`).
+Decoding (compressed to native) runs in a worker thread (`dicomweb.pixels.decode`).
 """
 
 from __future__ import annotations
@@ -21,15 +21,19 @@ from typing import Any
 import anyio.to_thread
 import asyncpg
 
-from dicomweb import encode, negotiate, pixeldata, renditions, transcode
 from dicomweb.blobs import BlobStore, BlobStoreError
-from dicomweb.bodies import Body, Part, in_memory, one
+from dicomweb.codecs import negotiate
+from dicomweb.codecs.mediatypes import DICOM
+from dicomweb.codecs.negotiate import Choice, Offer
 from dicomweb.errors import InvalidParameter, NotAcceptable, NotFound
-from dicomweb.frames import FrameReader, frame_count, load_json, native_reader
 from dicomweb.index.repository import RETRIEVE
-from dicomweb.mediatypes import DICOM
-from dicomweb.negotiate import Choice, Offer
-from dicomweb.renditions import Renditions
+from dicomweb.pixels import decode as transcode
+from dicomweb.pixels import encode
+from dicomweb.pixels import native as pixeldata
+from dicomweb.retrieve import renditions
+from dicomweb.retrieve.bodies import Body, Part, in_memory, one
+from dicomweb.retrieve.frames import FrameReader, frame_count, load_json, native_reader
+from dicomweb.retrieve.renditions import Renditions
 from dicomweb.uids import EXPLICIT_VR_BIG_ENDIAN, UID
 from server.platform import jobs
 from server.platform.db import vouch_stateless

@@ -1,9 +1,9 @@
 """Reading frames of one stored instance (PS3.18 10.4.1.1.4): stored bytes, native little endian, or encoded.
 
 `FrameReader` reads only each frame's byte ranges from the blob (offsets the index recorded at ingest,
-`dicomweb.layout`) and produces it as stored (the encapsulated syntax itself, or native little-endian data),
+`dicomweb.pixels.layout`) and produces it as stored (the encapsulated syntax itself, or native little-endian data),
 decoded to native little endian, byte-swapped from big endian, or cut out of bit-packed or deflated Pixel
-Data. `native_for_encoding` gives the pixels an encoder starts from (`dicomweb.encode`).
+Data. `native_for_encoding` gives the pixels an encoder starts from (`dicomweb.pixels.encode`).
 
 No HTTP types; blocking codec work runs in worker threads.
 """
@@ -16,11 +16,13 @@ from typing import Any
 import anyio.to_thread
 import asyncpg
 
-from dicomweb import negotiate, pixeldata, transcode
 from dicomweb.blobs import BlobStore
+from dicomweb.codecs import negotiate
 from dicomweb.errors import NotAcceptable, NotFound
 from dicomweb.index.repository import RETRIEVE
-from dicomweb.layout import FrameLayout
+from dicomweb.pixels import decode as transcode
+from dicomweb.pixels import native as pixeldata
+from dicomweb.pixels.layout import FrameLayout
 from dicomweb.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN
 from server.platform.db import vouch_stateless
 
@@ -41,7 +43,7 @@ def frame_count(pixel: dict[str, Any]) -> int:
 
 class FrameReader:
     """Produces frames of one instance in transfer syntax `target`, reading only their byte ranges. `target` is
-    the stored syntax or a native little-endian one (encoding is `dicomweb.encode`'s, from `frame()` output)."""
+    the stored syntax or a native little-endian one (encoding is `dicomweb.pixels.encode`'s, from `frame()` output)."""
 
     def __init__(
         self, pool: asyncpg.Pool, blobs: BlobStore, row: asyncpg.Record, pixel: dict[str, Any], target: str

@@ -20,9 +20,9 @@ import asyncpg
 import msgspec
 from pydicom.datadict import dictionary_VR
 
-from dicomweb.access import UNRESTRICTED, AccessConstraints
 from dicomweb.index import search as index
-from dicomweb.query import Level, Query, level_of, tag_of
+from dicomweb.search.access import UNRESTRICTED, AccessConstraints
+from dicomweb.search.query import Level, Query, level_of, tag_of
 from server.platform.db import vouch_stateless
 
 TRUNCATED = "The number of results exceeded the maximum supported by the server. Additional results can be requested."

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dicomweb import mediatypes, multipart
+from dicomweb.codecs import mediatypes, multipart
 from dicomweb.errors import BadRequest, UnsupportedMediaType
 from dicomweb.ingest.outcome import Outcome
 

@@ -42,7 +42,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import UID as PydicomUID
 
-from dicomweb.pixeldata import UNCOMPRESSED, ImageInfo, TranscodeError, native_instance, read_dataset, why
+from dicomweb.pixels.native import UNCOMPRESSED, ImageInfo, TranscodeError, native_instance, read_dataset, why
 from dicomweb.uids import EXPLICIT_VR_LITTLE_ENDIAN
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"

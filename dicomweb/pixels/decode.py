@@ -3,8 +3,8 @@
 Every origin server must be able to return a data set in Explicit VR Little Endian whatever form it was stored
 in (PS3.18 8.7.3.4 Note 2). `transcode_instance` does that and the cheaper conversions between the uncompressed
 transfer syntaxes (Implicit/Explicit VR Little Endian, Explicit VR Big Endian, Deflated Explicit VR Little
-Endian), which `dicomweb.pixeldata` holds with the rest of what decoders and encoders share. Encoding into
-compressed transfer syntaxes is `dicomweb.encode`'s; `transcode_instance` hands it those targets.
+Endian), which `dicomweb.pixels.native` holds with the rest of what decoders and encoders share. Encoding into
+compressed transfer syntaxes is `dicomweb.pixels.encode`'s; `transcode_instance` hands it those targets.
 
 Pure and blocking (house style 1): bytes in, bytes out, no I/O; callers run these in a worker thread
 (`anyio.to_thread`), because decoding a large multi-frame image takes seconds of CPU.
@@ -22,8 +22,8 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID as PydicomUID
 
-from dicomweb import encode
-from dicomweb.pixeldata import (
+from dicomweb.pixels import encode
+from dicomweb.pixels.native import (
     UNCOMPRESSED,
     ImageInfo,
     TranscodeError,
@@ -38,7 +38,7 @@ from dicomweb.pixeldata import (
 
 def can_transcode(stored: str, target: str) -> bool:
     """Can a stored instance be returned in `target`? Same syntax: always; otherwise when the stored one is native
-    or we can decode it, and the target is native or has an encoder (`dicomweb.encode`; whether the image suits
+    or we can decode it, and the target is native or has an encoder (`dicomweb.pixels.encode`; whether the image suits
     the encoder, e.g. JPEG baseline for 8-bit data only, is found when encoding)."""
     if stored == target:
         return True
@@ -60,7 +60,7 @@ def dataset_in(data: bytes, target: str) -> Dataset:
 
 def transcode_instance(data: bytes, target: str) -> bytes:
     """A Part 10 file re-encoded in the transfer syntax `target` (decoding Pixel Data when needed; compressed
-    targets are encoded by `dicomweb.encode`)."""
+    targets are encoded by `dicomweb.pixels.encode`)."""
     if target not in UNCOMPRESSED:
         if not encode.can_encode(target):
             raise TranscodeError(f"encoding into {target} is not supported")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from dicomweb.multipart import closing_delimiter, encode_part_head, part_separator
+from dicomweb.codecs.multipart import closing_delimiter, encode_part_head, part_separator
 
 Chunks = Callable[[], AsyncIterator[bytes]]
 Reader = Callable[[int, int], Awaitable[bytes]]

@@ -3,10 +3,10 @@
 An uncompressed image instance is re-encapsulated as a Part 10 file in a lossless syntax before it reaches the
 blob store: HTJ2K lossless RPCL (1.2.840.10008.1.2.4.202, mode `htj2k`) or JPEG 2000 lossless
 (1.2.840.10008.1.2.4.90, mode `j2k`); one fragment per frame with a Basic Offset Table (PS3.5 A.4), so the layout
-walker (`dicomweb.layout`) records each frame's byte range and frame requests stay range reads.
+walker (`dicomweb.pixels.layout`) records each frame's byte range and frame requests stay range reads.
 
 Why `.4.202` and not `.4.201` for `htj2k`: both are lossless (PS3.5 A.4.11); `.4.202` streams use the RPCL
-progression with a TLM marker and one tile-part per resolution (`dicomweb.encode`), which costs a few dozen bytes
+progression with a TLM marker and one tile-part per resolution (`dicomweb.pixels.encode`), which costs a few dozen bytes
 per frame but makes the stored bytes their own progressive rendition (the default `HOUNSFIELD_RENDITIONS`): the
 `rendition` job skips a syntax equal to the stored one, so no second copy of every frame is kept, and
 byte-range requests for `image/jhc` read the stored blob directly.
@@ -36,10 +36,10 @@ import anyio.to_thread
 import numpy as np
 import pydicom
 
-from dicomweb import encode
 from dicomweb.ingest.parse import ParsedInstance, parse_instance
 from dicomweb.ingest.reasons import InstanceRejected
-from dicomweb.pixeldata import TranscodeError
+from dicomweb.pixels import encode
+from dicomweb.pixels.native import TranscodeError
 from dicomweb.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from server.platform import private
 

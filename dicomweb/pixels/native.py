@@ -1,4 +1,4 @@
-"""What the decoders (`dicomweb.transcode`) and the encoders (`dicomweb.encode`) both stand on: the native
+"""What the decoders (`dicomweb.pixels.decode`) and the encoders (`dicomweb.pixels.encode`) both stand on: the native
 transfer syntaxes, the Image Pixel module values a codec needs, the one error of pixel conversion, and whole
 instances rewritten between native encodings (PS3.5 A.1-A.3, A.5).
 
