@@ -332,18 +332,19 @@ def _advantage(row: str, key: str | None, hv: float, ov: float) -> float:
 
 
 def best_orthanc(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Orthanc's figures with each read row taken from its better configuration, and which one won each."""
+    """Orthanc's figures with each read measure taken from its better configuration, and which one won each
+    (keyed by row, or by "row key" for the measures of a row)."""
     on, off = results["orthanc"], results.get("orthanc compression off", {})
     best: dict[str, Any] = dict(on)
     won: dict[str, str] = {}
     for row, value in off.items():
         if isinstance(value, dict):
-            best[row], won[row] = {}, ""
+            best[row] = {}
             for key, figure in value.items():
                 # the better: lower latency, higher rate (per measure; one row's measures may differ)
                 better = figure < on[row][key] if key.endswith("_ms") else figure > on[row][key]
                 best[row][key] = figure if better else on[row][key]
-                won[row] = "off" if better else won[row] or "on"
+                won[f"{row} {key}"] = "off" if better else "on"
         else:
             better = value > on[row]
             best[row], won[row] = (value, "off") if better else (on[row], "on")
@@ -353,6 +354,7 @@ def best_orthanc(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str
 def report(results: dict[str, Any]) -> None:
     h = results["hounsfield"]
     o, won = best_orthanc(results)
+    results["orthanc best"], results["orthanc best configuration"] = o, won
     print(
         f"\n{results['instances']} CT instances 512x512 16-bit ({results['mib']} MiB), {results['cstore']} by C-STORE"
     )
@@ -362,7 +364,7 @@ def report(results: dict[str, Any]) -> None:
         ov, cfg = o[row], won.get(row, "")
         if isinstance(hv, dict):
             for key in hv:
-                adv = _advantage(row, key, hv[key], ov[key])
+                adv, cfg = _advantage(row, key, hv[key], ov[key]), won.get(f"{row} {key}", "")
                 print(f"{row + ' ' + key:34}{hv[key]:14.2f}{ov[key]:14.2f}{adv:8.2f}{cfg:>13}")
         elif row == "ingest settled s":
             print(f"{row:34}{hv:14.1f}{ov:14.1f}{'':>8}")
