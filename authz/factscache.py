@@ -11,59 +11,34 @@ from __future__ import annotations
 
 from authz.facts import FactsSource, StudyFacts
 from server.platform.db import Connection
-from server.platform.notified import ChannelListener
+from server.platform.notified import NotifiedCache
 
 CHANNEL = "hounsfield_study_facts"
 MAX_ENTRIES = 100_000
 """Studies remembered at most; beyond that the cache starts afresh (memory stays bounded)."""
 
 
-class FactsCache:
+class FactsCache(NotifiedCache[str, StudyFacts | None]):
     """A `FactsSource` in front of another (the index's): `peek` answers from memory when it can, `study_facts`
-    asks the source on a miss and remembers the answer."""
+    asks the source on a miss and remembers the answer. A notification names the study to drop."""
 
     def __init__(self, dsn: str, source: FactsSource, *, retry_seconds: float = 5.0) -> None:
+        super().__init__(
+            dsn, CHANNEL, key_of=lambda uid: uid or None, max_entries=MAX_ENTRIES, retry_seconds=retry_seconds
+        )
         self.source = source
-        self._entries: dict[str, StudyFacts | None] = {}
-        self._generation = 0
-        self._listener = ChannelListener(dsn, CHANNEL, self.forget, self.clear, retry_seconds=retry_seconds)
-
-    @property
-    def active(self) -> bool:
-        return self._listener.active
 
     def peek(self, study_uid: str) -> tuple[bool, StudyFacts | None]:
         """(known, facts): known is False when the index must be asked."""
-        if not self.active or study_uid not in self._entries:
+        if not self.active or study_uid not in self.entries:
             return False, None
-        return True, self._entries[study_uid]
+        return True, self.entries[study_uid]
 
     async def study_facts(self, conn: Connection, study_uid: str) -> StudyFacts | None:
         known, facts = self.peek(study_uid)
         if known:
             return facts
-        generation = self._generation
+        generation = self.generation
         facts = await self.source.study_facts(conn, study_uid)
-        if self.active and generation == self._generation:
-            if len(self._entries) >= MAX_ENTRIES:
-                self._entries.clear()
-            self._entries[study_uid] = facts
+        self.fetched(study_uid, facts, generation)
         return facts
-
-    def forget(self, study_uid: str) -> None:
-        """A notification: that study changed (an empty payload: any may have)."""
-        self._generation += 1
-        if study_uid:
-            self._entries.pop(study_uid, None)
-        else:
-            self._entries.clear()
-
-    def clear(self) -> None:
-        self._generation += 1
-        self._entries.clear()
-
-    async def start(self) -> None:
-        await self._listener.start()
-
-    async def close(self) -> None:
-        await self._listener.close()

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server.platform.notified import ChannelListener
+from server.platform.notified import NotifiedCache
 
 CHANNEL = "hounsfield_break_glass"
 MAX_ENTRIES = 100_000
@@ -40,25 +40,20 @@ class _Entry:
     stored: float
 
 
-class SessionCache:
-    """Open sessions by subject. `get` answers from memory when it can; `lookup` asks the index and remembers."""
+class SessionCache(NotifiedCache[Key, _Entry]):
+    """Open sessions by subject. `get` answers from memory when it can; `lookup` asks the index and remembers.
+    Any notification clears every subject's entry."""
 
     def __init__(self, dsn: str, *, ttl_seconds: float = 60.0, retry_seconds: float = 5.0) -> None:
+        super().__init__(dsn, CHANNEL, max_entries=MAX_ENTRIES, retry_seconds=retry_seconds)
         self.ttl = ttl_seconds
         """A backstop: entries are refreshed at least this often even without notifications."""
-        self._entries: dict[Key, _Entry] = {}
-        self._generation = 0
-        self._listener = ChannelListener(dsn, CHANNEL, self.clear, self.clear, retry_seconds=retry_seconds)
-
-    @property
-    def active(self) -> bool:
-        return self._listener.active
 
     def get(self, key: Key, now: dt.datetime) -> tuple[bool, dict[str, Any] | None]:
         """(known, context): known is False when the index must be asked."""
         if not self.active:
             return False, None
-        entry = self._entries.get(key)
+        entry = self.entries.get(key)
         if entry is None or time.monotonic() - entry.stored > self.ttl:
             return False, None
         if entry.session is None or entry.session.expires_at <= now:
@@ -67,20 +62,7 @@ class SessionCache:
 
     async def lookup(self, key: Key, fetch: Callable[[], Awaitable[OpenSession | None]]) -> dict[str, Any] | None:
         """Ask the index (`fetch`) and remember the answer unless a change was notified meanwhile."""
-        generation = self._generation
+        generation = self.generation
         session = await fetch()
-        if self.active and generation == self._generation:
-            if len(self._entries) >= MAX_ENTRIES:
-                self._entries.clear()
-            self._entries[key] = _Entry(session, time.monotonic())
+        self.fetched(key, _Entry(session, time.monotonic()), generation)
         return session.context if session is not None else None
-
-    def clear(self, *_args: object) -> None:
-        self._generation += 1
-        self._entries.clear()
-
-    async def start(self) -> None:
-        await self._listener.start()
-
-    async def close(self) -> None:
-        await self._listener.close()

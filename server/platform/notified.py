@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -92,3 +92,62 @@ class ChannelListener:
         finally:
             stop.cancel()
             gone.cancel()
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class NotifiedCache(Generic[K, V]):
+    """Entries a trigger invalidates: trusted only while the listener is up (`active`); `fetched` remembers what
+    was read unless a notification came in between (a generation counter), and the cache starts afresh beyond
+    `max_entries` so that its memory stays bounded. A notification's payload names the key to drop (`key_of`), or
+    nothing: then every entry goes."""
+
+    def __init__(
+        self,
+        dsn: str,
+        channel: str,
+        *,
+        key_of: Callable[[str], K | None] = lambda _payload: None,
+        max_entries: int = 100_000,
+        retry_seconds: float = 5.0,
+    ) -> None:
+        self.entries: dict[K, V] = {}
+        self.max_entries = max_entries
+        self.key_of = key_of
+        self._generation = 0
+        self._listener = ChannelListener(dsn, channel, self.forget, self.clear, retry_seconds=retry_seconds)
+
+    @property
+    def active(self) -> bool:
+        return self._listener.active
+
+    @property
+    def generation(self) -> int:
+        """Read before fetching; hand to `fetched` with what was read."""
+        return self._generation
+
+    def fetched(self, key: K, value: V, generation: int) -> None:
+        if self.active and generation == self._generation:
+            if len(self.entries) >= self.max_entries:
+                self.entries.clear()
+            self.entries[key] = value
+
+    def forget(self, payload: str) -> None:
+        self._generation += 1
+        key = self.key_of(payload)
+        if key is None:
+            self.entries.clear()
+        else:
+            self.entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._generation += 1
+        self.entries.clear()
+
+    async def start(self) -> None:
+        await self._listener.start()
+
+    async def close(self) -> None:
+        await self._listener.close()
