@@ -211,6 +211,8 @@ def result_json(row: asyncpg.Record) -> dict[str, Any]:
     }
     if "feedback" in keys:
         out["feedback"] = row["feedback"]
+    if "updated_at" in keys:  # a result row: when its run was dispatched, and since when it is in its state
+        out["dispatched"], out["state_since"] = _iso(row["created_at"]), _iso(row["updated_at"])
     return out
 
 
