@@ -74,7 +74,11 @@ class InferencePlugin(ServicePlugin):
             stack.push_async_callback(service.close)
             stack.callback(functools.partial(setattr, self, "service", None))
             adapters = tuple(sorted(service.adapters))
-            self._jobs = JobSet(handlers=service.handlers(pool), derived=frozenset({dispatch.RUN_JOB}))
+            self._jobs = JobSet(
+                handlers=service.handlers(pool),
+                derived=frozenset({dispatch.RUN_JOB}),
+                concurrency={dispatch.RUN_JOB: settings.inference_workers},  # runs at once: a backend may batch
+            )
         self._services = InferenceServices(settings, pool, adapters)
         stack.callback(functools.partial(setattr, self, "_services", None))
 
