@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import AMBIGUOUS_VR, BYTES_VR, FLOAT_VR, INT_VR, VR
 
@@ -48,11 +49,16 @@ class _Unlike(Exception):
     """A value msgspec would not write as `json.dumps` does."""
 
 
-def to_json_dict(ds: Dataset, tags: Iterable[BaseTag] | None = None) -> dict[str, Any]:
-    """The DICOM JSON document of `ds` (of the elements `tags`, in that order; all of them by default), equal to
-    `ds.to_json_dict(bulk_data_threshold=...)` without a bulk data handler. Raises what pydicom raises for a
-    value it cannot represent."""
-    return _dataset(ds, ds.keys() if tags is None else tags)
+def to_json_dict(ds: Dataset) -> dict[str, Any]:
+    """The DICOM JSON document of `ds`, equal to `ds.to_json_dict(bulk_data_threshold=...)` without a bulk data
+    handler. Raises what pydicom raises for a value it cannot represent."""
+    return _dataset(ds, ds.keys())
+
+
+def from_elements(elements: Iterable[DataElement]) -> dict[str, Any]:
+    """The DICOM JSON document of these elements of a data set (converted already, as `Dataset[tag]` gives
+    them), in that order: what `to_json_dict` gives for a data set holding just them."""
+    return {f"{elem.tag:08X}": _element(elem) for elem in elements}
 
 
 def dumps(document: dict[str, Any]) -> str:
@@ -122,8 +128,10 @@ def _values(elem: DataElement, value: Any) -> Any:
     or None when it is empty."""
     if isinstance(value, str | bytes):
         return [value] if value else None
-    if type(value) is int or type(value) is float:
+    if isinstance(value, int | float):  # pydicom's IS and DSfloat too: one value, as pydicom counts it
         return [value]
+    if type(value) is MultiValue:
+        return value if len(value) > 1 else ([value] if value else None)
     vm = elem.VM
     if vm == 0:
         return None

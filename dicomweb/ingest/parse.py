@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID as PydicomUID
 
@@ -162,7 +163,7 @@ def _build(
         pixel = _pixel_layout(ds, fp, elements, tsu, frames or 1, sop_class, sop_uid)
     base = f"{BULK_PREFIX}{study_uid}/series/{series_uid}/instances/{sop_uid}/bulk/"
     bulk: dict[str, list[int]] = {}
-    inline: list[Any] = []
+    inline: list[DataElement] = []
     extra: dict[str, dict[str, Any]] = {}
     for elem_tag in ds.keys():
         tag = int(elem_tag)
@@ -174,8 +175,8 @@ def _build(
             bulk[key] = [where.value_offset, where.length]
             extra[key] = {"vr": vr, "BulkDataURI": base + key}
             continue
-        ds[elem_tag]  # converted from its raw form here: a value pydicom cannot read makes the file unreadable
-        inline.append(elem_tag)
+        # Converted from its raw form here: a value pydicom cannot read makes the file unreadable.
+        inline.append(ds[elem_tag])
     for tag, where in elements.items():
         if tag in (layout.PIXEL_DATA, layout.FLOAT_PIXEL_DATA, layout.DOUBLE_PIXEL_DATA):
             key = f"{tag:08X}"
@@ -188,7 +189,7 @@ def _build(
             vr = where.vr or ("OW" if tsu.is_implicit_VR else "OB")
             extra[key] = {"vr": vr, "BulkDataURI": base + key}
     try:
-        doc = dicomjson.to_json_dict(ds, inline)
+        doc = dicomjson.from_elements(inline)
     except Exception as exc:  # pydicom raises a variety of errors for values it cannot represent
         raise InstanceRejected(
             CANNOT_UNDERSTAND, f"cannot represent data set as DICOM JSON: {exc}", sop_class, sop_uid

@@ -67,11 +67,9 @@ def _ours(path: Path) -> tuple[Outcome, list[str]]:
             return ("read", repr(exc)), []
         step = "convert"
         try:
-            tags = list(ds.keys())
-            for tag in tags:
-                ds[tag]
+            converted = [ds[tag] for tag in ds.keys()]
             step = "json"
-            doc = dicomjson.to_json_dict(ds, tags)
+            doc = dicomjson.from_elements(converted)
             step = "dumps"
             text = dicomjson.dumps({k: doc[k] for k in sorted(doc)})
         except Exception as exc:
