@@ -13,7 +13,7 @@ What "the same" takes, rule by rule (PS3.18 F.2.3, F.2.5, F.2.6, F.2.7 as pydico
 - PN values are `{"Alphabetic", "Ideographic", "Phonetic"}` objects with as many groups as the name has;
 - AT values are 8 hexadecimal digits, upper case;
 - IS SL SS SV UL US UV (and an unresolved `US or SS`) become integers, DS FD FL floats, an empty one null;
-- a value pydicom cannot convert (an IS with a fraction, a PN that is not a name) raises as pydicom's does.
+- a value pydicom cannot convert (a DS that is not a number, a PN that is not a name) raises as pydicom's does.
 
 Elements are converted from their raw form by pydicom (`Dataset[tag]`), as before: character sets, padding,
 value multiplicity, ambiguous VRs and the validation warnings stay pydicom's.
@@ -49,15 +49,10 @@ class _Unlike(Exception):
     """A value msgspec would not write as `json.dumps` does."""
 
 
-def to_json_dict(ds: Dataset) -> dict[str, Any]:
-    """The DICOM JSON document of `ds`, equal to `ds.to_json_dict(bulk_data_threshold=...)` without a bulk data
-    handler. Raises what pydicom raises for a value it cannot represent."""
-    return _dataset(ds, ds.keys())
-
-
 def from_elements(elements: Iterable[DataElement]) -> dict[str, Any]:
     """The DICOM JSON document of these elements of a data set (converted already, as `Dataset[tag]` gives
-    them), in that order: what `to_json_dict` gives for a data set holding just them."""
+    them), in that order: what pydicom's `to_json_dict` gives, without a bulk data handler, for a data set
+    holding just them. Raises what pydicom raises for a value it cannot represent."""
     return {f"{elem.tag:08X}": _element(elem) for elem in elements}
 
 
