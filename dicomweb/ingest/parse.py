@@ -8,7 +8,6 @@ BulkDataURI placeholders, and the byte ranges of frames and bulk data.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import threading
@@ -18,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID as PydicomUID
 
-from dicomweb.ingest import wellformed
+from dicomweb.ingest import dicomjson, wellformed
 from dicomweb.ingest.checks import (
     check_identity,
     check_storable,
@@ -163,8 +163,7 @@ def _build(
         pixel = _pixel_layout(ds, fp, elements, tsu, frames or 1, sop_class, sop_uid)
     base = f"{BULK_PREFIX}{study_uid}/series/{series_uid}/instances/{sop_uid}/bulk/"
     bulk: dict[str, list[int]] = {}
-    json_ds = Dataset()
-    json_ds.set_original_encoding(ds.is_implicit_VR, ds.is_little_endian, ds._character_set)
+    inline: list[DataElement] = []
     extra: dict[str, dict[str, Any]] = {}
     for elem_tag in ds.keys():
         tag = int(elem_tag)
@@ -176,7 +175,8 @@ def _build(
             bulk[key] = [where.value_offset, where.length]
             extra[key] = {"vr": vr, "BulkDataURI": base + key}
             continue
-        json_ds[elem_tag] = ds[elem_tag]
+        # Converted from its raw form here: a value pydicom cannot read makes the file unreadable.
+        inline.append(ds[elem_tag])
     for tag, where in elements.items():
         if tag in (layout.PIXEL_DATA, layout.FLOAT_PIXEL_DATA, layout.DOUBLE_PIXEL_DATA):
             key = f"{tag:08X}"
@@ -189,7 +189,7 @@ def _build(
             vr = where.vr or ("OW" if tsu.is_implicit_VR else "OB")
             extra[key] = {"vr": vr, "BulkDataURI": base + key}
     try:
-        doc = json_ds.to_json_dict(bulk_data_threshold=2**31)
+        doc = dicomjson.from_elements(inline)
     except Exception as exc:  # pydicom raises a variety of errors for values it cannot represent
         raise InstanceRejected(
             CANNOT_UNDERSTAND, f"cannot represent data set as DICOM JSON: {exc}", sop_class, sop_uid
@@ -197,7 +197,7 @@ def _build(
     doc.update(extra)
     doc[_TS_TAG] = {"vr": "UI", "Value": [ts]}
     ordered = {k: doc[k] for k in sorted(doc)}
-    metadata = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False)
+    metadata = dicomjson.dumps(ordered)
     study_attrs = {k: v for k, v in ordered.items() if k in STUDY_TAGS}
     series_attrs = {k: v for k, v in ordered.items() if k in SERIES_TAGS}
 
