@@ -5,7 +5,7 @@ recorded, run through the named queries of `auditquery.sql`.
 The facts are those of `audit_search_doc(record)` (migrations/0006_audit_search.sql), GIN-indexed; a filter
 becomes one SQL/JSON path predicate (`jsonpath`) of equality clauses, which PostgreSQL answers from that index
 (PostgreSQL docs 8.14.4, "jsonb Indexing"). The predicate is a bound parameter built from checked values with
-JSON string escapes, never SQL text. The FHIR face (`fhir.auditsearch`) maps search parameters to a filter.
+JSON string escapes, never SQL text. The FHIR face (`fhir.audit.search`) maps search parameters to a filter.
 """
 
 from __future__ import annotations

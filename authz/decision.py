@@ -117,6 +117,9 @@ class Decision:
         )
 
 
+DecisionScope = Literal["study", "instance"]
+
+
 class PolicyEngine(Protocol):
     async def decide(self, policy_input: PolicyInput) -> Decision:
         """Evaluate `data.hounsfield.authz.decision` for the input. Raises PolicyUnavailable when it cannot."""
@@ -125,6 +128,13 @@ class PolicyEngine(Protocol):
     @property
     def revision(self) -> str:
         """Identifies the loaded policies and data (a hash); recorded with every decision."""
+        ...
+
+    @property
+    def decision_scope(self) -> DecisionScope:
+        """What the policy's decisions depend on (`data.hounsfield.authz.decision_scope`): `study` when they depend
+        on the study's facts and never on the series or instance UID (a cache may then answer another series or
+        instance of the study with one decision), else `instance`."""
         ...
 
     async def reload(self) -> None:

@@ -5,7 +5,9 @@ question (same subject, action and resource). Decisions are cached for `ttl` sec
 document except its time, together with the engine's revision, so an edited policy or data file takes effect
 at once. Policies that depend on the time of day see it with `ttl` seconds' delay (documented in the README).
 A decision is cached with its decision id: the audit records of requests answered from the cache name the
-decision that was actually taken.
+decision that was actually taken. When the policy declares that its decisions depend on the study and not on the
+series or instance (`decision_scope`), those two UIDs are left out of the question: a viewer's frames of a
+hundred instances of one study are decided once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections import OrderedDict
 
 import msgspec
 
-from authz.decision import Decision, PolicyEngine, PolicyInput
+from authz.decision import Decision, DecisionScope, PolicyEngine, PolicyInput
 
 
 class CachingEngine:
@@ -29,13 +31,23 @@ class CachingEngine:
     def revision(self) -> str:
         return self.engine.revision
 
+    @property
+    def decision_scope(self) -> DecisionScope:
+        return self.engine.decision_scope
+
     def _key(self, policy_input: PolicyInput) -> bytes:
-        """The input document without its time, as sorted JSON (msgspec: a tenth of `json.dumps`' cost, which
-        showed in QIDO-RS profiles), after the engine's revision."""
+        """The input document without its time (and without the series and instance for a study-scoped policy), as
+        sorted JSON (msgspec: a tenth of `json.dumps`' cost, which showed in QIDO-RS profiles), after the engine's
+        revision."""
         document = policy_input.to_dict()
         context = dict(document["context"])
         context.pop("time", None)
         document["context"] = context
+        if self.engine.decision_scope == "study":
+            resource = dict(document["resource"])
+            resource.pop("series_uid", None)
+            resource.pop("instance_uid", None)
+            document["resource"] = resource
         return self.engine.revision.encode() + b"\0" + msgspec.json.encode(document, order="sorted")
 
     async def decide(self, policy_input: PolicyInput) -> Decision:

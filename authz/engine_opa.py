@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from opa_client import AsyncOpaClient
 
-from authz.decision import Decision, PolicyInput
+from authz.decision import Decision, DecisionScope, PolicyInput
 from authz.errors import PolicyUnavailable
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,11 @@ class OpaEngine:
         self._client: AsyncOpaClient | None = None
         self._stack = contextlib.AsyncExitStack()
         self._opening = asyncio.Lock()
+
+    @property
+    def decision_scope(self) -> DecisionScope:
+        """`instance`: the server's policy is not read here, so no decision is reused across instances."""
+        return "instance"
 
     @property
     def revision(self) -> str:

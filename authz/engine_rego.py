@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from authz.decision import Decision, PolicyInput
+from authz.decision import Decision, DecisionScope, PolicyInput
 from authz.errors import PolicyUnavailable
 from authz.rego_native import rego_shared, regopy
 
@@ -80,6 +80,21 @@ class _Compiled:
             raise PolicyError(f"policy does not compile: {exc}") from None
         if not self.bundle.ok():
             raise PolicyError("policy does not compile: rego-cpp built no bundle")
+        self.decision_scope = self._scope()
+
+    def _scope(self) -> DecisionScope:
+        """`data.hounsfield.authz.decision_scope`, evaluated once with no input: `study` only when the policy says
+        so (a rule that reads the input, or none, means `instance`)."""
+        output = rego_shared.rego_query(self.interpreter._impl, "x = data.hounsfield.authz.decision_scope")
+        try:
+            text = rego_shared.rego_output_string(output)
+        finally:
+            rego_shared.rego_free_output(output)
+        try:
+            bindings = json.loads(text).get("bindings", {}) if text.lstrip().startswith("{") else {}
+        except ValueError:
+            bindings = {}
+        return "study" if bindings.get("x") == "study" else "instance"
 
     def evaluate(self, document: dict[str, Any]) -> Any:
         """The value of `data.hounsfield.authz.decision` for the input document (None when undefined)."""
@@ -205,6 +220,10 @@ class RegoEngine:
     @property
     def revision(self) -> str:
         return self._compiled.sources.revision
+
+    @property
+    def decision_scope(self) -> DecisionScope:
+        return self._compiled.decision_scope
 
     def evaluate(self, document: dict[str, Any]) -> Any:
         """The raw `decision` value for an input document (synchronous; for the fake OPA server and benchmarks)."""

@@ -40,7 +40,7 @@ from authz.breakglass import (
 )
 from authz.decision import Action, Decision, Resource
 from authz.errors import Forbidden
-from authz.facts import FactsSource
+from authz.facts import FactsSource, StudyFacts
 from authz.principal import Principal
 from authz.services import authz_services
 from authz.sessioncache import OpenSession
@@ -107,11 +107,11 @@ def _plain(uid: uids.UID | None) -> str | None:
     return str(uid) if uid is not None else None
 
 
-async def _resource(facts: FactsSource, conn: Connection, kind: str, target: Target) -> Resource:
+def _on_facts(kind: str, target: Target, found: StudyFacts | None) -> Resource:
+    """The resource a request names, with its study's facts (None: a study not stored, or none named)."""
     study, series, instance = _plain(target.study), _plain(target.series), _plain(target.instance)
     if study is None:
         return Resource(kind=kind)
-    found = await facts.study_facts(conn, study)
     if found is None:
         return Resource(kind=kind, study_uid=study, series_uid=series, instance_uid=instance)
     return Resource(
@@ -122,6 +122,11 @@ async def _resource(facts: FactsSource, conn: Connection, kind: str, target: Tar
         instance_uid=instance,
         modalities=found.modalities,
     )
+
+
+async def _resource(facts: FactsSource, conn: Connection, kind: str, target: Target) -> Resource:
+    study = _plain(target.study)
+    return _on_facts(kind, target, await facts.study_facts(conn, study) if study is not None else None)
 
 
 async def with_study(
@@ -148,14 +153,17 @@ async def with_study(
 async def _facts(
     connection: ASGIConnection[Any, Any, Any, Any], kind: str, target: Target, principal: Principal, now: dt.datetime
 ) -> tuple[Resource, dict[str, Any] | None]:
-    """The resource with its facts from the index, and the subject's open break-glass session. A request that
-    names no study, from a subject whose session state is cached, needs no database round trip at all."""
+    """The resource with its facts from the index, and the subject's open break-glass session. A request whose
+    study's facts (or that names no study) and whose subject's session state are cached needs no database round
+    trip at all (`authz.factscache`, `authz.sessioncache`)."""
     services = authz_services(connection.app)
     sessions = services.sessions
     key = (principal.issuer, principal.sub)
     known, context = sessions.get(key, now) if sessions is not None else (False, None)
-    if target.study is None and known:
-        return Resource(kind=kind), context
+    study = _plain(target.study)
+    peeked, found = services.facts.peek(study) if study is not None else (True, None)
+    if known and peeked:
+        return _on_facts(kind, target, found), context
     async with services.pool.acquire() as conn:
         resource = await _resource(services.facts, conn, kind, target)
         if not known:

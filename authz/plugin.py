@@ -26,6 +26,7 @@ from authz.decision import PolicyEngine
 from authz.decision_cache import CachingEngine
 from authz.engines import open_engine
 from authz.facts import FactsSource
+from authz.factscache import FactsCache
 from authz.guard import authorize
 from authz.services import STATE_KEY, AuthzServices
 from authz.sessioncache import SessionCache
@@ -108,12 +109,13 @@ class AuthzPlugin(ServicePlugin):
         sessions = SessionCache(self.database.url)
         await sessions.start()
         stack.push_async_callback(sessions.close)
+        facts = FactsCache(self.database.url, self.facts)  # invalidated by the index's notifications
+        await facts.start()
+        stack.push_async_callback(facts.close)
         breakglass = BreakGlassService(
             pool, audit, minutes=settings.break_glass_minutes, webhook=settings.break_glass_webhook, sessions=sessions
         )
-        self._services = AuthzServices(
-            pool, self.facts, policy, audit, breakglass, sessions, settings.auth_public_paths
-        )
+        self._services = AuthzServices(pool, facts, policy, audit, breakglass, sessions, settings.auth_public_paths)
         stack.callback(functools.partial(setattr, self, "_services", None))
         checkpoint = checkpoint_handler(
             pool,

@@ -11,7 +11,7 @@ import asyncpg
 from authz.audit import AuditTrail
 from authz.breakglass import BreakGlassService
 from authz.decision import PolicyEngine
-from authz.facts import FactsSource
+from authz.factscache import FactsCache
 from authz.sessioncache import SessionCache
 
 STATE_KEY = "hounsfield.authz"
@@ -21,8 +21,8 @@ STATE_KEY = "hounsfield.authz"
 class AuthzServices:
     pool: asyncpg.Pool
     """For the facts the policy decides on and open break-glass sessions."""
-    facts: FactsSource
-    """The study's patient and modalities, as the archive's index knows them."""
+    facts: FactsCache
+    """The study's patient and modalities, as the archive's index knows them (cached per process)."""
     policy: PolicyEngine
     audit: AuditTrail
     breakglass: BreakGlassService

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import admin_token, free_port, wait_ready  # noqa: E402
 from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
-from dicomweb import encode  # noqa: E402
+from dicomweb.pixels import encode  # noqa: E402
 from tests.dicomweb.test_ranges import phantom  # noqa: E402
 from tests.support.factory import multipart, part10, stow_headers  # noqa: E402
 

@@ -72,8 +72,11 @@ def config(
     peers: dict[str, tuple[str, int]],
     users: dict[str, str] | None,
     dicomweb_servers: dict[str, dict[str, Any]] | None = None,
+    http_compression: bool = True,
 ) -> dict[str, Any]:
-    """The Orthanc configuration (one JSON file; the Debian defaults apply to everything not set)."""
+    """The Orthanc configuration (one JSON file; the Debian defaults apply to everything not set).
+    `http_compression`: Orthanc's `HttpCompressionEnabled` (its default, on: it gzips any answer a client accepts
+    gzip for, 512 KB frames included; off suits binary payloads)."""
     return {
         "Name": "bench",
         "StorageDirectory": str(folder / "storage"),
@@ -108,6 +111,7 @@ def config(
         "OverwriteInstances": False,
         "StableAge": 60,
         "HttpTimeout": 60,
+        "HttpCompressionEnabled": http_compression,
         "TcpNoDelay": True,
         "KeepAlive": True,
     }
@@ -126,8 +130,10 @@ class Orthanc:
         users: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
         dicomweb_servers: dict[str, dict[str, Any]] | None = None,
+        http_compression: bool = True,
     ) -> None:
         self.folder = folder
+        self.http_compression = http_compression
         self.aet = aet
         self.peers = peers or {}
         self.users = users
@@ -153,6 +159,7 @@ class Orthanc:
             peers=self.peers,
             users=self.users,
             dicomweb_servers=self.dicomweb_servers,
+            http_compression=self.http_compression,
         )
         path.write_text(json.dumps(cfg, indent=2))
         with open(self.folder / "orthanc.log", "wb") as log:

@@ -14,6 +14,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from dicomweb.ingest import admission as storeauth
+from dicomweb.ingest import reasons
+
 STATEMENT = Path(__file__).with_name("dicom-conformance-statement.md")
 DOCUMENTED_PREFIXES = ("/dicom-web", "/wado")
 """Routes under these prefixes must all be documented; others (OpenAPI, health) only when listed."""
@@ -62,10 +65,8 @@ def app_endpoints(app: Any) -> set[Endpoint]:
 
 
 def ingest_reasons() -> set[int]:
-    """Failure and warning codes the ingest can report (constants of `dicomweb.ingest`, and the policy's refusal
-    of an instance, `dicomweb.storeauth`)."""
-    from dicomweb import ingest, storeauth
-
+    """Failure and warning codes the ingest can report (constants of `dicomweb.ingest.reasons`, and the policy's
+    refusal of an instance, `dicomweb.ingest.admission`)."""
     names = (
         "PROCESSING_FAILURE",
         "DUPLICATE_REJECTED",
@@ -75,7 +76,7 @@ def ingest_reasons() -> set[int]:
         "TRANSFER_SYNTAX_NOT_SUPPORTED",
         "WARNING_COERCION",
     )
-    return {int(getattr(ingest, n)) for n in names} | {storeauth.NOT_AUTHORIZED}
+    return {int(getattr(reasons, n)) for n in names} | {storeauth.NOT_AUTHORIZED}
 
 
 def endpoint_problems(app: Any, statement: Path = STATEMENT) -> list[str]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import TypeAlias
 
 from dicomweb.blobs import BlobStore
-from dicomweb.rendering import RenderService
-from dicomweb.retrieve import RetrieveService
+from dicomweb.ingest.service import StoreService
+from dicomweb.retrieve.rendered import RenderService
+from dicomweb.retrieve.service import RetrieveService
 from dicomweb.settings import DicomwebSettings
-from dicomweb.store import StoreService
 from server.platform.deps import Provided
 
 SettingsDep: TypeAlias = Provided[DicomwebSettings]

@@ -11,25 +11,31 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from litestar import Router
 
 from authz.plugin import AuthzPlugin
-from dicomweb import renditions
 from dicomweb.blobs import BlobStore
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.dimse import routes as dimse_routes
 from dicomweb.dimse import routing
 from dicomweb.dimse.node import Node
 from dicomweb.dimse.service import open_dimse
-from dicomweb.rendering import RenderService
-from dicomweb.renditions import Renditions
-from dicomweb.retrieve import RetrieveService
+from dicomweb.ingest.activity import IngestActivity
+from dicomweb.ingest.events import Listener
+from dicomweb.ingest.gc import blob_delete_handler, gc_handler
+from dicomweb.ingest.service import StoreService
+from dicomweb.ingest.spool import Spooler
+from dicomweb.retrieve import renditions
+from dicomweb.retrieve.rendered import RenderService
+from dicomweb.retrieve.renditions import Renditions
+from dicomweb.retrieve.service import RetrieveService
 from dicomweb.routes import qido, rendered, stow, wado, wadouri
 from dicomweb.routes.common import DICOMWEB_ROOT
 from dicomweb.settings import DicomwebSettings
-from dicomweb.store import IngestActivity, IngestHook, StoreService, blob_delete_handler, gc_handler
 from server.platform import telemetry
 from server.platform.database import DatabasePlugin
 from server.platform.diskspace import FreeSpace
@@ -51,6 +57,27 @@ async def open_blob_store(settings: DicomwebSettings) -> BlobStore:
     return FileSystemBlobStore(settings.blob_dir)
 
 
+@dataclass(frozen=True)
+class Opened:
+    """What the request services are built from once the plugin opened."""
+
+    settings: DicomwebSettings
+    pool: asyncpg.Pool
+    blobs: BlobStore
+    space: FreeSpace
+
+
+DICOMWEB_ROUTES = (stow.ROUTES, qido.ROUTES, wado.ROUTES, rendered.ROUTES)
+"""The route modules under /dicom-web (rendered: PS3.18 10.4). A new DICOMweb service is a route module here and
+its service in `SERVICES`."""
+
+SERVICES: dict[str, Callable[[Opened], Any]] = {
+    "retrieve": lambda o: RetrieveService(o.pool, o.blobs, Renditions(o.pool, o.blobs, o.settings.spool_dir, o.space)),
+    "render": lambda o: RenderService(o.pool, o.blobs),
+}
+"""The services route handlers receive, by dependency name (built once when the plugin opens)."""
+
+
 class DicomwebPlugin(ServicePlugin):
     def __init__(
         self,
@@ -58,7 +85,7 @@ class DicomwebPlugin(ServicePlugin):
         database: DatabasePlugin,
         authz: AuthzPlugin,
         *,
-        listeners: Sequence[IngestHook] = (),
+        listeners: Sequence[Listener] = (),
         blobs: BlobStore | None = None,
     ) -> None:
         self.settings = settings
@@ -70,8 +97,7 @@ class DicomwebPlugin(ServicePlugin):
         """A blob store to use as is (tests); None: opened from the settings."""
         self._blobs: BlobStore | None = None
         self._store: StoreService | None = None
-        self._retrieve: RetrieveService | None = None
-        self._render: RenderService | None = None
+        self._services: dict[str, Any] = {}
         self._jobs = JobSet()
 
     @property
@@ -89,7 +115,7 @@ class DicomwebPlugin(ServicePlugin):
         return space
 
     def route_handlers(self) -> Iterable[Any]:
-        routes = [*stow.ROUTES, *qido.ROUTES, *wado.ROUTES, *rendered.ROUTES]  # rendered: PS3.18 10.4
+        routes = [handler for module in DICOMWEB_ROUTES for handler in module]
         return [
             Router(path=DICOMWEB_ROOT, route_handlers=routes, tags=["DICOMweb"]),
             *wadouri.ROUTES,
@@ -97,13 +123,20 @@ class DicomwebPlugin(ServicePlugin):
         ]
 
     def dependencies(self) -> Mapping[str, Callable[[], Any]]:
-        return {
+        provided: dict[str, Callable[[], Any]] = {
             "blobs": lambda: self.blobs,
             "store": lambda: self.store,
-            "retrieve": lambda: opened(self._retrieve, "retrieval"),
-            "render": lambda: opened(self._render, "rendering"),
             "space": lambda: self.space,
         }
+        for name in SERVICES:
+            provided[name] = self._provider(name)
+        return provided
+
+    def _provider(self, name: str) -> Callable[[], Any]:
+        def provide() -> Any:
+            return opened(self._services.get(name), f"the {name} service")
+
+        return provide
 
     def jobs(self) -> JobSet:
         return self._jobs
@@ -120,15 +153,15 @@ class DicomwebPlugin(ServicePlugin):
         store = self._store = StoreService(
             pool,
             blobs,
+            spool=Spooler(settings.spool_dir, settings.max_instance_bytes, space),  # refused below the watermark
             overwrite=settings.overwrite,
             bulk_threshold=settings.bulkdata_threshold,
-            hooks=self.listeners,
-            compression=settings.store_compression,  # HOUNSFIELD_STORE_COMPRESSION (dicomweb/compress.py)
+            listeners=self.listeners,
+            compression=settings.store_compression,  # HOUNSFIELD_STORE_COMPRESSION (dicomweb/pixels/compress.py)
             activity=IngestActivity(settings.data_dir / "ingest.activity"),  # shared by the server's processes
-            space=space,  # the free-space watermark: ingest refused below it
         )
-        self._retrieve = RetrieveService(pool, blobs, Renditions(pool, blobs, settings.spool_dir, space))
-        self._render = RenderService(pool, blobs)
+        built = Opened(settings, pool, blobs, space)
+        self._services = {name: build(built) for name, build in SERVICES.items()}
         stack.callback(self._forget)
         audit = self.authz.audit
         self._jobs = JobSet(
@@ -166,10 +199,9 @@ class DicomwebPlugin(ServicePlugin):
         )
 
     def _forget(self) -> None:
-        self._store = self._retrieve = self._render = None
-        self._blobs = None
+        self._store, self._blobs, self._services = None, None, {}
 
 
-def ingest_listeners(settings: DicomwebSettings) -> list[IngestHook]:
+def ingest_listeners(settings: DicomwebSettings) -> list[Listener]:
     """DICOMweb's own listeners to a store: DIMSE auto-routing rules and renditions encoded ahead of requests."""
     return [routing.routing_hook(settings.dimse), renditions.ingest_hook(settings.renditions)]

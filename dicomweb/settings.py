@@ -73,7 +73,8 @@ class DicomwebSettings(PlatformSettings):
     """`HOUNSFIELD_OVERWRITE`: a STOW of an existing SOP Instance UID with different bytes replaces it (true) or
     fails with a reason (false, the default). Identical bytes are always an idempotent success."""
     max_instance_bytes: int = setting("HOUNSFIELD_MAX_INSTANCE_BYTES", 8 * 1024**3, parse=integer(1024))
-    """`HOUNSFIELD_MAX_INSTANCE_BYTES`: a single part larger than this is rejected (default 8 GiB)."""
+    """`HOUNSFIELD_MAX_INSTANCE_BYTES`: an instance larger than this is refused with A700 (default 8 GiB), on every
+    ingest channel (a STOW-RS part, a C-STORE data set, an imported file, an AI result: `dicomweb.ingest.spool`)."""
     max_part_header_bytes: int = setting("HOUNSFIELD_MAX_PART_HEADER_BYTES", 16 * 1024, parse=integer(256))
     """`HOUNSFIELD_MAX_PART_HEADER_BYTES`: larger multipart part headers get 413."""
     bulkdata_threshold: int = setting("HOUNSFIELD_BULKDATA_THRESHOLD", 1024, parse=integer(0))
@@ -114,7 +115,7 @@ class DicomwebSettings(PlatformSettings):
     )
     """`HOUNSFIELD_RENDITIONS_IDLE_MS` (milliseconds, default 2000): rendition jobs give way to ingest; this server's
     worker takes them once it has stored no instance for this long (0: at once). Server processes that share the
-    data folder count together (`dicomweb.store.IngestActivity`). A frame request during an ingest encodes the
+    data folder count together (`dicomweb.ingest.activity.IngestActivity`). A frame request during an ingest encodes the
     frames it asks for itself, as for any image without a rendition."""
     renditions_max_wait_seconds: float = setting(
         "HOUNSFIELD_RENDITIONS_MAX_WAIT_S", 60.0, parse=integer(0, 86_400, per=1)
@@ -159,7 +160,7 @@ def _renditions(env: Mapping[str, str]) -> tuple[str, ...]:
     """`HOUNSFIELD_RENDITIONS`: unset means the default (HTJ2K RPCL); each value must be a syntax we encode."""
     if "HOUNSFIELD_RENDITIONS" not in env:
         return DEFAULT_RENDITIONS
-    from dicomweb.encode import CODECS  # the encoders' table; imported only when the variable is set
+    from dicomweb.pixels.encode import CODECS  # the encoders' table; imported only when the variable is set
 
     values = items("HOUNSFIELD_RENDITIONS", env["HOUNSFIELD_RENDITIONS"])
     unknown = [v for v in values if v not in CODECS]

@@ -2,7 +2,7 @@
 (`/.well-known/smart-configuration`, SMART App Launch 2.x).
 
 Built from the same tables the routes are built from (`fhir.types.TYPES` for interactions,
-`fhir.searchindex.PARAMS` for search parameters), so the statement lists exactly what is implemented;
+`fhir.search.index.PARAMS` for search parameters), so the statement lists exactly what is implemented;
 tests/fhir/test_fhir_capability.py checks every advertised interaction and search parameter against the server.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from authz.settings import AuthzSettings
-from fhir import searchindex
+from fhir.search import index as searchindex
 from fhir.types import TYPES
 
 FHIR_VERSION = "4.0.1"

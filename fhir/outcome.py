@@ -1,7 +1,7 @@
 """Errors on the FHIR API as OperationOutcome resources (https://hl7.org/fhir/R4/operationoutcome.html; R4 HTTP
 "Handling errors": a 4xx/5xx answer SHOULD carry an OperationOutcome).
 
-The `/fhir` router (`fhir.routes.fhir_router`) declares `EXCEPTION_HANDLERS`, which take precedence over the
+The `/fhir` router (`fhir.rest.router.fhir_router`) declares `EXCEPTION_HANDLERS`, which take precedence over the
 application's (server/errors.py) for its routes only, guards included: a policy denial on /fhir is a 403
 OperationOutcome with the same headers as elsewhere. A request under /fhir that no route takes (404, 405) is
 answered with `http_error` by the application's handlers (`server.app`); a missing or invalid token by the
@@ -19,7 +19,7 @@ from litestar.types import ExceptionHandlersMap
 
 from authz.errors import AuthzError, Forbidden, PolicyUnavailable, Unauthenticated
 from authz.httperrors import authz_error_parts
-from fhir.auditsearch import SearchError
+from fhir.audit.search import SearchError
 from fhir.errors import FhirError, RecordDamaged, ResourceNotFound
 from server.platform.db import RETRY_AFTER_SECONDS
 from server.platform.http import DATABASE_UNAVAILABLE, database_unavailable, warning_header
@@ -124,7 +124,7 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: http_error,
     Exception: _internal_error,
 }
-"""The handlers of the `/fhir` router (`fhir.routes.fhir_router`)."""
+"""The handlers of the `/fhir` router (`fhir.rest.router.fhir_router`)."""
 
 __all__ = [
     "EXCEPTION_HANDLERS",

@@ -12,13 +12,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from authz.plugin import AuthzPlugin
-from dicomweb.store import IngestHook
-from fhir import reindex, routes_meta, subscriptions
+from dicomweb.ingest.events import Listener
+from fhir import reindex, subscriptions
 from fhir import sync as fhir_sync
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository, WriteHook
-from fhir.routes import fhir_router
-from fhir.search import matching_ids
+from fhir.rest import meta as routes_meta
+from fhir.rest.router import fhir_router
+from fhir.search.service import matching_ids
 from fhir.services import STATE_KEY, FhirServices
 from fhir.settings import FhirSettings
 from server.platform.database import DatabasePlugin
@@ -67,7 +68,7 @@ class FhirPlugin(ServicePlugin):
 
     async def open(self, stack: contextlib.AsyncExitStack) -> None:
         settings, pool, authz = self.settings, self.database.pool, self.authz
-        repository = FhirRepository(hooks=list(self.write_hooks))
+        repository = FhirRepository(hooks=self.write_hooks)
         self._services = FhirServices(settings, pool, repository, authz.audit)
         stack.callback(functools.partial(setattr, self, "_services", None))
         address = dicomweb_address(settings.public_url, settings.host, settings.port)
@@ -83,6 +84,6 @@ class FhirPlugin(ServicePlugin):
         self._jobs = JobSet(handlers=handlers, at_start=[fhir_sync.enqueue_backfill])  # studies stored before sync
 
 
-def ingest_listeners(settings: FhirSettings) -> list[IngestHook]:
+def ingest_listeners(settings: FhirSettings) -> list[Listener]:
     """FHIR's listener to a store: the study's ImagingStudy brought up to date shortly after."""
     return [fhir_sync.ingest_hook(settings.fhir_sync_delay_seconds)]

@@ -1,7 +1,7 @@
 """Versioned storage of FHIR resources (R4 3.1.0: read, vread, update, delete, history).
 
 Every write is a new version: the current version lives in `fhir_resources`, every version in `fhir_history`,
-and the search index rows (`fhir.searchindex`) are replaced in the same transaction, so a search never sees a
+and the search index rows (`fhir.search.index`) are replaced in the same transaction, so a search never sees a
 half-written resource. `meta.versionId` and `meta.lastUpdated` are set here, never taken from the client.
 
 Writers pass the facts the policy needs with the content (`Filing`: the DICOM Patient ID the resource belongs
@@ -24,8 +24,8 @@ from typing import Any
 
 import asyncpg
 
-from fhir import searchindex
 from fhir.errors import FhirError, ResourceGone, ResourceNotFound, VersionConflict
+from fhir.search import index as searchindex
 from server.platform.db import Connection, Queries
 
 SQL = Queries(Path(__file__).with_name("resources.sql"))
@@ -126,7 +126,8 @@ def _with_meta(
 
 class FhirRepository:
     def __init__(self, hooks: Sequence[WriteHook] = ()) -> None:
-        self.hooks = list(hooks)
+        self.hooks: tuple[WriteHook, ...] = tuple(hooks)
+        """Run in this order in each write's transaction; bound here, at the one construction of the server's."""
 
     async def read(self, conn: Connection, resource_type: str, rid: str, *, allow_deleted: bool = False) -> Stored:
         """The current version; 404 when unknown, 410 when deleted (unless `allow_deleted`)."""

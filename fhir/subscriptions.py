@@ -44,7 +44,7 @@ from authz.decision import Decision, Resource
 from authz.principal import Principal
 from fhir.errors import FhirError, Unprocessable, VersionConflict
 from fhir.repository import FhirRepository, Filing, Stored
-from fhir.searchquery import SearchAccess, check_query
+from fhir.search.query import SearchAccess, check_query
 from fhir.served import KINDS
 from fhir.settings import FhirSettings
 from server.platform import jobs
@@ -75,7 +75,7 @@ _RESERVED_HEADERS = frozenset(
 
 
 class Matcher(Protocol):
-    """`fhir.search.matching_ids`: the ids of current resources of a type that a search matches."""
+    """`fhir.search.service.matching_ids`: the ids of current resources of a type that a search matches."""
 
     async def __call__(
         self,
@@ -190,7 +190,7 @@ def _channel(content: Mapping[str, Any]) -> Mapping[str, Any]:
 
 async def prepare_subscription(conn: Connection, repo: FhirRepository, body: dict[str, Any]) -> Filing:
     """The checks of `fhir.types.Prepare` (422 with the element's path): a status a client may ask for, criteria
-    that are a valid search on a type we serve (`fhir.searchquery.check_query`), a `rest-hook` channel with an
+    that are a valid search on a type we serve (`fhir.search.query.check_query`), a `rest-hook` channel with an
     endpoint, no payload or `application/fhir+json`, well-formed headers, a valid `end`. A Subscription belongs to
     no patient. (The endpoint's allow-list is checked by `transform_subscription`, which has the settings.)"""
     status = body.get("status")

@@ -1,7 +1,7 @@
 """The `fhir.sync` job: ImagingStudy, Patient and Endpoint resources derived from the DICOM index.
 
-Trigger: every ingest path goes through `dicomweb.store.StoreService`, whose hook (`ingest_hook`) queues a
-`fhir.sync` job for the instance's study inside the ingest transaction, keyed by the Study Instance UID and
+Trigger: every ingest path goes through `dicomweb.ingest.service.StoreService`, whose listener (`ingest_hook`)
+queues a `fhir.sync` job for the instance's study inside the ingest transaction, keyed by the Study Instance UID and
 delayed a little (`HOUNSFIELD_FHIR_SYNC_DELAY_MS`, default 1 s): a queued job absorbs the others, so a burst of
 instances makes one job and one new version, visible a second or so after the burst.
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import asyncpg
 
-from dicomweb.store import IngestHook, StoredInstance
+from dicomweb.ingest.events import InstanceStored, Listener
 from fhir.imagingstudy import (
     ENDPOINT_SOURCE_KEY,
     InstanceData,
@@ -86,10 +86,10 @@ async def enqueue_backfill(conn: Connection) -> int | None:
     return await jobs.enqueue(conn, SYNC_JOB, {"backfill": "studies", "after": 0}, dedupe_key=BACKFILL_KEY)
 
 
-def ingest_hook(delay_seconds: float) -> IngestHook:
-    """The `StoreService` hook: every stored instance queues its study's sync."""
+def ingest_hook(delay_seconds: float) -> Listener:
+    """The `StoreService` listener: every stored instance queues its study's sync."""
 
-    async def hook(conn: Connection, stored: StoredInstance) -> None:
+    async def hook(conn: Connection, stored: InstanceStored) -> None:
         await enqueue_sync(conn, stored.parsed.study_uid, delay_seconds=delay_seconds)
 
     return hook

@@ -41,7 +41,7 @@ class ResourceType:
     """For a type whose resources belong to their writer (a Subscription's channel may carry the receiver's
     credentials): the recorded writer of a stored resource (the owner extension that `transform` sets). Such
     resources exist only for their owner: a search lists the caller's own, and a read, vread, history, update
-    or delete by id of another's answers as for an unknown id (`fhir.interactions`), whatever the policy allows
+    or delete by id of another's answers as for an unknown id (`fhir.rest.interactions`), whatever the policy allows
     (an update is refused)."""
 
     @property

@@ -1,7 +1,7 @@
 """Dispatch: which models run on which series, and when.
 
-Trigger: every ingest path goes through `dicomweb.store.StoreService`, whose hook (`ingest_hook`) queues an
-`inference.series_quiet` job for the instance's series inside the ingest transaction, keyed by the Series
+Trigger: every ingest path goes through `dicomweb.ingest.service.StoreService`, whose listener (`ingest_hook`)
+queues an `inference.series_quiet` job for the instance's series inside the ingest transaction, keyed by the Series
 Instance UID and due `HOUNSFIELD_INFERENCE_QUIET_SECONDS` later; each further instance of the series pushes the
 queued job later again (`debounce`), so the job runs once the series has been quiet that long: the series is
 taken as complete. Results (SEG, SR) are skipped: models do not run on their own outputs.
@@ -27,8 +27,8 @@ from typing import Any
 
 import asyncpg
 
-from dicomweb.access import UNRESTRICTED, AccessConstraints
-from dicomweb.store import IngestHook, StoredInstance
+from dicomweb.ingest.events import InstanceStored, Listener
+from dicomweb.search.access import UNRESTRICTED, AccessConstraints
 from inference import registry
 from inference.errors import InputNotFound, InputRejected, InvalidModel, RequestNotFound
 from inference.registry import Model, SeriesFacts
@@ -42,10 +42,10 @@ RESULT_MODALITIES = frozenset({"SEG", "SR", "KO", "PR", "RWV"})
 """Series of these modalities are results or annotations, never model inputs."""
 
 
-def ingest_hook(quiet_seconds: float) -> IngestHook:
-    """The `StoreService` hook: (re)start the series' quiet period."""
+def ingest_hook(quiet_seconds: float) -> Listener:
+    """The `StoreService` listener: (re)start the series' quiet period."""
 
-    async def hook(conn: Connection, stored: StoredInstance) -> None:
+    async def hook(conn: Connection, stored: InstanceStored) -> None:
         p = stored.parsed
         if (p.series.get("modality") or "").upper() in RESULT_MODALITIES:
             return
@@ -211,6 +211,8 @@ def result_json(row: asyncpg.Record) -> dict[str, Any]:
     }
     if "feedback" in keys:
         out["feedback"] = row["feedback"]
+    if "updated_at" in keys:  # a result row: when its run was dispatched, and since when it is in its state
+        out["dispatched"], out["state_since"] = _iso(row["created_at"]), _iso(row["updated_at"])
     return out
 
 

@@ -52,10 +52,11 @@ UPDATE inference_results SET state = 'running', attempts = attempts + 1, updated
 WHERE id = $1;
 
 -- name: record_outputs
-UPDATE inference_results SET output_series_uid = $2, output_instances = $3, updated_at = now() WHERE id = $1;
+-- updated_at is when the state last changed (the API's `state_since`): recording outputs leaves it.
+UPDATE inference_results SET output_series_uid = $2, output_instances = $3 WHERE id = $1;
 
 -- name: record_report
-UPDATE inference_results SET report_id = $2, updated_at = now() WHERE id = $1;
+UPDATE inference_results SET report_id = $2 WHERE id = $1;
 
 -- name: finish_result
 UPDATE inference_results
@@ -110,7 +111,7 @@ SELECT report_id FROM inference_results WHERE id = $1 FOR UPDATE;
 
 -- name: record_feedback
 -- A reviewed AI report: final (accepted) or entered-in-error (rejected), kept per result (and so per version).
-UPDATE inference_results SET feedback = $2, updated_at = now() WHERE report_id = $1;
+UPDATE inference_results SET feedback = $2 WHERE report_id = $1;
 
 -- name: summary_rows
 -- Every result of the versions of one model (the newest first, bounded) for the monitoring summary.

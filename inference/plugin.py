@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from authz.plugin import AuthzPlugin
+from dicomweb.ingest.events import Listener
 from dicomweb.plugin import DicomwebPlugin
-from dicomweb.store import IngestHook
 from fhir.plugin import FhirPlugin
 from fhir.repository import WriteHook
 from inference import dispatch, monitoring
@@ -74,12 +74,16 @@ class InferencePlugin(ServicePlugin):
             stack.push_async_callback(service.close)
             stack.callback(functools.partial(setattr, self, "service", None))
             adapters = tuple(sorted(service.adapters))
-            self._jobs = JobSet(handlers=service.handlers(pool), derived=frozenset({dispatch.RUN_JOB}))
+            self._jobs = JobSet(
+                handlers=service.handlers(pool),
+                derived=frozenset({dispatch.RUN_JOB}),
+                concurrency={dispatch.RUN_JOB: settings.inference_workers},  # runs at once: a backend may batch
+            )
         self._services = InferenceServices(settings, pool, adapters)
         stack.callback(functools.partial(setattr, self, "_services", None))
 
 
-def ingest_listeners(settings: InferenceSettings) -> list[IngestHook]:
+def ingest_listeners(settings: InferenceSettings) -> list[Listener]:
     """A new series is dispatched to the matching models once it has been quiet for a while."""
     return [dispatch.ingest_hook(settings.inference_quiet_seconds)] if settings.inference_enabled else []
 

@@ -36,7 +36,7 @@ from authz.guard import authz_opt, decision_of, with_attributes, with_study
 from authz.recording import AUDIT_NOTE
 from authz.target import Target, target_of
 from dicomweb import uids
-from dicomweb.access import AccessConstraints
+from dicomweb.search.access import AccessConstraints
 from inference import dispatch, monitoring, registry
 from inference.errors import (
     InferenceError,

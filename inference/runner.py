@@ -4,11 +4,12 @@
 2. The AI service identity asks the policy to read the series (audited), reads its instances from the blob
    store and decodes the pixel arrays off the event loop.
 3. The backend runs the model (`InferenceBackend.predict`): arrays in, masks and measurements out.
-4. Active models publish; shadow models only record. Publishing stores the SEG through `StoreService` (the same
-   ingest path as STOW-RS, so QIDO-RS/WADO-RS show it and its ImagingStudy follows), brings the ImagingStudy up
-   to date, and creates a preliminary DiagnosticReport through the FHIR repository, each decided by the policy
-   for the AI service and audited. Output UIDs are derived from (series, model, version) and the report id is
-   recorded with the report, so a retry after a partial publish completes it instead of repeating it.
+4. Active models publish; shadow models only record. Publishing stores the SEG through `StoreService.store` (the
+   ingest entry of STOW-RS, with an inference origin naming the model, so QIDO-RS/WADO-RS show it and its
+   ImagingStudy follows), brings the ImagingStudy up to date, and creates a preliminary DiagnosticReport through
+   the FHIR repository, each decided by the policy for the AI service and audited. Output UIDs are derived from
+   (series, model, version) and the report id is recorded with the report, so a retry after a partial publish
+   completes it instead of repeating it.
 5. Latency and the measurements are recorded on the result row (monitoring, drift); a failure is recorded there
    (state `retrying`, or `failed` after the last attempt) and raised so that the job queue backs off and retries.
 """
@@ -16,15 +17,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import json
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -35,7 +33,11 @@ from pydicom.dataset import Dataset
 from authz.decision import Resource
 from authz.policy_input import dicomweb_resource
 from dicomweb.blobs import BlobStore
-from dicomweb.store import StoredInstance, StoreService
+from dicomweb.ingest.events import InstanceStored
+from dicomweb.ingest.origin import Origin
+from dicomweb.ingest.outcome import Outcome
+from dicomweb.ingest.reasons import InstanceRejected
+from dicomweb.ingest.service import StoreService
 from fhir import sync as fhir_sync
 from fhir.reports import prepare_report
 from fhir.repository import FhirRepository
@@ -47,7 +49,7 @@ from inference.errors import InferenceError, ModelFailed
 from inference.identity import ServiceActor
 from inference.models import ModelInput, Prediction
 from inference.registry import Model, SeriesFacts
-from server.platform import jobs, private
+from server.platform import jobs
 from server.platform.db import Connection
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,6 @@ class Runner:
     backend: InferenceBackend
     actor: ServiceActor
     endpoint_address: str
-    spool_dir: Path
     max_instances: int = 2000
     """The most instances of one series a model reads (`HOUNSFIELD_INFERENCE_MAX_INSTANCES`): a larger series
     fails the run, never a part of it passed off as the whole."""
@@ -156,7 +157,7 @@ class Runner:
                 data = await anyio.to_thread.run_sync(
                     outputs.segmentation, datasets, prediction, algorithm, model, facts.series_uid
                 )
-                await self._store(facts, modalities, out_series, out_instance, data)
+                await self._store(model, facts, modalities, out_series, out_instance, data)
             async with self.pool.acquire() as conn:
                 await conn.execute(SQL["record_outputs"], result_id, out_series, [out_instance])
         if "SR" in model.outputs and (prediction.measurements or prediction.findings):
@@ -185,7 +186,7 @@ class Runner:
             data = await anyio.to_thread.run_sync(
                 sr.measurement_report, datasets, prediction, algorithm, model, facts.series_uid
             )
-            await self._store(facts, modalities, sr_series, sr_instance, data)
+            await self._store(model, facts, modalities, sr_series, sr_instance, data)
         outputs_so_far = [sr_instance]
         series = sr_series
         if "SEG" in model.outputs and prediction.segments:
@@ -195,16 +196,19 @@ class Runner:
             await conn.execute(SQL["record_outputs"], result_id, series, outputs_so_far)
 
     async def _store(
-        self, facts: SeriesFacts, modalities: tuple[str, ...], series_uid: str, instance_uid: str, data: bytes
+        self,
+        model: Model,
+        facts: SeriesFacts,
+        modalities: tuple[str, ...],
+        series_uid: str,
+        instance_uid: str,
+        data: bytes,
     ) -> None:
         """Store a result instance through the ingest path, as the AI service."""
         target = dicomweb_resource(
             "instance", patient_id=facts.patient_id, study_uid=facts.study_uid, modalities_in_study=modalities
         )
         decision = await self.actor.require("create", target, method="inference.store")
-        private.make_dirs(self.spool_dir)
-        path = self.spool_dir / f"{uuid.uuid4().hex}.part"
-        await anyio.to_thread.run_sync(private.write_bytes, path, data)
         stored = Resource(
             kind="instance",
             patient_id=facts.patient_id,
@@ -213,12 +217,17 @@ class Runner:
             instance_uid=instance_uid,
         )
 
-        async def audit(conn: Connection, _stored: StoredInstance) -> None:  # committed with the result
+        async def audit(conn: Connection, _stored: InstanceStored) -> None:  # committed with the result
             record = self.actor.record_of("create", stored, decision, method="inference.store")
             await self.actor.audit.append_in(conn, [record])
 
-        sha256 = hashlib.sha256(data).hexdigest()
-        outcome = await self.store.store_file(path, len(data), sha256, facts.study_uid, audit=audit)
+        origin = Origin.inference(self.actor.principal.sub, model.key)
+        try:
+            spooled = await anyio.to_thread.run_sync(self.store.spool.write, data)
+        except InstanceRejected as exc:  # a full disk, free space below the watermark
+            outcome = Outcome.rejected(exc)
+        else:
+            outcome = await self.store.store(spooled, origin, study=facts.study_uid, audit=audit)
         if outcome.failure is not None:
             await self.actor.record(
                 "create", stored, decision, method="inference.store", status=500, detail=outcome.comment

@@ -10,7 +10,7 @@ import asyncpg
 from authz.audit import AuditTrail
 from authz.decision import PolicyEngine
 from dicomweb.blobs import BlobStore
-from dicomweb.store import StoreService
+from dicomweb.ingest.service import StoreService
 from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
 from inference import dispatch
@@ -59,7 +59,6 @@ def open_inference(
         backend,
         actor,
         dicomweb_address(settings.public_url, settings.host, settings.port),
-        settings.spool_dir,
         settings.inference_max_instances,
     )
     return InferenceService(settings, adapters, backend, runner)

@@ -21,7 +21,8 @@ class InferenceSettings(DicomwebSettings):
     """`HOUNSFIELD_INFERENCE_QUIET_SECONDS`: a series counts as complete when no instance of it arrived for this
     long; then the matching models run."""
     inference_workers: int = setting("HOUNSFIELD_INFERENCE_WORKERS", 2, parse=integer(1, 256))
-    """`HOUNSFIELD_INFERENCE_WORKERS`: threads of the in-process backend (models running at once)."""
+    """`HOUNSFIELD_INFERENCE_WORKERS`: model runs at once: the job worker runs this many `inference.run` jobs
+    together (so Ray Serve can batch their calls), and the in-process backend has this many threads."""
     inference_max_attempts: int = setting("HOUNSFIELD_INFERENCE_MAX_ATTEMPTS", 5, parse=integer(1, 20))
     """`HOUNSFIELD_INFERENCE_MAX_ATTEMPTS`: attempts of one model run (retried after 2, 4, 8 ... seconds) before
     its result is `failed`."""

@@ -30,8 +30,8 @@ from authz.recording import audit_requests
 from dicomweb import plugin as dicomweb_plugin
 from dicomweb.blobs import BlobStore
 from dicomweb.index.facts import IndexFacts
+from dicomweb.ingest.events import Listener
 from dicomweb.plugin import DicomwebPlugin
-from dicomweb.store import IngestHook
 from fhir import outcome as fhir_outcome
 from fhir import plugin as fhir_plugin
 from fhir import subscriptions
@@ -77,7 +77,7 @@ def plugins(
     *,
     blobs: BlobStore | None = None,
     dsn: str | None = None,
-    listeners: Sequence[IngestHook] = (),
+    listeners: Sequence[Listener] = (),
 ) -> Plugins:
     """Every package's plugin, wired: what follows a store (FHIR sync, DIMSE routing, AI dispatch, renditions, then
     `listeners`) and a FHIR write (Subscription notifications, AI report feedback) is bound here, in that order."""

@@ -1,9 +1,9 @@
 """`hounsfield import DIR`: ingest every file under a folder through the same path as STOW-RS.
 
-Each file is copied into the spool folder (hashing as it goes, exactly as a STOW-RS part is spooled) and
-handed to `StoreService.store_file`, so validation, durability order, indexing and failure reasons
-(PS3.18 10.5.3, PS3.4 Annex B.2.3) are those of STOW-RS. Identical bytes already stored are an idempotent
-success ("already present").
+Each file is copied into the spool (`dicomweb.ingest.spool`, hashing as it goes, as a STOW-RS part is spooled)
+and handed to `StoreService.store` with an import origin naming the file, so validation, durability order,
+indexing and failure reasons (PS3.18 10.5.3, PS3.4 Annex B.2.3) are those of STOW-RS. Identical bytes already
+stored are an idempotent success ("already present").
 
 Resumable: files done (stored or already present) are recorded with their size and modification time in
 `<data>/import-state/<hash of DIR>.jsonl`; a re-run skips them and retries the rest. It can run beside a
@@ -17,13 +17,11 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
 import os
 import sys
-import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +30,9 @@ from typing import Any, TextIO
 import anyio.to_thread
 from tqdm import tqdm
 
-from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE
-from dicomweb.store import StoredInstance, StoreService, out_of_resources
+from dicomweb.ingest.origin import Origin
+from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, PROCESSING_FAILURE, InstanceRejected
+from dicomweb.ingest.service import StoreService
 from server.app import plugins
 from server.platform import private
 from server.platform.plugin import opened_together
@@ -52,7 +51,6 @@ REASONS = {
 }
 SKIP_NAMES = frozenset({"DICOMDIR"})
 """Media storage directories (PS3.10 8.6) index a CD/DVD's files; they are not instances to store."""
-_CHUNK = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -157,25 +155,6 @@ def walk(directory: Path, exclude: tuple[Path, ...]) -> Iterator[SourceFile]:
             yield SourceFile(path, rel, st.st_size, st.st_mtime_ns)
 
 
-def copy_to_spool(src: Path, spool_dir: Path) -> tuple[Path, int, str]:
-    """Copy `src` into the spool folder, returning the copy, its size and SHA-256 (as STOW-RS spools a part)."""
-    private.make_dirs(spool_dir)
-    dest = spool_dir / f"{uuid.uuid4().hex}.import"
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with open(src, "rb") as fin, open(dest, "wb", opener=private.opener) as fout:
-            while chunk := fin.read(_CHUNK):
-                digest.update(chunk)
-                fout.write(chunk)
-                size += len(chunk)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            dest.unlink()
-        raise
-    return dest, size, digest.hexdigest()
-
-
 class Importer:
     def __init__(self, settings: Settings, directory: Path, workers: int, *, resume: bool = True) -> None:
         self.settings = settings
@@ -183,19 +162,6 @@ class Importer:
         self.workers = max(1, workers)
         self.resume = resume
         self.summary = Summary()
-        self._indexed: dict[str, int] = {}
-
-    async def _on_indexed(self, _conn: object, stored: StoredInstance) -> None:
-        # Runs inside the ingest transaction when a row is inserted or replaced: "stored", not "already present".
-        uid = stored.parsed.sop_instance_uid
-        self._indexed[uid] = self._indexed.get(uid, 0) + 1
-
-    def _newly_indexed(self, uid: str | None) -> bool:
-        count = self._indexed.get(uid or "", 0)
-        if count <= 0:
-            return False
-        self._indexed[uid or ""] = count - 1
-        return True
 
     async def run(self) -> int:
         directory = self.directory
@@ -222,7 +188,7 @@ class Importer:
         try:
             if todo:
                 # the ingest and what it needs (database, audit), with what follows each store as in the server
-                wired = plugins(self.settings, listeners=[self._on_indexed])
+                wired = plugins(self.settings)
                 async with opened_together([wired.database, wired.authz, wired.dicomweb]):
                     store = wired.dicomweb.store
                     queue = iter(todo)
@@ -244,34 +210,23 @@ class Importer:
         return 1 if self.summary.failures else 0
 
     async def _one(self, store: StoreService, source: SourceFile) -> bool:
-        settings = self.settings
-        if source.size > settings.max_instance_bytes:
-            self._fail(
-                source, OUT_OF_RESOURCES, f"instance larger than the limit of {settings.max_instance_bytes} bytes"
-            )
+        try:  # over the size limit, below the free-space watermark: the file is not even copied
+            spooled = await anyio.to_thread.run_sync(store.spool.copy, source.path)
+        except InstanceRejected as exc:
+            self._fail(source, exc.reason, exc.comment)
             return False
         try:
-            if store.space is not None:
-                store.space.require()  # below the free-space watermark: the file is not even copied
-            spooled, size, sha256 = await anyio.to_thread.run_sync(copy_to_spool, source.path, settings.spool_dir)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                self._fail(source, OUT_OF_RESOURCES, out_of_resources(exc))
-            else:
-                self._fail(source, PROCESSING_FAILURE, f"cannot read the file: {exc.strerror or type(exc).__name__}")
-            return False
-        try:
-            outcome = await store.store_file(spooled, size, sha256)
+            outcome = await store.store(spooled, Origin.imported(source.rel))
         except Exception as exc:  # the summary must account for every file
             log.debug("import of a file failed", exc_info=True)
             with contextlib.suppress(OSError):
-                spooled.unlink()
+                spooled.path.unlink()
             self._fail(source, PROCESSING_FAILURE, f"unexpected error: {type(exc).__name__}")
             return False
         if not outcome.ok:
             self._fail(source, outcome.failure or CANNOT_UNDERSTAND, outcome.comment or "")
             return False
-        if self._newly_indexed(outcome.sop_instance_uid):
+        if outcome.committed:  # its rows were written (new or replaced) by this store
             self.summary.stored += 1
         else:
             self.summary.present += 1

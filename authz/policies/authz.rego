@@ -34,6 +34,12 @@ package hounsfield.authz
 
 import data.hounsfield.tables
 
+# What a decision depends on: the subject, the action, the resource's kind, its study's facts (patient,
+# modalities, attributes) and the context, never the series or instance UID. The server's decision cache may then
+# answer another series or instance of the same study with one decision. A policy that reads
+# input.resource.series_uid or input.resource.instance_uid must say "instance" (or leave this rule out).
+decision_scope := "study"
+
 default decision := {
 	"allow": false,
 	"reasons": ["policy produced no decision"],

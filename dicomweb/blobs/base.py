@@ -34,7 +34,7 @@ class BlobInfo:
 class BlobStore(Protocol):
     local: bool
     """Writes stay on this machine (a rename within one file system). A remote store's write is an upload, worth
-    a lookup first when the bytes may already be stored (`dicomweb.store.StoreService`)."""
+    a lookup first when the bytes may already be stored (`dicomweb.ingest.service.StoreService`)."""
 
     async def put_file(self, key: str, path: Path) -> None:
         """Store the local file `path` under `key`, durably: when this returns the bytes survive a crash.

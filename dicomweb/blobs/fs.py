@@ -8,6 +8,7 @@ import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import anyio
 import anyio.to_thread
@@ -93,24 +94,34 @@ class FileSystemBlobStore:
     async def stream(
         self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = 1024 * 1024
     ) -> AsyncIterator[bytes]:
-        path = self._path(key)
+        """Chunks of `chunk_size` (the last one shorter), one worker-thread hop each: the file is opened and its
+        first chunk read in the same hop, so a blob up to `chunk_size` (an instance of a CT series) costs one hop,
+        not one for each of open, seek, read, the read that finds the end, and close."""
+        want = chunk_size if length is None else min(chunk_size, length)
+        if want <= 0:
+            return
         try:
-            fh = await anyio.open_file(path, "rb")
+            fh, data = await anyio.to_thread.run_sync(_open_at, self._path(key), offset, want)
         except FileNotFoundError:
             raise BlobNotFound(f"blob {key} is missing") from None
-        async with fh:
-            await fh.seek(offset)
+        try:
             remaining = length
-            while remaining is None or remaining > 0:
-                n = chunk_size if remaining is None else min(chunk_size, remaining)
-                data = await fh.read(n)
-                if not data:
-                    if remaining:
-                        raise BlobStoreError(f"blob {key} is shorter than the index says")
-                    return
+            while True:
                 if remaining is not None:
                     remaining -= len(data)
+                if len(data) < want:  # a short read of a regular file: its end
+                    if remaining:
+                        raise BlobStoreError(f"blob {key} is shorter than the index says")
+                    if data:
+                        yield data
+                    return
                 yield data
+                if remaining == 0:
+                    return
+                want = chunk_size if remaining is None else min(chunk_size, remaining)
+                data = await anyio.to_thread.run_sync(fh.read, want)
+        finally:
+            fh.close()
 
     async def size(self, key: str) -> int:
         try:
@@ -146,3 +157,14 @@ class FileSystemBlobStore:
 
     async def close(self) -> None:
         return None
+
+
+def _open_at(path: Path, offset: int, size: int) -> tuple[BinaryIO, bytes]:
+    """The file opened at `offset`, and its first `size` bytes (fewer at its end)."""
+    fh = open(path, "rb")
+    try:
+        fh.seek(offset)
+        return fh, fh.read(size)
+    except BaseException:
+        fh.close()
+        raise

@@ -1,7 +1,7 @@
 """C-FIND SCP (PS3.4 C.4.1): Patient Root and Study Root Query/Retrieve information models, levels PATIENT,
 STUDY, SERIES and IMAGE, answered by the QIDO-RS query engine.
 
-The identifier's keys become the same parsed `dicomweb.query.Query` a QIDO-RS request makes (a key with a value
+The identifier's keys become the same parsed `dicomweb.search.query.Query` a QIDO-RS request makes (a key with a value
 is a matching key, an empty one a return key; sequence and binary attributes are return keys only), so
 matching follows the same rules (PS3.4 C.2.2.2: single value, UID list, wild card, range; person names
 case-insensitive), and the policy's constraints become the same SQL filters. PATIENT level (Patient Root
@@ -28,12 +28,12 @@ from authz.decision import Decision
 from authz.errors import denial_comment
 from authz.policy_input import dicomweb_resource
 from authz.principal import Principal
-from dicomweb.access import AccessConstraints
 from dicomweb.dimse.audit import operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.errors import DicomWebError
-from dicomweb.query import Level, Query, parse_query
-from dicomweb.search import search
+from dicomweb.search.access import AccessConstraints
+from dicomweb.search.query import Level, Query, parse_query
+from dicomweb.search.service import search
 
 log = logging.getLogger(__name__)
 

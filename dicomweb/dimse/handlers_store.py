@@ -1,8 +1,9 @@
-"""C-STORE SCP (PS3.4 Annex B) through exactly the ingest path of STOW-RS (`StoreService.store_file`).
+"""C-STORE SCP (PS3.4 Annex B) through the one ingest entry of every channel (`StoreService.store`).
 
 The received data set is written, with the File Meta Information pynetdicom builds from the presentation
-context and the request (PS3.10 7.1), as a Part 10 file into the spool folder while it is hashed; then the
-same validation, blob write, index transaction and ingest hooks (jobs, auto-routing) run as for a STOW-RS part.
+context and the request (PS3.10 7.1), as a Part 10 file into the spool (`dicomweb.ingest.spool`); then the same
+validation, blob write, index transaction and listeners (jobs, auto-routing) run as for a STOW-RS part, with an
+origin naming the calling and called AE titles and the peer's address.
 The Store Instances Response Module's failure and warning reasons are PS3.4 Annex B codes already, so they
 are the C-STORE-RSP status: A700 out of resources, A900 data set does not match SOP class, C000 cannot
 understand (also an instance whose study is filed under another patient), 0111 duplicate SOP instance (overwrite
@@ -18,9 +19,7 @@ stored) are recorded after the ingest; when that record cannot be written the st
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,14 @@ from authz.decision import Decision, Resource
 from authz.principal import Principal
 from dicomweb.dimse.audit import operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
-from dicomweb.dimse.routing import CALLING_AE
-from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected, ParsedInstance, check_structure
-from dicomweb.store import Outcome, StoredInstance, out_of_resources
-from dicomweb.storeauth import NOT_AUTHORIZED, Admission, Denial, instance_resource, policy_admission
-from server.platform import private
+from dicomweb.ingest.admission import NOT_AUTHORIZED, Admission, Denial, instance_resource, policy_admission
+from dicomweb.ingest.checks import check_structure
+from dicomweb.ingest.events import InstanceStored
+from dicomweb.ingest.origin import Origin
+from dicomweb.ingest.outcome import Outcome
+from dicomweb.ingest.parse import ParsedInstance
+from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected
+from dicomweb.ingest.spool import Spooled
 from server.platform.db import Connection, unavailable
 
 log = logging.getLogger(__name__)
@@ -51,33 +53,6 @@ def _response(status: int, comment: str | None = None) -> Dataset:
         # LO of the default repertoire (PS3.7 C.4.2, PS3.5 6.2): printable ASCII, no backslash (a value separator).
         rsp.ErrorComment = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in comment[:64])
     return rsp
-
-
-@dataclass(frozen=True, slots=True)
-class Spooled:
-    """A received data set written to the spool folder as a Part 10 file, with its size and SHA-256."""
-
-    path: Path
-    size: int
-    sha256: str
-
-
-def _spool(folder: Path, data: bytes) -> Spooled:
-    """Write the Part 10 bytes to the spool folder (blocking: called in the association's thread, so the event
-    loop only awaits the ingest itself)."""
-    path = folder / f"{uuid.uuid4().hex}.part"
-    try:
-        fh = open(path, "wb", opener=private.opener)
-    except FileNotFoundError:  # the first store (or the folder was removed): make it once, not per instance
-        private.make_dirs(folder)
-        fh = open(path, "wb", opener=private.opener)
-    try:
-        with fh:
-            fh.write(data)
-    except OSError:
-        path.unlink(missing_ok=True)  # a full disk: what was written is freed now
-        raise
-    return Spooled(path, len(data), hashlib.sha256(data).hexdigest())
 
 
 _READ = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality")
@@ -103,11 +78,12 @@ def _received(ds: Dataset) -> Resource:
 @dataclass(slots=True)
 class _Operation:
     """One C-STORE as the audit trail names it: who, from where, which instance, and what the policy decided
-    about it (on the instance as the ingest parsed it: `dicomweb.storeauth`)."""
+    about it (on the instance as the ingest parsed it: `dicomweb.ingest.admission`)."""
 
     principal: Principal
     address: str | None
     instance: Resource
+    origin: Origin
     decision: Decision | None = None
 
     def record(self, status: int, desc: str | None, *, replaced: bool = False) -> AuditRecord:
@@ -149,18 +125,12 @@ def _status(outcome: Outcome) -> tuple[int, str | None]:
 
 
 async def _ingest(node: Node, operation: _Operation, spooled: Spooled) -> Dataset:
-    async def audit(conn: Connection, stored: StoredInstance) -> None:
+    async def audit(conn: Connection, stored: InstanceStored) -> None:
         warnings = stored.parsed.warnings
         status, comment = (warnings[0][0], warnings[0][1]) if warnings else (SUCCESS, None)
         await node.audit.append_in(conn, [operation.record(status, comment, replaced=stored.replaced)])
 
-    token = CALLING_AE.set(operation.principal.client_id)
-    try:
-        outcome = await node.store.store_file(
-            spooled.path, spooled.size, spooled.sha256, audit=audit, admit=operation.admission(node)
-        )
-    finally:
-        CALLING_AE.reset(token)
+    outcome = await node.store.store(spooled, operation.origin, audit=audit, admit=operation.admission(node))
     status, comment = _status(outcome)
     if outcome.denial is not None:  # the reasons go to the audit record only
         status, comment = NOT_AUTHORIZED, outcome.denial.comment
@@ -196,12 +166,10 @@ def handle_store(event: Any, node: Node) -> Dataset:
         log.info("C-STORE from %s: unusable request: %s", principal.client_id, type(exc).__name__)
         return _response(CANNOT_UNDERSTAND, "the request's SOP Class or Instance UID cannot be encoded")
     try:
-        if node.store.space is not None:
-            node.store.space.require()  # below the free-space watermark: refused before it is written
-        spooled = _spool(node.settings.spool_dir, data)
-    except OSError as exc:
-        log.error("C-STORE from %s: cannot spool: %s", principal.client_id, exc.strerror)
-        return _response(OUT_OF_RESOURCES, out_of_resources(exc))
+        spooled = node.store.spool.write(data)  # blocking: this is the association's thread
+    except InstanceRejected as exc:  # a full disk, free space below the watermark, over the size limit
+        log.error("C-STORE from %s: not spooled: %s", principal.client_id, exc.comment)
+        return _response(exc.reason, exc.comment)
     try:
         try:
             ds = event.dataset
@@ -210,11 +178,13 @@ def handle_store(event: Any, node: Node) -> Dataset:
         except Exception as exc:  # pydicom raises many kinds (and RecursionError) for malformed input
             log.info("C-STORE from %s: undecodable data set: %s", principal.client_id, type(exc).__name__)
             return _undecodable(spooled.path, exc)
-        operation = _Operation(principal, assoc.requestor.address, _received(ds))
+        address = assoc.requestor.address
+        origin = Origin.dimse(principal.client_id or "", assoc.acceptor.ae_title, principal.sub, address)
+        operation = _Operation(principal, address, _received(ds), origin)
         return node.run_to_end(_ingest(node, operation, spooled))
     except OperationTimeout:
         return _response(OUT_OF_RESOURCES, "the server did not store the instance in time")
-    except Exception as exc:  # `store_file` raises only when nothing was stored
+    except Exception as exc:  # `store` raises only when nothing was stored
         if unavailable(exc):  # the server reconnects by itself; the sender may retry (PS3.4 B.2.3 A7xx)
             log.warning("C-STORE from %s: database unavailable", principal.client_id)
             return _response(OUT_OF_RESOURCES, "the database is unavailable; retry later")

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
     from authz.audit import AuditTrail
     from dicomweb.blobs import BlobStore
+    from dicomweb.ingest.service import StoreService
     from dicomweb.settings import DicomwebSettings
-    from dicomweb.store import StoreService
 
 T = TypeVar("T")
 ISSUER = "dimse"

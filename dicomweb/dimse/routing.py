@@ -1,6 +1,6 @@
 """Auto-routing: forward newly stored instances to remote AEs (the "DICOM router"), through the job queue.
 
-An ingest hook (`StoreService` hooks run inside the index transaction) matches each new instance against the
+An ingest listener (`StoreService` listeners run inside the index transaction) matches each new instance against the
 rules (`dicomweb.dimse.config.RoutingRule`: calling AE, modality, SOP class, patient/study/series attribute
 patterns) and enqueues one `dimse.route` job per matching destination, so a job exists exactly when its
 instance committed. The job handler reads the stored bytes and sends them with C-STORE (`dicomweb.dimse.sender`),
@@ -10,14 +10,12 @@ in the stored transfer syntax or one the destination accepted (`dicomweb.dimse.s
 once. The jobs table is the status (`routing_status`, shown
 by `GET /dimse/routing`).
 
-Instances received over DIMSE carry their calling AE title to the hook in a context variable set by the C-STORE
-handler around `store_file` (the hook runs in the same task); STOW-RS instances have none, and only match rules
-without a `calling_ae` condition.
+An instance received over DIMSE names its calling AE title in its origin (`dicomweb.ingest.origin.Origin`); those
+of the other channels have none, and only match rules without a `calling_ae` condition.
 """
 
 from __future__ import annotations
 
-import contextvars
 import datetime as dt
 import json
 from pathlib import Path
@@ -32,15 +30,13 @@ from dicomweb.blobs import BlobStore
 from dicomweb.dimse.audit import outcome_of
 from dicomweb.dimse.config import DimseConfig
 from dicomweb.dimse.sender import NotSent, Outgoing, SendFailed, send
-from dicomweb.store import IngestHook, StoredInstance
+from dicomweb.ingest.events import InstanceStored, Listener
 from server.platform import jobs
 from server.platform.db import Connection, Queries
 
 SQL = Queries(Path(__file__).with_name("dimse.sql"))
 ROUTE_JOB = "dimse.route"
 MAX_ATTEMPTS = 10
-CALLING_AE: contextvars.ContextVar[str | None] = contextvars.ContextVar("hounsfield_dimse_calling_ae", default=None)
-"""The calling AE title of the C-STORE being ingested (None for other ingest paths)."""
 
 
 def _text(element: Any) -> str | None:
@@ -56,7 +52,7 @@ def _text(element: Any) -> str | None:
     return None if first is None else str(first)
 
 
-def _values(stored: StoredInstance, tags: set[str]) -> dict[str, str]:
+def _values(stored: InstanceStored, tags: set[str]) -> dict[str, str]:
     p = stored.parsed
     out: dict[str, str] = {}
     metadata: dict[str, Any] | None = None
@@ -72,16 +68,16 @@ def _values(stored: StoredInstance, tags: set[str]) -> dict[str, str]:
     return out
 
 
-def routing_hook(config: DimseConfig) -> IngestHook:
-    """The ingest hook that enqueues `dimse.route` jobs for the rules an instance matches."""
+def routing_hook(config: DimseConfig) -> Listener:
+    """The ingest listener that enqueues `dimse.route` jobs for the rules an instance matches."""
     tags = {tag for rule in config.routes for tag, _ in rule.attributes}
 
-    async def hook(conn: Connection, stored: StoredInstance) -> None:
+    async def hook(conn: Connection, stored: InstanceStored) -> None:
         if not config.routes:
             return
         p = stored.parsed
         values = _values(stored, tags) if tags else {}
-        calling = CALLING_AE.get()
+        calling = stored.origin.calling_ae
         sent: set[str] = set()
         for rule in config.routes:
             if rule.destination in sent:

@@ -16,7 +16,7 @@ that wants the stored compressed bytes proposes that syntax in a context of its 
 Sending: the stored syntax when the peer accepted it; else an accepted native syntax, decoding compressed Pixel
 Data (exact for lossless syntaxes; a lossy-compressed image is decoded to the pixels its codestream holds and
 keeps Lossy Image Compression 01, PS3.3 C.7.6.1.1.5); else, for an image stored without loss, an accepted
-lossless compressed syntax we can encode (`dicomweb.encode`). Never into a lossy syntax, and never a lossy
+lossless compressed syntax we can encode (`dicomweb.pixels.encode`). Never into a lossy syntax, and never a lossy
 image re-encoded as if it were lossless: such an instance is not sent (the sub-operation fails).
 
 Conversions are blocking (decoding a large image takes seconds): callers run in pynetdicom's association
@@ -35,9 +35,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.presentation import PresentationContext
 
-from dicomweb import encode
-from dicomweb.pixeldata import TranscodeError, can_decode, is_compressed
-from dicomweb.transcode import transcode_instance
+from dicomweb.pixels import encode
+from dicomweb.pixels.decode import transcode_instance
+from dicomweb.pixels.native import TranscodeError, can_decode, is_compressed
 from dicomweb.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import asyncpg
 
-from dicomweb.ingest import ParsedInstance
+from dicomweb.ingest.parse import ParsedInstance
 from server.platform.db import Connection, Queries
 
 STORE = Queries(Path(__file__).with_name("store.sql"))

@@ -1,4 +1,4 @@
-"""Builds and runs the QIDO-RS search SQL (PS3.18 10.6) from a parsed `dicomweb.query.Query`.
+"""Builds and runs the QIDO-RS search SQL (PS3.18 10.6) from a parsed `dicomweb.search.query.Query`.
 
 The SQL text is composed only of the named fragments in `search.sql`, the whitelisted column expressions of
 `COLUMNS` and parameter numbers; every value from the request travels as a positional parameter. The
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import asyncpg
 
-from dicomweb.access import UNRESTRICTED, AccessConstraints
-from dicomweb.ingest import name_search
-from dicomweb.query import FLOAT_VRS, INDEXED, INT_VRS, Filter, Level, Match, Query, tag_of
+from dicomweb.ingest.columns import name_search
+from dicomweb.search.access import UNRESTRICTED, AccessConstraints
+from dicomweb.search.query import FLOAT_VRS, INDEXED, INT_VRS, Filter, Level, Match, Query, tag_of
 from server.platform.db import Connection, Queries
 
 SEARCH = Queries(Path(__file__).with_name("search.sql"))
@@ -81,7 +81,7 @@ COLUMNS: dict[str, Column] = {
     tag_of("NumberOfFrames"): Column("i.number_of_frames", "int"),
     tag_of("BitsAllocated"): Column("i.bits_allocated", "int"),
 }
-assert set(COLUMNS) == set(INDEXED), "every indexed key of dicomweb.query needs a column"
+assert set(COLUMNS) == set(INDEXED), "every indexed key of dicomweb.search.query needs a column"
 
 _ATTRS = {Level.STUDY: "st.attrs", Level.SERIES: "se.attrs", Level.INSTANCE: "i.metadata::jsonb"}
 _STUDY_PK = {Level.STUDY: "st.study_pk", Level.SERIES: "se.study_pk", Level.INSTANCE: "i.study_pk"}

@@ -1,7 +1,7 @@
 """QIDO-RS: search for studies, series and instances (PS3.18 10.6).
 
-Six pool, settings (Table 10.6.1-1); each parses its path UIDs and query into a `dicomweb.query.Query`, runs it
-through `dicomweb.search`, and answers `application/dicom+json` (or `application/json` when that is what the
+Six pool, settings (Table 10.6.1-1); each parses its path UIDs and query into a `dicomweb.search.query.Query`, runs it
+through `dicomweb.search.service`, and answers `application/dicom+json` (or `application/json` when that is what the
 client asks for): a JSON array, `[]` when nothing matches (PS3.18 10.6.3.2 allows 200 with an empty
 array). Keys the server ignores, and results cut at the server's maximum, are reported in `Warning: 299`
 headers (PS3.18 8.3.4.1, 8.3.4.4).
@@ -16,13 +16,14 @@ from litestar.params import FromPath
 
 from authz.errors import Forbidden
 from authz.guard import authz_opt, decision_of
-from dicomweb import mediatypes, uids
-from dicomweb.access import AccessConstraints
+from dicomweb import uids
+from dicomweb.codecs import mediatypes
 from dicomweb.deps import SettingsDep
 from dicomweb.errors import NotAcceptable
-from dicomweb.query import Level, parse_query
 from dicomweb.routes.common import base_url, dicom_json
-from dicomweb.search import search
+from dicomweb.search.access import AccessConstraints
+from dicomweb.search.query import Level, parse_query
+from dicomweb.search.service import search
 from dicomweb.uids import UID
 from server.platform.deps import PoolDep
 from server.platform.http import warning_header

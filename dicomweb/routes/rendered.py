@@ -2,7 +2,7 @@
 
 `.../rendered` at study, series, instance and frame level and `.../thumbnail` at the same levels, as image/jpeg
 (the default), image/png or image/gif, chosen by the `accept` query parameter or the Accept header. What each
-level returns is described in `dicomweb.rendering`. Images are already compressed: the routes opt out of gzip.
+level returns is described in `dicomweb.retrieve.rendered`. Images are already compressed: the routes opt out of gzip.
 Responses carry an entity tag (304 for a current `If-None-Match`) and Cache-Control like the other WADO-RS
 render, settings; an ignored `annotation` is reported in a `Warning: 299` header (PS3.18 8.6.3).
 """
@@ -19,8 +19,8 @@ from litestar.response import Stream
 from authz.guard import authz_opt
 from dicomweb import uids
 from dicomweb.deps import RenderDep, SettingsDep
-from dicomweb.render_params import Parsed, choose_media_type, rendered_options
-from dicomweb.retrieve import Plan, parse_frame_list
+from dicomweb.retrieve.render_params import Parsed, choose_media_type, rendered_options
+from dicomweb.retrieve.service import Plan, parse_frame_list
 from dicomweb.routes.common import base_url
 from dicomweb.routes.wado import BINARY, accept_ranges, cache_headers, not_modified
 from server.platform.http import warning_header

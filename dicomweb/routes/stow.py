@@ -38,19 +38,24 @@ from litestar.params import FromPath
 
 from authz.audit import AuditTrail
 from authz.auditrecord import AuditRecord, EventType, request_record
-from authz.authn import PRINCIPAL
+from authz.authn import PRINCIPAL, principal_of
 from authz.decision import Decision, PolicyEngine, Resource
 from authz.deps import AuditDep, PolicyDep
 from authz.guard import DECISION, authz_opt, request_actor
 from authz.recording import CHANGES_RECORDED
-from dicomweb import multipart, stow, uids
+from dicomweb import uids
+from dicomweb.codecs import multipart, stow
 from dicomweb.deps import SettingsDep, StoreDep
 from dicomweb.errors import BadRequest, DicomWebError, StorageFull
-from dicomweb.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE
+from dicomweb.ingest.admission import Admission, policy_admission
+from dicomweb.ingest.events import InstanceStored, Listener
+from dicomweb.ingest.origin import Origin
+from dicomweb.ingest.outcome import Outcome
+from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, InstanceRejected
+from dicomweb.ingest.service import StoreService
+from dicomweb.ingest.spool import Spool
 from dicomweb.routes.common import base_url, dicom_json
 from dicomweb.settings import DicomwebSettings
-from dicomweb.store import IngestHook, Outcome, Spool, StoredInstance, StoreService, out_of_resources
-from dicomweb.storeauth import Admission, policy_admission
 from server.platform import telemetry
 from server.platform.connections import BodyTimeout
 from server.platform.db import Connection
@@ -98,11 +103,11 @@ class _Services:
     policy: PolicyEngine
 
 
-def _audit_stored(request: Request[Any, Any, Any], services: _Services) -> IngestHook:
-    """The ingest's audit hook: each stored instance's record, written in its index transaction. It carries no
-    HTTP status (the request's own record does, once the response is known)."""
+def _audit_stored(request: Request[Any, Any, Any], services: _Services) -> Listener:
+    """The ingest's audit record: each stored instance's, written in its index transaction. It carries no HTTP
+    status (the request's own record does, once the response is known)."""
 
-    async def write(conn: Connection, stored: StoredInstance) -> None:
+    async def write(conn: Connection, stored: InstanceStored) -> None:
         p = stored.parsed
         resource = Resource(
             kind="instance",
@@ -121,8 +126,8 @@ def _audit_stored(request: Request[Any, Any, Any], services: _Services) -> Inges
 
 
 def _admission(request: Request[Any, Any, Any], services: _Services) -> Admission:
-    """The policy's decision on each instance of the body (`dicomweb.storeauth`), as the guard's on the request:
-    the same actor (subject, client address and break-glass session)."""
+    """The policy's decision on each instance of the body (`dicomweb.ingest.admission`), as the guard's on the
+    request: the same actor (subject, client address and break-glass session)."""
     actor = request_actor(request)
 
     async def decide(resource: Resource) -> Decision:
@@ -131,10 +136,17 @@ def _admission(request: Request[Any, Any, Any], services: _Services) -> Admissio
     return policy_admission(decide)
 
 
+def _origin(request: Request[Any, Any, Any]) -> Origin:
+    """The request as the ingest and its listeners see it: the authenticated subject and the client address."""
+    client = request.scope.get("client")
+    return Origin.stow(principal_of(request).sub, client[0] if client else None)
+
+
 async def _receive(request: Request[Any, Any, Any], services: _Services, study: str | None) -> Response[bytes]:
     settings = services.settings
     audit = _audit_stored(request, services)
     admit = _admission(request, services)
+    origin = _origin(request)
     boundary = stow.check_request_type(request.headers.get("content-type"))
     refuse_when_full(services)
     parser = multipart.MultipartParser(boundary, max_header_bytes=settings.max_part_header_bytes)
@@ -152,14 +164,16 @@ async def _receive(request: Request[Any, Any, Any], services: _Services, study: 
                             Outcome(None, None, failure=CANNOT_UNDERSTAND, comment="part is not application/dicom")
                         )
                     else:
-                        spool = Spool(settings.spool_dir, settings.max_instance_bytes, services.store.space)
+                        spool = services.store.spool.open()
                 elif isinstance(event, multipart.PartData):
                     if spool is not None:
                         spool.write(event.data)
                 elif isinstance(event, multipart.PartEnd):
                     if spool is not None:
                         await slots.acquire()
-                        outcomes.append(asyncio.create_task(_finish_slot(services, spool, study, slots, audit, admit)))
+                        outcomes.append(
+                            asyncio.create_task(_finish_slot(services, spool, origin, study, slots, audit, admit))
+                        )
                         spool = None
         parser.close()
     except DicomWebError as exc:
@@ -287,20 +301,21 @@ async def _audit_conflicts(
 async def _finish_slot(
     services: _Services,
     spool: Spool,
+    origin: Origin,
     study: str | None,
     slots: asyncio.Semaphore,
-    audit: IngestHook,
+    audit: Listener,
     admit: Admission,
 ) -> Outcome:
     try:
-        return await _finish(services, spool, study, audit, admit)
+        return await _finish(services, spool, origin, study, audit, admit)
     finally:
         slots.release()
 
 
 async def _collect(outcomes: list[Outcome | asyncio.Task[Outcome]]) -> list[Outcome]:
     """Every part's outcome in request order, once all ingests have ended. An ingest that raised stored nothing
-    (`StoreService.store_file`): it is a processing failure."""
+    (`StoreService.store`): it is a processing failure."""
     tasks = [o for o in outcomes if isinstance(o, asyncio.Task)]
     await asyncio.gather(*tasks, return_exceptions=True)
     return [_result(o) if isinstance(o, asyncio.Task) else o for o in outcomes]
@@ -315,20 +330,15 @@ def _result(task: asyncio.Task[Outcome]) -> Outcome:
     return Outcome(None, None, failure=PROCESSING_FAILURE, comment="the server failed to store the instance")
 
 
-async def _finish(services: _Services, spool: Spool, study: str | None, audit: IngestHook, admit: Admission) -> Outcome:
-    sha = spool.finish()
-    if spool.error is not None:  # a full disk, or free space below the watermark: this part alone fails
-        return Outcome(None, None, failure=OUT_OF_RESOURCES, comment=out_of_resources(spool.error))
-    if spool.too_large:
-        spool.discard()
-        return Outcome(
-            None,
-            None,
-            failure=OUT_OF_RESOURCES,
-            comment=f"instance larger than the limit of {services.settings.max_instance_bytes} bytes",
-        )
-    telemetry.record_part_size(spool.size)
-    outcome = await services.store.store_file(spool.path, spool.size, sha, study, audit=audit, admit=admit)
+async def _finish(
+    services: _Services, spool: Spool, origin: Origin, study: str | None, audit: Listener, admit: Admission
+) -> Outcome:
+    try:
+        spooled = spool.finish()
+    except InstanceRejected as exc:  # a full disk, free space below the watermark, too large: this part alone fails
+        return Outcome.rejected(exc)
+    telemetry.record_part_size(spooled.size)
+    outcome = await services.store.store(spooled, origin, study=study, audit=audit, admit=admit)
     if outcome.ok:
         telemetry.record_stored(1)
     return outcome

@@ -17,9 +17,10 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 
 from authz.guard import authz_opt
-from dicomweb import mediatypes, negotiate, ranges, uids
+from dicomweb import uids
+from dicomweb.codecs import mediatypes, negotiate, ranges
 from dicomweb.deps import RetrieveDep, SettingsDep
-from dicomweb.retrieve import Plan, bulk_tag, parse_frame_list
+from dicomweb.retrieve.service import Plan, bulk_tag, parse_frame_list
 from dicomweb.routes.common import base_url
 
 BINARY: dict[str, Any] = {"no_compression": True}
@@ -48,7 +49,7 @@ def cache_headers(etag: str, max_age: int) -> dict[str, str]:
 
 async def send(request: Request[Any, Any, Any], plan: Plan) -> Response[Any]:
     """304 when the client's copy is current, otherwise the planned body streamed (with its length if known),
-    or the byte range asked for (RFC 9110 14; `dicomweb.ranges` says what is answered when).
+    or the byte range asked for (RFC 9110 14; `dicomweb.codecs.ranges` says what is answered when).
 
     The multipart boundary is derived from the entity tag, so the same representation has the same bytes on
     every request: byte ranges of a multipart body fit together (a random boundary would break them)."""

@@ -5,7 +5,7 @@ parameters (transfer-syntax parameters are forbidden in the URI service, PS3.18 
 own Transfer Syntax UID says how it is encoded. Otherwise the object is rendered (PS3.18 9): image/jpeg
 (the default when contentType is absent), image/png or image/gif, with `windowCenter`/`windowWidth`, `rows`,
 `columns`, `region`, `frameNumber` (default: the first frame) and `imageQuality`, through the same pipeline as
-the WADO-RS rendered retrieve, render, settings (`dicomweb.render`); other contentType values are 406.
+the WADO-RS rendered retrieve, render, settings (`dicomweb.pixels.render`); other contentType values are 406.
 
 The object is named once: `wado_uri_target` parses `studyUID`, `seriesUID` and `objectUID` for the guard, which
 decides on them and keeps them for the handler (`authz.target`); the handler never reads them again. Each must be
@@ -25,11 +25,12 @@ from litestar.response import Stream
 
 from authz.guard import authz_opt
 from authz.target import Target, target_of
-from dicomweb import mediatypes, uids
+from dicomweb import uids
+from dicomweb.codecs import mediatypes
+from dicomweb.codecs.negotiate import Offer
 from dicomweb.deps import RenderDep, RetrieveDep, SettingsDep
 from dicomweb.errors import BadRequest, InvalidParameter, NotAcceptable
-from dicomweb.negotiate import Offer
-from dicomweb.render_params import UriRendering, uri_media_type, uri_options
+from dicomweb.retrieve.render_params import UriRendering, uri_media_type, uri_options
 from dicomweb.routes.common import base_url
 from dicomweb.routes.wado import BINARY, cache_headers, not_modified
 from server.platform.http import warning_header

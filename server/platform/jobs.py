@@ -105,6 +105,17 @@ def backoff_seconds(attempt: int) -> float:
     return float(min(600, 2**attempt))
 
 
+def _job(row: Any) -> Job:
+    payload = row["payload"]
+    return Job(
+        id=row["id"],
+        kind=row["kind"],
+        payload=json.loads(payload) if isinstance(payload, str) else dict(payload),
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+    )
+
+
 class Worker:
     """Runs registered handlers for queued jobs until stopped."""
 
@@ -119,8 +130,12 @@ class Worker:
         name: str | None = None,
         deferral: Deferral | None = None,
         pause: Pause | None = None,
+        concurrency: dict[str, int] | None = None,
     ) -> None:
         self.pool = pool
+        self.concurrency = {kind: n for kind, n in (concurrency or {}).items() if n > 1}
+        """Kinds whose jobs of one batch run up to this many at once (model runs that wait on a backend); the other
+        kinds run one after another, in the order taken."""
         self.deferral = deferral
         self.pause = pause
         self.handlers = dict(handlers)
@@ -151,17 +166,21 @@ class Worker:
             rows = await conn.fetch(SQL["take"], self.name, self.batch, self._kinds(), deferred, overdue)
             vouch_stateless(conn)  # autocommitted DML only: no reset query (while ingest is busy, every NOTIFY)
         finished: list[int] = []
-        for row in rows:
-            payload = row["payload"]
-            job = Job(
-                id=row["id"],
-                kind=row["kind"],
-                payload=json.loads(payload) if isinstance(payload, str) else dict(payload),
-                attempts=row["attempts"],
-                max_attempts=row["max_attempts"],
-            )
-            if await self._run(job):
-                finished.append(job.id)
+        taken = [_job(row) for row in rows]
+        serial = [job for job in taken if job.kind not in self.concurrency]
+        limits = {kind: asyncio.Semaphore(n) for kind, n in self.concurrency.items()}
+
+        async def in_order() -> None:
+            for job in serial:
+                if await self._run(job):
+                    finished.append(job.id)
+
+        async def limited(job: Job) -> None:
+            async with limits[job.kind]:
+                if await self._run(job):
+                    finished.append(job.id)
+
+        await asyncio.gather(in_order(), *(limited(job) for job in taken if job.kind in self.concurrency))
         if finished:  # one statement for the batch (a job run again after a crash here is allowed: idempotent)
             async with self.pool.acquire() as conn:
                 await conn.execute(SQL["finish_many"], finished)

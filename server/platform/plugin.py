@@ -50,13 +50,16 @@ class Periodic:
 class JobSet:
     """The jobs a plugin's services handle: `handlers` by kind, `periodic` ones to keep scheduled, `at_start`
     statements run once when the worker starts (e.g. a backfill queue), `derived` kinds (work that writes new
-    blobs from stored ones: paused below the free-space watermark) and `deferred` kinds (given way to ingest)."""
+    blobs from stored ones: paused below the free-space watermark), `deferred` kinds (given way to ingest) and the
+    `concurrency` of kinds whose jobs may run several at once."""
 
     handlers: dict[str, jobs.Handler] = field(default_factory=dict)
     periodic: list[Periodic] = field(default_factory=list)
     at_start: list[Callable[[Connection], Awaitable[Any]]] = field(default_factory=list)
     derived: frozenset[str] = frozenset()
     deferral: jobs.Deferral | None = None
+    concurrency: dict[str, int] = field(default_factory=dict)
+    """Kinds whose jobs may run this many at once (the others one at a time)."""
 
 
 class ServicePlugin(InitPlugin):

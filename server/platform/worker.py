@@ -49,6 +49,7 @@ class WorkerPlugin(ServicePlugin):
             union.periodic += each.periodic
             union.at_start += each.at_start
             union.derived |= each.derived
+            union.concurrency.update(each.concurrency)
             if each.deferral is not None:
                 deferrals.append(each.deferral)
         if len(deferrals) > 1:
@@ -74,7 +75,12 @@ class WorkerPlugin(ServicePlugin):
         await dbwatch.when_reachable(schedule)
         pause = jobs.Pause(job_set.derived, self.pause_while) if self.pause_while is not None else None
         worker = self.worker = jobs.Worker(
-            pool, job_set.handlers, poll_seconds=self.poll_seconds, deferral=job_set.deferral, pause=pause
+            pool,
+            job_set.handlers,
+            poll_seconds=self.poll_seconds,
+            deferral=job_set.deferral,
+            pause=pause,
+            concurrency=job_set.concurrency,
         )
         task = asyncio.create_task(worker.run(), name="hounsfield-worker")
 

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from dicomweb.access import AccessConstraints, Grant, UnknownConstraint
-from dicomweb.query import Level, parse_query
-from dicomweb.search import search
+from dicomweb.search.access import AccessConstraints, Grant, UnknownConstraint
+from dicomweb.search.query import Level, parse_query
+from dicomweb.search.service import search
 from server.platform import db
 from tests.support.factory import ct, multipart, part10, stow_headers
 

@@ -23,7 +23,7 @@ from authz.engines import SHIPPED_POLICIES
 from authz.errors import Forbidden, denial_text
 from authz.policy_input import break_glass_session, dicomweb_resource
 from authz.principal import Principal
-from fhir.interactions import Caller
+from fhir.rest.interactions import Caller
 from inference.identity import NotPermitted, ServiceActor
 from server.platform import db
 

@@ -26,7 +26,7 @@ from authz.engine_rego import RegoEngine
 from authz.engines import SHIPPED_POLICIES
 from authz.policy_input import policy_input
 from authz.principal import Principal
-from fhir.auditsearch import SearchError, date_range, date_windows, parse_search, split_values, strict_handling, token
+from fhir.audit.search import SearchError, date_range, date_windows, parse_search, split_values, strict_handling, token
 from tests.conftest import LiveServer, bearer
 from tests.support.factory import ct, multipart, part10, stow_headers
 

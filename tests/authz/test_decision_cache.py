@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from authz.decision import Decision, PolicyInput, Resource
 from authz.decision_cache import CachingEngine
@@ -28,6 +29,10 @@ class Counting:
     @property
     def revision(self) -> str:
         return self.engine.revision
+
+    @property
+    def decision_scope(self) -> Any:
+        return self.engine.decision_scope
 
     async def decide(self, policy_input: PolicyInput) -> Decision:
         self.calls += 1
@@ -94,3 +99,52 @@ async def test_cache_holds_at_most_its_entries() -> None:
 def test_cache_entries_setting() -> None:
     assert Settings.from_env({}).policy_cache_entries == 4096
     assert Settings.from_env({"HOUNSFIELD_POLICY_CACHE_ENTRIES": "100"}).policy_cache_entries == 100
+
+
+def _frames_of(engine: CachingEngine, instances: list[str]) -> list[Decision]:
+    who = Principal(sub="rad", issuer="hounsfield", roles=("radiologist",))
+
+    async def run() -> list[Decision]:
+        return [
+            await engine.decide(
+                policy_input(
+                    who,
+                    "read",
+                    Resource(kind="frames", patient_id="P1", study_uid="1.2.3", series_uid="1.2.3.4", instance_uid=uid),
+                    "127.0.0.1",
+                )
+            )
+            for uid in instances
+        ]
+
+    return asyncio.run(run())
+
+
+def test_a_study_scoped_policy_decides_a_study_once(tmp_path: Path) -> None:
+    """The shipped policy declares `decision_scope := "study"`: a viewer's frames of many instances of one study
+    are one question; a policy that does not say so is asked per instance."""
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies)
+    counting = Counting(RegoEngine(policies, policies / "data.json", check_interval=0))
+    assert counting.decision_scope == "study"
+    decisions = _frames_of(CachingEngine(counting, ttl=60), [f"1.2.3.4.{n}" for n in range(20)])
+    assert all(d.allow for d in decisions) and len({d.decision_id for d in decisions}) == 1
+    assert counting.calls == 1
+
+    rego = policies / "authz.rego"
+    rego.write_text(rego.read_text().replace('decision_scope := "study"', ""))
+    per_instance = Counting(RegoEngine(policies, policies / "data.json", check_interval=0))
+    assert per_instance.decision_scope == "instance"
+    _frames_of(CachingEngine(per_instance, ttl=60), [f"1.2.3.4.{n}" for n in range(20)])
+    assert per_instance.calls == 20
+
+
+def test_a_scope_that_reads_the_input_is_per_instance(tmp_path: Path) -> None:
+    """Only a constant "study" counts: a rule computed from the input is undefined without one, so per instance."""
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies)
+    rego = policies / "authz.rego"
+    rego.write_text(
+        rego.read_text().replace('decision_scope := "study"', 'decision_scope := "study" if input.resource.kind')
+    )
+    assert RegoEngine(policies, policies / "data.json", check_interval=0).decision_scope == "instance"

@@ -1,8 +1,8 @@
-"""Every channel asks the policy about each instance it files, on the values the ingest parsed (dicomweb.storeauth):
-a STOW-RS body is decided per instance, not only by the route's guard; a C-STORE is decided on the data set as the
-index files it (each value of a multi-valued Modality), not on another decoding of it. The shipped policy restricts
-MG to radiologists and admins, so a technologist's MG is refused (0124H) while its CT in the same request is
-stored; the response names only the decision, the audit record the reasons."""
+"""Every channel asks the policy about each instance it files, on the values the ingest parsed
+(dicomweb.ingest.admission): a STOW-RS body is decided per instance, not only by the route's guard; a C-STORE is
+decided on the data set as the index files it (each value of a multi-valued Modality), not on another decoding of
+it. The shipped policy restricts MG to radiologists and admins, so a technologist's MG is refused (0124H) while its
+CT in the same request is stored; the response names only the decision, the audit record the reasons."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_context
 
 from dicomweb.index import repository
-from dicomweb.ingest import parse_instance
+from dicomweb.ingest.parse import parse_instance
 from tests.support.dimse_util import TITLE, audit_records, dcmtk, dimse_audit, dimse_port, require_dcmtk, start
 from tests.support.factory import ct, multipart, part10, stow_headers
 

@@ -29,7 +29,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomweb import encode, negotiate
+from dicomweb.codecs import negotiate
+from dicomweb.pixels import encode
 from tests.support import corpus
 from tests.support.corpus import AS_STORED, EXACT, FAILED, REFUSED, Result, Source
 from tests.support.procs import serve

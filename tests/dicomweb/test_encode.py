@@ -1,5 +1,5 @@
-"""Encoders (dicomweb.encode): lossless targets are bit-exact as a client decodes them (pydicom with the pylibjpeg
-plugins), across bit depths, signedness, color and planar configuration, and multi-frame; lossy targets are
+"""Encoders (dicomweb.pixels.encode): lossless targets are bit-exact as a client decodes them (pydicom with the
+pylibjpeg plugins), across bit depths, signedness, color and planar configuration, and multi-frame; lossy targets are
 close and say so (PS3.3 C.7.6.1.1.5); HTJ2K RPCL streams are really RPCL with a tile-part per resolution."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomweb import encode, transcode
-from dicomweb.pixeldata import ImageInfo, TranscodeError
+from dicomweb.pixels import decode as transcode
+from dicomweb.pixels import encode
+from dicomweb.pixels.native import ImageInfo, TranscodeError
 from tests.support.data import sample
 from tests.support.factory import ct, part10
 

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
+from dicomweb.codecs.mediatypes import accept_from_request, parse_accept, parse_media_type
+from dicomweb.codecs.multipart import MultipartParser, PartData, PartEnd, PartStart
 from dicomweb.errors import BadRequest, PayloadTooLarge
-from dicomweb.mediatypes import accept_from_request, parse_accept, parse_media_type
-from dicomweb.multipart import MultipartParser, PartData, PartEnd, PartStart
 
 
 def body(parts: list[bytes], boundary: str = "b0und", preamble: bytes = b"", epilogue: bytes = b"") -> bytes:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dicomweb import negotiate
+from dicomweb.codecs import negotiate
+from dicomweb.codecs.mediatypes import DICOM, OCTET_STREAM, accept_from_request, parse_accept
+from dicomweb.codecs.negotiate import Choice, Offer
 from dicomweb.errors import NotAcceptable
-from dicomweb.mediatypes import DICOM, OCTET_STREAM, accept_from_request, parse_accept
-from dicomweb.negotiate import Choice, Offer
 
 ELE = "1.2.840.10008.1.2.1"
 ILE = "1.2.840.10008.1.2"
@@ -170,7 +170,7 @@ def test_compressed_media_types_match_the_stored_syntax() -> None:
 def encoded(
     accept: str, stored: str, *, encodable: frozenset[str] = frozenset({J2K, J2K_LOSSY, RLE, HTJ2K, HTJ2K_RPCL})
 ) -> Choice:
-    """Like `pixels` with encoders for `encodable` (the frames route asks dicomweb.encode)."""
+    """Like `pixels` with encoders for `encodable` (the frames route asks dicomweb.pixels.encode)."""
     return negotiate.choose_pixels(
         pixel_offers(accept), stored, lambda _ts: True, single_part_ok=True, can_encode=lambda ts: ts in encodable
     )

@@ -13,7 +13,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomweb import encode, negotiate
+from dicomweb.codecs import negotiate
+from dicomweb.pixels import encode
 from tests.dicomweb.test_wado import parts, path, stow_bytes, stow_files
 from tests.support.data import sample
 from tests.support.factory import ct, part10
@@ -239,7 +240,7 @@ def test_instance_with_implicit_vr_inside_an_explicit_vr_file_is_decoded(dsn: st
 )
 def test_dataset_in_a_transfer_syntax(target: str) -> None:
     """`transcode.dataset_in`: what a DIMSE sender hands pynetdicom for a presentation context's syntax."""
-    from dicomweb import transcode
+    from dicomweb.pixels import decode as transcode
 
     data = sample("emri_small_jpeg_2k_lossless.dcm").read_bytes()
     ds = transcode.dataset_in(data, target)

@@ -372,7 +372,7 @@ def test_limit_offset_and_truncation(client: Any, http: Any, monkeypatch: pytest
     instances = [value(i, "00080018") for i in client.search_for_instances(limit=3, offset=2)]
     assert len(instances) == 3
     # Results cut at the server's maximum carry a Warning that more can be requested (PS3.18 8.3.4.4).
-    monkeypatch.setattr("dicomweb.query.MAX_LIMIT", 2)
+    monkeypatch.setattr("dicomweb.search.query.MAX_LIMIT", 2)
     r = http.get("/dicom-web/studies")
     assert study_uids(r.json()) == [B, A] and "Additional results can be requested" in r.headers["warning"]
     r = http.get("/dicom-web/studies?limit=10")

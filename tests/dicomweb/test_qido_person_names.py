@@ -15,7 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicomweb.index.search import build
-from dicomweb.query import Level, parse_query
+from dicomweb.search.query import Level, parse_query
 from server.platform import db
 from tests.conftest import _with_db
 from tests.dicomweb.test_dimse_query import find, stow

@@ -1,4 +1,4 @@
-"""QIDO-RS query parsing (dicomweb/query.py) without a database: matching kinds of PS3.4 C.2.2.2."""
+"""QIDO-RS query parsing (dicomweb/search/query.py) without a database: matching kinds of PS3.4 C.2.2.2."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from dicomweb.errors import InvalidParameter
 from dicomweb.index.search import json_value, like_pattern, time_upper_bound
-from dicomweb.query import MAX_LIMIT, Level, Match, Query, level_of, parse_query
+from dicomweb.search.query import MAX_LIMIT, Level, Match, Query, level_of, parse_query
 from dicomweb.uids import study_uid
 
 

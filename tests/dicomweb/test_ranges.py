@@ -17,7 +17,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
-from dicomweb import ranges
+from dicomweb.codecs import ranges
 from tests.support.factory import ct, multipart, part10, stow_headers
 
 HTJ2K_RPCL = "1.2.840.10008.1.2.4.202"

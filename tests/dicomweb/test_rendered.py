@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_color_lut
 from pydicom.uid import generate_uid
 
-from dicomweb.rendering import is_image_class
+from dicomweb.retrieve.rendered import is_image_class
 from tests.conftest import bearer
 from tests.dicomweb.test_wado import parts, path, stow_files
 from tests.support.data import sample

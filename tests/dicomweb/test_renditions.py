@@ -1,4 +1,4 @@
-"""Renditions (dicomweb/renditions.py): made at ingest by the `rendition` job, or on first demand and kept;
+"""Renditions (dicomweb/retrieve/renditions.py): made at ingest by the `rendition` job, or on first demand and kept;
 frame requests served from them by byte range with a stable ETag; dropped on overwrite; kept by the orphan
 sweep while a row names them. Real server, real database, filesystem blob store."""
 
@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 
 from dicomweb.blobs.fs import FileSystemBlobStore
-from dicomweb.store import gc_handler
+from dicomweb.ingest.gc import gc_handler
 from server.platform import jobs
 from tests.dicomweb.test_ranges import HTJ2K_RPCL, frames_url, original, phantom, pylibjpeg_decode, store
 from tests.support.sql import query

@@ -1,4 +1,4 @@
-"""Optional lossless storage compression (dicomweb/compress.py, `HOUNSFIELD_STORE_COMPRESSION`): uncompressed
+"""Optional lossless storage compression (dicomweb/pixels/compress.py, `HOUNSFIELD_STORE_COMPRESSION`): uncompressed
 images are stored as HTJ2K RPCL / JPEG 2000 lossless, every retrieve still gives bit-exact pixels, frames stay byte
 ranges of the stored blob, re-storing the original bytes is idempotent and other bytes are still 0111H.
 Real server, real database, filesystem blob store."""
@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomweb.compress import MODES, NotCompressed, compress_bytes
+from dicomweb.pixels.compress import MODES, NotCompressed, compress_bytes
 from server.settings import Settings, SettingsError
 from tests.dicomweb.test_ranges import frames_url, original, phantom, pylibjpeg_decode, store
 from tests.dicomweb.test_renditions import query, rows_of

@@ -17,7 +17,7 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels.utils import pack_bits
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicomweb.multipart import MultipartParser, PartData, PartEnd, PartStart
+from dicomweb.codecs.multipart import MultipartParser, PartData, PartEnd, PartStart
 from tests.support.data import sample
 
 ELE = "1.2.840.10008.1.2.1"

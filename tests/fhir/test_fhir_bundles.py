@@ -1,4 +1,4 @@
-"""Batch and transaction Bundles over HTTP (fhir/bundles.py, fhir/routes_bundle.py): a transaction is all or
+"""Batch and transaction Bundles over HTTP (fhir/rest/bundles.py, fhir/rest/bundle.py): a transaction is all or
 nothing with `urn:uuid:` references resolved; a batch succeeds entry by entry; every entry is decided by the
 policy on its own (a token bound to patient P1 gets nothing of P3, not even inside a bundle) and audited on its
 own; oversized and malformed bundles are refused with an OperationOutcome. Pure parsing is tested below."""
@@ -13,8 +13,8 @@ import httpx
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from fhir.bundles import Entry, TooLarge, full_url_map, parse_bundle, parse_target, processing_order, resolve
 from fhir.errors import FhirError
+from fhir.rest.bundles import Entry, TooLarge, full_url_map, parse_bundle, parse_target, processing_order, resolve
 from server.settings import Settings, SettingsError
 from tests.conftest import LiveServer, bearer
 from tests.fhir.test_fhir_rest import FHIR_JSON, count_reports, outcome, report, seed

@@ -1,4 +1,4 @@
-"""FHIR R4 REST interactions over HTTP (fhir/routes_rest.py, fhir/interactions.py): a FHIR client (fhirpy)
+"""FHIR R4 REST interactions over HTTP (fhir/rest/instance.py, fhir/rest/interactions.py): a FHIR client (fhirpy)
 creates, reads, updates, deletes DiagnosticReports and reads their history; httpx checks headers and statuses
 (ETag/If-Match, conditional create, vread, 410, Prefer, 405, 415, 406); bad input is a 4xx OperationOutcome
 naming the element and writes nothing; the policy sees each report's patient (care lists, patient-context

@@ -18,12 +18,11 @@ import httpx
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from dicomweb.access import AccessConstraints
+from dicomweb.search.access import AccessConstraints
 from fhir.errors import FhirError
 from fhir.repository import FhirRepository, Filing
-from fhir.search import matching_ids, search_bundle
-from fhir.searchindex import SearchEntry, entries
-from fhir.searchquery import (
+from fhir.search.index import SearchEntry, entries
+from fhir.search.query import (
     DateMatch,
     InvalidSearch,
     ReferenceMatch,
@@ -32,6 +31,7 @@ from fhir.searchquery import (
     check_query,
     parse_search,
 )
+from fhir.search.service import matching_ids, search_bundle
 from tests.conftest import LiveServer, bearer
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -606,7 +606,7 @@ def test_unenforceable_constraints_are_refused(dsn: str) -> None:
     from authz.engines import SHIPPED_POLICIES
     from authz.errors import Forbidden
     from authz.principal import Principal
-    from fhir.interactions import Caller, search_access
+    from fhir.rest.interactions import Caller, search_access
 
     async def run() -> None:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)

@@ -26,8 +26,8 @@ from fhirpy.base.exceptions import ForbiddenError
 
 from authz.tokens import issue_token
 from fhir.repository import FhirRepository, Filing
-from fhir.searchindex import PARAMS
-from fhir.searchquery import CONTROL
+from fhir.search.index import PARAMS
+from fhir.search.query import CONTROL
 from fhir.types import TYPES
 from tests.conftest import LiveServer, bearer
 from tests.fhir.test_fhir_search import seed
@@ -159,7 +159,7 @@ def test_iterate_is_not_followed(archive: LiveServer) -> None:
 
 def include_queries() -> Iterator[str]:
     """Every `_include` and `_revinclude` between types this server serves, with and without the target type,
-    generated from the search parameters (fhir.searchindex.PARAMS) and the type table (fhir.types.TYPES)."""
+    generated from the search parameters (fhir.search.index.PARAMS) and the type table (fhir.types.TYPES)."""
     assert "_include" in CONTROL and "_revinclude" in CONTROL
     for source, params in sorted(PARAMS.items()):
         for name, spec in sorted(params.items()):

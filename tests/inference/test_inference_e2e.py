@@ -7,6 +7,7 @@ publishes nothing; a failing model is retried and reports its failure; dispatchi
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import time
 from collections.abc import Callable
@@ -85,6 +86,10 @@ def test_stow_cr_makes_seg_and_report(ai: LiveServer, api: httpx.Client) -> None
     assert 0.1 < result["stats"]["lung_area_fraction"] < 0.45
     assert "lung_area_mm2" not in result["stats"]  # PixelSpacing 0\0 is no spacing
     assert result["latency_ms"] > 0
+    # when the run was dispatched, and since when it is in its state: its finish (publishing the outputs and the
+    # report while running does not move it), so clients can time queueing and runs from outside
+    since = dt.datetime.fromisoformat(result["state_since"])
+    assert dt.datetime.fromisoformat(result["dispatched"]) <= since == dt.datetime.fromisoformat(result["finished"])
 
     # QIDO-RS: the SEG is a new series of the same study
     segs = api.get(f"/dicom-web/studies/{study}/series", params={"Modality": "SEG"})
@@ -174,6 +179,9 @@ def test_stow_cr_makes_seg_and_report(ai: LiveServer, api: httpx.Client) -> None
     assert summary["feedback"] == {"accepted": 1}
     assert summary["latency_ms"]["count"] == 1 and summary["throughput_per_hour"] == 1
     assert summary["outputs"]["lung_area_fraction"]["mean"] == pytest.approx(result["stats"]["lung_area_fraction"])
+    # feedback is no state change: the result stays `succeeded` since it finished
+    after = api.get("/inference-results", params={"series": series}).json()["results"][0]
+    assert after["feedback"] == "final" and after["state_since"] == result["state_since"]
 
 
 def test_shadow_runs_and_publishes_nothing(ai: LiveServer, api: httpx.Client) -> None:

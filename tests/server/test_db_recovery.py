@@ -451,7 +451,7 @@ def _listening(owner: str) -> set[str]:
 
 def _wait_listening(owner: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
-    while _listening(owner) != {"hounsfield_jobs", "hounsfield_break_glass"}:
+    while _listening(owner) != {"hounsfield_jobs", "hounsfield_break_glass", "hounsfield_study_facts"}:
         assert time.monotonic() < deadline, f"listening on {_listening(owner)}"
         time.sleep(0.2)
 

@@ -12,7 +12,8 @@ import asyncpg
 import pytest
 
 from dicomweb.blobs.fs import FileSystemBlobStore
-from dicomweb.store import IngestActivity, gc_handler
+from dicomweb.ingest.activity import IngestActivity
+from dicomweb.ingest.gc import gc_handler
 from server.platform import db, jobs
 
 
@@ -218,6 +219,41 @@ def test_orphan_collector_removes_only_unindexed_old_blobs(dsn: str, tmp_path: P
             assert remaining == ["a/indexed-old.dcm", "a/orphan-new.dcm"]
             async with pool.acquire() as conn:  # the periodic sweep scheduled its successor
                 assert await conn.fetchval("SELECT count(*) FROM jobs WHERE kind='blob.gc' AND state='queued'") == 1
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
+def test_concurrent_kinds_run_up_to_their_limit_at_once(dsn: str) -> None:
+    """`concurrency`: jobs of a kind with a limit above one (model runs) overlap up to it within a batch; other
+    kinds still run one at a time, in the order taken."""
+
+    async def run() -> None:
+        pool = await _pool(dsn)
+        running = {"model": 0, "plain": 0}
+        most = {"model": 0, "plain": 0}
+
+        async def handler(job: jobs.Job) -> None:
+            running[job.kind] += 1
+            most[job.kind] = max(most[job.kind], running[job.kind])
+            await asyncio.sleep(0.2)
+            running[job.kind] -= 1
+
+        worker = jobs.Worker(pool, {"model": handler, "plain": handler}, poll_seconds=60, concurrency={"model": 3})
+        try:
+            async with pool.acquire() as conn:
+                for n in range(5):
+                    await jobs.enqueue(conn, "model", {"n": n})
+                    await jobs.enqueue(conn, "plain", {"n": n})
+            started = asyncio.get_running_loop().time()
+            ran = await worker.run_once() + await worker.run_once()
+            assert ran == 10
+            assert most == {"model": 3, "plain": 1}
+            # 5 plain jobs in series (1 s) alongside 5 model jobs three at a time (0.4 s): about 1 s, not 2
+            assert asyncio.get_running_loop().time() - started < 1.8
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SELECT count(*) FROM jobs WHERE state = 'queued'") == 0
         finally:
             await pool.close()
 

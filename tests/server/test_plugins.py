@@ -48,7 +48,7 @@ def test_what_follows_a_store_is_bound_in_order(tmp_path: Path) -> None:
         "fhir.sync",  # the ImagingStudy follows the index
         "dicomweb.dimse.routing",
         "inference.dispatch",
-        "dicomweb.renditions",
+        "dicomweb.retrieve.renditions",
     ]
     off = plugins(_settings(tmp_path, inference_enabled=False))
     assert "inference.dispatch" not in _modules(off.dicomweb.listeners)

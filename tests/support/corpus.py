@@ -30,7 +30,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
-from dicomweb import encode
+from dicomweb.pixels import encode
 from dicomweb.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
@@ -91,7 +91,7 @@ def name_of(syntax: str) -> str:
 
 
 def compressed_targets() -> list[str]:
-    """The compressed transfer syntaxes the server encodes into here (`dicomweb.encode`, installed plugins):
+    """The compressed transfer syntaxes the server encodes into here (`dicomweb.pixels.encode`, installed plugins):
     what the conformance statement's WADO-RS table advertises."""
     return [ts for ts in encode.CODECS if encode.can_encode(ts)]
 

@@ -1,7 +1,7 @@
 """Malformed Part 10 files made by hand from well-formed ones, for the ingest's refusal tests and fuzz corpus.
 
 Each `Case` is a file that breaks PS3.10 / PS3.5 in one known way, with the failure reasons the server may answer
-(never "stored"). The element splitter here is independent of the server's own walker (`dicomweb.wellformed`): it
+(never "stored"). The element splitter here is independent of the server's own walker (`dicomweb.ingest.wellformed`): it
 only reads the well-formed files made by `base_file`, whose sequences all have defined lengths.
 """
 

@@ -1,5 +1,5 @@
 """The authorization matrix's FHIR requests, generated from the FHIR type table (`fhir.types.TYPES`) and the
-search parameters (`fhir.searchindex.PARAMS`): for each served type, read, vread of every version and _history of
+search parameters (`fhir.search.index.PARAMS`): for each served type, read, vread of every version and _history of
 every resource of the data set; searches (plain, by each patient, chained, duplicated, OR-ed and empty
 identifiers, and every `_include` / `_revinclude` the parameters allow), also by POST; and every GET again as an
 entry of a `batch` and of a `transaction` Bundle."""
@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlencode
 
-from fhir.searchindex import PARAMS
+from fhir.search.index import PARAMS
 from fhir.types import TYPES
 from tests.support.matrix_data import DataSet, FhirResource
 from tests.support.matrix_oracle import KIND_GROUP

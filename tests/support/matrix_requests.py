@@ -1,5 +1,5 @@
 """The authorization matrix's requests, generated from the application's route table and the FHIR type table
-(`fhir.types.TYPES`, search parameters `fhir.searchindex.PARAMS`), never hand-listed:
+(`fhir.types.TYPES`, search parameters `fhir.search.index.PARAMS`), never hand-listed:
 
 - every GET route under /dicom-web is filled by its path parameters ({study}, {series}, {instance}, {frames},
   {tag}) from each study of the data set; the search routes without parameters get query shapes (a patient's
