@@ -62,7 +62,7 @@ class Context:
     """An open break-glass session of this subject: {"id", "reason", "expires", "patient_id", "study_uid"};
     None otherwise."""
     channel: str = "http"
-    """`http` or `dimse`."""
+    """Through which the subject acts: `http`, `dimse`, `ai` or `rest-hook` (`authz.actor.CHANNELS`)."""
 
     def to_input(self) -> dict[str, Any]:
         return {

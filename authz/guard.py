@@ -4,10 +4,11 @@
 
 Every request reaching a handler has been authenticated (`authz.authn`), and this guard asks the policy engine
 about the action on the resource, with facts about the resource (its patient and modalities) looked up in the
-index. A route without an `authz` declaration is refused (fail closed). The decision is kept in the request
-state for the handler (search constraints) and for the audit record. The study, series and instance a request
-names are parsed once, by the route's target parser (`authz.target`), before anything else; the handler reads
-that same value.
+index. A route without an `authz` declaration is refused (fail closed). The request's actor (`authz.actor`: the
+principal, its address and open break-glass session, channel `http`) is made once and kept in the request state
+with the decision, for the handler (further decisions, search constraints) and for the audit record. The study,
+series and instance a request names are parsed once, by the route's target parser (`authz.target`), before
+anything else; the handler reads that same value.
 
 Break-glass (`authz.breakglass`): every request passes the subject's open session to the policy as
 `context.break_glass` (from the process's cache of open sessions, `authz.sessioncache`, or one index probe).
@@ -28,6 +29,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import ClientException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 
+from authz.actor import HTTP, Actor, refusal
 from authz.authn import principal_of
 from authz.breakglass import (
     InvalidRequest,
@@ -39,7 +41,6 @@ from authz.breakglass import (
 from authz.decision import Action, Decision, Resource
 from authz.errors import Forbidden
 from authz.facts import FactsSource, StudyFacts
-from authz.policy_input import policy_input
 from authz.principal import Principal
 from authz.services import authz_services
 from authz.sessioncache import OpenSession
@@ -48,6 +49,8 @@ from dicomweb import uids
 from server.platform.db import Connection, vouch_stateless
 
 OPT_KEY = "authz"
+ACTOR = "hounsfield.actor"
+"""The request's `Actor`, made by the guard once the request is authenticated."""
 DECISION = "hounsfield.decision"
 RESOURCE = "hounsfield.resource"
 BREAK_GLASS = "hounsfield.break_glass"
@@ -83,6 +86,20 @@ def authz_opt(
 def decision_of(scope: Any) -> Decision | None:
     value = scope.get("state", {}).get(DECISION)
     return value if isinstance(value, Decision) else None
+
+
+def actor_of(scope: Any) -> Actor | None:
+    """The request's actor as the guard made it (with the break-glass session it passed to the policy)."""
+    value = scope.get("state", {}).get(ACTOR)
+    return value if isinstance(value, Actor) else None
+
+
+def request_actor(connection: ASGIConnection[Any, Any, Any, Any]) -> Actor:
+    """The actor of a request the guard allowed (a handler's further decisions are this actor's)."""
+    actor = actor_of(connection.scope)
+    if actor is None:  # every routed request passed the guard; never decide for an unknown subject
+        raise Forbidden("no authorized actor for this request")
+    return actor
 
 
 def _plain(uid: uids.UID | None) -> str | None:
@@ -183,15 +200,12 @@ def _session_covers(session: dict[str, Any] | None, resource: Resource) -> bool:
 
 
 async def _break_glass_by_header(
-    connection: ASGIConnection[Any, Any, Any, Any],
-    principal: Principal,
-    resource: Resource,
-    client_ip: str | None,
-    now: dt.datetime,
+    connection: ASGIConnection[Any, Any, Any, Any], actor: Actor, resource: Resource, now: dt.datetime
 ) -> dict[str, Any] | None:
     """Start a session for a `BTG` token that sends `X-Break-Glass-Reason`, for the patient (and stored study)
     the request is about. A reason that does not show enough characters, or a request about no patient, is a
     400; a subject the policy does not let break the glass gets 403; an open session for another patient 409."""
+    principal = actor.principal
     raw = connection.headers.get(BREAK_GLASS_HEADER)
     if raw is None or BTG not in principal.purpose_of_use:
         return None
@@ -209,13 +223,13 @@ async def _break_glass_by_header(
     target = Resource(
         kind="BreakGlass", patient_id=start.patient_id, study_uid=start.study_uid, attributes={"reason": reason}
     )
-    decision = await services.policy.decide(policy_input(principal, "create", target, client_ip, now=now))
+    decision = await actor.decide("create", target, now=now)  # the actor of a request without a session
     if not decision.allow:
         connection.scope.setdefault("state", {})[DECISION] = decision
         raise Forbidden("break-glass refused: " + ("; ".join(decision.reasons) or "denied by policy"), decision)
     try:
         session, _created = await services.breakglass.start(
-            principal, start, decision=decision, client_ip=client_ip, now=now
+            principal, start, decision=decision, client_ip=actor.client_ip, now=now
         )
     except SessionConflict as exc:
         raise ClientException(exc.detail, status_code=409) from None
@@ -230,6 +244,10 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     if connection.scope.get("method") == "OPTIONS":
         return  # Litestar's automatic OPTIONS answers carry no data (CORS preflight sends no token)
     principal = principal_of(connection)  # set by authz.authn; 401 when missing
+    client = connection.scope.get("client")
+    actor = Actor(principal, services.policy, services.audit, HTTP, client[0] if client else None)
+    state = connection.scope.setdefault("state", {})
+    state[ACTOR] = actor
     spec = handler.opt.get(OPT_KEY)
     if spec is None and connection.scope["path"].startswith(OPENAPI_PATH):
         spec = ("read", "system")  # the API description (Litestar's own routes)
@@ -237,9 +255,6 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
         raise Forbidden("this route declares no authorization rule")
     action, kind = spec
     now = dt.datetime.now(dt.UTC)
-    client = connection.scope.get("client")
-    client_ip = client[0] if client else None
-    state = connection.scope.setdefault("state", {})
     parse: TargetParser = handler.opt.get(TARGET_KEY, path_target)
     target = state[TARGET] = await parse(connection)  # a 400 here comes before any decision or data access
     resource, session = await _facts(connection, kind, target, principal, now)
@@ -248,13 +263,14 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
         resource = await hook(connection, resource)
     state[RESOURCE] = resource
     if kind != "BreakGlass" and not _session_covers(session, resource):
-        session = await _break_glass_by_header(connection, principal, resource, client_ip, now) or session
+        session = await _break_glass_by_header(connection, actor, resource, now) or session
     if session is not None:
         state[BREAK_GLASS] = session
-    decision = await services.policy.decide(policy_input(principal, action, resource, client_ip, session, now=now))
+        actor = state[ACTOR] = actor.with_break_glass(session)
+    decision = await actor.decide(action, resource, now=now)
     state[DECISION] = decision
     if not decision.allow:
-        raise Forbidden("; ".join(decision.reasons) or "denied by policy", decision)
+        raise refusal(decision)
 
 
 def break_glass_of(scope: Any) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEven
 from authz.auditrecord import request_record
 from authz.authn import PRINCIPAL
 from authz.decision import Action, Decision, Resource
-from authz.guard import DECISION, OPT_KEY, RESOURCE, break_glass_of
+from authz.guard import DECISION, OPT_KEY, RESOURCE, actor_of, break_glass_of
 from authz.services import authz_services
 from server.platform.db import RETRY_AFTER_SECONDS, unavailable
 
@@ -80,19 +80,38 @@ def record_for(scope: Scope, status: int) -> Any:
     notes = [f"break-glass session {session['id']}"] if session and status < 400 else []
     if isinstance(state.get(AUDIT_NOTE), str):
         notes.append(state[AUDIT_NOTE])
-    return request_record(
+    resource = _resource(scope, kind)
+    method, path = str(scope.get("method", "")), str(scope.get("path", ""))
+    query_string = query if action == "search" else None
+    reason = str(session["reason"]) if session else None
+    outcome_desc = "; ".join(notes) or None
+    actor = actor_of(scope)
+    if actor is not None:  # the guard made the request's actor: its record
+        return actor.record_of(
+            action,
+            resource,
+            decision,
+            status=status,
+            method=method,
+            path=path,
+            query_string=query_string,
+            break_glass=flagged,
+            reason=reason,
+            outcome_desc=outcome_desc,
+        )
+    return request_record(  # refused before the guard made an actor (401, no route): whoever authentication saw
         state.get(PRINCIPAL),
         decision,
         action=action,
-        resource=_resource(scope, kind),
+        resource=resource,
         status=status,
-        method=str(scope.get("method", "")),
-        path=str(scope.get("path", "")),
-        query_string=query if action == "search" else None,
+        method=method,
+        path=path,
+        query_string=query_string,
         client_ip=client[0] if client else None,
         break_glass=flagged,
-        reason=str(session["reason"]) if session else None,
-        outcome_desc="; ".join(notes) or None,
+        reason=reason,
+        outcome_desc=outcome_desc,
     )
 
 

@@ -69,7 +69,7 @@ class FhirPlugin(ServicePlugin):
     async def open(self, stack: contextlib.AsyncExitStack) -> None:
         settings, pool, authz = self.settings, self.database.pool, self.authz
         repository = FhirRepository(hooks=self.write_hooks)
-        self._services = FhirServices(settings, pool, repository, authz.policy, authz.audit)
+        self._services = FhirServices(settings, pool, repository, authz.audit)
         stack.callback(functools.partial(setattr, self, "_services", None))
         address = dicomweb_address(settings.public_url, settings.host, settings.port)
         handlers = {

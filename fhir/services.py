@@ -10,7 +10,6 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from authz.audit import AuditTrail
-from authz.decision import PolicyEngine
 from fhir.repository import FhirRepository
 from fhir.settings import FhirSettings
 from server.platform.deps import Provided
@@ -24,8 +23,6 @@ class FhirServices:
     pool: asyncpg.Pool
     repository: FhirRepository
     """The versioned resources (its write hooks queue Subscription notifications)."""
-    policy: PolicyEngine
-    """For the decisions after the guard's (each entry of a bundle, each included type)."""
     audit: AuditTrail
 
 

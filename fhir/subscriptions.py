@@ -17,7 +17,8 @@ Security:
 - Creating one is decided by the policy (kind `Subscription`). Its writer's identity (sub, issuer, roles, scopes,
   patient context, client; never a token) is kept in the owner extension, and before each delivery the policy
   must let that identity read the resource (as the Subscriptions R5 Backport IG asks: "ensure that
-  authorization is (still) in place when sending any event notifications"); a denial is not delivered.
+  authorization is (still) in place when sending any event notifications"), asked as its actor through channel
+  `rest-hook` (`authz.actor`); a denial is not delivered.
 - Each attempt is audited (type `rest`, subtype `subscription-notification`, the resource's patient, the
   criteria as the BALP query entity). Channel headers (a receiver's credentials) and the endpoint's path and
   query are never logged nor audited: only the endpoint's origin is.
@@ -37,9 +38,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 import httpx
 
+from authz.actor import REST_HOOK, Actor, AuditSink, Decider
 from authz.auditrecord import Agent, AuditRecord, Code, EventType, Outcome, encode_query
-from authz.decision import Decision, PolicyEngine, Resource
-from authz.policy_input import policy_input
+from authz.decision import Decision, Resource
 from authz.principal import Principal
 from fhir.errors import FhirError, Unprocessable, VersionConflict
 from fhir.repository import FhirRepository, Filing, Stored
@@ -86,12 +87,6 @@ class Matcher(Protocol):
         only_id: str | None = None,
         limit: int = 2,
     ) -> list[str]: ...
-
-
-class AuditLog(Protocol):
-    """Where delivery attempts are recorded (`authz.audit.AuditTrail`)."""
-
-    async def append(self, record: AuditRecord) -> object: ...
 
 
 def _served_types() -> Sequence[str]:
@@ -454,12 +449,12 @@ def delivery_record(
         status=status,
         decision_id=decision.decision_id if decision else None,
         policy_revision=decision.revision if decision else None,
-        channel="rest-hook",
+        channel=REST_HOOK,
     )
 
 
 def deliver_handler(
-    pool: asyncpg.Pool, repo: FhirRepository, settings: FhirSettings, policy: PolicyEngine, audit_log: AuditLog
+    pool: asyncpg.Pool, repo: FhirRepository, settings: FhirSettings, policy: Decider, audit_log: AuditSink
 ) -> jobs.Handler:
     """`fhir.deliver`: one notification of one resource version to one Subscription, if it is still active, its
     endpoint still allowed and its owner may read the resource; each attempt audited. A failed attempt raises
@@ -500,7 +495,7 @@ def deliver_handler(
             modalities=resource.filing.modalities,
             attributes={"id": rid},
         )
-        decision = await policy.decide(policy_input(owner, "read", target))
+        decision = await Actor(owner, policy, audit_log, REST_HOOK).decide("read", target)
         if not decision.allow:
             reasons = "; ".join(decision.reasons) or "denied by policy"
             await audit(None, None, "4", f"not delivered: the owner may not read it ({reasons})")
@@ -544,8 +539,8 @@ def handlers(
     repo: FhirRepository,
     settings: FhirSettings,
     *,
-    policy: PolicyEngine,
-    audit_log: AuditLog,
+    policy: Decider,
+    audit_log: AuditSink,
     matching_ids: Matcher,
 ) -> dict[str, jobs.Handler]:
     """The job handlers its plugin registers (fhir/plugin.py): the Subscriptions' `repo` in `pool`, the policy that

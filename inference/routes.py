@@ -31,11 +31,12 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from authz.authn import principal_of
 from authz.decision import Resource
+from authz.errors import Forbidden
 from authz.guard import authz_opt, decision_of, with_attributes, with_study
 from authz.recording import AUDIT_NOTE
 from authz.target import Target, target_of
 from dicomweb import uids
-from dicomweb.search.access import UNRESTRICTED, AccessConstraints
+from dicomweb.search.access import AccessConstraints
 from inference import dispatch, monitoring, registry
 from inference.errors import (
     InferenceError,
@@ -233,9 +234,12 @@ async def list_results(
 
 
 def _access(request: Request[Any, Any, Any]) -> AccessConstraints:
-    """The policy's constraints on this search (a patient-bound token sees its patient's results only)."""
+    """The policy's constraints on this search (a patient-bound token sees its patient's results only), built from
+    the guard's decision; without one, nothing is searched (fail closed)."""
     decision = decision_of(request.scope)
-    return AccessConstraints.from_policy(decision.constraints) if decision is not None else UNRESTRICTED
+    if decision is None:  # the guard decides every route; never search unconstrained without it
+        raise Forbidden("no policy decision for this search")
+    return AccessConstraints.from_policy(decision.constraints)
 
 
 def inference_router() -> Router:

@@ -15,7 +15,7 @@ from fhir.imagingstudy import dicomweb_address
 from fhir.repository import FhirRepository
 from inference import dispatch
 from inference.backends import ByModel, InferenceBackend, InProcessBackend
-from inference.identity import ServiceActor, service_principal
+from inference.identity import ServiceActor
 from inference.models import AdapterFactory, catalog
 from inference.runner import Runner
 from inference.settings import InferenceSettings
@@ -50,7 +50,7 @@ def open_inference(
 ) -> InferenceService:
     adapters = catalog(settings.inference_plugins)
     backend = _backend(settings, adapters, pool)
-    actor = ServiceActor(service_principal(settings.inference_subject), policy, audit)
+    actor = ServiceActor.of(settings.inference_subject, policy, audit)
     runner = Runner(
         pool,
         blobs,

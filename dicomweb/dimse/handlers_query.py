@@ -146,10 +146,6 @@ def _patients(matches: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-async def _decide(node: Node, principal: Principal, kind: str, address: str | None) -> Decision:
-    return await node.decide(principal, "search", dicomweb_resource(kind), address)
-
-
 async def _page(node: Node, query: Query, access: AccessConstraints) -> list[dict[str, Any]]:
     base = (node.settings.public_url or f"http://{node.settings.host}:{node.settings.port}") + "/dicom-web"
     result = await search(node.pool, query, base, access)
@@ -175,7 +171,8 @@ def handle_find(event: Any, node: Node) -> Iterator[tuple[int | Dataset, Dataset
             raise DicomWebError(f"undecodable identifier ({type(exc).__name__})") from None
         query_text = json.dumps(identifier.to_json_dict(), sort_keys=True).encode()
         request = read_identifier(identifier, str(event.request.AffectedSOPClassUID))
-        decision = node.run(_decide(node, principal, KINDS[request.level_name], address))
+        searched = dicomweb_resource(KINDS[request.level_name])
+        decision = node.run(node.actor(principal, address).decide("search", searched))
         if not decision.allow:
             status, desc = NOT_AUTHORIZED, "; ".join(decision.reasons) or "denied by policy"
             yield _status(status, denial_comment(decision.decision_id)), None  # the reasons: audit record only

@@ -30,11 +30,11 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from authz.actor import Actor
 from authz.auditrecord import EventType
 from authz.decision import Decision, Resource
 from authz.errors import denial_comment
 from authz.policy_input import dicomweb_resource
-from authz.principal import Principal
 from dicomweb.dimse.audit import BEGIN_TRANSFERRING, operation_record
 from dicomweb.dimse.node import Node, OperationTimeout
 from dicomweb.dimse.routing import SQL
@@ -109,7 +109,7 @@ def read_keys(identifier: Dataset, model: str) -> Keys:
     return keys
 
 
-async def _plan(node: Node, principal: Principal, keys: Keys, address: str | None) -> Plan:
+async def _plan(node: Node, actor: Actor, keys: Keys) -> Plan:
     async with node.pool.acquire() as conn:
         rows = await conn.fetch(SQL["retrieve_instances"], keys.studies, keys.series, keys.instances, keys.patient_id)
         studies = list(dict.fromkeys(r["study_uid"] for r in rows))
@@ -123,7 +123,7 @@ async def _plan(node: Node, principal: Principal, keys: Keys, address: str | Non
             study_uid=uid,
             modalities_in_study=list(row.modalities) if row else [],
         )
-        plan.decision = await node.decide(principal, "read", resource, address)
+        plan.decision = await actor.decide("read", resource)
         if not plan.decision.allow:
             plan.denied = f"study {uid}: " + ("; ".join(plan.decision.reasons) or "denied by policy")
             break
@@ -178,7 +178,7 @@ class _Operation:
             return
         try:
             keys = read_keys(self.event.identifier, str(self.event.request.AffectedSOPClassUID))
-            self.plan = self.node.run(_plan(self.node, self.principal, keys, self.address))
+            self.plan = self.node.run(_plan(self.node, self.node.actor(self.principal, self.address), keys))
         except (BadIdentifier, ValueError, KeyError, TypeError) as exc:
             self.failure = (BAD_IDENTIFIER, f"identifier: {exc}")
         except OperationTimeout as exc:

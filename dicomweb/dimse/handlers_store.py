@@ -103,7 +103,7 @@ class _Operation:
         decided: list[Decision] = []
 
         async def decide(resource: Resource) -> Decision:
-            return await node.decide(self.principal, "create", resource, self.address)
+            return await node.actor(self.principal, self.address).decide("create", resource)
 
         ask = policy_admission(decide, decided)
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import datetime as dt
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from authz.decision import Action, Decision, PolicyEngine, Resource
-from authz.policy_input import policy_input
+from authz.actor import DIMSE, Actor
+from authz.decision import PolicyEngine
 from authz.principal import Principal
 from dicomweb.dimse.config import DimseConfig
 
@@ -78,7 +77,7 @@ class Node:
             return None
         return Principal(sub=peer.sub, issuer=ISSUER, roles=peer.roles, client_id=peer.ae_title)
 
-    async def decide(self, principal: Principal, action: Action, resource: Resource, address: str | None) -> Decision:
-        """The same policy as HTTP decides, with `context.channel = "dimse"`."""
-        now = dt.datetime.now(dt.UTC)
-        return await self.policy.decide(policy_input(principal, action, resource, address, now=now, channel="dimse"))
+    def actor(self, principal: Principal, address: str | None) -> Actor:
+        """The actor of an association's peer (`authz.actor`): the same policy as HTTP decides, with
+        `context.channel = "dimse"`, and its records go to the same trail."""
+        return Actor(principal, self.policy, self.audit, DIMSE, address)

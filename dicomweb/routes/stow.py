@@ -41,8 +41,7 @@ from authz.auditrecord import AuditRecord, EventType, request_record
 from authz.authn import PRINCIPAL, principal_of
 from authz.decision import Decision, PolicyEngine, Resource
 from authz.deps import AuditDep, PolicyDep
-from authz.guard import DECISION, authz_opt, break_glass_of
-from authz.policy_input import policy_input
+from authz.guard import DECISION, authz_opt, request_actor
 from authz.recording import CHANGES_RECORDED
 from dicomweb import uids
 from dicomweb.codecs import multipart, stow
@@ -127,15 +126,12 @@ def _audit_stored(request: Request[Any, Any, Any], services: _Services) -> Liste
 
 
 def _admission(request: Request[Any, Any, Any], services: _Services) -> Admission:
-    """The policy's decision on each instance of the body (`dicomweb.ingest.admission`), as the guard's on the request:
-    the same subject, client address and break-glass session."""
-    principal = principal_of(request)
-    client = request.scope.get("client")
-    session = break_glass_of(request.scope)
+    """The policy's decision on each instance of the body (`dicomweb.ingest.admission`), as the guard's on the
+    request: the same actor (subject, client address and break-glass session)."""
+    actor = request_actor(request)
 
     async def decide(resource: Resource) -> Decision:
-        subject = policy_input(principal, "create", resource, client[0] if client else None, session)
-        return await services.policy.decide(subject)
+        return await actor.decide("create", resource)
 
     return policy_admission(decide)
 

@@ -25,7 +25,6 @@ from typing import Any
 
 from litestar import Request, Response, post
 
-from authz.auditrecord import request_record
 from authz.decision import Action, Decision, Resource
 from authz.errors import AuthzError, Forbidden, PolicyUnavailable
 from authz.guard import authz_opt
@@ -257,7 +256,6 @@ async def _audit(
     failed: Entry | None = None,
 ) -> None:
     """One audit record per entry: its decision, its action on its resource, its status."""
-    client = request.scope.get("client")
     records = []
     for index, item in enumerate(parsed):
         if not isinstance(item, Entry):
@@ -268,16 +266,14 @@ async def _audit(
         status = statuses.get(index, 500)
         query = item.target.query if item.method == "GET" and item.target.id is None else None
         records.append(
-            request_record(
-                run.caller.principal,
+            run.caller.actor.record_of(
+                action,
+                resource,
                 decision,
-                action=action,
-                resource=resource,
                 status=status,
                 method=item.method,
                 path=f"{request.url.path.rstrip('/')}/{item.url.split('?', 1)[0]}",
                 query_string=query,
-                client_ip=client[0] if client else None,
                 break_glass=index in run.flagged,
                 outcome_desc=None if failed is None or failed is item else f"rolled back: entry {failed.index} failed",
                 time=dt.datetime.now(dt.UTC),
@@ -304,7 +300,7 @@ async def post_bundle(request: Request[Any, Any, Any], fhir: FhirDep) -> Respons
     parsed = bundles.parse_bundle(
         body, base=base, served=frozenset(TYPES), max_entries=fhir.settings.fhir_max_bundle_entries
     )
-    caller = caller_of(request, fhir)
+    caller = caller_of(request)
     caller.state = None  # entry decisions have records of their own
     async with fhir.pool.acquire() as conn:
         run = Run(conn, fhir, caller, base, prefer_return(request), {}, {}, {}, set())

@@ -30,9 +30,8 @@ from litestar import Request, Response, delete, get, post, put
 from litestar.connection import ASGIConnection
 from litestar.params import FromPath
 
-from authz.authn import principal_of
 from authz.decision import Resource
-from authz.guard import RESOURCE, authz_opt, break_glass_of, decision_of
+from authz.guard import RESOURCE, authz_opt, decision_of, request_actor
 from authz.recording import BREAK_GLASS_USED
 from dicomweb.routes.common import dicom_json
 from fhir.audit.routes import fhir_base
@@ -75,16 +74,9 @@ def prefer_return(request: Request[Any, Any, Any]) -> str:
     return REPRESENTATION
 
 
-def caller_of(request: Request[Any, Any, Any], fhir: FhirDep) -> Caller:
-    """The requester, for decisions after the guard's; a denial is recorded in the request's state."""
-    client = request.scope.get("client")
-    return Caller(
-        principal_of(request),
-        fhir.policy,
-        client[0] if client else None,
-        break_glass_of(request.scope),
-        request.scope.setdefault("state", {}),
-    )
+def caller_of(request: Request[Any, Any, Any]) -> Caller:
+    """The request's actor, for decisions after the guard's; a denial is recorded in the request's state."""
+    return Caller(request_actor(request), request.scope.setdefault("state", {}))
 
 
 def note_break_glass(request: Request[Any, Any, Any], caller: Caller) -> None:
@@ -176,7 +168,7 @@ def type_routes(spec: ResourceType) -> list[Any]:
     @get(one, opt=authz_opt("read", kind, resource=on_stored), summary=f"Read a {name} (FHIR R4 read)", **common)
     async def read_one(request: AnyRequest, fhir: FhirDep, rid: FromPath[str]) -> Response[bytes]:
         negotiate(request)
-        caller = caller_of(request, fhir)
+        caller = caller_of(request)
         async with fhir.pool.acquire() as conn:
             stored = await read(conn, fhir, caller, name, rid, decided=_guard_resource(request))
         return json_response(stored.content, headers=version_headers(stored))
@@ -191,7 +183,7 @@ def type_routes(spec: ResourceType) -> list[Any]:
         request: Request[Any, Any, Any], fhir: FhirDep, rid: FromPath[str], vid: FromPath[str]
     ) -> Response[bytes]:
         negotiate(request)
-        caller = caller_of(request, fhir)
+        caller = caller_of(request)
         async with fhir.pool.acquire() as conn:
             stored = await vread(conn, fhir, caller, name, rid, vid, decided=_guard_resource(request))
         note_break_glass(request, caller)
@@ -201,7 +193,7 @@ def type_routes(spec: ResourceType) -> list[Any]:
     async def history_one(request: AnyRequest, fhir: FhirDep, rid: FromPath[str]) -> Response[bytes]:
         negotiate(request)
         items = list(request.query_params.multi_items())
-        caller = caller_of(request, fhir)
+        caller = caller_of(request)
         base = fhir_base(request, fhir.settings)
         async with fhir.pool.acquire() as conn:
             bundle = await history_bundle(conn, fhir, caller, name, rid, items, base, decided=_guard_resource(request))
@@ -213,7 +205,7 @@ def type_routes(spec: ResourceType) -> list[Any]:
         writable(name)
         body = await request_body(request)
         base = fhir_base(request, fhir.settings)
-        caller = caller_of(request, fhir)
+        caller = caller_of(request)
         async with fhir.pool.acquire() as conn, conn.transaction():
             written = await create(
                 conn,
@@ -232,7 +224,7 @@ def type_routes(spec: ResourceType) -> list[Any]:
         writable(name)
         body = await request_body(request)
         base = fhir_base(request, fhir.settings)
-        caller = caller_of(request, fhir)
+        caller = caller_of(request)
         async with fhir.pool.acquire() as conn, conn.transaction():
             written = await update(
                 conn,
@@ -254,9 +246,7 @@ def type_routes(spec: ResourceType) -> list[Any]:
         writable(name)
         negotiate(request)
         async with fhir.pool.acquire() as conn, conn.transaction():
-            written = await remove(
-                conn, fhir, caller_of(request, fhir), name, rid, if_match=request.headers.get("if-match")
-            )
+            written = await remove(conn, fhir, caller_of(request), name, rid, if_match=request.headers.get("if-match"))
         message = f"{name}/{rid} deleted" if written.stored is not None else f"{name}/{rid} did not exist"
         return written_response(written, prefer_return(request), fhir_base(request, fhir.settings), message)
 

@@ -25,10 +25,10 @@ import email.utils
 from dataclasses import dataclass, field
 from typing import Any
 
-from authz.decision import Action, Decision, PolicyEngine, Resource
+from authz.actor import Actor, by_break_glass, refusal
+from authz.decision import Action, Decision, Resource
 from authz.errors import Forbidden
 from authz.guard import DECISION, RESOURCE
-from authz.policy_input import policy_input
 from authz.principal import Principal
 from dicomweb.search.access import AccessConstraints, UnknownConstraint
 from fhir.errors import FhirError, NotSupported, ResourceGone, ResourceNotFound, VersionConflict
@@ -50,27 +50,26 @@ MAX_COUNT = 1000
 
 @dataclass
 class Caller:
-    """The requester, for decisions the guard could not make alone (a write's new patient, bundle entries, the
-    types a search includes, history versions). A denial is recorded in `state` (the request's audit record names
-    it) when given. `flagged`: some access allowed here was allowed by a break-glass session (the policy's
-    `obligations.break_glass`), so the request's audit record is flagged too."""
+    """The request's `authz.actor.Actor`, for decisions the guard could not make alone (a write's new patient,
+    bundle entries, the types a search includes, history versions), and what those decisions mean for the
+    request's audit record: a denial is recorded in `state` (the request's audit record names it) when given;
+    `decided` are the request's own decisions; `flagged`: some access allowed here was allowed by a break-glass
+    session (`authz.actor.by_break_glass`), so the request's audit record is flagged too."""
 
-    principal: Principal
-    policy: PolicyEngine
-    client_ip: str | None = None
-    break_glass: dict[str, Any] | None = None
+    actor: Actor
     state: dict[str, Any] | None = None
     decided: list[tuple[Action, Resource, Decision]] = field(default_factory=list)
     flagged: bool = False
 
+    @property
+    def principal(self) -> Principal:
+        return self.actor.principal
+
     async def ask(self, action: Action, resource: Resource) -> Decision:
         """A decision that filters what a request returns (an included type, a history version): it is not the
         request's own decision, so it is not one of `decided` (the audit record's), but it may flag the record."""
-        now = dt.datetime.now(dt.UTC)
-        decision = await self.policy.decide(
-            policy_input(self.principal, action, resource, self.client_ip, self.break_glass, now=now)
-        )
-        if decision.allow and decision.obligations.get("break_glass"):
+        decision = await self.actor.decide(action, resource)
+        if by_break_glass(decision):
             self.flagged = True
         return decision
 
@@ -84,7 +83,7 @@ class Caller:
         if not decision.allow:
             if self.state is not None:
                 self.state[DECISION], self.state[RESOURCE] = decision, resource
-            raise Forbidden("; ".join(decision.reasons) or "denied by policy", decision)
+            raise refusal(decision)
         return decision
 
 
@@ -99,7 +98,7 @@ async def search_access(caller: Caller, resource_type: str, decided: Decision | 
         raise ResourceNotFound(f"this server does not serve {resource_type}")
     decision = decided if decided is not None else await caller.require("search", Resource(kind=spec.kind))
     if not decision.allow:
-        raise Forbidden("; ".join(decision.reasons) or "denied by policy", decision)
+        raise refusal(decision)
     try:
         constraints = _own(spec, caller, AccessConstraints.from_policy(decision.constraints))
     except UnknownConstraint as exc:

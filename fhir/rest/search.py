@@ -47,7 +47,7 @@ async def _search(
     decision = decision_of(request.scope)
     if decision is None:  # the guard decides every route; never search without its decision
         raise Forbidden("no policy decision for this search")
-    caller = caller_of(request, fhir)
+    caller = caller_of(request)
     access = await search_access(caller, resource_type, decision)
     strict = strict_handling(request.headers.getall("prefer", []))
     async with fhir.pool.acquire() as conn:

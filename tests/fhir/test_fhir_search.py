@@ -596,9 +596,11 @@ def test_parse_values() -> None:
     assert [m.value for m in escaped] == ["a,b", "c"]  # type: ignore[union-attr]
 
 
-def test_unenforceable_constraints_are_refused() -> None:
+def test_unenforceable_constraints_are_refused(dsn: str) -> None:
     """A constraint the search cannot turn into SQL is a 403, never a wider search (fail closed); on an included
     type it hides that type."""
+    from authz.actor import Actor
+    from authz.audit import AuditTrail
     from authz.decision import Decision
     from authz.engine_rego import RegoEngine
     from authz.engines import SHIPPED_POLICIES
@@ -606,9 +608,16 @@ def test_unenforceable_constraints_are_refused() -> None:
     from authz.principal import Principal
     from fhir.rest.interactions import Caller, search_access
 
-    caller = Caller(Principal("rad", "test", roles=("radiologist",)), RegoEngine(SHIPPED_POLICIES))
-
     async def run() -> None:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+        try:
+            await refused(pool)
+        finally:
+            await pool.close()
+
+    async def refused(pool: asyncpg.Pool) -> None:
+        principal = Principal("rad", "test", roles=("radiologist",))
+        caller = Caller(Actor(principal, RegoEngine(SHIPPED_POLICIES), AuditTrail(pool)))
         allowed = await search_access(caller, "ImagingStudy", Decision(True, constraints={"patient_ids": ["P1"]}))
         assert allowed.constraints.patient_ids == ("P1",)
         assert await allowed.of("Patient") == AccessConstraints()  # decided by the policy for Patient
