@@ -39,8 +39,8 @@ from litestar.params import FromPath
 from authz.audit import AuditTrail
 from authz.auditrecord import AuditRecord, EventType, request_record
 from authz.authn import PRINCIPAL, principal_of
-from authz.decision import Decision, PolicyEngine, Resource
-from authz.deps import AuditDep, PolicyDep
+from authz.decision import Decision, Resource
+from authz.deps import AuditDep
 from authz.guard import DECISION, authz_opt, request_actor
 from authz.recording import CHANGES_RECORDED
 from dicomweb import uids
@@ -100,7 +100,6 @@ class _Services:
     settings: DicomwebSettings
     store: StoreService
     audit: AuditTrail
-    policy: PolicyEngine
 
 
 def _audit_stored(request: Request[Any, Any, Any], services: _Services) -> Listener:
@@ -350,9 +349,8 @@ async def store_instances(
     settings: SettingsDep,
     store: StoreDep,
     audit: AuditDep,
-    policy: PolicyDep,
 ) -> Response[bytes]:
-    return await _receive(request, _Services(settings, store, audit, policy), None)
+    return await _receive(request, _Services(settings, store, audit), None)
 
 
 @post("/studies/{study:str}", request_max_body_size=None, status_code=200, opt=authz_opt("create", "study"))
@@ -361,10 +359,9 @@ async def store_study_instances(
     settings: SettingsDep,
     store: StoreDep,
     audit: AuditDep,
-    policy: PolicyDep,
     study: FromPath[str],
 ) -> Response[bytes]:
-    return await _receive(request, _Services(settings, store, audit, policy), uids.study_uid(study))
+    return await _receive(request, _Services(settings, store, audit), uids.study_uid(study))
 
 
 ROUTES = [store_instances, store_study_instances]

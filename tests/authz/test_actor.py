@@ -190,7 +190,7 @@ def test_the_ai_service_is_an_actor_of_the_ai_channel(dsn: str) -> None:
     with_trail(dsn, body)
 
 
-def test_a_subscription_owner_is_asked_as_through_http(dsn: str) -> None:
+def test_a_subscription_owner_gets_the_answers_http_gets(dsn: str) -> None:
     """A delivery is decided for the Subscription's owner through channel `rest-hook`: the policy answers as it
     answers the owner's own read."""
 
