@@ -369,6 +369,12 @@ class Settings:
     """`HOUNSFIELD_RAY_MIN_REPLICAS`: Serve autoscaling lower bound, per model deployment."""
     inference_ray_max_replicas: int = setting("HOUNSFIELD_RAY_MAX_REPLICAS", 1, parse=integer(1, 1000))
     """`HOUNSFIELD_RAY_MAX_REPLICAS`: Serve autoscaling upper bound, per model deployment."""
+    inference_run_timeout_s: float = setting(
+        "HOUNSFIELD_INFERENCE_RUN_TIMEOUT_S", 300.0, parse=integer(1, 86_400, per=1)
+    )
+    """`HOUNSFIELD_INFERENCE_RUN_TIMEOUT_S`: the longest a run waits for its Ray Serve deployment (placement,
+    queueing, the model itself), and `hounsfield models deploy` for its replicas to start; then the attempt fails
+    with the deployment's state as its reason and is retried like any other failure."""
 
     # --- renditions (dicomweb/renditions.py) ---
     renditions: tuple[str, ...] = DEFAULT_RENDITIONS
