@@ -117,6 +117,7 @@ class RayServeBackend:
         async with self._lock:
             if model.key not in self._handles:
                 self._owned = await asyncio.to_thread(deploy.connect, self.settings, self.local) or self._owned
+                deploy.keep_signal_handlers()  # on the event loop's thread: the main one in `hounsfield serve`
                 deployed = await asyncio.to_thread(deploy.deployed, self.settings)
                 if deploy.deployment_name(model) not in deployed:
                     if not self.local:

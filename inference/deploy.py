@@ -24,8 +24,9 @@ The connection (`connect`):
   available, token mode is used, as `ray start --head` does on the same machine. The token is never logged.
 - No address: a local Ray instance in this process, bound to the loopback interface only (`127.0.0.1` as the
   node address makes Ray's gRPC servers, agents and metrics listeners bind there), dashboard off.
-- Either way Ray's fatal-signal handler stays out of this process (`RAY_DISABLE_FAILURE_SIGNAL_HANDLER`), so that
-  SIGTERM reaches the server's graceful shutdown, which stops Ray and everything Ray started.
+- Either way Ray's fatal-signal handler, which takes SIGTERM over and aborts the process, is given back to the
+  process's own handler once Ray is up (`keep_signal_handlers`, from the main thread), so that SIGTERM reaches the
+  server's graceful shutdown, which stops Ray and everything Ray started.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,7 +46,7 @@ from ray.serve.config import ProxyLocation
 
 from inference import ray_capacity
 from inference.errors import InferenceError, InvalidModel, ModelFailed
-from inference.ray_replica import ModelReplica
+from inference.ray_replica import ModelReplica, loopback_only
 from inference.registry import Model
 from server.settings import Settings
 
@@ -119,6 +122,7 @@ class Catalog:
     """The application's ingress: which model versions it serves (`hounsfield models deploy` prints them)."""
 
     def __init__(self, models: dict[str, Any]) -> None:
+        loopback_only()
         self.models = sorted(models)
 
     def __call__(self) -> list[str]:
@@ -150,7 +154,6 @@ def application(models: Sequence[Model], settings: Settings) -> Any:
 def connect(settings: Settings, local: bool) -> bool:
     """Join the configured cluster (or start a local one when `local`); True when this call started Ray."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
     if ray.is_initialized():
         return False
     quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
@@ -172,6 +175,17 @@ def connect(settings: Settings, local: bool) -> bool:
             ) from None
     serve.start(proxy_location=ProxyLocation.Disabled)
     return True
+
+
+def keep_signal_handlers() -> None:
+    """Give SIGTERM and SIGINT back to the handlers Python has for them (Ray's core worker replaced them with its
+    own, which aborts). Only the main thread may set handlers: elsewhere (a server in a test's thread) nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(number)
+        if handler is not None:
+            signal.signal(number, handler)
 
 
 def _loopback_only() -> None:
