@@ -11,7 +11,10 @@ through a `DeploymentHandle`, behind the same `InferenceBackend` Protocol as the
   carries the size of the batch it ran in and the algorithm identification, so batching is observable and the
   outputs are identified without loading the model in the server.
 - A failure inside the deployment (the adapter raised, the replica died, the deployment is missing) becomes
-  `ModelFailed`: the job queue retries it and the result shows it.
+  `ModelFailed`: the job queue retries it and the result shows it. So does a call that has no answer within
+  `HOUNSFIELD_INFERENCE_RUN_TIMEOUT_S` (a replica that cannot be placed, a queue that does not move, a model
+  that runs too long; the reason carries Serve's account of the deployment), and a model the cluster can never
+  place (named with what it asks and what the cluster has).
 - The cluster: `HOUNSFIELD_RAY_ADDRESS` / `RAY_ADDRESS` (an existing cluster, models deployed by
   `hounsfield models deploy`), else a local Ray instance started in this process on first use, which also
   deploys the registered models itself (`make run` style). Usage stats are off, the dashboard is off, Serve's HTTP
@@ -65,7 +68,16 @@ class RayServeBackend:
         return self.settings.inference_ray_address is None
 
     async def predict(self, model: Model, inputs: ModelInput) -> Prediction:
-        served = await self.call(model, inputs)
+        timeout = self.settings.inference_run_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                served = await self.call(model, inputs)
+        except TimeoutError:
+            self._handles.pop(model.key, None)
+            raise ModelFailed(
+                f"Ray Serve {model.key}: no answer within {timeout:g} s (HOUNSFIELD_INFERENCE_RUN_TIMEOUT_S);"
+                f" {await self._account(model)}"
+            ) from None
         if served.error is not None or served.prediction is None:
             raise ModelFailed(served.error or "the deployment returned no prediction")
         return unpack_prediction(served.prediction)
@@ -82,6 +94,16 @@ class RayServeBackend:
         self.last_batch_size[model.key] = served.batch_size
         return served
 
+    async def _account(self, model: Model) -> str:
+        """Serve's account of the model's deployment, to say why a call had no answer."""
+        try:
+            said = await asyncio.wait_for(
+                asyncio.to_thread(deploy.account, self.settings, deploy.deployment_name(model)), 10
+            )
+        except Exception as exc:
+            return f"its state could not be read ({type(exc).__name__})"
+        return f"Serve says: {said}"
+
     def adapter(self, model: Model) -> ModelAdapter:
         algorithm = self._algorithms.get(model.key)
         if algorithm is None:
@@ -95,6 +117,7 @@ class RayServeBackend:
         async with self._lock:
             if model.key not in self._handles:
                 self._owned = await asyncio.to_thread(deploy.connect, self.settings, self.local) or self._owned
+                deploy.keep_signal_handlers()  # on the event loop's thread: the main one in `hounsfield serve`
                 deployed = await asyncio.to_thread(deploy.deployed, self.settings)
                 if deploy.deployment_name(model) not in deployed:
                     if not self.local:
@@ -103,10 +126,13 @@ class RayServeBackend:
                             f"{self.settings.inference_ray_app!r}: run `hounsfield models deploy`"
                         )
                     models = await self.models() if self.models is not None else []
-                    keys = {m.key for m in models}
-                    await asyncio.to_thread(
-                        deploy.deploy, [*models, *([] if model.key in keys else [model])], self.settings
-                    )
+                    if model.key not in {m.key for m in models}:
+                        models.append(model)
+                    refused = await asyncio.to_thread(deploy.placement_problems, models, self.settings)
+                    if deploy.deployment_name(model) in refused:
+                        raise ModelFailed(refused[deploy.deployment_name(model)])
+                    placeable = [m for m in models if deploy.deployment_name(m) not in refused]
+                    await asyncio.to_thread(deploy.deploy, placeable, self.settings)
                 self._handles[model.key] = await asyncio.to_thread(deploy.handle, model, self.settings)
             return self._handles[model.key]
 

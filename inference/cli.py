@@ -126,6 +126,7 @@ async def _deploy(settings: InferenceSettings) -> int:
     async with _pool(settings) as pool, pool.acquire() as conn:
         models = [m for m in await registry.list_models(conn, None, None) if m.status != "retired"]
     await asyncio.to_thread(deploy.connect, settings, False)
+    deploy.keep_signal_handlers()
     try:
         names = await asyncio.to_thread(deploy.deploy, models, settings)
     finally:

@@ -1,6 +1,10 @@
 """The body of each model version's Ray Serve deployment (`inference.deploy` wraps `ModelReplica` in
 `serve.deployment`; `inference.backend_ray` calls it and reads its `Served` answers): it runs in the replica's
-process, batches concurrent requests with `@serve.batch` and runs the model adapter on each batch."""
+process, batches concurrent requests with `@serve.batch` and runs the model adapter on each batch.
+
+On a node whose address is the loopback interface (the server's own local Ray instance, or `ray start
+--node-ip-address=127.0.0.1`), the replica's inter-deployment gRPC server, which Serve binds to every interface,
+is bound to 127.0.0.1 as well (`loopback_only`): nothing the server starts listens beyond the machine."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import serve
 
 from inference.errors import InvalidModel, ModelFailed
@@ -43,6 +48,7 @@ class ModelReplica:
         batch_wait_timeout_s: float,
     ) -> None:
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+        loopback_only()
         factory = catalog(plugins).get(adapter)
         if factory is None:
             raise InvalidModel(f"adapter {adapter!r} is not available in this Ray cluster")
@@ -87,6 +93,26 @@ class ModelReplica:
             return Served(pack_prediction(result), None, size, algorithm, took)
         except Exception as exc:  # a mask that cannot be packed fails its own input only
             return Served(None, _describe(exc), size, algorithm, took)
+
+
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+def loopback_only() -> None:
+    """In a replica on a loopback node: Serve's replica gRPC server on 127.0.0.1 instead of `[::]` (Serve starts it
+    after the deployment's constructor, which calls this)."""
+    from ray.serve._private import replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    node: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+    if bind is None or node not in LOOPBACK or getattr(bind, "loopback", False):
+        return
+
+    def on_loopback(server: Any, address: str) -> Any:
+        return bind(server, "127.0.0.1:" + address.rsplit(":", 1)[-1] if address.startswith("[::]") else address)
+
+    on_loopback.loopback = True  # type: ignore[attr-defined]
+    setattr(replica, "add_port_to_grpc_server", on_loopback)  # noqa: B010 - a name Ray does not export
 
 
 def _describe(exc: Exception) -> str:

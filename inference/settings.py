@@ -29,6 +29,12 @@ class InferenceSettings(DicomwebSettings):
     inference_max_instances: int = setting("HOUNSFIELD_INFERENCE_MAX_INSTANCES", 2000, parse=integer(1, 100_000))
     """`HOUNSFIELD_INFERENCE_MAX_INSTANCES`: the most instances of one series a model reads; a run on a larger
     series fails at once with the count and this limit as its reason (never a partial volume as a result)."""
+    inference_run_timeout_s: float = setting(
+        "HOUNSFIELD_INFERENCE_RUN_TIMEOUT_S", 300.0, parse=integer(1, 86_400, per=1)
+    )
+    """`HOUNSFIELD_INFERENCE_RUN_TIMEOUT_S`: the longest a run waits for its Ray Serve deployment (placement,
+    queueing, the model itself), and `hounsfield models deploy` for its replicas to start; then the attempt fails
+    with the deployment's state as its reason and is retried like any other failure."""
     inference_plugins: tuple[str, ...] = setting("HOUNSFIELD_INFERENCE_PLUGINS", (), parse=items)
     """`HOUNSFIELD_INFERENCE_PLUGINS`: comma-separated Python modules with more model adapters (`ADAPTERS`)."""
     inference_subject: str = setting("HOUNSFIELD_INFERENCE_SUBJECT", "hounsfield-ai")

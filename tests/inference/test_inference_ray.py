@@ -7,6 +7,9 @@ include_dashboard=False)` with Serve (HTTP proxy disabled), shut down at the end
   as the in-process backend, and a failing deployment is retried and reported.
 - Concurrent requests are batched by `@serve.batch` (each answer says the size of its batch).
 - Deployment options follow the model's backend settings; bad ones are refused.
+- Nothing waits without bound: a model the cluster can never place is refused by `models deploy` and fails its
+  run, each naming what it asks and what the cluster has; a run without an answer within
+  `HOUNSFIELD_INFERENCE_RUN_TIMEOUT_S` fails its attempt with that reason, visibly, and is retried.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from inference import deploy, outputs
+from inference import deploy, outputs, ray_capacity
 from inference.backend_ray import RayServeBackend
 from inference.errors import InvalidModel
 from inference.models import ModelInput
@@ -53,6 +56,19 @@ BROKEN = {
     "name": "broken",
     "outputs": ["SEG"],
     "backend": {"adapter": "test-always-fails", "num_cpus": 0.25},
+}
+
+HUGE = {
+    **RAY_LUNGS,
+    "name": "huge",
+    "outputs": ["SEG"],
+    "backend": {"adapter": "chest-xray-lung-fields", "num_cpus": 64},
+}
+SLOW = {
+    **RAY_LUNGS,
+    "name": "slow",
+    "status": "shadow",
+    "backend": {"adapter": "test-sleeps", "seconds": 6, "num_cpus": 0.25},
 }
 
 
@@ -210,3 +226,70 @@ def test_deploy_cli_needs_a_cluster_address(tmp_path: Path) -> None:
     env = {k: v for k, v in _env().items() if k != "RAY_ADDRESS"}
     done = hounsfield("models", "deploy", "--data", str(tmp_path), env=env, timeout=60)
     assert done.returncode == 1 and "RAY_ADDRESS" in done.stderr
+
+
+def test_deploy_refuses_a_model_the_cluster_cannot_place(ray_cluster: str, make_server: Any) -> None:
+    ai: LiveServer = make_server(inference_plugins=PLUGINS, inference_backend="ray", inference_ray_address=ray_cluster)
+    with httpx.Client(base_url=ai.url, timeout=60, headers=ai.headers) as api:
+        assert api.post("/models", json=HUGE).status_code == 201
+    env = _env(RAY_ADDRESS=ray_cluster, DATABASE_URL=ai.dsn, HOUNSFIELD_INFERENCE_PLUGINS=",".join(PLUGINS))
+    done = hounsfield("models", "deploy", env=env, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "model huge@1.0.0 asks 64 CPU per replica" in done.stderr and "2 CPU" in done.stderr, done.stderr
+    assert "huge@1.0.0" not in deploy.deployed(ai.settings)
+
+
+def test_a_model_that_cannot_be_placed_fails_its_run_with_the_reason(ray_cluster: str, make_server: Any) -> None:
+    """No cluster address (the server deploys itself): the run fails with the reason instead of waiting."""
+    ai: LiveServer = make_server(
+        inference_quiet_seconds=0.5, inference_max_attempts=1, inference_backend="ray", inference_ray_address=None
+    )
+    with httpx.Client(base_url=ai.url, timeout=60, headers=ai.headers) as api:
+        assert api.post("/models", json=HUGE).status_code == 201
+        source = stow_chest(api)
+        result = result_of(api, source.SeriesInstanceUID, "huge", ("succeeded", "failed"))
+    assert result["state"] == "failed", result
+    assert "huge@1.0.0 asks 64 CPU per replica" in result["error"] and "2 CPU" in result["error"], result
+
+
+def test_a_run_without_an_answer_times_out_and_is_retried(ray_cluster: str, make_server: Any) -> None:
+    ai: LiveServer = make_server(
+        inference_quiet_seconds=0.5,
+        inference_max_attempts=2,
+        inference_plugins=PLUGINS,
+        inference_backend="ray",
+        inference_ray_address=ray_cluster,
+        inference_run_timeout_s=2.0,
+    )
+    model = parse_model(SLOW, {"test-sleeps"})
+    assert deploy.deploy([model], _settings(ray_cluster)) == ["slow@1.0.0"]
+    with httpx.Client(base_url=ai.url, timeout=60, headers=ai.headers) as api:
+        assert api.post("/models", json=SLOW).status_code == 201
+        source = stow_chest(api)
+        retrying = result_of(api, source.SeriesInstanceUID, "slow", ("retrying", "succeeded", "failed"))
+        assert retrying["state"] == "retrying", retrying  # the attempt's reason shows while it waits for the next
+        assert "no answer within 2 s (HOUNSFIELD_INFERENCE_RUN_TIMEOUT_S)" in retrying["error"], retrying
+        assert "slow@1.0.0" in retrying["error"]
+        failed = result_of(api, source.SeriesInstanceUID, "slow", ("succeeded", "failed"))
+    assert failed["state"] == "failed" and failed["attempts"] == 2, failed
+    assert "no answer within 2 s" in failed["error"], failed
+
+
+def test_capacity_names_what_each_model_asks_and_what_there_is() -> None:
+    nodes = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 1.0, "GPU": 1.0, "ward": 1.0}]
+    demands = [
+        ray_capacity.Demand("a@1", {"CPU": 1.0}, 2),
+        ray_capacity.Demand("b@1", {"CPU": 1.0, "GPU": 0.5}, 1),
+        ray_capacity.Demand("c@1", {"CPU": 1.0}, 1),
+        ray_capacity.Demand("d@1", {"CPU": 3.0}, 1),
+        ray_capacity.Demand("e@1", {"ward": 1.0, "CPU": 2.0}, 1),
+        ray_capacity.Demand("f@1", {"GPU": 0.5}, 1),
+    ]
+    found = ray_capacity.problems(demands, nodes)
+    assert set(found) == {"c@1", "d@1", "e@1"}
+    assert found["c@1"] == (
+        "model c@1 asks 1 CPU for 1 replica(s), but the Ray cluster has 3 CPU, of which a@1, b@1 take(s) 3 CPU"
+    )
+    assert "asks 3 CPU per replica" in found["d@1"] and "the most one node has: 2 CPU" in found["d@1"]
+    assert "asks 2 CPU, 1 ward per replica" in found["e@1"]
+    assert ray_capacity.problems(demands[:2], nodes) == {}

@@ -1,10 +1,14 @@
 """A model adapter plugin for the inference tests (loaded through HOUNSFIELD_INFERENCE_PLUGINS, as a site's own
 models would be): `test-always-fails` is a test model that fails on every input, so that retries and the
 failure report can be observed end to end; `test-measures` is a test model that succeeds at once with one
-measurement (the mean pixel value), for tests that need a published result without a real model's cost."""
+measurement (the mean pixel value), for tests that need a published result without a real model's cost;
+`test-sleeps` takes `backend.seconds` to answer and reports the process it ran in (`pid`), for tests of time
+limits and of where Ray placed it."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,4 +44,18 @@ def measures(settings: Mapping[str, Any]) -> Measures:
     return Measures(Algorithm("test-measures", "0", codes.cid7162.ArtificialIntelligence))
 
 
-ADAPTERS = {"test-always-fails": always_fails, "test-measures": measures}
+@dataclass(frozen=True, slots=True)
+class Sleeps:
+    algorithm: Algorithm
+    seconds: float
+
+    def predict(self, inputs: ModelInput) -> Prediction:
+        time.sleep(self.seconds)
+        return Prediction(measurements={"pid": float(os.getpid())}, conclusion="test sleep")
+
+
+def sleeps(settings: Mapping[str, Any]) -> Sleeps:
+    return Sleeps(Algorithm("test-sleeps", "0", codes.cid7162.ArtificialIntelligence), float(settings["seconds"]))
+
+
+ADAPTERS = {"test-always-fails": always_fails, "test-measures": measures, "test-sleeps": sleeps}
