@@ -28,11 +28,12 @@ from pathlib import Path
 import anyio.to_thread
 import asyncpg
 
+from authz.audit import AuditTrail
 from dicomweb.blobs import BlobStore, BlobStoreError
 from dicomweb.index import repository
 from dicomweb.ingest.activity import IngestActivity
 from dicomweb.ingest.admission import NOT_AUTHORIZED, Admission
-from dicomweb.ingest.events import InstanceStored, Listener
+from dicomweb.ingest.events import AuditOf, InstanceStored, Listener
 from dicomweb.ingest.gc import DELETE_JOB
 from dicomweb.ingest.origin import Origin
 from dicomweb.ingest.outcome import PATIENT_CONFLICT_COMMENT, Outcome, PatientConflict
@@ -101,16 +102,16 @@ class StoreService:
         origin: Origin,
         *,
         study: str | None = None,
-        audit: Listener | None = None,
+        audit: AuditOf | None = None,
         admit: Admission | None = None,
     ) -> Outcome:
         """Ingest one spooled instance received through `origin`. The file is consumed (moved into the store or
-        deleted). `study` is the Study Instance UID the request named (STOW-RS on /studies/{study}, an AI result
-        filed under its source's study): an instance of another study is refused (A900). `audit` writes the
-        store's audit record (`AuditTrail.append_in`) in the index transaction, after the listeners: when it
-        fails, nothing is stored (out of resources). `admit` is the policy's decision on the parsed instance
-        (`dicomweb.ingest.admission`): a denial stores nothing (0124H, `Outcome.denial`). Raises only when nothing was
-        stored."""
+        deleted). `study` is the Study Instance UID the request named (STOW-RS on /studies/{study}, an AI result filed
+        under its source's study): an instance of another study is refused (A900). `audit` gives the store's audit
+        records (`dicomweb.ingest.events.AuditOf`), written in the index transaction after the listeners
+        (`AuditTrail.append_in`): when that fails, nothing is stored (out of resources). `admit` is the policy's
+        decision on the parsed instance (`dicomweb.ingest.admission`): a denial stores nothing (0124H,
+        `Outcome.denial`). Raises only when nothing was stored."""
         path = spooled.path
         self.activity.touch()
         try:
@@ -132,7 +133,7 @@ class StoreService:
         spooled: Spooled,
         origin: Origin,
         expected_study: str | None,
-        audit: Listener | None,
+        audit: AuditOf | None,
         admit: Admission | None,
     ) -> Outcome:
         path, size, sha256 = spooled.path, spooled.size, spooled.sha256
@@ -223,7 +224,7 @@ class StoreService:
         original: str,
         put: asyncio.Future[None],
         origin: Origin,
-        audit: Listener | None,
+        audit: AuditOf | None,
     ) -> Outcome:
         committing = False  # the statements ran and COMMIT was sent: an error now leaves the outcome unknown
         try:
@@ -305,7 +306,7 @@ class StoreService:
         outcome: Outcome,
         original: str,
         origin: Origin,
-        audit: Listener | None,
+        audit: AuditOf | None,
     ) -> None:
         """The index transaction's statements: one for the study, series and instance rows, then the overwrite
         or duplicate handling when the instance exists, then the listeners and the audit record. Raises `_Rollback`
@@ -346,10 +347,10 @@ class StoreService:
                 await jobs.enqueue(conn, DELETE_JOB, {"key": current["blob_key"]})
         stored = InstanceStored(instance_pk, study_pk, series_pk, parsed, replaced, origin)
         for listener in self.listeners:
-            await listener(conn, stored)
+            await listener(conn, (stored,))
         if audit is not None:
             try:
-                await audit(conn, stored)
+                await AuditTrail.append_in(conn, audit(stored))
             except Exception as exc:
                 raise _AuditFailed from exc
 
