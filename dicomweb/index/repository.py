@@ -112,11 +112,78 @@ def _json(value: object) -> str | None:
     return json.dumps(value, ensure_ascii=False) if value is not None else None
 
 
+async def _index_one(conn: Connection, p: ParsedInstance, blob_key: str, size: int, sha256: str) -> asyncpg.Record:
+    """`index_instance` in store.sql: a batch of one."""
+    s, r = p.study, p.series
+    row = await conn.fetchrow(
+        STORE["index_instance"],
+        s["study_uid"],
+        s["patient_id"],
+        s["issuer_of_patient_id"],
+        s["patient_name"],
+        s["patient_name_search"],
+        s["patient_birth_date"],
+        s["patient_sex"],
+        s["study_date"],
+        s["study_time"],
+        s["accession_number"],
+        s["study_id"],
+        s["study_description"],
+        s["referring_physician_name"],
+        s["referring_physician_search"],
+        json.dumps(p.study_attrs, ensure_ascii=False),
+        r["series_uid"],
+        r["modality"],
+        r["series_number"],
+        r["series_description"],
+        r["body_part_examined"],
+        r["series_date"],
+        r["series_time"],
+        r["pps_start_date"],
+        r["pps_start_time"],
+        json.dumps(p.series_attrs, ensure_ascii=False),
+        *_instance_args(p, 0, 0, blob_key, size, sha256)[2:],
+        s["patient_name_groups"],
+        s["referring_physician_groups"],
+    )
+    assert row is not None  # the upserts always return their rows
+    return row
+
+
 async def index_instances(conn: Connection, batch: Sequence[tuple[ParsedInstance, str, int, str]]) -> list[Indexed]:
     """Study, series and instance rows of a batch of (instance, blob key, size, sha256) in one round trip
     (`index_instances` in store.sql), each instance told what it would be told indexed alone after the ones before
-    it. An instance in conflict (`Indexed.conflict`) inserted no instance row, but may have inserted its study or
-    series (`Indexed.created`): the caller rolls back before storing without it."""
+    it. An instance in conflict (`Indexed.conflict`) is not stored, but may have inserted its study or series
+    (`Indexed.created`): the caller rolls back before storing without it. A batch of one (a lone instance) takes the
+    single-row statement, which costs less."""
+    if len(batch) == 1:
+        rows = [await _index_one(conn, *batch[0])]
+    else:
+        rows = await conn.fetch(STORE["index_instances"], *_columns(batch))
+    assert len(rows) == len(batch)  # the upserts always return their rows
+    out = []
+    for (p, *_), row in zip(batch, rows, strict=True):
+        conflict: StudyOfAnotherPatient | SeriesInOtherStudy | None = None
+        if (row["study_patient_id"], row["study_issuer"]) != (p.study["patient_id"], p.study["issuer_of_patient_id"]):
+            conflict = StudyOfAnotherPatient(row["study_patient_id"], row["study_issuer"])
+        elif row["series_study_pk"] != row["study_pk"]:
+            conflict = SeriesInOtherStudy(p.series_uid)
+        instance_pk = row["instance_pk"] if conflict is None else None
+        created = len(batch) > 1 and bool(row["study_created"] or row["series_created"])
+        out.append(
+            Indexed(
+                int(row["study_pk"]),
+                int(row["series_pk"]),
+                int(instance_pk) if instance_pk is not None else None,
+                conflict,
+                created,
+            )
+        )
+    return out
+
+
+def _columns(batch: Sequence[tuple[ParsedInstance, str, int, str]]) -> list[list[object]]:
+    """The arguments of `index_instances` in store.sql: one array per column."""
     columns: list[list[object]] = [[p.study[name] for p, *_ in batch] for name in _STUDY]
     columns.append([_json(p.study_attrs) for p, *_ in batch])
     columns += [[p.series[name] for p, *_ in batch] for name in _SERIES]
@@ -131,26 +198,7 @@ async def index_instances(conn: Connection, batch: Sequence[tuple[ParsedInstance
     columns.append([_json(p.study["patient_name_groups"]) for p, *_ in batch])
     columns.append([_json(p.study["referring_physician_groups"]) for p, *_ in batch])
     columns.append(list(range(1, len(batch) + 1)))
-    rows = await conn.fetch(STORE["index_instances"], *columns)
-    assert len(rows) == len(batch)  # the upserts always return their rows
-    out = []
-    for (p, *_), row in zip(batch, rows, strict=True):
-        conflict: StudyOfAnotherPatient | SeriesInOtherStudy | None = None
-        if (row["study_patient_id"], row["study_issuer"]) != (p.study["patient_id"], p.study["issuer_of_patient_id"]):
-            conflict = StudyOfAnotherPatient(row["study_patient_id"], row["study_issuer"])
-        elif row["series_study_pk"] != row["study_pk"]:
-            conflict = SeriesInOtherStudy(p.series_uid)
-        instance_pk = row["instance_pk"]
-        out.append(
-            Indexed(
-                int(row["study_pk"]),
-                int(row["series_pk"]),
-                int(instance_pk) if instance_pk is not None else None,
-                conflict,
-                bool(row["study_created"] or row["series_created"]),
-            )
-        )
-    return out
+    return columns
 
 
 async def replace_instance(

@@ -109,6 +109,50 @@ SELECT f.ord, f.study_pk, f.series_pk, f.series_study_pk, f.study_patient_id, f.
 FROM inserting f LEFT JOIN ins USING (sop_instance_uid)
 ORDER BY f.ord;
 
+-- name: index_instance
+-- index_instances for a batch of one (a lone instance: C-STORE on one association, an import), with the same
+-- answers for its one row (it may insert the instance in conflict: the caller rolls back); cheaper to plan and run
+-- than the batch form's window functions and joins, for a lone instance's latency.
+WITH st_found AS (
+    SELECT study_pk, patient_id, issuer_of_patient_id FROM studies WHERE study_uid = $1
+), st_new AS (
+    INSERT INTO studies (
+        study_uid, patient_id, issuer_of_patient_id, patient_name, patient_name_search, patient_birth_date,
+        patient_sex, study_date, study_time, accession_number, study_id, study_description,
+        referring_physician_name, referring_physician_search, attrs, patient_name_groups,
+        referring_physician_groups)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb, $40::text[], $41::text[]
+    WHERE NOT EXISTS (SELECT 1 FROM st_found)
+    ON CONFLICT (study_uid) DO UPDATE SET updated_at = now()
+    RETURNING study_pk, patient_id, issuer_of_patient_id
+), st AS (
+    SELECT study_pk, patient_id, issuer_of_patient_id FROM st_found
+    UNION ALL SELECT study_pk, patient_id, issuer_of_patient_id FROM st_new
+), se_found AS (
+    SELECT series_pk, study_pk FROM series WHERE series_uid = $16
+), se_new AS (
+    INSERT INTO series (
+        study_pk, series_uid, modality, series_number, series_description, body_part_examined, series_date,
+        series_time, pps_start_date, pps_start_time, attrs)
+    SELECT (SELECT study_pk FROM st), $16, $17, $18::integer, $19, $20, $21, $22, $23, $24, $25::jsonb
+    WHERE NOT EXISTS (SELECT 1 FROM se_found)
+    ON CONFLICT (series_uid) DO UPDATE SET updated_at = now()
+    RETURNING series_pk, study_pk
+), se AS (
+    SELECT series_pk, study_pk FROM se_found UNION ALL SELECT series_pk, study_pk FROM se_new
+), ins AS (
+    INSERT INTO instances (
+        series_pk, study_pk, sop_instance_uid, sop_class_uid, instance_number, transfer_syntax_uid, rows, columns,
+        number_of_frames, bits_allocated, blob_key, size_bytes, sha256, metadata, bulk, pixel)
+    VALUES ((SELECT series_pk FROM se), (SELECT study_pk FROM st), $26, $27, $28, $29, $30, $31, $32, $33, $34,
+        $35, $36, $37, $38::jsonb, $39::jsonb)
+    ON CONFLICT (sop_instance_uid) DO NOTHING
+    RETURNING instance_pk
+)
+SELECT st.study_pk, se.series_pk, se.study_pk AS series_study_pk, (SELECT instance_pk FROM ins) AS instance_pk,
+    st.patient_id AS study_patient_id, st.issuer_of_patient_id AS study_issuer
+FROM st, se;
+
 -- name: replace_instance
 -- Overwrite (when configured): the row points at the new blob; the old blob is deleted by a job queued in the
 -- same transaction, after the commit makes the new one visible.
