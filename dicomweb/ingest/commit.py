@@ -205,7 +205,9 @@ class GroupCommit:
                         for listener in self.listeners:
                             await listener(conn, events)
                         await self._audit(conn, stored)
-                        await asyncio.wait([entry.put for entry in entries])  # durable before the rows commit
+                        writing = [entry.put for entry in entries if not entry.put.done()]
+                        if writing:
+                            await asyncio.wait(writing)  # durable before the rows commit
                         if any(_put_failure(entry) is not None for entry in entries):
                             raise _Retry
                         committing = True

@@ -109,7 +109,7 @@ async def enqueue_many(conn: Connection, new: Sequence[NewJob]) -> int:
     with one key absorbs the others."""
     if not new:
         return 0
-    rows = await conn.fetch(
+    status = await conn.execute(
         SQL["enqueue_many"],
         [job.kind for job in new],
         [json.dumps(job.payload) for job in new],
@@ -117,7 +117,7 @@ async def enqueue_many(conn: Connection, new: Sequence[NewJob]) -> int:
         [float(job.delay_seconds) for job in new],
         [job.max_attempts for job in new],
     )
-    return len(rows)
+    return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <rows>"
 
 
 async def schedule(

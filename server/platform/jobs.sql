@@ -20,8 +20,7 @@ FROM (
     ORDER BY kind, coalesce(dedupe_key, ord::text), dedupe_key IS NULL, ord
 ) AS first
 ORDER BY ord
-ON CONFLICT (kind, dedupe_key) WHERE state = 'queued' AND dedupe_key IS NOT NULL DO NOTHING
-RETURNING id;
+ON CONFLICT (kind, dedupe_key) WHERE state = 'queued' AND dedupe_key IS NOT NULL DO NOTHING;
 
 -- name: take
 -- Take up to $2 ready jobs of the kinds this worker knows; SKIP LOCKED lets many workers share the queue. Jobs of
