@@ -33,7 +33,7 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -179,12 +179,14 @@ class Renditions:
         winner = await self.current(int(row["instance_pk"]), syntax, str(row["sha256"]))
         return winner or Rendition(syntax, made.blob_key, made.frames, encode.CODEC_VERSION)
 
-    async def make_all(self, rows: Sequence[asyncpg.Record], syntax: str, workers: int) -> int:
+    async def make_all(
+        self, rows: Sequence[asyncpg.Record], syntax: str, workers: int, stop: Callable[[], bool] | None = None
+    ) -> int:
         """Make the renditions in `syntax` of the images in `rows` (`missing_in_series` rows), `workers` images at
         once, recording them in batches; returns how many were made. An image the encoder cannot take (or whose
         stored frames do not decode) is skipped; any other failure of one image leaves the others to be made and
-        is raised at the end (the job is retried and makes what is still missing). Below the free-space watermark
-        no further image is started."""
+        is raised at the end (the job is retried and makes what is still missing). Below the free-space watermark,
+        or once `stop()` is true, no further image is started."""
         pending: list[Made] = []
         failures: list[Exception] = []
         todo = iter(rows)
@@ -199,7 +201,7 @@ class Renditions:
         async def work() -> None:
             nonlocal made
             for row in todo:  # shared: each worker takes the next image
-                if any(isinstance(exc, BelowWatermark) for exc in failures):
+                if any(isinstance(exc, BelowWatermark) for exc in failures) or (stop is not None and stop()):
                     return
                 try:
                     rendition = await self._write(row, syntax, attributes=row)
@@ -347,17 +349,25 @@ def job_handler(
     spool_dir: Path,
     space: FreeSpace | None = None,
     workers: int | None = None,
+    busy: Callable[[], float] | None = None,
 ) -> jobs.Handler:
     """`rendition`: payload `{"series_pk": n}` makes the series' missing renditions in the configured syntaxes,
     `workers` images at once (default: one per CPU, `encoders`); `{"instance_pk": n}` (and `"syntaxes"` when a frame
     request asked for one not configured) makes one instance's. Images an encoder cannot take (1-bit, float, YBR
     from JPEG) are skipped: their frames are served by decoding instead. Below the free-space watermark the worker
     does not take these jobs (`server.platform.jobs.Pause`); one taken just before fails with `BelowWatermark` and
-    is retried later."""
+    is retried later.
+
+    A series job gives way to an ingest that starts while it runs (`busy()`, the worker's `Deferral`, says so):
+    it starts no further image and queues the rest again as due as it was (`jobs.again`), so that it waits for
+    ingest to be quiet again, or runs on at once if it was already overdue."""
     service = Renditions(pool, blobs, spool_dir, space)
     parallel = workers or encoders()
 
-    async def of_series(series_pk: int) -> None:
+    def ingesting() -> bool:
+        return busy is not None and busy() > 0
+
+    async def of_series(job: jobs.Job, series_pk: int) -> None:
         for syntax in syntaxes:
             if not encode.can_encode(syntax):
                 continue
@@ -366,7 +376,11 @@ def job_handler(
                 async with pool.acquire() as conn:
                     rows = await conn.fetch(SQL["missing_in_series"], series_pk, syntax, after, SERIES_PAGE)
                 if rows:
-                    await service.make_all(rows, syntax, parallel)
+                    await service.make_all(rows, syntax, parallel, ingesting)
+                if ingesting():
+                    async with pool.acquire() as conn:
+                        await jobs.again(conn, job, dedupe_key=series_job(series_pk)[1])
+                    return
                 if len(rows) < SERIES_PAGE:
                     break
                 after = int(rows[-1]["instance_pk"])
@@ -386,7 +400,7 @@ def job_handler(
 
     async def run(job: jobs.Job) -> None:
         if "series_pk" in job.payload:
-            await of_series(int(job.payload["series_pk"]))
+            await of_series(job, int(job.payload["series_pk"]))
         else:  # a frame request's, or one queued per instance by an older server
             wanted = [str(ts) for ts in job.payload.get("syntaxes") or syntaxes]
             await of_instance(int(job.payload["instance_pk"]), wanted)

@@ -142,3 +142,50 @@ def test_a_per_instance_job_of_an_older_server_still_runs(make_server: Any) -> N
         [row] = wait_for(lambda: rows_of(server.dsn, ds.SOPInstanceUID))
         assert row["transfer_syntax_uid"] == HTJ2K_RPCL and row["current"]
         assert_exact(http, ds)
+
+
+def test_a_series_job_gives_way_to_an_ingest_that_starts_and_queues_the_rest_as_due_as_it_was(
+    make_server: Any,
+) -> None:
+    """An ingest starting while a series job runs (the worker's `Deferral` says busy): no further image is started
+    and the rest is queued again with the job's own run time (an overdue job stays overdue: it runs on even under a
+    continuous ingest)."""
+    server = make_server(renditions=(), worker_enabled=False)  # this test is the worker
+    images = series_of(5)
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+        store(http, *images)
+    [(series_pk,)] = query(
+        server.dsn, "SELECT series_pk FROM series WHERE series_uid = $1", images[0].SeriesInstanceUID
+    )
+    payload = {"series_pk": series_pk}
+    [taken] = query(
+        server.dsn,
+        "INSERT INTO jobs (kind, payload, state, attempts, run_at) "
+        "VALUES ('rendition', $1::jsonb, 'running', 1, now() - interval '30 s') RETURNING id, run_at",
+        json.dumps(payload),
+    )
+    checks = 0
+
+    def busy() -> float:  # the ingest starts once the first image is under way
+        nonlocal checks
+        checks += 1
+        return 0.0 if checks == 1 else 1.5
+
+    async def run(job_id: int, busy: Any) -> None:
+        pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=4)
+        try:
+            blobs = FileSystemBlobStore(server.settings.blob_dir)
+            handler = renditions.job_handler(pool, blobs, [HTJ2K_RPCL], server.settings.spool_dir, workers=1, busy=busy)
+            await handler(jobs.Job(job_id, renditions.RENDITION_JOB, payload, 1, 8))
+        finally:
+            await pool.close()
+
+    def made() -> int:
+        return int(query(server.dsn, "SELECT count(*) FROM renditions")[0][0])
+
+    asyncio.run(run(taken["id"], busy))
+    assert made() == 1
+    [queued] = query(server.dsn, "SELECT id, payload, run_at FROM jobs WHERE kind = 'rendition' AND state = 'queued'")
+    assert json.loads(queued["payload"]) == payload and queued["run_at"] == taken["run_at"]
+    asyncio.run(run(queued["id"], None))  # once ingest is quiet: the rest
+    assert made() == len(images)
