@@ -100,6 +100,15 @@ async def schedule(
     return int(value)
 
 
+async def again(conn: Connection, job: Job, *, dedupe_key: str) -> int | None:
+    """Queue the running `job` again, as it is (kind, payload) and as due as it was (its `run_at`): a handler that
+    gives way part-way (to an ingest, `Deferral`) leaves the rest to a job that is taken under the same rule, and
+    that is still overdue if `job` was. A queued job with that key takes the earlier of the two run times. None when
+    `job` is not in the queue."""
+    value = await conn.fetchval(SQL["again"], job.id, dedupe_key)
+    return int(value) if value is not None else None
+
+
 def backoff_seconds(attempt: int) -> float:
     """2, 4, 8 ... seconds, capped at 10 minutes."""
     return float(min(600, 2**attempt))

@@ -71,3 +71,11 @@ VALUES ($1, $2::jsonb, $3, now() + make_interval(secs => $4), $5)
 ON CONFLICT (kind, dedupe_key) WHERE state = 'queued' AND dedupe_key IS NOT NULL
 DO UPDATE SET run_at = LEAST(jobs.run_at, EXCLUDED.run_at)
 RETURNING id;
+
+-- name: again
+-- A copy of running job $1 (kind, payload, run_at) queued under key $2, merged into a queued one with that key.
+INSERT INTO jobs (kind, payload, dedupe_key, run_at, max_attempts)
+SELECT kind, payload, $2, run_at, max_attempts FROM jobs WHERE id = $1
+ON CONFLICT (kind, dedupe_key) WHERE state = 'queued' AND dedupe_key IS NOT NULL
+DO UPDATE SET run_at = LEAST(jobs.run_at, EXCLUDED.run_at)
+RETURNING id;
