@@ -21,6 +21,10 @@ WHERE id IN (
 )
 RETURNING id, kind, payload, attempts, max_attempts;
 
+-- name: next_due
+-- Seconds until the earliest queued job of these kinds is due (negative when overdue); NULL when none is queued.
+SELECT extract(epoch FROM min(run_at) - now())::float8 FROM jobs WHERE state = 'queued' AND kind = ANY($1::text[]);
+
 -- name: finish
 UPDATE jobs SET state = 'done', finished_at = now(), locked_at = NULL, last_error = NULL
 WHERE id = $1 AND state = 'running';
