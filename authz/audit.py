@@ -99,6 +99,10 @@ Forwarder = Callable[[AuditRecord, int], None]
 """Called after a record committed, with its seq (e.g. syslog forwarding); must not block."""
 
 
+LINGER_SECONDS = 0.5
+"""How long the append writer keeps its connection after its last batch, waiting for more records."""
+
+
 @dataclass(slots=True)
 class _Batch:
     texts: list[str] = field(default_factory=list)
@@ -133,11 +137,25 @@ class AuditTrail:
         self._accepting = False
         """True while a writer task will still take pending records."""
         self._writers: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        """Set when records are pending for a writer that lingers on its connection."""
+        self._closing = False
 
     async def append(self, record: AuditRecord) -> int:
         """Write one record; returns its seq once committed. Raises what the database raised."""
-        (seq,) = await self.append_many((record,))
-        return seq
+        # shield: a caller that is cancelled (client gone) does not cancel the write its record is part of.
+        return await asyncio.shield(self.submit(record))
+
+    def submit(self, record: AuditRecord) -> asyncio.Future[int]:
+        """Hand one record to the writer without waiting: the future gives its seq once committed, or what the
+        database raised. For a caller with work to do meanwhile (`authz.recording`: the response's body)."""
+        text = canonical_json(record.to_json())  # a bad record raises here, alone
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.texts.append(text)
+        self._pending.records.append(record)
+        self._pending.futures.append(future)
+        self._start_writer()
+        return future
 
     async def append_many(self, records: Sequence[AuditRecord]) -> list[int]:
         """Write records (consecutive in the chain when no other process appends meanwhile); their seqs."""
@@ -167,7 +185,9 @@ class AuditTrail:
         self._start_writer()
 
     def _start_writer(self) -> None:
-        if not self._accepting:
+        if self._accepting:
+            self._wake.set()  # a lingering writer takes them
+        else:
             self._accepting = True
             writer = asyncio.create_task(self._write_pending(), name="hounsfield-audit-append")
             self._writers.add(writer)
@@ -175,29 +195,36 @@ class AuditTrail:
 
     async def close(self) -> None:
         """Wait for the writes in flight (call before closing the pool on shutdown)."""
+        self._closing = True
+        self._wake.set()
         while self._writers:
             await asyncio.gather(*self._writers, return_exceptions=True)
 
     async def _write_pending(self) -> None:
-        """Write batches until none is pending, on one connection; each batch's callers are answered as soon as
-        its statement committed. Once nothing is pending the writer stops accepting (a later append starts a new
-        writer at once instead of waiting for this one to hand its connection back). A failed batch raises in each
-        of its callers (its records may or may not be committed when the connection broke mid-call)."""
+        """Write batches while any is pending, on one connection; each batch's callers are answered as soon as
+        its statement committed. The writer then keeps its connection for `LINGER_SECONDS` and takes the next
+        records at once (a busy server pays no task start and no pool checkout per request); once it has waited
+        that long with nothing pending it stops accepting and hands the connection back (a later append starts a
+        new writer). A failed batch raises in each of its callers (its records may or may not be committed when
+        the connection broke mid-call)."""
         while self._pending.texts or self._nudged:
             batch: _Batch | None = None
             connected = False
             try:
                 async with self.writer.acquire() as conn:
                     connected = True
-                    while self._pending.texts or self._nudged:
-                        batch = self._take()
-                        row = await conn.fetchrow(SQL["append"], batch.texts)
-                        assert row is not None  # audit_chain returns one row
-                        pending_first, first = int(row["pending_first"]), int(row["first_seq"])
-                        self._settle(batch, first)
-                        batch = None
-                        if self.forwarder is not None and pending_first < first:
-                            await self._forward_chained(conn, pending_first, first)
+                    while True:
+                        while self._pending.texts or self._nudged:
+                            batch = self._take()
+                            row = await conn.fetchrow(SQL["append"], batch.texts)
+                            assert row is not None  # audit_chain returns one row
+                            pending_first, first = int(row["pending_first"]), int(row["first_seq"])
+                            self._settle(batch, first)
+                            batch = None
+                            if self.forwarder is not None and pending_first < first:
+                                await self._forward_chained(conn, pending_first, first)
+                        if not await self._next():
+                            break
                     self._accepting = False
                     vouch_stateless(conn)  # autocommitted appends only: no reset query on release
                 return
@@ -212,6 +239,18 @@ class AuditTrail:
                 if not self._accepting:
                     return
         self._accepting = False
+
+    async def _next(self) -> bool:
+        """Wait up to `LINGER_SECONDS` for more records; False when none came (or the trail is closing)."""
+        self._wake.clear()
+        if self._closing:
+            return False
+        try:
+            async with asyncio.timeout(LINGER_SECONDS):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+        return bool(self._pending.texts or self._nudged)
 
     def _settle(self, batch: _Batch, outcome: int | Exception) -> None:
         for i, future in enumerate(batch.futures):

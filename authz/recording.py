@@ -3,10 +3,12 @@
 An ASGI layer around the whole application (`server.app.edge`: outside routing and authentication, so 401s,
 and 404s, 405s and 400s of requests that matched no route, are recorded too): when the response's status is
 known (`http.response.start`) it builds the record from what authentication and the guard left in the
-request state and awaits `AuditTrail.append`, which returns only after the record is committed. Only then does
-the response go out, so no record can be lost after a response was sent. If the record cannot be written, the
-client gets 503 instead of the data (fail closed). An access inside a break-glass window (the decision's
-`obligations.break_glass`) is flagged, with the session's reason and id.
+request state and hands it to `AuditTrail.append`, which answers only after the record is committed. Nothing of
+the response goes out before that answer, so no record can be lost after a response was sent; the handler goes on
+producing the body meanwhile (held, bounded: `_Recorder`), so the commit's WAL flush overlaps reading the blob
+instead of preceding it. If the record cannot be written, the client gets 503 instead of the data (fail closed).
+An access inside a break-glass window (the decision's `obligations.break_glass`) is flagged, with the session's
+reason and id.
 
 One exception to failing closed: a request whose changes were each recorded in their own transaction (a stored
 instance's record commits with it, `CHANGES_RECORDED`) gets its response even when its own record cannot be
@@ -15,6 +17,8 @@ written, because that response is the only report of what was changed; the failu
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -24,6 +28,7 @@ from urllib.parse import unquote_to_bytes
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
 
+from authz.audit import AuditTrail
 from authz.auditrecord import request_record
 from authz.authn import PRINCIPAL
 from authz.decision import Action, Decision, Resource
@@ -125,34 +130,88 @@ def audit_requests(public_paths: tuple[str, ...]) -> Callable[[ASGIApp], ASGIApp
                 await app(scope, receive, send)
                 return
             trail = authz_services(scope["litestar_app"]).audit
-            failed = False
-
-            async def recording_send(message: Message) -> None:
-                nonlocal failed
-                if failed:
-                    return
-                if message["type"] == "http.response.start":
-                    try:
-                        await trail.append(record_for(scope, int(message["status"])))
-                    except Exception as exc:
-                        if scope.get("state", {}).get(CHANGES_RECORDED) is True:
-                            log.exception("audit record not written; responding all the same: each change was recorded")
-                            await send(message)
-                            return
-                        if unavailable(exc):  # the database is down: the server reconnects by itself
-                            log.warning("audit record could not be written (database unavailable); refusing")
-                        else:
-                            log.exception("audit record could not be written; refusing the response")
-                        failed = True
-                        await _unavailable(send, fhir=scope["path"] == "/fhir" or scope["path"].startswith("/fhir/"))
-                        return
-                await send(message)
-
-            await app(scope, receive, recording_send)
+            recorder = _Recorder(scope, send, trail)
+            try:
+                await app(scope, receive, recorder.send)
+            except BaseException:
+                # What the handler sent before it failed goes out once recorded, as it would have unheld.
+                with contextlib.suppress(Exception):
+                    await recorder.release()
+                raise
+            await recorder.release()
 
         return middleware
 
     return factory
+
+
+HOLD_BYTES = 4 * 1024 * 1024
+"""The most body bytes held back while the request's record is being committed; past it the sender waits."""
+
+
+class _Recorder:
+    """The `send` of one request. At `http.response.start` the record is handed to the trail, and nothing goes
+    to the client until it has committed: the start and the first body messages are held (up to `HOLD_BYTES`),
+    so that the handler's work on the body (reading a blob, encoding) runs during the commit instead of after it.
+    When the record cannot be written, the held messages are dropped and the client gets 503 (nothing was sent
+    yet)."""
+
+    __slots__ = ("_held", "_held_bytes", "_open", "_record", "_send", "failed", "scope", "trail")
+
+    def __init__(self, scope: Scope, send: Send, trail: AuditTrail) -> None:
+        self.scope, self._send, self.trail = scope, send, trail
+        self._record: asyncio.Future[int] | None = None
+        self._held: list[Message] = []
+        self._held_bytes = 0
+        self._open = False
+        """True once the record committed and the held messages went out: later messages pass through."""
+        self.failed = False
+
+    async def send(self, message: Message) -> None:
+        if self.failed:
+            return
+        if self._open:
+            await self._send(message)
+            return
+        if message["type"] == "http.response.start":
+            record = record_for(self.scope, int(message["status"]))
+            self._record = self.trail.submit(record)
+            self._held.append(message)
+            return
+        if self._record is None:  # not a response message (e.g. a trailer before start): pass it on
+            await self._send(message)
+            return
+        self._held.append(message)
+        body = message.get("body", b"")
+        self._held_bytes += len(body) if isinstance(body, bytes | bytearray | memoryview) else 0
+        if self._record.done() or self._held_bytes >= HOLD_BYTES or not message.get("more_body", False):
+            await self.release()
+
+    async def release(self) -> None:
+        """Wait for the record; then send what is held, or 503 when the record could not be written."""
+        if self._record is None or self._open or self.failed:
+            return
+        try:
+            await asyncio.shield(self._record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self.scope.get("state", {}).get(CHANGES_RECORDED) is True:
+                log.exception("audit record not written; responding all the same: each change was recorded")
+            else:
+                if unavailable(exc):  # the database is down: the server reconnects by itself
+                    log.warning("audit record could not be written (database unavailable); refusing")
+                else:
+                    log.exception("audit record could not be written; refusing the response")
+                self.failed = True
+                self._held.clear()
+                path = str(self.scope["path"])
+                await _unavailable(self._send, fhir=path == "/fhir" or path.startswith("/fhir/"))
+                return
+        self._open = True
+        held, self._held = self._held, []
+        for message in held:
+            await self._send(message)
 
 
 UNAVAILABLE = "audit trail unavailable"

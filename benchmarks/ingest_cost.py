@@ -6,7 +6,13 @@ total CPU is near one core while its loop is not busy is bound by the GIL, not t
 the server is profiled under the STOW (or `--spy-on cstore`: C-STORE) load and the jobs it queued (speedscope
 JSON); `--gil` samples only the thread holding the GIL, which is where a GIL-bound server's time goes.
 
+`--settle` times what compare.py's "ingest settled" row times (from the last STOW-RS answer until the job queue
+is drained) and splits it by job kind from the jobs table: how many, when the first and the last of each were
+queued and finished, seconds after the last answer, and the CPU seconds the server and PostgreSQL spent meanwhile
+(C-STORE is skipped).
+
     .venv/bin/python benchmarks/ingest_cost.py [--instances 400] [--cstore 200] [--py-spy var/ingest.json [--gil]]
+    .venv/bin/python benchmarks/ingest_cost.py --settle [--instances 400]
 
 No Orthanc here, so no network namespace; run on demand (not part of `make test`).
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -88,6 +95,50 @@ async def drain(dsn: str) -> None:
         await conn.close()
 
 
+PENDING = "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running') AND run_at <= now() + interval '5 s'"
+"""compare.py's `settle` condition: no job due within 5 s left to run."""
+SPLIT = """
+SELECT kind, count(*) AS n,
+       extract(epoch FROM min(created_at) - $1) AS first_queued,
+       extract(epoch FROM max(created_at) - $1) AS last_queued,
+       extract(epoch FROM min(finished_at) - $1) AS first_done,
+       extract(epoch FROM max(finished_at) - $1) AS last_done
+FROM jobs WHERE created_at > $2 GROUP BY kind ORDER BY kind
+"""
+
+
+async def settle_split(dsn: str, since: Any) -> dict[str, Any]:
+    """Seconds from now (the last STOW-RS answer) until no job is due (compare.py's `settle`), and per job kind
+    queued after `since` (database time): count, first/last queued and finished, seconds after the answer."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        t0 = time.perf_counter()
+        answered = await conn.fetchval("SELECT clock_timestamp()")
+        while await conn.fetchval(PENDING):  # noqa: ASYNC110 - polling work done by another process
+            await asyncio.sleep(0.05)
+        settled = time.perf_counter() - t0
+        rows = await conn.fetch(SPLIT, answered, since)
+    finally:
+        await conn.close()
+    split = {
+        r["kind"]: {k: (round(float(r[k]), 2) if r[k] is not None else None) for k in r.keys() if k != "kind"}
+        for r in rows
+    }
+    return {"settled_s": round(settled, 2), "kinds": split}
+
+
+async def database_now(dsn: str) -> Any:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval("SELECT clock_timestamp()")
+    finally:
+        await conn.close()
+
+
 def measured(label: str, count: int, server: int, pgdata: Path, dsn: str, work: Any) -> dict[str, float]:
     """Rate of `work`; CPU per instance of the server and PostgreSQL during it (+1 s), and of the server until
     the jobs it queued have run. PostgreSQL's backends are listed again after the work: the server's pool opens
@@ -122,6 +173,7 @@ def main() -> int:
     parser.add_argument("--py-spy", type=Path, help="record the server under the load into this file")
     parser.add_argument("--spy-on", choices=("stow", "cstore"), default="stow", help="which load --py-spy records")
     parser.add_argument("--gil", action="store_true", help="--py-spy samples only the thread holding the GIL")
+    parser.add_argument("--settle", action="store_true", help="time and split the job queue's drain after STOW-RS")
     args = parser.parse_args()
     os.environ.setdefault("HOUNSFIELD_INFERENCE", "false")
     os.environ["TCP_NODELAY"] = "1"
@@ -161,6 +213,16 @@ def main() -> int:
                 await target.http.aclose()
 
         spy = spy_start() if args.py_spy and args.spy_on == "stow" else None
+        if args.settle:
+            since = asyncio.run(database_now(dsn))
+            rate = asyncio.run(stow_all())
+            pg = postgres_pids(folder / "pg")
+            s0, p0 = cpu(tree(server)), cpu(pg)
+            split = asyncio.run(settle_split(dsn, since))
+            used = {"server_cpu_s": round(cpu(tree(server)) - s0, 2), "postgres_cpu_s": round(cpu(pg) - p0, 2)}
+            spy_stop()
+            print(json.dumps({"stow_per_s": round(rate, 1), **split, **used}))
+            return 0
         measured("STOW-RS", len(data.stow), server, folder / "pg", dsn, lambda: asyncio.run(stow_all()))
         spy_stop()
         spy = spy_start() if args.py_spy and args.spy_on == "cstore" else None

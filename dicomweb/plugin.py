@@ -164,6 +164,7 @@ class DicomwebPlugin(ServicePlugin):
         self._services = {name: build(built) for name, build in SERVICES.items()}
         stack.callback(self._forget)
         audit = self.authz.audit
+        deferral = self._deferral(store)
         self._jobs = JobSet(
             handlers={
                 GC_JOB: gc_handler(
@@ -174,12 +175,17 @@ class DicomwebPlugin(ServicePlugin):
                     pool, blobs, audit, settings.dimse, settings.dimse_ae_title, float(settings.dimse_timeout_seconds)
                 ),
                 renditions.RENDITION_JOB: renditions.job_handler(
-                    pool, blobs, settings.renditions, settings.spool_dir, space
+                    pool,
+                    blobs,
+                    settings.renditions,
+                    settings.spool_dir,
+                    space,
+                    busy=deferral.busy if deferral else None,
                 ),
             },
             periodic=[Periodic(GC_JOB, settings.gc_interval_seconds)],
             derived=frozenset({renditions.RENDITION_JOB}),  # writes new blobs: waits below the watermark
-            deferral=self._deferral(store),
+            deferral=deferral,
         )
         if settings.dimse_enabled:
             node = Node(asyncio.get_running_loop(), settings, pool, store, blobs, audit, self.authz.policy)

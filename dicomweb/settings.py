@@ -111,12 +111,15 @@ class DicomwebSettings(PlatformSettings):
     ingest (a `rendition` job), so that frame requests in them never wait for an encoder. Default HTJ2K lossless
     RPCL (progressive loading by byte range); empty: none ahead of time (still made and kept on first demand)."""
     renditions_idle_seconds: float = setting(
-        "HOUNSFIELD_RENDITIONS_IDLE_MS", 2.0, parse=integer(0, 3_600_000, per=1000)
+        "HOUNSFIELD_RENDITIONS_IDLE_MS", 0.5, parse=integer(0, 3_600_000, per=1000)
     )
-    """`HOUNSFIELD_RENDITIONS_IDLE_MS` (milliseconds, default 2000): rendition jobs give way to ingest; this server's
-    worker takes them once it has stored no instance for this long (0: at once). Server processes that share the
-    data folder count together (`dicomweb.ingest.activity.IngestActivity`). A frame request during an ingest encodes the
-    frames it asks for itself, as for any image without a rendition."""
+    """`HOUNSFIELD_RENDITIONS_IDLE_MS` (milliseconds, default 500): rendition jobs give way to ingest; this server's
+    worker takes them once it has stored no instance for this long (0: at once), and a series' job that is running
+    when instances arrive again starts no further image and waits again. Encoding alongside an ingest takes the
+    CPU the instances arriving need; a client's requests follow one another far closer than this, so the wait
+    holds renditions back for as long as an ingest goes on, and what it adds after the last store is short. Server
+    processes that share the data folder count together (`dicomweb.ingest.activity.IngestActivity`). A frame
+    request during an ingest encodes the frames it asks for itself, as for any image without a rendition."""
     renditions_max_wait_seconds: float = setting(
         "HOUNSFIELD_RENDITIONS_MAX_WAIT_S", 60.0, parse=integer(0, 86_400, per=1)
     )

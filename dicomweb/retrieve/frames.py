@@ -11,6 +11,7 @@ No HTTP types; blocking codec work runs in worker threads.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import anyio.to_thread
@@ -75,13 +76,18 @@ class FrameReader:
             return 0
         return self.image.planar_configuration
 
-    async def prepare(self, *, image: bool = False) -> None:
-        """Fetch what decoding, encoding (`image`) or byte swapping needs (image attributes, Pixel Data VR)."""
+    async def prepare(
+        self, *, image: bool = False, attributes: Mapping[str, Any] | asyncpg.Record | None = None
+    ) -> None:
+        """Fetch what decoding, encoding (`image`) or byte swapping needs (image attributes, Pixel Data VR), unless
+        the caller read them with the row (`attributes`: the columns of retrieve.sql's instance_attributes)."""
         if self.as_stored and not image:
             return
-        async with self.pool.acquire() as conn:
-            attrs = await conn.fetchrow(RETRIEVE["instance_attributes"], self.row["sop_instance_uid"], "7FE00010")
-            vouch_stateless(conn)  # one SELECT: the release needs no reset query (a round trip)
+        attrs: Mapping[str, Any] | asyncpg.Record | None = attributes
+        if attrs is None:
+            async with self.pool.acquire() as conn:
+                attrs = await conn.fetchrow(RETRIEVE["instance_attributes"], self.row["sop_instance_uid"], "7FE00010")
+                vouch_stateless(conn)  # one SELECT: the release needs no reset query (a round trip)
         bits = int(self.row["bits_allocated"] or 8)
         a: dict[str, Any] = dict(attrs.items()) if attrs is not None else {}
         self.image = pixeldata.ImageInfo(

@@ -2,12 +2,19 @@
 
 Why: a viewer asking for HTJ2K RPCL frames (progressive loading, PS3.18 8.7.3.5 / Cornerstone3D) must not wait
 for an encoder. At ingest, the listener (`ingest_hook`, run inside the index transaction like the FHIR sync one)
-queues one `rendition` job per stored image, which gives way to ingest (`server.platform.jobs.Deferral`: taken once the
-server has stored nothing for `HOUNSFIELD_RENDITIONS_IDLE_MS`); the job encodes every frame in each configured syntax
+queues one `rendition` job per series (absorbed by the series' queued one), which gives way to ingest
+(`server.platform.jobs.Deferral`: taken once the server has stored nothing for `HOUNSFIELD_RENDITIONS_IDLE_MS`);
+the job makes the series' missing renditions: every frame of an image in each configured syntax
 (`HOUNSFIELD_RENDITIONS`, default 1.2.840.10008.1.2.4.202) into one blob per instance and syntax, frames end to
-end, and records each frame's [offset, length] in the `renditions` table (migrations/0008_renditions.sql). A
-frame request for that syntax is then a byte-range read of the blob. A missing rendition is made on demand by
-the frame request itself (`Renditions.encode` + `Renditions.store`).
+end, with each frame's [offset, length] recorded in the `renditions` table (migrations/0008_renditions.sql).
+Several images are encoded at once, one per CPU: the encoders release the GIL, so a series is made in a
+fraction of the time one image after another takes. A frame request for that syntax is then a byte-range read
+of the blob. A missing rendition is made on demand by the frame request itself (`Renditions.encode` +
+`Renditions.store`), which queues a job for that instance and syntax (`{"instance_pk": n, "syntaxes": [...]}`).
+
+A rendition row is written only once its blob is durable (rows of a series are written in batches), so a job cut
+off leaves complete renditions and, at worst, blobs no row names (removed by the orphan sweep); run again, it
+makes only the missing ones.
 
 Blob keys are content addressed (`<study>/<series>/<instance>.<sha256[:32]>.<syntax>.frames`): two workers that
 make the same rendition write the same key, and the row insert is `ON CONFLICT DO NOTHING`, so making one is
@@ -26,10 +33,10 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import anyio.to_thread
@@ -40,15 +47,26 @@ from dicomweb.codecs import negotiate
 from dicomweb.errors import NotAcceptable
 from dicomweb.ingest.events import InstanceStored, Listener
 from dicomweb.pixels import encode
-from dicomweb.pixels.native import TranscodeError
+from dicomweb.pixels.native import ImageInfo, TranscodeError
 from dicomweb.retrieve.frames import FrameReader, frame_count, load_json, native_reader
 from server.platform import jobs, private
 from server.platform.db import Connection, Queries
-from server.platform.diskspace import FreeSpace
+from server.platform.diskspace import BelowWatermark, FreeSpace
 
 log = logging.getLogger(__name__)
 SQL = Queries(Path(__file__).with_name("renditions.sql"))
 RENDITION_JOB = "rendition"
+SERIES_PAGE = 256
+"""Images of a series read (and encoded) per query of the series' rendition job."""
+RECORD_BATCH = 32
+"""Renditions of a series recorded per statement (each once its blob is durable)."""
+Attributes = Mapping[str, Any] | asyncpg.Record
+"""Image Pixel values read with an instance's row (see `FrameReader.prepare`)."""
+
+
+def encoders() -> int:
+    """Images encoded at once by a series' rendition job: one per CPU this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +81,29 @@ class Rendition:
     @classmethod
     def from_row(cls, syntax: str, blob_key: str, frames: Any, codec: str) -> Rendition:
         return cls(syntax, blob_key, [(int(o), int(n)) for o, n in load_json(frames)], codec)
+
+
+@dataclass(frozen=True, slots=True)
+class Made:
+    """A rendition whose blob is stored (durable) and whose row is not written yet."""
+
+    instance_pk: int
+    source_sha256: str
+    blob_key: str
+    frames: list[tuple[int, int]]
+    sha256: str
+
+
+def _new_file(path: Path) -> IO[bytes]:
+    return open(path, "wb", opener=private.opener)  # closed by the caller, in a worker thread
+
+
+def _encode_into(fh: IO[bytes], digest: Any, native: bytes, syntax: str, image: ImageInfo, planar: int) -> int:
+    """Encode one frame and append it to the rendition being written (one worker-thread hop per frame)."""
+    data = encode.encode_frame(native, syntax, image, planar=planar)
+    fh.write(data)
+    digest.update(data)
+    return len(data)
 
 
 def of_layout(value: Any) -> dict[str, Rendition]:
@@ -93,8 +134,9 @@ class Renditions:
         suit the encoder."""
         return [frame async for frame in self._encoded(reader, numbers, syntax)]
 
-    async def _encoded(self, reader: FrameReader, numbers: Sequence[int], syntax: str):  # type: ignore[no-untyped-def]
-        await reader.prepare(image=True)
+    async def _checked(self, reader: FrameReader, syntax: str, attributes: Attributes | None = None) -> None:
+        """Prepare `reader` to encode in `syntax`; 406 when the image does not suit the encoder."""
+        await reader.prepare(image=True, attributes=attributes)
         image = reader.image
         assert image is not None
         photometric = image.photometric_interpretation
@@ -106,12 +148,15 @@ class Renditions:
         reason = encode.unsupported(syntax, image)
         if reason is not None:
             raise NotAcceptable(reason, offered=(reader.stored,))
+
+    async def _encoded(self, reader: FrameReader, numbers: Sequence[int], syntax: str):  # type: ignore[no-untyped-def]
+        await self._checked(reader, syntax)
         planar = reader.planar_configuration
         for number in numbers:
             native = await reader.frame(number)
             try:
                 yield await anyio.to_thread.run_sync(
-                    functools.partial(encode.encode_frame, planar=planar), native, syntax, image
+                    functools.partial(encode.encode_frame, planar=planar), native, syntax, reader.image
                 )
             except TranscodeError as exc:
                 raise NotAcceptable(str(exc), offered=(reader.stored,)) from exc
@@ -127,30 +172,99 @@ class Renditions:
         existing = await self.current(int(row["instance_pk"]), syntax, str(row["sha256"]))
         if existing is not None:
             return existing
+        made = await self._write(row, syntax)
+        if made is None:
+            return None
+        await self._record(syntax, [made])
+        winner = await self.current(int(row["instance_pk"]), syntax, str(row["sha256"]))
+        return winner or Rendition(syntax, made.blob_key, made.frames, encode.CODEC_VERSION)
+
+    async def make_all(
+        self, rows: Sequence[asyncpg.Record], syntax: str, workers: int, stop: Callable[[], bool] | None = None
+    ) -> int:
+        """Make the renditions in `syntax` of the images in `rows` (`missing_in_series` rows), `workers` images at
+        once, recording them in batches; returns how many were made. An image the encoder cannot take (or whose
+        stored frames do not decode) is skipped; any other failure of one image leaves the others to be made and
+        is raised at the end (the job is retried and makes what is still missing). Below the free-space watermark,
+        or once `stop()` is true, no further image is started."""
+        pending: list[Made] = []
+        failures: list[Exception] = []
+        todo = iter(rows)
+        made = 0
+
+        async def flush() -> None:
+            batch = pending[:]
+            pending.clear()
+            if batch:
+                await self._record(syntax, batch)
+
+        async def work() -> None:
+            nonlocal made
+            for row in todo:  # shared: each worker takes the next image
+                if any(isinstance(exc, BelowWatermark) for exc in failures) or (stop is not None and stop()):
+                    return
+                try:
+                    rendition = await self._write(row, syntax, attributes=row)
+                except NotAcceptable as exc:
+                    log.info("no %s rendition for instance %s: %s", syntax, row["instance_pk"], exc)
+                    continue
+                except Exception as exc:  # one image's failure: the series' other images are still made
+                    failures.append(exc)
+                    continue
+                if rendition is not None:
+                    pending.append(rendition)
+                    made += 1
+                if len(pending) >= RECORD_BATCH:
+                    await flush()
+
+        async with anyio.create_task_group() as group:
+            for _ in range(max(1, min(workers, len(rows)))):
+                group.start_soon(work)
+        await flush()
+        if failures:
+            raise failures[0]
+        return made
+
+    async def _write(self, row: asyncpg.Record, syntax: str, attributes: Attributes | None = None) -> Made | None:
+        """Encode every frame of the instance in `row` and store the blob (durable); the row is not written yet.
+        None when the instance has no frames."""
         pixel = load_json(row["pixel"])
         if not pixel:
             return None
         if self.space is not None:
             self.space.require()
         reader = native_reader(self.pool, self.blobs, row, pixel)
-        numbers = range(1, frame_count(pixel) + 1)
+        await self._checked(reader, syntax, attributes)
+        image, planar = reader.image, reader.planar_configuration
+        assert image is not None
         path = self.spool_dir / f"{uuid.uuid4().hex}.rendition"
         private.make_dirs(self.spool_dir)
+        frames: list[tuple[int, int]] = []
+        digest = hashlib.sha256()
+        offset = 0
         try:
-            frames: list[tuple[int, int]] = []
-            digest = hashlib.sha256()
-            offset = 0
             # frame by frame: a long multi-frame stays on disk
-            async with await anyio.open_file(path, "wb", opener=private.opener) as fh:
-                async for data in self._encoded(reader, numbers, syntax):
-                    frames.append((offset, len(data)))
-                    offset += len(data)
-                    digest.update(data)
-                    await fh.write(data)
-            return await self._record(row, syntax, path, frames, digest.hexdigest())
+            fh = await anyio.to_thread.run_sync(_new_file, path)
+            try:
+                for number in range(1, frame_count(pixel) + 1):
+                    native = await reader.frame(number)
+                    try:
+                        size = await anyio.to_thread.run_sync(_encode_into, fh, digest, native, syntax, image, planar)
+                    except TranscodeError as exc:
+                        raise NotAcceptable(str(exc), offered=(reader.stored,)) from exc
+                    frames.append((offset, size))
+                    offset += size
+            finally:
+                await anyio.to_thread.run_sync(fh.close)
+            sha256 = digest.hexdigest()
+            key = rendition_key(
+                str(row["study_uid"]), str(row["series_uid"]), str(row["sop_instance_uid"]), syntax, sha256
+            )
+            await self.blobs.put_file(key, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        return Made(int(row["instance_pk"]), str(row["sha256"]), key, frames, sha256)
 
     async def store(self, row: asyncpg.Record, syntax: str, encoded: list[bytes]) -> Rendition:
         """Keep frames encoded on demand (all the instance's frames, in order) as its rendition."""
@@ -164,35 +278,40 @@ class Renditions:
             frames.append((offset, len(data)))
             offset += len(data)
         blob = b"".join(encoded)
+        sha256 = hashlib.sha256(blob).hexdigest()
+        key = rendition_key(str(row["study_uid"]), str(row["series_uid"]), str(row["sop_instance_uid"]), syntax, sha256)
         try:
             await anyio.to_thread.run_sync(private.write_bytes, path, blob)
-            return await self._record(row, syntax, path, frames, hashlib.sha256(blob).hexdigest())
+            await self.blobs.put_file(key, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-
-    async def _record(
-        self, row: asyncpg.Record, syntax: str, path: Path, frames: list[tuple[int, int]], sha256: str
-    ) -> Rendition:
-        key = rendition_key(str(row["study_uid"]), str(row["series_uid"]), str(row["sop_instance_uid"]), syntax, sha256)
-        size = sum(n for _o, n in frames)
-        await self.blobs.put_file(key, path)
-        async with self.pool.acquire() as conn:
-            inserted = await conn.fetchval(
-                SQL["insert"],
-                int(row["instance_pk"]),
-                syntax,
-                str(row["sha256"]),
-                key,
-                size,
-                sha256,
-                json.dumps(frames),
-                encode.CODEC_VERSION,
-            )
-            if inserted is None and not await conn.fetch(SQL["key_present"], [key]):
-                await self.blobs.delete(key)  # another writer won with other bytes, or the instance changed
-        winner = await self.current(int(row["instance_pk"]), syntax, str(row["sha256"]))
+        made = Made(int(row["instance_pk"]), str(row["sha256"]), key, frames, sha256)
+        await self._record(syntax, [made])
+        winner = await self.current(made.instance_pk, syntax, made.source_sha256)
         return winner or Rendition(syntax, key, frames, encode.CODEC_VERSION)
+
+    async def _record(self, syntax: str, made: Sequence[Made]) -> None:
+        """Write the rows of renditions whose blobs are stored. One not recorded (another writer won with other
+        bytes, or the instance changed since) has its blob deleted unless some row names it."""
+        async with self.pool.acquire() as conn:
+            recorded = await conn.fetch(
+                SQL["insert_many"],
+                syntax,
+                encode.CODEC_VERSION,
+                [m.instance_pk for m in made],
+                [m.source_sha256 for m in made],
+                [m.blob_key for m in made],
+                [sum(n for _o, n in m.frames) for m in made],
+                [m.sha256 for m in made],
+                [json.dumps(m.frames) for m in made],
+            )
+            kept = {r["blob_key"] for r in recorded}
+            lost = [m.blob_key for m in made if m.blob_key not in kept]
+            named = {r["blob_key"] for r in await conn.fetch(SQL["key_present"], lost)} if lost else set()
+        for key in lost:
+            if key not in named:
+                await self.blobs.delete(key)
 
 
 async def drop(conn: Connection, instance_pk: int) -> None:
@@ -202,8 +321,8 @@ async def drop(conn: Connection, instance_pk: int) -> None:
 
 
 def ingest_hook(syntaxes: Sequence[str]) -> Listener:
-    """The `StoreService` listener: drop the renditions of an overwritten instance; queue a `rendition` job for
-    each stored image when renditions are configured (the jobs of the batch with one statement)."""
+    """The `StoreService` listener: drop the renditions of an overwritten instance; queue its series' `rendition`
+    job for a stored image when renditions are configured (the jobs of the batch with one statement)."""
 
     async def hook(conn: Connection, stored: Sequence[InstanceStored]) -> None:
         new: list[jobs.NewJob] = []
@@ -214,29 +333,66 @@ def ingest_hook(syntaxes: Sequence[str]) -> Listener:
                 continue
             if all(ts == event.parsed.transfer_syntax_uid for ts in syntaxes):
                 continue
-            key = str(event.instance_pk)
-            new.append(jobs.NewJob(RENDITION_JOB, {"instance_pk": event.instance_pk}, dedupe_key=key))
+            payload, key = series_job(event.series_pk)
+            new.append(jobs.NewJob(RENDITION_JOB, payload, dedupe_key=key))
         await jobs.enqueue_many(conn, new)
 
     return hook
 
 
-def job_handler(
-    pool: asyncpg.Pool, blobs: BlobStore, syntaxes: Sequence[str], spool_dir: Path, space: FreeSpace | None = None
-) -> jobs.Handler:
-    """`rendition`: payload `{"instance_pk": n}` (and `"syntaxes"` when a frame request asked for one not
-    configured); makes the instance's missing renditions. Images an encoder
-    cannot take (1-bit, float, YBR from JPEG) are skipped: their frames are served by decoding instead. Below the
-    free-space watermark the worker does not take these jobs (`server.platform.jobs.Pause`); one taken just before fails
-    with `BelowWatermark` and is retried later."""
-    service = Renditions(pool, blobs, spool_dir, space)
+def series_job(series_pk: int) -> tuple[dict[str, Any], str]:
+    """The payload and dedupe key of a series' rendition job (one queued job per series absorbs the others)."""
+    return {"series_pk": series_pk}, f"series:{series_pk}"
 
-    async def run(job: jobs.Job) -> None:
+
+def job_handler(
+    pool: asyncpg.Pool,
+    blobs: BlobStore,
+    syntaxes: Sequence[str],
+    spool_dir: Path,
+    space: FreeSpace | None = None,
+    workers: int | None = None,
+    busy: Callable[[], float] | None = None,
+) -> jobs.Handler:
+    """`rendition`: payload `{"series_pk": n}` makes the series' missing renditions in the configured syntaxes,
+    `workers` images at once (default: one per CPU, `encoders`); `{"instance_pk": n}` (and `"syntaxes"` when a frame
+    request asked for one not configured) makes one instance's. Images an encoder cannot take (1-bit, float, YBR
+    from JPEG) are skipped: their frames are served by decoding instead. Below the free-space watermark the worker
+    does not take these jobs (`server.platform.jobs.Pause`); one taken just before fails with `BelowWatermark` and
+    is retried later.
+
+    A series job gives way to an ingest that starts while it runs (`busy()`, the worker's `Deferral`, says so):
+    it starts no further image and queues the rest again as due as it was (`jobs.again`), so that it waits for
+    ingest to be quiet again, or runs on at once if it was already overdue."""
+    service = Renditions(pool, blobs, spool_dir, space)
+    parallel = workers or encoders()
+
+    def ingesting() -> bool:
+        return busy is not None and busy() > 0
+
+    async def of_series(job: jobs.Job, series_pk: int) -> None:
+        for syntax in syntaxes:
+            if not encode.can_encode(syntax):
+                continue
+            after = 0
+            while True:  # by pages, past the images skipped (the encoder cannot take them)
+                async with pool.acquire() as conn:
+                    rows = await conn.fetch(SQL["missing_in_series"], series_pk, syntax, after, SERIES_PAGE)
+                if rows:
+                    await service.make_all(rows, syntax, parallel, ingesting)
+                if ingesting():
+                    async with pool.acquire() as conn:
+                        await jobs.again(conn, job, dedupe_key=series_job(series_pk)[1])
+                    return
+                if len(rows) < SERIES_PAGE:
+                    break
+                after = int(rows[-1]["instance_pk"])
+
+    async def of_instance(instance_pk: int, wanted: Sequence[str]) -> None:
         async with pool.acquire() as conn:
-            row = await conn.fetchrow(SQL["layout_by_pk"], int(job.payload["instance_pk"]))
+            row = await conn.fetchrow(SQL["layout_by_pk"], instance_pk)
         if row is None:
             return  # deleted since
-        wanted = [str(ts) for ts in job.payload.get("syntaxes") or syntaxes]  # on-demand requests name theirs
         for syntax in wanted:
             if syntax == row["transfer_syntax_uid"] or not encode.can_encode(syntax):
                 continue
@@ -244,5 +400,12 @@ def job_handler(
                 await service.make(row, syntax)
             except NotAcceptable as exc:
                 log.info("no %s rendition for instance %s: %s", syntax, row["instance_pk"], exc)
+
+    async def run(job: jobs.Job) -> None:
+        if "series_pk" in job.payload:
+            await of_series(job, int(job.payload["series_pk"]))
+        else:  # a frame request's, or one queued per instance by an older server
+            wanted = [str(ts) for ts in job.payload.get("syntaxes") or syntaxes]
+            await of_instance(int(job.payload["instance_pk"]), wanted)
 
     return run

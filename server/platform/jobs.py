@@ -29,6 +29,9 @@ CHANNEL = "hounsfield_jobs"
 SETTLE_SECONDS = 0.05
 """After a NOTIFY, the worker waits this long before taking jobs, so that the jobs of a burst of ingest
 transactions are taken (and marked done) as one batch rather than one round trip pair each."""
+DUE_FLOOR_SECONDS = 0.05
+"""The shortest wait for a job falling due: one that is due but was not taken (another worker holds it) is not
+spun on."""
 DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 """What the worker outlives (logged, retried): the database refusing a statement or being out of reach."""
 RECONNECT_MIN_SECONDS = 0.5
@@ -126,6 +129,15 @@ async def schedule(
     """Queue a keyed job to run after `delay_seconds`, or move the queued one with that key earlier."""
     value = await conn.fetchval(SQL["schedule"], kind, json.dumps(payload), dedupe_key, float(delay_seconds), 8)
     return int(value)
+
+
+async def again(conn: Connection, job: Job, *, dedupe_key: str) -> int | None:
+    """Queue the running `job` again, as it is (kind, payload) and as due as it was (its `run_at`): a handler that
+    gives way part-way (to an ingest, `Deferral`) leaves the rest to a job that is taken under the same rule, and
+    that is still overdue if `job` was. A queued job with that key takes the earlier of the two run times. None when
+    `job` is not in the queue."""
+    value = await conn.fetchval(SQL["again"], job.id, dedupe_key)
+    return int(value) if value is not None else None
 
 
 def backoff_seconds(attempt: int) -> float:
@@ -228,11 +240,21 @@ class Worker:
             return [], 0.0
         return sorted(d.kinds), d.max_seconds
 
-    def _wait_seconds(self) -> float:
+    def _wait_seconds(self, due: float | None = None) -> float:
         """How long to wait for a NOTIFY: the poll interval, or less when deferred jobs may run once ingest has
-        been quiet long enough."""
+        been quiet long enough, or when a queued job falls due sooner (`due` seconds from now: a delayed job
+        queued earlier sends no NOTIFY when its time comes)."""
         busy = self.deferral.busy() if self.deferral is not None else 0.0
-        return min(self.poll_seconds, busy + 0.01) if busy > 0 else self.poll_seconds
+        wait = min(self.poll_seconds, busy + 0.01) if busy > 0 else self.poll_seconds
+        return wait if due is None else min(wait, max(due, DUE_FLOOR_SECONDS))
+
+    async def _next_due(self, conn: Connection) -> float | None:
+        """Seconds until the earliest queued job of the kinds this worker takes now falls due (the deferred kinds
+        are waited for by `_wait_seconds`' idle rule), None when there is none."""
+        deferred, _overdue = self._deferred()
+        kinds = [kind for kind in self._kinds() if kind not in deferred]
+        value = await conn.fetchval(SQL["next_due"], kinds) if kinds else None
+        return float(value) if value is not None else None
 
     async def _run(self, job: Job) -> bool:
         """Run one job; True when it succeeded (the caller marks it done), False when it was retried or failed."""
@@ -300,7 +322,12 @@ class Worker:
                 if ran:
                     continue
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._wait_seconds())
+                    due = await self._next_due(listener)
+                except DATABASE_ERRORS as exc:
+                    log.warning("job worker: database error: %s", exc)
+                    due = None
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._wait_seconds(due))
                     await asyncio.sleep(SETTLE_SECONDS)  # let a burst of commits (an ingest) queue a batch
                 except TimeoutError:
                     pass

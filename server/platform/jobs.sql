@@ -36,6 +36,10 @@ WHERE id IN (
 )
 RETURNING id, kind, payload, attempts, max_attempts;
 
+-- name: next_due
+-- Seconds until the earliest queued job of these kinds is due (negative when overdue); NULL when none is queued.
+SELECT extract(epoch FROM min(run_at) - now())::float8 FROM jobs WHERE state = 'queued' AND kind = ANY($1::text[]);
+
 -- name: finish
 UPDATE jobs SET state = 'done', finished_at = now(), locked_at = NULL, last_error = NULL
 WHERE id = $1 AND state = 'running';
@@ -83,6 +87,14 @@ DELETE FROM jobs WHERE state = 'done' AND finished_at < now() - make_interval(se
 -- with a shorter interval takes effect at once).
 INSERT INTO jobs (kind, payload, dedupe_key, run_at, max_attempts)
 VALUES ($1, $2::jsonb, $3, now() + make_interval(secs => $4), $5)
+ON CONFLICT (kind, dedupe_key) WHERE state = 'queued' AND dedupe_key IS NOT NULL
+DO UPDATE SET run_at = LEAST(jobs.run_at, EXCLUDED.run_at)
+RETURNING id;
+
+-- name: again
+-- A copy of running job $1 (kind, payload, run_at) queued under key $2, merged into a queued one with that key.
+INSERT INTO jobs (kind, payload, dedupe_key, run_at, max_attempts)
+SELECT kind, payload, $2, run_at, max_attempts FROM jobs WHERE id = $1
 ON CONFLICT (kind, dedupe_key) WHERE state = 'queued' AND dedupe_key IS NOT NULL
 DO UPDATE SET run_at = LEAST(jobs.run_at, EXCLUDED.run_at)
 RETURNING id;

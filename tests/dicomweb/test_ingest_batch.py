@@ -123,8 +123,8 @@ def test_concurrent_stores_share_one_transaction(dsn: str, tmp_path: Path) -> No
 
 def test_listeners_queue_the_work_of_a_batch_with_one_statement_each(dsn: str, tmp_path: Path) -> None:
     """The real listeners (FHIR sync, routing, inference dispatch, renditions) over a batch of two studies: one job
-    per study, per series, per routed instance, per image; the jobs of each kind inserted by one statement (one
-    command id within the transaction)."""
+    per study, per routed instance, per series (quiet period, renditions); the jobs of each kind inserted by one
+    statement (one command id within the transaction)."""
     batches = Batches()
     config = DimseConfig(destinations=(Destination("PACS", "127.0.0.1", 11112),), routes=(RoutingRule("PACS"),))
     listeners = [
@@ -155,7 +155,7 @@ def test_listeners_queue_the_work_of_a_batch_with_one_statement_each(dsn: str, t
                 fhir_sync.SYNC_JOB: (2, 1),
                 routing.ROUTE_JOB: (7, 1),
                 dispatch.QUIET_JOB: (4, 1),  # two series of the first study, two of the second
-                renditions.RENDITION_JOB: (7, 1),
+                renditions.RENDITION_JOB: (4, 1),  # one per series
             }
             routed = await _fetch(store, "SELECT payload FROM jobs WHERE kind = $1", routing.ROUTE_JOB)
             assert sorted(json.loads(r["payload"])["instance"] for r in routed) == sorted(

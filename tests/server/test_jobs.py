@@ -197,6 +197,35 @@ def test_listen_notify_wakes_the_worker(dsn: str) -> None:
     asyncio.run(run())
 
 
+def test_a_delayed_job_runs_when_due_not_at_the_next_poll(dsn: str) -> None:
+    """A job queued with a delay sends its NOTIFY when queued, not when it falls due: the idle worker waits for
+    the earliest due job, not for the poll interval."""
+
+    async def run() -> float:
+        pool = await _pool(dsn)
+        ran = asyncio.Event()
+
+        async def handler(job: jobs.Job) -> None:
+            ran.set()
+
+        worker = jobs.Worker(pool, {"later": handler}, poll_seconds=60)
+        task = asyncio.create_task(worker.run())
+        try:
+            await asyncio.sleep(0.3)
+            t0 = asyncio.get_running_loop().time()
+            async with pool.acquire() as conn:
+                await jobs.enqueue(conn, "later", {}, delay_seconds=1.0)
+            await asyncio.wait_for(ran.wait(), timeout=10)
+            return asyncio.get_running_loop().time() - t0
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 5)
+            await pool.close()
+
+    elapsed = asyncio.run(run())
+    assert 0.9 <= elapsed < 3.0, elapsed
+
+
 def test_expired_lease_is_reclaimed_and_illegal_transitions_refused(dsn: str) -> None:
     async def run() -> None:
         pool = await _pool(dsn)
