@@ -1,8 +1,8 @@
 """The `fhir.sync` job: ImagingStudy, Patient and Endpoint resources derived from the DICOM index.
 
-Trigger: every ingest path goes through `dicomweb.ingest.service.StoreService`, whose listener (`ingest_hook`)
-queues a `fhir.sync` job for the instance's study inside the ingest transaction, keyed by the Study Instance UID and
-delayed a little (`HOUNSFIELD_FHIR_SYNC_DELAY_MS`, default 1 s): a queued job absorbs the others, so a burst of
+Trigger: every ingest path goes through `dicomweb.ingest.service.StoreService`, whose listener (`ingest_hook`) queues a
+`fhir.sync` job for each study of the stored instances inside the ingest transaction, keyed by the Study Instance UID
+and delayed a little (`HOUNSFIELD_FHIR_SYNC_DELAY_MS`, default 1 s): a queued job absorbs the others, so a burst of
 instances makes one job and one new version, visible a second or so after the burst.
 
 The job reads the study, its series and instances from the index and writes, in one transaction, the Endpoint
@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,10 +87,13 @@ async def enqueue_backfill(conn: Connection) -> int | None:
 
 
 def ingest_hook(delay_seconds: float) -> Listener:
-    """The `StoreService` listener: every stored instance queues its study's sync."""
+    """The `StoreService` listener: the stored instances queue their studies' sync, one job per study, with one
+    statement."""
 
-    async def hook(conn: Connection, stored: InstanceStored) -> None:
-        await enqueue_sync(conn, stored.parsed.study_uid, delay_seconds=delay_seconds)
+    async def hook(conn: Connection, stored: Sequence[InstanceStored]) -> None:
+        studies = dict.fromkeys(event.parsed.study_uid for event in stored)
+        new = [jobs.NewJob(SYNC_JOB, {"study": uid}, uid, delay_seconds) for uid in studies]
+        await jobs.enqueue_many(conn, new)
 
     return hook
 

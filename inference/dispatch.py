@@ -1,10 +1,10 @@
 """Dispatch: which models run on which series, and when.
 
-Trigger: every ingest path goes through `dicomweb.ingest.service.StoreService`, whose listener (`ingest_hook`)
-queues an `inference.series_quiet` job for the instance's series inside the ingest transaction, keyed by the Series
-Instance UID and due `HOUNSFIELD_INFERENCE_QUIET_SECONDS` later; each further instance of the series pushes the
-queued job later again (`debounce`), so the job runs once the series has been quiet that long: the series is
-taken as complete. Results (SEG, SR) are skipped: models do not run on their own outputs.
+Trigger: every ingest path goes through `dicomweb.ingest.service.StoreService`, whose listener (`ingest_hook`) queues an
+`inference.series_quiet` job for each series of the stored instances inside the ingest transaction, keyed by the Series
+Instance UID and due `HOUNSFIELD_INFERENCE_QUIET_SECONDS` later; each further instance of the series pushes the queued
+job later again (`debounce`), so the job runs once the series has been quiet that long: the series is taken as complete.
+Results (SEG, SR) are skipped: models do not run on their own outputs.
 
 The quiet job matches the series (modality, SOP classes, body part, description, instance count from the index)
 against every active and shadow model (`inference.registry.Selector`) and, for each match, claims the result row
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,14 +44,19 @@ RESULT_MODALITIES = frozenset({"SEG", "SR", "KO", "PR", "RWV"})
 
 
 def ingest_hook(quiet_seconds: float) -> Listener:
-    """The `StoreService` listener: (re)start the series' quiet period."""
+    """The `StoreService` listener: (re)start the quiet period of each series of the stored instances, with one
+    statement."""
 
-    async def hook(conn: Connection, stored: InstanceStored) -> None:
-        p = stored.parsed
-        if (p.series.get("modality") or "").upper() in RESULT_MODALITIES:
+    async def hook(conn: Connection, stored: Sequence[InstanceStored]) -> None:
+        series: dict[str, str] = {}
+        for event in stored:
+            p = event.parsed
+            if (p.series.get("modality") or "").upper() not in RESULT_MODALITIES:
+                series.setdefault(p.series_uid, p.study_uid)
+        if not series:
             return
-        payload = {"study": p.study_uid, "series": p.series_uid}
-        await conn.fetchval(SQL["debounce"], QUIET_JOB, json.dumps(payload), p.series_uid, float(quiet_seconds), 8)
+        payloads = [json.dumps({"study": study, "series": uid}) for uid, study in series.items()]
+        await conn.execute(SQL["debounce_many"], QUIET_JOB, payloads, list(series), float(quiet_seconds), 8)
 
     return hook
 

@@ -1,13 +1,15 @@
 -- Named queries of dispatch and results (migrations/0009_inference.sql; the job queue of 0002_jobs.sql).
 
--- name: debounce
--- A quiet-period job: queued to run $4 seconds from now, or, when one with this key is queued already, pushed
--- to that later time (each new instance of the series restarts the quiet period).
+-- name: debounce_many
+-- Quiet-period jobs, one per series of a group-committed ingest ($2 payloads, $3 Series Instance UIDs, each once:
+-- ON CONFLICT DO UPDATE may not touch one row twice): queued to run $4 seconds from now, or, when one with the
+-- series' key is queued already, pushed to that later time (each new instance of the series restarts the quiet
+-- period).
 INSERT INTO jobs (kind, payload, dedupe_key, run_at, max_attempts)
-VALUES ($1, $2::jsonb, $3, now() + make_interval(secs => $4), $5)
+SELECT $1, payload::jsonb, series_uid, now() + make_interval(secs => $4), $5
+FROM unnest($2::text[], $3::text[]) AS t(payload, series_uid)
 ON CONFLICT (kind, dedupe_key) WHERE state = 'queued' AND dedupe_key IS NOT NULL
-DO UPDATE SET run_at = GREATEST(jobs.run_at, EXCLUDED.run_at)
-RETURNING id;
+DO UPDATE SET run_at = GREATEST(jobs.run_at, EXCLUDED.run_at);
 
 -- name: series_facts
 SELECT st.study_uid, se.series_uid, se.modality, se.body_part_examined, se.series_description, st.patient_id,

@@ -30,6 +30,7 @@ import asyncpg
 import pydicom
 from pydicom.dataset import Dataset
 
+from authz.auditrecord import AuditRecord
 from authz.decision import Resource
 from authz.policy_input import dicomweb_resource
 from dicomweb.blobs import BlobStore
@@ -50,7 +51,6 @@ from inference.identity import ServiceActor
 from inference.models import ModelInput, Prediction
 from inference.registry import Model, SeriesFacts
 from server.platform import jobs
-from server.platform.db import Connection
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +217,8 @@ class Runner:
             instance_uid=instance_uid,
         )
 
-        async def audit(conn: Connection, _stored: InstanceStored) -> None:  # committed with the result
-            record = self.actor.record_of("create", stored, decision, method="inference.store")
-            await self.actor.audit.append_in(conn, [record])
+        def audit(_stored: InstanceStored) -> list[AuditRecord]:  # committed with the result
+            return [self.actor.record_of("create", stored, decision, method="inference.store")]
 
         origin = Origin.inference(self.actor.principal.sub, model.key)
         try:

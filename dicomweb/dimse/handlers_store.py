@@ -39,7 +39,7 @@ from dicomweb.ingest.outcome import Outcome
 from dicomweb.ingest.parse import ParsedInstance
 from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected
 from dicomweb.ingest.spool import Spooled
-from server.platform.db import Connection, unavailable
+from server.platform.db import unavailable
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,10 @@ def _status(outcome: Outcome) -> tuple[int, str | None]:
 
 
 async def _ingest(node: Node, operation: _Operation, spooled: Spooled) -> Dataset:
-    async def audit(conn: Connection, stored: InstanceStored) -> None:
+    def audit(stored: InstanceStored) -> list[AuditRecord]:
         warnings = stored.parsed.warnings
         status, comment = (warnings[0][0], warnings[0][1]) if warnings else (SUCCESS, None)
-        await node.audit.append_in(conn, [operation.record(status, comment, replaced=stored.replaced)])
+        return [operation.record(status, comment, replaced=stored.replaced)]
 
     outcome = await node.store.store(spooled, operation.origin, audit=audit, admit=operation.admission(node))
     status, comment = _status(outcome)

@@ -1,14 +1,13 @@
 """Auto-routing: forward newly stored instances to remote AEs (the "DICOM router"), through the job queue.
 
 An ingest listener (`StoreService` listeners run inside the index transaction) matches each new instance against the
-rules (`dicomweb.dimse.config.RoutingRule`: calling AE, modality, SOP class, patient/study/series attribute
-patterns) and enqueues one `dimse.route` job per matching destination, so a job exists exactly when its
-instance committed. The job handler reads the stored bytes and sends them with C-STORE (`dicomweb.dimse.sender`),
-in the stored transfer syntax or one the destination accepted (`dicomweb.dimse.syntaxes`); a failure
-(destination down, a refusal status) raises, and the queue retries with exponential backoff
-(`server.platform.jobs.backoff_seconds`) up to `MAX_ATTEMPTS`; an instance no accepted syntax can carry fails the job at
-once. The jobs table is the status (`routing_status`, shown
-by `GET /dimse/routing`).
+rules (`dicomweb.dimse.config.RoutingRule`: calling AE, modality, SOP class, patient/study/series attribute patterns)
+and enqueues one `dimse.route` job per matching destination, the jobs of every instance of an ingest transaction with
+one statement, so a job exists exactly when its instance committed. The job handler reads the stored bytes and sends
+them with C-STORE (`dicomweb.dimse.sender`), in the stored transfer syntax or one the destination accepted
+(`dicomweb.dimse.syntaxes`); a failure (destination down, a refusal status) raises, and the queue retries with
+exponential backoff (`server.platform.jobs.backoff_seconds`) up to `MAX_ATTEMPTS`; an instance no accepted syntax can
+carry fails the job at once. The jobs table is the status (`routing_status`, shown by `GET /dimse/routing`).
 
 An instance received over DIMSE names its calling AE title in its origin (`dicomweb.ingest.origin.Origin`); those
 of the other channels have none, and only match rules without a `calling_ae` condition.
@@ -18,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,24 +68,35 @@ def _values(stored: InstanceStored, tags: set[str]) -> dict[str, str]:
     return out
 
 
+def _matched(config: DimseConfig, tags: set[str], stored: InstanceStored) -> list[dict[str, str]]:
+    """The `dimse.route` payloads of one instance: one per destination of the rules it matches."""
+    p = stored.parsed
+    values = _values(stored, tags) if tags else {}
+    calling = stored.origin.calling_ae
+    sent: set[str] = set()
+    payloads = []
+    for rule in config.routes:
+        if rule.destination in sent:
+            continue
+        if rule.matches(calling, p.series.get("modality"), p.sop_class_uid, values):
+            sent.add(rule.destination)
+            payloads.append({"instance": p.sop_instance_uid, "destination": rule.destination, "rule": rule.name})
+    return payloads
+
+
 def routing_hook(config: DimseConfig) -> Listener:
     """The ingest listener that enqueues `dimse.route` jobs for the rules an instance matches."""
     tags = {tag for rule in config.routes for tag, _ in rule.attributes}
 
-    async def hook(conn: Connection, stored: InstanceStored) -> None:
+    async def hook(conn: Connection, stored: Sequence[InstanceStored]) -> None:
         if not config.routes:
             return
-        p = stored.parsed
-        values = _values(stored, tags) if tags else {}
-        calling = stored.origin.calling_ae
-        sent: set[str] = set()
-        for rule in config.routes:
-            if rule.destination in sent:
-                continue
-            if rule.matches(calling, p.series.get("modality"), p.sop_class_uid, values):
-                sent.add(rule.destination)
-                payload = {"instance": p.sop_instance_uid, "destination": rule.destination, "rule": rule.name}
-                await jobs.enqueue(conn, ROUTE_JOB, payload, max_attempts=MAX_ATTEMPTS)
+        new = [
+            jobs.NewJob(ROUTE_JOB, payload, max_attempts=MAX_ATTEMPTS)
+            for event in stored
+            for payload in _matched(config, tags, event)
+        ]
+        await jobs.enqueue_many(conn, new)
 
     return hook
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -53,13 +55,65 @@ def _instance_args(
     ]
 
 
-async def index_instance(
-    conn: Connection, p: ParsedInstance, blob_key: str, size: int, sha256: str
-) -> tuple[int, int, int | None]:
-    """Study, series and instance rows in one round trip (`index_instance` in store.sql): returns the study and
-    series keys and the new instance's key, or None when the SOP Instance UID is already indexed. Raises
-    `StudyOfAnotherPatient` or `SeriesInOtherStudy` (the caller rolls back: the statement may have inserted the
-    instance)."""
+@dataclass(frozen=True, slots=True)
+class Indexed:
+    """What `index_instances` did with one instance: its study and series keys, its new key (None when the SOP
+    Instance UID was already indexed, or the instance was not inserted because of `conflict`), and whether this
+    instance inserted its study or series row (then the rows after it in the batch were told of a row that a
+    refusal of this one would roll back)."""
+
+    study_pk: int
+    series_pk: int
+    instance_pk: int | None
+    conflict: StudyOfAnotherPatient | SeriesInOtherStudy | None
+    created: bool
+
+
+_STUDY = (
+    "study_uid",
+    "patient_id",
+    "issuer_of_patient_id",
+    "patient_name",
+    "patient_name_search",
+    "patient_birth_date",
+    "patient_sex",
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_id",
+    "study_description",
+    "referring_physician_name",
+    "referring_physician_search",
+)
+_SERIES = (
+    "series_uid",
+    "modality",
+    "series_number",
+    "series_description",
+    "body_part_examined",
+    "series_date",
+    "series_time",
+    "pps_start_date",
+    "pps_start_time",
+)
+_INSTANCE = (
+    "sop_instance_uid",
+    "sop_class_uid",
+    "instance_number",
+    "transfer_syntax_uid",
+    "rows",
+    "columns",
+    "number_of_frames",
+    "bits_allocated",
+)
+
+
+def _json(value: object) -> str | None:
+    return json.dumps(value, ensure_ascii=False) if value is not None else None
+
+
+async def _index_one(conn: Connection, p: ParsedInstance, blob_key: str, size: int, sha256: str) -> asyncpg.Record:
+    """`index_instance` in store.sql: a batch of one."""
     s, r = p.study, p.series
     row = await conn.fetchrow(
         STORE["index_instance"],
@@ -93,12 +147,58 @@ async def index_instance(
         s["referring_physician_groups"],
     )
     assert row is not None  # the upserts always return their rows
-    if (row["study_patient_id"], row["study_issuer"]) != (s["patient_id"], s["issuer_of_patient_id"]):
-        raise StudyOfAnotherPatient(row["study_patient_id"], row["study_issuer"])
-    if row["series_study_pk"] != row["study_pk"]:
-        raise SeriesInOtherStudy(r["series_uid"])
-    instance_pk = row["instance_pk"]
-    return int(row["study_pk"]), int(row["series_pk"]), int(instance_pk) if instance_pk is not None else None
+    return row
+
+
+async def index_instances(conn: Connection, batch: Sequence[tuple[ParsedInstance, str, int, str]]) -> list[Indexed]:
+    """Study, series and instance rows of a batch of (instance, blob key, size, sha256) in one round trip
+    (`index_instances` in store.sql), each instance told what it would be told indexed alone after the ones before
+    it. An instance in conflict (`Indexed.conflict`) is not stored, but may have inserted its study or series
+    (`Indexed.created`): the caller rolls back before storing without it. A batch of one (a lone instance) takes the
+    single-row statement, which costs less."""
+    if len(batch) == 1:
+        rows = [await _index_one(conn, *batch[0])]
+    else:
+        rows = await conn.fetch(STORE["index_instances"], *_columns(batch))
+    assert len(rows) == len(batch)  # the upserts always return their rows
+    out = []
+    for (p, *_), row in zip(batch, rows, strict=True):
+        conflict: StudyOfAnotherPatient | SeriesInOtherStudy | None = None
+        if (row["study_patient_id"], row["study_issuer"]) != (p.study["patient_id"], p.study["issuer_of_patient_id"]):
+            conflict = StudyOfAnotherPatient(row["study_patient_id"], row["study_issuer"])
+        elif row["series_study_pk"] != row["study_pk"]:
+            conflict = SeriesInOtherStudy(p.series_uid)
+        instance_pk = row["instance_pk"] if conflict is None else None
+        created = len(batch) > 1 and bool(row["study_created"] or row["series_created"])
+        out.append(
+            Indexed(
+                int(row["study_pk"]),
+                int(row["series_pk"]),
+                int(instance_pk) if instance_pk is not None else None,
+                conflict,
+                created,
+            )
+        )
+    return out
+
+
+def _columns(batch: Sequence[tuple[ParsedInstance, str, int, str]]) -> list[list[object]]:
+    """The arguments of `index_instances` in store.sql: one array per column."""
+    columns: list[list[object]] = [[p.study[name] for p, *_ in batch] for name in _STUDY]
+    columns.append([_json(p.study_attrs) for p, *_ in batch])
+    columns += [[p.series[name] for p, *_ in batch] for name in _SERIES]
+    columns.append([_json(p.series_attrs) for p, *_ in batch])
+    columns += [[p.instance[name] for p, *_ in batch] for name in _INSTANCE]
+    columns.append([key for _p, key, _size, _sha in batch])
+    columns.append([size for _p, _key, size, _sha in batch])
+    columns.append([sha for _p, _key, _size, sha in batch])
+    columns.append([p.metadata for p, *_ in batch])
+    columns.append([json.dumps(p.bulk) for p, *_ in batch])
+    columns.append([_json(p.pixel) for p, *_ in batch])
+    columns.append([_json(p.study["patient_name_groups"]) for p, *_ in batch])
+    columns.append([_json(p.study["referring_physician_groups"]) for p, *_ in batch])
+    columns.append(list(range(1, len(batch) + 1)))
+    return columns
 
 
 async def replace_instance(

@@ -2,20 +2,25 @@
 instance, makes it durable, indexes it and tells the listeners, for STOW-RS, C-STORE, `hounsfield import` and the
 AI results of the inference runner alike.
 
+Each instance is parsed, checked, admitted, compressed and written to the blob store on its own, concurrently with
+the others; the instances ready to be indexed then share one index transaction (group commit,
+`dicomweb.ingest.commit`): one round trip set and one WAL flush for a burst of instances, each keeping its own
+outcome. A lone instance waits for no company.
+
 Order of durability: the bytes are written to the blob store (fsync/rename or S3 PUT) while the index statements
 run, and the index transaction commits only once they are durable, so an index row never points at missing bytes.
 A crash between the two, or a failed index transaction, leaves a blob without a row; the orphan collector
-(`blob.gc` job, `dicomweb.ingest.gc`) removes those after a grace period.
+(`blob.gc` job, `dicomweb.ingest.gc`) removes those after a grace period. An instance whose write failed fails
+alone (A700); the others of its transaction are stored.
 
 What follows a store (FHIR sync, DIMSE routing, inference dispatch, renditions) are the listeners bound at
 construction (`dicomweb.ingest.events`), run in their order inside the index transaction: the work they queue
-commits with the instance, or not at all.
+commits with the instances, or not at all.
 
 An outcome is the truth: the store's audit record, when the caller gives one, is written in the index transaction
 (stored and recorded, or neither); nothing that fails after the commit turns a stored instance into a failure; a
 commit whose answer was lost is settled by reading the index again; and `store` raises only when nothing was
-stored.
-"""
+stored."""
 
 from __future__ import annotations
 
@@ -28,27 +33,20 @@ from pathlib import Path
 import anyio.to_thread
 import asyncpg
 
-from dicomweb.blobs import BlobStore, BlobStoreError
+from dicomweb.blobs import BlobStore
 from dicomweb.index import repository
 from dicomweb.ingest.activity import IngestActivity
 from dicomweb.ingest.admission import NOT_AUTHORIZED, Admission
-from dicomweb.ingest.events import InstanceStored, Listener
-from dicomweb.ingest.gc import DELETE_JOB
+from dicomweb.ingest.commit import MAX_BATCH, Entry, GroupCommit, Verdict, duplicate
+from dicomweb.ingest.events import AuditOf, Listener
 from dicomweb.ingest.origin import Origin
-from dicomweb.ingest.outcome import PATIENT_CONFLICT_COMMENT, Outcome, PatientConflict
+from dicomweb.ingest.outcome import Outcome
 from dicomweb.ingest.parse import ParsedInstance, parse_instance
-from dicomweb.ingest.reasons import (
-    CANNOT_UNDERSTAND,
-    DATASET_MISMATCH,
-    DUPLICATE_REJECTED,
-    OUT_OF_RESOURCES,
-    PROCESSING_FAILURE,
-    InstanceRejected,
-)
+from dicomweb.ingest.reasons import DATASET_MISMATCH, OUT_OF_RESOURCES, PROCESSING_FAILURE, InstanceRejected
 from dicomweb.ingest.spool import Spooled, Spooler, out_of_resources
 from dicomweb.pixels.compress import Compressor, original_sha256
-from server.platform import jobs, telemetry
-from server.platform.db import Connection, unavailable, vouch_stateless
+from server.platform import telemetry
+from server.platform.db import unavailable, vouch_stateless
 from server.platform.diskspace import BelowWatermark
 
 log = logging.getLogger(__name__)
@@ -59,14 +57,6 @@ def blob_key(p: ParsedInstance, sha256: str) -> str:
     per series, the instance in the file name: a new instance makes no folder, which would cost the filesystem
     store a `mkdir` and one more fsync (its parent's) on every store."""
     return f"{p.study_uid}/{p.series_uid}/{p.sop_instance_uid}.{sha256[:32]}.dcm"
-
-
-class _Rollback(Exception):
-    """Ends the index transaction without storing; the outcome already says why (or that it is a no-op)."""
-
-
-class _AuditFailed(Exception):
-    """The store's audit record could not be written: the index transaction rolls back with it."""
 
 
 class StoreService:
@@ -81,6 +71,7 @@ class StoreService:
         listeners: Sequence[Listener] = (),
         compression: str = "none",
         activity: IngestActivity | None = None,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self.spool = spool
         """Where every channel spools an instance before `store` (`dicomweb.ingest.spool`)."""
@@ -91,7 +82,9 @@ class StoreService:
         self.overwrite = overwrite
         self.bulk_threshold = bulk_threshold
         self.listeners: tuple[Listener, ...] = tuple(listeners)
-        """Told of each stored instance, in this order, inside the index transaction (`dicomweb.ingest.events`)."""
+        """Told of the stored instances, in this order, inside the index transaction (`dicomweb.ingest.events`)."""
+        self.commits = GroupCommit(pool, self.listeners, overwrite=overwrite, max_batch=max_batch)
+        """The instances ready to be indexed share a transaction (`dicomweb.ingest.commit`), at most `max_batch`."""
         self.compressor = Compressor.of_mode(compression, bulk_threshold)  # HOUNSFIELD_STORE_COMPRESSION
         self.activity = activity or IngestActivity()
 
@@ -101,16 +94,16 @@ class StoreService:
         origin: Origin,
         *,
         study: str | None = None,
-        audit: Listener | None = None,
+        audit: AuditOf | None = None,
         admit: Admission | None = None,
     ) -> Outcome:
         """Ingest one spooled instance received through `origin`. The file is consumed (moved into the store or
-        deleted). `study` is the Study Instance UID the request named (STOW-RS on /studies/{study}, an AI result
-        filed under its source's study): an instance of another study is refused (A900). `audit` writes the
-        store's audit record (`AuditTrail.append_in`) in the index transaction, after the listeners: when it
-        fails, nothing is stored (out of resources). `admit` is the policy's decision on the parsed instance
-        (`dicomweb.ingest.admission`): a denial stores nothing (0124H, `Outcome.denial`). Raises only when nothing was
-        stored."""
+        deleted). `study` is the Study Instance UID the request named (STOW-RS on /studies/{study}, an AI result filed
+        under its source's study): an instance of another study is refused (A900). `audit` gives the store's audit
+        records (`dicomweb.ingest.events.AuditOf`), written in the index transaction after the listeners
+        (`AuditTrail.append_in`): when that fails, nothing is stored (out of resources). `admit` is the policy's
+        decision on the parsed instance (`dicomweb.ingest.admission`): a denial stores nothing (0124H,
+        `Outcome.denial`). Raises only when nothing was stored."""
         path = spooled.path
         self.activity.touch()
         try:
@@ -132,7 +125,7 @@ class StoreService:
         spooled: Spooled,
         origin: Origin,
         expected_study: str | None,
-        audit: Listener | None,
+        audit: AuditOf | None,
         admit: Admission | None,
     ) -> Outcome:
         path, size, sha256 = spooled.path, spooled.size, spooled.sha256
@@ -166,15 +159,16 @@ class StoreService:
                 return outcome
         if self.compressor.wanted(parsed) or not self.blobs.local:
             # Compressing, or uploading to a remote store, costs far more than a lookup: an instance already
-            # stored is settled first. Otherwise the index transaction settles it (`_index_in`), which saves a
-            # round trip per new instance; a re-sent or refused duplicate's blob is then written and removed again.
+            # stored is settled first. Otherwise the index transaction settles it (`dicomweb.ingest.commit`), which
+            # saves a round trip per new instance; a re-sent or refused duplicate's blob is then written and removed
+            # again.
             async with self.pool.acquire() as conn:
                 existing = await repository.find_instance(conn, parsed.sop_instance_uid)
                 vouch_stateless(conn)  # one SELECT: its release needs no reset query
             if existing is not None and original_sha256(existing) == sha256:
                 return outcome  # idempotent: the same bytes are already stored
             if existing is not None and not self.overwrite:
-                return self._duplicate(outcome)
+                return duplicate(outcome)
         stored = await self.compressor.apply(path, parsed, size, sha256)  # dicomweb/pixels/compress.py (off: as is)
         original, (parsed, size, sha256) = sha256, (stored.parsed, stored.size, stored.sha256)
         key = blob_key(parsed, sha256)
@@ -196,14 +190,6 @@ class StoreService:
         with telemetry.blob_span("put", key):
             await self.blobs.put_file(key, path)
 
-    def _duplicate(self, outcome: Outcome) -> Outcome:
-        outcome.failure = DUPLICATE_REJECTED
-        outcome.comment = (
-            "an instance with this SOPInstanceUID and different content is already stored "
-            "(the server is configured not to overwrite)"
-        )
-        return outcome
-
     async def _forget_blob(self, key: str) -> None:
         try:
             async with self.pool.acquire() as conn:
@@ -223,56 +209,44 @@ class StoreService:
         original: str,
         put: asyncio.Future[None],
         origin: Origin,
-        audit: Listener | None,
+        audit: AuditOf | None,
     ) -> Outcome:
-        committing = False  # the statements ran and COMMIT was sent: an error now leaves the outcome unknown
-        try:
-            if put.done():
-                put.result()  # a write that failed already fails the store before any statement
-            async with self.pool.acquire() as conn:
-                async with conn.transaction():
-                    await self._index_in(conn, parsed, key, size, sha256, outcome, original, origin, audit)
-                    await put  # the blob is durable before the rows that name it commit
-                    committing = True
-                outcome.committed = True
-                # Only DML ran, in a transaction that has ended (listeners keep to that too: see Listener).
-                vouch_stateless(conn)
-        except _Rollback:
-            await _ended(put)
+        """Index the instance with the others ready now, in one transaction (`dicomweb.ingest.commit`), and turn how
+        it ended into the outcome."""
+        entry = Entry(parsed, key, size, sha256, original, outcome, origin, audit, put)
+        verdict, error = await self.commits.index(entry)
+        if verdict is Verdict.COMMITTED:
+            outcome.committed = True
+            return outcome
+        await _ended(put)
+        if verdict is Verdict.REFUSED:
             await self._forget_blob(key)  # kept if a committed row names the same (identical) blob
             return outcome
-        except _AuditFailed as exc:
-            log.error("audit record of an instance not written, instance not stored: %s", exc.__cause__)
-            await _ended(put)  # the blob is left to the orphan collector, as after an index failure
+        if verdict is Verdict.AUDIT_FAILED:  # the blob is left to the orphan collector, as after an index failure
             outcome.failure = OUT_OF_RESOURCES
             outcome.comment = "the audit trail could not record the instance; nothing was stored"
             return outcome
-        except BlobStoreError as exc:
+        if verdict is Verdict.BLOB_FAILED:
             # Not forgotten: a concurrent store of the same bytes may have written this key and not committed yet;
             # whatever a failed write left is the orphan collector's.
-            log.error("blob store failed for an instance: %s", exc)
+            log.error("blob store failed for an instance: %s", error)
             outcome.failure = OUT_OF_RESOURCES
             outcome.comment = "the blob store could not store the instance; nothing was stored"
             return outcome
-        except Exception as exc:
-            if outcome.committed:  # handing the connection back failed: the instance is stored all the same
-                log.warning("connection not released after an ingest commit: %s", exc)
-                return outcome
-            # The blob is not removed here: a concurrent store of the same bytes (the same key) may be about to
-            # commit a row naming it. A blob no row names is removed by the orphan collector after its grace period.
-            await _ended(put)
-            if committing:
-                return await self._confirm(parsed.sop_instance_uid, key, outcome, exc)
-            if not (isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError) or unavailable(exc)):
-                raise  # rolled back: nothing was stored
-            log.error("index transaction failed: %s", exc)
-            if unavailable(exc):  # out of resources for now (PS3.4 B.2.3): the sender may retry later
-                outcome.failure = OUT_OF_RESOURCES
-                outcome.comment = "the database is unavailable; nothing was stored"
-                return outcome
-            outcome.failure = PROCESSING_FAILURE
-            outcome.comment = "the index could not record the instance; nothing was stored"
+        # The blob is not removed here: a concurrent store of the same bytes (the same key) may be about to commit a
+        # row naming it. A blob no row names is removed by the orphan collector after its grace period.
+        assert isinstance(error, Exception)
+        if verdict is Verdict.UNCONFIRMED:
+            return await self._confirm(parsed.sop_instance_uid, key, outcome, error)
+        if not (isinstance(error, OSError | asyncpg.PostgresError | asyncpg.InterfaceError) or unavailable(error)):
+            raise error  # rolled back: nothing was stored
+        log.error("index transaction failed: %s", error)
+        if unavailable(error):  # out of resources for now (PS3.4 B.2.3): the sender may retry later
+            outcome.failure = OUT_OF_RESOURCES
+            outcome.comment = "the database is unavailable; nothing was stored"
             return outcome
+        outcome.failure = PROCESSING_FAILURE
+        outcome.comment = "the index could not record the instance; nothing was stored"
         return outcome
 
     async def _confirm(self, sop_instance_uid: str, key: str, outcome: Outcome, exc: Exception) -> Outcome:
@@ -294,64 +268,6 @@ class StoreService:
         outcome.failure = PROCESSING_FAILURE
         outcome.comment = "the index could not record the instance; nothing was stored"
         return outcome
-
-    async def _index_in(
-        self,
-        conn: Connection,
-        parsed: ParsedInstance,
-        key: str,
-        size: int,
-        sha256: str,
-        outcome: Outcome,
-        original: str,
-        origin: Origin,
-        audit: Listener | None,
-    ) -> None:
-        """The index transaction's statements: one for the study, series and instance rows, then the overwrite
-        or duplicate handling when the instance exists, then the listeners and the audit record. Raises `_Rollback`
-        to store nothing, `_AuditFailed` when the record could not be written."""
-        try:
-            study_pk, series_pk, instance_pk = await repository.index_instance(conn, parsed, key, size, sha256)
-        except repository.StudyOfAnotherPatient as exc:
-            # PS3.3 A.1.2: a study belongs to one patient. No coercion: the instance is refused (Cxxx, PS3.4 B.2.3:
-            # the data set matches its SOP class, so A900 would send the sender looking for a broken header).
-            outcome.failure = CANNOT_UNDERSTAND
-            outcome.comment = PATIENT_CONFLICT_COMMENT
-            outcome.conflict = PatientConflict(
-                parsed.study_uid,
-                parsed.series_uid,
-                parsed.sop_instance_uid,
-                parsed.study["patient_id"],
-                parsed.study["issuer_of_patient_id"],
-                exc.patient_id,
-                exc.issuer,
-            )
-            raise _Rollback from None
-        except repository.SeriesInOtherStudy:
-            outcome.failure = DATASET_MISMATCH
-            outcome.comment = f"SeriesInstanceUID {parsed.series_uid} already belongs to another study"
-            raise _Rollback from None
-        replaced = False
-        if instance_pk is None:
-            current = await repository.find_instance(conn, parsed.sop_instance_uid, lock=True)
-            assert current is not None
-            if original_sha256(current) == original:
-                raise _Rollback  # idempotent: the same bytes are already stored (or a concurrent store won)
-            if not self.overwrite:
-                self._duplicate(outcome)
-                raise _Rollback
-            instance_pk = await repository.replace_instance(conn, parsed, study_pk, series_pk, key, size, sha256)
-            replaced = True
-            if current["blob_key"] != key:
-                await jobs.enqueue(conn, DELETE_JOB, {"key": current["blob_key"]})
-        stored = InstanceStored(instance_pk, study_pk, series_pk, parsed, replaced, origin)
-        for listener in self.listeners:
-            await listener(conn, stored)
-        if audit is not None:
-            try:
-                await audit(conn, stored)
-            except Exception as exc:
-                raise _AuditFailed from exc
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

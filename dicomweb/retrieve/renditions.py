@@ -322,17 +322,20 @@ async def drop(conn: Connection, instance_pk: int) -> None:
 
 def ingest_hook(syntaxes: Sequence[str]) -> Listener:
     """The `StoreService` listener: drop the renditions of an overwritten instance; queue its series' `rendition`
-    job for a stored image when renditions are configured."""
+    job for a stored image when renditions are configured (the jobs of the batch with one statement)."""
 
-    async def hook(conn: Connection, stored: InstanceStored) -> None:
-        if stored.replaced:
-            await drop(conn, stored.instance_pk)
-        if not syntaxes or not stored.parsed.pixel:
-            return
-        if all(ts == stored.parsed.transfer_syntax_uid for ts in syntaxes):
-            return
-        payload, key = series_job(stored.series_pk)
-        await jobs.enqueue(conn, RENDITION_JOB, payload, dedupe_key=key)
+    async def hook(conn: Connection, stored: Sequence[InstanceStored]) -> None:
+        new: list[jobs.NewJob] = []
+        for event in stored:
+            if event.replaced:
+                await drop(conn, event.instance_pk)
+            if not syntaxes or not event.parsed.pixel:
+                continue
+            if all(ts == event.parsed.transfer_syntax_uid for ts in syntaxes):
+                continue
+            payload, key = series_job(event.series_pk)
+            new.append(jobs.NewJob(RENDITION_JOB, payload, dedupe_key=key))
+        await jobs.enqueue_many(conn, new)
 
     return hook
 

@@ -48,7 +48,7 @@ from dicomweb.codecs import multipart, stow
 from dicomweb.deps import SettingsDep, StoreDep
 from dicomweb.errors import BadRequest, DicomWebError, StorageFull
 from dicomweb.ingest.admission import Admission, policy_admission
-from dicomweb.ingest.events import InstanceStored, Listener
+from dicomweb.ingest.events import AuditOf, InstanceStored
 from dicomweb.ingest.origin import Origin
 from dicomweb.ingest.outcome import Outcome
 from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, InstanceRejected
@@ -58,7 +58,6 @@ from dicomweb.routes.common import base_url, dicom_json
 from dicomweb.settings import DicomwebSettings
 from server.platform import telemetry
 from server.platform.connections import BodyTimeout
-from server.platform.db import Connection
 from server.platform.diskspace import RETRY_AFTER_SECONDS, BelowWatermark
 from server.platform.http import warning_header
 
@@ -102,11 +101,11 @@ class _Services:
     audit: AuditTrail
 
 
-def _audit_stored(request: Request[Any, Any, Any], services: _Services) -> Listener:
+def _audit_stored(request: Request[Any, Any, Any]) -> AuditOf:
     """The ingest's audit record: each stored instance's, written in its index transaction. It carries no HTTP
     status (the request's own record does, once the response is known)."""
 
-    async def write(conn: Connection, stored: InstanceStored) -> None:
+    def records(stored: InstanceStored) -> list[AuditRecord]:
         p = stored.parsed
         resource = Resource(
             kind="instance",
@@ -119,9 +118,9 @@ def _audit_stored(request: Request[Any, Any, Any], services: _Services) -> Liste
         record = _record(request, resource, outcome_desc=warnings, status=None)
         if stored.replaced:
             record = dataclasses.replace(record, action="U")
-        await services.audit.append_in(conn, [record])
+        return [record]
 
-    return write
+    return records
 
 
 def _admission(request: Request[Any, Any, Any], services: _Services) -> Admission:
@@ -143,7 +142,7 @@ def _origin(request: Request[Any, Any, Any]) -> Origin:
 
 async def _receive(request: Request[Any, Any, Any], services: _Services, study: str | None) -> Response[bytes]:
     settings = services.settings
-    audit = _audit_stored(request, services)
+    audit = _audit_stored(request)
     admit = _admission(request, services)
     origin = _origin(request)
     boundary = stow.check_request_type(request.headers.get("content-type"))
@@ -303,7 +302,7 @@ async def _finish_slot(
     origin: Origin,
     study: str | None,
     slots: asyncio.Semaphore,
-    audit: Listener,
+    audit: AuditOf,
     admit: Admission,
 ) -> Outcome:
     try:
@@ -330,7 +329,7 @@ def _result(task: asyncio.Task[Outcome]) -> Outcome:
 
 
 async def _finish(
-    services: _Services, spool: Spool, origin: Origin, study: str | None, audit: Listener, admit: Admission
+    services: _Services, spool: Spool, origin: Origin, study: str | None, audit: AuditOf, admit: Admission
 ) -> Outcome:
     try:
         spooled = spool.finish()

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,34 @@ async def enqueue(
         SQL["enqueue"], kind, json.dumps(payload), dedupe_key, float(delay_seconds), max_attempts
     )
     return int(value) if value is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job to queue with `enqueue_many`: the arguments of `enqueue`."""
+
+    kind: str
+    payload: dict[str, Any]
+    dedupe_key: str | None = None
+    delay_seconds: float = 0.0
+    max_attempts: int = 8
+
+
+async def enqueue_many(conn: Connection, new: Sequence[NewJob]) -> int:
+    """Queue jobs on `conn` (inside the caller's transaction) with one statement; returns how many were queued. As
+    `enqueue`: a queued job with the same (kind, dedupe key) absorbs a new one, and within `new` the first of those
+    with one key absorbs the others."""
+    if not new:
+        return 0
+    status = await conn.execute(
+        SQL["enqueue_many"],
+        [job.kind for job in new],
+        [json.dumps(job.payload) for job in new],
+        [job.dedupe_key for job in new],
+        [float(job.delay_seconds) for job in new],
+        [job.max_attempts for job in new],
+    )
+    return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <rows>"
 
 
 async def schedule(

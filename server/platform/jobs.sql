@@ -7,6 +7,21 @@ VALUES ($1, $2::jsonb, $3, now() + make_interval(secs => $4), $5)
 ON CONFLICT (kind, dedupe_key) WHERE state = 'queued' AND dedupe_key IS NOT NULL DO NOTHING
 RETURNING id;
 
+-- name: enqueue_many
+-- Many jobs in one statement (the listeners of a group-committed ingest): the same rule as enqueue, a queued job
+-- with the same (kind, dedupe_key) absorbs a new one, and so does the first of the batch its later duplicates
+-- (ON CONFLICT DO UPDATE may not touch one row twice: the duplicates are dropped before the insert).
+INSERT INTO jobs (kind, payload, dedupe_key, run_at, max_attempts)
+SELECT kind, payload::jsonb, dedupe_key, now() + make_interval(secs => delay), max_attempts
+FROM (
+    SELECT DISTINCT ON (kind, coalesce(dedupe_key, ord::text), dedupe_key IS NULL) *
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::int[]) WITH ORDINALITY
+        AS t(kind, payload, dedupe_key, delay, max_attempts, ord)
+    ORDER BY kind, coalesce(dedupe_key, ord::text), dedupe_key IS NULL, ord
+) AS first
+ORDER BY ord
+ON CONFLICT (kind, dedupe_key) WHERE state = 'queued' AND dedupe_key IS NOT NULL DO NOTHING;
+
 -- name: take
 -- Take up to $2 ready jobs of the kinds this worker knows; SKIP LOCKED lets many workers share the queue. Jobs of
 -- the kinds in $4 (deferred while the process is busy ingesting) are taken only once they are $5 seconds overdue.

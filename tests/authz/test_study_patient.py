@@ -132,19 +132,20 @@ def test_racing_index_transactions_refuse_the_second_patient(dsn: str, tmp_path:
             tx1, tx2 = first.transaction(), second.transaction()
             await tx1.start()
             await tx2.start()
-            await repository.index_instance(first, parsed[0], "k1", 1, "a" * 64)
-            waiting = asyncio.create_task(repository.index_instance(second, parsed[1], "k2", 1, "b" * 64))
+            await repository.index_instances(first, [(parsed[0], "k1", 1, "a" * 64)])
+            waiting = asyncio.create_task(repository.index_instances(second, [(parsed[1], "k2", 1, "b" * 64)]))
             await asyncio.sleep(0.3)
             assert not waiting.done()  # blocked on the first's uncommitted study row
             await tx1.commit()
             try:
-                await waiting
-            except repository.StudyOfAnotherPatient as exc:
-                assert (exc.patient_id, exc.issuer) == ("P1", None)
-                return type(exc)
+                [indexed] = await waiting
             finally:
                 await tx2.rollback()
-            return None
+            conflict = indexed.conflict
+            if isinstance(conflict, repository.StudyOfAnotherPatient):
+                assert (conflict.patient_id, conflict.issuer) == ("P1", None)
+                assert indexed.instance_pk is None  # not inserted
+            return type(conflict) if conflict is not None else None
         finally:
             await first.close()
             await second.close()

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from authz.auditrecord import AuditRecord
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.dimse import routing
 from dicomweb.dimse.config import Destination, DimseConfig, RoutingRule
@@ -52,8 +53,8 @@ async def _store(
 
 
 def _recorder(seen: list[tuple[str, InstanceStored]], name: str) -> Listener:
-    async def listener(_conn: Connection, event: InstanceStored) -> None:
-        seen.append((name, event))
+    async def listener(_conn: Connection, events: Sequence[InstanceStored]) -> None:
+        seen.extend((name, event) for event in events)
 
     return listener
 
@@ -97,9 +98,10 @@ def test_listeners_run_in_the_order_they_were_bound(dsn: str, tmp_path: Path) ->
     order: list[str] = []
 
     def listener(name: str) -> Listener:
-        async def run(conn: Connection, event: InstanceStored) -> None:
-            found = await conn.fetchval("SELECT count(*) FROM instances WHERE instance_pk = $1", event.instance_pk)
-            order.append(f"{name}:{found}")
+        async def run(conn: Connection, events: Sequence[InstanceStored]) -> None:
+            for event in events:
+                found = await conn.fetchval("SELECT count(*) FROM instances WHERE instance_pk = $1", event.instance_pk)
+                order.append(f"{name}:{found}")
 
         return run
 
@@ -118,7 +120,7 @@ def test_a_failed_store_rolls_back_the_listeners_work(dsn: str, tmp_path: Path) 
     written the store fails (A700), and neither the instance nor the queued job exists."""
     seen: list[tuple[str, InstanceStored]] = []
 
-    async def broken_audit(_conn: Connection, _event: InstanceStored) -> None:
+    def broken_audit(_event: InstanceStored) -> list[AuditRecord]:
         raise RuntimeError("the audit trail is unavailable")
 
     async def main() -> None:

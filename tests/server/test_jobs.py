@@ -41,6 +41,44 @@ def test_enqueue_is_transactional_and_deduplicated(dsn: str) -> None:
     asyncio.run(run())
 
 
+def test_enqueue_many_deduplicates_as_enqueue_does(dsn: str) -> None:
+    """One statement for a batch: a queued job with the same (kind, key) absorbs a new one, the first of the batch
+    absorbs its later duplicates (its payload is kept), jobs without a key are all queued, and the delay holds."""
+
+    async def run() -> None:
+        pool = await _pool(dsn)
+        try:
+            async with pool.acquire() as conn:
+                assert await jobs.enqueue(conn, "x", {"n": 0}, dedupe_key="queued") is not None
+                new = [
+                    jobs.NewJob("x", {"n": 1}, "queued"),
+                    jobs.NewJob("x", {"n": 2}, "a", delay_seconds=60),
+                    jobs.NewJob("x", {"n": 3}, "a"),
+                    jobs.NewJob("y", {"n": 4}, "a"),
+                    jobs.NewJob("x", {"n": 5}),
+                    jobs.NewJob("x", {"n": 6}),
+                    jobs.NewJob("x", {"n": 7}, "1"),  # a key that reads like a position: its own job
+                ]
+                assert await jobs.enqueue_many(conn, new) == 5
+                assert await jobs.enqueue_many(conn, []) == 0
+                rows = await conn.fetch(
+                    "SELECT kind, payload->>'n' AS n, dedupe_key, run_at > now() + interval '50 s' AS later"
+                    " FROM jobs ORDER BY id"
+                )
+                assert [(r["kind"], r["n"], r["dedupe_key"], r["later"]) for r in rows] == [
+                    ("x", "0", "queued", False),
+                    ("x", "2", "a", True),
+                    ("y", "4", "a", False),
+                    ("x", "5", None, False),
+                    ("x", "6", None, False),
+                    ("x", "7", "1", False),
+                ]
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
 def test_worker_runs_retries_and_fails(dsn: str) -> None:
     async def run() -> None:
         pool = await _pool(dsn)
