@@ -156,7 +156,7 @@ def _acknowledge(node: Node, operation: StoreOperation, spooled: Spooled) -> Dat
             log.error("C-STORE intake not written: %s", exc.strerror or type(exc).__name__)
             outcome.failure, outcome.comment = OUT_OF_RESOURCES, out_of_resources(exc)
             return node.run_to_end(_refuse(node, operation, outcome))
-        node.loop.call_soon_threadsafe(indexer.submit, entry, ident, operation)
+        node.loop.call_soon_threadsafe(indexer.submit, entry, ident, operation, parsed)
         acknowledged = True
         return _response(*status_of(outcome))
     finally:

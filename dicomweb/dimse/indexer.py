@@ -75,7 +75,7 @@ class Indexer:
         trail: AuditTrail,
         operation_of: Callable[[Origin], StoreOperation],
         *,
-        backlog: int = 64,
+        backlog: int = 16,
         concurrency: int = 4,
     ) -> None:
         self.store = store
@@ -130,12 +130,20 @@ class Indexer:
             return DUPLICATE
         return None
 
-    def submit(self, entry: Entry, ident: Identity | None, operation: StoreOperation, *, room: bool = True) -> None:
-        """On the loop: index an acknowledged entry (reserved in `pending` as `ident`) from a task; `room`: it holds
-        a place in the backlog (`room`), given back once it is settled."""
+    def submit(
+        self,
+        entry: Entry,
+        ident: Identity | None,
+        operation: StoreOperation,
+        parsed: ParsedInstance | None = None,
+        *,
+        room: bool = True,
+    ) -> None:
+        """On the loop: index an acknowledged entry (reserved in `pending` as `ident`; `parsed` when the checks read
+        it already) from a task; `room`: it holds a place in the backlog (`room`), given back once it is settled."""
         sop = ident.sop_instance_uid if ident is not None else entry.name
         before = self._last.get(sop)
-        task = asyncio.get_running_loop().create_task(self._index(entry, ident, operation, before, room))
+        task = asyncio.get_running_loop().create_task(self._index(entry, ident, operation, parsed, before, room))
         self._last[sop] = task
         self._tasks.add(task)
 
@@ -151,6 +159,7 @@ class Indexer:
         entry: Entry,
         ident: Identity | None,
         operation: StoreOperation,
+        parsed: ParsedInstance | None,
         before: asyncio.Task[None] | None,
         room: bool,
     ) -> None:
@@ -158,7 +167,7 @@ class Indexer:
             await asyncio.wait([before])
         attempt = 0
         try:
-            while not await self._once(entry, ident, operation):
+            while not await self._once(entry, ident, operation, parsed):
                 delay = BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS) - 1)]
                 attempt += 1
                 if attempt == 1:
@@ -172,13 +181,16 @@ class Indexer:
         if room:
             self._room.release()
 
-    async def _once(self, entry: Entry, ident: Identity | None, operation: StoreOperation) -> bool:
+    async def _once(
+        self, entry: Entry, ident: Identity | None, operation: StoreOperation, parsed: ParsedInstance | None = None
+    ) -> bool:
         """One store of the entry; True when it is settled (indexed, already stored, or refused)."""
         async with self._slots:
             try:
                 link = self.intake.link(entry, self.store.spool.folder)
                 spooled = Spooled(link, entry.size, entry.sha256)
-                outcome = await self.store.store(spooled, entry.origin, audit=audit_listener(self.trail, operation))
+                audit = audit_listener(self.trail, operation)
+                outcome = await self.store.store(spooled, entry.origin, audit=audit, parsed=parsed)
             except Exception as exc:  # `store` raises only when nothing was stored
                 log.warning("acknowledged C-STORE not indexed yet (%s); retrying", type(exc).__name__)
                 return False

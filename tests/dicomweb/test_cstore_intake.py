@@ -257,16 +257,16 @@ def test_an_instance_filed_otherwise_meanwhile_is_kept_for_an_operator(make_serv
 
 
 def test_kill_9_after_the_answers_then_the_intake_is_replayed(dsn: str, tmp_path: Path) -> None:
-    """storescu sends N images, each answered Success, while the index store is held back; the server is killed
-    (SIGKILL) right after the last answer, with nothing indexed. Restarted, it replays its intake before it
-    accepts associations: all N are found by C-FIND and QIDO-RS, each with its audit record."""
+    """storescu sends N images (fewer than the backlog), each answered Success, while the index store is held
+    back; the server is killed (SIGKILL) right after the last answer, with nothing indexed. Restarted, it replays
+    its intake before it accepts associations: all N are found by C-FIND and QIDO-RS, each with its record."""
     require_dcmtk()
     data, port = tmp_path / "data", free_port()
     env = {"HOUNSFIELD_DIMSE_PORT": str(port), "HOUNSFIELD_DIMSE_PEERS": "CT1=admin", "HOUNSFIELD_INFERENCE": "false"}
     study, series = generate_uid(), generate_uid()
     folder = tmp_path / "in"
     folder.mkdir()
-    datasets = [ct(study, series, seed=i, InstanceNumber=i + 1, PatientID="K9") for i in range(20)]
+    datasets = [ct(study, series, seed=i, InstanceNumber=i + 1, PatientID="K9") for i in range(12)]
     for i, ds in enumerate(datasets):
         (folder / f"{i:03d}.dcm").write_bytes(part10(ds))
     with serve(dsn, data, **env) as srv:
