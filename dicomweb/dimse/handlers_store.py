@@ -48,7 +48,6 @@ from dicomweb.ingest.parse import ParsedInstance, parse_instance
 from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected
 from dicomweb.ingest.spool import Spooled, out_of_resources
 from server.platform.db import unavailable
-from server.platform.diskspace import BelowWatermark
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +97,9 @@ async def _refuse(node: Node, operation: StoreOperation, outcome: Outcome) -> Da
 
 
 async def _check(node: Node, operation: StoreOperation, parsed: ParsedInstance, ident: Identity) -> Outcome:
-    """What the store would decide, decided before the answer: the policy, the free-space watermark, and the
-    identity checks (`Indexer.check`, which reserves the instance among the pending ones when it passes)."""
+    """What the store would decide, decided before the answer: the policy and the identity checks
+    (`Indexer.check`, which reserves the instance among the pending ones when it passes). The size limit and the
+    free-space watermark were checked when the instance was spooled, just before."""
     outcome = Outcome(
         parsed.sop_class_uid,
         parsed.sop_instance_uid,
@@ -111,12 +111,6 @@ async def _check(node: Node, operation: StoreOperation, parsed: ParsedInstance, 
     if denial is not None:
         outcome.failure, outcome.comment, outcome.denial = NOT_AUTHORIZED, denial.comment, denial
         return outcome
-    if node.store.space is not None:
-        try:
-            node.store.space.require()
-        except BelowWatermark as exc:
-            outcome.failure, outcome.comment = OUT_OF_RESOURCES, out_of_resources(exc)
-            return outcome
     assert node.indexer is not None
     conflict = await node.indexer.check(ident)
     if conflict is not None:
@@ -156,8 +150,11 @@ def _acknowledge(node: Node, operation: StoreOperation, spooled: Spooled) -> Dat
             log.error("C-STORE intake not written: %s", exc.strerror or type(exc).__name__)
             outcome.failure, outcome.comment = OUT_OF_RESOURCES, out_of_resources(exc)
             return node.run_to_end(_refuse(node, operation, outcome))
-        node.loop.call_soon_threadsafe(indexer.submit, entry, ident, operation, parsed)
-        acknowledged = True
+        acknowledged = True  # durable: stored now, or by the replay at the next start
+        try:
+            node.loop.call_soon_threadsafe(indexer.submit, entry, ident, operation, parsed)
+        except RuntimeError:  # the loop closed (shutdown) since the checks
+            log.warning("C-STORE kept in the intake for the next start (the server is stopping)")
         return _response(*status_of(outcome))
     finally:
         if not acknowledged:
