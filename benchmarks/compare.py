@@ -5,6 +5,7 @@ Rows: STOW-RS instances/s (10 instances a request, 4 requests at once); QIDO-RS 
 patient name prefix, series of a study, instances of a series, OHIF's study list); series metadata p50 (the
 100-instance series); OHIF's frame request (`multipart/related; type=application/octet-stream;
 transfer-syntax=*`) frames/s and p50 at concurrency 8; instance and series retrieve MB/s; C-STORE images/s
+on one association and on 4 at once (the same files under new UIDs)
 (dcmtk `storescu`, benchmarks/cstore.py). Physical references on the same machine: reading the same bytes from
 the page cache, a trivial HTTP server (uvicorn, a fixed body) on loopback, and the C-STORE files sent into a
 pynetdicom storage SCP that stores nothing (the ceiling of the DIMSE library Hounsfield is built on). Each row
@@ -42,12 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.compare_data import DataSet, generate  # noqa: E402
-from benchmarks.cstore import CALLING, start_hounsfield, store  # noqa: E402
+from benchmarks.compare_data import DataSet, generate, uid  # noqa: E402
+from benchmarks.cstore import CALLING, start_hounsfield, store, store_parallel  # noqa: E402
 from benchmarks.harness import free_port  # noqa: E402
 from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
 
@@ -210,8 +212,27 @@ async def measure(target: Target, data: DataSet, args: argparse.Namespace) -> di
     out["ingest settled s"] = await settle(target)
     out.update(await reads(target, data, args))
     out["C-STORE images/s"] = await asyncio.to_thread(store, target.dimse, target.aet, data.cstore)
+    out["C-STORE 4 associations images/s"] = await asyncio.to_thread(
+        store_parallel, target.dimse, target.aet, parallel_files(data), 4
+    )
     out["peak RSS MiB"] = target.memory.stop()
     return out
+
+
+def parallel_files(data: DataSet) -> list[Path]:
+    """The C-STORE row's files again under new SOP Instance and Series UIDs (the same bytes otherwise), for the
+    4-association row: a resent instance would be an idempotent no-op. Made once into the data set's folder."""
+    folder = data.folder / "cstore-parallel"
+    paths = [folder / p.name for p in data.cstore]
+    if all(p.exists() for p in paths):
+        return paths
+    folder.mkdir(exist_ok=True)
+    for src, dst in zip(data.cstore, paths, strict=True):
+        ds = pydicom.dcmread(src)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid("parallel", ds.SOPInstanceUID)
+        ds.SeriesInstanceUID = uid("parallel", ds.SeriesInstanceUID)
+        ds.save_as(dst, enforce_file_format=True)
+    return paths
 
 
 async def reads(target: Target, data: DataSet, args: argparse.Namespace) -> dict[str, Any]:

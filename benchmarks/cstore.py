@@ -15,6 +15,13 @@ and Orthanc's own DIMSE layer) runs with `TCP_NODELAY=1`, dcmtk's switch for tur
 (without it each storescu -> storescp exchange waits ~40 ms for a delayed ACK; `--nagle` shows that).
 
     .venv/bin/python benchmarks/cstore.py [--images 500] [--rows 256] [--finds 50] [--associations 4] [--json PATH]
+    .venv/bin/python benchmarks/cstore.py --visibility [--images 300]
+
+`--visibility` measures, against Hounsfield alone, how long after its C-STORE-RSP each instance of one storescu run
+becomes visible to C-FIND (SERIES level, one pynetdicom association) and to QIDO-RS (the series), each polled
+back to back from its own thread for the series' instance count: the k-th response's instance counts as visible
+when the count first reaches k (instances indexed out of order count when those before them are; p50, p99, max;
+the resolution is one poll, whose p50 is printed too).
 
 Run on demand (not part of `make test`); needs dcmtk, root (unshare, apt-get for Orthanc when missing).
 """
@@ -190,6 +197,110 @@ def start_hounsfield(folder: Path, procs: list[subprocess.Popen[bytes]]) -> tupl
     return dimse, embedded
 
 
+def _poll_cfind(port: int, series: tuple[str, str], seen: list[float], stop: Any, polls: list[float]) -> None:
+    """SERIES-level C-FIND of NumberOfSeriesRelatedInstances, back to back: seen[k] is when k + 1 were listed."""
+    ae = AE(ae_title=CALLING)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="HOUNSFIELD", evt_handlers=NODELAY_HANDLERS)
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID, query.SeriesInstanceUID = "SERIES", *series
+    query.NumberOfSeriesRelatedInstances = ""
+    try:
+        while not stop.is_set():
+            start = time.perf_counter()
+            count = 0
+            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
+                    count = int(identifier.get("NumberOfSeriesRelatedInstances") or 0)
+            now = time.perf_counter()
+            seen.extend([now] * (count - len(seen)))
+            polls.append(now - start)
+    finally:
+        assoc.release()
+
+
+def _poll_qido(url: str, token: str, seen: list[float], stop: Any, polls: list[float]) -> None:
+    """QIDO-RS of the series (NumberOfSeriesRelatedInstances), back to back: seen[k] is when k + 1 were listed."""
+    import httpx
+
+    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        while not stop.is_set():
+            start = time.perf_counter()
+            found = http.get(url).json()
+            count = int(found[0]["00201209"]["Value"][0]) if found else 0
+            now = time.perf_counter()
+            seen.extend([now] * (count - len(seen)))
+            polls.append(now - start)
+
+
+def visibility(folder: Path, images: int, rows: int) -> dict[str, Any]:
+    """Response-to-visible times of one storescu run (see the module's docstring)."""
+    import threading
+
+    import pydicom
+
+    from benchmarks.harness import admin_token
+
+    procs: list[subprocess.Popen[bytes]] = []
+    embedded = None
+    try:
+        dimse, embedded = start_hounsfield(folder, procs)
+        env = Path(f"/proc/{procs[-1].pid}/environ").read_bytes().split(b"\0")
+        http_port = int(next(e for e in env if e.startswith(b"HOUNSFIELD_PORT=")).split(b"=", 1)[1])
+        token = admin_token(dict(os.environ, HOUNSFIELD_DATA=str(folder / "data")))
+        warm = make_files(folder / "warm", 20, rows, patient="W1")
+        store(dimse, "HOUNSFIELD", warm)
+        files = make_files(folder / "files", images, rows)
+        first = pydicom.dcmread(files[0], stop_before_pixels=True)
+        series = (str(first.StudyInstanceUID), str(first.SeriesInstanceUID))
+        qido = f"http://127.0.0.1:{http_port}/dicom-web/studies/{series[0]}/series?SeriesInstanceUID={series[1]}"
+        stop = threading.Event()
+        seen: dict[str, list[float]] = {"C-FIND": [], "QIDO-RS": []}
+        polls: dict[str, list[float]] = {"C-FIND": [], "QIDO-RS": []}
+        pollers = [
+            threading.Thread(target=_poll_cfind, args=(dimse, series, seen["C-FIND"], stop, polls["C-FIND"])),
+            threading.Thread(target=_poll_qido, args=(qido, token, seen["QIDO-RS"], stop, polls["QIDO-RS"])),
+        ]
+        for poller in pollers:
+            poller.start()
+        answered: list[float] = []
+        run = subprocess.Popen(
+            ["storescu", "-v", "-aet", CALLING, "-aec", "HOUNSFIELD", "127.0.0.1", str(dimse), *map(str, files)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        )  # fmt: skip
+        assert run.stdout is not None
+        for line in run.stdout:
+            if "Received Store Response" in line:
+                answered.append(time.perf_counter())
+        run.wait()
+        deadline = time.perf_counter() + 60
+        while any(len(s) < images for s in seen.values()) and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        for poller in pollers:
+            poller.join(30)
+        if len(answered) != images:
+            raise SystemExit(f"storescu reported {len(answered)} responses for {images} images")
+        out: dict[str, Any] = {"images": images}
+        for name, first_seen in seen.items():
+            if len(first_seen) < images:
+                raise SystemExit(f"{name}: {images - len(first_seen)} instances never became visible")
+            lags = [(visible - at) * 1000 for visible, at in zip(first_seen, answered, strict=True)]
+            out[name] = {
+                "p50_ms": statistics.median(lags),
+                "p99_ms": pct(lags, 0.99),
+                "max_ms": max(lags),
+                "poll_p50_ms": statistics.median(polls[name]) * 1000,
+            }
+        return out
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(30)
+        if embedded is not None:
+            embedded.cleanup()
+
+
 def report(results: dict[str, Any]) -> None:
     n, size, mib = results["images"], results["image_bytes"], results["total_mib"]
     rates = results["images_per_s"]
@@ -219,12 +330,27 @@ def main() -> int:
     parser.add_argument("--associations", type=int, default=4, help="also N storescu runs at once (1: skip)")
     parser.add_argument("--nagle", action="store_true", help="leave Nagle on in dcmtk (its default)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "cstore.json")
+    parser.add_argument("--visibility", action="store_true", help="C-STORE-RSP to C-FIND/QIDO-RS visible, alone")
     args = parser.parse_args()
     if not shutil.which("storescu"):
         raise SystemExit("dcmtk is needed (apt-get install dcmtk)")
     args.json = args.json.resolve()
     in_loopback_namespace()
     os.environ["TCP_NODELAY"] = "0" if args.nagle else "1"
+    if args.visibility:
+        folder = Path(tempfile.mkdtemp(prefix="hounsfield-visibility-"))
+        try:
+            result = visibility(folder, args.images, args.rows)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        print(f"\nC-STORE-RSP to visible, one storescu run of {args.images} images (ms):")
+        for name in ("C-FIND", "QIDO-RS"):
+            r = result[name]
+            print(
+                f"  {name:8} p50 {r['p50_ms']:7.1f}  p99 {r['p99_ms']:7.1f}  max {r['max_ms']:7.1f}"
+                f"  (one poll: p50 {r['poll_p50_ms']:.1f})"
+            )
+        return 0
     folder = Path(tempfile.mkdtemp(prefix="hounsfield-cstore-"))
     embedded = None
     procs: list[subprocess.Popen[bytes]] = []

@@ -3,7 +3,8 @@ the blob store, the ingest service, retrieval and rendering; the DICOM Applicati
 jobs that follow a store (DIMSE routing, renditions) and keep the store clean (orphan blobs, deletions).
 
 Dependencies: `blobs` (BlobStore), `store` (StoreService), `retrieve` (RetrieveService), `render`
-(RenderService), `space` (FreeSpace: the free-space watermark)."""
+(RenderService), `space` (FreeSpace: the free-space watermark), `intake` (the C-STORE Indexer, None without the
+DICOM AE)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dicomweb.blobs import BlobStore
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.dimse import routes as dimse_routes
 from dicomweb.dimse import routing
+from dicomweb.dimse.indexer import Indexer, open_indexer
 from dicomweb.dimse.node import Node
 from dicomweb.dimse.service import open_dimse
 from dicomweb.ingest.activity import IngestActivity
@@ -97,6 +99,7 @@ class DicomwebPlugin(ServicePlugin):
         """A blob store to use as is (tests); None: opened from the settings."""
         self._blobs: BlobStore | None = None
         self._store: StoreService | None = None
+        self._indexer: Indexer | None = None
         self._services: dict[str, Any] = {}
         self._jobs = JobSet()
 
@@ -127,6 +130,7 @@ class DicomwebPlugin(ServicePlugin):
             "blobs": lambda: self.blobs,
             "store": lambda: self.store,
             "space": lambda: self.space,
+            "intake": lambda: self._indexer,
         }
         for name in SERVICES:
             provided[name] = self._provider(name)
@@ -188,7 +192,9 @@ class DicomwebPlugin(ServicePlugin):
             deferral=deferral,
         )
         if settings.dimse_enabled:
-            node = Node(asyncio.get_running_loop(), settings, pool, store, blobs, audit, self.authz.policy)
+            indexer = self._indexer = await open_indexer(stack, settings, store, audit)  # replays what was left
+            early = indexer if settings.dimse_early_ack else None
+            node = Node(asyncio.get_running_loop(), settings, pool, store, blobs, audit, self.authz.policy, early)
             dimse = await open_dimse(node)  # None without configured peers
             if dimse is not None:
                 stack.push_async_callback(dimse.stop)  # before the audit trail and pool close
@@ -205,7 +211,7 @@ class DicomwebPlugin(ServicePlugin):
         )
 
     def _forget(self) -> None:
-        self._store, self._blobs, self._services = None, None, {}
+        self._store, self._blobs, self._services, self._indexer = None, None, {}, None
 
 
 def ingest_listeners(settings: DicomwebSettings) -> list[Listener]:

@@ -37,6 +37,9 @@ from typing import Any, Literal
 
 from pydicom.datadict import tag_for_keyword
 
+ISSUER = "dimse"
+"""The `issuer` of DIMSE identities: they come from the peer table, not from a token."""
+
 
 class DimseConfigError(ValueError):
     """A DIMSE configuration value is malformed; the message says which part."""

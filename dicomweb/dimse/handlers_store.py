@@ -10,6 +10,16 @@ understand (also an instance whose study is filed under another patient), 0111 d
 off), 0110 processing failure, B000 coercion; a policy denial is 0124 Refused: Not Authorized (a PS3.7 Annex C
 general status).
 
+Early acknowledgement (`HOUNSFIELD_DIMSE_EARLY_ACK`, on by default): every check that decides the answer runs
+before it, in the association's thread and on the loop: the structure and parse (`parse_instance`), the policy,
+the free-space watermark and the size limit, and the identity checks against the index and the instances
+acknowledged but not indexed yet (`dicomweb.dimse.indexer`). Then the instance is made durable in the intake
+(`dicomweb.dimse.intake`: the file fsynced and renamed, with its origin) and Success (or B000) is answered; the
+index store runs just after, from a task on the loop, and writes the instance's record in its transaction. A
+Success then means: the instance will be stored and visible to C-FIND and QIDO-RS shortly after (a crash
+included: the intake is replayed at start); storage commitment is not claimed. With the setting off, the store
+below runs before the answer.
+
 The status is the truth about the instance: the record of a stored instance (DICOM Instances Transferred,
 PS3.15 A.5.3.4) is written in its index transaction, so an instance is stored and recorded or neither (A700 when
 the record cannot be written), and once the ingest has begun it is not cut off by the DIMSE timeout (an ingest
@@ -20,30 +30,26 @@ stored) are recorded after the ingest; when that record cannot be written the st
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 
-from authz.auditrecord import AuditRecord
-from authz.decision import Decision, Resource
-from authz.principal import Principal
-from dicomweb.dimse.audit import operation_record
+from authz.decision import Resource
+from dicomweb.dimse.indexer import identity
+from dicomweb.dimse.intake import Identity
 from dicomweb.dimse.node import Node, OperationTimeout
-from dicomweb.ingest.admission import NOT_AUTHORIZED, Admission, Denial, instance_resource, policy_admission
+from dicomweb.dimse.store_operation import SUCCESS, StoreOperation, audit_of, settle, status_of
+from dicomweb.ingest.admission import NOT_AUTHORIZED
 from dicomweb.ingest.checks import check_structure
-from dicomweb.ingest.events import InstanceStored
 from dicomweb.ingest.origin import Origin
-from dicomweb.ingest.outcome import Outcome
-from dicomweb.ingest.parse import ParsedInstance
+from dicomweb.ingest.outcome import Outcome, PatientConflict
+from dicomweb.ingest.parse import ParsedInstance, parse_instance
 from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, InstanceRejected
-from dicomweb.ingest.spool import Spooled
+from dicomweb.ingest.spool import Spooled, out_of_resources
 from server.platform.db import unavailable
 
 log = logging.getLogger(__name__)
-
-SUCCESS = 0x0000
 
 
 def _response(status: int, comment: str | None = None) -> Dataset:
@@ -75,81 +81,84 @@ def _received(ds: Dataset) -> Resource:
     )
 
 
-@dataclass(slots=True)
-class _Operation:
-    """One C-STORE as the audit trail names it: who, from where, which instance, and what the policy decided
-    about it (on the instance as the ingest parsed it: `dicomweb.ingest.admission`)."""
-
-    principal: Principal
-    address: str | None
-    instance: Resource
-    origin: Origin
-    decision: Decision | None = None
-
-    def record(self, status: int, desc: str | None, *, replaced: bool = False) -> AuditRecord:
-        return operation_record(
-            self.principal,
-            self.decision,
-            action="update" if replaced else "create",
-            command="C-STORE",
-            resource=self.instance,
-            status=status,
-            address=self.address,
-            outcome_desc=desc,
-        )
-
-    def admission(self, node: Node) -> Admission:
-        """The policy's decision on the parsed instance, kept here for the audit record."""
-        decided: list[Decision] = []
-
-        async def decide(resource: Resource) -> Decision:
-            return await node.actor(self.principal, self.address).decide("create", resource)
-
-        ask = policy_admission(decide, decided)
-
-        async def admit(parsed: ParsedInstance) -> Denial | None:
-            self.instance = instance_resource(parsed)
-            denial = await ask(parsed)
-            self.decision = decided[-1]
-            return denial
-
-        return admit
+async def _ingest(node: Node, operation: StoreOperation, spooled: Spooled) -> Dataset:
+    """The store before the answer (early acknowledgement off)."""
+    audit = audit_of(operation)
+    admit = operation.admission(node.actor(operation.principal, operation.address))
+    outcome = await node.store.store(spooled, operation.origin, audit=audit, admit=admit)
+    await settle(node.audit, operation, outcome)
+    return _response(*status_of(outcome))
 
 
-def _status(outcome: Outcome) -> tuple[int, str | None]:
-    if outcome.failure is not None:
-        return outcome.failure, outcome.comment
-    if outcome.warnings:
-        return outcome.warnings[0][0], outcome.warnings[0][1]
-    return SUCCESS, None
+async def _refuse(node: Node, operation: StoreOperation, outcome: Outcome) -> Dataset:
+    """An instance refused before the answer: recorded as the store records it, then answered."""
+    await settle(node.audit, operation, outcome)
+    return _response(*status_of(outcome))
 
 
-async def _ingest(node: Node, operation: _Operation, spooled: Spooled) -> Dataset:
-    def audit(stored: InstanceStored) -> list[AuditRecord]:
-        warnings = stored.parsed.warnings
-        status, comment = (warnings[0][0], warnings[0][1]) if warnings else (SUCCESS, None)
-        return [operation.record(status, comment, replaced=stored.replaced)]
+async def _check(node: Node, operation: StoreOperation, parsed: ParsedInstance, ident: Identity) -> Outcome:
+    """What the store would decide, decided before the answer: the policy and the identity checks
+    (`Indexer.check`, which reserves the instance among the pending ones when it passes). The size limit and the
+    free-space watermark were checked when the instance was spooled, just before."""
+    outcome = Outcome(
+        parsed.sop_class_uid,
+        parsed.sop_instance_uid,
+        parsed.study_uid,
+        parsed.series_uid,
+        warnings=list(parsed.warnings),
+    )
+    denial = await operation.admission(node.actor(operation.principal, operation.address))(parsed)
+    if denial is not None:
+        outcome.failure, outcome.comment, outcome.denial = NOT_AUTHORIZED, denial.comment, denial
+        return outcome
+    assert node.indexer is not None
+    conflict = await node.indexer.check(ident)
+    if conflict is not None:
+        outcome.failure, outcome.comment = conflict.status, conflict.comment
+        if conflict.study_patient is not None:
+            outcome.conflict = PatientConflict(
+                parsed.study_uid,
+                parsed.series_uid,
+                parsed.sop_instance_uid,
+                ident.patient_id,
+                ident.issuer,
+                *conflict.study_patient,
+            )
+    return outcome
 
-    outcome = await node.store.store(spooled, operation.origin, audit=audit, admit=operation.admission(node))
-    status, comment = _status(outcome)
-    if outcome.denial is not None:  # the reasons go to the audit record only
-        status, comment = NOT_AUTHORIZED, outcome.denial.comment
-    if outcome.committed:
-        node.audit.nudge()  # its record committed with it; into the chain now
-        return _response(status, comment)
-    # Nothing stored by this operation (a failure, or the same bytes already stored). A study filed under another
-    # patient: the record names both patients, the response neither.
+
+def _acknowledge(node: Node, operation: StoreOperation, spooled: Spooled) -> Dataset:
+    """Early acknowledgement: the checks, the durable intake, the answer; the index store follows on the loop."""
+    indexer = node.indexer
+    assert indexer is not None
+    if not indexer.room(node.timeout):  # the index is behind by the whole backlog: not acknowledged
+        return _response(OUT_OF_RESOURCES, "the server is busy indexing received instances; retry later")
+    acknowledged = False
     try:
-        detail = outcome.conflict.describe() if outcome.conflict else comment
-        if outcome.denial is not None:
-            detail = outcome.denial.reasons
-        await node.audit.append(operation.record(status, detail))
-    except Exception as exc:  # the answer is the truth about the instance all the same
-        if unavailable(exc):
-            log.warning("C-STORE audit record not written (database unavailable)")
-        else:
-            log.exception("C-STORE audit record not written")
-    return _response(status, comment)
+        try:
+            parsed = parse_instance(spooled.path, bulk_threshold=node.store.bulk_threshold)  # this thread: blocking
+        except InstanceRejected as exc:
+            return node.run_to_end(_refuse(node, operation, Outcome.rejected(exc)))
+        ident = identity(parsed, spooled.sha256)
+        outcome = node.run_to_end(_check(node, operation, parsed, ident))
+        if not outcome.ok:
+            return node.run_to_end(_refuse(node, operation, outcome))
+        try:
+            entry = indexer.intake.keep(spooled, operation.origin)
+        except OSError as exc:
+            indexer.pending.release(ident)
+            log.error("C-STORE intake not written: %s", exc.strerror or type(exc).__name__)
+            outcome.failure, outcome.comment = OUT_OF_RESOURCES, out_of_resources(exc)
+            return node.run_to_end(_refuse(node, operation, outcome))
+        acknowledged = True  # durable: stored now, or by the replay at the next start
+        try:
+            node.loop.call_soon_threadsafe(indexer.submit, entry, ident, operation, parsed)
+        except RuntimeError:  # the loop closed (shutdown) since the checks
+            log.warning("C-STORE kept in the intake for the next start (the server is stopping)")
+        return _response(*status_of(outcome))
+    finally:
+        if not acknowledged:
+            indexer.give_back()
 
 
 def handle_store(event: Any, node: Node) -> Dataset:
@@ -180,18 +189,20 @@ def handle_store(event: Any, node: Node) -> Dataset:
             return _undecodable(spooled.path, exc)
         address = assoc.requestor.address
         origin = Origin.dimse(principal.client_id or "", assoc.acceptor.ae_title, principal.sub, address)
-        operation = _Operation(principal, address, _received(ds), origin)
+        operation = StoreOperation(principal, address, _received(ds), origin)
+        if node.indexer is not None:
+            return _acknowledge(node, operation, spooled)
         return node.run_to_end(_ingest(node, operation, spooled))
     except OperationTimeout:
         return _response(OUT_OF_RESOURCES, "the server did not store the instance in time")
-    except Exception as exc:  # `store` raises only when nothing was stored
+    except Exception as exc:  # `store` raises only when nothing was stored; the checks when nothing was kept
         if unavailable(exc):  # the server reconnects by itself; the sender may retry (PS3.4 B.2.3 A7xx)
             log.warning("C-STORE from %s: database unavailable", principal.client_id)
             return _response(OUT_OF_RESOURCES, "the database is unavailable; retry later")
         log.exception("C-STORE failed")
         return _response(OUT_OF_RESOURCES, "the server could not store the instance")
     finally:
-        spooled.path.unlink(missing_ok=True)  # consumed by the ingest, unless it was refused or failed before
+        spooled.path.unlink(missing_ok=True)  # consumed by the ingest or the intake, unless refused before
 
 
 def _undecodable(path: Path, exc: Exception) -> Dataset:

@@ -18,19 +18,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from authz.actor import DIMSE, Actor
 from authz.decision import PolicyEngine
 from authz.principal import Principal
-from dicomweb.dimse.config import DimseConfig
+from dicomweb.dimse.config import ISSUER, DimseConfig
 
 if TYPE_CHECKING:
     import asyncpg
 
     from authz.audit import AuditTrail
     from dicomweb.blobs import BlobStore
+    from dicomweb.dimse.indexer import Indexer
     from dicomweb.ingest.service import StoreService
     from dicomweb.settings import DicomwebSettings
 
 T = TypeVar("T")
-ISSUER = "dimse"
-"""The `issuer` of DIMSE identities: they come from the peer table, not from a token."""
 
 
 class OperationTimeout(Exception):
@@ -46,6 +45,9 @@ class Node:
     blobs: BlobStore
     audit: AuditTrail
     policy: PolicyEngine
+    indexer: Indexer | None = None
+    """Early acknowledgement of C-STOREs (`HOUNSFIELD_DIMSE_EARLY_ACK`): the intake and the index store after the
+    answer (`dicomweb.dimse.indexer`); None: stored before the answer."""
 
     @property
     def config(self) -> DimseConfig:

@@ -224,3 +224,11 @@ async def find_instance(conn: Connection, sop_uid: str, *, lock: bool = False) -
 async def blob_keys_present(conn: Connection, keys: list[str]) -> set[str]:
     rows = await conn.fetch(STORE["blob_keys_present"], keys)
     return {r["blob_key"] for r in rows}
+
+
+async def identity(conn: Connection, study_uid: str, series_uid: str, sop_uid: str) -> asyncpg.Record:
+    """The study's patient (`study_known`, `patient_id`, `issuer_of_patient_id`), the series' study
+    (`series_study_uid`) and the instance's original bytes (`instance_sha256`), each NULL when not indexed."""
+    row = await conn.fetchrow(STORE["identity"], study_uid, series_uid, sop_uid)
+    assert row is not None  # one row always
+    return row

@@ -96,6 +96,7 @@ class StoreService:
         study: str | None = None,
         audit: AuditOf | None = None,
         admit: Admission | None = None,
+        parsed: ParsedInstance | None = None,
     ) -> Outcome:
         """Ingest one spooled instance received through `origin`. The file is consumed (moved into the store or
         deleted). `study` is the Study Instance UID the request named (STOW-RS on /studies/{study}, an AI result filed
@@ -103,11 +104,12 @@ class StoreService:
         records (`dicomweb.ingest.events.AuditOf`), written in the index transaction after the listeners
         (`AuditTrail.append_in`): when that fails, nothing is stored (out of resources). `admit` is the policy's
         decision on the parsed instance (`dicomweb.ingest.admission`): a denial stores nothing (0124H,
-        `Outcome.denial`). Raises only when nothing was stored."""
+        `Outcome.denial`). `parsed`: the spooled file as `parse_instance` read it already (a C-STORE checked before
+        its answer), not read again. Raises only when nothing was stored."""
         path = spooled.path
         self.activity.touch()
         try:
-            return await self._store(spooled, origin, study, audit, admit)
+            return await self._store(spooled, origin, study, audit, admit, parsed)
         except OSError as exc:  # a write before the index (a compressed copy, a temporary file): nothing is stored
             log.error("ingest of an instance failed: %s", exc.strerror or type(exc).__name__)
             return Outcome(None, None, failure=OUT_OF_RESOURCES, comment=out_of_resources(exc))
@@ -127,10 +129,13 @@ class StoreService:
         expected_study: str | None,
         audit: AuditOf | None,
         admit: Admission | None,
+        given: ParsedInstance | None = None,
     ) -> Outcome:
         path, size, sha256 = spooled.path, spooled.size, spooled.sha256
+        parsed, threshold = given, self.bulk_threshold
         try:
-            parsed = await anyio.to_thread.run_sync(lambda: parse_instance(path, bulk_threshold=self.bulk_threshold))
+            if parsed is None:
+                parsed = await anyio.to_thread.run_sync(lambda: parse_instance(path, bulk_threshold=threshold))
         except InstanceRejected as exc:
             return Outcome.rejected(exc)
         outcome = Outcome(

@@ -17,7 +17,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.support.data import sample
-from tests.support.dimse_util import TITLE, dcmtk, dimse_audit, dimse_port, require_dcmtk, start
+from tests.support.dimse_util import TITLE, dcmtk, dimse_audit, dimse_port, indexed, require_dcmtk, start
 from tests.support.factory import ct, part10
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,6 +96,7 @@ def test_cstore_with_storescu_is_visible_over_qido_and_wado(node: Any, http: Any
     files = _write(tmp_path / "in", datasets)
     run = dcmtk("storescu", "-aet", "CT1", "-aec", TITLE, "127.0.0.1", str(dimse_port(node)), *files)
     assert run.returncode == 0, run.stdout + run.stderr
+    indexed(node)  # acknowledged once durable, indexed just after (HOUNSFIELD_DIMSE_EARLY_ACK)
     found = http.get(f"{node.url}/dicom-web/studies", params={"StudyInstanceUID": study}).json()
     assert len(found) == 1 and found[0]["00201208"]["Value"] == [3]
     instance = datasets[1]
@@ -132,6 +133,7 @@ def test_cstore_keeps_the_transfer_syntax(node: Any, http: Any) -> None:
         # -R with the file's syntax proposed: the bytes arrive (and are stored) as they are in the file
         run = dcmtk("storescu", propose, "-R", "-aet", "CT1", "-aec", TITLE, "127.0.0.1", str(dimse_port(node)), path)
         assert run.returncode == 0, run.stdout + run.stderr
+        indexed(node)
         study, series = original.StudyInstanceUID, original.SeriesInstanceUID
         meta = http.get(
             f"{node.url}/dicom-web/studies/{study}/series/{series}/instances/{original.SOPInstanceUID}/metadata"
@@ -195,5 +197,6 @@ def test_ten_associations_at_once(node: Any, http: Any) -> None:
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         statuses = [s for result in pool.map(one, range(10)) for s in result]
     assert statuses == [0] * 30
+    indexed(node)
     found = http.get(f"{node.url}/dicom-web/studies", params={"StudyInstanceUID": study}).json()
     assert found[0]["00201206"]["Value"] == [10] and found[0]["00201208"]["Value"] == [30]

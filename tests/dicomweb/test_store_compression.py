@@ -23,7 +23,7 @@ from tests.dicomweb.test_ranges import frames_url, original, phantom, pylibjpeg_
 from tests.dicomweb.test_renditions import query, rows_of
 from tests.dicomweb.test_stow_errors import reasons
 from tests.dicomweb.test_wado import parts as wado_parts
-from tests.support.dimse_util import TITLE, dcmtk, dimse_port, require_dcmtk, start
+from tests.support.dimse_util import TITLE, dcmtk, dimse_port, indexed, require_dcmtk, start
 from tests.support.factory import ct, multipart, part10, stow_headers
 
 OCTET = "multipart/related; type=application/octet-stream"
@@ -162,6 +162,7 @@ def test_dimse_cstore_is_compressed_and_cget_returns_exact_pixels(make_server: A
     sent.write_bytes(part10(ds))
     run = dcmtk("storescu", "-aet", "CT1", "-aec", TITLE, "127.0.0.1", str(dimse_port(server)), sent)
     assert run.returncode == 0, run.stdout + run.stderr
+    indexed(server)
     assert index_row(server, ds)["transfer_syntax_uid"] == MODES["htj2k"]
     out = tmp_path / "got"
     out.mkdir()

@@ -207,7 +207,14 @@ def _orthanc_dimse(peer: Peer, hounsfield: DICOMwebClient) -> None:
     pushed = ct(PatientID="ORT-CSTORE", PatientName="Store^Orthanc", seed=7)
     oid = peer.upload(pushed)
     peer.call("POST", "/modalities/hounsfield/store", {"Resources": [oid], "Synchronous": True})
-    back = hounsfield.retrieve_instance(pushed.StudyInstanceUID, pushed.SeriesInstanceUID, pushed.SOPInstanceUID)
+    uids = (pushed.StudyInstanceUID, pushed.SeriesInstanceUID)
+    found = wait_for(  # answered once durable, indexed just after (HOUNSFIELD_DIMSE_EARLY_ACK)
+        lambda: hounsfield.search_for_instances(*uids, search_filters={"SOPInstanceUID": pushed.SOPInstanceUID}),
+        "the C-STORE indexed",
+        5,
+    )
+    assert len(found) == 1
+    back = hounsfield.retrieve_instance(*uids, pushed.SOPInstanceUID)
     same_pixels(pushed, back)
 
     kept = ct(PatientID="HF-MOVE", PatientName="Move^Hounsfield", seed=8)

@@ -6,10 +6,12 @@ import asyncio
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from dicomweb.dimse.config import TlsConfig, dimse_config
@@ -96,3 +98,15 @@ def send_raw(assoc: Any, sop_class: str, sop_instance: str, raw: bytes, message_
     finally:
         assoc._reactor_checkpoint.set()
     return rsp
+
+
+def indexed(server: Any, seconds: float = 10) -> None:
+    """Wait until every C-STORE the server acknowledged is indexed (`GET /dimse/intake`: nothing pending): with
+    early acknowledgement, an instance becomes visible to C-FIND and QIDO-RS shortly after its answer."""
+    deadline = time.monotonic() + seconds
+    while True:
+        status = httpx.get(f"{server.url}/dimse/intake", headers=server.headers, timeout=10).json()
+        if status["pending"] == 0:
+            return
+        assert time.monotonic() < deadline, f"acknowledged instances still not indexed: {status}"
+        time.sleep(0.02)

@@ -1,0 +1,295 @@
+"""The index store of acknowledged C-STOREs: `StoreService.store` run from a task on the event loop just after the
+C-STORE-RSP, for each instance the intake made durable (`dicomweb.dimse.intake`), and replayed at start for the
+entries a crash left.
+
+Before an instance is acknowledged, `check` decides what the store would refuse: its study filed under another
+patient, its series under another study, its SOP Instance UID stored (or acknowledged) with other bytes when
+overwrite is off, against the index and against the instances acknowledged but not indexed yet (`Pending`). So the
+store after the answer succeeds unless another process or a STOW-RS of a contradicting instance slipped in
+between; such an instance is logged, kept in `intake/refused/` and counted (`GET /dimse/intake`).
+
+A store that fails for a transient reason (the database unavailable, the blob store, the audit trail: A700, or an
+index failure: 0110) is retried with a backoff while its entry stays in the intake. At most `backlog` instances are
+acknowledged and not indexed at once: beyond that an association waits before its answer, which bounds how long
+an acknowledged instance stays invisible to C-FIND and QIDO-RS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+
+from authz.decision import Resource
+from authz.principal import Principal
+from dicomweb.dimse.config import ISSUER, DimseConfig
+from dicomweb.dimse.intake import DUPLICATE, Conflict, Entry, Identity, Intake, Pending, patient_conflict
+from dicomweb.dimse.intake import series_conflict as _series_conflict
+from dicomweb.dimse.store_operation import StoreOperation, audit_of, settle
+from dicomweb.index import repository
+from dicomweb.ingest.origin import Origin
+from dicomweb.ingest.outcome import Outcome
+from dicomweb.ingest.parse import ParsedInstance, parse_instance
+from dicomweb.ingest.reasons import OUT_OF_RESOURCES, PROCESSING_FAILURE, InstanceRejected
+from dicomweb.ingest.spool import Spooled
+from server.platform.db import vouch_stateless
+
+if TYPE_CHECKING:
+    from authz.audit import AuditTrail
+    from dicomweb.ingest.service import StoreService
+    from dicomweb.settings import DicomwebSettings
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = frozenset({OUT_OF_RESOURCES, PROCESSING_FAILURE})
+"""Store failures retried after the answer: out of resources (database, blob store, audit trail) and an index
+transaction that failed."""
+BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def identity(parsed: ParsedInstance, sha256: str) -> Identity:
+    return Identity(
+        parsed.study_uid,
+        parsed.series_uid,
+        parsed.sop_instance_uid,
+        parsed.study["patient_id"],
+        parsed.study["issuer_of_patient_id"],
+        sha256,
+    )
+
+
+class Indexer:
+    """The acknowledged C-STOREs of this server between their answer and their index commit."""
+
+    def __init__(
+        self,
+        store: StoreService,
+        intake: Intake,
+        trail: AuditTrail,
+        operation_of: Callable[[Origin], StoreOperation],
+        *,
+        backlog: int = 16,
+        concurrency: int = 4,
+    ) -> None:
+        self.store = store
+        self.intake = intake
+        self.trail = trail
+        self.operation_of = operation_of
+        """The operation of a replayed entry, from its origin (the policy decided before the answer)."""
+        self.pending = Pending(store.overwrite)
+        self.backlog = backlog
+        self._room = threading.BoundedSemaphore(backlog)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(concurrency)
+        """Stores at once: fewer than the pool's connections, so that a store stuck on the database (a lock, an
+        outage) leaves connections to the answers, queries and the audit trail."""
+        self.retrying = 0
+        """Entries whose last store failed for a transient reason."""
+
+    def room(self, timeout: float) -> bool:
+        """Blocking (an association thread): wait until fewer than `backlog` instances wait for the index; False
+        after `timeout` seconds. The caller gives the room back with `give_back` unless it acknowledged."""
+        return self._room.acquire(timeout=timeout)
+
+    def give_back(self) -> None:
+        self._room.release()
+
+    async def check(self, ident: Identity) -> Conflict | None:
+        """Reserve `ident` among the pending instances and check it against the index; a conflict reserves
+        nothing. Raises (nothing reserved) when the index cannot be read."""
+        conflict = self.pending.reserve(ident)
+        if conflict is not None:
+            return conflict
+        try:
+            async with self.store.pool.acquire() as conn:
+                row = await repository.identity(conn, ident.study_uid, ident.series_uid, ident.sop_instance_uid)
+                vouch_stateless(conn)  # one SELECT
+            conflict = self._against(ident, row)
+        except BaseException:
+            self.pending.release(ident)
+            raise
+        if conflict is not None:
+            self.pending.release(ident)
+        return conflict
+
+    def _against(self, ident: Identity, row: Any) -> Conflict | None:
+        if row["study_known"] and (row["patient_id"], row["issuer_of_patient_id"]) != (ident.patient_id, ident.issuer):
+            return patient_conflict((row["patient_id"], row["issuer_of_patient_id"]))
+        if row["series_study_uid"] is not None and row["series_study_uid"] != ident.study_uid:
+            return _series_conflict(ident.series_uid)
+        stored = row["instance_sha256"]
+        if stored is not None and stored != ident.sha256 and not self.store.overwrite:
+            return DUPLICATE
+        return None
+
+    def submit(
+        self,
+        entry: Entry,
+        ident: Identity | None,
+        operation: StoreOperation,
+        parsed: ParsedInstance | None = None,
+        *,
+        room: bool = True,
+    ) -> None:
+        """On the loop: index an acknowledged entry (reserved in `pending` as `ident`; `parsed` when the checks read
+        it already) from a task; `room`: it holds a place in the backlog (`room`), given back once it is settled."""
+        sop = ident.sop_instance_uid if ident is not None else entry.name
+        before = self._last.get(sop)
+        task = asyncio.get_running_loop().create_task(self._index(entry, ident, operation, parsed, before, room))
+        self._last[sop] = task
+        self._tasks.add(task)
+
+        def forget(done: asyncio.Task[None]) -> None:
+            self._tasks.discard(done)
+            if self._last.get(sop) is done:
+                del self._last[sop]
+
+        task.add_done_callback(forget)
+
+    async def _index(
+        self,
+        entry: Entry,
+        ident: Identity | None,
+        operation: StoreOperation,
+        parsed: ParsedInstance | None,
+        before: asyncio.Task[None] | None,
+        room: bool,
+    ) -> None:
+        if before is not None:  # the same SOP Instance UID acknowledged earlier (overwrite): stored in order
+            await asyncio.wait([before])
+        attempt = 0
+        try:
+            while not await self._once(entry, ident, operation, parsed):
+                delay = BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS) - 1)]
+                attempt += 1
+                if attempt == 1:
+                    self.retrying += 1
+                await asyncio.sleep(delay)
+        finally:
+            if attempt:
+                self.retrying -= 1
+        if ident is not None:
+            self.pending.release(ident)
+        if room:
+            self._room.release()
+
+    async def _once(
+        self, entry: Entry, ident: Identity | None, operation: StoreOperation, parsed: ParsedInstance | None = None
+    ) -> bool:
+        """One store of the entry; True when it is settled (indexed, already stored, or refused)."""
+        async with self._slots:
+            try:
+                link = self.intake.link(entry, self.store.spool.folder)
+                spooled = Spooled(link, entry.size, entry.sha256)
+                audit = audit_of(operation)
+                outcome = await self.store.store(spooled, entry.origin, audit=audit, parsed=parsed)
+            except Exception as exc:  # `store` raises only when nothing was stored
+                log.warning("acknowledged C-STORE not indexed yet (%s); retrying", type(exc).__name__)
+                return False
+        if outcome.ok:
+            await settle(self.trail, operation, outcome)
+            self.intake.done(entry)
+            return True
+        if outcome.failure in TRANSIENT:
+            log.warning("acknowledged C-STORE not indexed yet (status %04X); retrying", outcome.failure)
+            return False
+        await self._refused(entry, operation, outcome)
+        return True
+
+    async def _refused(self, entry: Entry, operation: StoreOperation, outcome: Outcome) -> None:
+        """An acknowledged instance the store refused: kept for an operator, logged (status and file, no PHI),
+        counted, and recorded."""
+        try:
+            kept: Path | str = await anyio.to_thread.run_sync(self.intake.refuse, entry)
+        except OSError as exc:
+            kept = f"{entry.path} (not moved: {exc.strerror})"
+        log.error(
+            "an acknowledged C-STORE was refused by the store (status %04X); kept for an operator in %s",
+            outcome.failure or 0,
+            kept,
+        )
+        await settle(self.trail, operation, outcome, note="acknowledged, then refused by the store: ")
+
+    async def replay(self) -> int:
+        """Store the entries a stop or crash left (before the AE accepts associations): each is tried once here;
+        one that fails for a transient reason is retried from a task. Returns how many were found."""
+        entries = await anyio.to_thread.run_sync(lambda: list(self.intake.entries()))
+        if not entries:
+            return 0
+        log.warning("replaying %d acknowledged C-STORE instances left in the intake", len(entries))
+        loaded = [await anyio.to_thread.run_sync(self._load, entry) for entry in entries]
+        for _, ident in loaded:
+            if ident is not None:
+                self.pending.reserve(ident)  # contradictions among them are the store's to settle
+        operations = [self.operation_of(entry.origin) for entry, _ in loaded]
+        settled = await asyncio.gather(*(self._once(e, i, op) for (e, i), op in zip(loaded, operations, strict=True)))
+        for (entry, ident), op, done in zip(loaded, operations, settled, strict=True):
+            if not done:
+                self.submit(entry, ident, op, room=False)
+            elif ident is not None:
+                self.pending.release(ident)
+        return len(entries)
+
+    def _load(self, entry: Entry) -> tuple[Entry, Identity | None]:
+        digest = hashlib.sha256()
+        with open(entry.path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        sha256 = digest.hexdigest()
+        entry = Entry(entry.path, entry.size, sha256, entry.origin, entry.received_ns)
+        try:
+            parsed = parse_instance(entry.path, bulk_threshold=self.store.bulk_threshold)
+        except InstanceRejected:
+            return entry, None
+        return entry, identity(parsed, sha256)
+
+    def status(self) -> dict[str, int]:
+        """For `GET /dimse/intake`: acknowledged and not indexed, of which retrying, and refused after the answer
+        (kept in `intake/refused/`)."""
+        return {
+            "pending": len(self._tasks),
+            "retrying": self.retrying,
+            "refused": self.intake.refused_count(),
+        }
+
+    async def close(self, grace: float) -> None:
+        """Let the stores in flight end (up to `grace` seconds); what is left stays in the intake for the next
+        start."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+
+def replayed_operation(config: DimseConfig, origin: Origin) -> StoreOperation:
+    """The operation of an entry replayed at start: its peer's identity as the origin names it (the policy decided
+    before the answer; the record names the instance once the store has parsed it)."""
+    calling = origin.calling_ae or ""
+    peer = config.peer(calling)
+    roles = peer.roles if peer is not None else ()
+    principal = Principal(sub=origin.subject or calling, issuer=ISSUER, roles=roles, client_id=calling)
+    return StoreOperation(principal, origin.address, Resource(kind="instance"), origin)
+
+
+async def open_indexer(
+    stack: contextlib.AsyncExitStack, settings: DicomwebSettings, store: StoreService, trail: AuditTrail
+) -> Indexer:
+    """The C-STORE intake and its index store, with what a stop or crash left replayed before the AE accepts
+    associations (only the process running the AE writes and replays the intake). Closed by `stack` after the AE
+    stopped."""
+    operation_of = functools.partial(replayed_operation, settings.dimse)
+    concurrency = max(1, settings.db_pool_max // 2)
+    indexer = Indexer(store, Intake(settings.intake_dir), trail, operation_of, concurrency=concurrency)
+    stack.push_async_callback(indexer.close, float(settings.dimse_timeout_seconds))
+    await indexer.replay()
+    return indexer
