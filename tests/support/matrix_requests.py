@@ -268,6 +268,7 @@ EXPLICIT: Mapping[str, Callable[[Route, DataSet], list[Probe]]] = {
     "GET /fhir/AuditEvent/$export": audit,
     "GET /fhir/AuditEvent/$verify": audit,
     "GET /dimse/routing": plain_get,
+    "GET /dimse/intake": plain_get,
     "GET /fhir/metadata": plain_get,
     "GET /fhir/.well-known/smart-configuration": plain_get,
     "GET /.well-known/smart-configuration": plain_get,
