@@ -189,6 +189,8 @@ class Worker:
         self._held = False
         """The database went away while this worker may have held jobs (taken, not settled)."""
         self._reclaim_at = 0.0  # loop time of the next lease check; the first batch always checks
+        self._due: float | None = None
+        """Seconds until the earliest queued job falls due, read when a take found nothing (`_next_due`)."""
 
     def _notified(self, *_args: object) -> None:
         self._wake.set()
@@ -204,6 +206,7 @@ class Worker:
                 self._reclaim_at = now + min(self.poll_seconds, self.lease_seconds / 4)
             deferred, overdue = self._deferred()
             rows = await conn.fetch(SQL["take"], self.name, self.batch, self._kinds(), deferred, overdue)
+            self._due = None if rows else await self._next_due(conn)
             vouch_stateless(conn)  # autocommitted DML only: no reset query (while ingest is busy, every NOTIFY)
         finished: list[int] = []
         taken = [_job(row) for row in rows]
@@ -322,12 +325,7 @@ class Worker:
                 if ran:
                     continue
                 try:
-                    due = await self._next_due(listener)
-                except DATABASE_ERRORS as exc:
-                    log.warning("job worker: database error: %s", exc)
-                    due = None
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._wait_seconds(due))
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._wait_seconds(self._due))
                     await asyncio.sleep(SETTLE_SECONDS)  # let a burst of commits (an ingest) queue a batch
                 except TimeoutError:
                     pass
