@@ -17,7 +17,8 @@ from dicomweb.blobs.base import BlobInfo, BlobNotFound, BlobStoreError, check_ke
 from server.platform import private
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -29,7 +30,7 @@ def _make_dirs(path: Path) -> None:
     """`mkdir -p` that makes each new folder durable: a folder created for a blob (a new study or series) is an
     entry in its parent, which is fsynced like the blob's own folder is after the rename, so a power cut cannot
     lose the path to an acknowledged blob."""
-    private.make_dirs(path, lambda folder: _fsync_dir(folder.parent))  # also one a concurrent store made
+    private.make_dirs(path, lambda folder: fsync_dir(folder.parent))  # also one a concurrent store made
 
 
 class FileSystemBlobStore:
@@ -66,7 +67,7 @@ class FileSystemBlobStore:
                     tmp.unlink(missing_ok=True)  # a full disk: the partial copy is freed now
                     raise
                 os.unlink(src)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         except OSError as exc:
             raise BlobStoreError(f"cannot store blob: {exc.strerror}") from exc
 

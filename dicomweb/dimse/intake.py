@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicomweb.blobs.fs import fsync_dir
 from dicomweb.ingest.origin import Channel, Origin
 from dicomweb.ingest.outcome import PATIENT_CONFLICT_COMMENT
 from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, DATASET_MISMATCH, DUPLICATE_REJECTED
@@ -82,14 +83,6 @@ def _decode(text: str) -> Origin:
     )
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -126,7 +119,7 @@ class Intake:
                 os.fsync(fh.fileno())
         _fsync_file(spooled.path)
         os.rename(spooled.path, path)
-        _fsync_dir(self.folder)  # the rename (and the sidecar) survive a crash from here on
+        fsync_dir(self.folder)  # the rename (and the sidecar) survive a crash from here on
         return Entry(path, spooled.size, spooled.sha256, origin, now)
 
     def link(self, entry: Entry, spool: Path) -> Path:
@@ -153,7 +146,7 @@ class Intake:
         os.rename(entry.path, target)
         with contextlib.suppress(FileNotFoundError):
             os.rename(entry.sidecar(), self.refused_folder / entry.sidecar().name)
-        _fsync_dir(self.refused_folder)
+        fsync_dir(self.refused_folder)
         return target
 
     def entries(self) -> Iterator[Entry]:

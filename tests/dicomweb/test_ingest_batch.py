@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +18,20 @@ import pytest
 from pydicom.uid import generate_uid
 
 from authz.auditrecord import Agent, AuditRecord, EventType
-from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.dimse import routing
 from dicomweb.dimse.config import Destination, DimseConfig, RoutingRule
-from dicomweb.ingest.events import InstanceStored, Listener
+from dicomweb.ingest.events import InstanceStored
 from dicomweb.ingest.gc import DELETE_JOB
 from dicomweb.ingest.origin import Origin
 from dicomweb.ingest.outcome import Outcome
 from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, DUPLICATE_REJECTED, OUT_OF_RESOURCES
 from dicomweb.ingest.service import StoreService
-from dicomweb.ingest.spool import Spooler
 from dicomweb.retrieve import renditions
 from fhir import sync as fhir_sync
 from inference import dispatch
-from server.platform import db
 from server.platform.db import Connection
 from tests.support.factory import ct, multipart, part10, stow_headers
+from tests.support.ingest import store_service
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,24 +55,6 @@ class Batches:
             self.armed = False
             self.holding.set()
             await self.released.wait()
-
-
-@asynccontextmanager
-async def _store(
-    dsn: str, tmp_path: Path, listeners: Sequence[Listener] = (), *, overwrite: bool = False
-) -> AsyncIterator[StoreService]:
-    pool = await db.create_pool(dsn, 1, 4)
-    try:
-        yield StoreService(
-            pool,
-            FileSystemBlobStore(tmp_path / "blobs"),
-            spool=Spooler(tmp_path / "spool", 1 << 30),
-            overwrite=overwrite,
-            bulk_threshold=1024,
-            listeners=listeners,
-        )
-    finally:
-        await pool.close()
 
 
 async def _one_batch(store: StoreService, batches: Batches, datas: Sequence[bytes], **kw: Any) -> list[Outcome]:
@@ -107,7 +86,7 @@ def test_concurrent_stores_share_one_transaction(dsn: str, tmp_path: Path) -> No
     datas = [part10(ct()) for _ in range(8)]
 
     async def main() -> None:
-        async with _store(dsn, tmp_path, [batches.listener]) as store:
+        async with store_service(dsn, tmp_path, [batches.listener]) as store:
             outcomes = await _one_batch(store, batches, datas)
             assert all(o.committed for o in outcomes)
             assert len(batches.calls) == 2
@@ -140,7 +119,7 @@ def test_listeners_queue_the_work_of_a_batch_with_one_statement_each(dsn: str, t
     datas += [part10(ct(second.StudyInstanceUID)) for _ in range(2)]
 
     async def main() -> None:
-        async with _store(dsn, tmp_path, listeners) as store:
+        async with store_service(dsn, tmp_path, listeners) as store:
             outcomes = await _one_batch(store, batches, datas)
             assert all(o.committed for o in outcomes)
             uids = batches.calls[1][1]
@@ -172,7 +151,7 @@ def test_an_instance_of_another_patient_is_refused_alone(dsn: str, tmp_path: Pat
     study = generate_uid()
 
     async def main() -> None:
-        async with _store(dsn, tmp_path, [batches.listener]) as store:
+        async with store_service(dsn, tmp_path, [batches.listener]) as store:
             assert (await store.store(store.spool.write(part10(ct(study, PatientID="P1"))), STOW)).committed
             batches.calls.clear()
             datasets = [ct(study, PatientID="P5" if n == 2 else "P1") for n in range(5)]
@@ -208,7 +187,7 @@ def test_two_first_instances_of_a_new_study_file_the_first_patient(dsn: str, tmp
     study = generate_uid()
 
     async def main() -> None:
-        async with _store(dsn, tmp_path, [batches.listener]) as store:
+        async with store_service(dsn, tmp_path, [batches.listener]) as store:
             datasets = [ct(study, PatientID="P1"), ct(study, PatientID="P5"), ct(study, PatientID="P1")]
             outcomes = await _one_batch(store, batches, [part10(d) for d in datasets])
             assert [o.committed for o in outcomes] == [True, False, True]
@@ -233,7 +212,7 @@ def test_one_sop_instance_uid_twice_in_a_batch(dsn: str, tmp_path: Path, overwri
         seen.extend(events)
 
     async def main() -> None:
-        async with _store(dsn, tmp_path, [batches.listener, record], overwrite=overwrite) as store:
+        async with store_service(dsn, tmp_path, [batches.listener, record], overwrite=overwrite) as store:
             outcomes = await _one_batch(store, batches, [part10(ds), part10(ds), part10(changed)])
             assert [(o.ok, o.committed) for o in outcomes[:2]] == [(True, True), (True, False)]
             uid = str(ds.SOPInstanceUID)
@@ -266,7 +245,7 @@ def test_a_failed_blob_write_fails_only_its_instance(dsn: str, tmp_path: Path) -
     datasets = [ct(), ct(study, series), ct()]
 
     async def main() -> None:
-        async with _store(dsn, tmp_path, [batches.listener]) as store:
+        async with store_service(dsn, tmp_path, [batches.listener]) as store:
             outcomes = await _one_batch(store, batches, [part10(d) for d in datasets])
             assert [o.committed for o in outcomes] == [True, False, True]
             assert outcomes[1].failure == OUT_OF_RESOURCES and "blob store" in (outcomes[1].comment or "")
@@ -296,7 +275,7 @@ def test_an_audit_failure_fails_the_whole_batch(dsn: str, tmp_path: Path) -> Non
         return [record]
 
     async def main() -> None:
-        async with _store(dsn, tmp_path, [batches.listener, fhir_sync.ingest_hook(0)]) as store:
+        async with store_service(dsn, tmp_path, [batches.listener, fhir_sync.ingest_hook(0)]) as store:
             async with store.pool.acquire() as conn:
                 await conn.execute(
                     f"ALTER TABLE audit_pending ADD CONSTRAINT refused CHECK (position('{bad}' in record) = 0)"

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,40 +15,19 @@ import asyncpg
 import pytest
 
 from authz.auditrecord import AuditRecord
-from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.dimse import routing
 from dicomweb.dimse.config import Destination, DimseConfig, RoutingRule
 from dicomweb.ingest.events import InstanceStored, Listener
 from dicomweb.ingest.origin import Channel, Origin
 from dicomweb.ingest.reasons import OUT_OF_RESOURCES
-from dicomweb.ingest.service import StoreService
-from dicomweb.ingest.spool import Spooler
 from fhir import sync as fhir_sync
-from server.platform import db
 from server.platform.db import Connection
 from tests.support.factory import ct, part10
+from tests.support.ingest import store_service
 
 STOW = Origin.stow("alice", "127.0.0.1")
 IMPORT = Origin.imported("cd/IMG0001")
 MODALITY = Origin.dimse("MODALITY", "HOUNSFIELD", "modality-1", "127.0.0.1")
-
-
-@asynccontextmanager
-async def _store(
-    dsn: str, tmp_path: Path, listeners: Sequence[Listener] = (), *, overwrite: bool = False
-) -> AsyncIterator[StoreService]:
-    pool = await db.create_pool(dsn, 1, 4)
-    try:
-        yield StoreService(
-            pool,
-            FileSystemBlobStore(tmp_path / "blobs"),
-            spool=Spooler(tmp_path / "spool", 1 << 30),
-            overwrite=overwrite,
-            bulk_threshold=1024,
-            listeners=listeners,
-        )
-    finally:
-        await pool.close()
 
 
 def _recorder(seen: list[tuple[str, InstanceStored]], name: str) -> Listener:
@@ -73,7 +51,7 @@ def test_one_instance_from_two_origins_is_stored_once(dsn: str, tmp_path: Path) 
     seen: list[tuple[str, InstanceStored]] = []
 
     async def main() -> None:
-        async with _store(dsn, tmp_path, [_recorder(seen, "one")], overwrite=True) as store:
+        async with store_service(dsn, tmp_path, [_recorder(seen, "one")], overwrite=True) as store:
             first = await store.store(store.spool.write(data), STOW)
             again = await store.store(store.spool.write(data), IMPORT)
             assert (first.ok, first.committed) == (True, True)
@@ -106,7 +84,7 @@ def test_listeners_run_in_the_order_they_were_bound(dsn: str, tmp_path: Path) ->
         return run
 
     async def main() -> None:
-        async with _store(dsn, tmp_path, [listener("b"), listener("a"), listener("c")]) as store:
+        async with store_service(dsn, tmp_path, [listener("b"), listener("a"), listener("c")]) as store:
             assert isinstance(store.listeners, tuple)  # bound at construction: nothing appends one later
             outcome = await store.store(store.spool.write(part10(ct())), STOW)
             assert outcome.committed
@@ -125,7 +103,7 @@ def test_a_failed_store_rolls_back_the_listeners_work(dsn: str, tmp_path: Path) 
 
     async def main() -> None:
         listeners = [fhir_sync.ingest_hook(0), _recorder(seen, "after")]
-        async with _store(dsn, tmp_path, listeners) as store:
+        async with store_service(dsn, tmp_path, listeners) as store:
             ds = ct()
             outcome = await store.store(store.spool.write(part10(ds)), STOW, audit=broken_audit)
             assert outcome.failure == OUT_OF_RESOURCES and not outcome.committed
@@ -150,7 +128,7 @@ def test_routing_matches_the_calling_ae_of_the_origin(dsn: str, tmp_path: Path) 
     other = Origin.dimse("OTHER", "HOUNSFIELD", "other-1", "127.0.0.1")
 
     async def main() -> list[dict[str, Any]]:
-        async with _store(dsn, tmp_path, [routing.routing_hook(config)]) as store:
+        async with store_service(dsn, tmp_path, [routing.routing_hook(config)]) as store:
             stored = [await store.store(store.spool.write(part10(ct())), o) for o in (STOW, MODALITY, other)]
             assert all(o.committed for o in stored)
             async with store.pool.acquire() as conn:
