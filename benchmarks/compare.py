@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare_data import DataSet, generate, uid  # noqa: E402
 from benchmarks.cstore import CALLING, start_hounsfield, store, store_parallel  # noqa: E402
-from benchmarks.harness import free_port  # noqa: E402
+from benchmarks.harness import free_port, stop_started  # noqa: E402
 from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
 
 OHIF_FRAME = "multipart/related; type=application/octet-stream; transfer-syntax=*"
@@ -473,12 +473,7 @@ def main() -> int:
         raise
     finally:
         orthanc.stop()
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(30)
-        if embedded is not None:
-            embedded.cleanup()
-        shutil.rmtree(folder, ignore_errors=True)
+        stop_started(procs, embedded, folder)
 
 
 def hounsfield_port(pid: int) -> int:

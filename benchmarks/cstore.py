@@ -48,7 +48,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]  # noqa: E402
 
-from benchmarks.harness import free_port  # noqa: E402
+from benchmarks.harness import free_port, stop_started  # noqa: E402
 from benchmarks.orthanc import Orthanc, in_loopback_namespace  # noqa: E402
 from dicomweb.dimse.tcp import NODELAY_HANDLERS  # noqa: E402
 from tests.support.factory import ct, part10  # noqa: E402
@@ -294,11 +294,7 @@ def visibility(folder: Path, images: int, rows: int) -> dict[str, Any]:
             }
         return out
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(30)
-        if embedded is not None:
-            embedded.cleanup()
+        stop_started(procs, embedded)
 
 
 def report(results: dict[str, Any]) -> None:
@@ -404,12 +400,7 @@ def main() -> int:
         return 0
     finally:
         orthanc.stop()
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(30)
-        if embedded is not None:
-            embedded.cleanup()
-        shutil.rmtree(folder, ignore_errors=True)
+        stop_started(procs, embedded, folder)
 
 
 if __name__ == "__main__":

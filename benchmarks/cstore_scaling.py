@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.cstore import make_files, start_hounsfield, store, store_parallel  # noqa: E402
+from benchmarks.harness import stop_started  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -58,12 +58,7 @@ def run(processes: int, associations: int, images: int) -> str:
             f"server CPU {1000 * used / images:.2f} ms per image"
         )
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(30)
-        if embedded is not None:
-            embedded.cleanup()
-        shutil.rmtree(folder, ignore_errors=True)
+        stop_started(procs, embedded, folder)
 
 
 def main() -> int:

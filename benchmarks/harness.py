@@ -3,12 +3,14 @@ server answers /readyz, and an admin token signed with the server's data-folder 
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -47,3 +49,15 @@ def admin_token(env: Mapping[str, str], sub: str = "bench") -> str:
         capture_output=True,
         text=True,
     ).stdout.strip()
+
+
+def stop_started(procs: list[subprocess.Popen[bytes]], embedded: Any = None, folder: Path | None = None) -> None:
+    """A benchmark's teardown: the processes it started, newest first (SIGTERM, then wait), its embedded
+    PostgreSQL, its temporary folder."""
+    for proc in reversed(procs):
+        proc.terminate()
+        proc.wait(30)
+    if embedded is not None:
+        embedded.cleanup()
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)

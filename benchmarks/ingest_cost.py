@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.compare import Target, hounsfield_port, stow  # noqa: E402
 from benchmarks.compare_data import generate  # noqa: E402
 from benchmarks.cstore import start_hounsfield, store  # noqa: E402
-from benchmarks.harness import admin_token, wait_ready  # noqa: E402
+from benchmarks.harness import admin_token, stop_started, wait_ready  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -237,12 +236,7 @@ def main() -> int:
         spy_stop()
         return 0
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(30)
-        if embedded is not None:
-            embedded.cleanup()
-        shutil.rmtree(folder, ignore_errors=True)
+        stop_started(procs, embedded, folder)
 
 
 if __name__ == "__main__":

@@ -100,16 +100,10 @@ async def _check(node: Node, operation: StoreOperation, parsed: ParsedInstance, 
     """What the store would decide, decided before the answer: the policy and the identity checks
     (`Indexer.check`, which reserves the instance among the pending ones when it passes). The size limit and the
     free-space watermark were checked when the instance was spooled, just before."""
-    outcome = Outcome(
-        parsed.sop_class_uid,
-        parsed.sop_instance_uid,
-        parsed.study_uid,
-        parsed.series_uid,
-        warnings=list(parsed.warnings),
-    )
+    outcome = Outcome.of(parsed)
     denial = await operation.admission(node.actor(operation.principal, operation.address))(parsed)
     if denial is not None:
-        outcome.failure, outcome.comment, outcome.denial = NOT_AUTHORIZED, denial.comment, denial
+        outcome.deny(denial)
         return outcome
     assert node.indexer is not None
     conflict = await node.indexer.check(ident)

@@ -4,9 +4,13 @@ the same value answers a STOW-RS part, a C-STORE request, an imported file and a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from dicomweb.ingest.admission import Denial
+from dicomweb.ingest.admission import NOT_AUTHORIZED, Denial
 from dicomweb.ingest.reasons import InstanceRejected
+
+if TYPE_CHECKING:
+    from dicomweb.ingest.parse import ParsedInstance
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,21 @@ class Outcome:
     def rejected(cls, exc: InstanceRejected) -> Outcome:
         """The failure of an instance refused before it was stored (unreadable, not spooled, too large)."""
         return cls(exc.sop_class, exc.sop_instance, failure=exc.reason, comment=exc.comment)
+
+    @classmethod
+    def of(cls, parsed: ParsedInstance) -> Outcome:
+        """The outcome of a parsed instance before any decision: its identity and the parse's coercion warnings."""
+        return cls(
+            parsed.sop_class_uid,
+            parsed.sop_instance_uid,
+            parsed.study_uid,
+            parsed.series_uid,
+            warnings=list(parsed.warnings),
+        )
+
+    def deny(self, denial: Denial) -> None:
+        """The policy refused to file the instance (0124H); the reasons go to the audit record only."""
+        self.failure, self.comment, self.denial = NOT_AUTHORIZED, denial.comment, denial
 
     @property
     def ok(self) -> bool:

@@ -36,7 +36,7 @@ import asyncpg
 from dicomweb.blobs import BlobStore
 from dicomweb.index import repository
 from dicomweb.ingest.activity import IngestActivity
-from dicomweb.ingest.admission import NOT_AUTHORIZED, Admission
+from dicomweb.ingest.admission import Admission
 from dicomweb.ingest.commit import MAX_BATCH, Entry, GroupCommit, Verdict, duplicate
 from dicomweb.ingest.events import AuditOf, Listener
 from dicomweb.ingest.origin import Origin
@@ -138,13 +138,7 @@ class StoreService:
                 parsed = await anyio.to_thread.run_sync(lambda: parse_instance(path, bulk_threshold=threshold))
         except InstanceRejected as exc:
             return Outcome.rejected(exc)
-        outcome = Outcome(
-            parsed.sop_class_uid,
-            parsed.sop_instance_uid,
-            parsed.study_uid,
-            parsed.series_uid,
-            warnings=list(parsed.warnings),
-        )
+        outcome = Outcome.of(parsed)
         if expected_study is not None and parsed.study_uid != expected_study:
             outcome.failure = DATASET_MISMATCH
             outcome.comment = (
@@ -154,7 +148,7 @@ class StoreService:
         if admit is not None:
             denial = await admit(parsed)
             if denial is not None:
-                outcome.failure, outcome.comment, outcome.denial = NOT_AUTHORIZED, denial.comment, denial
+                outcome.deny(denial)
                 return outcome
         if self.space is not None:
             try:
