@@ -18,7 +18,16 @@ from pynetdicom import AE, build_context
 
 from dicomweb.index import repository
 from dicomweb.ingest.parse import parse_instance
-from tests.support.dimse_util import TITLE, audit_records, dcmtk, dimse_audit, dimse_port, require_dcmtk, start
+from tests.support.dimse_util import (
+    TITLE,
+    audit_records,
+    dcmtk,
+    dimse_audit,
+    dimse_port,
+    indexed,
+    require_dcmtk,
+    start,
+)
 from tests.support.factory import ct, multipart, part10, stow_headers
 
 pytestmark = pytest.mark.timeout(180)
@@ -161,6 +170,7 @@ def test_cstore_refuses_an_instance_of_another_patient(make_server: Any, tmp_pat
     first.write_bytes(part10(ct(study, PatientID="P1")))
     ok = dcmtk("storescu", "-aet", "CT1", "-aec", TITLE, "127.0.0.1", str(dimse_port(node)), first)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    indexed(node)
     intruder = ct(study, PatientID="P5")
     path = tmp_path / "p5.dcm"
     path.write_bytes(part10(intruder))

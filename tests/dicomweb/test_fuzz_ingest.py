@@ -30,7 +30,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, build_context
 
 from tests.support import malformed as m
-from tests.support.dimse_util import TITLE, dimse_port, require_dcmtk, send_raw, start
+from tests.support.dimse_util import TITLE, dimse_port, indexed, require_dcmtk, send_raw, start
 from tests.support.factory import multipart, stow_headers
 
 pytestmark = pytest.mark.timeout(300)
@@ -217,6 +217,7 @@ def test_hand_made_corpus_through_cstore(dimse_server: Any) -> None:
     report("hand-made corpus, C-STORE", seen)
     assert not wrong, wrong
     assert sender.aborted == 0
+    indexed(dimse_server)  # acknowledged early: indexed just after the answer
     assert {r["sop_instance_uid"] for r in rows(dimse_server.dsn)} == {m.read_uids(c)[2] for c in controls}
     assert check_index_agrees_with_dcmtk(dimse_server) == len(controls)
 
