@@ -8,8 +8,11 @@ overwrite is off, against the index and against the instances acknowledged but n
 store after the answer succeeds unless another process or a STOW-RS of a contradicting instance slipped in
 between; such an instance is logged, kept in `intake/refused/` and counted (`GET /dimse/intake`).
 
-A store that fails for a transient reason (the database unavailable, the blob store, the audit trail: A700, or an
-index failure: 0110) is retried with a backoff while its entry stays in the intake. At most `backlog` instances are
+A store that fails for want of a resource (the database unavailable, the blob store, the audit trail: A700) is
+retried with a backoff, for as long as that lasts, while its entry stays in the intake. A store that fails otherwise
+(the index refusing the instance's rows: 0110, or an error of the server's own) is tried `FAILED_ATTEMPTS` times in
+all, then the entry is kept for an operator as a refused one: retried for ever, it would hold its place in the backlog
+and come back every backoff period, and enough of them would stop every association. At most `backlog` instances are
 acknowledged and not indexed at once: beyond that an association waits before its answer, which bounds how long
 an acknowledged instance stays invisible to C-FIND and QIDO-RS."""
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import hashlib
 import logging
@@ -39,7 +43,7 @@ from dicomweb.ingest.outcome import Outcome
 from dicomweb.ingest.parse import ParsedInstance, parse_instance
 from dicomweb.ingest.reasons import OUT_OF_RESOURCES, PROCESSING_FAILURE, InstanceRejected
 from dicomweb.ingest.spool import Spooled
-from server.platform.db import vouch_stateless
+from server.platform.db import unavailable, vouch_stateless
 
 if TYPE_CHECKING:
     from authz.audit import AuditTrail
@@ -48,10 +52,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = frozenset({OUT_OF_RESOURCES, PROCESSING_FAILURE})
-"""Store failures retried after the answer: out of resources (database, blob store, audit trail) and an index
-transaction that failed."""
 BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+FAILED_ATTEMPTS = 5
+"""Stores of an entry that failed other than for want of a resource (0110, an error) before it is refused: a few
+seconds of backoff (a deadlock or a restart of the database in between are retried so), not for ever."""
+
+
+class _Result(enum.Enum):
+    SETTLED = "settled"
+    """Indexed, already stored, or refused."""
+    WANTING = "wanting"
+    """Out of resources (A700): retried until the resource is back."""
+    FAILED = "failed"
+    """Failed otherwise (0110, an error): retried up to `FAILED_ATTEMPTS` stores in all."""
 
 
 def identity(parsed: ParsedInstance, sha256: str) -> Identity:
@@ -165,9 +178,13 @@ class Indexer:
     ) -> None:
         if before is not None:  # the same SOP Instance UID acknowledged earlier (overwrite): stored in order
             await asyncio.wait([before])
-        attempt = 0
+        attempt = failures = 0
         try:
-            while not await self._once(entry, ident, operation, parsed):
+            while True:
+                result = await self._once(entry, ident, operation, parsed, last=failures + 1 >= FAILED_ATTEMPTS)
+                if result is _Result.SETTLED:
+                    break
+                failures += result is _Result.FAILED
                 delay = BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS) - 1)]
                 attempt += 1
                 if attempt == 1:
@@ -182,9 +199,15 @@ class Indexer:
             self._room.release()
 
     async def _once(
-        self, entry: Entry, ident: Identity | None, operation: StoreOperation, parsed: ParsedInstance | None = None
-    ) -> bool:
-        """One store of the entry; True when it is settled (indexed, already stored, or refused)."""
+        self,
+        entry: Entry,
+        ident: Identity | None,
+        operation: StoreOperation,
+        parsed: ParsedInstance | None = None,
+        *,
+        last: bool = False,
+    ) -> _Result:
+        """One store of the entry. `last`: a failure other than for want of a resource refuses the entry."""
         async with self._slots:
             try:
                 link = self.intake.link(entry, self.store.spool.folder)
@@ -192,17 +215,24 @@ class Indexer:
                 audit = audit_of(operation)
                 outcome = await self.store.store(spooled, entry.origin, audit=audit, parsed=parsed)
             except Exception as exc:  # `store` raises only when nothing was stored
-                log.warning("acknowledged C-STORE not indexed yet (%s); retrying", type(exc).__name__)
-                return False
+                wanting = unavailable(exc)
+                if wanting or not last:
+                    log.warning("acknowledged C-STORE not indexed yet (%s); retrying", type(exc).__name__)
+                    return _Result.WANTING if wanting else _Result.FAILED
+                log.error("acknowledged C-STORE failed %d times", FAILED_ATTEMPTS, exc_info=exc)
+                outcome = _failed(ident, parsed)
         if outcome.ok:
             await settle(self.trail, operation, outcome)
             self.intake.done(entry)
-            return True
-        if outcome.failure in TRANSIENT:
+            return _Result.SETTLED
+        if outcome.failure == OUT_OF_RESOURCES:
             log.warning("acknowledged C-STORE not indexed yet (status %04X); retrying", outcome.failure)
-            return False
+            return _Result.WANTING
+        if outcome.failure == PROCESSING_FAILURE and not last:
+            log.warning("acknowledged C-STORE not indexed yet (status %04X); retrying", outcome.failure)
+            return _Result.FAILED
         await self._refused(entry, operation, outcome)
-        return True
+        return _Result.SETTLED
 
     async def _refused(self, entry: Entry, operation: StoreOperation, outcome: Outcome) -> None:
         """An acknowledged instance the store refused: kept for an operator, logged (status and file, no PHI),
@@ -230,9 +260,9 @@ class Indexer:
             if ident is not None:
                 self.pending.reserve(ident)  # contradictions among them are the store's to settle
         operations = [self.operation_of(entry.origin) for entry, _ in loaded]
-        settled = await asyncio.gather(*(self._once(e, i, op) for (e, i), op in zip(loaded, operations, strict=True)))
-        for (entry, ident), op, done in zip(loaded, operations, settled, strict=True):
-            if not done:
+        results = await asyncio.gather(*(self._once(e, i, op) for (e, i), op in zip(loaded, operations, strict=True)))
+        for (entry, ident), op, result in zip(loaded, operations, results, strict=True):
+            if result is not _Result.SETTLED:
                 self.submit(entry, ident, op, room=False)
             elif ident is not None:
                 self.pending.release(ident)
@@ -269,6 +299,13 @@ class Indexer:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+
+
+def _failed(ident: Identity | None, parsed: ParsedInstance | None) -> Outcome:
+    """The outcome of an entry whose store raised on its last attempt: a processing failure (0110)."""
+    outcome = Outcome.of(parsed) if parsed is not None else Outcome(None, ident.sop_instance_uid if ident else None)
+    outcome.failure, outcome.comment = PROCESSING_FAILURE, "the server could not store the instance"
+    return outcome
 
 
 def replayed_operation(config: DimseConfig, origin: Origin) -> StoreOperation:

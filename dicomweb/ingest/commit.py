@@ -21,6 +21,9 @@ Each instance keeps its own outcome, as if the instances were indexed one after 
 - The blob of every instance is durable before the transaction commits (each put is awaited before COMMIT); an
   instance whose write failed is left out (retry without it) and fails alone.
 - An audit failure rolls the whole batch back: every instance in it fails (A700), nothing is stored.
+- Any other error of the transaction (a statement or a listener failing on one instance's rows) rolls it back, and
+  each instance of the batch is then indexed alone, so that only the instance that causes the error fails (0110,
+  as it would have alone). A lost connection is not retried so: it fails every instance of the batch alike.
 - A COMMIT whose answer was lost is settled per instance by the store (`StoreService._confirm`).
 - A refused instance is answered only once the batch's last transaction ended: the store then forgets its blob
   unless a committed row names it (an identical re-send within the batch shares the first one's blob key).
@@ -46,7 +49,7 @@ from dicomweb.ingest.parse import ParsedInstance
 from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, DATASET_MISMATCH, DUPLICATE_REJECTED
 from dicomweb.pixels.compress import original_sha256
 from server.platform import jobs
-from server.platform.db import Connection, vouch_stateless
+from server.platform.db import Connection, unavailable, vouch_stateless
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,10 @@ class _Retry(Exception):
 
 class _AuditFailed(Exception):
     """The audit records could not be written: the transaction rolls back with them."""
+
+
+class _Isolate(Exception):
+    """The transaction of several instances failed (rolled back, nothing decided): index each of them alone."""
 
 
 class GroupCommit:
@@ -178,6 +185,14 @@ class GroupCommit:
                 entry.verdict = (Verdict.BLOB_FAILED, failed)
             else:
                 live.append(entry)
+        await self._until_decided(live)
+        for entry in batch:
+            assert entry.verdict is not None
+            _settle(entry, *entry.verdict)
+
+    async def _until_decided(self, live: list[Entry]) -> None:
+        """Transactions until each of `live` has its verdict: again without those decided (refused, blob failed),
+        again after a deadlock, and one instance at a time after an error of the whole batch."""
         deadlocks = 0
         while live:
             try:
@@ -189,9 +204,12 @@ class GroupCommit:
                     _decide(live, Verdict.FAILED, exc)
                     break
                 log.warning("ingest batch chosen as a deadlock's victim; running it again")
-        for entry in batch:
-            assert entry.verdict is not None
-            _settle(entry, *entry.verdict)
+            except _Isolate as exc:
+                live = [entry for entry in live if entry.verdict is None]
+                log.warning("ingest batch of %d failed (%s); indexing each alone", len(live), exc.__cause__)
+                for entry in live:
+                    await self._until_decided([entry])
+                break
 
     async def _transaction(self, entries: list[Entry]) -> list[Entry]:
         """Index `entries` in one transaction; the ones left to run again (without those given a verdict)."""
@@ -233,6 +251,8 @@ class GroupCommit:
                 return []
             if isinstance(exc, asyncpg.DeadlockDetectedError) and not committing:
                 raise  # rolled back: the batch runs again
+            if len(entries) > 1 and not committing and not unavailable(exc):
+                raise _Isolate from exc  # rolled back: which instance caused it is found by indexing each alone
             _decide(entries, Verdict.UNCONFIRMED if committing else Verdict.FAILED, exc)
             return []
 

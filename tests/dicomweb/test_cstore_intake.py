@@ -256,6 +256,41 @@ def test_an_instance_filed_otherwise_meanwhile_is_kept_for_an_operator(make_serv
     assert record["http"]["status"] == CONFLICT and "acknowledged, then refused" in record["outcome_desc"]
 
 
+POISON = """
+CREATE FUNCTION test_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'this instance cannot be indexed (test)';
+END $$;
+CREATE TRIGGER test_poison BEFORE INSERT ON instances FOR EACH ROW
+    WHEN (NEW.sop_instance_uid = '{uid}') EXECUTE FUNCTION test_poison();
+"""
+
+
+def test_an_instance_the_index_keeps_failing_is_kept_for_an_operator(make_server: Any) -> None:
+    """The index fails on one acknowledged instance's rows every time (0110, not an outage): it is tried a few
+    times, then kept in intake/refused/, counted and recorded, and its place in the backlog is free again; the
+    instances acknowledged with it are stored."""
+    node = start(make_server)
+    study = generate_uid()
+    datasets = [ct(study, seed=i, PatientID="F1") for i in range(3)]
+    bad = str(datasets[1].SOPInstanceUID)
+    function, trigger = POISON.format(uid=bad).split("END $$;")
+    sql(node.dsn, function + "END $$")
+    sql(node.dsn, trigger)
+    assoc = associate(dimse_port(node))
+    try:
+        assert [send(assoc, ds)[0] for ds in datasets] == [0, 0, 0]
+    finally:
+        assoc.release()
+    indexed(node, 30)
+    assert stored_uids(node.dsn) == {datasets[0].SOPInstanceUID, datasets[2].SOPInstanceUID}
+    assert intake_status(node) == {"pending": 0, "retrying": 0, "refused": 1}
+    kept = list((node.settings.intake_dir / "refused").glob("*.dcm"))
+    assert len(kept) == 1 and kept[0].read_bytes().endswith(bytes(datasets[1].PixelData))
+    [record] = [r for r in dimse_audit(node.dsn, "C-STORE") if r["entity"].get("instance_uid") == bad]
+    assert record["http"]["status"] == 0x0110 and "acknowledged, then refused" in record["outcome_desc"]
+
+
 def test_kill_9_after_the_answers_then_the_intake_is_replayed(dsn: str, tmp_path: Path) -> None:
     """storescu sends N images (fewer than the backlog), each answered Success, while the index store is held
     back; the server is killed (SIGKILL) right after the last answer, with nothing indexed. Restarted, it replays

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pydicom
 import pytest
@@ -23,8 +24,7 @@ from dicomweb.dimse.config import Destination, DimseConfig, RoutingRule
 from dicomweb.ingest.events import InstanceStored
 from dicomweb.ingest.gc import DELETE_JOB
 from dicomweb.ingest.origin import Origin
-from dicomweb.ingest.outcome import Outcome
-from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, DUPLICATE_REJECTED, OUT_OF_RESOURCES
+from dicomweb.ingest.reasons import CANNOT_UNDERSTAND, DUPLICATE_REJECTED, OUT_OF_RESOURCES, PROCESSING_FAILURE
 from dicomweb.ingest.service import StoreService
 from dicomweb.retrieve import renditions
 from fhir import sync as fhir_sync
@@ -57,7 +57,7 @@ class Batches:
             await self.released.wait()
 
 
-async def _one_batch(store: StoreService, batches: Batches, datas: Sequence[bytes], **kw: Any) -> list[Outcome]:
+async def _one_batch(store: StoreService, batches: Batches, datas: Sequence[bytes], **kw: Any) -> list[Any]:
     """Store `datas` as one batch, in this order: a first instance holds the committer in its transaction while
     they arrive one after another."""
     batches.armed = True
@@ -71,7 +71,7 @@ async def _one_batch(store: StoreService, batches: Batches, datas: Sequence[byte
             await asyncio.sleep(0.01)
     batches.released.set()
     assert (await holder).committed
-    return list(await asyncio.gather(*tasks))
+    return list(await asyncio.gather(*tasks, return_exceptions=True))
 
 
 async def _fetch(store: StoreService, sql: str, *args: Any) -> list[Any]:
@@ -294,6 +294,64 @@ def test_an_audit_failure_fails_the_whole_batch(dsn: str, tmp_path: Path) -> Non
     asyncio.run(main())
 
 
+POISON = """
+CREATE FUNCTION test_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'this instance cannot be indexed (test)';
+END $$;
+CREATE TRIGGER test_poison BEFORE INSERT ON instances FOR EACH ROW
+    WHEN (NEW.sop_instance_uid = '{uid}') EXECUTE FUNCTION test_poison();
+"""
+
+
+def test_an_index_error_of_one_instance_fails_only_it(dsn: str, tmp_path: Path) -> None:
+    """The index statement fails on one instance's row (a trigger raising, as a constraint or a bug would): the
+    batch rolls back and each instance is indexed alone, so that instance fails (0110) and the others of its batch
+    are stored, once each."""
+    batches = Batches()
+    datasets = [ct(), ct(), ct()]
+    bad = str(datasets[1].SOPInstanceUID)
+
+    async def main() -> None:
+        async with store_service(dsn, tmp_path, [batches.listener]) as store:
+            async with store.pool.acquire() as conn:
+                await conn.execute(POISON.format(uid=bad))
+            outcomes = await _one_batch(store, batches, [part10(d) for d in datasets])
+            assert [o.committed for o in outcomes] == [True, False, True]
+            assert outcomes[1].failure == PROCESSING_FAILURE
+            assert outcomes[1].comment == "the index could not record the instance; nothing was stored"
+            rows = await _fetch(store, "SELECT sop_instance_uid FROM instances")
+            assert bad not in {r[0] for r in rows} and len(rows) == 3
+            committed = [uids for _txid, uids in batches.calls[1:]]
+            assert committed == [[datasets[0].SOPInstanceUID], [datasets[2].SOPInstanceUID]]  # each alone
+
+    asyncio.run(main())
+
+
+def test_a_listener_failing_on_one_instance_fails_only_it(dsn: str, tmp_path: Path) -> None:
+    """A listener raises for one instance of a batch (a bug in a hook): only that instance fails (its store raises
+    the error, nothing of it stored), the others are stored with their listeners' work."""
+    batches = Batches()
+    datasets = [ct(), ct(), ct(), ct()]
+    bad = str(datasets[2].SOPInstanceUID)
+
+    async def failing(conn: Connection, events: Sequence[InstanceStored]) -> None:
+        if any(e.parsed.sop_instance_uid == bad for e in events):
+            raise ValueError("a hook that fails on this instance (test)")
+
+    async def main() -> None:
+        async with store_service(dsn, tmp_path, [batches.listener, failing, fhir_sync.ingest_hook(0)]) as store:
+            outcomes = await _one_batch(store, batches, [part10(d) for d in datasets])
+            assert isinstance(outcomes[2], ValueError)
+            assert [o.committed for n, o in enumerate(outcomes) if n != 2] == [True, True, True]
+            rows = await _fetch(store, "SELECT sop_instance_uid FROM instances")
+            assert bad not in {r[0] for r in rows} and len(rows) == 4
+            jobs = await _fetch(store, "SELECT count(*) FROM jobs WHERE kind = $1", fhir_sync.SYNC_JOB)
+            assert jobs[0][0] == 4  # one per stored instance (each of its own study): the holder and three
+
+    asyncio.run(main())
+
+
 def test_stow_request_with_one_conflicting_part_stores_the_nine_others(server: Any, http: httpx.Client) -> None:
     """Ten parts in one request, the fifth of another patient than its study's: 202, nine stored, the fifth
     refused with C000, and each stored instance audited."""
@@ -313,3 +371,28 @@ def test_stow_request_with_one_conflicting_part_stores_the_nine_others(server: A
     assert referenced == {d.SOPInstanceUID for n, d in enumerate(datasets) if n != 4}
     found = http.get("/dicom-web/instances", params={"StudyInstanceUID": study}).json()
     assert len(found) == 10  # the first and the nine
+
+
+def test_stow_request_with_one_unindexable_part_stores_the_nine_others(server: Any, http: httpx.Client) -> None:
+    """Ten parts in one request, the index failing on the sixth's row: 202, nine stored, the sixth failed with 0110
+    (Processing failure), whichever batches the parts shared."""
+    study = generate_uid()
+    datasets = [ct(study, PatientID="P1") for _ in range(10)]
+    bad = str(datasets[5].SOPInstanceUID)
+
+    async def poison() -> None:
+        conn = await asyncpg.connect(server.dsn)
+        try:
+            await conn.execute(POISON.format(uid=bad))
+        finally:
+            await conn.close()
+
+    asyncio.run(poison())
+    rsp = http.post("/dicom-web/studies", content=multipart([part10(d) for d in datasets]), headers=stow_headers())
+    assert rsp.status_code == 202, rsp.text
+    body = rsp.json()
+    (failed,) = body["00081198"]["Value"]
+    assert failed["00081155"]["Value"] == [bad]
+    assert failed["00081197"]["Value"] == [PROCESSING_FAILURE]
+    found = http.get("/dicom-web/instances", params={"StudyInstanceUID": study}).json()
+    assert len(found) == 9
