@@ -6,7 +6,7 @@ instance gets a new key), which is what makes strong ETags and crash-safe overwr
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +39,12 @@ class BlobStore(Protocol):
     async def put_file(self, key: str, path: Path) -> None:
         """Store the local file `path` under `key`, durably: when this returns the bytes survive a crash.
         The file may be moved (not copied) by stores on the same file system; callers must not reuse it."""
+        ...
+
+    async def put_files(self, items: Sequence[tuple[str, Path]]) -> list[BlobStoreError | None]:
+        """`put_file` for each (key, path), durably when this returns: per item None when it is stored, or why it
+        is not (the others are stored all the same). A filesystem store makes each folder durable once for all
+        its items instead of once per item."""
         ...
 
     async def read_range(self, key: str, offset: int, length: int) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -47,6 +47,33 @@ class FileSystemBlobStore:
         return self.root / check_key(key)
 
     def _put(self, key: str, src: Path) -> None:
+        folder = self._place(key, src)
+        try:
+            fsync_dir(folder)
+        except OSError as exc:
+            raise BlobStoreError(f"cannot store blob: {exc.strerror}") from exc
+
+    def _put_many(self, items: Sequence[tuple[str, Path]]) -> list[BlobStoreError | None]:
+        """Each file fsynced and renamed into place, then each folder they went to fsynced once."""
+        results: list[BlobStoreError | None] = []
+        folders: dict[Path, list[int]] = {}
+        for n, (key, src) in enumerate(items):
+            try:
+                folders.setdefault(self._place(key, src), []).append(n)
+                results.append(None)
+            except BlobStoreError as exc:
+                results.append(exc)
+        for folder, members in folders.items():
+            try:
+                fsync_dir(folder)
+            except OSError as exc:
+                for n in members:
+                    results[n] = BlobStoreError(f"cannot store blob: {exc.strerror}")
+        return results
+
+    def _place(self, key: str, src: Path) -> Path:
+        """The file's bytes made durable and the file renamed to the blob's path (copied across file systems); the
+        folder it is in, whose fsync makes the new name durable."""
         dest = self._path(key)
         try:
             _make_dirs(dest.parent)
@@ -67,12 +94,15 @@ class FileSystemBlobStore:
                     tmp.unlink(missing_ok=True)  # a full disk: the partial copy is freed now
                     raise
                 os.unlink(src)
-            fsync_dir(dest.parent)
         except OSError as exc:
             raise BlobStoreError(f"cannot store blob: {exc.strerror}") from exc
+        return dest.parent
 
     async def put_file(self, key: str, path: Path) -> None:
         await anyio.to_thread.run_sync(self._put, key, path)
+
+    async def put_files(self, items: Sequence[tuple[str, Path]]) -> list[BlobStoreError | None]:
+        return await anyio.to_thread.run_sync(self._put_many, list(items))
 
     def _read(self, key: str, offset: int, length: int) -> bytes:
         try:

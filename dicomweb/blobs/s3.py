@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,6 +172,17 @@ class S3BlobStore:
             await anyio.Path(path).unlink(missing_ok=True)
         except OSError as exc:  # the blob is stored; a leftover spool file is only litter
             log.warning("stored blob %s but could not remove %s: %s", key, path.name, exc.strerror)
+
+    async def put_files(self, items: Sequence[tuple[str, Path]]) -> list[BlobStoreError | None]:
+        """One upload after another (each is durable once S3 answered)."""
+        results: list[BlobStoreError | None] = []
+        for key, path in items:
+            try:
+                await self.put_file(key, path)
+                results.append(None)
+            except BlobStoreError as exc:
+                results.append(exc)
+        return results
 
     async def _put_multipart(self, key: str, full: str, path: Path, size: int) -> None:
         s3 = self._s3

@@ -12,9 +12,9 @@ fraction of the time one image after another takes. A frame request for that syn
 of the blob. A missing rendition is made on demand by the frame request itself (`Renditions.encode` +
 `Renditions.store`), which queues a job for that instance and syntax (`{"instance_pk": n, "syntaxes": [...]}`).
 
-A rendition row is written only once its blob is durable (rows of a series are written in batches), so a job cut
-off leaves complete renditions and, at worst, blobs no row names (removed by the orphan sweep); run again, it
-makes only the missing ones.
+A rendition row is written only once its blob is durable (the blobs of a series are stored in batches, their
+folder fsynced once per batch, and the batch's rows written after), so a job cut off leaves complete renditions
+and, at worst, blobs no row names (removed by the orphan sweep); run again, it makes only the missing ones.
 
 Blob keys are content addressed (`<study>/<series>/<instance>.<sha256[:32]>.<syntax>.frames`): two workers that
 make the same rendition write the same key, and the row insert is `ON CONFLICT DO NOTHING`, so making one is
@@ -94,16 +94,36 @@ class Made:
     sha256: str
 
 
-def _new_file(path: Path) -> IO[bytes]:
-    return open(path, "wb", opener=private.opener)  # closed by the caller, in a worker thread
+@dataclass(slots=True)
+class _Encoded:
+    """A rendition written to its spool file, not durable yet and not stored: `made` once its blob is."""
+
+    path: Path
+    made: Made
 
 
-def _encode_into(fh: IO[bytes], digest: Any, native: bytes, syntax: str, image: ImageInfo, planar: int) -> int:
-    """Encode one frame and append it to the rendition being written (one worker-thread hop per frame)."""
-    data = encode.encode_frame(native, syntax, image, planar=planar)
-    fh.write(data)
-    digest.update(data)
-    return len(data)
+class _Spill:
+    """The spool file of a rendition being encoded, written frame by frame (a long multi-frame stays on disk): each
+    frame is encoded and appended in one worker-thread hop, the file opened in the first and closed in the last."""
+
+    def __init__(self, path: Path, syntax: str, image: ImageInfo, planar: int) -> None:
+        self.path, self.syntax, self.image, self.planar = path, syntax, image, planar
+        self.fh: IO[bytes] | None = None
+        self.digest = hashlib.sha256()
+
+    def append(self, native: bytes, last: bool) -> int:
+        data = encode.encode_frame(native, self.syntax, self.image, planar=self.planar)
+        if self.fh is None:
+            self.fh = open(self.path, "wb", opener=private.opener)
+        self.fh.write(data)
+        self.digest.update(data)
+        if last:
+            self.close()
+        return len(data)
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
 
 
 def of_layout(value: Any) -> dict[str, Rendition]:
@@ -183,44 +203,63 @@ class Renditions:
         self, rows: Sequence[asyncpg.Record], syntax: str, workers: int, stop: Callable[[], bool] | None = None
     ) -> int:
         """Make the renditions in `syntax` of the images in `rows` (`missing_in_series` rows), `workers` images at
-        once, recording them in batches; returns how many were made. An image the encoder cannot take (or whose
-        stored frames do not decode) is skipped; any other failure of one image leaves the others to be made and
-        is raised at the end (the job is retried and makes what is still missing). Below the free-space watermark,
-        or once `stop()` is true, no further image is started."""
-        pending: list[Made] = []
+        once, storing and recording them in batches; returns how many were made. An image the encoder cannot take
+        (or whose stored frames do not decode) is skipped; any other failure of one image leaves the others to be
+        made and is raised at the end (the job is retried and makes what is still missing). Below the free-space
+        watermark, or once `stop()` is true, no further image is started.
+
+        The encoders do not wait for the disk: the blobs of a batch are made durable together (`put_files`: one
+        fsync of the series' folder for the batch) by the worker that filled it while the others go on encoding,
+        and their rows are written once they are."""
+        encoded: list[_Encoded] = []
         failures: list[Exception] = []
         todo = iter(rows)
         made = 0
 
         async def flush() -> None:
-            batch = pending[:]
-            pending.clear()
-            if batch:
-                await self._record(syntax, batch)
+            nonlocal made
+            batch = encoded[:]
+            encoded.clear()
+            if not batch:
+                return
+            try:
+                errors = await self.blobs.put_files([(e.made.blob_key, e.path) for e in batch])
+            finally:
+                for item in batch:
+                    with contextlib.suppress(FileNotFoundError):
+                        item.path.unlink()  # not moved: a store that failed (or copied across file systems)
+            stored = [item.made for item, error in zip(batch, errors, strict=True) if error is None]
+            failures.extend(error for error in errors if error is not None)
+            if stored:
+                await self._record(syntax, stored)
+                made += len(stored)
 
         async def work() -> None:
-            nonlocal made
             for row in todo:  # shared: each worker takes the next image
                 if any(isinstance(exc, BelowWatermark) for exc in failures) or (stop is not None and stop()):
                     return
                 try:
-                    rendition = await self._write(row, syntax, attributes=row)
+                    item = await self._encode(row, syntax, attributes=row)
                 except NotAcceptable as exc:
                     log.info("no %s rendition for instance %s: %s", syntax, row["instance_pk"], exc)
                     continue
                 except Exception as exc:  # one image's failure: the series' other images are still made
                     failures.append(exc)
                     continue
-                if rendition is not None:
-                    pending.append(rendition)
-                    made += 1
-                if len(pending) >= RECORD_BATCH:
+                if item is not None:
+                    encoded.append(item)
+                if len(encoded) >= RECORD_BATCH:
                     await flush()
 
-        async with anyio.create_task_group() as group:
-            for _ in range(max(1, min(workers, len(rows)))):
-                group.start_soon(work)
-        await flush()
+        try:
+            async with anyio.create_task_group() as group:
+                for _ in range(max(1, min(workers, len(rows)))):
+                    group.start_soon(work)
+            await flush()
+        finally:
+            for item in encoded:  # cancelled before its batch was stored
+                with contextlib.suppress(FileNotFoundError):
+                    item.path.unlink()
         if failures:
             raise failures[0]
         return made
@@ -228,6 +267,19 @@ class Renditions:
     async def _write(self, row: asyncpg.Record, syntax: str, attributes: Attributes | None = None) -> Made | None:
         """Encode every frame of the instance in `row` and store the blob (durable); the row is not written yet.
         None when the instance has no frames."""
+        item = await self._encode(row, syntax, attributes)
+        if item is None:
+            return None
+        try:
+            await self.blobs.put_file(item.made.blob_key, item.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                item.path.unlink()
+        return item.made
+
+    async def _encode(self, row: asyncpg.Record, syntax: str, attributes: Attributes | None = None) -> _Encoded | None:
+        """Encode every frame of the instance in `row` into a spool file (not durable, not stored yet). None when
+        the instance has no frames."""
         pixel = load_json(row["pixel"])
         if not pixel:
             return None
@@ -239,32 +291,32 @@ class Renditions:
         assert image is not None
         path = self.spool_dir / f"{uuid.uuid4().hex}.rendition"
         private.make_dirs(self.spool_dir)
+        spill = _Spill(path, syntax, image, planar)
         frames: list[tuple[int, int]] = []
-        digest = hashlib.sha256()
         offset = 0
+        count = frame_count(pixel)
+        if count == 0:
+            return None
         try:
-            # frame by frame: a long multi-frame stays on disk
-            fh = await anyio.to_thread.run_sync(_new_file, path)
             try:
-                for number in range(1, frame_count(pixel) + 1):
+                for number in range(1, count + 1):
                     native = await reader.frame(number)
                     try:
-                        size = await anyio.to_thread.run_sync(_encode_into, fh, digest, native, syntax, image, planar)
+                        size = await anyio.to_thread.run_sync(spill.append, native, number == count)
                     except TranscodeError as exc:
                         raise NotAcceptable(str(exc), offered=(reader.stored,)) from exc
                     frames.append((offset, size))
                     offset += size
             finally:
-                await anyio.to_thread.run_sync(fh.close)
-            sha256 = digest.hexdigest()
-            key = rendition_key(
-                str(row["study_uid"]), str(row["series_uid"]), str(row["sop_instance_uid"]), syntax, sha256
-            )
-            await self.blobs.put_file(key, path)
-        finally:
+                if spill.fh is not None and not spill.fh.closed:
+                    await anyio.to_thread.run_sync(spill.close)
+        except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        return Made(int(row["instance_pk"]), str(row["sha256"]), key, frames, sha256)
+            raise
+        sha256 = spill.digest.hexdigest()
+        key = rendition_key(str(row["study_uid"]), str(row["series_uid"]), str(row["sop_instance_uid"]), syntax, sha256)
+        return _Encoded(path, Made(int(row["instance_pk"]), str(row["sha256"]), key, frames, sha256))
 
     async def store(self, row: asyncpg.Record, syntax: str, encoded: list[bytes]) -> Rendition:
         """Keep frames encoded on demand (all the instance's frames, in order) as its rendition."""

@@ -125,6 +125,28 @@ async def test_put_read_stream_size(backend: Backend, spool: Path) -> None:
     assert await collect(store.stream("1.2.3/4.5.6/7.8.9", offset=len(data))) == []
 
 
+async def test_put_files_stores_each_and_says_which_failed(backend: Backend, spool: Path) -> None:
+    """Several files in one call: each stored (and consumed), with a per-item result; an item that cannot be stored
+    (its source missing) fails alone."""
+    datas = [os.urandom(1000 + n) for n in range(4)]
+    items: list[tuple[str, Path]] = []
+    for n, data in enumerate(datas):
+        src = spool / f"part{n}"
+        src.write_bytes(data)
+        items.append((f"1.2.3/4.5.{n % 2}/{n}.frames", src))
+    items[2][1].unlink()  # gone before the call
+    results = await backend.store.put_files(items)
+    assert [r is None for r in results] == [True, True, False, True]
+    assert isinstance(results[2], BlobStoreError)
+    for n, (key, src) in enumerate(items):
+        assert not src.exists()
+        if n != 2:
+            assert await backend.store.read_range(key, 0, len(datas[n])) == datas[n]
+    with pytest.raises(BlobNotFound):
+        await backend.store.size(items[2][0])
+    assert await backend.store.put_files([]) == []
+
+
 async def test_empty_blob(backend: Backend, spool: Path) -> None:
     await put_bytes(backend.store, spool, "empty", b"")
     assert await backend.store.size("empty") == 0
@@ -468,3 +490,29 @@ def test_fs_new_folders_are_synced_into_their_parents(tmp_path: Path, monkeypatc
     src.write_bytes(b"y" * 100)
     asyncio.run(store.put_file("study/series/instance/other.dcm", src))  # no new folder: the blob and its folder
     assert synced == [str(src), f"{root}/study/series/instance"]
+
+
+def test_fs_put_files_syncs_each_folder_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of blobs in two folders: each file's bytes before its rename, then each folder once (not once per
+    blob), after every rename into it."""
+    store = FileSystemBlobStore(tmp_path / "blobs")
+    root = str(store.root)
+    for folder in ("study/a", "study/b"):
+        src = tmp_path / "seed"
+        src.write_bytes(b"s")
+        asyncio.run(store.put_file(f"{folder}/seed", src))
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    items = []
+    for n in range(6):
+        src = tmp_path / f"part{n}"
+        src.write_bytes(b"x" * (n + 1))
+        items.append((f"study/{'ab'[n % 2]}/{n}.frames", src))
+    assert asyncio.run(store.put_files(items)) == [None] * 6
+    assert synced == [str(src) for _key, src in items] + [f"{root}/study/a", f"{root}/study/b"]

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import numpy as np
+import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
@@ -120,6 +122,48 @@ def test_a_series_job_run_again_makes_only_the_missing_renditions(make_server: A
                 path = Path(server.settings.blob_dir, row["blob_key"])
                 assert (path.stat().st_ino, path.stat().st_mtime_ns) == kept[path]  # not made again
         assert len(blob_files(server)) == 6
+        for ds in images:
+            assert_exact(http, ds)
+
+
+def test_a_series_job_makes_the_blobs_of_a_batch_durable_together(
+    make_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encoders do not wait for the disk one image at a time: each rendition file is fsynced before its
+    rename, and the series folder once for the batch, not once per image; no spool file is left behind."""
+    server = make_server(renditions=())  # no job at ingest: this test runs the handler itself
+    images = series_of(6)
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+        store(http, *images)
+        [(series_pk,)] = query(
+            server.dsn, "SELECT series_pk FROM series WHERE series_uid = $1", images[0].SeriesInstanceUID
+        )
+        synced: list[str] = []
+        real_fsync = os.fsync
+
+        def recording_fsync(fd: int) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real_fsync(fd)
+
+        async def run_job() -> None:
+            pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=4)
+            try:
+                blobs = FileSystemBlobStore(server.settings.blob_dir)
+                handler = renditions.job_handler(pool, blobs, [HTJ2K_RPCL], server.settings.spool_dir, workers=2)
+                monkeypatch.setattr(os, "fsync", recording_fsync)
+                await handler(jobs.Job(0, renditions.RENDITION_JOB, {"series_pk": series_pk}, 1, 8))
+            finally:
+                monkeypatch.undo()
+                await pool.close()
+
+        asyncio.run(run_job())
+        rows = [row for ds in images for row in rows_of(server.dsn, ds.SOPInstanceUID)]
+        assert len(rows) == 6
+        folders = {str(Path(server.settings.blob_dir, row["blob_key"]).resolve().parent) for row in rows}
+        assert len(folders) == 1
+        assert sum(path in folders for path in synced) == 1  # the series folder, once for the six
+        assert sum(path.endswith(".rendition") for path in synced) == 6  # each file's bytes
+        assert not list(Path(server.settings.spool_dir).glob("*.rendition"))
         for ds in images:
             assert_exact(http, ds)
 
