@@ -1,8 +1,9 @@
 """C-STORE on several associations against `HOUNSFIELD_PROCESSES`: images/s and the server's CPU milliseconds per
 image (all its processes, user + system, from psutil), for a scaling estimate.
 
-Only the primary process runs the DICOM AE (`server.cli.process_app`), so more processes leave C-STORE where it was;
-the CPU per image says what one interpreter can take (1000 / ms per image, when the GIL is the limit).
+Every process runs the DICOM AE on the shared port (`server.cli.process_app`) and the kernel spreads the
+associations over them; the CPU per image (the processes and their PostgreSQL children, when the parent owns an
+embedded one) says what a machine with more cores would take (cores x 1000 / ms per image, at best).
 
     .venv/bin/python benchmarks/cstore_scaling.py [--processes 1 2] [--associations 4] [--images 300]
 

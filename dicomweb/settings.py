@@ -97,7 +97,11 @@ class DicomwebSettings(PlatformSettings):
     JSON array or a JSON file), `HOUNSFIELD_DIMSE_TLS_CERT`, `_KEY`, `_CA`, `_PORT`, `_CLIENT_CERTS`, `_ONLY`
     (DICOM TLS: `dimse.tls`); see dicomweb/dimse/config.py."""
     dimse_max_associations: int = setting("HOUNSFIELD_DIMSE_MAX_ASSOCIATIONS", 32, parse=integer(1, 1000))
-    """`HOUNSFIELD_DIMSE_MAX_ASSOCIATIONS`: concurrent associations; more are rejected (transient)."""
+    """`HOUNSFIELD_DIMSE_MAX_ASSOCIATIONS`: concurrent associations (of each server process); more are rejected
+    (transient)."""
+    dimse_intake_slot: int = 0
+    """This process's C-STORE intake slot (`dicomweb.dimse.intake`): 0 for a lone server and the primary process,
+    the slot it holds for the others (`hounsfield serve` with `HOUNSFIELD_PROCESSES` > 1). Not a variable."""
     dimse_timeout_seconds: int = setting("HOUNSFIELD_DIMSE_TIMEOUT_SECONDS", 30, parse=integer(1, 3600))
     """`HOUNSFIELD_DIMSE_TIMEOUT_SECONDS`: ACSE/DIMSE timeouts, and the longest one operation may wait on the
     server (index, blob store, policy)."""
@@ -150,10 +154,15 @@ class DicomwebSettings(PlatformSettings):
         return self.data_dir / "spool"
 
     @property
-    def intake_dir(self) -> Path:
+    def intake_root(self) -> Path:
         """Acknowledged C-STOREs not indexed yet (`dicomweb.dimse.intake`): in the spool folder, so that a spooled
         instance is renamed into it on the same file system."""
         return self.spool_dir / "intake"
+
+    @property
+    def intake_dir(self) -> Path:
+        """This process's intake slot (`dimse_intake_slot`) under `intake_root`."""
+        return self.intake_root if self.dimse_intake_slot == 0 else self.intake_root / str(self.dimse_intake_slot)
 
 
 def dicomweb_values(env: Mapping[str, str]) -> dict[str, Any]:

@@ -107,18 +107,23 @@ def _serve_processes(settings: Settings, overrides: dict[str, str]) -> int:
 
 
 def process_app() -> Any:
-    """The app of one of `_serve_processes`' processes. The first to lock the data folder's `primary.lock` (held
-    while the process lives; the replacement of a primary that died takes it over) also runs the DICOM AE, which
-    needs the one port, and the job worker; the others serve HTTP only."""
+    """The app of one of `_serve_processes`' processes. Each serves HTTP and runs the DICOM AE on the shared ports
+    (`dicomweb.dimse.service`). The first to lock the data folder's `primary.lock` (held while the process lives;
+    the replacement of a primary that died takes it over) also runs the job worker and uses the C-STORE intake's
+    first slot; each of the others holds a slot of its own (`dicomweb.dimse.intake`)."""
+    from dicomweb.dimse.intake import claim_slot
     from server.app import create_app
 
     settings = Settings.from_env()
     _start_process(settings)
     lock = claim_primary(settings.data_dir)
+    slot_lock = None
     if lock is None:
-        settings = settings.with_overrides(dimse_enabled=False, worker_enabled=False)
+        slot, slot_lock = claim_slot(settings.intake_root)
+        settings = settings.with_overrides(worker_enabled=False, dimse_intake_slot=slot)
     app = create_app(settings)
-    app.state.primary_lock = lock  # the descriptor lives as long as the app
+    app.state.primary_lock = lock  # the descriptors live as long as the app
+    app.state.intake_slot_lock = slot_lock
     return app
 
 

@@ -34,7 +34,17 @@ import anyio.to_thread
 from authz.decision import Resource
 from authz.principal import Principal
 from dicomweb.dimse.config import ISSUER, DimseConfig
-from dicomweb.dimse.intake import DUPLICATE, Conflict, Entry, Identity, Intake, Pending, patient_conflict
+from dicomweb.dimse.intake import (
+    DUPLICATE,
+    Conflict,
+    Entry,
+    Identity,
+    Intake,
+    Pending,
+    adopt_orphans,
+    patient_conflict,
+    waiting,
+)
 from dicomweb.dimse.intake import series_conflict as _series_conflict
 from dicomweb.dimse.store_operation import StoreOperation, audit_of, settle
 from dicomweb.index import repository
@@ -282,10 +292,10 @@ class Indexer:
         return entry, identity(parsed, sha256)
 
     def status(self) -> dict[str, int]:
-        """For `GET /dimse/intake`: acknowledged and not indexed, of which retrying, and refused after the answer
-        (kept in `intake/refused/`)."""
+        """For `GET /dimse/intake`: acknowledged and not indexed (by any process of this server: the entries on
+        disk), of which retrying (in this process), and refused after the answer (kept in `intake/refused/`)."""
         return {
-            "pending": len(self._tasks),
+            "pending": waiting(self.intake.root),
             "retrying": self.retrying,
             "refused": self.intake.refused_count(),
         }
@@ -326,7 +336,12 @@ async def open_indexer(
     stopped."""
     operation_of = functools.partial(replayed_operation, settings.dimse)
     concurrency = max(1, settings.db_pool_max // 2)
-    indexer = Indexer(store, Intake(settings.intake_dir), trail, operation_of, concurrency=concurrency)
+    intake = Intake(settings.intake_dir, settings.intake_root)
+    indexer = Indexer(store, intake, trail, operation_of, concurrency=concurrency)
     stack.push_async_callback(indexer.close, float(settings.dimse_timeout_seconds))
+    if settings.dimse_intake_slot == 0:
+        adopted = await anyio.to_thread.run_sync(adopt_orphans, settings.intake_root)
+        if adopted:
+            log.warning("took over %d acknowledged C-STORE instances of server processes no longer running", adopted)
     await indexer.replay()
     return indexer

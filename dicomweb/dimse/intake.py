@@ -11,6 +11,13 @@ sidecar without its file is an answer that was never sent, and is removed at rep
 Entries the store refused after the answer (a race with another process or STOW-RS) are moved to
 `intake/refused/` for an operator; nothing removes them.
 
+With several server processes (`HOUNSFIELD_PROCESSES`), each runs the DICOM AE and has an intake of its own (a
+slot): the primary process (the `primary.lock` holder) uses `intake/` itself, the others `intake/<n>/` (n = 1, 2,
+...), each holding its slot's lock (`intake/<n>/.lock`) for as long as it lives, so that no two processes write or
+replay one folder. A process replays its slot's entries at start (the replacement of a process that died takes the
+first free slot, usually its predecessor's); the primary also takes over, at its start, the entries of slots no
+process holds (after a crash, or with fewer processes than before).
+
 `Pending` is the other half of the promise that nothing acknowledged is later refused: the identities (a study's
 patient, a series' study, an instance's bytes) of the instances acknowledged but not indexed yet, checked with the
 index before each answer (PS3.3 A.1.2: a study is of one patient)."""
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import threading
@@ -38,6 +46,7 @@ from server.platform import private
 SUFFIX = ".dcm"
 SIDECAR = ".json"
 REFUSED = "refused"
+LOCK = ".lock"
 _NAME_MAX = 240
 """Longest file name used (most file systems allow 255 bytes)."""
 
@@ -91,12 +100,85 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-class Intake:
-    """The intake folder of one server (only the process running the DICOM AE writes and replays it)."""
+def slot_folder(root: Path, slot: int) -> Path:
+    """The intake folder of slot `slot` under the intake root (slot 0, the primary's, is the root itself)."""
+    return root if slot == 0 else root / str(slot)
 
-    def __init__(self, folder: Path) -> None:
+
+def claim_slot(root: Path) -> tuple[int, int]:
+    """A slot above 0 that no other process holds, and the open descriptor holding its lock (the kernel releases
+    it with the process)."""
+    slot = 1
+    while True:
+        folder = slot_folder(root, slot)
+        private.make_dirs(folder)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            slot += 1
+            continue
+        return slot, fd
+
+
+def _slots(root: Path) -> list[Path]:
+    """The folders of the slots above 0 that exist."""
+    try:
+        return [root / name for name in sorted(os.listdir(root), key=_number) if name.isdigit() and name != "0"]
+    except FileNotFoundError:
+        return []
+
+
+def _number(name: str) -> int:
+    return int(name) if name.isdigit() else -1
+
+
+def adopt_orphans(root: Path) -> int:
+    """Move the entries of the slots no process holds into the root (the primary's slot), before the primary's
+    replay; returns how many entries were moved. Blocking."""
+    moved = 0
+    for folder in _slots(root):
+        try:
+            fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live process holds it and replays it itself
+            names = [n for n in os.listdir(folder) if n.endswith((SUFFIX, SIDECAR))]
+            for name in sorted(names, key=lambda n: n.endswith(SUFFIX)):  # sidecars first: never a file without
+                os.rename(folder / name, root / name)
+            if names:
+                fsync_dir(root)
+                fsync_dir(folder)
+                moved += sum(1 for name in names if name.endswith(SUFFIX))
+        finally:
+            os.close(fd)
+    return moved
+
+
+def waiting(root: Path) -> int:
+    """Entries of every slot (acknowledged, not indexed yet, by any process of this server). Blocking."""
+    count = 0
+    for folder in (root, *_slots(root)):
+        try:
+            count += sum(1 for name in os.listdir(folder) if name.endswith(SUFFIX))
+        except FileNotFoundError:
+            continue
+    return count
+
+
+class Intake:
+    """The intake folder of one server process (its slot: only this process writes and replays it); the refused
+    entries of every slot go to the root's `refused/`."""
+
+    def __init__(self, folder: Path, root: Path | None = None) -> None:
         self.folder = folder
-        self.refused_folder = folder / REFUSED
+        self.root = root or folder
+        self.refused_folder = self.root / REFUSED
         self._made = False
 
     def keep(self, spooled: Spooled, origin: Origin) -> Entry:

@@ -12,7 +12,9 @@ every failed TLS handshake, is audited.
 
 Listeners: plain TCP on `HOUNSFIELD_DIMSE_PORT`, and DICOM TLS on `HOUNSFIELD_DIMSE_TLS_PORT` when a certificate
 is configured (`dicomweb.dimse.tls`); with TLS configured the plain one runs only if `HOUNSFIELD_DIMSE_TLS_ONLY`
-is false. Both serve the same AE, handlers and peers.
+is false. Both serve the same AE, handlers and peers. With `HOUNSFIELD_PROCESSES` > 1 every server process listens
+on the same ports (SO_REUSEPORT: the kernel spreads the associations over the processes, each with its own
+interpreter), and `HOUNSFIELD_DIMSE_MAX_ASSOCIATIONS` applies to each process.
 
 Latency: pynetdicom deep-copies the server's supported contexts for every association it accepts; ours are
 ~170 storage SOP classes in 45 transfer syntaxes, and copying each UID re-validates it, which cost 40-60 ms of
@@ -46,6 +48,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomweb.dimse.admission import CALLING_AE_TITLE_NOT_RECOGNIZED, Refusal, admit
 from dicomweb.dimse.audit import association_record
@@ -55,8 +58,8 @@ from dicomweb.dimse.handlers_retrieve import handle_get, handle_move
 from dicomweb.dimse.handlers_store import handle_store
 from dicomweb.dimse.node import Node
 from dicomweb.dimse.syntaxes import prefer_native_for_retrieve
-from dicomweb.dimse.tcp import nodelay
-from dicomweb.dimse.tls import TlsAssociationServer, client_certificate, server_context
+from dicomweb.dimse.tcp import SharedPortServer, nodelay
+from dicomweb.dimse.tls import SharedPortTlsServer, TlsAssociationServer, client_certificate, server_context
 
 log = logging.getLogger(__name__)
 
@@ -220,27 +223,33 @@ class DimseService:
             if tls.only:
                 return
         address = (settings.host, settings.dimse_port)
+        shared = settings.processes > 1
         self._server = await anyio.to_thread.run_sync(
-            lambda: self.ae.start_server(
-                address, block=False, evt_handlers=self._handlers(), contexts=served_contexts(self.ae)
-            )
+            self._serve, address, SharedPortServer if shared else ThreadedAssociationServer
         )
         log.info("DICOM AE %s listening on %s:%d", self.ae.ae_title, address[0], self.port)
 
     def _start_tls(self, address: tuple[str, int]) -> Any:
-        """`AE.start_server(block=False)` with `TlsAssociationServer` (handshakes off the accept loop)."""
+        """The TLS listener: `TlsAssociationServer` (handshakes off the accept loop)."""
         tls = self.node.config.tls
         assert tls is not None
+        shared = self.node.settings.processes > 1
+        server = self._serve(address, SharedPortTlsServer if shared else TlsAssociationServer, server_context(tls))
+        assert isinstance(server, TlsAssociationServer)
+        return server
+
+    def _serve(self, address: tuple[str, int], server_class: type[Any], ssl_context: Any = None) -> Any:
+        """`AE.start_server(block=False)` with a server class of ours: made, then served from a daemon thread."""
         server = self.ae.make_server(
             address,
             contexts=served_contexts(self.ae),
-            ssl_context=server_context(tls),
+            ssl_context=ssl_context,
             evt_handlers=self._handlers(),
-            server_class=TlsAssociationServer,
+            server_class=server_class,
         )
-        assert isinstance(server, TlsAssociationServer)
-        server.handshake_timeout = self.node.timeout
-        server.on_failure = lambda address, reason: _tls_failure(self.node, address, reason)
+        if isinstance(server, TlsAssociationServer):
+            server.handshake_timeout = self.node.timeout
+            server.on_failure = lambda address, reason: _tls_failure(self.node, address, reason)
         stamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
         thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True)
         thread.start()

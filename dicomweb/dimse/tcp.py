@@ -1,4 +1,5 @@
-"""TCP settings of DIMSE connections: Nagle's algorithm off (TCP_NODELAY) on every association's socket.
+"""TCP settings of DIMSE connections: Nagle's algorithm off (TCP_NODELAY) on every association's socket, and a
+listening port shared by the server's processes (SO_REUSEPORT).
 
 A DIMSE message goes out as several small writes: the command set in one P-DATA-TF PDU, then the data set in
 others (PS3.8 9.3.5, PS3.7 6.3.1), and a C-FIND response is a pending command and its identifier. With Nagle on,
@@ -16,6 +17,7 @@ import socket
 from typing import Any
 
 from pynetdicom import evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +40,14 @@ def nodelay(event: Any) -> None:
 
 NODELAY_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, nodelay)]
 """`evt_handlers` for `AE.associate` / `AE.start_server`."""
+
+
+class SharedPortServer(ThreadedAssociationServer):
+    """An association server whose listening socket shares its port with the other processes of this server
+    (`HOUNSFIELD_PROCESSES` > 1): SO_REUSEPORT, set before the bind, lets each process bind the same address, and
+    the kernel spreads incoming connections over them. Only sockets of the same user may join such a port."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()

@@ -113,3 +113,12 @@ class TlsAssociationServer(ThreadedAssociationServer):
                 self.on_failure(address, reason)
             except Exception:
                 log.exception("a failed TLS handshake could not be reported")
+
+
+class SharedPortTlsServer(TlsAssociationServer):
+    """`TlsAssociationServer` on a port shared by the server's processes (see `tcp.SharedPortServer`)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()

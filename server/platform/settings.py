@@ -248,8 +248,9 @@ class PlatformSettings:
     processes: int = setting("HOUNSFIELD_PROCESSES", 1, parse=integer(1, 256))
     """`HOUNSFIELD_PROCESSES` (default 1): `hounsfield serve` runs this many server processes on one port, each
     with its own event loop and interpreter lock (one process is bound by its GIL at about one core).
-    The first to lock the data folder's `primary.lock` also runs the DICOM AE and the job worker; the others
-    answer HTTP only. The parent process owns the embedded PostgreSQL. Each process holds its own pools and
+    Each serves HTTP and runs the DICOM AE on the shared ports (each with its own C-STORE intake slot); the first
+    to lock the data folder's `primary.lock` also runs the job worker. The parent process owns the embedded
+    PostgreSQL. Each process holds its own pools and
     caches: budget its resident size (~150 MiB) and database connections (`HOUNSFIELD_DB_POOL_MAX`) per process."""
     worker_poll_seconds: float = 5.0
     """How long an idle worker waits for a NOTIFY before polling the queue again."""

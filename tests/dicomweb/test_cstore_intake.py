@@ -11,6 +11,7 @@ another session (reads go on, so the checks before the answer still run; the sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import threading
 import time
@@ -21,12 +22,16 @@ from typing import Any
 
 import asyncpg
 import httpx
+import psutil
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
+from dicomweb.dimse.intake import Intake
+from dicomweb.ingest.origin import Origin
+from dicomweb.ingest.spool import Spooled
 from tests.conftest import free_port
 from tests.support.dimse_util import TITLE, dimse_audit, dimse_port, indexed, require_dcmtk, start
 from tests.support.factory import ct, part10
@@ -326,3 +331,75 @@ def test_kill_9_after_the_answers_then_the_intake_is_replayed(dsn: str, tmp_path
     records = [r for r in dimse_audit(dsn, "C-STORE") if r.get("entity", {}).get("study_uid") == study]
     assert sorted(r["entity"]["instance_uid"] for r in records) == sorted(ds.SOPInstanceUID for ds in datasets)
     assert all(r["outcome"] == "0" and r["agent"]["ae_title"] == "CT1" for r in records)
+
+
+def _listeners(parent: psutil.Process, port: int) -> dict[int, psutil.Process]:
+    """The server processes (children of `parent`) listening on `port`, by pid."""
+    found = {}
+    for child in parent.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in child.net_connections("tcp")):
+                found[child.pid] = child
+    return found
+
+
+def test_with_two_processes_each_takes_associations_into_its_own_intake(dsn: str, tmp_path: Path) -> None:
+    """HOUNSFIELD_PROCESSES=2: both server processes listen on the DICOM port and take associations (the kernel
+    spreads them), each acknowledging into an intake slot of its own; every instance is indexed, and
+    `GET /dimse/intake` counts the instances waiting in every slot, whichever process answers it."""
+    data, port = tmp_path / "data", free_port()
+    env = {
+        "HOUNSFIELD_PROCESSES": "2",
+        "HOUNSFIELD_DIMSE_PORT": str(port),
+        "HOUNSFIELD_DIMSE_PEERS": "CT1=admin",
+        "HOUNSFIELD_INFERENCE": "false",
+    }
+    study = generate_uid()
+    datasets = [ct(study, seed=i, InstanceNumber=i + 1, PatientID="M2") for i in range(16)]
+    with serve(dsn, data, **env) as srv:
+        parent = psutil.Process(srv.proc.pid)
+        deadline = time.monotonic() + 60
+        while len(listening := _listeners(parent, port)) < 2:
+            assert time.monotonic() < deadline, f"{len(listening)} process(es) listening on the DICOM port"
+            time.sleep(0.2)
+        associations = [associate(port) for _ in datasets]  # all open at once: spread by the kernel
+        try:
+            clients = {a.dul.socket.socket.getsockname()[1]: a for a in associations}
+            served: dict[int, int] = {}
+            for pid, process in listening.items():
+                for c in process.net_connections("tcp"):
+                    if c.laddr.port == port and c.raddr and c.raddr.port in clients:
+                        served[pid] = served.get(pid, 0) + 1
+            assert len(served) == 2 and sum(served.values()) == len(datasets), served
+            with index_held(dsn):  # answered from the intakes, none indexed yet
+                assert [send(a, ds)[0] for a, ds in zip(associations, datasets, strict=True)] == [0] * len(datasets)
+                assert intake_status(srv)["pending"] == len(datasets)  # both slots, from either process
+        finally:
+            for a in associations:
+                a.release()
+        indexed(srv, 30)
+        assert (srv.data / "blobs" / ".spool" / "intake" / "1" / ".lock").exists()  # the second process's slot
+    assert {ds.SOPInstanceUID for ds in datasets} <= stored_uids(dsn)
+
+
+def test_the_primary_takes_over_the_intake_of_a_process_no_longer_running(dsn: str, tmp_path: Path) -> None:
+    """An instance acknowledged by a process that is gone (its slot, `intake/3/`, held by no one: a crash, or
+    fewer processes than before) is indexed when the server starts: the primary moves the slot's entries into its
+    own intake and replays them."""
+    data, port = tmp_path / "data", free_port()
+    ds = ct(PatientID="O3")
+    root = data / "blobs" / ".spool" / "intake"
+    orphan = root / "3"
+    orphan.mkdir(parents=True)
+    spooled_path = tmp_path / "received.part"
+    spooled_path.write_bytes(part10(ds))
+    spooled = Spooled(spooled_path, spooled_path.stat().st_size, "")
+    Intake(orphan, root).keep(spooled, Origin.dimse("CT1", TITLE, "admin", "127.0.0.1"))
+    assert len(list(orphan.glob("*.dcm"))) == 1
+    env = {"HOUNSFIELD_DIMSE_PORT": str(port), "HOUNSFIELD_DIMSE_PEERS": "CT1=admin", "HOUNSFIELD_INFERENCE": "false"}
+    with serve(dsn, data, **env) as srv:
+        indexed(srv, 30)
+        assert not list(orphan.glob("*.dcm")) and not list(root.glob("*.dcm"))
+    assert ds.SOPInstanceUID in stored_uids(dsn)
+    [record] = [r for r in dimse_audit(dsn, "C-STORE") if r.get("entity", {}).get("instance_uid") == ds.SOPInstanceUID]
+    assert record["outcome"] == "0" and record["agent"]["ae_title"] == "CT1"

@@ -282,9 +282,10 @@ def _dimse_echo(port: int) -> bool:
 
 
 def test_serve_with_two_processes_and_embedded_postgres(tmp_path: Path) -> None:
-    """HOUNSFIELD_PROCESSES=2: two server processes answer on one port, one of them (the primary.lock holder) runs
-    the DICOM AE; when the primary dies, its replacement takes the lock and the AE over; the parent owns the
-    embedded PostgreSQL and stops it when it is stopped."""
+    """HOUNSFIELD_PROCESSES=2: two server processes answer on one port and both run the DICOM AE (on a shared
+    port), one of them holds primary.lock (and runs the job worker); when the primary dies, its replacement takes
+    the lock over and the AE keeps answering; the parent owns the embedded PostgreSQL and stops it when it is
+    stopped."""
     base = Path(tempfile.mkdtemp(prefix="hounsfield-test-cli-"))  # see the test above: not under tmp_path
     data = base / "data"
     pgdata, lock = (data / "pg").resolve(), (data / "primary.lock").resolve()
