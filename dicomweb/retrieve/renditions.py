@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 import asyncpg
 
@@ -59,7 +60,9 @@ RENDITION_JOB = "rendition"
 SERIES_PAGE = 256
 """Images of a series read (and encoded) per query of the series' rendition job."""
 RECORD_BATCH = 32
-"""Renditions of a series recorded per statement (each once its blob is durable)."""
+"""Renditions of a series stored and recorded together (their rows once their blobs are durable)."""
+STORES_IN_FLIGHT = 2
+"""Batches of a series job being stored while its encoders go on; an encoder that fills one more waits."""
 Attributes = Mapping[str, Any] | asyncpg.Record
 """Image Pixel values read with an instance's row (see `FrameReader.prepare`)."""
 
@@ -209,23 +212,29 @@ class Renditions:
         watermark, or once `stop()` is true, no further image is started.
 
         The encoders do not wait for the disk: the blobs of a batch are made durable together (`put_files`: one
-        fsync of the series' folder for the batch) by the worker that filled it while the others go on encoding,
-        and their rows are written once they are."""
+        fsync of the series' folder for the batch) from a task of their own while the encoders go on, and their
+        rows are written once they are."""
         encoded: list[_Encoded] = []
         failures: list[Exception] = []
         todo = iter(rows)
         made = 0
 
-        async def flush() -> None:
-            nonlocal made
+        storing: set[Path] = set()  # spool files of the batches being stored
+        room = anyio.Semaphore(STORES_IN_FLIGHT)
+
+        def take() -> list[_Encoded]:
             batch = encoded[:]
             encoded.clear()
-            if not batch:
-                return
+            storing.update(item.path for item in batch)
+            return batch
+
+        async def store(batch: list[_Encoded]) -> None:
+            nonlocal made
             try:
                 errors = await self.blobs.put_files([(e.made.blob_key, e.path) for e in batch])
             finally:
                 for item in batch:
+                    storing.discard(item.path)
                     with contextlib.suppress(FileNotFoundError):
                         item.path.unlink()  # not moved: a store that failed (or copied across file systems)
             stored = [item.made for item, error in zip(batch, errors, strict=True) if error is None]
@@ -234,7 +243,13 @@ class Renditions:
                 await self._record(syntax, stored)
                 made += len(stored)
 
-        async def work() -> None:
+        async def stored_in_background(batch: list[_Encoded]) -> None:
+            try:
+                await store(batch)
+            finally:
+                room.release()
+
+        async def work(group: anyio.abc.TaskGroup) -> None:
             for row in todo:  # shared: each worker takes the next image
                 if any(isinstance(exc, BelowWatermark) for exc in failures) or (stop is not None and stop()):
                     return
@@ -249,17 +264,19 @@ class Renditions:
                 if item is not None:
                     encoded.append(item)
                 if len(encoded) >= RECORD_BATCH:
-                    await flush()
+                    await room.acquire()  # a bounded number of batches waits for the disk
+                    group.start_soon(stored_in_background, take())
 
         try:
             async with anyio.create_task_group() as group:
                 for _ in range(max(1, min(workers, len(rows)))):
-                    group.start_soon(work)
-            await flush()
+                    group.start_soon(work, group)
+            if encoded:
+                await store(take())
         finally:
-            for item in encoded:  # cancelled before its batch was stored
+            for path in [*(item.path for item in encoded), *storing]:  # cancelled before its batch was stored
                 with contextlib.suppress(FileNotFoundError):
-                    item.path.unlink()
+                    path.unlink()
         if failures:
             raise failures[0]
         return made
