@@ -1,7 +1,8 @@
 """`GET /dimse/routing?limit=N`: the auto-routing status (the newest `dimse.route` jobs: destination, instance,
 rule, state, attempts, last error), as JSON. `GET /dimse/intake`: the C-STORE intake (`dicomweb.dimse.indexer`):
-`pending` (acknowledged, not indexed yet), `retrying` (of those, whose store failed for a transient reason) and
-`refused` (acknowledged, then refused by the store: kept in `intake/refused/` for an operator). Both decided as
+`pending` (acknowledged, not indexed yet, by any process of the server), `retrying` (of those, the ones of the
+answering process whose store failed and is retried) and `refused` (acknowledged, then refused by the store: kept in
+`intake/refused/` for an operator). Both decided as
 `read` on `system` (admins); audited like any request. Registered by the app factory with `*dimse_routes.ROUTES`."""
 
 from __future__ import annotations
