@@ -140,7 +140,7 @@ def _acknowledge(node: Node, operation: StoreOperation, spooled: Spooled) -> Dat
         try:
             entry = indexer.intake.keep(spooled, operation.origin)
         except OSError as exc:
-            indexer.pending.release(ident)
+            node.run_to_end(indexer.release(ident))
             log.error("C-STORE intake not written: %s", exc.strerror or type(exc).__name__)
             outcome.failure, outcome.comment = OUT_OF_RESOURCES, out_of_resources(exc)
             return node.run_to_end(_refuse(node, operation, outcome))

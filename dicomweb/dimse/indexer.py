@@ -4,9 +4,11 @@ entries a crash left.
 
 Before an instance is acknowledged, `check` decides what the store would refuse: its study filed under another
 patient, its series under another study, its SOP Instance UID stored (or acknowledged) with other bytes when
-overwrite is off, against the index and against the instances acknowledged but not indexed yet (`Pending`). So the
-store after the answer succeeds unless another process or a STOW-RS of a contradicting instance slipped in
-between; such an instance is logged, kept in `intake/refused/` and counted (`GET /dimse/intake`).
+overwrite is off, against the index and against the instances acknowledged but not indexed yet (`Pending`; with
+several server processes, also those of the others, which each reserves in the database: `intake_reserve`). So the
+store after the answer succeeds unless a STOW-RS (or another server on the same database) of a contradicting
+instance slipped in between; such an instance is logged, kept in `intake/refused/` and counted
+(`GET /dimse/intake`).
 
 A store that fails for want of a resource (the database unavailable, the blob store, the audit trail: A700) is
 retried with a backoff, for as long as that lasts, while its entry stays in the intake. A store that fails otherwise
@@ -100,6 +102,7 @@ class Indexer:
         *,
         backlog: int = 16,
         concurrency: int = 4,
+        slot: int | None = None,
     ) -> None:
         self.store = store
         self.intake = intake
@@ -116,6 +119,11 @@ class Indexer:
         outage) leaves connections to the answers, queries and the audit trail."""
         self.retrying = 0
         """Entries whose last store failed for a transient reason."""
+        self.slot = slot
+        """The intake slot under which this process's acknowledged instances are reserved in the database, for the
+        checks of the other server processes (`repository.intake_reserve`); None when this is the only process
+        that answers C-STOREs."""
+        self._reservations: dict[Identity, list[int]] = {}
 
     def room(self, timeout: float) -> bool:
         """Blocking (an association thread): wait until fewer than `backlog` instances wait for the index; False
@@ -126,22 +134,54 @@ class Indexer:
         self._room.release()
 
     async def check(self, ident: Identity) -> Conflict | None:
-        """Reserve `ident` among the pending instances and check it against the index; a conflict reserves
-        nothing. Raises (nothing reserved) when the index cannot be read."""
+        """Reserve `ident` among the pending instances and check it against the index (and, with other server
+        processes, against theirs, reserving it for them to see); a conflict reserves nothing. Raises (nothing
+        reserved) when the index cannot be read. The caller gives a reservation back with `release`."""
         conflict = self.pending.reserve(ident)
         if conflict is not None:
             return conflict
         try:
             async with self.store.pool.acquire() as conn:
-                row = await repository.identity(conn, ident.study_uid, ident.series_uid, ident.sop_instance_uid)
-                vouch_stateless(conn)  # one SELECT
-            conflict = self._against(ident, row)
+                if self.slot is None:
+                    row = await repository.identity(conn, ident.study_uid, ident.series_uid, ident.sop_instance_uid)
+                    conflict = self._against(ident, row)
+                else:
+                    conflict = await self._reserve(conn, ident)
+                vouch_stateless(conn)  # one statement, its own transaction
         except BaseException:
             self.pending.release(ident)
             raise
         if conflict is not None:
             self.pending.release(ident)
         return conflict
+
+    async def _reserve(self, conn: Any, ident: Identity) -> Conflict | None:
+        fields = (ident.study_uid, ident.series_uid, ident.sop_instance_uid, ident.patient_id, ident.issuer)
+        row = await repository.intake_reserve(conn, self.slot or 0, (*fields, ident.sha256), self.store.overwrite)
+        if row["conflict"] == "patient":
+            return patient_conflict((row["study_patient_id"], row["study_issuer"]))
+        if row["conflict"] == "series":
+            return _series_conflict(ident.series_uid)
+        if row["conflict"] == "duplicate":
+            return DUPLICATE
+        self._reservations.setdefault(ident, []).append(int(row["reservation"]))
+        return None
+
+    async def release(self, ident: Identity) -> None:
+        """Give back what `check` reserved for `ident` (its store ended, or it was not acknowledged after all)."""
+        self.pending.release(ident)
+        held = self._reservations.get(ident)
+        if not held:
+            return
+        reservation = held.pop()
+        if not held:
+            del self._reservations[ident]
+        try:
+            async with self.store.pool.acquire() as conn:
+                await repository.intake_unreserve(conn, [reservation])
+                vouch_stateless(conn)
+        except Exception as exc:  # removed with the slot's at this process's next start; meanwhile only stricter
+            log.warning("intake reservation not removed: %s", type(exc).__name__)
 
     def _against(self, ident: Identity, row: Any) -> Conflict | None:
         if row["study_known"] and (row["patient_id"], row["issuer_of_patient_id"]) != (ident.patient_id, ident.issuer):
@@ -204,7 +244,7 @@ class Indexer:
             if attempt:
                 self.retrying -= 1
         if ident is not None:
-            self.pending.release(ident)
+            await self.release(ident)
         if room:
             self._room.release()
 
@@ -269,13 +309,16 @@ class Indexer:
         for _, ident in loaded:
             if ident is not None:
                 self.pending.reserve(ident)  # contradictions among them are the store's to settle
+                if self.slot is not None:  # for the other processes' checks, as far as nothing contradicts it
+                    async with self.store.pool.acquire() as conn:
+                        await self._reserve(conn, ident)
         operations = [self.operation_of(entry.origin) for entry, _ in loaded]
         results = await asyncio.gather(*(self._once(e, i, op) for (e, i), op in zip(loaded, operations, strict=True)))
         for (entry, ident), op, result in zip(loaded, operations, results, strict=True):
             if result is not _Result.SETTLED:
                 self.submit(entry, ident, op, room=False)
             elif ident is not None:
-                self.pending.release(ident)
+                await self.release(ident)
         return len(entries)
 
     def _load(self, entry: Entry) -> tuple[Entry, Identity | None]:
@@ -337,11 +380,17 @@ async def open_indexer(
     operation_of = functools.partial(replayed_operation, settings.dimse)
     concurrency = max(1, settings.db_pool_max // 2)
     intake = Intake(settings.intake_dir, settings.intake_root)
-    indexer = Indexer(store, intake, trail, operation_of, concurrency=concurrency)
+    slot = settings.dimse_intake_slot if settings.processes > 1 else None
+    indexer = Indexer(store, intake, trail, operation_of, concurrency=concurrency, slot=slot)
     stack.push_async_callback(indexer.close, float(settings.dimse_timeout_seconds))
+    gone = [settings.dimse_intake_slot]  # its reservations are a previous process's
     if settings.dimse_intake_slot == 0:
-        adopted = await anyio.to_thread.run_sync(adopt_orphans, settings.intake_root)
+        adopted, slots = await anyio.to_thread.run_sync(adopt_orphans, settings.intake_root)
+        gone += slots
         if adopted:
             log.warning("took over %d acknowledged C-STORE instances of server processes no longer running", adopted)
+    if slot is not None:
+        async with store.pool.acquire() as conn:
+            await repository.intake_unreserve_slots(conn, gone)
     await indexer.replay()
     return indexer

@@ -16,7 +16,8 @@ slot): the primary process (the `primary.lock` holder) uses `intake/` itself, th
 ...), each holding its slot's lock (`intake/<n>/.lock`) for as long as it lives, so that no two processes write or
 replay one folder. A process replays its slot's entries at start (the replacement of a process that died takes the
 first free slot, usually its predecessor's); the primary also takes over, at its start, the entries of slots no
-process holds (after a crash, or with fewer processes than before).
+process holds (after a crash, or with fewer processes than before). The processes see each other's acknowledged
+instances through the database (`Indexer.check`, migrations/0025_intake_reservations.sql).
 
 `Pending` is the other half of the promise that nothing acknowledged is later refused: the identities (a study's
 patient, a series' study, an instance's bytes) of the instances acknowledged but not indexed yet, checked with the
@@ -134,10 +135,10 @@ def _number(name: str) -> int:
     return int(name) if name.isdigit() else -1
 
 
-def adopt_orphans(root: Path) -> int:
+def adopt_orphans(root: Path) -> tuple[int, list[int]]:
     """Move the entries of the slots no process holds into the root (the primary's slot), before the primary's
-    replay; returns how many entries were moved. Blocking."""
-    moved = 0
+    replay; returns how many entries were moved and the slots taken over. Blocking."""
+    moved, taken = 0, []
     for folder in _slots(root):
         try:
             fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
@@ -148,6 +149,7 @@ def adopt_orphans(root: Path) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a live process holds it and replays it itself
+            taken.append(int(folder.name))
             names = [n for n in os.listdir(folder) if n.endswith((SUFFIX, SIDECAR))]
             for name in sorted(names, key=lambda n: n.endswith(SUFFIX)):  # sidecars first: never a file without
                 os.rename(folder / name, root / name)
@@ -157,7 +159,7 @@ def adopt_orphans(root: Path) -> int:
                 moved += sum(1 for name in names if name.endswith(SUFFIX))
         finally:
             os.close(fd)
-    return moved
+    return moved, taken
 
 
 def waiting(root: Path) -> int:

@@ -232,3 +232,25 @@ async def identity(conn: Connection, study_uid: str, series_uid: str, sop_uid: s
     row = await conn.fetchrow(STORE["identity"], study_uid, series_uid, sop_uid)
     assert row is not None  # one row always
     return row
+
+
+async def intake_reserve(
+    conn: Connection,
+    slot: int,
+    ident: tuple[str, str, str, str | None, str | None, str],
+    overwrite: bool,
+) -> asyncpg.Record:
+    """`ident` (study, series and SOP Instance UIDs, Patient ID, its issuer, sha256) checked against the index and
+    the other server processes' acknowledged instances, and reserved for `slot` when nothing contradicts it:
+    `conflict` ('patient' with `study_patient_id` / `study_issuer`, 'series', 'duplicate') or `reservation`."""
+    row = await conn.fetchrow(STORE["intake_reserve"], slot, *ident, overwrite)
+    assert row is not None  # one row always
+    return row
+
+
+async def intake_unreserve(conn: Connection, reservations: list[int]) -> None:
+    await conn.execute(STORE["intake_unreserve"], reservations)
+
+
+async def intake_unreserve_slots(conn: Connection, slots: list[int]) -> None:
+    await conn.execute(STORE["intake_unreserve_slots"], slots)

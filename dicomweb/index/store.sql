@@ -184,3 +184,15 @@ LEFT JOIN studies st ON st.study_uid = $1
 LEFT JOIN series se ON se.series_uid = $2
 LEFT JOIN studies se_st ON se_st.study_pk = se.study_pk
 LEFT JOIN instances i ON i.sop_instance_uid = $3;
+
+-- name: intake_reserve
+-- A C-STORE checked against the index and the other processes' acknowledged instances, and reserved for slot $1
+-- when nothing contradicts it (migrations/0025_intake_reservations.sql).
+SELECT conflict, study_patient_id, study_issuer, reservation FROM intake_reserve($1, $2, $3, $4, $5, $6, $7, $8);
+
+-- name: intake_unreserve
+DELETE FROM intake_reservations WHERE id = ANY($1::bigint[]);
+
+-- name: intake_unreserve_slots
+-- The reservations of slots whose process is gone (its replacement, or the primary taking the slot over, starts).
+DELETE FROM intake_reservations WHERE slot = ANY($1::int[]);

@@ -382,6 +382,54 @@ def test_with_two_processes_each_takes_associations_into_its_own_intake(dsn: str
     assert {ds.SOPInstanceUID for ds in datasets} <= stored_uids(dsn)
 
 
+def test_with_two_processes_each_checks_against_the_instances_the_other_acknowledged(dsn: str, tmp_path: Path) -> None:
+    """HOUNSFIELD_PROCESSES=2: an instance one process acknowledged and has not indexed yet (the index held back)
+    is seen by the other's checks before its answers: a contradicting instance (its study under another patient)
+    and the same SOP Instance UID with other bytes are refused there before the answer (C000, 0111), not
+    acknowledged and then refused; once indexed, nothing is left reserved."""
+    data, port = tmp_path / "data", free_port()
+    env = {
+        "HOUNSFIELD_PROCESSES": "2",
+        "HOUNSFIELD_DIMSE_PORT": str(port),
+        "HOUNSFIELD_DIMSE_PEERS": "CT1=admin",
+        "HOUNSFIELD_INFERENCE": "false",
+    }
+    study = generate_uid()
+    first = ct(study, seed=1, PatientID="X1")
+    other_patient = ct(study, seed=2, PatientID="X2")
+    other_bytes = ct(study, seed=3, PatientID="X1")
+    other_bytes.SOPInstanceUID = first.SOPInstanceUID
+    with serve(dsn, data, **env) as srv:
+        parent = psutil.Process(srv.proc.pid)
+        deadline = time.monotonic() + 60
+        while len(listening := _listeners(parent, port)) < 2:
+            assert time.monotonic() < deadline, f"{len(listening)} process(es) listening on the DICOM port"
+            time.sleep(0.2)
+        associations = [associate(port) for _ in range(16)]
+        try:
+            by_process: dict[int, list[Any]] = {}
+            clients = {a.dul.socket.socket.getsockname()[1]: a for a in associations}
+            for pid, process in listening.items():
+                for c in process.net_connections("tcp"):
+                    if c.laddr.port == port and c.raddr and c.raddr.port in clients:
+                        by_process.setdefault(pid, []).append(clients[c.raddr.port])
+            assert len(by_process) == 2, by_process
+            here, there = (found[0] for found in by_process.values())
+            with index_held(dsn):
+                assert send(here, first)[0] == 0
+                status, comment = send(there, other_patient)
+                assert status == CONFLICT and "another patient" in comment
+                assert send(there, other_bytes)[0] == DUPLICATE
+                assert send(here, other_patient)[0] == CONFLICT  # and in the process that acknowledged it
+        finally:
+            for a in associations:
+                a.release()
+        indexed(srv, 30)
+        assert intake_status(srv) == {"pending": 0, "retrying": 0, "refused": 0}
+    assert stored_uids(dsn) >= {first.SOPInstanceUID} and other_patient.SOPInstanceUID not in stored_uids(dsn)
+    assert sql(dsn, "SELECT count(*) AS n FROM intake_reservations")[0]["n"] == 0
+
+
 def test_the_primary_takes_over_the_intake_of_a_process_no_longer_running(dsn: str, tmp_path: Path) -> None:
     """An instance acknowledged by a process that is gone (its slot, `intake/3/`, held by no one: a crash, or
     fewer processes than before) is indexed when the server starts: the primary moves the slot's entries into its
