@@ -19,6 +19,7 @@ sync; the row "ingest settled s" says how long that took). JSON goes to benchmar
 
     .venv/bin/python benchmarks/compare.py [--instances 2000] [--repeat 50] [--cstore 200]
     .venv/bin/python benchmarks/compare.py --instances small        # a quick run (200 instances)
+    .venv/bin/python benchmarks/compare.py --processes 2            # also Hounsfield with HOUNSFIELD_PROCESSES=2
 
 The data set is generated once into var/bench-cache/ (deterministic; a new folder when a parameter changes).
 Run on demand (not part of `make test`); needs root (unshare -n, apt-get orthanc orthanc-dicomweb when missing)
@@ -229,7 +230,9 @@ def parallel_files(data: DataSet) -> list[Path]:
     folder.mkdir(exist_ok=True)
     for src, dst in zip(data.cstore, paths, strict=True):
         ds = pydicom.dcmread(src)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid("parallel", ds.SOPInstanceUID)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(
+            uid("parallel", ds.SOPInstanceUID)
+        )
         ds.SeriesInstanceUID = uid("parallel", ds.SeriesInstanceUID)
         ds.save_as(dst, enforce_file_format=True)
     return paths
@@ -380,17 +383,29 @@ def report(results: dict[str, Any]) -> None:
         f"\n{results['instances']} CT instances 512x512 16-bit ({results['mib']} MiB), {results['cstore']} by C-STORE"
     )
     print("Orthanc: read rows from its better configuration (HTTP compression on = its default, or off)")
-    print(f"{'row':34}{'Hounsfield':>14}{'Orthanc':>14}{'H adv.':>8}{'Orthanc cfg':>13}")
+    others = [name for name in results if name.startswith("hounsfield ") and name.endswith(" processes")]
+    extra = "".join(f"{'H ' + name.split()[1] + ' proc':>14}{'adv.':>7}" for name in others)
+    print(f"{'row':34}{'Hounsfield':>14}{'Orthanc':>14}{'H adv.':>8}{'Orthanc cfg':>13}{extra}")
+
+    def more(row: str, key: str | None, ov: float) -> str:
+        cells = ""
+        for name in others:
+            value = results[name][row][key] if key else results[name][row]
+            adv = f"{_advantage(row, key, value, ov):7.2f}" if row != "ingest settled s" else f"{'':>7}"
+            cells += f"{value:14.2f}{adv}"
+        return cells
+
     for row, hv in h.items():
         ov, cfg = o[row], won.get(row, "")
         if isinstance(hv, dict):
             for key in hv:
                 adv, cfg = _advantage(row, key, hv[key], ov[key]), won.get(f"{row} {key}", "")
-                print(f"{row + ' ' + key:34}{hv[key]:14.2f}{ov[key]:14.2f}{adv:8.2f}{cfg:>13}")
+                print(f"{row + ' ' + key:34}{hv[key]:14.2f}{ov[key]:14.2f}{adv:8.2f}{cfg:>13}{more(row, key, ov[key])}")
         elif row == "ingest settled s":
-            print(f"{row:34}{hv:14.1f}{ov:14.1f}{'':>8}")
+            print(f"{row:34}{hv:14.1f}{ov:14.1f}{'':>8}{'':>13}{more(row, None, ov)}")
         else:
-            print(f"{row:34}{hv:14.1f}{ov:14.1f}{_advantage(row, None, hv, ov):8.2f}{cfg:>13}")
+            adv = _advantage(row, None, hv, ov)
+            print(f"{row:34}{hv:14.1f}{ov:14.1f}{adv:8.2f}{cfg:>13}{more(row, None, ov)}")
     print("physical references (same machine):")
     for row, value in results["references"].items():
         print(f"  {row:32}{value:14.1f}")
@@ -418,6 +433,9 @@ def main() -> int:
     parser.add_argument("--cstore", type=int, default=0, help="instances sent with C-STORE (default: a tenth)")
     parser.add_argument("--repeat", type=int, default=50, help="runs of each QIDO query")
     parser.add_argument("--frames", type=int, default=400, help="frame requests (concurrency 8)")
+    parser.add_argument(
+        "--processes", type=int, nargs="*", default=[], help="also run Hounsfield with HOUNSFIELD_PROCESSES=N (each N)"
+    )
     parser.add_argument("--inference", action="store_true", help="keep Hounsfield's AI-on-ingest hook on")
     parser.add_argument("--cache", type=Path, default=ROOT / "var" / "bench-cache")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "compare.json")
@@ -453,6 +471,11 @@ def main() -> int:
         ]  # fmt: skip
         targets[1].dsn = os.environ.get("DATABASE_URL") or embedded.get_uri()
         results: dict[str, Any] = asyncio.run(run_targets(targets, data, args))
+        for n in args.processes:  # a fresh server (its own data and database) for each other configuration
+            stop_started(procs[-1:], embedded)
+            procs.pop()
+            embedded = None
+            results[f"hounsfield {n} processes"] = other_configuration(folder / f"processes-{n}", n, data, args)
         orthanc.stop()  # the same storage, served again with HTTP compression off: the read rows once more
         orthanc = Orthanc(folder / "orthanc", peers={CALLING: ("127.0.0.1", 104)}, http_compression=False)
         orthanc.start()
@@ -474,6 +497,34 @@ def main() -> int:
     finally:
         orthanc.stop()
         stop_started(procs, embedded, folder)
+
+
+def other_configuration(folder: Path, processes: int, data: DataSet, args: argparse.Namespace) -> dict[str, Any]:
+    """Every row against Hounsfield started with `HOUNSFIELD_PROCESSES=processes` in `folder`."""
+    procs: list[subprocess.Popen[bytes]] = []
+    embedded = None
+    previous = os.environ.get("HOUNSFIELD_PROCESSES")
+    os.environ["HOUNSFIELD_PROCESSES"] = str(processes)
+    try:
+        folder.mkdir(parents=True)
+        dimse, embedded = start_hounsfield(folder, procs)
+        env = dict(os.environ, HOUNSFIELD_DATA=str(folder / "data"))
+        token = subprocess.run(
+            [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
+            cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        port = hounsfield_port(procs[-1].pid)
+        target = Target("hounsfield", f"http://127.0.0.1:{port}/dicom-web", {"Authorization": f"Bearer {token}"},
+                        dimse, "HOUNSFIELD", procs[-1].pid)  # fmt: skip
+        target.dsn = os.environ.get("DATABASE_URL") or embedded.get_uri()
+        measured: dict[str, Any] = asyncio.run(run_targets([target], data, args))["hounsfield"]
+        return measured
+    finally:
+        if previous is None:
+            os.environ.pop("HOUNSFIELD_PROCESSES", None)
+        else:
+            os.environ["HOUNSFIELD_PROCESSES"] = previous
+        stop_started(procs, embedded)
 
 
 def hounsfield_port(pid: int) -> int:
