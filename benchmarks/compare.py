@@ -457,19 +457,11 @@ def main() -> int:
     try:
         orthanc.start()
         dimse, embedded = start_hounsfield(folder, procs)
-        env = dict(os.environ, HOUNSFIELD_DATA=str(folder / "data"))
-        token = subprocess.run(
-            [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
-            cwd=ROOT, env=env, check=True, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
-        port = hounsfield_port(procs[-1].pid)
         assert orthanc.proc is not None
         targets = [
             Target("orthanc", orthanc.url + "/dicom-web", {}, orthanc.dicom_port, orthanc.aet, orthanc.proc.pid),
-            Target("hounsfield", f"http://127.0.0.1:{port}/dicom-web", {"Authorization": f"Bearer {token}"},
-                   dimse, "HOUNSFIELD", procs[-1].pid),
-        ]  # fmt: skip
-        targets[1].dsn = os.environ.get("DATABASE_URL") or embedded.get_uri()
+            hounsfield_target(folder, procs[-1], dimse, embedded),
+        ]
         results: dict[str, Any] = asyncio.run(run_targets(targets, data, args))
         for n in args.processes:  # a fresh server (its own data and database) for each other configuration
             stop_started(procs[-1:], embedded)
@@ -508,15 +500,7 @@ def other_configuration(folder: Path, processes: int, data: DataSet, args: argpa
     try:
         folder.mkdir(parents=True)
         dimse, embedded = start_hounsfield(folder, procs)
-        env = dict(os.environ, HOUNSFIELD_DATA=str(folder / "data"))
-        token = subprocess.run(
-            [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
-            cwd=ROOT, env=env, check=True, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
-        port = hounsfield_port(procs[-1].pid)
-        target = Target("hounsfield", f"http://127.0.0.1:{port}/dicom-web", {"Authorization": f"Bearer {token}"},
-                        dimse, "HOUNSFIELD", procs[-1].pid)  # fmt: skip
-        target.dsn = os.environ.get("DATABASE_URL") or embedded.get_uri()
+        target = hounsfield_target(folder, procs[-1], dimse, embedded)
         measured: dict[str, Any] = asyncio.run(run_targets([target], data, args))["hounsfield"]
         return measured
     finally:
@@ -525,6 +509,19 @@ def other_configuration(folder: Path, processes: int, data: DataSet, args: argpa
         else:
             os.environ["HOUNSFIELD_PROCESSES"] = previous
         stop_started(procs, embedded)
+
+
+def hounsfield_target(folder: Path, server: subprocess.Popen[bytes], dimse: int, embedded: Any) -> Target:
+    """The Hounsfield server `start_hounsfield` started in `folder`, with an admin token of its key."""
+    env = dict(os.environ, HOUNSFIELD_DATA=str(folder / "data"))
+    token = subprocess.run(
+        [sys.executable, "-m", "server.cli", "token", "--sub", "bench", "--role", "admin"],
+        cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    base = f"http://127.0.0.1:{hounsfield_port(server.pid)}/dicom-web"
+    target = Target("hounsfield", base, {"Authorization": f"Bearer {token}"}, dimse, "HOUNSFIELD", server.pid)
+    target.dsn = os.environ.get("DATABASE_URL") or embedded.get_uri()
+    return target
 
 
 def hounsfield_port(pid: int) -> int:

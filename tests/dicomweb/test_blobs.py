@@ -29,6 +29,7 @@ from dicomweb.blobs import BlobNotFound, BlobStore, BlobStoreError
 from dicomweb.blobs.fs import FileSystemBlobStore
 from dicomweb.blobs.s3 import S3BlobStore
 from server.settings import S3Settings
+from tests.support import fsync
 from tests.support.s3util import ACCESS_KEY, REGION, SECRET_KEY, Moto, s3_settings
 
 MiB = 1024 * 1024
@@ -467,14 +468,7 @@ def test_fs_new_folders_are_synced_into_their_parents(tmp_path: Path, monkeypatc
     """A blob's new study/series/instance folders are entries in their parents: each parent is fsynced (as is
     the blob's own folder after the rename), or a power cut could drop the path to an acknowledged blob."""
     store = FileSystemBlobStore(tmp_path / "blobs")
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = fsync.recorded(monkeypatch)
     src = tmp_path / "part"
     src.write_bytes(b"x" * 100)
     asyncio.run(store.put_file("study/series/instance/blob.dcm", src))
@@ -501,14 +495,7 @@ def test_fs_put_files_syncs_each_folder_once(tmp_path: Path, monkeypatch: pytest
         src = tmp_path / "seed"
         src.write_bytes(b"s")
         asyncio.run(store.put_file(f"{folder}/seed", src))
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = fsync.recorded(monkeypatch)
     items = []
     for n in range(6):
         src = tmp_path / f"part{n}"

@@ -36,6 +36,7 @@ from tests.conftest import free_port
 from tests.support.dimse_util import TITLE, dimse_audit, dimse_port, indexed, require_dcmtk, start
 from tests.support.factory import ct, part10
 from tests.support.procs import serve
+from tests.support.sql import poison
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -261,16 +262,6 @@ def test_an_instance_filed_otherwise_meanwhile_is_kept_for_an_operator(make_serv
     assert record["http"]["status"] == CONFLICT and "acknowledged, then refused" in record["outcome_desc"]
 
 
-POISON = """
-CREATE FUNCTION test_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'this instance cannot be indexed (test)';
-END $$;
-CREATE TRIGGER test_poison BEFORE INSERT ON instances FOR EACH ROW
-    WHEN (NEW.sop_instance_uid = '{uid}') EXECUTE FUNCTION test_poison();
-"""
-
-
 def test_an_instance_the_index_keeps_failing_is_kept_for_an_operator(make_server: Any) -> None:
     """The index fails on one acknowledged instance's rows every time (0110, not an outage): it is tried a few
     times, then kept in intake/refused/, counted and recorded, and its place in the backlog is free again; the
@@ -279,9 +270,8 @@ def test_an_instance_the_index_keeps_failing_is_kept_for_an_operator(make_server
     study = generate_uid()
     datasets = [ct(study, seed=i, PatientID="F1") for i in range(3)]
     bad = str(datasets[1].SOPInstanceUID)
-    function, trigger = POISON.format(uid=bad).split("END $$;")
-    sql(node.dsn, function + "END $$")
-    sql(node.dsn, trigger)
+    for statement in poison(bad):
+        sql(node.dsn, statement)
     assoc = associate(dimse_port(node))
     try:
         assert [send(assoc, ds)[0] for ds in datasets] == [0, 0, 0]
@@ -343,34 +333,47 @@ def _listeners(parent: psutil.Process, port: int) -> dict[int, psutil.Process]:
     return found
 
 
-def test_with_two_processes_each_takes_associations_into_its_own_intake(dsn: str, tmp_path: Path) -> None:
-    """HOUNSFIELD_PROCESSES=2: both server processes listen on the DICOM port and take associations (the kernel
-    spreads them), each acknowledging into an intake slot of its own; every instance is indexed, and
-    `GET /dimse/intake` counts the instances waiting in every slot, whichever process answers it."""
-    data, port = tmp_path / "data", free_port()
+def _two_processes(dsn: str, tmp_path: Path) -> tuple[Path, int, dict[str, str]]:
+    """The data folder, DICOM port and environment of a server of two processes."""
+    port = free_port()
     env = {
         "HOUNSFIELD_PROCESSES": "2",
         "HOUNSFIELD_DIMSE_PORT": str(port),
         "HOUNSFIELD_DIMSE_PEERS": "CT1=admin",
         "HOUNSFIELD_INFERENCE": "false",
     }
+    return tmp_path / "data", port, env
+
+
+def _by_process(srv: Any, port: int, associations: list[Any]) -> dict[int, list[Any]]:
+    """Which server process took each association (both processes listening first), by pid."""
+    parent = psutil.Process(srv.proc.pid)
+    deadline = time.monotonic() + 60
+    while len(listening := _listeners(parent, port)) < 2:
+        assert time.monotonic() < deadline, f"{len(listening)} process(es) listening on the DICOM port"
+        time.sleep(0.2)
+    clients = {a.dul.socket.socket.getsockname()[1]: a for a in associations}
+    taken: dict[int, list[Any]] = {}
+    for pid, process in listening.items():
+        for c in process.net_connections("tcp"):
+            if c.laddr.port == port and c.raddr and c.raddr.port in clients:
+                taken.setdefault(pid, []).append(clients[c.raddr.port])
+    return taken
+
+
+def test_with_two_processes_each_takes_associations_into_its_own_intake(dsn: str, tmp_path: Path) -> None:
+    """HOUNSFIELD_PROCESSES=2: both server processes listen on the DICOM port and take associations (the kernel
+    spreads them), each acknowledging into an intake slot of its own; every instance is indexed, and
+    `GET /dimse/intake` counts the instances waiting in every slot, whichever process answers it."""
+    data, port, env = _two_processes(dsn, tmp_path)
     study = generate_uid()
     datasets = [ct(study, seed=i, InstanceNumber=i + 1, PatientID="M2") for i in range(16)]
     with serve(dsn, data, **env) as srv:
-        parent = psutil.Process(srv.proc.pid)
-        deadline = time.monotonic() + 60
-        while len(listening := _listeners(parent, port)) < 2:
-            assert time.monotonic() < deadline, f"{len(listening)} process(es) listening on the DICOM port"
-            time.sleep(0.2)
+        _by_process(srv, port, [])  # both listening before any association
         associations = [associate(port) for _ in datasets]  # all open at once: spread by the kernel
         try:
-            clients = {a.dul.socket.socket.getsockname()[1]: a for a in associations}
-            served: dict[int, int] = {}
-            for pid, process in listening.items():
-                for c in process.net_connections("tcp"):
-                    if c.laddr.port == port and c.raddr and c.raddr.port in clients:
-                        served[pid] = served.get(pid, 0) + 1
-            assert len(served) == 2 and sum(served.values()) == len(datasets), served
+            taken = _by_process(srv, port, associations)
+            assert len(taken) == 2 and sum(map(len, taken.values())) == len(datasets), taken
             with index_held(dsn):  # answered from the intakes, none indexed yet
                 assert [send(a, ds)[0] for a, ds in zip(associations, datasets, strict=True)] == [0] * len(datasets)
                 assert intake_status(srv)["pending"] == len(datasets)  # both slots, from either process
@@ -387,34 +390,19 @@ def test_with_two_processes_each_checks_against_the_instances_the_other_acknowle
     is seen by the other's checks before its answers: a contradicting instance (its study under another patient)
     and the same SOP Instance UID with other bytes are refused there before the answer (C000, 0111), not
     acknowledged and then refused; once indexed, nothing is left reserved."""
-    data, port = tmp_path / "data", free_port()
-    env = {
-        "HOUNSFIELD_PROCESSES": "2",
-        "HOUNSFIELD_DIMSE_PORT": str(port),
-        "HOUNSFIELD_DIMSE_PEERS": "CT1=admin",
-        "HOUNSFIELD_INFERENCE": "false",
-    }
+    data, port, env = _two_processes(dsn, tmp_path)
     study = generate_uid()
     first = ct(study, seed=1, PatientID="X1")
     other_patient = ct(study, seed=2, PatientID="X2")
     other_bytes = ct(study, seed=3, PatientID="X1")
     other_bytes.SOPInstanceUID = first.SOPInstanceUID
     with serve(dsn, data, **env) as srv:
-        parent = psutil.Process(srv.proc.pid)
-        deadline = time.monotonic() + 60
-        while len(listening := _listeners(parent, port)) < 2:
-            assert time.monotonic() < deadline, f"{len(listening)} process(es) listening on the DICOM port"
-            time.sleep(0.2)
+        _by_process(srv, port, [])
         associations = [associate(port) for _ in range(16)]
         try:
-            by_process: dict[int, list[Any]] = {}
-            clients = {a.dul.socket.socket.getsockname()[1]: a for a in associations}
-            for pid, process in listening.items():
-                for c in process.net_connections("tcp"):
-                    if c.laddr.port == port and c.raddr and c.raddr.port in clients:
-                        by_process.setdefault(pid, []).append(clients[c.raddr.port])
-            assert len(by_process) == 2, by_process
-            here, there = (found[0] for found in by_process.values())
+            taken = _by_process(srv, port, associations)
+            assert len(taken) == 2, taken
+            here, there = (found[0] for found in taken.values())
             with index_held(dsn):
                 assert send(here, first)[0] == 0
                 status, comment = send(there, other_patient)

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pydicom
 import pytest
@@ -32,6 +31,7 @@ from inference import dispatch
 from server.platform.db import Connection
 from tests.support.factory import ct, multipart, part10, stow_headers
 from tests.support.ingest import store_service
+from tests.support.sql import poison, query
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -294,16 +294,6 @@ def test_an_audit_failure_fails_the_whole_batch(dsn: str, tmp_path: Path) -> Non
     asyncio.run(main())
 
 
-POISON = """
-CREATE FUNCTION test_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'this instance cannot be indexed (test)';
-END $$;
-CREATE TRIGGER test_poison BEFORE INSERT ON instances FOR EACH ROW
-    WHEN (NEW.sop_instance_uid = '{uid}') EXECUTE FUNCTION test_poison();
-"""
-
-
 def test_an_index_error_of_one_instance_fails_only_it(dsn: str, tmp_path: Path) -> None:
     """The index statement fails on one instance's row (a trigger raising, as a constraint or a bug would): the
     batch rolls back and each instance is indexed alone, so that instance fails (0110) and the others of its batch
@@ -315,7 +305,8 @@ def test_an_index_error_of_one_instance_fails_only_it(dsn: str, tmp_path: Path) 
     async def main() -> None:
         async with store_service(dsn, tmp_path, [batches.listener]) as store:
             async with store.pool.acquire() as conn:
-                await conn.execute(POISON.format(uid=bad))
+                for statement in poison(bad):
+                    await conn.execute(statement)
             outcomes = await _one_batch(store, batches, [part10(d) for d in datasets])
             assert [o.committed for o in outcomes] == [True, False, True]
             assert outcomes[1].failure == PROCESSING_FAILURE
@@ -380,14 +371,8 @@ def test_stow_request_with_one_unindexable_part_stores_the_nine_others(server: A
     datasets = [ct(study, PatientID="P1") for _ in range(10)]
     bad = str(datasets[5].SOPInstanceUID)
 
-    async def poison() -> None:
-        conn = await asyncpg.connect(server.dsn)
-        try:
-            await conn.execute(POISON.format(uid=bad))
-        finally:
-            await conn.close()
-
-    asyncio.run(poison())
+    for statement in poison(bad):
+        query(server.dsn, statement)
     rsp = http.post("/dicom-web/studies", content=multipart([part10(d) for d in datasets]), headers=stow_headers())
     assert rsp.status_code == 202, rsp.text
     body = rsp.json()

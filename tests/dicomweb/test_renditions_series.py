@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from dicomweb.retrieve import renditions
 from server.platform import jobs
 from tests.dicomweb.test_ranges import HTJ2K_RPCL, frames_url, original, phantom, pylibjpeg_decode, store
 from tests.dicomweb.test_renditions import blob_files, rows_of, wait_for
+from tests.support import fsync
 from tests.support.sql import query
 
 
@@ -42,6 +42,28 @@ def assert_exact(http: httpx.Client, ds: Any) -> None:
     got = http.get(frames_url(ds), params={"accept": "image/jhc"})
     assert got.status_code == 200
     assert np.array_equal(pylibjpeg_decode(got.content, ds), original(ds))
+
+
+def run_series_job(server: Any, series_pk: int, monkeypatch: pytest.MonkeyPatch | None = None) -> list[str]:
+    """Run the rendition job of a series in this process, two images at once; with `monkeypatch`, the paths it
+    fsynced."""
+    synced: list[str] = []
+
+    async def run() -> None:
+        pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=4)
+        try:
+            blobs = FileSystemBlobStore(server.settings.blob_dir)
+            handler = renditions.job_handler(pool, blobs, [HTJ2K_RPCL], server.settings.spool_dir, workers=2)
+            recorded = fsync.recorded(monkeypatch) if monkeypatch is not None else []
+            await handler(jobs.Job(0, renditions.RENDITION_JOB, {"series_pk": series_pk}, 1, 8))
+            synced.extend(recorded)
+        finally:
+            if monkeypatch is not None:
+                monkeypatch.undo()
+            await pool.close()
+
+    asyncio.run(run())
+    return synced
 
 
 def test_one_job_makes_the_renditions_of_a_whole_series(make_server: Any) -> None:
@@ -92,16 +114,7 @@ def test_a_series_job_run_again_makes_only_the_missing_renditions(make_server: A
             server.dsn, "SELECT series_pk FROM series WHERE series_uid = $1", images[0].SeriesInstanceUID
         )
 
-        async def run_job() -> None:
-            pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=4)
-            try:
-                blobs = FileSystemBlobStore(server.settings.blob_dir)
-                handler = renditions.job_handler(pool, blobs, [HTJ2K_RPCL], server.settings.spool_dir, workers=2)
-                await handler(jobs.Job(0, renditions.RENDITION_JOB, {"series_pk": series_pk}, 1, 8))
-            finally:
-                await pool.close()
-
-        asyncio.run(run_job())
+        run_series_job(server, series_pk)
         assert all(len(rows_of(server.dsn, ds.SOPInstanceUID)) == 1 for ds in images)
         lost_row, lost_both = images[1], images[4]
         [orphan] = rows_of(server.dsn, lost_both.SOPInstanceUID)
@@ -114,7 +127,7 @@ def test_a_series_job_run_again_makes_only_the_missing_renditions(make_server: A
         )
         kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in blob_files(server)}
         assert len(kept) == 5  # the orphan blob of `lost_row` is still there
-        asyncio.run(run_job())
+        run_series_job(server, series_pk)
         assert all(len(rows_of(server.dsn, ds.SOPInstanceUID)) == 1 for ds in images)
         for ds in images:
             if ds not in (lost_row, lost_both):
@@ -138,25 +151,7 @@ def test_a_series_job_makes_the_blobs_of_a_batch_durable_together(
         [(series_pk,)] = query(
             server.dsn, "SELECT series_pk FROM series WHERE series_uid = $1", images[0].SeriesInstanceUID
         )
-        synced: list[str] = []
-        real_fsync = os.fsync
-
-        def recording_fsync(fd: int) -> None:
-            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-            real_fsync(fd)
-
-        async def run_job() -> None:
-            pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=4)
-            try:
-                blobs = FileSystemBlobStore(server.settings.blob_dir)
-                handler = renditions.job_handler(pool, blobs, [HTJ2K_RPCL], server.settings.spool_dir, workers=2)
-                monkeypatch.setattr(os, "fsync", recording_fsync)
-                await handler(jobs.Job(0, renditions.RENDITION_JOB, {"series_pk": series_pk}, 1, 8))
-            finally:
-                monkeypatch.undo()
-                await pool.close()
-
-        asyncio.run(run_job())
+        synced = run_series_job(server, series_pk, monkeypatch)
         rows = [row for ds in images for row in rows_of(server.dsn, ds.SOPInstanceUID)]
         assert len(rows) == 6
         folders = {str(Path(server.settings.blob_dir, row["blob_key"]).resolve().parent) for row in rows}
