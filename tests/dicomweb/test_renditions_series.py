@@ -44,6 +44,14 @@ def assert_exact(http: httpx.Client, ds: Any) -> None:
     assert np.array_equal(pylibjpeg_decode(got.content, ds), original(ds))
 
 
+def stored_series(http: httpx.Client, server: Any, images: list[Any]) -> int:
+    """Store the images of one series (STOW-RS); the series' key in the index."""
+    store(http, *images)
+    sql = "SELECT series_pk FROM series WHERE series_uid = $1"
+    [(series_pk,)] = query(server.dsn, sql, images[0].SeriesInstanceUID)
+    return int(series_pk)
+
+
 def run_series_job(server: Any, series_pk: int, monkeypatch: pytest.MonkeyPatch | None = None) -> list[str]:
     """Run the rendition job of a series in this process, two images at once; with `monkeypatch`, the paths it
     fsynced."""
@@ -109,11 +117,7 @@ def test_a_series_job_run_again_makes_only_the_missing_renditions(make_server: A
     server = make_server(renditions=())  # no job at ingest: this test runs the handler itself
     images = series_of(6)
     with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
-        store(http, *images)
-        [(series_pk,)] = query(
-            server.dsn, "SELECT series_pk FROM series WHERE series_uid = $1", images[0].SeriesInstanceUID
-        )
-
+        series_pk = stored_series(http, server, images)
         run_series_job(server, series_pk)
         assert all(len(rows_of(server.dsn, ds.SOPInstanceUID)) == 1 for ds in images)
         lost_row, lost_both = images[1], images[4]
@@ -147,10 +151,7 @@ def test_a_series_job_makes_the_blobs_of_a_batch_durable_together(
     server = make_server(renditions=())  # no job at ingest: this test runs the handler itself
     images = series_of(6)
     with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
-        store(http, *images)
-        [(series_pk,)] = query(
-            server.dsn, "SELECT series_pk FROM series WHERE series_uid = $1", images[0].SeriesInstanceUID
-        )
+        series_pk = stored_series(http, server, images)
         synced = run_series_job(server, series_pk, monkeypatch)
         rows = [row for ds in images for row in rows_of(server.dsn, ds.SOPInstanceUID)]
         assert len(rows) == 6
