@@ -22,12 +22,13 @@ CREATE INDEX intake_reservations_series ON intake_reservations (series_uid);
 CREATE INDEX intake_reservations_sop ON intake_reservations (sop_instance_uid);
 CREATE INDEX intake_reservations_slot ON intake_reservations (slot);
 
--- Check an instance against the index and the other slots' reservations and, when nothing contradicts it, reserve
--- it for slot p_slot, in one statement: the study, series and instance are locked (transaction advisory locks, in a
--- fixed order) until it commits, so two processes checking contradicting instances at once are decided one after
--- the other. conflict: 'patient' (the study is filed under study_patient_id / study_issuer), 'series' (the series is
--- of another study) or 'duplicate' (the SOP Instance UID is stored or reserved with other bytes, overwrite off);
--- NULL with the reservation's id otherwise.
+-- Check an instance against the index and the slots' reservations and, when nothing contradicts it, reserve it for
+-- slot p_slot (NULL: check only, for a server whose one process keeps its acknowledged instances in memory), in one
+-- statement: the study, series and instance are locked (transaction advisory locks, in a fixed order) until it
+-- commits, so two processes checking contradicting instances at once are decided one after the other. conflict:
+-- 'patient' (the study is filed under study_patient_id / study_issuer), 'series' (the series is of another study)
+-- or 'duplicate' (the SOP Instance UID is stored or reserved with other bytes, overwrite off); NULL otherwise, with
+-- the reservation's id when one was made. The one place these rules are decided before a C-STORE's answer.
 CREATE FUNCTION intake_reserve(
     p_slot integer, p_study text, p_series text, p_sop text, p_patient text, p_issuer text, p_sha256 text,
     p_overwrite boolean,
@@ -78,8 +79,10 @@ BEGIN
             RETURN;
         END IF;
     END IF;
-    INSERT INTO intake_reservations (slot, study_uid, series_uid, sop_instance_uid, patient_id, issuer, sha256)
-    VALUES (p_slot, p_study, p_series, p_sop, p_patient, p_issuer, p_sha256)
-    RETURNING id INTO reservation;
+    IF p_slot IS NOT NULL THEN
+        INSERT INTO intake_reservations (slot, study_uid, series_uid, sop_instance_uid, patient_id, issuer, sha256)
+        VALUES (p_slot, p_study, p_series, p_sop, p_patient, p_issuer, p_sha256)
+        RETURNING id INTO reservation;
+    END IF;
 END
 $$;

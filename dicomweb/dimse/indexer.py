@@ -142,11 +142,7 @@ class Indexer:
             return conflict
         try:
             async with self.store.pool.acquire() as conn:
-                if self.slot is None:
-                    row = await repository.identity(conn, ident.study_uid, ident.series_uid, ident.sop_instance_uid)
-                    conflict = self._against(ident, row)
-                else:
-                    conflict = await self._reserve(conn, ident)
+                conflict = await self._reserve(conn, ident)
                 vouch_stateless(conn)  # one statement, its own transaction
         except BaseException:
             self.pending.release(ident)
@@ -156,15 +152,17 @@ class Indexer:
         return conflict
 
     async def _reserve(self, conn: Any, ident: Identity) -> Conflict | None:
+        """`intake_reserve`: the checks, and with other server processes the reservation they see."""
         fields = (ident.study_uid, ident.series_uid, ident.sop_instance_uid, ident.patient_id, ident.issuer)
-        row = await repository.intake_reserve(conn, self.slot or 0, (*fields, ident.sha256), self.store.overwrite)
+        row = await repository.intake_reserve(conn, self.slot, (*fields, ident.sha256), self.store.overwrite)
         if row["conflict"] == "patient":
             return patient_conflict((row["study_patient_id"], row["study_issuer"]))
         if row["conflict"] == "series":
             return _series_conflict(ident.series_uid)
         if row["conflict"] == "duplicate":
             return DUPLICATE
-        self._reservations.setdefault(ident, []).append(int(row["reservation"]))
+        if row["reservation"] is not None:
+            self._reservations.setdefault(ident, []).append(int(row["reservation"]))
         return None
 
     async def release(self, ident: Identity) -> None:
@@ -182,16 +180,6 @@ class Indexer:
                 vouch_stateless(conn)
         except Exception as exc:  # removed with the slot's at this process's next start; meanwhile only stricter
             log.warning("intake reservation not removed: %s", type(exc).__name__)
-
-    def _against(self, ident: Identity, row: Any) -> Conflict | None:
-        if row["study_known"] and (row["patient_id"], row["issuer_of_patient_id"]) != (ident.patient_id, ident.issuer):
-            return patient_conflict((row["patient_id"], row["issuer_of_patient_id"]))
-        if row["series_study_uid"] is not None and row["series_study_uid"] != ident.study_uid:
-            return _series_conflict(ident.series_uid)
-        stored = row["instance_sha256"]
-        if stored is not None and stored != ident.sha256 and not self.store.overwrite:
-            return DUPLICATE
-        return None
 
     def submit(
         self,

@@ -226,23 +226,16 @@ async def blob_keys_present(conn: Connection, keys: list[str]) -> set[str]:
     return {r["blob_key"] for r in rows}
 
 
-async def identity(conn: Connection, study_uid: str, series_uid: str, sop_uid: str) -> asyncpg.Record:
-    """The study's patient (`study_known`, `patient_id`, `issuer_of_patient_id`), the series' study
-    (`series_study_uid`) and the instance's original bytes (`instance_sha256`), each NULL when not indexed."""
-    row = await conn.fetchrow(STORE["identity"], study_uid, series_uid, sop_uid)
-    assert row is not None  # one row always
-    return row
-
-
 async def intake_reserve(
     conn: Connection,
-    slot: int,
+    slot: int | None,
     ident: tuple[str, str, str, str | None, str | None, str],
     overwrite: bool,
 ) -> asyncpg.Record:
     """`ident` (study, series and SOP Instance UIDs, Patient ID, its issuer, sha256) checked against the index and
-    the other server processes' acknowledged instances, and reserved for `slot` when nothing contradicts it:
-    `conflict` ('patient' with `study_patient_id` / `study_issuer`, 'series', 'duplicate') or `reservation`."""
+    the server processes' acknowledged instances, and reserved for `slot` (None: checked only) when nothing
+    contradicts it: `conflict` ('patient' with `study_patient_id` / `study_issuer`, 'series', 'duplicate') or
+    `reservation`."""
     row = await conn.fetchrow(STORE["intake_reserve"], slot, *ident, overwrite)
     assert row is not None  # one row always
     return row

@@ -173,21 +173,9 @@ SELECT blob_key FROM instances WHERE blob_key = ANY($1::text[])
 UNION ALL
 SELECT blob_key FROM renditions WHERE blob_key = ANY($1::text[]);
 
--- name: identity
--- What a C-STORE is checked against before its answer (dicomweb/dimse/indexer.py): the patient the study is filed
--- under, the study the series belongs to, and the bytes (as the client sent them) of the SOP Instance UID.
-SELECT st.study_pk IS NOT NULL AS study_known, st.patient_id, st.issuer_of_patient_id,
-    se_st.study_uid AS series_study_uid,
-    coalesce(i.pixel ->> 'original_sha256', i.sha256) AS instance_sha256
-FROM (SELECT 1) AS one
-LEFT JOIN studies st ON st.study_uid = $1
-LEFT JOIN series se ON se.series_uid = $2
-LEFT JOIN studies se_st ON se_st.study_pk = se.study_pk
-LEFT JOIN instances i ON i.sop_instance_uid = $3;
-
 -- name: intake_reserve
--- A C-STORE checked against the index and the other processes' acknowledged instances, and reserved for slot $1
--- when nothing contradicts it (migrations/0025_intake_reservations.sql).
+-- A C-STORE checked before its answer against the index and the processes' acknowledged instances, and reserved
+-- for slot $1 (NULL: check only) when nothing contradicts it (migrations/0025_intake_reservations.sql).
 SELECT conflict, study_patient_id, study_issuer, reservation FROM intake_reserve($1, $2, $3, $4, $5, $6, $7, $8);
 
 -- name: intake_unreserve
